@@ -1,0 +1,1 @@
+//! Criterion micro-benchmarks of the engine hot paths live in `benches/`.

@@ -1,0 +1,759 @@
+//! Reactors: one pinned thread per configured core, each a run-to-completion poll loop.
+//!
+//! A reactor owns everything its core touches on the I/O path: its io_uring with registered
+//! files and fixed buffers ([`ring`]), its buffer pool, its bdev channels, its pollers and
+//! timers, the completion queues of its owners, and the bridges of client queues bound to it.
+//! Nothing here is shared with another core except the inbound message ring and the client
+//! queues' submission/completion rings, which are lock-free. Code on another core reaches this
+//! one only by sending a message.
+//!
+//! Idle policy: a reactor that found no work spins for `spin` and then sleeps in
+//! `io_uring_enter` until a completion, a doorbell or its next timer. In `Poll` mode it never
+//! sleeps.
+
+pub mod ring;
+
+use crate::bdev::{validate, Bdev, BdevChannel, BdevInfo, IoError, IoRequest};
+use crate::core_list::CoreId;
+use crate::dma::{BufPool, DmaBuf};
+use crate::msg::MsgRing;
+use ring::{Ring, Route};
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest a stopping reactor waits for in-flight I/O before it exits anyway (and says so).
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(30);
+/// Client-queue submissions a reactor takes from one queue per loop, so one busy client
+/// cannot starve the others.
+pub const QUEUE_BATCH_MAX: usize = 64;
+/// Control messages a reactor handles per loop, so control traffic cannot starve I/O.
+pub const INBOX_BATCH_MAX: usize = 32;
+
+/// How a reactor behaves when it has nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin this long after the last piece of work, then sleep in the kernel.
+    Sleep { spin: Duration },
+    /// Never sleep: for cores dedicated to the engine.
+    Poll,
+}
+
+/// Default spin before sleeping: long enough to catch the next request of a busy client,
+/// short enough that an idle engine costs nothing measurable.
+pub const SPIN_DEFAULT: Duration = Duration::from_micros(50);
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        IdlePolicy::Sleep { spin: SPIN_DEFAULT }
+    }
+}
+
+/// A completion queue on one core: whoever submits I/O registers as an owner and reaps its
+/// completions from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerId(u32);
+
+impl OwnerId {
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// Rebuilds an id decoded from a ring completion's user_data.
+    pub(crate) fn from_raw(id: u32) -> OwnerId {
+        OwnerId(id)
+    }
+}
+
+/// One finished request: the submitter's tag and the io_uring-style result (bytes moved, or a
+/// negative errno). [`IoError::check`] interprets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub tag: u32,
+    pub res: i32,
+}
+
+#[derive(Debug, Default)]
+struct Owners {
+    queues: Vec<Option<VecDeque<Completion>>>,
+    free: Vec<u32>,
+    pending: usize,
+}
+
+impl Owners {
+    fn register(&mut self, capacity: usize) -> OwnerId {
+        let queue = Some(VecDeque::with_capacity(capacity));
+        match self.free.pop() {
+            Some(id) => {
+                self.queues[id as usize] = queue;
+                OwnerId(id)
+            }
+            None => {
+                let id = self.queues.len() as u32;
+                assert!(
+                    id < ring::OWNER_MAX,
+                    "more than {} owners on one core",
+                    ring::OWNER_MAX
+                );
+                self.queues.push(queue);
+                OwnerId(id)
+            }
+        }
+    }
+
+    fn release(&mut self, id: OwnerId) {
+        let queue = self.queues[id.0 as usize]
+            .take()
+            .expect("owner released twice");
+        assert!(queue.is_empty(), "owner released with completions unreaped");
+        self.free.push(id.0);
+    }
+
+    #[inline]
+    fn post(&mut self, owner: u32, tag: u32, res: i32) {
+        let queue = self.queues[owner as usize]
+            .as_mut()
+            .expect("completion for a released owner");
+        queue.push_back(Completion { tag, res });
+        self.pending += 1;
+    }
+
+    #[inline]
+    fn pop(&mut self, owner: OwnerId) -> Option<Completion> {
+        let c = self.queues[owner.0 as usize].as_mut()?.pop_front()?;
+        self.pending -= 1;
+        Some(c)
+    }
+}
+
+/// The per-core I/O context handed to bdev channels: the ring, the buffer pool and the owners'
+/// completion queues. Field order matters: the ring drops before the pool whose memory it has
+/// registered.
+#[derive(Debug)]
+pub struct IoCtx {
+    ring: Ring,
+    pool: BufPool,
+    owners: Owners,
+    core: CoreId,
+    now: Instant,
+}
+
+impl IoCtx {
+    pub fn core(&self) -> CoreId {
+        self.core
+    }
+
+    /// The time at the start of this loop iteration; cheaper than asking the clock.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    pub fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+
+    pub fn pool(&mut self) -> &mut BufPool {
+        &mut self.pool
+    }
+
+    /// Creates a completion queue for a new submitter; `capacity` is its in-flight limit.
+    pub fn register_owner(&mut self, capacity: usize) -> OwnerId {
+        self.owners.register(capacity)
+    }
+
+    /// Frees an owner. It must have nothing in flight and nothing unreaped.
+    pub fn release_owner(&mut self, owner: OwnerId) {
+        self.owners.release(owner)
+    }
+
+    /// Delivers a completion to its owner. Bdevs that finish synchronously call this; the owner
+    /// sees it on its next poll, never re-entrantly.
+    #[inline]
+    pub fn post(&mut self, owner: OwnerId, tag: u32, res: i32) {
+        self.owners.post(owner.0, tag, res);
+    }
+
+    #[inline]
+    pub fn pop(&mut self, owner: OwnerId) -> Option<Completion> {
+        self.owners.pop(owner)
+    }
+
+    /// Moves every ring completion to its owner's queue.
+    #[inline]
+    pub fn reap_ring(&mut self) -> usize {
+        let owners = &mut self.owners;
+        self.ring.reap(|route, res| match route {
+            Route::Io { owner, tag } => owners.post(owner, tag, res),
+            Route::Doorbell => {}
+        })
+    }
+}
+
+/// Index of a bdev in the engine's table; the same on every core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BdevId(pub(crate) u32);
+
+struct DevSlot {
+    info: BdevInfo,
+    channel: Box<dyn BdevChannel>,
+}
+
+/// What a periodic poller or pollers in general report after one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollerState {
+    /// Did this much work; keeps the reactor from sleeping.
+    Busy(usize),
+    Idle,
+    /// Remove me; I have nothing in flight.
+    Finished,
+}
+
+/// Code that runs on a reactor every loop (or every `period`), like an SPDK poller.
+pub trait Poller: Send + 'static {
+    fn poll(&mut self, core: &mut Core) -> PollerState;
+}
+
+type TimerFn = Box<dyn FnOnce(&mut Core) + Send>;
+
+struct Timer {
+    at: Instant,
+    seq: u64,
+    run: TimerFn,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Timer {}
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Timer {
+    // Reversed so the BinaryHeap pops the earliest timer first.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// The reactor state that pollers, timers and control messages may touch.
+pub struct Core {
+    io: IoCtx,
+    devs: Vec<Option<DevSlot>>,
+    timers: BinaryHeap<Timer>,
+    timer_seq: u64,
+    stopping: bool,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("core", &self.io.core)
+            .field("stopping", &self.stopping)
+            .finish()
+    }
+}
+
+impl Core {
+    pub fn id(&self) -> CoreId {
+        self.io.core
+    }
+
+    pub fn io(&mut self) -> &mut IoCtx {
+        &mut self.io
+    }
+
+    pub fn now(&self) -> Instant {
+        self.io.now
+    }
+
+    /// True once the engine is stopping: pollers should stop issuing I/O and finish.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    pub fn bdev_info(&self, bdev: BdevId) -> Option<&BdevInfo> {
+        Some(&self.devs.get(bdev.0 as usize)?.as_ref()?.info)
+    }
+
+    /// Validates `req` against the bdev and hands it to this core's channel. A refused
+    /// request is returned as an error and never completes.
+    #[inline]
+    pub fn submit(&mut self, bdev: BdevId, req: IoRequest) -> Result<(), IoError> {
+        let Some(Some(slot)) = self.devs.get_mut(bdev.0 as usize) else {
+            return Err(IoError::NoSuchBdev { id: bdev.0 });
+        };
+        validate(
+            &slot.info,
+            req.op,
+            req.offset_bytes,
+            req.len_bytes,
+            req.buf.as_ref(),
+        )?;
+        slot.channel.submit(&mut self.io, req);
+        Ok(())
+    }
+
+    /// Runs `f` on this core after `delay`.
+    pub fn after(&mut self, delay: Duration, f: impl FnOnce(&mut Core) + Send + 'static) {
+        self.timer_seq += 1;
+        self.timers.push(Timer {
+            at: self.io.now + delay,
+            seq: self.timer_seq,
+            run: Box::new(f),
+        });
+    }
+
+    fn run_timers(&mut self) -> usize {
+        let mut n = 0;
+        while self.timers.peek().is_some_and(|t| t.at <= self.io.now) {
+            let timer = self.timers.pop().expect("peeked");
+            (timer.run)(self);
+            n += 1;
+        }
+        n
+    }
+
+    fn poll_channels(&mut self) -> usize {
+        let io = &mut self.io;
+        self.devs
+            .iter_mut()
+            .flatten()
+            .map(|d| d.channel.poll(io))
+            .sum()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let timers = self.timers.peek().map(|t| t.at);
+        let channels = self
+            .devs
+            .iter()
+            .flatten()
+            .filter_map(|d| d.channel.next_deadline());
+        timers.into_iter().chain(channels).min()
+    }
+
+    fn channels_in_flight(&self) -> usize {
+        self.devs
+            .iter()
+            .flatten()
+            .map(|d| d.channel.in_flight())
+            .sum()
+    }
+
+    pub(crate) fn open_bdev(
+        &mut self,
+        id: BdevId,
+        bdev: &dyn Bdev,
+    ) -> Result<(), crate::bdev::BdevError> {
+        let channel = bdev.open_channel(&mut self.io)?;
+        let index = id.0 as usize;
+        if self.devs.len() <= index {
+            self.devs.resize_with(index + 1, || None);
+        }
+        self.devs[index] = Some(DevSlot {
+            info: bdev.info().clone(),
+            channel,
+        });
+        Ok(())
+    }
+}
+
+/// A message to a reactor: a closure that runs on its thread.
+pub(crate) type Msg = Box<dyn FnOnce(&mut Reactor) + Send>;
+
+/// The shared half of a client queue: submission and completion rings plus the wake-up
+/// handshake. Lives in an `Arc` held by the client and the reactor.
+#[derive(Debug)]
+pub(crate) struct QueueShared {
+    pub(crate) id: u64,
+    pub(crate) sq: crossbeam_queue::ArrayQueue<QueueEntry>,
+    pub(crate) cq: crossbeam_queue::ArrayQueue<Completion>,
+    pub(crate) waiter: crate::engine::Waiter,
+}
+
+/// One request travelling from a client queue to its reactor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueueEntry {
+    pub(crate) req_op: crate::bdev::IoOp,
+    pub(crate) offset_bytes: u64,
+    pub(crate) len_bytes: u32,
+    pub(crate) buf: Option<crate::dma::IoBuf>,
+    pub(crate) fua: bool,
+    pub(crate) tag: u32,
+}
+
+/// The reactor's half of a client queue.
+struct QueueBridge {
+    shared: Arc<QueueShared>,
+    bdev: BdevId,
+    owner: OwnerId,
+    in_flight: u32,
+    closing: bool,
+    bufs: Vec<DmaBuf>,
+}
+
+struct PollerSlot {
+    poller: Box<dyn Poller>,
+    period: Option<Duration>,
+    next_due: Instant,
+}
+
+/// One core's loop and everything it owns.
+pub(crate) struct Reactor {
+    core: Core,
+    pollers: Vec<PollerSlot>,
+    queues: Vec<QueueBridge>,
+    inbox: Arc<MsgRing<Msg>>,
+    idle: IdlePolicy,
+}
+
+/// What a reactor reports when it comes up.
+#[derive(Clone, Debug)]
+pub(crate) struct ReactorReady {
+    pub(crate) region: Arc<crate::dma::Region>,
+}
+
+impl Reactor {
+    /// Builds the reactor on its own (already pinned) thread.
+    pub(crate) fn new(
+        core: CoreId,
+        config: &crate::engine::EngineConfig,
+        inbox: Arc<MsgRing<Msg>>,
+    ) -> Result<(Reactor, ReactorReady), crate::engine::EngineError> {
+        use crate::engine::EngineError;
+        let mut ring = Ring::new(config.ring_entries, ring::RingOptions::default())
+            .map_err(|source| EngineError::Ring { core, source })?;
+        let mut pool = BufPool::new(config.buf_count, config.buf_size_bytes, config.huge_pages)
+            .map_err(|source| EngineError::Dma { core, source })?;
+        let fixed = match ring.register_region(pool.region()) {
+            Ok(()) => {
+                pool.set_fixed_index(0);
+                "registered as fixed buffers"
+            }
+            Err(e) => {
+                tracing::warn!(core = core.get(), error = %e, "fixed buffers refused; using plain reads and writes");
+                "not registered"
+            }
+        };
+        tracing::info!(
+            core = core.get(),
+            ring = %ring.setup(),
+            buffers = config.buf_count,
+            buffer_bytes = config.buf_size_bytes,
+            memory = %pool.region().backing(),
+            fixed,
+            "reactor started"
+        );
+        let ready = ReactorReady {
+            region: pool.region().clone(),
+        };
+        let io = IoCtx {
+            ring,
+            pool,
+            owners: Owners::default(),
+            core,
+            now: Instant::now(),
+        };
+        let reactor = Reactor {
+            core: Core {
+                io,
+                devs: Vec::new(),
+                timers: BinaryHeap::new(),
+                timer_seq: 0,
+                stopping: false,
+            },
+            pollers: Vec::new(),
+            queues: Vec::new(),
+            inbox,
+            idle: config.idle,
+        };
+        Ok((reactor, ready))
+    }
+
+    pub(crate) fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    pub(crate) fn stop(&mut self) {
+        self.core.stopping = true;
+    }
+
+    pub(crate) fn add_poller(&mut self, poller: Box<dyn Poller>, period: Option<Duration>) {
+        self.pollers.push(PollerSlot {
+            poller,
+            period,
+            next_due: self.core.io.now,
+        });
+    }
+
+    /// Binds a client queue: reserves `depth` buffers for it and returns them.
+    pub(crate) fn add_queue(
+        &mut self,
+        shared: Arc<QueueShared>,
+        bdev: BdevId,
+        depth: u32,
+    ) -> Result<Vec<crate::dma::IoBuf>, crate::engine::EngineError> {
+        let pool = &mut self.core.io.pool;
+        if pool.available() < depth as usize {
+            return Err(crate::engine::EngineError::PoolExhausted {
+                core: self.core.io.core,
+                wanted: depth,
+                available: pool.available() as u32,
+            });
+        }
+        let mut bufs: Vec<DmaBuf> = (0..depth).filter_map(|_| pool.get()).collect();
+        let views = bufs.iter_mut().map(DmaBuf::io_buf).collect();
+        let owner = self.core.io.register_owner(depth as usize);
+        self.queues.push(QueueBridge {
+            shared,
+            bdev,
+            owner,
+            in_flight: 0,
+            closing: false,
+            bufs,
+        });
+        Ok(views)
+    }
+
+    pub(crate) fn close_queue(&mut self, id: u64) {
+        if let Some(q) = self.queues.iter_mut().find(|q| q.shared.id == id) {
+            q.closing = true;
+        }
+    }
+
+    /// Runs the loop until stopped and drained, then releases everything it owns.
+    pub(crate) fn run(mut self) {
+        let doorbell = self.inbox.doorbell().fd();
+        self.arm_doorbell(doorbell);
+        let mut last_work = Instant::now();
+        let mut stop_at: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            self.core.io.now = now;
+            let work = self.run_once(doorbell);
+            if self.core.stopping {
+                let deadline = *stop_at.get_or_insert(now + SHUTDOWN_DRAIN_MAX);
+                if self.drained() {
+                    break;
+                }
+                if now >= deadline {
+                    tracing::error!(
+                        core = self.core.id().get(),
+                        "shutdown drain timed out; exiting with I/O in flight"
+                    );
+                    break;
+                }
+            }
+            if work > 0 {
+                last_work = now;
+                continue;
+            }
+            match self.idle {
+                IdlePolicy::Poll => std::hint::spin_loop(),
+                IdlePolicy::Sleep { spin } if now.duration_since(last_work) < spin => {
+                    std::hint::spin_loop()
+                }
+                IdlePolicy::Sleep { .. } => {
+                    self.sleep();
+                    last_work = Instant::now();
+                }
+            }
+        }
+        self.shutdown();
+    }
+
+    fn run_once(&mut self, doorbell: i32) -> usize {
+        let mut work = self.reap(doorbell);
+        work += self.drain_inbox();
+        work += self.poll_queues();
+        work += self.run_pollers();
+        work += self.core.poll_channels();
+        work += self.core.run_timers();
+        self.core.io.ring.kick();
+        work
+    }
+
+    fn reap(&mut self, doorbell: i32) -> usize {
+        let mut rang = false;
+        let io = &mut self.core.io;
+        let owners = &mut io.owners;
+        let n = io.ring.reap(|route, res| match route {
+            Route::Io { owner, tag } => owners.post(owner, tag, res),
+            Route::Doorbell => rang = true,
+        });
+        if rang {
+            drain_eventfd(doorbell);
+            self.arm_doorbell(doorbell);
+        }
+        n
+    }
+
+    fn arm_doorbell(&mut self, fd: i32) {
+        let entry = io_uring::opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(Route::Doorbell.encode());
+        // SAFETY: a poll request names only the eventfd, which the inbox keeps open for the
+        // reactor's whole life.
+        unsafe { self.core.io.ring.push_internal(entry) };
+    }
+
+    fn drain_inbox(&mut self) -> usize {
+        let mut n = 0;
+        while n < INBOX_BATCH_MAX {
+            let Some(msg) = self.inbox.recv() else { break };
+            msg(self);
+            n += 1;
+        }
+        n
+    }
+
+    fn poll_queues(&mut self) -> usize {
+        let mut work = 0;
+        let core = &mut self.core;
+        for q in &mut self.queues {
+            work += q.pump(core);
+        }
+        let io = &mut core.io;
+        self.queues.retain_mut(|q| {
+            let done = q.closing && q.in_flight == 0 && q.shared.sq.is_empty();
+            if done {
+                io.release_owner(q.owner);
+                q.bufs.drain(..).for_each(|b| io.pool.put(b));
+            }
+            !done
+        });
+        work
+    }
+
+    fn run_pollers(&mut self) -> usize {
+        let mut work = 0;
+        let core = &mut self.core;
+        let now = core.io.now;
+        self.pollers.retain_mut(|slot| {
+            if slot.next_due > now {
+                return true;
+            }
+            if let Some(period) = slot.period {
+                slot.next_due = now + period;
+            }
+            match slot.poller.poll(core) {
+                PollerState::Busy(n) => {
+                    work += n;
+                    true
+                }
+                PollerState::Idle => true,
+                PollerState::Finished => false,
+            }
+        });
+        work
+    }
+
+    fn has_pending_work(&self) -> bool {
+        !self.inbox.is_empty()
+            || self.core.io.owners.pending > 0
+            || self.queues.iter().any(|q| !q.shared.sq.is_empty())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let pollers = self.pollers.iter().map(|p| {
+            if p.period.is_some() {
+                p.next_due
+            } else {
+                self.core.io.now
+            }
+        });
+        pollers.chain(self.core.next_deadline()).min()
+    }
+
+    fn sleep(&mut self) {
+        let bell = self.inbox.doorbell();
+        bell.announce_sleep();
+        if !self.has_pending_work() {
+            let timeout = self
+                .next_deadline()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            if timeout != Some(Duration::ZERO) {
+                self.core.io.ring.wait(timeout);
+            }
+        }
+        self.inbox.doorbell().announce_awake();
+    }
+
+    fn drained(&self) -> bool {
+        self.pollers.is_empty()
+            && self
+                .queues
+                .iter()
+                .all(|q| q.in_flight == 0 && q.shared.sq.is_empty())
+            && self.core.io.ring.in_flight() == 0
+            && self.core.channels_in_flight() == 0
+            && self.core.io.owners.pending == 0
+    }
+
+    fn shutdown(mut self) {
+        self.pollers.clear();
+        let io = &mut self.core.io;
+        for mut q in self.queues.drain(..) {
+            while io.owners.pop(q.owner).is_some() {}
+            q.bufs.drain(..).for_each(|b| io.pool.put(b));
+        }
+        for slot in self.core.devs.iter_mut().flatten() {
+            slot.channel.close(&mut self.core.io);
+        }
+        tracing::debug!(core = self.core.id().get(), "reactor stopped");
+    }
+}
+
+impl QueueBridge {
+    /// Moves submissions from the client's ring to the channel and completions back.
+    fn pump(&mut self, core: &mut Core) -> usize {
+        let mut work = 0;
+        while work < QUEUE_BATCH_MAX {
+            let Some(e) = self.shared.sq.pop() else { break };
+            let req = IoRequest {
+                op: e.req_op,
+                offset_bytes: e.offset_bytes,
+                len_bytes: e.len_bytes,
+                buf: e.buf,
+                fua: e.fua,
+                owner: self.owner,
+                tag: e.tag,
+            };
+            match core.submit(self.bdev, req) {
+                Ok(()) => self.in_flight += 1,
+                // The client validated already; a refusal here means the bdev went away.
+                Err(_) => self.complete(e.tag, -libc::ENODEV),
+            }
+            work += 1;
+        }
+        let mut delivered = false;
+        while let Some(c) = core.io.pop(self.owner) {
+            self.in_flight -= 1;
+            self.complete(c.tag, c.res);
+            delivered = true;
+            work += 1;
+        }
+        if delivered {
+            self.shared.waiter.wake();
+        }
+        work
+    }
+
+    fn complete(&self, tag: u32, res: i32) {
+        let pushed = self.shared.cq.push(Completion { tag, res });
+        debug_assert!(
+            pushed.is_ok(),
+            "client completion ring sized below its depth"
+        );
+    }
+}
+
+fn drain_eventfd(fd: i32) {
+    let mut counter: u64 = 0;
+    // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd we own.
+    unsafe { libc::read(fd, (&mut counter as *mut u64).cast(), 8) };
+}
