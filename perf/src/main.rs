@@ -1,1 +1,313 @@
-fn main() {}
+//! cairn-perf: drives a workload through the raw disk or through the engine and compares them.
+//!
+//! `run` measures one target; `compare` interleaves baseline and candidate runs (A B A B …) on
+//! the same file and reports the median per-round ratio, so drift in the device (caches,
+//! thermal, background writeback) hits both sides alike.
+
+mod engine_target;
+mod fill;
+mod raw;
+mod report;
+mod workload;
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::{CoreId, IdlePolicy};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine_target::{BdevKind, EngineOpts};
+use report::{median, RunResult};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Duration;
+use workload::{Rw, Workload};
+
+#[derive(Parser)]
+#[command(
+    name = "cairn-perf",
+    version,
+    about = "Measure Cairn's engine against the raw disk, side by side"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one workload against one target and print its figures.
+    Run {
+        #[arg(long, value_enum)]
+        target: Target,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Interleave baseline and candidate runs and print the median ratios.
+    Compare {
+        #[arg(long, value_enum, default_value = "raw")]
+        baseline: Target,
+        #[arg(long, value_enum, default_value = "engine")]
+        candidate: Target,
+        /// Baseline/candidate pairs to run.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// Plain io_uring on the file: O_DIRECT, registered file, fixed buffers.
+    Raw,
+    /// The engine's reactors and a bdev (see --bdev).
+    Engine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Idle {
+    /// Spin for --spin-us after the last work, then sleep in the kernel.
+    Sleep,
+    /// Never sleep.
+    Poll,
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    /// File (or block device) to drive; created and filled with random data when missing.
+    #[arg(long, default_value = "cairn-perf.img")]
+    file: PathBuf,
+    /// Bytes to use, e.g. 4G, 512M, 1048576.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    size: u64,
+    #[arg(long, value_enum, default_value = "randread")]
+    rw: Rw,
+    /// Read percentage for --rw randrw.
+    #[arg(long, default_value_t = 70)]
+    mix: u32,
+    /// Block size of every I/O, e.g. 4096 or 4k.
+    #[arg(long, default_value = "4096", value_parser = parse_size)]
+    bs: u64,
+    /// I/Os in flight per core.
+    #[arg(long, default_value_t = 32)]
+    qd: u32,
+    /// Cores (one job each); the first N CPUs this process may use.
+    #[arg(long, default_value_t = 1)]
+    cores: u32,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    runtime: f64,
+    /// Device behind the engine target.
+    #[arg(long, value_enum, default_value = "uring")]
+    bdev: BdevKind,
+    /// Engine idle policy.
+    #[arg(long, value_enum, default_value = "sleep")]
+    idle: Idle,
+    /// Engine spin time before sleeping, in µs.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
+    /// Engine uring bdev: busy-poll completions (block devices with poll queues only).
+    #[arg(long)]
+    iopoll: bool,
+    /// Engine uring bdev: kernel submission-polling thread.
+    #[arg(long)]
+    sqpoll: bool,
+    /// Print exactly one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 4096, 4k, 512M or 4G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl LoadArgs {
+    fn workload(&self) -> Result<Workload> {
+        let w = Workload {
+            file: Some(self.file.clone()),
+            size_bytes: self.size,
+            rw: self.rw,
+            mix_read_pct: self.mix,
+            bs_bytes: u32::try_from(self.bs).context("--bs is too large")?,
+            qd: self.qd,
+            cores: self.cores,
+            runtime: Duration::try_from_secs_f64(self.runtime)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--runtime must be a positive number of seconds")?,
+        };
+        w.check()?;
+        Ok(w)
+    }
+
+    fn engine_opts(&self) -> EngineOpts {
+        EngineOpts {
+            bdev: self.bdev,
+            idle: match self.idle {
+                Idle::Sleep => IdlePolicy::Sleep {
+                    spin: Duration::from_micros(self.spin_us),
+                },
+                Idle::Poll => IdlePolicy::Poll,
+            },
+            iopoll: self.iopoll,
+            sqpoll: self.sqpoll,
+        }
+    }
+
+    fn needs_file(&self, targets: &[Target]) -> bool {
+        targets
+            .iter()
+            .any(|t| *t == Target::Raw || self.bdev == BdevKind::Uring)
+    }
+}
+
+/// Buffer size for a block size: DMA buffers are whole 4 KiB pages.
+pub(crate) fn buf_size(bs_bytes: u32) -> u32 {
+    bs_bytes.next_multiple_of(4096)
+}
+
+/// Pins the calling thread to `core`.
+pub(crate) fn pin(core: CoreId) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CoreId is below CPU_SETSIZE by construction.
+    unsafe { libc::CPU_SET(core.get() as usize, &mut set) };
+    // SAFETY: passes a valid cpu_set_t of the size given for the calling thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        bail!(
+            "pinning to core {core}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn pick_cores(n: u32) -> Result<Vec<CoreId>> {
+    let allowed = cairn_engine::engine::allowed_cpus();
+    if allowed.len() < n as usize {
+        bail!(
+            "--cores {n} asked for, but this process may use only {} CPUs",
+            allowed.len()
+        );
+    }
+    allowed[..n as usize]
+        .iter()
+        .map(|&c| CoreId::new(c).map_err(Into::into))
+        .collect()
+}
+
+fn run_target(
+    target: Target,
+    load: &LoadArgs,
+    w: &Workload,
+    cores: &[CoreId],
+) -> Result<RunResult> {
+    match target {
+        Target::Raw => raw::run(w, cores),
+        Target::Engine => engine_target::run(w, cores, load.engine_opts()),
+    }
+}
+
+#[derive(Serialize)]
+struct CompareOut<'a> {
+    workload: &'a Workload,
+    baseline_target: &'a str,
+    candidate_target: &'a str,
+    ratio_iops: f64,
+    ratio_p99: f64,
+    baseline: Vec<RunResult>,
+    candidate: Vec<RunResult>,
+}
+
+fn compare(baseline: Target, candidate: Target, rounds: u32, load: &LoadArgs) -> Result<()> {
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let w = load.workload()?;
+    let cores = pick_cores(w.cores)?;
+    if load.needs_file(&[baseline, candidate]) {
+        fill::ensure_file(&load.file, w.size_bytes)?;
+    }
+    let (mut base, mut cand) = (Vec::new(), Vec::new());
+    if !load.json {
+        println!("round {}", report::TABLE_HEADER);
+    }
+    for round in 1..=rounds {
+        for (target, out) in [(baseline, &mut base), (candidate, &mut cand)] {
+            let mut r = run_target(target, load, &w, &cores)?;
+            r.target = format!("{target:?}").to_lowercase();
+            if !load.json {
+                println!("{round:>5} {}", report::table_row(&r));
+            }
+            out.push(r);
+        }
+    }
+    let ratio = |f: fn(&RunResult) -> f64| {
+        median(base.iter().zip(&cand).map(|(b, c)| f(c) / f(b)).collect())
+    };
+    let ratio_iops = ratio(|r| r.iops);
+    let ratio_p99 = ratio(|r| r.lat_us.p99);
+    if load.json {
+        let out = CompareOut {
+            workload: &w,
+            baseline_target: &format!("{baseline:?}").to_lowercase(),
+            candidate_target: &format!("{candidate:?}").to_lowercase(),
+            ratio_iops,
+            ratio_p99,
+            baseline: base,
+            candidate: cand,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "median ratio {candidate:?}/{baseline:?}: iops {ratio_iops:.3}  p99 {ratio_p99:.3}"
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_init();
+    match Cli::parse().cmd {
+        Cmd::Run { target, load } => {
+            let w = load.workload()?;
+            let cores = pick_cores(w.cores)?;
+            if load.needs_file(&[target]) {
+                fill::ensure_file(&load.file, w.size_bytes)?;
+            }
+            let r = run_target(target, &load, &w, &cores)?;
+            if load.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", report::TABLE_HEADER);
+                println!("{}", report::table_row(&r));
+            }
+            Ok(())
+        }
+        Cmd::Compare {
+            baseline,
+            candidate,
+            rounds,
+            load,
+        } => compare(baseline, candidate, rounds, &load),
+    }
+}
+
+fn tracing_init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole test suite: the gate CI runs (see README). Installs what it needs, then runs
+# formatting, lints, unit/integration/property tests, the examples and the benchmark smoke.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Debian packages the tests need. Installed only when missing, so reruns are quick.
+PACKAGES=(build-essential)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  step "installing ${missing[*]}"
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+
+export CARGO_TERM_COLOR=never
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace --release 2>&1 | tee target/ci-test.log
+grep -q "test result:" target/ci-test.log
+
+step "examples"
+cargo run --release -q -p cairn-examples --bin engine-quickstart
+
+step "benchmark smoke (criterion, one short pass each)"
+cargo bench -q -p cairn-benches -- --quick --noplot >/dev/null
+
+step "main command smoke: cairn-perf compare on a small file"
+smoke=$(mktemp -d)
+trap 'rm -rf "$smoke"' EXIT
+cargo run --release -q -p cairn-perf -- compare --file "$smoke/perf.img" --size 64M \
+  --rw randread --runtime 1 --rounds 1
+
+step "all passed"
