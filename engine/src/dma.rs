@@ -198,7 +198,7 @@ pub struct BufPool {
 impl BufPool {
     /// Maps the pool's region; `try_huge` prefers 2 MiB pages.
     pub fn new(count: u32, size_bytes: u32, try_huge: bool) -> Result<BufPool, DmaError> {
-        if size_bytes == 0 || size_bytes as usize % DMA_ALIGN_BYTES != 0 {
+        if size_bytes == 0 || !(size_bytes as usize).is_multiple_of(DMA_ALIGN_BYTES) {
             return Err(DmaError::BufferSize { size_bytes });
         }
         if count == 0 {

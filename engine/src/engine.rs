@@ -17,7 +17,7 @@ use crate::dma::{IoBuf, Region};
 use crate::msg::{Full, MsgRing, INBOX_CAPACITY_DEFAULT};
 use crate::reactor::ring::RING_ENTRIES_DEFAULT;
 use crate::reactor::{
-    BdevId, Completion, Core, IdlePolicy, Msg, Poller, QueueEntry, QueueShared, Reactor,
+    BdevId, Completion, Core, IdlePolicy, Msg, Peer, Poller, QueueEntry, QueueShared, Reactor,
 };
 use parking_lot::Mutex;
 use std::future::Future;
@@ -184,9 +184,20 @@ impl Engine {
                 }
             }
         }
+        let peers: Arc<[Peer]> = reactors
+            .iter()
+            .map(|r| Peer {
+                core: r.core,
+                inbox: r.inbox.clone(),
+            })
+            .collect();
         Arc::get_mut(&mut engine.shared)
             .expect("not yet shared")
             .reactors = reactors;
+        for core in engine.cores() {
+            let peers = peers.clone();
+            engine.send_and_wait(core, move |r: &mut Reactor| r.set_peers(peers))?;
+        }
         Ok(engine)
     }
 
@@ -194,24 +205,62 @@ impl Engine {
         self.shared.reactors.iter().map(|r| r.core).collect()
     }
 
-    /// Adds a bdev and opens its channel on every core.
+    /// Adds a bdev and opens its channel on every core. If any core fails, the channels
+    /// already opened are closed again.
     pub fn add_bdev(&self, bdev: Arc<dyn Bdev>) -> Result<BdevHandle, EngineError> {
         let mut bdevs = self.shared.bdevs.lock();
         let id = BdevId(bdevs.len() as u32);
-        for r in &self.shared.reactors {
+        for (i, r) in self.shared.reactors.iter().enumerate() {
             let b = bdev.clone();
             let name = bdev.info().name.clone();
             let core = r.core;
-            self.call(core, move |c: &mut Core| c.open_bdev(id, &*b))?
-                .map_err(|source| EngineError::Bdev {
-                    core,
-                    bdev: name,
-                    source,
-                })?;
+            let opened = self
+                .call(core, move |c: &mut Core| c.open_bdev(id, b))
+                .and_then(|r| {
+                    r.map_err(|source| EngineError::Bdev {
+                        core,
+                        bdev: name,
+                        source,
+                    })
+                });
+            if let Err(e) = opened {
+                let done: Vec<CoreId> = self.shared.reactors[..i].iter().map(|r| r.core).collect();
+                drop(self.close_channels(id, &done));
+                return Err(e);
+            }
         }
         let info = bdev.info().clone();
         bdevs.push(bdev);
         Ok(BdevHandle { id, info })
+    }
+
+    /// Removes a bdev: every core stops taking new requests for it at once, and this returns
+    /// when every core has closed its channel after the requests in flight completed. The id
+    /// is not reused.
+    pub fn remove_bdev(&self, bdev: &BdevHandle) -> Result<(), EngineError> {
+        self.close_channels(bdev.id, &self.cores())
+    }
+
+    fn close_channels(&self, id: BdevId, cores: &[CoreId]) -> Result<(), EngineError> {
+        let mut waits = Vec::new();
+        for &core in cores {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            self.call(core, move |c: &mut Core| c.remove_bdev(id, tx))?;
+            waits.push((core, rx));
+        }
+        for (core, rx) in waits {
+            rx.recv_timeout(CONTROL_REPLY_TIMEOUT)
+                .map_err(|_| EngineError::Stuck { core })?;
+        }
+        Ok(())
+    }
+
+    /// Makes every core re-read a bdev's size after it grew online.
+    pub fn refresh_bdev(&self, bdev: BdevId) -> Result<(), EngineError> {
+        for core in self.cores() {
+            self.call(core, move |c: &mut Core| c.refresh_bdev(bdev))?;
+        }
+        Ok(())
     }
 
     /// Opens a client queue to `bdev` through `core`'s reactor, with `depth` request slots and
@@ -231,6 +280,7 @@ impl Engine {
             sq: crossbeam_queue::ArrayQueue::new(depth as usize),
             cq: crossbeam_queue::ArrayQueue::new(depth as usize),
             waiter: Waiter::default(),
+            stopped: AtomicBool::new(false),
         });
         let bridge = shared.clone();
         let bdev_id = bdev.id;
@@ -659,6 +709,9 @@ impl IoQueue {
         buf_index: Option<u32>,
     ) -> Result<(), IoError> {
         validate(&self.info, op, offset_bytes, len_bytes, buf.as_ref())?;
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(IoError::EngineStopped);
+        }
         let tag = self
             .free_slots
             .pop()
@@ -685,13 +738,33 @@ impl IoQueue {
 
     /// Takes every completion that has arrived, without waiting.
     pub fn poll(&mut self, out: &mut Vec<QueueCompletion>) -> usize {
+        // Read before draining `cq`: once set, every completion the reactor will ever push
+        // is already there.
+        let stopped = self.shared.stopped.load(Ordering::Acquire);
         let mut n = self.early.len();
         out.append(&mut self.early);
         while let Some(c) = self.shared.cq.pop() {
             out.push(self.finish(c));
             n += 1;
         }
+        while let Some(c) = self.stranded(stopped) {
+            out.push(c);
+            n += 1;
+        }
         n
+    }
+
+    /// A request submitted after the reactor last looked at `sq` can never complete; once the
+    /// reactor has stopped (and so no longer touches `sq`) it fails here with EngineStopped.
+    fn stranded(&mut self, stopped: bool) -> Option<QueueCompletion> {
+        if !stopped {
+            return None;
+        }
+        let e = self.shared.sq.pop()?;
+        Some(self.finish(Completion {
+            tag: e.tag,
+            res: -libc::ENODEV,
+        }))
     }
 
     /// Like [`IoQueue::poll`] for callers that want one at a time.
@@ -699,8 +772,11 @@ impl IoQueue {
         if let Some(c) = self.early.pop() {
             return Some(c);
         }
-        let c = self.shared.cq.pop()?;
-        Some(self.finish(c))
+        let stopped = self.shared.stopped.load(Ordering::Acquire);
+        match self.shared.cq.pop() {
+            Some(c) => Some(self.finish(c)),
+            None => self.stranded(stopped),
+        }
     }
 
     fn finish(&mut self, c: Completion) -> QueueCompletion {
@@ -723,6 +799,12 @@ impl IoQueue {
     pub fn wait(&mut self, min: usize, out: &mut Vec<QueueCompletion>) -> usize {
         let mut n = self.poll(out);
         while n < min && self.in_flight() > 0 {
+            if self.shared.stopped.load(Ordering::Acquire) {
+                // This poll takes everything that will ever arrive; anything still in flight
+                // was lost by a reactor that gave up draining, and waiting cannot bring it.
+                n += self.poll(out);
+                break;
+            }
             self.park();
             n += self.poll(out);
         }
@@ -755,6 +837,7 @@ impl IoQueue {
     /// Reads `dst.len()` bytes at `offset_bytes`, waiting for the result. Other requests may
     /// be in flight; their completions stay queued for the next poll.
     pub fn read_at(&mut self, offset_bytes: u64, dst: &mut [u8]) -> Result<(), IoError> {
+        self.check_span(IoOp::Read, offset_bytes, dst.len())?;
         let chunk = self.buf_size_bytes() as usize;
         for (i, part) in dst.chunks_mut(chunk).enumerate() {
             let buf = self.alloc_buf()?;
@@ -769,6 +852,7 @@ impl IoQueue {
 
     /// Writes `src` at `offset_bytes` and waits; `fua` makes it durable on completion.
     pub fn write_at(&mut self, offset_bytes: u64, src: &[u8], fua: bool) -> Result<(), IoError> {
+        self.check_span(IoOp::Write, offset_bytes, src.len())?;
         let chunk = self.buf_size_bytes() as usize;
         for (i, part) in src.chunks(chunk).enumerate() {
             let buf = self.alloc_buf()?;
@@ -776,6 +860,23 @@ impl IoQueue {
             let offset = offset_bytes + (i * chunk) as u64;
             let buf = self.run_sync(IoOp::Write, offset, part.len() as u32, Some(buf), fua)?;
             self.free_buf(buf.expect("write returns its buffer"));
+        }
+        Ok(())
+    }
+
+    /// Validates every buffer-sized piece of a `read_at`/`write_at` span before the first is
+    /// issued, so a bad tail is refused without the head having been written, and an empty
+    /// span is refused like any zero-length request.
+    fn check_span(&self, op: IoOp, offset_bytes: u64, len_bytes: usize) -> Result<(), IoError> {
+        if len_bytes == 0 {
+            return Err(IoError::ZeroLength { op });
+        }
+        let chunk = self.buf_size_bytes() as usize;
+        let view = self.bufs.first().copied();
+        for start in (0..len_bytes).step_by(chunk) {
+            let part = chunk.min(len_bytes - start) as u32;
+            let offset = offset_bytes.saturating_add(start as u64);
+            validate(&self.info, op, offset, part, view.as_ref())?;
         }
         Ok(())
     }
@@ -821,7 +922,11 @@ impl IoQueue {
         let mut stash = Vec::new();
         let mut mine = None;
         while mine.is_none() {
-            self.wait(1, &mut stash);
+            if self.wait(1, &mut stash) == 0 {
+                // Only a stopped engine returns nothing while our request is in flight.
+                self.requeue(stash);
+                return Err(IoError::EngineStopped);
+            }
             if let Some(i) = stash.iter().position(|c| c.user_data == SYNC_TAG) {
                 mine = Some(stash.swap_remove(i));
             }
@@ -846,7 +951,9 @@ impl IoQueue {
     }
 
     fn has_completions(&self) -> bool {
-        !self.early.is_empty() || !self.shared.cq.is_empty()
+        !self.early.is_empty()
+            || !self.shared.cq.is_empty()
+            || self.shared.stopped.load(Ordering::Acquire)
     }
 }
 
@@ -855,6 +962,10 @@ impl Drop for IoQueue {
     /// then returns the buffers to its pool. Raw buffers still in flight stay the caller's
     /// responsibility until then, which is why `submit_raw` is unsafe.
     fn drop(&mut self) {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            // The reactor is gone and has already returned this queue's buffers.
+            return;
+        }
         let id = self.shared.id;
         if !send_blocking(
             &self.inbox,

@@ -52,6 +52,20 @@ enum Cmd {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// Start an engine with no work and measure the CPU its reactors burn while idle.
+    Idle {
+        /// Reactors to start (the first N CPUs this process may use).
+        #[arg(long, default_value_t = 2)]
+        cores: u32,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Engine idle policy (poll shows what a never-sleeping reactor costs).
+        #[arg(long, value_enum, default_value = "sleep")]
+        idle: Idle,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -300,7 +314,46 @@ fn main() -> Result<()> {
             rounds,
             load,
         } => compare(baseline, candidate, rounds, &load),
+        Cmd::Idle {
+            cores,
+            seconds,
+            idle,
+            json,
+        } => idle_cpu(cores, seconds, idle, json),
     }
+}
+
+/// Time an idle engine gets to settle before measuring.
+const IDLE_SETTLE: Duration = Duration::from_millis(500);
+
+fn idle_cpu(cores: u32, seconds: f64, idle: Idle, json: bool) -> Result<()> {
+    let window = Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--seconds must be a positive number")?;
+    let list = pick_cores(cores)?;
+    let text: Vec<String> = list.iter().map(|c| c.to_string()).collect();
+    let mut config =
+        cairn_engine::EngineConfig::new(cairn_engine::CoreList::parse(&text.join(","))?);
+    if idle == Idle::Poll {
+        config.idle = IdlePolicy::Poll;
+    }
+    let engine = cairn_engine::Engine::start(config)?;
+    std::thread::sleep(IDLE_SETTLE);
+    let cpu0 = report::cpu_time();
+    std::thread::sleep(window);
+    let cpu_s = (report::cpu_time() - cpu0).as_secs_f64();
+    engine.stop();
+    let pct = 100.0 * cpu_s / window.as_secs_f64();
+    if json {
+        let out = serde_json::json!({"reactors": cores, "seconds": window.as_secs_f64(), "cpu_s": cpu_s, "pct_of_one_core": pct});
+        println!("{out}");
+    } else {
+        println!(
+            "{cores} idle reactors used {cpu_s:.4} CPU-s over {seconds} s: {pct:.3}% of one core"
+        );
+    }
+    Ok(())
 }
 
 fn tracing_init() {

@@ -41,7 +41,7 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 impl Workload {
     pub fn check(&self) -> Result<()> {
-        if self.bs_bytes == 0 || self.bs_bytes % 512 != 0 {
+        if self.bs_bytes == 0 || !self.bs_bytes.is_multiple_of(512) {
             bail!("--bs {} must be a non-zero multiple of 512", self.bs_bytes);
         }
         if self.qd == 0 || self.qd > 4096 {

@@ -94,6 +94,10 @@ struct WriteCache {
     /// Dirty blocks by block index, each with the generation of its last write.
     blocks: BTreeMap<u64, (u64, Box<[u8]>)>,
     generation: u64,
+    /// Blocks a flush is writing back to the inner bdev, with how many write-backs of each are
+    /// in flight. A request that writes the inner bdev directly waits for them: a write-back
+    /// of older data landing after it would bring that data back.
+    writing_back: BTreeMap<u64, u32>,
 }
 
 impl WriteCache {
@@ -114,12 +118,37 @@ impl WriteCache {
         doomed.iter().for_each(|b| drop(self.blocks.remove(b)));
     }
 
-    fn overlay(&self, first_block: u64, out: &mut [u8], block_size: usize) {
-        let blocks = (out.len() / block_size) as u64;
-        for (&b, (_, data)) in self.blocks.range(first_block..first_block + blocks) {
-            let at = (b - first_block) as usize * block_size;
-            out[at..at + block_size].copy_from_slice(data);
+    /// The cached blocks of a range, taken when a read is issued: a flush on another core may
+    /// move them to the inner bdev and out of the cache before the read completes.
+    fn snapshot(&self, first_block: u64, blocks: u64) -> Vec<(u64, Box<[u8]>)> {
+        self.blocks
+            .range(first_block..first_block + blocks)
+            .map(|(&b, (_, data))| (b, data.clone()))
+            .collect()
+    }
+
+    fn busy(&self, first_block: u64, blocks: u64) -> bool {
+        let range = first_block..first_block + blocks;
+        self.writing_back.range(range).next().is_some()
+    }
+
+    fn write_back_done(&mut self, block: u64) {
+        let count = self
+            .writing_back
+            .get_mut(&block)
+            .expect("write-back was counted");
+        *count -= 1;
+        if *count == 0 {
+            self.writing_back.remove(&block);
         }
+    }
+}
+
+/// Copies a read's cache snapshot over the data the inner bdev returned.
+fn overlay(snapshot: &[(u64, Box<[u8]>)], first_block: u64, out: &mut [u8], block_size: usize) {
+    for (b, data) in snapshot {
+        let at = (b - first_block) as usize * block_size;
+        out[at..at + block_size].copy_from_slice(data);
     }
 }
 
@@ -184,14 +213,15 @@ impl Bdev for FaultBdev {
             slots: Vec::new(),
             free: Vec::new(),
             delayed: VecDeque::new(),
+            blocked: VecDeque::new(),
         }))
     }
 }
 
 /// What an intercepted inner request was for.
 enum Pending {
-    /// A read whose data must be overlaid with cached blocks before it completes.
-    Read(IoRequest),
+    /// A read whose data must be overlaid with the cached blocks it saw when issued.
+    Read(IoRequest, Vec<(u64, Box<[u8]>)>),
     /// A request passed through whose completion is forwarded unchanged.
     Forward(IoRequest),
     /// One cached block being written back by the flush in slot `flush`.
@@ -218,6 +248,9 @@ struct FaultChannel {
     slots: Vec<Option<Pending>>,
     free: Vec<u32>,
     delayed: VecDeque<(Instant, IoRequest)>,
+    /// Direct writes waiting for a write-back of one of their blocks, and flushes waiting for
+    /// another flush's write-backs (see `WriteCache::writing_back`).
+    blocked: VecDeque<IoRequest>,
 }
 
 impl FaultChannel {
@@ -261,10 +294,19 @@ impl FaultChannel {
                 cache.lock().write(first_block, data, self.block_size);
                 io.post(req.owner, req.tag, req.len_bytes as i32);
             }
-            IoOp::Read => self.submit_inner(io, req, Pending::Read(req)),
+            IoOp::Read => {
+                let snapshot = cache.lock().snapshot(first_block, blocks);
+                self.submit_inner(io, req, Pending::Read(req, snapshot));
+            }
             IoOp::Flush => self.start_flush(io, req),
             IoOp::Write | IoOp::Trim | IoOp::WriteZeroes => {
-                cache.lock().invalidate(first_block, blocks);
+                let mut cache = cache.lock();
+                if cache.busy(first_block, blocks) {
+                    drop(cache);
+                    return self.blocked.push_back(req);
+                }
+                cache.invalidate(first_block, blocks);
+                drop(cache);
                 self.submit_inner(io, req, Pending::Forward(req));
             }
         }
@@ -272,20 +314,35 @@ impl FaultChannel {
 
     /// Copies every dirty block to staging memory and writes each one back.
     fn start_flush(&mut self, io: &mut IoCtx, req: IoRequest) {
-        let cache = self
-            .control
+        let control = self.control.clone();
+        let cache = control
             .cache
             .as_ref()
             .expect("flush staging needs the cache");
+        let mut cache = cache.lock();
+        // One flush writes back at a time, on any core: write-backs of one block by two
+        // flushes could land out of order and leave the older data on the inner bdev.
+        if !cache.writing_back.is_empty() {
+            drop(cache);
+            return self.blocked.push_back(req);
+        }
         let dirty: Vec<(u64, u64, Box<[u8]>)> = cache
-            .lock()
             .blocks
             .iter()
             .map(|(&b, (g, d))| (b, *g, d.clone()))
             .collect();
+        // Counted under the same lock as the snapshot, so no direct write slips in between.
+        for (b, _, _) in &dirty {
+            *cache.writing_back.entry(*b).or_insert(0) += 1;
+        }
+        drop(cache);
         let staging = match Region::map((dirty.len() * self.block_size).max(1), false, false) {
             Ok(r) => r,
-            Err(_) => return io.post(req.owner, req.tag, -libc::ENOMEM),
+            Err(_) => {
+                let mut cache = control.cache.as_ref().expect("checked above").lock();
+                dirty.iter().for_each(|(b, _, _)| cache.write_back_done(*b));
+                return io.post(req.owner, req.tag, -libc::ENOMEM);
+            }
         };
         let flush = self.park(Pending::Flush {
             req,
@@ -385,19 +442,14 @@ impl FaultChannel {
         }
         match self.unpark(tag) {
             Pending::Forward(req) => io.post(req.owner, req.tag, res),
-            Pending::Read(req) => {
+            Pending::Read(req, snapshot) => {
                 if res >= 0 {
                     let buf = req.buf.expect("validated read has a buffer");
                     // SAFETY: the read's submitter lent this buffer until we post below.
                     let out =
                         unsafe { std::slice::from_raw_parts_mut(buf.ptr, req.len_bytes as usize) };
-                    let cache = self
-                        .control
-                        .cache
-                        .as_ref()
-                        .expect("reads are intercepted only with a cache");
                     let first_block = req.offset_bytes / self.block_size as u64;
-                    cache.lock().overlay(first_block, out, self.block_size);
+                    overlay(&snapshot, first_block, out, self.block_size);
                 }
                 io.post(req.owner, req.tag, res);
             }
@@ -406,6 +458,12 @@ impl FaultChannel {
                 block,
                 generation,
             } => {
+                let cache = self
+                    .control
+                    .cache
+                    .as_ref()
+                    .expect("write-backs need the cache");
+                cache.lock().write_back_done(block);
                 if let Some(Pending::Flush {
                     remaining,
                     errno,
@@ -435,7 +493,9 @@ impl BdevChannel for FaultChannel {
         }
         let latency_us = self.control.latency_us.load(Ordering::Relaxed);
         if latency_us > 0 {
-            let at = io.now() + Duration::from_micros(latency_us);
+            // The clock, not io.now(): the loop-start time can be older than the submission
+            // by a whole (possibly preempted) loop iteration, which would cut the delay short.
+            let at = Instant::now() + Duration::from_micros(latency_us);
             return self.delayed.push_back((at, req));
         }
         self.dispatch(io, req);
@@ -452,16 +512,27 @@ impl BdevChannel for FaultChannel {
             self.complete(io, c.tag, c.res);
             work += 1;
         }
+        // Retry blocked requests; those still waiting for a write-back (on this core or
+        // another) go back to the queue.
+        for req in std::mem::take(&mut self.blocked) {
+            self.dispatch(io, req);
+        }
         work
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        // A blocked request waits for another core's write-back: keep polling, do not sleep.
+        let retry = (!self.blocked.is_empty()).then(Instant::now);
         let own = self.delayed.front().map(|(at, _)| *at);
-        own.into_iter().chain(self.inner.next_deadline()).min()
+        own.into_iter()
+            .chain(retry)
+            .chain(self.inner.next_deadline())
+            .min()
     }
 
     fn in_flight(&self) -> usize {
-        self.delayed.len() + self.slots.len() - self.free.len() + self.inner.in_flight()
+        self.delayed.len() + self.blocked.len() + self.slots.len() - self.free.len()
+            + self.inner.in_flight()
     }
 
     fn close(&mut self, io: &mut IoCtx) {

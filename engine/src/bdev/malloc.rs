@@ -38,6 +38,7 @@ impl MallocBdev {
                 buf_align_bytes: 1,
                 can_trim: true,
                 can_write_zeroes: true,
+                read_only: false,
             },
             mem: Arc::new(mem),
         })

@@ -56,6 +56,8 @@ pub struct BdevInfo {
     pub buf_align_bytes: u32,
     pub can_trim: bool,
     pub can_write_zeroes: bool,
+    /// Writes, trims and write-zeroes are refused (snapshots).
+    pub read_only: bool,
 }
 
 /// One request, after validation, as a channel receives it.
@@ -75,6 +77,12 @@ pub struct IoRequest {
 /// A device shared by every core; opening a channel gives one core its private path to it.
 pub trait Bdev: Send + Sync + 'static {
     fn info(&self) -> &BdevInfo;
+
+    /// The current size; differs from `info().size_bytes` only for devices that grow online,
+    /// whose cores pick the new size up through `Engine::refresh_bdev`.
+    fn size_bytes(&self) -> u64 {
+        self.info().size_bytes
+    }
 
     /// Opens this core's channel. Runs on the reactor thread that will own the channel.
     fn open_channel(&self, io: &mut IoCtx) -> Result<Box<dyn BdevChannel>, BdevError>;
@@ -103,6 +111,12 @@ pub trait BdevChannel {
 
     /// Releases per-core resources (registered files). Called once, with nothing in flight.
     fn close(&mut self, _io: &mut IoCtx) {}
+
+    /// Lets code holding the core reach a channel of a known concrete type (a volume channel
+    /// receiving its pool's messages). Channels that receive no messages keep the default.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// Errors opening or configuring a bdev.
@@ -170,6 +184,8 @@ pub enum IoError {
     },
     #[error("buffer at {addr:#x} is not aligned to {align_bytes} bytes")]
     BufferMisaligned { addr: usize, align_bytes: u32 },
+    #[error("{op} refused: bdev '{bdev}' is read-only")]
+    ReadOnly { op: IoOp, bdev: String },
     #[error("bdev '{bdev}' does not support {op}")]
     Unsupported { op: IoOp, bdev: String },
     #[error("device error: {}", std::io::Error::from_raw_os_error(*errno))]
@@ -222,6 +238,12 @@ pub fn validate(
     if op == IoOp::Flush {
         return Ok(());
     }
+    if op != IoOp::Read && info.read_only {
+        return Err(IoError::ReadOnly {
+            op,
+            bdev: info.name.clone(),
+        });
+    }
     if (op == IoOp::Trim && !info.can_trim) || (op == IoOp::WriteZeroes && !info.can_write_zeroes) {
         return Err(IoError::Unsupported {
             op,
@@ -232,7 +254,7 @@ pub fn validate(
         return Err(IoError::ZeroLength { op });
     }
     let bs = u64::from(info.block_size_bytes);
-    if offset_bytes % bs != 0 || u64::from(len_bytes) % bs != 0 {
+    if !offset_bytes.is_multiple_of(bs) || !u64::from(len_bytes).is_multiple_of(bs) {
         return Err(IoError::Misaligned {
             op,
             offset_bytes,
@@ -278,7 +300,7 @@ fn validate_buffer(
         });
     }
     let addr = buf.ptr as usize;
-    if addr % info.buf_align_bytes as usize != 0 {
+    if !addr.is_multiple_of(info.buf_align_bytes as usize) {
         return Err(IoError::BufferMisaligned {
             addr,
             align_bytes: info.buf_align_bytes,
@@ -299,7 +321,7 @@ pub(crate) fn check_geometry(
             block_size_bytes,
         });
     }
-    if size_bytes == 0 || size_bytes % u64::from(block_size_bytes) != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(u64::from(block_size_bytes)) {
         return Err(BdevError::Geometry {
             name: name.into(),
             size_bytes,
@@ -322,6 +344,7 @@ mod tests {
             buf_align_bytes: 512,
             can_trim: true,
             can_write_zeroes: false,
+            read_only: false,
         }
     }
 

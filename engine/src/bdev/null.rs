@@ -17,10 +17,11 @@ impl NullBdev {
                 name: name.into(),
                 block_size_bytes,
                 size_bytes,
-                max_io_bytes: u32::MAX & !(block_size_bytes - 1),
+                max_io_bytes: !(block_size_bytes - 1),
                 buf_align_bytes: 1,
                 can_trim: true,
                 can_write_zeroes: true,
+                read_only: false,
             },
         })
     }

@@ -78,6 +78,7 @@ impl UringBdev {
                 buf_align_bytes: DMA_ALIGN_BYTES as u32,
                 can_trim: true,
                 can_write_zeroes: true,
+                read_only: false,
             },
             file,
             options,

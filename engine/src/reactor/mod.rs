@@ -129,13 +129,39 @@ impl Owners {
 /// The per-core I/O context handed to bdev channels: the ring, the buffer pool and the owners'
 /// completion queues. Field order matters: the ring drops before the pool whose memory it has
 /// registered.
-#[derive(Debug)]
 pub struct IoCtx {
     ring: Ring,
     pool: BufPool,
     owners: Owners,
     core: CoreId,
     now: Instant,
+    peers: Arc<[Peer]>,
+    /// Messages to other cores whose inbox was full; retried every loop so a reactor never
+    /// blocks on another (two full inboxes waiting on each other would deadlock).
+    outbox: VecDeque<(CoreId, Msg)>,
+}
+
+impl std::fmt::Debug for IoCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoCtx")
+            .field("core", &self.core)
+            .field("ring", &self.ring)
+            .field("outbox", &self.outbox.len())
+            .finish()
+    }
+}
+
+/// Another reactor this one can message.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub(crate) core: CoreId,
+    pub(crate) inbox: Arc<MsgRing<Msg>>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Peer({})", self.core)
+    }
 }
 
 impl IoCtx {
@@ -178,6 +204,40 @@ impl IoCtx {
         self.owners.pop(owner)
     }
 
+    /// Runs `f` on core `to`'s reactor: the only way code on one core reaches another. Never
+    /// blocks: when `to`'s inbox is full the message waits here and is retried every loop.
+    pub fn send(&mut self, to: CoreId, f: impl FnOnce(&mut Core) + Send + 'static) {
+        let msg: Msg = Box::new(move |r: &mut Reactor| f(r.core()));
+        if self.outbox.is_empty() {
+            if let Err(crate::msg::Full(back)) = self.deliver(to, msg) {
+                self.outbox.push_back((to, back));
+            }
+        } else {
+            self.outbox.push_back((to, msg));
+        }
+    }
+
+    fn deliver(&self, to: CoreId, msg: Msg) -> Result<(), crate::msg::Full<Msg>> {
+        let peer = self
+            .peers
+            .iter()
+            .find(|p| p.core == to)
+            .unwrap_or_else(|| panic!("core {to} is not one of this engine's cores"));
+        peer.inbox.send(msg)
+    }
+
+    fn flush_outbox(&mut self) -> usize {
+        let mut n = 0;
+        while let Some((to, msg)) = self.outbox.pop_front() {
+            if let Err(crate::msg::Full(back)) = self.deliver(to, msg) {
+                self.outbox.push_front((to, back));
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
     /// Moves every ring completion to its owner's queue.
     #[inline]
     pub fn reap_ring(&mut self) -> usize {
@@ -195,7 +255,10 @@ pub struct BdevId(pub(crate) u32);
 
 struct DevSlot {
     info: BdevInfo,
+    bdev: Arc<dyn Bdev>,
     channel: Box<dyn BdevChannel>,
+    /// Set by `Engine::remove_bdev`: no new requests; closed and removed once idle.
+    closing: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 /// What a periodic poller or pollers in general report after one call.
@@ -286,6 +349,9 @@ impl Core {
         let Some(Some(slot)) = self.devs.get_mut(bdev.0 as usize) else {
             return Err(IoError::NoSuchBdev { id: bdev.0 });
         };
+        if slot.closing.is_some() {
+            return Err(IoError::NoSuchBdev { id: bdev.0 });
+        }
         validate(
             &slot.info,
             req.op,
@@ -317,13 +383,48 @@ impl Core {
         n
     }
 
+    /// Runs `f` with this core's channel of `bdev` and the I/O context, if the channel exists.
+    pub fn with_channel<R>(
+        &mut self,
+        bdev: BdevId,
+        f: impl FnOnce(&mut dyn BdevChannel, &mut IoCtx) -> R,
+    ) -> Option<R> {
+        let slot = self.devs.get_mut(bdev.0 as usize)?.as_mut()?;
+        Some(f(&mut *slot.channel, &mut self.io))
+    }
+
     fn poll_channels(&mut self) -> usize {
         let io = &mut self.io;
-        self.devs
-            .iter_mut()
-            .flatten()
-            .map(|d| d.channel.poll(io))
-            .sum()
+        let mut work = io.flush_outbox();
+        for entry in &mut self.devs {
+            let Some(d) = entry else { continue };
+            work += d.channel.poll(io);
+            if d.closing.is_some() && d.channel.in_flight() == 0 {
+                d.channel.close(io);
+                let done = entry.take().and_then(|d| d.closing);
+                if let Some(tx) = done {
+                    // The remover may have timed out and gone; nothing else to tell.
+                    let _ = tx.send(());
+                }
+                work += 1;
+            }
+        }
+        work
+    }
+
+    /// Re-reads the bdev's size after it grew (see `Engine::refresh_bdev`).
+    pub(crate) fn refresh_bdev(&mut self, bdev: BdevId) {
+        if let Some(Some(slot)) = self.devs.get_mut(bdev.0 as usize) {
+            slot.info.size_bytes = slot.bdev.size_bytes();
+        }
+    }
+
+    /// Stops new requests to `bdev` here; `done` hears once its channel is closed.
+    pub(crate) fn remove_bdev(&mut self, bdev: BdevId, done: std::sync::mpsc::SyncSender<()>) {
+        match self.devs.get_mut(bdev.0 as usize) {
+            Some(Some(slot)) => slot.closing = Some(done),
+            _ => drop(done.send(())),
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -347,7 +448,7 @@ impl Core {
     pub(crate) fn open_bdev(
         &mut self,
         id: BdevId,
-        bdev: &dyn Bdev,
+        bdev: Arc<dyn Bdev>,
     ) -> Result<(), crate::bdev::BdevError> {
         let channel = bdev.open_channel(&mut self.io)?;
         let index = id.0 as usize;
@@ -356,7 +457,9 @@ impl Core {
         }
         self.devs[index] = Some(DevSlot {
             info: bdev.info().clone(),
+            bdev,
             channel,
+            closing: None,
         });
         Ok(())
     }
@@ -373,6 +476,9 @@ pub(crate) struct QueueShared {
     pub(crate) sq: crossbeam_queue::ArrayQueue<QueueEntry>,
     pub(crate) cq: crossbeam_queue::ArrayQueue<Completion>,
     pub(crate) waiter: crate::engine::Waiter,
+    /// Set by the reactor as it exits, after its last completion was pushed to `cq`; from
+    /// then on nothing reads `sq`, so the client fails whatever is left there itself.
+    pub(crate) stopped: std::sync::atomic::AtomicBool,
 }
 
 /// One request travelling from a client queue to its reactor.
@@ -457,6 +563,8 @@ impl Reactor {
             owners: Owners::default(),
             core,
             now: Instant::now(),
+            peers: Arc::from(Vec::new()),
+            outbox: VecDeque::new(),
         };
         let reactor = Reactor {
             core: Core {
@@ -476,6 +584,10 @@ impl Reactor {
 
     pub(crate) fn core(&mut self) -> &mut Core {
         &mut self.core
+    }
+
+    pub(crate) fn set_peers(&mut self, peers: Arc<[Peer]>) {
+        self.core.io.peers = peers;
     }
 
     pub(crate) fn stop(&mut self) {
@@ -654,6 +766,7 @@ impl Reactor {
 
     fn has_pending_work(&self) -> bool {
         !self.inbox.is_empty()
+            || !self.core.io.outbox.is_empty()
             || self.core.io.owners.pending > 0
             || self.queues.iter().any(|q| !q.shared.sq.is_empty())
     }
@@ -700,6 +813,10 @@ impl Reactor {
         for mut q in self.queues.drain(..) {
             while io.owners.pop(q.owner).is_some() {}
             q.bufs.drain(..).for_each(|b| io.pool.put(b));
+            q.shared
+                .stopped
+                .store(true, std::sync::atomic::Ordering::Release);
+            q.shared.waiter.wake();
         }
         for slot in self.core.devs.iter_mut().flatten() {
             slot.channel.close(&mut self.core.io);
