@@ -287,13 +287,8 @@ impl Engine {
         let bufs = self.send_and_wait(core, move |r: &mut Reactor| {
             r.add_queue(bridge, bdev_id, depth)
         })??;
-        Ok(IoQueue::new(
-            shared,
-            reactor,
-            bdev.info.clone(),
-            bufs,
-            depth,
-        ))
+        let device = self.shared.bdevs.lock()[bdev.id.0 as usize].clone();
+        Ok(IoQueue::new(shared, reactor, device, bufs, depth))
     }
 
     /// Runs `poller` on `core` every loop, or every `period` when given.
@@ -560,6 +555,8 @@ pub struct IoQueue {
     inbox: Arc<MsgRing<Msg>>,
     region: Arc<Region>,
     info: BdevInfo,
+    /// The device itself, to pick up a new size after it grew online.
+    bdev: Arc<dyn Bdev>,
     depth: u32,
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
@@ -588,15 +585,18 @@ impl IoQueue {
     fn new(
         shared: Arc<QueueShared>,
         reactor: &ReactorRef,
-        info: BdevInfo,
+        bdev: Arc<dyn Bdev>,
         bufs: Vec<IoBuf>,
         depth: u32,
     ) -> IoQueue {
+        let mut info = bdev.info().clone();
+        info.size_bytes = bdev.size_bytes();
         IoQueue {
             shared,
             inbox: reactor.inbox.clone(),
             region: reactor.region.clone(),
             info,
+            bdev,
             depth,
             slots: (0..depth).map(|_| None).collect(),
             free_slots: (0..depth).rev().collect(),
@@ -708,7 +708,7 @@ impl IoQueue {
         user_data: u64,
         buf_index: Option<u32>,
     ) -> Result<(), IoError> {
-        validate(&self.info, op, offset_bytes, len_bytes, buf.as_ref())?;
+        self.validate(op, offset_bytes, len_bytes, buf.as_ref())?;
         if self.shared.stopped.load(Ordering::Acquire) {
             return Err(IoError::EngineStopped);
         }
@@ -867,7 +867,7 @@ impl IoQueue {
     /// Validates every buffer-sized piece of a `read_at`/`write_at` span before the first is
     /// issued, so a bad tail is refused without the head having been written, and an empty
     /// span is refused like any zero-length request.
-    fn check_span(&self, op: IoOp, offset_bytes: u64, len_bytes: usize) -> Result<(), IoError> {
+    fn check_span(&mut self, op: IoOp, offset_bytes: u64, len_bytes: usize) -> Result<(), IoError> {
         if len_bytes == 0 {
             return Err(IoError::ZeroLength { op });
         }
@@ -876,9 +876,27 @@ impl IoQueue {
         for start in (0..len_bytes).step_by(chunk) {
             let part = chunk.min(len_bytes - start) as u32;
             let offset = offset_bytes.saturating_add(start as u64);
-            validate(&self.info, op, offset, part, view.as_ref())?;
+            self.validate(op, offset, part, view.as_ref())?;
         }
         Ok(())
+    }
+
+    /// Validates against the bdev; a request beyond the end first re-reads the size, since
+    /// the device may have grown since the queue was opened.
+    fn validate(
+        &mut self,
+        op: IoOp,
+        offset_bytes: u64,
+        len_bytes: u32,
+        buf: Option<&IoBuf>,
+    ) -> Result<(), IoError> {
+        match validate(&self.info, op, offset_bytes, len_bytes, buf) {
+            Err(IoError::OutOfRange { .. }) if self.bdev.size_bytes() > self.info.size_bytes => {
+                self.info.size_bytes = self.bdev.size_bytes();
+                validate(&self.info, op, offset_bytes, len_bytes, buf)
+            }
+            r => r,
+        }
     }
 
     /// Makes every completed write durable.

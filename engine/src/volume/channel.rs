@@ -1,0 +1,443 @@
+//! A volume as a bdev: `VolumeBdev` and its per-core `VolumeChannel`.
+//!
+//! The channel translates volume offsets to the pool's base device through the lock-free
+//! cluster map. Reads and writes of allocated, unshared clusters go straight to this core's
+//! base channel: no lock, no message, no other core. Only what changes metadata goes to the
+//! pool's home core by message: a write to an unallocated or shared cluster waits there until
+//! the cluster is writable in place, then is issued here; flushes, FUA, trims and whole-cluster
+//! write-zeroes are settled there.
+//!
+//! A request is at most one cluster long (`max_io_bytes`), so a read or write touches at most
+//! two clusters; trim and write-zeroes are split into a whole-cluster middle (unmapped at home)
+//! and up to two partial ends (ignored for trim, written with zeros for write-zeroes).
+
+use super::map::{ClusterMap, Entry};
+use super::pool::{self, PoolShared, Reply};
+use crate::bdev::{Bdev, BdevChannel, BdevError, BdevInfo, IoOp, IoRequest};
+use crate::dma::{IoBuf, Region};
+use crate::reactor::{BdevId, Core, IoCtx, OwnerId};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Request pieces per parent request: two data pieces plus one unmap.
+const PIECES: u64 = 4;
+const PIECE_UNMAP: u8 = 2;
+const PIECE_FLUSH: u8 = 3;
+
+/// What every core's channel of one open volume shares.
+#[derive(Debug)]
+pub(crate) struct VolumeShared {
+    pub(crate) obj: u64,
+    pub(crate) map: Arc<ClusterMap>,
+    pub(crate) pool: Arc<PoolShared>,
+    pub(crate) size_bytes: AtomicU64,
+    pub(crate) bdev: OnceLock<BdevId>,
+    /// A cluster of zeros, the source of partial write-zeroes.
+    pub(crate) zeros: Region,
+}
+
+#[derive(Debug)]
+pub struct VolumeBdev {
+    pub(crate) info: BdevInfo,
+    pub(crate) vol: Arc<VolumeShared>,
+}
+
+impl Bdev for VolumeBdev {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.vol.size_bytes.load(Ordering::Acquire)
+    }
+
+    fn open_channel(&self, io: &mut IoCtx) -> Result<Box<dyn BdevChannel>, BdevError> {
+        let base = self.vol.pool.base_bdev.open_channel(io)?;
+        Ok(Box::new(VolumeChannel {
+            vol: self.vol.clone(),
+            cluster_bytes: u64::from(self.vol.pool.sb.cluster_size_bytes),
+            base,
+            owner: io.register_owner(256),
+            parents: Vec::new(),
+            free: Vec::new(),
+            gen: 0,
+            in_base: [0; 2],
+            barriers: Vec::new(),
+        }))
+    }
+}
+
+struct Parent {
+    req: IoRequest,
+    /// Pieces not yet finished.
+    left: u8,
+    errno: i32,
+    /// Generation each data piece's base I/O was counted under, while in flight.
+    gens: [Option<usize>; 2],
+}
+
+pub(crate) struct VolumeChannel {
+    vol: Arc<VolumeShared>,
+    cluster_bytes: u64,
+    base: Box<dyn BdevChannel>,
+    owner: OwnerId,
+    parents: Vec<Option<Parent>>,
+    free: Vec<u32>,
+    /// Current barrier generation, and base I/Os in flight per generation.
+    gen: usize,
+    in_base: [u32; 2],
+    /// Barriers waiting for the previous generation to drain.
+    barriers: Vec<(usize, Arc<PoolShared>)>,
+}
+
+/// A piece of a parent: byte range in the volume and where its data sits in the buffer.
+#[derive(Clone, Copy)]
+struct Piece {
+    offset: u64,
+    len: u32,
+    buf_at: u32,
+}
+
+impl VolumeChannel {
+    fn bdev(&self) -> BdevId {
+        *self
+            .vol
+            .bdev
+            .get()
+            .expect("volume bdev id is set before any I/O")
+    }
+
+    fn new_parent(&mut self, req: IoRequest) -> u32 {
+        let p = Parent {
+            req,
+            left: 0,
+            errno: 0,
+            gens: [None; 2],
+        };
+        match self.free.pop() {
+            Some(i) => {
+                self.parents[i as usize] = Some(p);
+                i
+            }
+            None => {
+                self.parents.push(Some(p));
+                (self.parents.len() - 1) as u32
+            }
+        }
+    }
+
+    fn parent(&mut self, p: u32) -> &mut Parent {
+        self.parents[p as usize].as_mut().expect("live parent")
+    }
+
+    /// The up-to-two data pieces of a read or write, split at the cluster boundary.
+    fn data_pieces(&self, offset: u64, len: u32) -> [Option<Piece>; 2] {
+        let boundary = (offset / self.cluster_bytes + 1) * self.cluster_bytes;
+        let first = (boundary - offset).min(u64::from(len)) as u32;
+        let second = (first < len).then_some(Piece {
+            offset: boundary,
+            len: len - first,
+            buf_at: first,
+        });
+        [
+            Some(Piece {
+                offset,
+                len: first,
+                buf_at: 0,
+            }),
+            second,
+        ]
+    }
+
+    /// Partial ends and whole middle of a trim or write-zeroes range.
+    fn range_pieces(&self, offset: u64, len: u32) -> ([Option<Piece>; 2], Option<(u64, u64)>) {
+        let end = offset + u64::from(len);
+        let first_whole = offset.div_ceil(self.cluster_bytes);
+        let end_whole = end / self.cluster_bytes;
+        if first_whole >= end_whole {
+            // No whole cluster: at most two partial pieces, split at the boundary.
+            return (self.data_pieces(offset, len), None);
+        }
+        let head_len = first_whole * self.cluster_bytes - offset;
+        let tail_len = end - end_whole * self.cluster_bytes;
+        let head = (head_len > 0).then_some(Piece {
+            offset,
+            len: head_len as u32,
+            buf_at: 0,
+        });
+        let tail = (tail_len > 0).then_some(Piece {
+            offset: end_whole * self.cluster_bytes,
+            len: tail_len as u32,
+            buf_at: 0,
+        });
+        ([head, tail], Some((first_whole, end_whole - first_whole)))
+    }
+
+    fn piece_of(&self, p: u32, piece: u8) -> Piece {
+        let req = self.parents[p as usize].as_ref().expect("live parent").req;
+        let pieces = match req.op {
+            IoOp::Read | IoOp::Write => self.data_pieces(req.offset_bytes, req.len_bytes),
+            IoOp::Trim | IoOp::WriteZeroes => self.range_pieces(req.offset_bytes, req.len_bytes).0,
+            IoOp::Flush => [None, None],
+        };
+        pieces[piece as usize].expect("piece exists")
+    }
+
+    /// Issues data piece `piece` of parent `p`: a read, a write, or zeros for write-zeroes.
+    fn drive(&mut self, io: &mut IoCtx, p: u32, piece: u8) {
+        let req = self.parents[p as usize].as_ref().expect("live parent").req;
+        let part = self.piece_of(p, piece);
+        let vcluster = part.offset / self.cluster_bytes;
+        let entry = self.vol.map.get(vcluster);
+        let writing = req.op != IoOp::Read;
+        match (req.op, entry) {
+            (IoOp::Read, Entry::Unallocated) => {
+                let buf = req.buf.expect("validated read has a buffer");
+                // SAFETY: buf_at < len_bytes of the buffer its submitter lent to this request.
+                let at = unsafe { buf.ptr.add(part.buf_at as usize) };
+                // SAFETY: the piece [buf_at, buf_at + len) lies inside that lent buffer.
+                unsafe { std::ptr::write_bytes(at, 0, part.len as usize) };
+                self.piece_done(io, p, 0)
+            }
+            (IoOp::WriteZeroes, Entry::Unallocated) => self.piece_done(io, p, 0),
+            (_, Entry::Mapped { cluster, shared }) if !(writing && shared) => {
+                let within = part.offset % self.cluster_bytes;
+                let at = self.vol.pool.sb.cluster_offset(cluster) + within;
+                let buf = match req.op {
+                    IoOp::WriteZeroes => IoBuf {
+                        ptr: self.vol.zeros.base(),
+                        len_bytes: part.len,
+                        fixed_index: None,
+                    },
+                    _ => {
+                        let b = req.buf.expect("validated data op has a buffer");
+                        // SAFETY: buf_at + len stays inside the lent buffer.
+                        let ptr = unsafe { b.ptr.add(part.buf_at as usize) };
+                        IoBuf {
+                            ptr,
+                            len_bytes: part.len,
+                            fixed_index: b.fixed_index,
+                        }
+                    }
+                };
+                let base_req = IoRequest {
+                    op: if req.op == IoOp::Read {
+                        IoOp::Read
+                    } else {
+                        IoOp::Write
+                    },
+                    offset_bytes: at,
+                    len_bytes: part.len,
+                    buf: Some(buf),
+                    fua: false,
+                    owner: self.owner,
+                    tag: p * PIECES as u32 + u32::from(piece),
+                };
+                self.parent(p).gens[piece as usize] = Some(self.gen);
+                self.in_base[self.gen] += 1;
+                self.base.submit(io, base_req);
+            }
+            _ => self.ask_home(io, p, piece, Ask::Writable(vcluster)),
+        }
+    }
+
+    fn ask_home(&mut self, io: &mut IoCtx, p: u32, piece: u8, ask: Ask) {
+        let to = Reply::Channel {
+            core: io.core(),
+            bdev: self.bdev(),
+            token: u64::from(p) * PIECES + u64::from(piece),
+        };
+        let pool = self.vol.pool.clone();
+        let obj = self.vol.obj;
+        io.send(pool.home, move |c: &mut Core| {
+            pool.clone().with_home(c, |h, c, shared| match ask {
+                Ask::Writable(v) => pool::request_writable(h, c, shared, obj, v, to),
+                Ask::Unmap(first, count) => {
+                    pool::request_unmap(h, c, shared, obj, first, count, to)
+                }
+                Ask::Flush => pool::request_flush(h, c, shared, to),
+            })
+        });
+    }
+
+    fn piece_done(&mut self, io: &mut IoCtx, p: u32, res: i32) {
+        let parent = self.parent(p);
+        if res < 0 && parent.errno == 0 {
+            parent.errno = -res;
+        }
+        parent.left -= 1;
+        if parent.left > 0 {
+            return;
+        }
+        let req = parent.req;
+        if req.fua && parent.errno == 0 && req.op == IoOp::Write {
+            // A FUA write is durable only once its (possibly new) cluster mapping is: commit.
+            parent.left = 1;
+            parent.req.fua = false;
+            return self.ask_home(io, p, PIECE_FLUSH, Ask::Flush);
+        }
+        let res = match (parent.errno, req.op) {
+            (0, IoOp::Read | IoOp::Write) => req.len_bytes as i32,
+            (0, _) => 0,
+            (e, _) => -e,
+        };
+        self.parents[p as usize] = None;
+        self.free.push(p);
+        io.post(req.owner, req.tag, res);
+    }
+
+    fn on_reply(&mut self, io: &mut IoCtx, token: u64, res: i32) {
+        let (p, piece) = ((token / PIECES) as u32, (token % PIECES) as u8);
+        if self.parents.get(p as usize).is_none_or(Option::is_none) {
+            return;
+        }
+        match piece {
+            0 | 1 if res == 0 => self.drive(io, p, piece),
+            _ => self.piece_done(io, p, res),
+        }
+    }
+
+    fn check_barriers(&mut self, io: &mut IoCtx) {
+        let in_base = self.in_base;
+        self.barriers.retain(|(gen, pool)| {
+            if in_base[*gen] > 0 {
+                return true;
+            }
+            let pool = pool.clone();
+            let home = pool.home;
+            io.send(home, move |c: &mut Core| {
+                pool.clone().with_home(c, pool::barrier_ack)
+            });
+            false
+        });
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ask {
+    Writable(u64),
+    Unmap(u64, u64),
+    Flush,
+}
+
+impl BdevChannel for VolumeChannel {
+    fn submit(&mut self, io: &mut IoCtx, req: IoRequest) {
+        let p = self.new_parent(req);
+        match req.op {
+            IoOp::Read | IoOp::Write => {
+                let pieces = self.data_pieces(req.offset_bytes, req.len_bytes);
+                self.parent(p).left = pieces.iter().flatten().count() as u8;
+                for (i, _) in pieces.iter().enumerate().filter(|(_, x)| x.is_some()) {
+                    self.drive(io, p, i as u8);
+                }
+            }
+            IoOp::Flush => {
+                self.parent(p).left = 1;
+                self.ask_home(io, p, PIECE_FLUSH, Ask::Flush);
+            }
+            IoOp::Trim | IoOp::WriteZeroes => {
+                let (ends, middle) = self.range_pieces(req.offset_bytes, req.len_bytes);
+                let zeroing = req.op == IoOp::WriteZeroes;
+                let ends: Vec<u8> = if zeroing {
+                    (0..2).filter(|&i| ends[i as usize].is_some()).collect()
+                } else {
+                    Vec::new()
+                };
+                let left = ends.len() as u8 + u8::from(middle.is_some());
+                if left == 0 {
+                    self.parent(p).left = 1;
+                    return self.piece_done(io, p, 0);
+                }
+                self.parent(p).left = left;
+                if let Some((first, count)) = middle {
+                    self.ask_home(io, p, PIECE_UNMAP, Ask::Unmap(first, count));
+                }
+                for i in ends {
+                    self.drive(io, p, i);
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, io: &mut IoCtx) -> usize {
+        let mut work = self.base.poll(io);
+        while let Some(c) = io.pop(self.owner) {
+            work += 1;
+            let (p, piece) = (c.tag / PIECES as u32, (c.tag % PIECES as u32) as u8);
+            let gen = self.parent(p).gens[piece as usize]
+                .take()
+                .expect("base I/O was counted");
+            self.in_base[gen] -= 1;
+            let len = self.piece_of(p, piece).len;
+            let res = match crate::bdev::IoError::check(IoOp::Read, c.res, len) {
+                Ok(()) => 0,
+                Err(crate::bdev::IoError::Device { errno }) => -errno,
+                Err(_) => -libc::EIO,
+            };
+            self.piece_done(io, p, res);
+        }
+        if !self.barriers.is_empty() {
+            self.check_barriers(io);
+        }
+        work
+    }
+
+    fn in_flight(&self) -> usize {
+        self.parents.len() - self.free.len() + self.base.in_flight()
+    }
+
+    fn close(&mut self, io: &mut IoCtx) {
+        self.base.close(io);
+        io.release_owner(self.owner);
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+fn with_channel(
+    core: &mut Core,
+    bdev: BdevId,
+    f: impl FnOnce(&mut VolumeChannel, &mut IoCtx),
+) -> bool {
+    core.with_channel(bdev, |ch, io| {
+        match ch
+            .as_any_mut()
+            .and_then(|a| a.downcast_mut::<VolumeChannel>())
+        {
+            Some(v) => {
+                f(v, io);
+                true
+            }
+            None => false,
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// Home's answer for request piece `token` of the volume channel for `bdev` on this core.
+pub(crate) fn on_reply(core: &mut Core, bdev: BdevId, token: u64, res: i32) {
+    with_channel(core, bdev, |ch, io| ch.on_reply(io, token, res));
+}
+
+/// Home asks this core's channel for `bdev` to report once its current base I/O drained.
+pub(crate) fn on_barrier(core: &mut Core, bdev: BdevId, pool: Arc<PoolShared>) {
+    let home = pool.home;
+    let handled = with_channel(core, bdev, |ch, io| {
+        let old = ch.gen;
+        ch.gen ^= 1;
+        assert!(
+            ch.barriers.iter().all(|(g, _)| *g != ch.gen),
+            "barriers overlap"
+        );
+        ch.barriers.push((old, pool.clone()));
+        ch.check_barriers(io);
+    });
+    if !handled {
+        // The volume is closed on this core: nothing can be in flight.
+        core.io().send(home, move |c: &mut Core| {
+            pool.clone().with_home(c, pool::barrier_ack)
+        });
+    }
+}

@@ -1,0 +1,927 @@
+//! The pool runtime: the home core's side of a pool.
+//!
+//! All metadata lives in [`Home`], reached only from the pool's home core: by the home poller,
+//! and by messages other cores (volume channels) and control callers send there. Its mutex is
+//! therefore never contended, and no data I/O ever takes it: channels read cluster maps
+//! lock-free and come here only for what changes metadata (first writes, copy-on-write,
+//! unmapping, flushes).
+//!
+//! * **Allocation**: a write to an unallocated cluster makes home take a free cluster, zero it
+//!   on the base device, then publish the map entry; waiting writers are told to go ahead.
+//! * **Copy-on-write**: a write to a shared cluster makes home copy it to a new cluster in
+//!   buffer-sized chunks, then publish the new entry (dropping one reference to the old).
+//! * **Commit** (every FLUSH): flush the base device, so data and zeroed clusters are durable;
+//!   if metadata changed, write a checkpoint to the inactive slot and flush again. Only then is
+//!   the FLUSH acknowledged. Flushes arriving during a commit wait for the next one.
+//! * **Barrier**: a round of messages to every core's channels of every open volume, answered
+//!   once each has finished the base I/O it had in flight. Freed clusters are reused only after
+//!   their free is durable and a barrier has passed, so a late write can never land in a cluster
+//!   that another volume now owns; snapshots mark clusters shared and then wait for a barrier, so
+//!   no write in flight can change a snapshot after it is taken.
+
+use super::format::{Checkpoint, Superblock};
+use super::map::Entry;
+use super::meta::Meta;
+use super::PoolError;
+use crate::bdev::{Bdev, IoOp, IoRequest};
+use crate::core_list::CoreId;
+use crate::dma::{DmaBuf, IoBuf, Region};
+use crate::reactor::{BdevId, Core, OwnerId, PollerState};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+/// Who is waiting for a home operation.
+pub(crate) enum Reply {
+    /// A volume channel on `core`: `token` names its request piece.
+    Channel {
+        core: CoreId,
+        bdev: BdevId,
+        token: u64,
+    },
+    /// A control caller blocked on a channel.
+    Control(Sender<Result<(), PoolError>>),
+}
+
+/// Shared by the control handle, the home poller and every volume channel of the pool.
+pub(crate) struct PoolShared {
+    pub(crate) name: String,
+    pub(crate) home: CoreId,
+    pub(crate) base: BdevId,
+    pub(crate) base_bdev: Arc<dyn Bdev>,
+    pub(crate) sb: Superblock,
+    pub(crate) state: Mutex<Home>,
+}
+
+impl std::fmt::Debug for PoolShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolShared")
+            .field("name", &self.name)
+            .field("home", &self.home)
+            .finish()
+    }
+}
+
+/// A home I/O in flight, by tag.
+enum Op {
+    /// Zeroing a freshly allocated cluster before `obj`'s `vcluster` may map it.
+    Zero {
+        obj: u64,
+        vcluster: u64,
+        cluster: u64,
+    },
+    /// Copying shared cluster `src` to `dst` for `obj`'s `vcluster`; `chunk` is in progress.
+    Copy {
+        obj: u64,
+        vcluster: u64,
+        src: u64,
+        dst: u64,
+        chunk: u32,
+        reading: bool,
+    },
+    /// One step of the commit in progress.
+    Commit,
+}
+
+struct Commit {
+    waiters: Vec<Reply>,
+    /// Encoded checkpoint and where it goes, or None when metadata was clean.
+    write: Option<(
+        Region,
+        u64,   /* len */
+        usize, /* slot */
+        u64,   /* seq */
+    )>,
+    freed: Vec<u64>,
+    stage: CommitStage,
+    pending: u32,
+    errno: i32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CommitStage {
+    FlushData,
+    WriteCheckpoint,
+    FlushCheckpoint,
+}
+
+/// What runs when a barrier completes.
+enum AfterBarrier {
+    Release(Vec<u64>),
+    Snapshot {
+        volume: u64,
+        name: String,
+        reply: Reply,
+    },
+}
+
+/// Everything the home core knows about a pool.
+pub(crate) struct Home {
+    pub(crate) meta: Meta,
+    owner: Option<OwnerId>,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<u32>,
+    waiting: HashMap<(u64, u64), Vec<Reply>>,
+    copy_buf: Option<DmaBuf>,
+    copy_queue: VecDeque<(u64, u64)>,
+    frozen: HashSet<u64>,
+    deferred: Vec<(u64, u64, Reply)>,
+    flush_waiters: Vec<Reply>,
+    commit: Option<Commit>,
+    active_slot: usize,
+    barrier: Option<(u32, AfterBarrier)>,
+    barrier_queue: VecDeque<AfterBarrier>,
+    /// Open volumes: their bdev id and the state their channels share.
+    pub(crate) open: HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
+    cores: Vec<CoreId>,
+    /// Set after a metadata write failed: the pool refuses further changes.
+    failed: Option<String>,
+    closing: bool,
+}
+
+impl Home {
+    pub(crate) fn new(meta: Meta, active_slot: usize, cores: Vec<CoreId>) -> Home {
+        Home {
+            meta,
+            owner: None,
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            waiting: HashMap::new(),
+            copy_buf: None,
+            copy_queue: VecDeque::new(),
+            frozen: HashSet::new(),
+            deferred: Vec::new(),
+            flush_waiters: Vec::new(),
+            commit: None,
+            active_slot,
+            barrier: None,
+            barrier_queue: VecDeque::new(),
+            open: HashMap::new(),
+            cores,
+            failed: None,
+            closing: false,
+        }
+    }
+
+    fn park(&mut self, op: Op) -> u32 {
+        match self.free_ops.pop() {
+            Some(i) => {
+                self.ops[i as usize] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                (self.ops.len() - 1) as u32
+            }
+        }
+    }
+
+    fn unpark(&mut self, tag: u32) -> Op {
+        self.free_ops.push(tag);
+        self.ops[tag as usize]
+            .take()
+            .expect("completion for a free home op")
+    }
+
+    fn busy(&self) -> bool {
+        self.ops.iter().any(Option::is_some) || self.commit.is_some() || self.barrier.is_some()
+    }
+}
+
+impl PoolShared {
+    /// Runs `f` with the home state. Only ever called on the home core.
+    pub(crate) fn with_home<R>(
+        self: &Arc<Self>,
+        core: &mut Core,
+        f: impl FnOnce(&mut Home, &mut Core, &Arc<PoolShared>) -> R,
+    ) -> R {
+        debug_assert_eq!(core.id(), self.home, "pool state touched off its home core");
+        let mut home = self.state.lock();
+        f(&mut home, core, self)
+    }
+
+    fn cluster_offset(&self, cluster: u64) -> u64 {
+        self.sb.cluster_offset(cluster)
+    }
+
+    fn submit(&self, core: &mut Core, req: IoRequest) -> Result<(), i32> {
+        core.submit(self.base, req).map_err(|e| {
+            tracing::error!(pool = %self.name, error = %e, "home I/O refused");
+            -libc::EIO
+        })
+    }
+}
+
+/// A request of the home core to the base device.
+fn home_req(
+    owner: OwnerId,
+    tag: u32,
+    op: IoOp,
+    offset_bytes: u64,
+    len_bytes: u32,
+    buf: Option<IoBuf>,
+) -> IoRequest {
+    IoRequest {
+        op,
+        offset_bytes,
+        len_bytes,
+        buf,
+        fua: false,
+        owner,
+        tag,
+    }
+}
+
+/// Delivers the outcome of a home operation to whoever waits for it.
+pub(crate) fn reply(core: &mut Core, to: Reply, result: Result<(), PoolError>) {
+    match to {
+        Reply::Control(tx) => drop(tx.send(result)),
+        Reply::Channel {
+            core: target,
+            bdev,
+            token,
+        } => {
+            let res = match &result {
+                Ok(()) => 0,
+                Err(e) => -e.errno(),
+            };
+            core.io().send(target, move |c: &mut Core| {
+                super::channel::on_reply(c, bdev, token, res)
+            });
+        }
+    }
+}
+
+/// The home core's poller: reaps home I/O and advances allocations, copies and commits.
+pub(crate) struct HomePoller {
+    pub(crate) shared: Arc<PoolShared>,
+}
+
+impl crate::reactor::Poller for HomePoller {
+    fn poll(&mut self, core: &mut Core) -> PollerState {
+        self.shared.clone().with_home(core, |h, core, shared| {
+            let owner = *h.owner.get_or_insert_with(|| core.io().register_owner(64));
+            let mut work = 0;
+            while let Some(c) = core.io().pop(owner) {
+                work += 1;
+                on_complete(h, core, shared, c.tag, c.res);
+            }
+            if (h.closing || core.stopping()) && !h.busy() {
+                if let Some(buf) = h.copy_buf.take() {
+                    core.io().pool().put(buf);
+                }
+                core.io().release_owner(owner);
+                h.owner = None;
+                return PollerState::Finished;
+            }
+            if work > 0 {
+                PollerState::Busy(work)
+            } else {
+                PollerState::Idle
+            }
+        })
+    }
+}
+
+fn owner(h: &mut Home, core: &mut Core) -> OwnerId {
+    *h.owner.get_or_insert_with(|| core.io().register_owner(64))
+}
+
+/// A channel wants `vcluster` of `obj` writable in place.
+pub(crate) fn request_writable(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    obj: u64,
+    vcluster: u64,
+    to: Reply,
+) {
+    if let Some(why) = &h.failed {
+        return reply(
+            core,
+            to,
+            Err(PoolError::Failed {
+                pool: shared.name.clone(),
+                why: why.clone(),
+            }),
+        );
+    }
+    if h.frozen.contains(&obj) {
+        return h.deferred.push((obj, vcluster, to));
+    }
+    let Some(o) = h.meta.object(obj) else {
+        return reply(
+            core,
+            to,
+            Err(PoolError::NotFound {
+                name: format!("object {obj}"),
+            }),
+        );
+    };
+    let entry = o.map.get(vcluster);
+    if let Some(waiters) = h.waiting.get_mut(&(obj, vcluster)) {
+        return waiters.push(to);
+    }
+    match entry {
+        Entry::Mapped { shared: false, .. } => reply(core, to, Ok(())),
+        Entry::Mapped {
+            cluster,
+            shared: true,
+        } => {
+            if h.meta.unshare_if_sole(obj, vcluster) {
+                return reply(core, to, Ok(()));
+            }
+            h.waiting.insert((obj, vcluster), vec![to]);
+            h.copy_queue.push_back((obj, vcluster));
+            let _ = cluster;
+            start_copies(h, core, shared);
+        }
+        Entry::Unallocated => {
+            let Some(cluster) = h.meta.alloc() else {
+                return reply(
+                    core,
+                    to,
+                    Err(PoolError::NoSpace {
+                        pool: shared.name.clone(),
+                    }),
+                );
+            };
+            h.waiting.insert((obj, vcluster), vec![to]);
+            let own = owner(h, core);
+            let tag = h.park(Op::Zero {
+                obj,
+                vcluster,
+                cluster,
+            });
+            let len = shared.sb.cluster_size_bytes;
+            if let Err(res) = shared.submit(
+                core,
+                home_req(
+                    own,
+                    tag,
+                    IoOp::WriteZeroes,
+                    shared.cluster_offset(cluster),
+                    len,
+                    None,
+                ),
+            ) {
+                on_complete(h, core, shared, tag, res);
+            }
+        }
+    }
+}
+
+/// Starts the next queued copy-on-write when the copy buffer is free.
+fn start_copies(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    if h.ops.iter().flatten().any(|o| matches!(o, Op::Copy { .. })) {
+        return;
+    }
+    let Some((obj, vcluster)) = h.copy_queue.pop_front() else {
+        return;
+    };
+    let src = match h.meta.object(obj).map(|o| o.map.get(vcluster)) {
+        Some(Entry::Mapped { cluster, .. }) => cluster,
+        _ => return finish_waiters(h, core, obj, vcluster, Ok(())),
+    };
+    if h.meta.unshare_if_sole(obj, vcluster) {
+        finish_waiters(h, core, obj, vcluster, Ok(()));
+        return start_copies(h, core, shared);
+    }
+    let Some(dst) = h.meta.alloc() else {
+        finish_waiters(
+            h,
+            core,
+            obj,
+            vcluster,
+            Err(PoolError::NoSpace {
+                pool: shared.name.clone(),
+            }),
+        );
+        return start_copies(h, core, shared);
+    };
+    if h.copy_buf.is_none() {
+        h.copy_buf = core.io().pool().get();
+    }
+    if h.copy_buf.is_none() {
+        h.meta.unalloc(dst);
+        finish_waiters(
+            h,
+            core,
+            obj,
+            vcluster,
+            Err(PoolError::Failed {
+                pool: shared.name.clone(),
+                why: "no DMA buffer for copy-on-write".into(),
+            }),
+        );
+        return;
+    }
+    let tag = h.park(Op::Copy {
+        obj,
+        vcluster,
+        src,
+        dst,
+        chunk: 0,
+        reading: true,
+    });
+    copy_step(h, core, shared, tag);
+}
+
+/// Issues the I/O for the copy op at `tag` in its current state.
+fn copy_step(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, tag: u32) {
+    let Some(Op::Copy {
+        src,
+        dst,
+        chunk,
+        reading,
+        ..
+    }) = h.ops[tag as usize]
+    else {
+        unreachable!("copy step on a non-copy op")
+    };
+    let own = owner(h, core);
+    let buf = h.copy_buf.as_mut().expect("copy holds the buffer").io_buf();
+    let chunk_bytes = buf.len_bytes.min(shared.sb.cluster_size_bytes);
+    let within = u64::from(chunk) * u64::from(chunk_bytes);
+    let (op, cluster) = if reading {
+        (IoOp::Read, src)
+    } else {
+        (IoOp::Write, dst)
+    };
+    let at = shared.cluster_offset(cluster) + within;
+    if let Err(res) = shared.submit(core, home_req(own, tag, op, at, chunk_bytes, Some(buf))) {
+        on_complete(h, core, shared, tag, res);
+    }
+}
+
+fn finish_waiters(
+    h: &mut Home,
+    core: &mut Core,
+    obj: u64,
+    vcluster: u64,
+    result: Result<(), PoolError>,
+) {
+    for to in h.waiting.remove(&(obj, vcluster)).unwrap_or_default() {
+        reply(core, to, result.clone());
+    }
+}
+
+fn on_complete(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, tag: u32, res: i32) {
+    let op = h.ops[tag as usize]
+        .as_ref()
+        .expect("completion for a free home op");
+    match op {
+        Op::Zero { .. } => {
+            let Op::Zero {
+                obj,
+                vcluster,
+                cluster,
+            } = h.unpark(tag)
+            else {
+                unreachable!()
+            };
+            if res < 0 {
+                h.meta.unalloc(cluster);
+                return finish_waiters(
+                    h,
+                    core,
+                    obj,
+                    vcluster,
+                    Err(PoolError::device(
+                        &shared.name,
+                        "zeroing a new cluster",
+                        res,
+                    )),
+                );
+            }
+            h.meta.map(obj, vcluster, cluster);
+            finish_waiters(h, core, obj, vcluster, Ok(()));
+        }
+        Op::Copy { .. } => copy_done(h, core, shared, tag, res),
+        Op::Commit => {
+            h.unpark(tag);
+            commit_step_done(h, core, shared, res);
+        }
+    }
+}
+
+fn copy_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, tag: u32, res: i32) {
+    let chunks = {
+        let buf_bytes = h
+            .copy_buf
+            .as_ref()
+            .map_or(1, DmaBuf::len_bytes)
+            .min(shared.sb.cluster_size_bytes);
+        shared.sb.cluster_size_bytes / buf_bytes
+    };
+    let Some(Op::Copy {
+        obj,
+        vcluster,
+        dst,
+        chunk,
+        reading,
+        ..
+    }) = h.ops[tag as usize].as_mut()
+    else {
+        unreachable!()
+    };
+    let (obj, vcluster, dst) = (*obj, *vcluster, *dst);
+    if res < 0 {
+        h.unpark(tag);
+        h.meta.unalloc(dst);
+        finish_waiters(
+            h,
+            core,
+            obj,
+            vcluster,
+            Err(PoolError::device(
+                &shared.name,
+                "copying a shared cluster",
+                res,
+            )),
+        );
+        return start_copies(h, core, shared);
+    }
+    if *reading {
+        *reading = false;
+        return copy_step(h, core, shared, tag);
+    }
+    *chunk += 1;
+    *reading = true;
+    if *chunk < chunks {
+        return copy_step(h, core, shared, tag);
+    }
+    h.unpark(tag);
+    h.meta.map(obj, vcluster, dst);
+    finish_waiters(h, core, obj, vcluster, Ok(()));
+    start_copies(h, core, shared);
+}
+
+/// Unmaps whole clusters `first..first + count` of `obj` (trim, write-zeroes).
+pub(crate) fn request_unmap(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    obj: u64,
+    first: u64,
+    count: u64,
+    to: Reply,
+) {
+    if let Some(why) = &h.failed {
+        return reply(
+            core,
+            to,
+            Err(PoolError::Failed {
+                pool: shared.name.clone(),
+                why: why.clone(),
+            }),
+        );
+    }
+    if h.meta.object(obj).is_none() {
+        return reply(
+            core,
+            to,
+            Err(PoolError::NotFound {
+                name: format!("object {obj}"),
+            }),
+        );
+    }
+    for v in first..first + count {
+        if !h.waiting.contains_key(&(obj, v)) {
+            h.meta.unmap(obj, v);
+        }
+    }
+    reply(core, to, Ok(()));
+}
+
+/// Queues a flush; it completes when a commit that started after it has finished.
+pub(crate) fn request_flush(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, to: Reply) {
+    h.flush_waiters.push(to);
+    start_commit(h, core, shared);
+}
+
+fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    if h.commit.is_some() || h.flush_waiters.is_empty() {
+        return;
+    }
+    let waiters = std::mem::take(&mut h.flush_waiters);
+    if let Some(why) = &h.failed {
+        let e = PoolError::Failed {
+            pool: shared.name.clone(),
+            why: why.clone(),
+        };
+        return waiters
+            .into_iter()
+            .for_each(|w| reply(core, w, Err(e.clone())));
+    }
+    let mut write = None;
+    let mut freed = Vec::new();
+    if h.meta.dirty {
+        let seq = h.meta.seq + 1;
+        let Some(bytes) = h.meta.to_checkpoint(seq).encode(shared.sb.slot_bytes) else {
+            let e = PoolError::MetadataFull {
+                slot_bytes: shared.sb.slot_bytes,
+            };
+            return waiters
+                .into_iter()
+                .for_each(|w| reply(core, w, Err(e.clone())));
+        };
+        let region = match Region::map(bytes.len(), false, false) {
+            Ok(r) => r,
+            Err(e) => {
+                let e = PoolError::Failed {
+                    pool: shared.name.clone(),
+                    why: e.to_string(),
+                };
+                return waiters
+                    .into_iter()
+                    .for_each(|w| reply(core, w, Err(e.clone())));
+            }
+        };
+        // SAFETY: the region was just mapped with at least bytes.len() bytes, and nothing
+        // else knows about it yet.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.base(), bytes.len()) };
+        write = Some((region, bytes.len() as u64, 1 - h.active_slot, seq));
+        freed = h.meta.take_quarantine();
+        h.meta.dirty = false;
+    }
+    h.commit = Some(Commit {
+        waiters,
+        write,
+        freed,
+        stage: CommitStage::FlushData,
+        pending: 0,
+        errno: 0,
+    });
+    commit_issue(h, core, shared, IoOp::Flush, 0, 0, None);
+}
+
+fn commit_issue(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    op: IoOp,
+    offset: u64,
+    len: u32,
+    buf: Option<IoBuf>,
+) {
+    let own = owner(h, core);
+    let tag = h.park(Op::Commit);
+    h.commit.as_mut().expect("commit in progress").pending += 1;
+    if let Err(res) = shared.submit(core, home_req(own, tag, op, offset, len, buf)) {
+        on_complete(h, core, shared, tag, res);
+    }
+}
+
+fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res: i32) {
+    let c = h.commit.as_mut().expect("commit in progress");
+    c.pending -= 1;
+    if res < 0 {
+        c.errno = -res;
+    }
+    if c.pending > 0 {
+        return;
+    }
+    if c.errno != 0 {
+        return commit_failed(h, core, shared);
+    }
+    match (c.stage, &c.write) {
+        (CommitStage::FlushData, Some((region, len, slot, _))) => {
+            c.stage = CommitStage::WriteCheckpoint;
+            let (base_ptr, len, at) = (region.base(), *len, shared.sb.slot_offsets[*slot]);
+            let max = u64::from(shared.base_bdev.info().max_io_bytes.min(1 << 20));
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(max);
+                // SAFETY: done < len, and the region holds len bytes.
+                let ptr = unsafe { base_ptr.add(done as usize) };
+                let buf = IoBuf {
+                    ptr,
+                    len_bytes: n as u32,
+                    fixed_index: None,
+                };
+                commit_issue(h, core, shared, IoOp::Write, at + done, n as u32, Some(buf));
+                done += n;
+            }
+        }
+        (CommitStage::WriteCheckpoint, _) => {
+            c.stage = CommitStage::FlushCheckpoint;
+            commit_issue(h, core, shared, IoOp::Flush, 0, 0, None);
+        }
+        (CommitStage::FlushData, None) | (CommitStage::FlushCheckpoint, _) => {
+            commit_done(h, core, shared)
+        }
+    }
+}
+
+fn commit_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    let c = h.commit.take().expect("commit in progress");
+    if let Some((_, _, slot, seq)) = c.write {
+        h.active_slot = slot;
+        h.meta.seq = seq;
+    }
+    for w in c.waiters {
+        reply(core, w, Ok(()));
+    }
+    if !c.freed.is_empty() {
+        start_barrier(h, core, shared, AfterBarrier::Release(c.freed));
+    }
+    start_commit(h, core, shared);
+}
+
+fn commit_failed(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    let c = h.commit.take().expect("commit in progress");
+    let why = format!(
+        "metadata commit failed: {}",
+        std::io::Error::from_raw_os_error(c.errno)
+    );
+    tracing::error!(pool = %shared.name, %why);
+    if c.write.is_some() {
+        // The slot may hold half a checkpoint; the other slot is intact. Memory state is
+        // ahead of both, so refuse further changes rather than risk diverging.
+        h.failed = Some(why.clone());
+    }
+    let e = PoolError::Failed {
+        pool: shared.name.clone(),
+        why,
+    };
+    for w in c.waiters {
+        reply(core, w, Err(e.clone()));
+    }
+    h.meta.dirty = true;
+    h.meta.requarantine(c.freed);
+    start_commit(h, core, shared);
+}
+
+/// Asks every core's channels of every open volume to report when their in-flight base I/O
+/// has drained, then runs `then`.
+fn start_barrier(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, then: AfterBarrier) {
+    if h.barrier.is_some() {
+        return h.barrier_queue.push_back(then);
+    }
+    let bdevs: Vec<BdevId> = h.open.values().map(|(b, _)| *b).collect();
+    let targets = bdevs.len() as u32 * h.cores.len() as u32;
+    h.barrier = Some((targets, then));
+    for &target in &h.cores {
+        for &bdev in &bdevs {
+            let pool = shared.clone();
+            core.io().send(target, move |c: &mut Core| {
+                super::channel::on_barrier(c, bdev, pool)
+            });
+        }
+    }
+    if targets == 0 {
+        barrier_done(h, core, shared);
+    }
+}
+
+/// One channel finished its pre-barrier I/O.
+pub(crate) fn barrier_ack(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    let Some((pending, _)) = h.barrier.as_mut() else {
+        unreachable!("barrier ack without a barrier")
+    };
+    *pending -= 1;
+    if *pending == 0 {
+        barrier_done(h, core, shared);
+    }
+}
+
+fn barrier_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    let (_, then) = h.barrier.take().expect("barrier in progress");
+    match then {
+        AfterBarrier::Release(clusters) => h.meta.release(&clusters),
+        AfterBarrier::Snapshot {
+            volume,
+            name,
+            reply: to,
+        } => {
+            let result = h.meta.snapshot_finish(volume, &name);
+            h.frozen.remove(&volume);
+            for (obj, v, w) in std::mem::take(&mut h.deferred) {
+                request_writable(h, core, shared, obj, v, w);
+            }
+            match result {
+                Ok(_) => request_flush(h, core, shared, to),
+                Err(e) => reply(core, to, Err(e)),
+            }
+        }
+    }
+    if let Some(next) = h.barrier_queue.pop_front() {
+        start_barrier(h, core, shared, next);
+    }
+}
+
+/// Control: snapshot `volume` as `name`, durable when the reply arrives.
+pub(crate) fn snapshot(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    volume: &str,
+    name: &str,
+    to: Reply,
+) {
+    if let Some(why) = &h.failed {
+        return reply(
+            core,
+            to,
+            Err(PoolError::Failed {
+                pool: shared.name.clone(),
+                why: why.clone(),
+            }),
+        );
+    }
+    match h.meta.snapshot_prepare(volume, name) {
+        Ok(id) => {
+            h.frozen.insert(id);
+            start_barrier(
+                h,
+                core,
+                shared,
+                AfterBarrier::Snapshot {
+                    volume: id,
+                    name: name.into(),
+                    reply: to,
+                },
+            );
+        }
+        Err(e) => reply(core, to, Err(e)),
+    }
+}
+
+/// Control: a metadata change that is durable when the reply arrives.
+pub(crate) fn change(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    to: Reply,
+    f: impl FnOnce(
+        &mut Meta,
+        &HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
+    ) -> Result<(), PoolError>,
+) {
+    if let Some(why) = &h.failed {
+        return reply(
+            core,
+            to,
+            Err(PoolError::Failed {
+                pool: shared.name.clone(),
+                why: why.clone(),
+            }),
+        );
+    }
+    match f(&mut h.meta, &h.open) {
+        Ok(()) => request_flush(h, core, shared, to),
+        Err(e) => reply(core, to, Err(e)),
+    }
+}
+
+/// Control: stop the home poller once idle.
+pub(crate) fn close(h: &mut Home) {
+    h.closing = true;
+}
+
+/// Reads the newest valid checkpoint of a pool, given the superblock and a reader of the
+/// device. Returns it with its slot, or why neither slot is usable.
+pub(crate) fn newest_checkpoint(
+    sb: &Superblock,
+    mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, PoolError>,
+) -> Result<(Checkpoint, usize), PoolError> {
+    let mut found = Vec::new();
+    let mut why = Vec::new();
+    for (slot, &offset) in sb.slot_offsets.iter().enumerate() {
+        let head = read(offset, super::format::META_BLOCK_BYTES as usize)?;
+        let decoded = Checkpoint::decode_header(&head).and_then(|(_, len)| {
+            let total = (super::format::CHECKPOINT_HEADER_BYTES as u64 + len)
+                .next_multiple_of(super::format::META_BLOCK_BYTES);
+            if total > sb.slot_bytes {
+                return Err(super::format::FormatError::Invalid {
+                    what: "metadata checkpoint",
+                    detail: format!("length {len} exceeds the slot"),
+                });
+            }
+            let all =
+                read(offset, total as usize).map_err(|e| super::format::FormatError::Invalid {
+                    what: "metadata checkpoint",
+                    detail: e.to_string(),
+                })?;
+            Checkpoint::decode(&all)
+        });
+        match decoded {
+            Ok(c) => found.push((c, slot)),
+            Err(super::format::FormatError::Magic { .. }) => {
+                why.push(format!("slot {slot}: empty"))
+            }
+            Err(e) => {
+                tracing::warn!(slot, error = %e, "metadata slot unusable (a commit interrupted by a crash leaves one)");
+                why.push(format!("slot {slot}: {e}"));
+            }
+        }
+    }
+    found
+        .into_iter()
+        .max_by_key(|(c, _)| c.seq)
+        .ok_or(PoolError::NoCheckpoint {
+            detail: why.join("; "),
+        })
+}
