@@ -11,6 +11,7 @@ use cairn_engine::bdev::{
 };
 use cairn_engine::dma::DmaBuf;
 use cairn_engine::reactor::{BdevId, OwnerId};
+use cairn_engine::volume::{Pool, CLUSTER_DEFAULT_BYTES};
 use cairn_engine::{
     Bdev, Core, CoreId, CoreList, Engine, EngineConfig, IdlePolicy, IoOp, Poller, PollerState,
 };
@@ -39,23 +40,136 @@ pub struct EngineOpts {
 }
 
 pub fn run(w: &Workload, cores: &[CoreId], opts: EngineOpts) -> Result<RunResult> {
-    let list = CoreList::parse(
-        &cores
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-    )?;
-    let mut config = EngineConfig::new(list);
-    config.idle = opts.idle;
-    config.buf_count = w.qd;
-    config.buf_size_bytes = crate::buf_size(w.bs_bytes);
-    let engine = Engine::start(config)?;
+    let engine = start_engine(w, cores, opts, 0)?;
     let bdev = engine.add_bdev(open_bdev(w, opts)?)?;
+    let r = drive(&engine, bdev.id(), w, cores, "engine");
+    engine.stop();
+    r
+}
+
+/// Buffers beyond the jobs' for the volume target's preallocation queue.
+const PREFILL_DEPTH: u32 = 16;
+/// Size of each preallocation write.
+const PREFILL_BYTES: u32 = 128 << 10;
+
+/// The candidate through the volume store: a pool formatted on the file, one thin volume
+/// filling it, preallocated with real data (unless `fresh`) so reads hit the disk as the raw
+/// baseline's do, then the same jobs as the engine target.
+pub fn run_volume(
+    w: &Workload,
+    cores: &[CoreId],
+    opts: EngineOpts,
+    fresh: bool,
+) -> Result<RunResult> {
+    let path = w.file.as_ref().context("--target volume needs --file")?;
+    let engine = start_engine(w, cores, opts, PREFILL_DEPTH)?;
+    let base: Arc<dyn Bdev> =
+        Arc::new(UringBdev::open("perf-pool", path, UringOptions::default())?);
+    let pool = Pool::create(&engine, "perf", base, cores[0], CLUSTER_DEFAULT_BYTES)?;
+    let info = pool.info(&engine)?;
+    let room = info.clusters * u64::from(info.cluster_size_bytes);
+    let size = w.size_bytes.min(room) / u64::from(w.bs_bytes) * u64::from(w.bs_bytes);
+    pool.create_volume(&engine, "perf", size, Vec::new())?;
+    let vol = pool.open_volume(&engine, "perf")?;
+    if !fresh {
+        prefill(&engine, &vol, cores[0], size)?;
+    }
+    let mut w = w.clone();
+    w.size_bytes = size;
+    let r = drive(&engine, vol.id(), &w, cores, "volume");
+    let allocated = pool
+        .info(&engine)?
+        .objects
+        .iter()
+        .map(|o| o.allocated_clusters)
+        .sum::<u64>();
+    if fresh {
+        eprintln!(
+            "volume: {allocated} of {} clusters allocated by the run's first writes",
+            info.clusters
+        );
+    }
+    engine.stop();
+    r
+}
+
+/// Writes every byte of the volume once, so every cluster is allocated and holds data.
+fn prefill(engine: &Engine, vol: &cairn_engine::BdevHandle, core: CoreId, size: u64) -> Result<()> {
+    let mut q = engine.queue(vol, core, PREFILL_DEPTH)?;
+    let chunk = u64::from(PREFILL_BYTES.min(q.buf_size_bytes()));
+    let mut next = 0u64;
+    let mut done = Vec::new();
+    let started = Instant::now();
+    let mut last = Instant::now();
+    while next < size || q.in_flight() > 0 {
+        while next < size && q.in_flight() < PREFILL_DEPTH {
+            let buf = q.alloc_buf()?;
+            q.buf_mut(&buf)
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i as u64 ^ next) as u8);
+            let len = chunk.min(size - next) as u32;
+            let req = cairn_engine::Request {
+                op: IoOp::Write,
+                offset_bytes: next,
+                len_bytes: len,
+                buf: Some(buf),
+                fua: false,
+                user_data: 0,
+            };
+            q.submit(req).map_err(|(e, _)| e)?;
+            next += u64::from(len);
+        }
+        done.clear();
+        q.wait(1, &mut done);
+        for c in done.drain(..) {
+            c.result?;
+            q.free_buf(c.buf.expect("writes return their buffer"));
+        }
+        if last.elapsed().as_millis() >= 1000 {
+            eprintln!(
+                "preallocating the volume: {}/{} MiB, {:.0} MiB/s",
+                next >> 20,
+                size >> 20,
+                (next >> 20) as f64 / started.elapsed().as_secs_f64()
+            );
+            last = Instant::now();
+        }
+    }
+    q.flush()?;
+    Ok(())
+}
+
+fn start_engine(
+    w: &Workload,
+    cores: &[CoreId],
+    opts: EngineOpts,
+    extra_bufs: u32,
+) -> Result<Engine> {
+    let text: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
+    let mut config = EngineConfig::new(CoreList::parse(&text.join(","))?);
+    config.idle = opts.idle;
+    config.buf_count = w.qd + extra_bufs;
+    config.buf_size_bytes = if extra_bufs > 0 {
+        crate::buf_size(w.bs_bytes).max(PREFILL_BYTES)
+    } else {
+        crate::buf_size(w.bs_bytes)
+    };
+    Ok(Engine::start(config)?)
+}
+
+/// Runs one job per core against `bdev` and merges their figures.
+fn drive(
+    engine: &Engine,
+    bdev: BdevId,
+    w: &Workload,
+    cores: &[CoreId],
+    label: &str,
+) -> Result<RunResult> {
     let (tx, rx) = std::sync::mpsc::channel();
     let cpu0 = crate::report::cpu_time();
     for (job, &core) in cores.iter().enumerate() {
-        let poller = Job::new(w, job as u32, bdev.id(), tx.clone());
+        let poller = Job::new(w, job as u32, bdev, tx.clone());
         engine.spawn_poller(core, Box::new(poller), None)?;
     }
     drop(tx);
@@ -67,8 +181,7 @@ pub fn run(w: &Workload, cores: &[CoreId], opts: EngineOpts) -> Result<RunResult
         elapsed = elapsed.max(e);
     }
     let cpu_s = (crate::report::cpu_time() - cpu0).as_secs_f64();
-    engine.stop();
-    Ok(RunResult::new("engine", &rec, w.bs_bytes, elapsed, cpu_s))
+    Ok(RunResult::new(label, &rec, w.bs_bytes, elapsed, cpu_s))
 }
 
 fn open_bdev(w: &Workload, opts: EngineOpts) -> Result<Arc<dyn Bdev>> {

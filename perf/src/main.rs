@@ -74,6 +74,8 @@ enum Target {
     Raw,
     /// The engine's reactors and a bdev (see --bdev).
     Engine,
+    /// A thin volume on a pool formatted on --file, preallocated with data unless --fresh.
+    Volume,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -124,6 +126,13 @@ struct LoadArgs {
     /// Engine uring bdev: kernel submission-polling thread.
     #[arg(long)]
     sqpoll: bool,
+    /// How the raw target waits for completions: block in the kernel (like fio) or spin
+    /// (like a polled engine, to isolate the engine's own cost).
+    #[arg(long, value_enum, default_value = "block")]
+    raw_wait: raw::RawWait,
+    /// Volume target: skip preallocation, so writes include first-write allocation.
+    #[arg(long)]
+    fresh: bool,
     /// Print exactly one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -181,7 +190,7 @@ impl LoadArgs {
     fn needs_file(&self, targets: &[Target]) -> bool {
         targets
             .iter()
-            .any(|t| *t == Target::Raw || self.bdev == BdevKind::Uring)
+            .any(|t| *t != Target::Engine || self.bdev == BdevKind::Uring)
     }
 }
 
@@ -227,8 +236,9 @@ fn run_target(
     cores: &[CoreId],
 ) -> Result<RunResult> {
     match target {
-        Target::Raw => raw::run(w, cores),
+        Target::Raw => raw::run(w, cores, load.raw_wait),
         Target::Engine => engine_target::run(w, cores, load.engine_opts()),
+        Target::Volume => engine_target::run_volume(w, cores, load.engine_opts(), load.fresh),
     }
 }
 

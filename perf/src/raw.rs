@@ -17,7 +17,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-pub fn run(w: &Workload, cores: &[CoreId]) -> Result<RunResult> {
+/// How the raw loop waits for completions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RawWait {
+    /// Block in io_uring_enter until at least one completion, as fio does.
+    Block,
+    /// Never block: enter without waiting and reap in a loop, as a polled engine does.
+    Spin,
+}
+
+pub fn run(w: &Workload, cores: &[CoreId], wait: RawWait) -> Result<RunResult> {
     let path = w.file.as_ref().context("--target raw needs --file")?;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -34,7 +43,7 @@ pub fn run(w: &Workload, cores: &[CoreId]) -> Result<RunResult> {
             let fd = file.as_raw_fd();
             std::thread::Builder::new()
                 .name(format!("raw-{job}"))
-                .spawn(move || run_job(&w, job as u32, core, fd))
+                .spawn(move || run_job(&w, job as u32, core, fd, wait))
                 .context("spawning a raw job thread")
         })
         .collect::<Result<_>>()?;
@@ -51,7 +60,13 @@ pub fn run(w: &Workload, cores: &[CoreId]) -> Result<RunResult> {
     Ok(RunResult::new("raw", &rec, w.bs_bytes, elapsed, cpu_s))
 }
 
-fn run_job(w: &Workload, job: u32, core: CoreId, fd: i32) -> Result<(Recorder, Duration)> {
+fn run_job(
+    w: &Workload,
+    job: u32,
+    core: CoreId,
+    fd: i32,
+    wait: RawWait,
+) -> Result<(Recorder, Duration)> {
     crate::pin(core)?;
     let mut ring =
         Ring::new(RING_ENTRIES_DEFAULT, RingOptions::default()).context("building the raw ring")?;
@@ -83,7 +98,10 @@ fn run_job(w: &Workload, job: u32, core: CoreId, fd: i32) -> Result<(Recorder, D
     let mut error = None;
     let mut done = Vec::with_capacity(w.qd as usize);
     while in_flight > 0 {
-        ring.wait(None);
+        match wait {
+            RawWait::Block => ring.wait(None),
+            RawWait::Spin => ring.kick(),
+        }
         let now = Instant::now();
         ring.reap(|route, res| {
             if let Route::Io { tag, .. } = route {
