@@ -214,3 +214,79 @@ fn bad_control_requests_name_the_problem() {
     assert_eq!(info.objects.len(), 1, "a refused request changed the pool");
     pool.check(&engine).unwrap();
 }
+
+#[test]
+fn grow_while_io_is_in_flight() {
+    let (engine, _base, pool, _home) = setup(64 * MIB);
+    pool.create_volume(&engine, "v", 4 * MIB, vec![]).unwrap();
+    let h = pool.open_volume(&engine, "v").unwrap();
+    let engine = Arc::new(engine);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = {
+        let (engine, stop, h) = (engine.clone(), stop.clone(), h.clone());
+        std::thread::spawn(move || {
+            let mut q = engine.queue(&h, last_core(&engine), 16).unwrap();
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds < 50 {
+                let off = (rounds % 1024) * 4096;
+                q.write_at(off, &[rounds as u8; 4096], false).unwrap();
+                assert_eq!(read(&mut q, off, 4096), vec![rounds as u8; 4096]);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    for step in 1..=4u64 {
+        pool.grow(&engine, "v", (4 + step) * MIB).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(io.join().unwrap() >= 50);
+    let mut q = engine.queue(&h, last_core(&engine), 4).unwrap();
+    q.write_at(8 * MIB - 4096, &[3u8; 4096], true).unwrap();
+    assert_eq!(read(&mut q, 8 * MIB - 4096, 4096), vec![3u8; 4096]);
+    assert_eq!(pool.info(&engine).unwrap().objects[0].size_bytes, 8 * MIB);
+    pool.check(&engine).unwrap();
+}
+
+#[test]
+fn deleting_a_volume_frees_space_for_others() {
+    let (engine, _base, pool, _home) = setup(16 * MIB);
+    let total = pool.info(&engine).unwrap().clusters;
+    pool.create_volume(&engine, "a", total * MIB, vec![])
+        .unwrap();
+    pool.create_volume(&engine, "b", total * MIB, vec![])
+        .unwrap();
+    let (ha, mut a) = queue(&engine, &pool, "a", last_core(&engine));
+    for c in 0..total {
+        a.write_at(c * MIB, &[1u8; 4096], false).unwrap();
+    }
+    a.flush().unwrap();
+    let (_hb, mut b) = queue(&engine, &pool, "b", last_core(&engine));
+    assert_eq!(
+        b.write_at(0, &[2u8; 4096], false),
+        Err(cairn_engine::IoError::Device {
+            errno: libc::ENOSPC
+        })
+    );
+    let e = pool.delete(&engine, "a").unwrap_err();
+    assert!(matches!(e, PoolError::VolumeOpen { .. }), "{e}");
+    drop(a);
+    pool.close_volume(&engine, &ha).unwrap();
+    pool.delete(&engine, "a").unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        if b.write_at(0, &[2u8; 4096], false).is_ok() {
+            ok = true;
+            break;
+        }
+        b.flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(ok, "space of the deleted volume never became reusable");
+    assert_eq!(read(&mut b, 0, 8192)[..4096], [2u8; 4096]);
+    assert!(
+        read(&mut b, 4096, 4096).iter().all(|&x| x == 0),
+        "reused cluster leaked the old volume's data"
+    );
+    pool.check(&engine).unwrap();
+}

@@ -3,7 +3,7 @@
 //! without touching the disk). Progress goes to stderr.
 
 use anyhow::{bail, Context, Result};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -45,8 +45,16 @@ fn fill(path: &Path, size_bytes: u64) -> Result<()> {
         file.write_all(&chunk[..n])
             .with_context(|| format!("writing {} at {written}", path.display()))?;
         written += n as u64;
-        if last_report.elapsed().as_millis() >= 250 || written == size_bytes {
-            progress(path, written, size_bytes, started);
+        // A live bar on a terminal; one line per tenth otherwise, so logs stay readable.
+        let tty = std::io::stderr().is_terminal();
+        let tenth = (size_bytes / 10).max(1);
+        let due = if tty {
+            last_report.elapsed().as_millis() >= 250
+        } else {
+            (written - n as u64) / tenth != written / tenth
+        };
+        if due || written == size_bytes {
+            progress(path, written, size_bytes, started, tty);
             last_report = Instant::now();
         }
     }
@@ -56,7 +64,7 @@ fn fill(path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn progress(path: &Path, done: u64, total: u64, started: Instant) {
+fn progress(path: &Path, done: u64, total: u64, started: Instant, tty: bool) {
     const WIDTH: u64 = 30;
     let filled = done * WIDTH / total.max(1);
     let bar: String = (0..WIDTH)
@@ -64,8 +72,9 @@ fn progress(path: &Path, done: u64, total: u64, started: Instant) {
         .collect();
     let mib = |b: u64| b >> 20;
     let rate = mib(done) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    let (lead, tail) = if tty { ("\r", "") } else { ("", "\n") };
     eprint!(
-        "\rfilling {} [{bar}] {}/{} MiB {:.0} MiB/s",
+        "{lead}filling {} [{bar}] {}/{} MiB {:.0} MiB/s{tail}",
         path.display(),
         mib(done),
         mib(total),
