@@ -44,4 +44,7 @@ trap 'rm -rf "$smoke"' EXIT
 cargo run --release -q -p cairn-perf -- compare --file "$smoke/perf.img" --size 64M \
   --rw randread --runtime 1 --rounds 1
 
+passed=$(grep -Eo '[0-9]+ passed' target/ci-test.log | awk '{s += $1} END {print s + 0}')
+failed=$(grep -Eo '[0-9]+ failed' target/ci-test.log | awk '{s += $1} END {print s + 0}')
 step "all passed"
+echo "tests: $passed passed, $failed failed"

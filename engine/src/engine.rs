@@ -478,17 +478,18 @@ fn format_cpus(cpus: &[u32]) -> String {
     list.join(",")
 }
 
-/// The client-side wake-up handshake: a waiter arms itself and stores a waker; the reactor
-/// wakes it after posting completions. Only an armed waiter costs the reactor a lock.
+/// The client-side wake-up handshake: a waiter registers its waker and arms itself; the
+/// reactor wakes it after posting completions. Lock-free on both sides (`AtomicWaker`), and a
+/// reactor serving a client that is not waiting pays one relaxed-to-SeqCst load per batch.
 #[derive(Debug, Default)]
 pub(crate) struct Waiter {
     armed: AtomicBool,
-    waker: Mutex<Option<Waker>>,
+    waker: atomic_waker::AtomicWaker,
 }
 
 impl Waiter {
     fn arm(&self, waker: &Waker) {
-        *self.waker.lock() = Some(waker.clone());
+        self.waker.register(waker);
         self.armed.store(true, Ordering::SeqCst);
     }
 
@@ -500,9 +501,7 @@ impl Waiter {
     #[inline]
     pub(crate) fn wake(&self) {
         if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::SeqCst) {
-            if let Some(w) = self.waker.lock().take() {
-                w.wake();
-            }
+            self.waker.wake();
         }
     }
 }
@@ -565,6 +564,8 @@ pub struct IoQueue {
     thread_waker: Option<(std::thread::ThreadId, Waker)>,
     /// Completions a synchronous call took while waiting for its own; `poll` returns them.
     early: Vec<QueueCompletion>,
+    /// Where a synchronous call collects completions; kept so it never allocates.
+    scratch: Vec<QueueCompletion>,
 }
 
 impl std::fmt::Debug for IoQueue {
@@ -603,7 +604,8 @@ impl IoQueue {
             free_bufs: (0..bufs.len() as u32).rev().collect(),
             bufs,
             thread_waker: None,
-            early: Vec::new(),
+            early: Vec::with_capacity(depth as usize),
+            scratch: Vec::with_capacity(depth as usize),
         }
     }
 
@@ -937,7 +939,7 @@ impl IoQueue {
             }
             return Err(e);
         }
-        let mut stash = Vec::new();
+        let mut stash = std::mem::take(&mut self.scratch);
         let mut mine = None;
         while mine.is_none() {
             if self.wait(1, &mut stash) == 0 {
@@ -966,6 +968,7 @@ impl IoQueue {
     /// Their slots were already freed, so they go back in as finished requests.
     fn requeue(&mut self, mut stash: Vec<QueueCompletion>) {
         self.early.append(&mut stash);
+        self.scratch = stash;
     }
 
     fn has_completions(&self) -> bool {

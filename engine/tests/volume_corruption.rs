@@ -1,7 +1,8 @@
 //! Damaged or foreign pools are refused with a message that says what is wrong, never a panic
 //! and never a silent repair: a flipped superblock bit, both checkpoints damaged, a pool from a
-//! newer format version, a device that is not a pool. A torn newest checkpoint (what a crash
-//! mid-commit leaves) falls back to the older one. The offline fsck reports the same problems.
+//! newer format version, a device that is not a pool, a damaged newest checkpoint. A torn
+//! newest header (what a crash mid-commit leaves) falls back to the older checkpoint. The
+//! offline fsck reports the same problems.
 
 mod common;
 
@@ -92,10 +93,10 @@ fn newer_format_version_is_refused() {
 }
 
 #[test]
-fn both_checkpoints_damaged_is_refused_with_both_reasons() {
+fn both_checkpoint_headers_damaged_is_refused_with_both_reasons() {
     let (file, sb) = make_pool();
     for slot in sb.slot_offsets {
-        flip(file.path(), slot + 100);
+        flip(file.path(), slot + 20);
     }
     let engine = common::start(common::cores(1));
     let e = open(&engine, file.path()).unwrap_err();
@@ -109,19 +110,29 @@ fn both_checkpoints_damaged_is_refused_with_both_reasons() {
 }
 
 #[test]
-fn torn_newest_checkpoint_falls_back_to_the_older_one() {
+fn torn_newest_header_falls_back_to_the_older_checkpoint() {
     let (file, sb) = make_pool();
     let newest = newest_slot(file.path());
-    let older_seq = {
-        flip(file.path(), sb.slot_offsets[newest] + 100);
-        volume::check_file(file.path()).unwrap().seq
-    };
+    let newest_seq = volume::check_file(file.path()).unwrap().seq;
+    // The header block is written last; a crash tearing it leaves the slot without a valid header.
+    flip(file.path(), sb.slot_offsets[newest] + 20);
+    let r = volume::check_file(file.path()).unwrap();
+    assert_eq!(r.seq, newest_seq - 1);
+    assert!(r.problems.is_empty());
     let engine = common::start(common::cores(1));
     let pool = open(&engine, file.path()).expect("the older checkpoint opens");
     pool.check(&engine).unwrap();
-    let r = volume::check_file(file.path()).unwrap();
-    assert_eq!(r.seq, older_seq);
-    assert!(r.problems.is_empty());
+}
+
+#[test]
+fn damaged_newest_payload_is_refused_not_rolled_back() {
+    let (file, sb) = make_pool();
+    let newest = newest_slot(file.path());
+    flip(file.path(), sb.slot_offsets[newest] + 100);
+    let engine = common::start(common::cores(1));
+    let e = open(&engine, file.path()).unwrap_err().to_string();
+    assert!(e.contains("damaged") && e.contains("refusing"), "{e}");
+    assert!(volume::check_file(file.path()).is_err());
 }
 
 #[test]

@@ -19,7 +19,7 @@
 //!   that another volume now owns; snapshots mark clusters shared and then wait for a barrier, so
 //!   no write in flight can change a snapshot after it is taken.
 
-use super::format::{Checkpoint, Superblock};
+use super::format::{Checkpoint, Superblock, META_BLOCK_BYTES};
 use super::map::Entry;
 use super::meta::Meta;
 use super::PoolError;
@@ -101,8 +101,14 @@ struct Commit {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum CommitStage {
+    /// Data written before the flush, and freshly zeroed clusters, become durable.
     FlushData,
-    WriteCheckpoint,
+    /// The checkpoint's blocks after the first go to the inactive slot...
+    WriteBody,
+    /// ...and are made durable before the header block that validates them is written,
+    FlushBody,
+    /// so a valid header always describes a complete payload (see `newest_checkpoint`).
+    WriteHeader,
     FlushCheckpoint,
 }
 
@@ -686,32 +692,55 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
     if c.errno != 0 {
         return commit_failed(h, core, shared);
     }
-    match (c.stage, &c.write) {
-        (CommitStage::FlushData, Some((region, len, slot, _))) => {
-            c.stage = CommitStage::WriteCheckpoint;
-            let (base_ptr, len, at) = (region.base(), *len, shared.sb.slot_offsets[*slot]);
-            let max = u64::from(shared.base_bdev.info().max_io_bytes.min(1 << 20));
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(max);
-                // SAFETY: done < len, and the region holds len bytes.
-                let ptr = unsafe { base_ptr.add(done as usize) };
-                let buf = IoBuf {
-                    ptr,
-                    len_bytes: n as u32,
-                    fixed_index: None,
-                };
-                commit_issue(h, core, shared, IoOp::Write, at + done, n as u32, Some(buf));
-                done += n;
-            }
+    let next = match (c.stage, &c.write) {
+        (CommitStage::FlushData, Some((_, len, _, _))) if *len > META_BLOCK_BYTES => {
+            CommitStage::WriteBody
         }
-        (CommitStage::WriteCheckpoint, _) => {
-            c.stage = CommitStage::FlushCheckpoint;
-            commit_issue(h, core, shared, IoOp::Flush, 0, 0, None);
-        }
+        (CommitStage::FlushData, Some(_)) | (CommitStage::FlushBody, _) => CommitStage::WriteHeader,
+        (CommitStage::WriteBody, _) => CommitStage::FlushBody,
+        (CommitStage::WriteHeader, _) => CommitStage::FlushCheckpoint,
         (CommitStage::FlushData, None) | (CommitStage::FlushCheckpoint, _) => {
-            commit_done(h, core, shared)
+            return commit_done(h, core, shared);
         }
+    };
+    c.stage = next;
+    let Some((region, len, slot, _)) = &c.write else {
+        unreachable!("only a commit with a checkpoint gets past FlushData")
+    };
+    let (base_ptr, len, at) = (region.base(), *len, shared.sb.slot_offsets[*slot]);
+    match next {
+        CommitStage::WriteBody => write_span(h, core, shared, base_ptr, at, META_BLOCK_BYTES, len),
+        CommitStage::WriteHeader => write_span(h, core, shared, base_ptr, at, 0, META_BLOCK_BYTES),
+        CommitStage::FlushBody | CommitStage::FlushCheckpoint => {
+            commit_issue(h, core, shared, IoOp::Flush, 0, 0, None)
+        }
+        CommitStage::FlushData => unreachable!("never re-entered"),
+    }
+}
+
+/// Writes bytes `from..to` of the staged checkpoint at `at + from`, in base-sized pieces.
+fn write_span(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    base_ptr: *mut u8,
+    at: u64,
+    from: u64,
+    to: u64,
+) {
+    let max = u64::from(shared.base_bdev.info().max_io_bytes.min(1 << 20));
+    let mut done = from;
+    while done < to {
+        let n = (to - done).min(max);
+        // SAFETY: done < to <= len, and the staging region holds len bytes.
+        let ptr = unsafe { base_ptr.add(done as usize) };
+        let buf = IoBuf {
+            ptr,
+            len_bytes: n as u32,
+            fixed_index: None,
+        };
+        commit_issue(h, core, shared, IoOp::Write, at + done, n as u32, Some(buf));
+        done += n;
     }
 }
 
@@ -881,47 +910,47 @@ pub(crate) fn close(h: &mut Home) {
     h.closing = true;
 }
 
-/// Reads the newest valid checkpoint of a pool, given the superblock and a reader of the
-/// device. Returns it with its slot, or why neither slot is usable.
+/// Reads the newest checkpoint of a pool, given the superblock and a reader of the device.
+///
+/// A commit writes a checkpoint's header block last, after its other blocks are durable, so a
+/// slot whose header is valid holds a complete checkpoint unless something damaged it later.
+/// The rules follow: a slot without a valid header (empty, or a header write torn by a crash)
+/// is skipped; the valid header with the highest sequence number wins; and if that
+/// checkpoint's payload fails its checks, the pool is refused rather than rolled back to older
+/// metadata that would silently lose flushed writes.
 pub(crate) fn newest_checkpoint(
     sb: &Superblock,
     mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, PoolError>,
 ) -> Result<(Checkpoint, usize), PoolError> {
-    let mut found = Vec::new();
+    use super::format::{FormatError, CHECKPOINT_HEADER_BYTES};
+    let mut headers = Vec::new();
     let mut why = Vec::new();
     for (slot, &offset) in sb.slot_offsets.iter().enumerate() {
-        let head = read(offset, super::format::META_BLOCK_BYTES as usize)?;
-        let decoded = Checkpoint::decode_header(&head).and_then(|(_, len)| {
-            let total = (super::format::CHECKPOINT_HEADER_BYTES as u64 + len)
-                .next_multiple_of(super::format::META_BLOCK_BYTES);
-            if total > sb.slot_bytes {
-                return Err(super::format::FormatError::Invalid {
-                    what: "metadata checkpoint",
-                    detail: format!("length {len} exceeds the slot"),
-                });
-            }
-            let all =
-                read(offset, total as usize).map_err(|e| super::format::FormatError::Invalid {
-                    what: "metadata checkpoint",
-                    detail: e.to_string(),
-                })?;
-            Checkpoint::decode(&all)
-        });
-        match decoded {
-            Ok(c) => found.push((c, slot)),
-            Err(super::format::FormatError::Magic { .. }) => {
-                why.push(format!("slot {slot}: empty"))
-            }
+        let head = read(offset, META_BLOCK_BYTES as usize)?;
+        match Checkpoint::decode_header(&head) {
+            Ok((seq, len)) => headers.push((seq, len, slot)),
+            Err(FormatError::Magic { .. }) => why.push(format!("slot {slot}: empty")),
             Err(e) => {
-                tracing::warn!(slot, error = %e, "metadata slot unusable (a commit interrupted by a crash leaves one)");
+                tracing::warn!(slot, error = %e, "metadata slot header unusable (a commit interrupted by a crash leaves one)");
                 why.push(format!("slot {slot}: {e}"));
             }
         }
     }
-    found
-        .into_iter()
-        .max_by_key(|(c, _)| c.seq)
-        .ok_or(PoolError::NoCheckpoint {
+    let Some(&(seq, len, slot)) = headers.iter().max_by_key(|(seq, _, _)| *seq) else {
+        return Err(PoolError::NoCheckpoint {
             detail: why.join("; "),
-        })
+        });
+    };
+    let total = (CHECKPOINT_HEADER_BYTES as u64)
+        .saturating_add(len)
+        .next_multiple_of(META_BLOCK_BYTES);
+    if total > sb.slot_bytes {
+        return Err(PoolError::NoCheckpoint {
+            detail: format!("slot {slot} (seq {seq}) claims {len} bytes, more than its slot"),
+        });
+    }
+    let all = read(sb.slot_offsets[slot], total as usize)?;
+    Checkpoint::decode(&all).map(|c| (c, slot)).map_err(|e| PoolError::NoCheckpoint {
+        detail: format!("newest checkpoint, slot {slot} (seq {seq}), is damaged: {e}; refusing to fall back to older metadata"),
+    })
 }
