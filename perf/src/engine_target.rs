@@ -37,6 +37,7 @@ pub struct EngineOpts {
     pub idle: IdlePolicy,
     pub iopoll: bool,
     pub sqpoll: bool,
+    pub sqpoll_cpu: Option<u32>,
 }
 
 pub fn run(w: &Workload, cores: &[CoreId], opts: EngineOpts) -> Result<RunResult> {
@@ -191,6 +192,7 @@ fn open_bdev(w: &Workload, opts: EngineOpts) -> Result<Arc<dyn Bdev>> {
             let options = UringOptions {
                 iopoll: opts.iopoll,
                 sqpoll_idle_ms: opts.sqpoll.then_some(1000),
+                sqpoll_cpu: opts.sqpoll_cpu,
                 ..UringOptions::default()
             };
             Arc::new(UringBdev::open("perf", path, options)?)
@@ -329,7 +331,12 @@ impl Poller for Job {
             reaped += 1;
             run.in_flight -= 1;
             if c.res != self.bs_bytes as i32 && run.error.is_none() {
-                run.error = Some(format!("I/O failed: result {}", c.res));
+                run.error = Some(format!(
+                    "I/O failed: {}",
+                    cairn_engine::IoError::check(IoOp::Read, c.res, self.bs_bytes)
+                        .err()
+                        .map_or(format!("result {}", c.res), |e| e.to_string())
+                ));
             }
             self.rec.record(now - run.sent[c.tag as usize]);
             let more = now < run.deadline && run.error.is_none() && !core.stopping();

@@ -126,6 +126,9 @@ struct LoadArgs {
     /// Engine uring bdev: kernel submission-polling thread.
     #[arg(long)]
     sqpoll: bool,
+    /// CPU for the --sqpoll kernel thread (best a core no reactor uses).
+    #[arg(long)]
+    sqpoll_cpu: Option<u32>,
     /// How the raw target waits for completions: block in the kernel (like fio) or spin
     /// (like a polled engine, to isolate the engine's own cost).
     #[arg(long, value_enum, default_value = "block")]
@@ -184,6 +187,7 @@ impl LoadArgs {
             },
             iopoll: self.iopoll,
             sqpoll: self.sqpoll,
+            sqpoll_cpu: self.sqpoll_cpu,
         }
     }
 

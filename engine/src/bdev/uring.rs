@@ -17,6 +17,7 @@ use io_uring::{opcode, types};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::time::Instant;
 
 /// Largest single request handed to the kernel; the NBD limit, and far above any buffer.
 pub const URING_IO_MAX_BYTES: u32 = 32 << 20;
@@ -32,6 +33,8 @@ pub struct UringOptions {
     pub iopoll: bool,
     /// Let a kernel thread consume submissions, idling after this many ms.
     pub sqpoll_idle_ms: Option<u32>,
+    /// CPU for the SQPOLL kernel thread; give it a core of its own, not a reactor's.
+    pub sqpoll_cpu: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -117,6 +120,7 @@ impl Bdev for UringBdev {
             let options = RingOptions {
                 iopoll: self.options.iopoll,
                 sqpoll_idle_ms: self.options.sqpoll_idle_ms,
+                sqpoll_cpu: self.options.sqpoll_cpu,
             };
             let mut ring = Ring::new(PRIVATE_RING_ENTRIES, options)
                 .map_err(|e| io_err("creating the channel's private ring", e))?;
@@ -221,6 +225,12 @@ impl BdevChannel for UringChannel {
 
     fn in_flight(&self) -> usize {
         self.private.as_ref().map_or(0, |r| r.in_flight() as usize)
+    }
+
+    /// A private ring's completions do not wake the reactor (IOPOLL completions exist only
+    /// when polled), so while it has I/O in flight the reactor must keep polling.
+    fn next_deadline(&self) -> Option<Instant> {
+        (self.in_flight() > 0).then(Instant::now)
     }
 
     fn close(&mut self, io: &mut IoCtx) {

@@ -21,6 +21,9 @@ pub struct RingOptions {
     pub iopoll: bool,
     /// IORING_SETUP_SQPOLL with this idle time in ms: a kernel thread consumes submissions.
     pub sqpoll_idle_ms: Option<u32>,
+    /// CPU for the SQPOLL kernel thread. Left unset, the thread inherits the creating
+    /// reactor's single-CPU affinity and competes with it for that core.
+    pub sqpoll_cpu: Option<u32>,
 }
 
 /// Which of the preferred task-run flags the kernel accepted, for the log.
@@ -90,6 +93,9 @@ pub fn build_ring(entries: u32, options: RingOptions) -> io::Result<(IoUring, Ri
         }
         if let Some(idle) = options.sqpoll_idle_ms {
             builder.setup_sqpoll(idle);
+            if let Some(cpu) = options.sqpoll_cpu {
+                builder.setup_sqpoll_cpu(cpu);
+            }
         }
         match builder.build(entries) {
             Ok(ring) => {
@@ -271,7 +277,14 @@ impl Ring {
     /// Does nothing when there is nothing queued and nothing in flight.
     #[inline]
     pub fn kick(&mut self) {
-        if self.pending > 0 || self.in_flight > 0 {
+        if self.uring.params().is_setup_sqpoll() {
+            // The kernel thread consumes submissions and posts completions itself; the crate's
+            // submit enters the kernel only to wake that thread when it has gone idle.
+            if let Err(e) = self.uring.submit() {
+                panic!("io_uring submit (sqpoll) failed: {e}");
+            }
+            self.pending = 0;
+        } else if self.pending > 0 || self.in_flight > 0 {
             self.enter(0, None);
         }
     }
