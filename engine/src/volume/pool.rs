@@ -190,6 +190,17 @@ impl Home {
             .expect("completion for a free home op")
     }
 
+    /// Refuses changes once a metadata write has failed (see `failed`).
+    fn usable(&self, shared: &PoolShared) -> Result<(), PoolError> {
+        match &self.failed {
+            None => Ok(()),
+            Some(why) => Err(PoolError::Failed {
+                pool: shared.name.clone(),
+                why: why.clone(),
+            }),
+        }
+    }
+
     fn busy(&self) -> bool {
         self.ops.iter().any(Option::is_some) || self.commit.is_some() || self.barrier.is_some()
     }
@@ -303,15 +314,8 @@ pub(crate) fn request_writable(
     vcluster: u64,
     to: Reply,
 ) {
-    if let Some(why) = &h.failed {
-        return reply(
-            core,
-            to,
-            Err(PoolError::Failed {
-                pool: shared.name.clone(),
-                why: why.clone(),
-            }),
-        );
+    if let Err(e) = h.usable(shared) {
+        return reply(core, to, Err(e));
     }
     if h.frozen.contains(&obj) {
         return h.deferred.push((obj, vcluster, to));
@@ -331,16 +335,12 @@ pub(crate) fn request_writable(
     }
     match entry {
         Entry::Mapped { shared: false, .. } => reply(core, to, Ok(())),
-        Entry::Mapped {
-            cluster,
-            shared: true,
-        } => {
+        Entry::Mapped { shared: true, .. } => {
             if h.meta.unshare_if_sole(obj, vcluster) {
                 return reply(core, to, Ok(()));
             }
             h.waiting.insert((obj, vcluster), vec![to]);
             h.copy_queue.push_back((obj, vcluster));
-            let _ = cluster;
             start_copies(h, core, shared);
         }
         Entry::Unallocated => {
@@ -574,15 +574,8 @@ pub(crate) fn request_unmap(
     count: u64,
     to: Reply,
 ) {
-    if let Some(why) = &h.failed {
-        return reply(
-            core,
-            to,
-            Err(PoolError::Failed {
-                pool: shared.name.clone(),
-                why: why.clone(),
-            }),
-        );
+    if let Err(e) = h.usable(shared) {
+        return reply(core, to, Err(e));
     }
     if h.meta.object(obj).is_none() {
         return reply(
@@ -612,46 +605,21 @@ fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         return;
     }
     let waiters = std::mem::take(&mut h.flush_waiters);
-    if let Some(why) = &h.failed {
-        let e = PoolError::Failed {
-            pool: shared.name.clone(),
-            why: why.clone(),
-        };
-        return waiters
-            .into_iter()
-            .for_each(|w| reply(core, w, Err(e.clone())));
-    }
-    let mut write = None;
-    let mut freed = Vec::new();
-    if h.meta.dirty {
-        let seq = h.meta.seq + 1;
-        let Some(bytes) = h.meta.to_checkpoint(seq).encode(shared.sb.slot_bytes) else {
-            let e = PoolError::MetadataFull {
-                slot_bytes: shared.sb.slot_bytes,
-            };
+    let staged = h.usable(shared).and_then(|()| stage_checkpoint(h, shared));
+    let write = match staged {
+        Ok(write) => write,
+        Err(e) => {
             return waiters
                 .into_iter()
                 .for_each(|w| reply(core, w, Err(e.clone())));
-        };
-        let region = match Region::map(bytes.len(), false, false) {
-            Ok(r) => r,
-            Err(e) => {
-                let e = PoolError::Failed {
-                    pool: shared.name.clone(),
-                    why: e.to_string(),
-                };
-                return waiters
-                    .into_iter()
-                    .for_each(|w| reply(core, w, Err(e.clone())));
-            }
-        };
-        // SAFETY: the region was just mapped with at least bytes.len() bytes, and nothing
-        // else knows about it yet.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.base(), bytes.len()) };
-        write = Some((region, bytes.len() as u64, 1 - h.active_slot, seq));
-        freed = h.meta.take_quarantine();
+        }
+    };
+    let freed = if write.is_some() {
         h.meta.dirty = false;
-    }
+        h.meta.take_quarantine()
+    } else {
+        Vec::new()
+    };
     h.commit = Some(Commit {
         waiters,
         write,
@@ -716,6 +684,33 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
         }
         CommitStage::FlushData => unreachable!("never re-entered"),
     }
+}
+
+/// Encodes the metadata into staging memory when it changed since the last commit: the
+/// region, its length, the slot it goes to and its sequence number.
+fn stage_checkpoint(
+    h: &Home,
+    shared: &PoolShared,
+) -> Result<Option<(Region, u64, usize, u64)>, PoolError> {
+    if !h.meta.dirty {
+        return Ok(None);
+    }
+    let seq = h.meta.seq + 1;
+    let bytes = h
+        .meta
+        .to_checkpoint(seq)
+        .encode(shared.sb.slot_bytes)
+        .ok_or(PoolError::MetadataFull {
+            slot_bytes: shared.sb.slot_bytes,
+        })?;
+    let region = Region::map(bytes.len(), false, false).map_err(|e| PoolError::Failed {
+        pool: shared.name.clone(),
+        why: e.to_string(),
+    })?;
+    // SAFETY: the region was just mapped with at least bytes.len() bytes, and nothing else
+    // knows about it yet.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.base(), bytes.len()) };
+    Ok(Some((region, bytes.len() as u64, 1 - h.active_slot, seq)))
 }
 
 /// Writes bytes `from..to` of the staged checkpoint at `at + from`, in base-sized pieces.
@@ -850,15 +845,8 @@ pub(crate) fn snapshot(
     name: &str,
     to: Reply,
 ) {
-    if let Some(why) = &h.failed {
-        return reply(
-            core,
-            to,
-            Err(PoolError::Failed {
-                pool: shared.name.clone(),
-                why: why.clone(),
-            }),
-        );
+    if let Err(e) = h.usable(shared) {
+        return reply(core, to, Err(e));
     }
     match h.meta.snapshot_prepare(volume, name) {
         Ok(id) => {
@@ -889,15 +877,8 @@ pub(crate) fn change(
         &HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
     ) -> Result<(), PoolError>,
 ) {
-    if let Some(why) = &h.failed {
-        return reply(
-            core,
-            to,
-            Err(PoolError::Failed {
-                pool: shared.name.clone(),
-                why: why.clone(),
-            }),
-        );
+    if let Err(e) = h.usable(shared) {
+        return reply(core, to, Err(e));
     }
     match f(&mut h.meta, &h.open) {
         Ok(()) => request_flush(h, core, shared, to),
