@@ -588,6 +588,7 @@ pub fn check_checkpoint(sb: &Superblock, c: &Checkpoint) -> Result<(), Vec<Strin
     }
     let mut refs: Vec<Vec<u64>> = vec![Vec::new(); sb.cluster_count as usize];
     let mut names = std::collections::HashSet::new();
+    let mut seen_ids = std::collections::HashSet::new();
     let ids: std::collections::HashMap<u64, &ObjectRecord> =
         c.objects.iter().map(|o| (o.id, o)).collect();
     let cluster = u64::from(sb.cluster_size_bytes);
@@ -595,6 +596,16 @@ pub fn check_checkpoint(sb: &Superblock, c: &Checkpoint) -> Result<(), Vec<Strin
         let what = format!("{} '{}' (id {})", o.kind, o.name, o.id);
         if !names.insert(o.name.as_str()) {
             problems.push(format!("{what}: name used twice"));
+        }
+        if !seen_ids.insert(o.id) {
+            problems.push(format!("{what}: id used twice"));
+        }
+        let max = ClusterMap::clusters_max() * cluster;
+        if o.size_bytes > max {
+            problems.push(format!(
+                "{what}: size {} above the largest volume, {max} bytes",
+                o.size_bytes
+            ));
         }
         if o.id == 0 || o.id >= c.next_object_id {
             problems.push(format!("{what}: id outside 1..{}", c.next_object_id));
