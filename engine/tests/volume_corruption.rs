@@ -187,3 +187,19 @@ fn crc_of(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn an_exclusive_open_is_refused_while_another_holds_the_file() {
+    let file = common::TempFile::new("locked", 16 << 20);
+    let opts = UringOptions {
+        exclusive: true,
+        ..UringOptions::default()
+    };
+    let first = UringBdev::open("a", file.path(), opts.clone()).unwrap();
+    let e = UringBdev::open("b", file.path(), opts.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use by another process"), "{e}");
+    drop(first);
+    UringBdev::open("c", file.path(), opts).expect("the lock goes with the holder");
+}

@@ -64,8 +64,14 @@ pub fn run_volume(
 ) -> Result<RunResult> {
     let path = w.file.as_ref().context("--target volume needs --file")?;
     let engine = start_engine(w, cores, opts, PREFILL_DEPTH)?;
-    let base: Arc<dyn Bdev> =
-        Arc::new(UringBdev::open("perf-pool", path, UringOptions::default())?);
+    let base: Arc<dyn Bdev> = Arc::new(UringBdev::open(
+        "perf-pool",
+        path,
+        UringOptions {
+            exclusive: true,
+            ..UringOptions::default()
+        },
+    )?);
     let pool = Pool::create(&engine, "perf", base, cores[0], CLUSTER_DEFAULT_BYTES)?;
     let info = pool.info(&engine)?;
     let room = info.clusters * u64::from(info.cluster_size_bytes);

@@ -127,6 +127,11 @@ pub enum BdevError {
         path: String,
         source: std::io::Error,
     },
+    #[error("'{path}' is in use by another process (exclusive lock held): {source}")]
+    Locked {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("bdev '{name}': size {size_bytes} is not a non-zero multiple of block size {block_size_bytes}")]
     Geometry {
         name: String,

@@ -35,6 +35,9 @@ pub struct UringOptions {
     pub sqpoll_idle_ms: Option<u32>,
     /// CPU for the SQPOLL kernel thread; give it a core of its own, not a reactor's.
     pub sqpoll_cpu: Option<u32>,
+    /// Take an exclusive advisory lock (flock) on the file, failing if another process holds
+    /// it; released when the bdev is dropped or the process dies, kill -9 included.
+    pub exclusive: bool,
 }
 
 #[derive(Debug)]
@@ -63,6 +66,12 @@ impl UringBdev {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .map_err(open_err)?;
+        if options.exclusive {
+            lock_exclusive(&file).map_err(|source| BdevError::Locked {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
         let meta = file.metadata().map_err(open_err)?;
         let (size_bytes, native_block) = if meta.file_type().is_block_device() {
             block_device_geometry(&file).map_err(open_err)?
@@ -87,6 +96,14 @@ impl UringBdev {
             options,
         })
     }
+}
+
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    // SAFETY: flock on a descriptor this function's caller owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn block_device_geometry(file: &File) -> std::io::Result<(u64, u32)> {

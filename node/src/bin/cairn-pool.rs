@@ -151,7 +151,14 @@ fn create(path: &Path, size: Option<u64>, cluster: u64) -> Result<()> {
     }
     let cluster = u32::try_from(cluster).context("--cluster is too large")?;
     let engine = engine()?;
-    let base = Arc::new(UringBdev::open("pool", path, UringOptions::default())?);
+    let base = Arc::new(UringBdev::open(
+        "pool",
+        path,
+        UringOptions {
+            exclusive: true,
+            ..UringOptions::default()
+        },
+    )?);
     let pool = Pool::create(&engine, "pool", base, first_core()?, cluster)?;
     let info = pool.info(&engine)?;
     println!(
@@ -167,7 +174,14 @@ fn create(path: &Path, size: Option<u64>, cluster: u64) -> Result<()> {
 
 fn with_pool(path: &Path, f: impl FnOnce(&Engine, &Pool) -> Result<()>) -> Result<()> {
     let engine = engine()?;
-    let base = Arc::new(UringBdev::open("pool", path, UringOptions::default())?);
+    let base = Arc::new(UringBdev::open(
+        "pool",
+        path,
+        UringOptions {
+            exclusive: true,
+            ..UringOptions::default()
+        },
+    )?);
     let pool = Pool::open(&engine, "pool", base, first_core()?)
         .with_context(|| format!("opening pool {}", path.display()))?;
     let result = f(&engine, &pool);
