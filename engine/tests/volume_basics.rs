@@ -290,3 +290,48 @@ fn deleting_a_volume_frees_space_for_others() {
     );
     pool.check(&engine).unwrap();
 }
+
+#[test]
+fn device_errors_reach_the_caller_and_the_pool_recovers() {
+    use cairn_engine::bdev::fault::FaultBdev;
+    let cores = common::cores(2);
+    let engine = common::start(cores.clone());
+    let ram: Arc<dyn Bdev> = Arc::new(MallocBdev::new("ram", 64 * MIB, 4096).unwrap());
+    let fault = FaultBdev::new("faulty", ram);
+    let control = fault.control();
+    let base: Arc<dyn Bdev> = Arc::new(fault);
+    let home = cores.as_slice()[0];
+    let pool = Pool::create(&engine, "p", base.clone(), home, MIB as u32).unwrap();
+    pool.create_volume(&engine, "v", 8 * MIB, vec![]).unwrap();
+    let (h, mut q) = queue(&engine, &pool, "v", last_core(&engine));
+
+    // Zeroing a new cluster fails: the write fails and the cluster is not mapped.
+    control.fail_writes(libc::EIO);
+    assert_eq!(
+        q.write_at(0, &[1u8; 4096], false),
+        Err(cairn_engine::IoError::Device { errno: libc::EIO })
+    );
+    control.heal();
+    assert!(read(&mut q, 0, 4096).iter().all(|&b| b == 0));
+
+    // A failing device flush fails the volume flush; the next one commits everything.
+    q.write_at(0, &[2u8; 4096], false).unwrap();
+    control.fail_flushes(libc::EIO);
+    assert_eq!(
+        q.flush(),
+        Err(cairn_engine::IoError::Device { errno: libc::EIO })
+    );
+    control.heal();
+    q.flush().unwrap();
+    pool.check(&engine).unwrap();
+    drop(q);
+    pool.close_volume(&engine, &h).unwrap();
+    pool.close(&engine).unwrap();
+    let pool = Pool::open(&engine, "p", base, home).unwrap();
+    let (_h, mut q) = queue(&engine, &pool, "v", home);
+    assert_eq!(
+        read(&mut q, 0, 4096),
+        vec![2u8; 4096],
+        "the retried commit made the write durable"
+    );
+}

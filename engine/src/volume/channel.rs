@@ -252,9 +252,7 @@ impl VolumeChannel {
         io.send(pool.home, move |c: &mut Core| {
             pool.clone().with_home(c, |h, c, shared| match ask {
                 Ask::Writable(v) => pool::request_writable(h, c, shared, obj, v, to),
-                Ask::Unmap(first, count) => {
-                    pool::request_unmap(h, c, shared, obj, first, count, to)
-                }
+                Ask::Unmap(first, count) => pool::request_unmap(h, c, obj, first, count, to),
                 Ask::Flush => pool::request_flush(h, c, shared, to),
             })
         });

@@ -87,7 +87,7 @@ pub enum PoolError {
     NoSpace { pool: String },
     #[error("pool metadata would outgrow its {slot_bytes}-byte checkpoint slot; delete snapshots or clones")]
     MetadataFull { slot_bytes: u64 },
-    #[error("pool '{pool}' has failed and refuses changes: {why}")]
+    #[error("pool '{pool}': {why}")]
     Failed { pool: String, why: String },
 }
 

@@ -141,8 +141,6 @@ pub(crate) struct Home {
     /// Open volumes: their bdev id and the state their channels share.
     pub(crate) open: HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
     cores: Vec<CoreId>,
-    /// Set after a metadata write failed: the pool refuses further changes.
-    failed: Option<String>,
     closing: bool,
 }
 
@@ -165,7 +163,6 @@ impl Home {
             barrier_queue: VecDeque::new(),
             open: HashMap::new(),
             cores,
-            failed: None,
             closing: false,
         }
     }
@@ -188,17 +185,6 @@ impl Home {
         self.ops[tag as usize]
             .take()
             .expect("completion for a free home op")
-    }
-
-    /// Refuses changes once a metadata write has failed (see `failed`).
-    fn usable(&self, shared: &PoolShared) -> Result<(), PoolError> {
-        match &self.failed {
-            None => Ok(()),
-            Some(why) => Err(PoolError::Failed {
-                pool: shared.name.clone(),
-                why: why.clone(),
-            }),
-        }
     }
 
     fn busy(&self) -> bool {
@@ -314,9 +300,6 @@ pub(crate) fn request_writable(
     vcluster: u64,
     to: Reply,
 ) {
-    if let Err(e) = h.usable(shared) {
-        return reply(core, to, Err(e));
-    }
     if h.frozen.contains(&obj) {
         return h.deferred.push((obj, vcluster, to));
     }
@@ -568,15 +551,11 @@ fn copy_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, tag: u32, 
 pub(crate) fn request_unmap(
     h: &mut Home,
     core: &mut Core,
-    shared: &Arc<PoolShared>,
     obj: u64,
     first: u64,
     count: u64,
     to: Reply,
 ) {
-    if let Err(e) = h.usable(shared) {
-        return reply(core, to, Err(e));
-    }
     if h.meta.object(obj).is_none() {
         return reply(
             core,
@@ -605,7 +584,7 @@ fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         return;
     }
     let waiters = std::mem::take(&mut h.flush_waiters);
-    let staged = h.usable(shared).and_then(|()| stage_checkpoint(h, shared));
+    let staged = stage_checkpoint(h, shared);
     let write = match staged {
         Ok(write) => write,
         Err(e) => {
@@ -761,11 +740,9 @@ fn commit_failed(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         std::io::Error::from_raw_os_error(c.errno)
     );
     tracing::error!(pool = %shared.name, %why);
-    if c.write.is_some() {
-        // The slot may hold half a checkpoint; the other slot is intact. Memory state is
-        // ahead of both, so refuse further changes rather than risk diverging.
-        h.failed = Some(why.clone());
-    }
+    // The inactive slot may hold part of a checkpoint, but its header is written last, so
+    // open still takes the intact slot. Memory stays authoritative and dirty: the next flush
+    // writes the whole checkpoint to the same slot again.
     let e = PoolError::Failed {
         pool: shared.name.clone(),
         why,
@@ -845,9 +822,6 @@ pub(crate) fn snapshot(
     name: &str,
     to: Reply,
 ) {
-    if let Err(e) = h.usable(shared) {
-        return reply(core, to, Err(e));
-    }
     match h.meta.snapshot_prepare(volume, name) {
         Ok(id) => {
             h.frozen.insert(id);
@@ -877,9 +851,6 @@ pub(crate) fn change(
         &HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
     ) -> Result<(), PoolError>,
 ) {
-    if let Err(e) = h.usable(shared) {
-        return reply(core, to, Err(e));
-    }
     match f(&mut h.meta, &h.open) {
         Ok(()) => request_flush(h, core, shared, to),
         Err(e) => reply(core, to, Err(e)),
