@@ -323,6 +323,13 @@ fn device_errors_reach_the_caller_and_the_pool_recovers() {
     );
     control.heal();
     q.flush().unwrap();
+
+    // The last flush of a commit fails, after the checkpoint header was written: the retry
+    // clears that header first, then commits again.
+    q.write_at(MIB, &[3u8; 4096], false).unwrap();
+    control.fail_one_flush_after(1);
+    assert!(q.flush().is_err());
+    q.flush().unwrap();
     pool.check(&engine).unwrap();
     drop(q);
     pool.close_volume(&engine, &h).unwrap();
@@ -333,5 +340,10 @@ fn device_errors_reach_the_caller_and_the_pool_recovers() {
         read(&mut q, 0, 4096),
         vec![2u8; 4096],
         "the retried commit made the write durable"
+    );
+    assert_eq!(
+        read(&mut q, MIB, 4096),
+        vec![3u8; 4096],
+        "the commit retried after a failed header flush holds"
     );
 }

@@ -17,7 +17,7 @@ use crate::dma::{IoBuf, Region};
 use crate::reactor::{IoCtx, OwnerId};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ pub struct FaultControl {
     write_errno: AtomicI32,
     flush_errno: AtomicI32,
     latency_us: AtomicU64,
+    /// Flushes to let through before exactly one fails with EIO; 0 when unarmed.
+    flush_countdown: AtomicU32,
     cache: Option<Mutex<WriteCache>>,
 }
 
@@ -79,7 +81,18 @@ impl FaultControl {
         self.cache.as_ref().map_or(0, |c| c.lock().blocks.len())
     }
 
+    /// Lets `passing` flushes succeed, then fails the next one with EIO, once.
+    pub fn fail_one_flush_after(&self, passing: u32) {
+        self.flush_countdown.store(passing + 1, Ordering::Relaxed);
+    }
+
     fn errno_for(&self, op: IoOp) -> i32 {
+        if op == IoOp::Flush {
+            let armed = self.flush_countdown.load(Ordering::Relaxed);
+            if armed > 0 && self.flush_countdown.fetch_sub(1, Ordering::Relaxed) == 1 {
+                return libc::EIO;
+            }
+        }
         let cell = match op {
             IoOp::Read => &self.read_errno,
             IoOp::Write | IoOp::Trim | IoOp::WriteZeroes => &self.write_errno,

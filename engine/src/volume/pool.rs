@@ -97,10 +97,16 @@ struct Commit {
     stage: CommitStage,
     pending: u32,
     errno: i32,
+    /// A zeroed block, the source of the ClearHeader write.
+    zero_block: Option<Region>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum CommitStage {
+    /// Only after a commit failed once its header may have been written: the inactive slot's
+    /// header is overwritten with zeros (made durable by the next stage's flush), so that a
+    /// crash while its body is rewritten cannot leave a valid header over a torn body.
+    ClearHeader,
     /// Data written before the flush, and freshly zeroed clusters, become durable.
     FlushData,
     /// The checkpoint's blocks after the first go to the inactive slot...
@@ -142,6 +148,8 @@ pub(crate) struct Home {
     pub(crate) open: HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
     cores: Vec<CoreId>,
     closing: bool,
+    /// A commit failed after it may have written the inactive slot's header (see ClearHeader).
+    slot_suspect: bool,
 }
 
 impl Home {
@@ -164,6 +172,7 @@ impl Home {
             open: HashMap::new(),
             cores,
             closing: false,
+            slot_suspect: false,
         }
     }
 
@@ -606,8 +615,34 @@ fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         stage: CommitStage::FlushData,
         pending: 0,
         errno: 0,
+        zero_block: None,
     });
-    commit_issue(h, core, shared, IoOp::Flush, 0, 0, None);
+    let clear = h.slot_suspect && h.commit.as_ref().is_some_and(|c| c.write.is_some());
+    let zero_block = clear
+        .then(|| Region::map(META_BLOCK_BYTES as usize, false, true).ok())
+        .flatten();
+    let Some(zero) = zero_block else {
+        return commit_issue(h, core, shared, IoOp::Flush, 0, 0, None);
+    };
+    let at = shared.sb.slot_offsets[1 - h.active_slot];
+    tracing::warn!(pool = %shared.name, slot = 1 - h.active_slot, "retrying a failed commit: clearing the slot's header first");
+    let buf = IoBuf {
+        ptr: zero.base(),
+        len_bytes: META_BLOCK_BYTES as u32,
+        fixed_index: None,
+    };
+    let c = h.commit.as_mut().expect("just set");
+    c.stage = CommitStage::ClearHeader;
+    c.zero_block = Some(zero);
+    commit_issue(
+        h,
+        core,
+        shared,
+        IoOp::Write,
+        at,
+        META_BLOCK_BYTES as u32,
+        Some(buf),
+    );
 }
 
 fn commit_issue(
@@ -640,6 +675,7 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
         return commit_failed(h, core, shared);
     }
     let next = match (c.stage, &c.write) {
+        (CommitStage::ClearHeader, _) => CommitStage::FlushData,
         (CommitStage::FlushData, Some((_, len, _, _))) if *len > META_BLOCK_BYTES => {
             CommitStage::WriteBody
         }
@@ -658,10 +694,10 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
     match next {
         CommitStage::WriteBody => write_span(h, core, shared, base_ptr, at, META_BLOCK_BYTES, len),
         CommitStage::WriteHeader => write_span(h, core, shared, base_ptr, at, 0, META_BLOCK_BYTES),
-        CommitStage::FlushBody | CommitStage::FlushCheckpoint => {
+        CommitStage::FlushData | CommitStage::FlushBody | CommitStage::FlushCheckpoint => {
             commit_issue(h, core, shared, IoOp::Flush, 0, 0, None)
         }
-        CommitStage::FlushData => unreachable!("never re-entered"),
+        CommitStage::ClearHeader => unreachable!("never re-entered"),
     }
 }
 
@@ -723,6 +759,7 @@ fn commit_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     if let Some((_, _, slot, seq)) = c.write {
         h.active_slot = slot;
         h.meta.seq = seq;
+        h.slot_suspect = false;
     }
     for w in c.waiters {
         reply(core, w, Ok(()));
@@ -740,9 +777,16 @@ fn commit_failed(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         std::io::Error::from_raw_os_error(c.errno)
     );
     tracing::error!(pool = %shared.name, %why);
-    // The inactive slot may hold part of a checkpoint, but its header is written last, so
-    // open still takes the intact slot. Memory stays authoritative and dirty: the next flush
-    // writes the whole checkpoint to the same slot again.
+    // The inactive slot may hold part of a checkpoint. Before the header is written that is
+    // harmless (open takes the intact slot); after, the header may be valid, so the retry
+    // clears it first. Memory stays authoritative and dirty: the next flush writes the whole
+    // checkpoint to the same slot again.
+    if matches!(
+        c.stage,
+        CommitStage::WriteHeader | CommitStage::FlushCheckpoint
+    ) {
+        h.slot_suspect = true;
+    }
     let e = PoolError::Failed {
         pool: shared.name.clone(),
         why,
