@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The C ABI gate: builds libcairn, compiles the C example against the committed header and
-# runs it under valgrind memcheck (any error or definite leak fails), then runs the Python
-# ctypes example. `bash ci/cabi.sh bench` instead runs the C-vs-Rust async benchmark.
+# runs it under valgrind memcheck (any error or definite leak fails), runs the NBD client test
+# against nbdkit (installed if missing), then the Python ctypes example.
+# `bash ci/cabi.sh bench` instead runs the C-vs-Rust async benchmark.
 #
 # Valgrind note: valgrind serialises threads and keeps its lock while a thread blocks in
 # io_uring_enter, so a reactor sleeping there would freeze the process. The example therefore
@@ -36,6 +37,12 @@ fi
 echo "== C example under valgrind memcheck =="
 CAIRN_EXAMPLE_POLL=1 valgrind --error-exitcode=1 --leak-check=full \
     --errors-for-leak-kinds=definite "$out/cairn_example"
+
+echo "== NBD client against nbdkit =="
+if ! command -v nbdkit > /dev/null; then
+    apt-get install -y nbdkit
+fi
+cargo test --release -p cairn-ffi --test nbd
 
 echo "== Python ctypes example =="
 python3 examples/python/cairn_example.py

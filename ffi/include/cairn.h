@@ -164,7 +164,7 @@ typedef struct cairn_queue cairn_queue;
 //
 // Thread-safety: every function taking a `cairn_volume *` may be called from any thread;
 // concurrent synchronous calls on one volume are serialised (use queues for parallel I/O).
-// Ownership: created by `cairn_volume_open` or `cairn_volume_open_nbd`; it keeps its pool and
+// Ownership: created by `cairn_volume_open` or `cairn_volume_open_nbd`; it keeps its pool (if any) and
 // engine open. `cairn_volume_close` closes it (refused with `CAIRN_E_BUSY` while queues made
 // from it are open); `cairn_volume_free` frees the handle itself and must be the last call.
 typedef struct cairn_volume cairn_volume;
@@ -360,6 +360,16 @@ int cairn_queue_free(struct cairn_queue *queue);
 // `pool` is a live pool handle (or NULL); `name` is NULL or a NUL-terminated string; `out` is
 // NULL or valid for one pointer write.
 int cairn_volume_open(struct cairn_pool *pool, const char *name, struct cairn_volume **out);
+
+// Opens a remote export by URL, `nbd://host:port/export` (port 10809 if omitted), as a volume
+// and stores its handle in `*out` (NULL on failure). `CAIRN_E_NBD` if the server cannot be
+// reached or refuses the export. One TCP connection serves the volume, one request at a time.
+// NBD volumes have 512-byte blocks and no buffer alignment requirement.
+//
+// # Safety
+// `engine` is a live engine handle (or NULL); `url` is NULL or a NUL-terminated string; `out`
+// is NULL or valid for one pointer write.
+int cairn_volume_open_nbd(struct cairn_engine *engine, const char *url, struct cairn_volume **out);
 
 // Reads `len_bytes` at `offset_bytes` into `buf` and waits. `buf` must be aligned to the
 // volume's `buf_align_bytes`; offset and length to its `block_size_bytes`.

@@ -7,9 +7,12 @@
 //! than `max_io_bytes` are split here, one piece in flight at a time.
 
 use crate::engine::{out_arg, str_arg, EngineCore};
-use crate::error::{guard, FfiError, FfiResult, CAIRN_E_BUSY, CAIRN_E_NULL};
+use crate::error::{
+    guard, FfiError, FfiResult, CAIRN_E_BUSY, CAIRN_E_INVALID, CAIRN_E_NBD, CAIRN_E_NULL,
+};
 use crate::handle::{self, Handle, Shell};
 use crate::pool::{pool_of, PoolCore};
+use cairn_engine::bdev::nbd::NbdBdev;
 use cairn_engine::dma::IoBuf;
 use cairn_engine::{BdevHandle, IoError, IoOp, IoQueue, QueueCompletion};
 use std::ffi::{c_char, c_int, c_void};
@@ -56,7 +59,7 @@ pub struct cairn_volume_stats {
 ///
 /// Thread-safety: every function taking a `cairn_volume *` may be called from any thread;
 /// concurrent synchronous calls on one volume are serialised (use queues for parallel I/O).
-/// Ownership: created by `cairn_volume_open` or `cairn_volume_open_nbd`; it keeps its pool and
+/// Ownership: created by `cairn_volume_open` or `cairn_volume_open_nbd`; it keeps its pool (if any) and
 /// engine open. `cairn_volume_close` closes it (refused with `CAIRN_E_BUSY` while queues made
 /// from it are open); `cairn_volume_free` frees the handle itself and must be the last call.
 pub struct cairn_volume {
@@ -78,6 +81,7 @@ impl Handle for cairn_volume {
 /// Where a volume comes from, which decides how it is closed.
 pub(crate) enum Source {
     Pool(Arc<PoolCore>),
+    Nbd,
 }
 
 #[derive(Default)]
@@ -170,6 +174,7 @@ impl VolumeCore {
         drop(sync);
         match source {
             Source::Pool(p) => p.pool.close_volume(&engine.engine, &handle)?,
+            Source::Nbd => engine.engine.remove_bdev(&handle)?,
         }
         Ok(())
     }
@@ -259,6 +264,64 @@ pub unsafe extern "C" fn cairn_volume_open(
             Err(e) => {
                 drop(p.pool.close_volume(&p.engine.engine, &handle));
                 return Err(e);
+            }
+        };
+        *out = handle::into_raw::<cairn_volume>(Arc::new(core));
+        Ok(())
+    })
+}
+
+/// Splits `nbd://host:port/export` into ("host:port", "export"); the port defaults to 10809.
+fn parse_nbd_url(url: &str) -> FfiResult<(String, String)> {
+    let bad = |why: &str| FfiError::new(CAIRN_E_INVALID, format!("NBD URL '{url}': {why}"));
+    let rest = url
+        .strip_prefix("nbd://")
+        .ok_or_else(|| bad("must start with nbd://"))?;
+    let (addr, export) = rest.split_once('/').unwrap_or((rest, ""));
+    if addr.is_empty() {
+        return Err(bad("has no host"));
+    }
+    let addr = if addr
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        addr.to_string()
+    } else {
+        format!("{addr}:10809")
+    };
+    Ok((addr, export.to_string()))
+}
+
+/// Opens a remote export by URL, `nbd://host:port/export` (port 10809 if omitted), as a volume
+/// and stores its handle in `*out` (NULL on failure). `CAIRN_E_NBD` if the server cannot be
+/// reached or refuses the export. One TCP connection serves the volume, one request at a time.
+/// NBD volumes have 512-byte blocks and no buffer alignment requirement.
+///
+/// # Safety
+/// `engine` is a live engine handle (or NULL); `url` is NULL or a NUL-terminated string; `out`
+/// is NULL or valid for one pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn cairn_volume_open_nbd(
+    engine: *mut crate::engine::cairn_engine,
+    url: *const c_char,
+    out: *mut *mut cairn_volume,
+) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded from this function's contract.
+        let out = unsafe { out_arg(out, "out") }?;
+        // SAFETY: forwarded from this function's contract.
+        let url = unsafe { str_arg(url, "url") }?;
+        // SAFETY: forwarded from this function's contract.
+        let e = unsafe { crate::engine::engine_of(engine) }?;
+        let (addr, export) = parse_nbd_url(url)?;
+        let bdev = NbdBdev::connect(&export, &addr, &export)
+            .map_err(|err| FfiError::new(CAIRN_E_NBD, format!("{url}: {err}")))?;
+        let handle = e.engine.add_bdev(Arc::new(bdev))?;
+        let core = match VolumeCore::new(e.clone(), Source::Nbd, handle.clone()) {
+            Ok(core) => core,
+            Err(err) => {
+                drop(e.engine.remove_bdev(&handle));
+                return Err(err);
             }
         };
         *out = handle::into_raw::<cairn_volume>(Arc::new(core));

@@ -13,6 +13,7 @@
 
 pub mod fault;
 pub mod malloc;
+pub mod nbd;
 pub mod null;
 pub mod uring;
 
