@@ -32,7 +32,7 @@ echo "== C example =="
 "$out/cairn_example"
 
 if ! command -v valgrind > /dev/null; then
-    apt-get install -y valgrind
+    apt-get update -qq && apt-get install -y valgrind
 fi
 echo "== C example under valgrind memcheck =="
 CAIRN_EXAMPLE_POLL=1 valgrind --error-exitcode=1 --leak-check=full \
@@ -40,7 +40,7 @@ CAIRN_EXAMPLE_POLL=1 valgrind --error-exitcode=1 --leak-check=full \
 
 echo "== NBD client against nbdkit =="
 if ! command -v nbdkit > /dev/null; then
-    apt-get install -y nbdkit
+    apt-get update -qq && apt-get install -y nbdkit
 fi
 cargo test --release -p cairn-ffi --test nbd
 

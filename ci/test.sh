@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests need. Installed only when missing, so reruns are quick.
-PACKAGES=(build-essential)
+PACKAGES=(build-essential valgrind nbdkit python3)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -31,6 +31,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace --release 2>&1 | tee target/ci-test.log
 grep -q "test result:" target/ci-test.log
+
+step "C ABI: C example under valgrind, NBD client against nbdkit, Python ctypes example"
+bash ci/cabi.sh
 
 step "examples"
 cargo run --release -q -p cairn-examples --bin engine-quickstart
