@@ -18,6 +18,7 @@ pub mod dma;
 pub mod engine;
 pub mod msg;
 pub mod reactor;
+pub mod units;
 pub mod volume;
 
 pub use bdev::{Bdev, BdevInfo, IoError, IoOp};

@@ -92,7 +92,7 @@ struct LoadArgs {
     #[arg(long, default_value = "cairn-perf.img")]
     file: PathBuf,
     /// Bytes to use, e.g. 4G, 512M, 1048576.
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    #[arg(long, default_value = "4G", value_parser = cairn_engine::units::parse_size)]
     size: u64,
     #[arg(long, value_enum, default_value = "randread")]
     rw: Rw,
@@ -100,7 +100,7 @@ struct LoadArgs {
     #[arg(long, default_value_t = 70)]
     mix: u32,
     /// Block size of every I/O, e.g. 4096 or 4k.
-    #[arg(long, default_value = "4096", value_parser = parse_size)]
+    #[arg(long, default_value = "4096", value_parser = cairn_engine::units::parse_size)]
     bs: u64,
     /// I/Os in flight per core.
     #[arg(long, default_value_t = 32)]
@@ -139,22 +139,6 @@ struct LoadArgs {
     /// Print exactly one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        Some('T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 4096, 4k, 512M or 4G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 impl LoadArgs {

@@ -29,9 +29,9 @@ struct Cli {
 enum Cmd {
     /// Format PATH as an empty pool (creating a sparse file of --size if it does not exist).
     Create {
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = cairn_engine::units::parse_size)]
         size: Option<u64>,
-        #[arg(long, default_value_t = CLUSTER_DEFAULT_BYTES as u64, value_parser = parse_size)]
+        #[arg(long, default_value_t = CLUSTER_DEFAULT_BYTES as u64, value_parser = cairn_engine::units::parse_size)]
         cluster: u64,
     },
     /// Verify the pool's metadata; exit 1 if anything is inconsistent.
@@ -44,7 +44,7 @@ enum Cmd {
     /// Create a thin volume.
     VolumeCreate {
         name: String,
-        #[arg(value_parser = parse_size)]
+        #[arg(value_parser = cairn_engine::units::parse_size)]
         size: u64,
     },
     /// Snapshot VOLUME as NAME.
@@ -54,27 +54,11 @@ enum Cmd {
     /// Grow a volume to SIZE.
     Grow {
         name: String,
-        #[arg(value_parser = parse_size)]
+        #[arg(value_parser = cairn_engine::units::parse_size)]
         size: u64,
     },
     /// Delete a volume or snapshot.
     Delete { name: String },
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("'{s}' is not a size like 4096, 512M or 4G"))
 }
 
 fn main() -> Result<()> {
@@ -151,14 +135,7 @@ fn create(path: &Path, size: Option<u64>, cluster: u64) -> Result<()> {
     }
     let cluster = u32::try_from(cluster).context("--cluster is too large")?;
     let engine = engine()?;
-    let base = Arc::new(UringBdev::open(
-        "pool",
-        path,
-        UringOptions {
-            exclusive: true,
-            ..UringOptions::default()
-        },
-    )?);
+    let base = open_base(path)?;
     let pool = Pool::create(&engine, "pool", base, first_core()?, cluster)?;
     let info = pool.info(&engine)?;
     println!(
@@ -172,16 +149,18 @@ fn create(path: &Path, size: Option<u64>, cluster: u64) -> Result<()> {
     Ok(())
 }
 
+/// The pool file, locked so no other process opens it meanwhile.
+fn open_base(path: &Path) -> Result<Arc<UringBdev>> {
+    let options = UringOptions {
+        exclusive: true,
+        ..UringOptions::default()
+    };
+    Ok(Arc::new(UringBdev::open("pool", path, options)?))
+}
+
 fn with_pool(path: &Path, f: impl FnOnce(&Engine, &Pool) -> Result<()>) -> Result<()> {
     let engine = engine()?;
-    let base = Arc::new(UringBdev::open(
-        "pool",
-        path,
-        UringOptions {
-            exclusive: true,
-            ..UringOptions::default()
-        },
-    )?);
+    let base = open_base(path)?;
     let pool = Pool::open(&engine, "pool", base, first_core()?)
         .with_context(|| format!("opening pool {}", path.display()))?;
     let result = f(&engine, &pool);
