@@ -277,23 +277,9 @@ impl Meta {
     pub fn snapshot_prepare(&mut self, volume: &str, snapshot: &str) -> Result<u64, PoolError> {
         self.check_new_name(snapshot)?;
         let o = self.find(volume)?;
-        if o.kind != ObjectKind::Volume {
-            return Err(PoolError::WrongKind {
-                name: volume.into(),
-                kind: o.kind,
-                wanted: ObjectKind::Volume,
-            });
-        }
+        expect_kind(o, volume, ObjectKind::Volume)?;
         self.check_room(snapshot, &[], o.map.mapped().count() as u64)?;
-        for (v, p, _) in o.map.mapped() {
-            o.map.set(
-                v,
-                Entry::Mapped {
-                    cluster: p,
-                    shared: true,
-                },
-            );
-        }
+        mark_shared(&o.map);
         Ok(o.id)
     }
 
@@ -324,23 +310,11 @@ impl Meta {
     pub fn clone_snapshot(&mut self, snapshot: &str, name: &str) -> Result<u64, PoolError> {
         self.check_new_name(name)?;
         let s = self.find(snapshot)?;
-        if s.kind != ObjectKind::Snapshot {
-            return Err(PoolError::WrongKind {
-                name: snapshot.into(),
-                kind: s.kind,
-                wanted: ObjectKind::Snapshot,
-            });
-        }
+        expect_kind(s, snapshot, ObjectKind::Snapshot)?;
         self.check_room(name, &[], s.map.mapped().count() as u64)?;
         let (sid, size, map) = (s.id, s.size_bytes, copy_map(&s.map));
-        for (v, p, _) in map.mapped() {
-            map.set(
-                v,
-                Entry::Mapped {
-                    cluster: p,
-                    shared: true,
-                },
-            );
+        mark_shared(&map);
+        for (_, p, _) in map.mapped() {
             self.take_ref(p);
         }
         Ok(self.add(ObjectKind::Volume, sid, size, name, Vec::new(), map))
@@ -378,13 +352,7 @@ impl Meta {
 
     pub fn grow(&mut self, name: &str, size_bytes: u64) -> Result<(), PoolError> {
         let o = self.find(name)?;
-        if o.kind != ObjectKind::Volume {
-            return Err(PoolError::WrongKind {
-                name: name.into(),
-                kind: o.kind,
-                wanted: ObjectKind::Volume,
-            });
-        }
+        expect_kind(o, name, ObjectKind::Volume)?;
         if size_bytes < o.size_bytes {
             return Err(PoolError::ShrinkRefused {
                 name: name.into(),
@@ -559,6 +527,30 @@ impl Meta {
         } else {
             Err(problems)
         }
+    }
+}
+
+fn expect_kind(o: &Object, name: &str, wanted: ObjectKind) -> Result<(), PoolError> {
+    if o.kind == wanted {
+        return Ok(());
+    }
+    Err(PoolError::WrongKind {
+        name: name.into(),
+        kind: o.kind,
+        wanted,
+    })
+}
+
+/// Marks every mapped cluster of `map` shared: writes to them must copy first.
+fn mark_shared(map: &ClusterMap) {
+    for (v, cluster, _) in map.mapped() {
+        map.set(
+            v,
+            Entry::Mapped {
+                cluster,
+                shared: true,
+            },
+        );
     }
 }
 
