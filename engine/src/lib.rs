@@ -16,6 +16,7 @@ pub mod bdev;
 pub mod core_list;
 pub mod dma;
 pub mod engine;
+pub mod frontend;
 pub mod msg;
 pub mod reactor;
 pub mod units;

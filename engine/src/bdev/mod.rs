@@ -87,6 +87,33 @@ pub trait Bdev: Send + Sync + 'static {
 
     /// Opens this core's channel. Runs on the reactor thread that will own the channel.
     fn open_channel(&self, io: &mut IoCtx) -> Result<Box<dyn BdevChannel>, BdevError>;
+
+    /// Describes how `[offset_bytes, offset_bytes + len_bytes)` is backed, for NBD's
+    /// BLOCK_STATUS: appends extents in order, starting at `offset_bytes`, until the range is
+    /// covered or `out` holds `extents_max` entries (the caller asks again for the rest).
+    /// Callable from any thread without a message; thin devices override it. The default says
+    /// everything holds data.
+    fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        extents_max: usize,
+        out: &mut Vec<Extent>,
+    ) {
+        let _ = (offset_bytes, extents_max);
+        out.push(Extent {
+            len_bytes,
+            zero: false,
+        });
+    }
+}
+
+/// One run of blocks with the same backing, as [`Bdev::allocation`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len_bytes: u64,
+    /// Unallocated: reads return zeros and no storage is used (NBD's HOLE|ZERO).
+    pub zero: bool,
 }
 
 /// One core's path to a bdev. Driven only by the owning reactor.
