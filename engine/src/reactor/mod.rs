@@ -274,6 +274,15 @@ pub enum PollerState {
 /// Code that runs on a reactor every loop (or every `period`), like an SPDK poller.
 pub trait Poller: Send + 'static {
     fn poll(&mut self, core: &mut Core) -> PollerState;
+
+    /// Whether the reactor may sleep while this (unperiodic) poller is idle. The default, true
+    /// of load generators and anything that polls outside state, keeps the reactor awake.
+    /// A poller whose only work comes from completions posted to its owners (a socket served
+    /// through the ring) returns false after an idle poll: a completion wakes the reactor, and
+    /// the reactor runs every poller on the loop after it.
+    fn needs_poll(&self) -> bool {
+        true
+    }
 }
 
 type TimerFn = Box<dyn FnOnce(&mut Core) + Send>;
@@ -772,11 +781,13 @@ impl Reactor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let pollers = self.pollers.iter().map(|p| {
+        let pollers = self.pollers.iter().filter_map(|p| {
             if p.period.is_some() {
-                p.next_due
+                Some(p.next_due)
+            } else if p.poller.needs_poll() {
+                Some(self.core.io.now)
             } else {
-                self.core.io.now
+                None
             }
         });
         pollers.chain(self.core.next_deadline()).min()
