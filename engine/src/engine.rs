@@ -18,6 +18,7 @@ use crate::msg::{Full, MsgRing, INBOX_CAPACITY_DEFAULT};
 use crate::reactor::ring::RING_ENTRIES_DEFAULT;
 use crate::reactor::{
     BdevId, Completion, Core, IdlePolicy, Msg, Peer, Poller, QueueEntry, QueueShared, Reactor,
+    ReactorTimesCell,
 };
 use parking_lot::Mutex;
 use std::future::Future;
@@ -110,6 +111,17 @@ struct ReactorRef {
     core: CoreId,
     inbox: Arc<MsgRing<Msg>>,
     region: Arc<Region>,
+    times: Arc<ReactorTimesCell>,
+}
+
+/// Where one reactor's wall time has gone since it started (see [`Engine::reactor_times`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReactorTimes {
+    pub core: CoreId,
+    /// Loop iterations that found work.
+    pub busy_ns: u64,
+    /// Loop iterations that found none, spinning and sleeping included.
+    pub idle_ns: u64,
 }
 
 struct Shared {
@@ -201,8 +213,28 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The device behind `bdev`, for control paths that ask it directly (its size after a
+    /// grow, its allocation map).
+    pub fn bdev(&self, bdev: &BdevHandle) -> Arc<dyn Bdev> {
+        self.shared.bdevs.lock()[bdev.id.0 as usize].clone()
+    }
+
     pub fn cores(&self) -> Vec<CoreId> {
         self.shared.reactors.iter().map(|r| r.core).collect()
+    }
+
+    /// Busy and idle time of every reactor, in core order. Reads relaxed counters the
+    /// reactors keep; it sends no message and never waits for a reactor.
+    pub fn reactor_times(&self) -> Vec<ReactorTimes> {
+        self.shared
+            .reactors
+            .iter()
+            .map(|r| ReactorTimes {
+                core: r.core,
+                busy_ns: r.times.busy_ns(),
+                idle_ns: r.times.idle_ns(),
+            })
+            .collect()
     }
 
     /// Adds a bdev and opens its channel on every core. If any core fails, the channels
@@ -431,6 +463,7 @@ fn spawn_reactor(
                 core,
                 inbox,
                 region: ready.region,
+                times: ready.times,
             },
             thread,
         )),

@@ -1,10 +1,23 @@
 //! Listeners, the export table and per-export statistics of the NBD server.
 
+use super::conn::{Conn, DRAIN_MAX};
+use super::handshake::{self, ExportInfo, Exports};
+use super::proto::{tx_flag, PAYLOAD_MAX_BYTES};
+use crate::bdev::Bdev;
+use crate::core_list::CoreId;
 use crate::engine::{BdevHandle, Engine, EngineError};
-use std::net::SocketAddr;
+use crate::reactor::BdevId;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Longest a client may take over negotiation before it is disconnected.
 pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -13,7 +26,19 @@ pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 pub const HANDSHAKES_MAX_DEFAULT: usize = 64;
 /// Upper bounds (µs) of the latency histogram buckets kept per export; the last is +Inf.
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
-    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    100_000,
+    250_000,
+    1_000_000,
     u64::MAX,
 ];
 
@@ -100,22 +125,415 @@ pub enum NbdError {
     Engine(#[from] EngineError),
 }
 
+/// How often an idle listener looks at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// How long shutdown and export removal wait for connections beyond their own drain limit.
+const CLOSE_SLACK: Duration = Duration::from_secs(5);
+
+/// What a request was, for the statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StatOp {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    BlockStatus,
+    Other,
+}
+
+/// One core's counters for one export. Only that core's reactor writes them (plain load and
+/// store, no read-modify-write), so the I/O path touches no contended cache line; readers sum
+/// them with relaxed loads.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct CoreStats {
+    ops: [AtomicU64; 7],
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    latency_sum_us: AtomicU64,
+}
+
+#[inline]
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+}
+
+impl CoreStats {
+    #[inline]
+    pub(crate) fn record(&self, op: StatOp, moved_bytes: u64, latency_us: u64, error: bool) {
+        bump(&self.ops[op as usize], 1);
+        match op {
+            StatOp::Read => bump(&self.bytes_read, moved_bytes),
+            StatOp::Write => bump(&self.bytes_written, moved_bytes),
+            _ => {}
+        }
+        if error {
+            bump(&self.errors, 1);
+        }
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&le| latency_us <= le)
+            .unwrap_or(LATENCY_BUCKETS_US.len() - 1);
+        bump(&self.latency[bucket], 1);
+        bump(&self.latency_sum_us, latency_us);
+    }
+
+    fn add_to(&self, out: &mut ExportStats) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.reads += get(&self.ops[StatOp::Read as usize]);
+        out.writes += get(&self.ops[StatOp::Write as usize]);
+        out.flushes += get(&self.ops[StatOp::Flush as usize]);
+        out.trims += get(&self.ops[StatOp::Trim as usize]);
+        out.write_zeroes += get(&self.ops[StatOp::WriteZeroes as usize]);
+        out.block_status += get(&self.ops[StatOp::BlockStatus as usize]);
+        out.bytes_read += get(&self.bytes_read);
+        out.bytes_written += get(&self.bytes_written);
+        out.errors += get(&self.errors);
+        for (o, c) in out.latency_buckets.iter_mut().zip(&self.latency) {
+            *o += get(c);
+        }
+        out.latency_sum_us += get(&self.latency_sum_us);
+    }
+}
+
+/// One export as connections see it.
+pub(crate) struct ExportEntry {
+    pub(crate) name: String,
+    pub(crate) bdev_id: BdevId,
+    pub(crate) bdev: Arc<dyn Bdev>,
+    pub(crate) options: ExportOptions,
+    /// Set when the export is removed: its connections drain and close.
+    pub(crate) closed: AtomicBool,
+    pub(crate) connections: AtomicU32,
+    /// Indexed by core number.
+    stats: Box<[CoreStats]>,
+}
+
+impl ExportEntry {
+    #[inline]
+    pub(crate) fn core_stats(&self, core: u32) -> &CoreStats {
+        &self.stats[core as usize]
+    }
+
+    fn info(&self) -> ExportInfo {
+        let info = self.bdev.info();
+        let read_only = info.read_only || self.options.read_only;
+        let mut flags = tx_flag::HAS_FLAGS
+            | tx_flag::SEND_FLUSH
+            | tx_flag::SEND_FUA
+            | tx_flag::SEND_WRITE_ZEROES
+            | tx_flag::SEND_FAST_ZERO
+            | tx_flag::CAN_MULTI_CONN;
+        if info.can_trim {
+            flags |= tx_flag::SEND_TRIM;
+        }
+        if read_only {
+            flags |= tx_flag::READ_ONLY;
+        }
+        ExportInfo {
+            name: self.name.clone(),
+            description: self.options.description.clone(),
+            size_bytes: self.bdev.size_bytes(),
+            transmission_flags: flags,
+            block_size_min: info.block_size_bytes,
+            block_size_preferred: info.block_size_bytes.max(4096),
+            block_size_max: PAYLOAD_MAX_BYTES,
+        }
+    }
+
+    fn status(&self) -> ExportStatus {
+        let mut stats = ExportStats::default();
+        self.stats.iter().for_each(|c| c.add_to(&mut stats));
+        ExportStatus {
+            name: self.name.clone(),
+            bdev: self.bdev.info().name.clone(),
+            size_bytes: self.bdev.size_bytes(),
+            read_only: self.bdev.info().read_only || self.options.read_only,
+            connections: self.connections.load(Ordering::Relaxed),
+            stats,
+        }
+    }
+}
+
+/// What listeners, handshake threads and connections share.
+pub(crate) struct ServerShared {
+    engine: Arc<Engine>,
+    config: NbdConfig,
+    exports: RwLock<HashMap<String, Arc<ExportEntry>>>,
+    pub(crate) stopping: AtomicBool,
+    /// Negotiated connections alive, on any core.
+    pub(crate) connections: AtomicU32,
+    handshakes: AtomicUsize,
+    next_core: AtomicUsize,
+    cores: Vec<CoreId>,
+}
+
+impl Exports for ServerShared {
+    fn get(&self, name: &str) -> Option<ExportInfo> {
+        self.exports.read().get(name).map(|e| e.info())
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        let mut all: Vec<_> = self.exports.read().values().map(|e| e.info()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+}
+
+impl ServerShared {
+    /// Sends every reactor an empty message so connections notice a flag set from outside.
+    fn wake_reactors(&self) {
+        for core in &self.cores {
+            if let Err(e) = self.engine.call(*core, |_| ()) {
+                tracing::debug!(core = core.get(), error = %e, "could not wake reactor");
+            }
+        }
+    }
+
+    fn wait_until(&self, limit: Duration, done: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + limit;
+        while !done() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Negotiates with one client and hands the connection to a reactor.
+    fn serve_client<S: Read + Write + Into<OwnedFd>>(self: &Arc<Self>, mut stream: S, peer: &str) {
+        let negotiated = match handshake::negotiate(&mut stream, &**self) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(peer, error = %e, "NBD negotiation failed");
+                return;
+            }
+        };
+        let Some(export) = self.exports.read().get(&negotiated.export.name).cloned() else {
+            tracing::info!(peer, export = %negotiated.export.name, "export removed during negotiation");
+            return;
+        };
+        if export.closed.load(Ordering::Relaxed) || self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let fd: OwnedFd = stream.into();
+        clear_timeouts(&fd);
+        let conn = match Conn::new(
+            fd,
+            export,
+            self.clone(),
+            negotiated.structured_replies,
+            negotiated.base_allocation,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer, error = %e, "no memory for an NBD connection");
+                return;
+            }
+        };
+        let core = self.cores[self.next_core.fetch_add(1, Ordering::Relaxed) % self.cores.len()];
+        tracing::debug!(peer, export = %negotiated.export.name, core = core.get(), "NBD client connected");
+        if let Err(e) = self.engine.spawn_poller(core, Box::new(conn), None) {
+            tracing::warn!(peer, error = %e, "could not hand the NBD connection to a reactor");
+        }
+    }
+
+    /// Starts a handshake thread for an accepted client, unless too many are negotiating.
+    fn accept<S>(self: &Arc<Self>, stream: S, peer: String)
+    where
+        S: Read + Write + Into<OwnedFd> + Send + 'static,
+    {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let busy = self.handshakes.fetch_add(1, Ordering::AcqRel);
+        if busy >= self.config.handshakes_max {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                peer,
+                limit = self.config.handshakes_max,
+                "too many clients negotiating; disconnecting one"
+            );
+            return;
+        }
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-handshake".into())
+            .spawn(move || {
+                shared.serve_client(stream, &peer);
+                shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(error = %e, "could not start an NBD handshake thread");
+        }
+    }
+}
+
+/// Restores blocking, timeout-free behaviour once negotiation is over; io_uring drives the
+/// socket from here on.
+fn clear_timeouts(fd: &OwnedFd) {
+    let zero = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt reads a timeval from a live local; the fd is ours and open.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&zero as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+    }
+}
+
+/// Waits up to [`ACCEPT_POLL`] for `fd` to have a client to accept.
+fn readable(fd: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd in a live local.
+    let n = unsafe { libc::poll(&mut pfd, 1, ACCEPT_POLL.as_millis() as i32) };
+    n > 0
+}
+
+fn tcp_loop(shared: Arc<ServerShared>, listener: TcpListener) {
+    while !shared.stopping.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd()) {
+            continue;
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let timeout = Some(shared.config.handshake_timeout);
+                let setup = stream
+                    .set_nodelay(true)
+                    .and_then(|()| stream.set_read_timeout(timeout))
+                    .and_then(|()| stream.set_write_timeout(timeout));
+                match setup {
+                    Ok(()) => shared.accept(stream, peer.to_string()),
+                    Err(e) => tracing::info!(%peer, error = %e, "NBD client socket setup failed"),
+                }
+            }
+            Err(e) => accept_failed(&e),
+        }
+    }
+}
+
+fn unix_loop(shared: Arc<ServerShared>, listener: UnixListener) {
+    while !shared.stopping.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd()) {
+            continue;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let timeout = Some(shared.config.handshake_timeout);
+                let setup = stream
+                    .set_read_timeout(timeout)
+                    .and_then(|()| stream.set_write_timeout(timeout));
+                match setup {
+                    Ok(()) => shared.accept(stream, "unix".to_string()),
+                    Err(e) => tracing::info!(error = %e, "NBD client socket setup failed"),
+                }
+            }
+            Err(e) => accept_failed(&e),
+        }
+    }
+}
+
+fn accept_failed(e: &std::io::Error) {
+    tracing::warn!(error = %e, "NBD accept failed");
+    // Out of fds or memory: give the system a moment instead of spinning on the error.
+    std::thread::sleep(ACCEPT_POLL);
+}
+
+/// Binds a unix socket, replacing a stale socket file but never a live server's.
+fn bind_unix(path: &PathBuf) -> Result<UnixListener, NbdError> {
+    let bind_err = |source| NbdError::Bind {
+        addr: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(bind_err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another server is listening on this socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    UnixListener::bind(path).map_err(bind_err)
+}
+
 /// A running NBD server. Dropping it without [`NbdServer::shutdown`] also shuts it down.
 pub struct NbdServer {
-    engine: Arc<Engine>,
+    shared: Arc<ServerShared>,
+    listeners: Vec<JoinHandle<()>>,
+    tcp_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("tcp", &self.tcp_addr)
+            .field("unix", &self.shared.config.unix)
+            .finish()
+    }
 }
 
 impl NbdServer {
     /// Binds the configured listeners and starts accepting. A port that is taken or a live
     /// unix socket is an error naming the address.
     pub fn start(engine: Arc<Engine>, config: NbdConfig) -> Result<NbdServer, NbdError> {
-        let _ = (&engine, config);
-        unimplemented!("NBD server is being written")
+        let tcp = match config.tcp {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| NbdError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let unix = config.unix.as_ref().map(bind_unix).transpose()?;
+        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let cores = engine.cores();
+        let shared = Arc::new(ServerShared {
+            engine,
+            config,
+            exports: RwLock::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            connections: AtomicU32::new(0),
+            handshakes: AtomicUsize::new(0),
+            next_core: AtomicUsize::new(0),
+            cores,
+        });
+        let mut listeners = Vec::new();
+        if let Some(l) = tcp {
+            let s = shared.clone();
+            listeners.push(spawn_listener("nbd-tcp", move || tcp_loop(s, l))?);
+        }
+        if let Some(l) = unix {
+            let s = shared.clone();
+            listeners.push(spawn_listener("nbd-unix", move || unix_loop(s, l))?);
+        }
+        Ok(NbdServer {
+            shared,
+            listeners,
+            tcp_addr,
+        })
     }
 
     /// The TCP address actually bound (the real port when the config asked for port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        unimplemented!()
+        self.tcp_addr
     }
 
     /// Offers `bdev` as export `name` to new connections.
@@ -125,24 +543,127 @@ impl NbdServer {
         bdev: &BdevHandle,
         options: ExportOptions,
     ) -> Result<(), NbdError> {
-        let _ = (name, bdev, options, &self.engine);
-        unimplemented!()
+        check_name(name)?;
+        let mut exports = self.shared.exports.write();
+        if exports.contains_key(name) {
+            return Err(NbdError::ExportExists { name: name.into() });
+        }
+        let cores = self.shared.cores.iter().map(|c| c.get()).max().unwrap_or(0) as usize + 1;
+        let entry = ExportEntry {
+            name: name.into(),
+            bdev_id: bdev.id(),
+            bdev: self.shared.engine.bdev(bdev),
+            options,
+            closed: AtomicBool::new(false),
+            connections: AtomicU32::new(0),
+            stats: (0..cores).map(|_| CoreStats::default()).collect(),
+        };
+        exports.insert(name.into(), Arc::new(entry));
+        Ok(())
     }
 
     /// Stops offering `name`, disconnects its clients after their in-flight requests are
     /// answered, and returns once no connection uses the bdev (so it can be closed).
     pub fn remove_export(&self, name: &str) -> Result<(), NbdError> {
-        let _ = name;
-        unimplemented!()
+        let entry = self
+            .shared
+            .exports
+            .write()
+            .remove(name)
+            .ok_or_else(|| NbdError::NoSuchExport { name: name.into() })?;
+        entry.closed.store(true, Ordering::Relaxed);
+        self.shared.wake_reactors();
+        let waited = DRAIN_MAX + CLOSE_SLACK;
+        let gone = self
+            .shared
+            .wait_until(waited, || entry.connections.load(Ordering::Relaxed) == 0);
+        if !gone {
+            return Err(NbdError::StillConnected {
+                name: name.into(),
+                connections: entry.connections.load(Ordering::Relaxed),
+                waited,
+            });
+        }
+        Ok(())
     }
 
     pub fn exports(&self) -> Vec<ExportStatus> {
-        unimplemented!()
+        let mut all: Vec<_> = self
+            .shared
+            .exports
+            .read()
+            .values()
+            .map(|e| e.status())
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// Stops the listeners, lets every connection answer what it has in flight, closes them,
     /// and returns when all are gone (or after the drain limit, saying so in the log).
-    pub fn shutdown(self) {
-        unimplemented!()
+    pub fn shutdown(mut self) {
+        self.stop();
     }
+
+    fn stop(&mut self) {
+        let shared = &self.shared;
+        if shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for l in self.listeners.drain(..) {
+            let _ = l.join();
+        }
+        let limit = shared.config.handshake_timeout + CLOSE_SLACK;
+        if !shared.wait_until(limit, || shared.handshakes.load(Ordering::Acquire) == 0) {
+            tracing::warn!("NBD handshakes still running at shutdown");
+        }
+        shared.wake_reactors();
+        let drained = shared.wait_until(DRAIN_MAX + CLOSE_SLACK, || {
+            shared.connections.load(Ordering::Relaxed) == 0
+        });
+        if !drained {
+            tracing::error!(
+                connections = shared.connections.load(Ordering::Relaxed),
+                "NBD connections still open after the drain limit"
+            );
+        }
+        if let Some(path) = &shared.config.unix {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_listener(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, NbdError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| NbdError::Bind {
+            addr: name.into(),
+            source,
+        })
+}
+
+fn check_name(name: &str) -> Result<(), NbdError> {
+    let why = if name.is_empty() {
+        "empty"
+    } else if name.len() > super::proto::STRING_MAX_BYTES {
+        "longer than 4096 bytes"
+    } else if name.chars().any(char::is_control) {
+        "contains control characters"
+    } else {
+        return Ok(());
+    };
+    Err(NbdError::BadExportName {
+        name: name.chars().take(64).collect(),
+        why,
+    })
 }
