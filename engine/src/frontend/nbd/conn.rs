@@ -54,6 +54,9 @@ pub const IOV_BATCH_MAX: usize = 128;
 pub const DRAIN_MAX: Duration = Duration::from_secs(5);
 /// Extents in one BLOCK_STATUS reply; the client asks again for the rest.
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
+/// Reply memory a free slot keeps for reuse. Larger buffers (from large reads) are released
+/// when their reply has been sent, so an idle connection holds little memory.
+pub const SLOT_DATA_KEEP_BYTES: usize = 1 << 20;
 
 const _: () = assert!(RX_BUF_BYTES >= REQUEST_BYTES + CHUNK_MAX_BYTES as usize);
 const _: () = assert!(SLOTS_MAX < u16::MAX as usize);
@@ -386,6 +389,9 @@ impl Conn {
         self.reply_bytes -= slot.reserved;
         slot.reserved = 0;
         slot.data_len = 0;
+        if slot.data.capacity() > SLOT_DATA_KEEP_BYTES {
+            slot.data = Vec::new();
+        }
         self.free_slots.push(s);
     }
 

@@ -7,11 +7,11 @@ use crate::bdev::Bdev;
 use crate::core_list::CoreId;
 use crate::engine::{BdevHandle, Engine, EngineError};
 use crate::reactor::BdevId;
-use parking_lot::RwLock;
-use std::collections::HashMap;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -267,6 +267,9 @@ pub(crate) struct ServerShared {
     /// Negotiated connections alive, on any core.
     pub(crate) connections: AtomicU32,
     handshakes: AtomicUsize,
+    /// Sockets in negotiation, so a stopping server can cut them short instead of waiting
+    /// for their timeout. An fd leaves the set (under the lock) before anything closes it.
+    negotiating: Mutex<HashSet<RawFd>>,
     next_core: AtomicUsize,
     cores: Vec<CoreId>,
 }
@@ -305,8 +308,13 @@ impl ServerShared {
     }
 
     /// Negotiates with one client and hands the connection to a reactor.
-    fn serve_client<S: Read + Write + Into<OwnedFd>>(self: &Arc<Self>, mut stream: S, peer: &str) {
-        let negotiated = match handshake::negotiate(&mut stream, &**self) {
+    fn serve_client<S>(self: &Arc<Self>, mut stream: S, peer: &str)
+    where
+        S: Read + Write + AsRawFd + Into<OwnedFd>,
+    {
+        let result = handshake::negotiate(&mut stream, &**self);
+        self.negotiating.lock().remove(&stream.as_raw_fd());
+        let negotiated = match result {
             Ok(Some(n)) => n,
             Ok(None) => return,
             Err(e) => {
@@ -346,7 +354,7 @@ impl ServerShared {
     /// Starts a handshake thread for an accepted client, unless too many are negotiating.
     fn accept<S>(self: &Arc<Self>, stream: S, peer: String)
     where
-        S: Read + Write + Into<OwnedFd> + Send + 'static,
+        S: Read + Write + AsRawFd + Into<OwnedFd> + Send + 'static,
     {
         if self.stopping.load(Ordering::Relaxed) {
             return;
@@ -361,6 +369,8 @@ impl ServerShared {
             );
             return;
         }
+        let fd = stream.as_raw_fd();
+        self.negotiating.lock().insert(fd);
         let shared = self.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
@@ -369,6 +379,8 @@ impl ServerShared {
                 shared.handshakes.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
+            // The closure, and the stream in it, were dropped: forget the fd first.
+            self.negotiating.lock().remove(&fd);
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(error = %e, "could not start an NBD handshake thread");
         }
@@ -512,6 +524,7 @@ impl NbdServer {
             stopping: AtomicBool::new(false),
             connections: AtomicU32::new(0),
             handshakes: AtomicUsize::new(0),
+            negotiating: Mutex::new(HashSet::new()),
             next_core: AtomicUsize::new(0),
             cores,
         });
@@ -612,6 +625,11 @@ impl NbdServer {
         }
         for l in self.listeners.drain(..) {
             let _ = l.join();
+        }
+        for fd in shared.negotiating.lock().iter() {
+            // SAFETY: every fd in the set is an open socket owned by a handshake thread, which
+            // removes it under this lock before closing it; shutdown only ends its I/O.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
         let limit = shared.config.handshake_timeout + CLOSE_SLACK;
         if !shared.wait_until(limit, || shared.handshakes.load(Ordering::Acquire) == 0) {
