@@ -25,6 +25,7 @@ pub mod volume;
 pub use bdev::{Bdev, BdevInfo, IoError, IoOp};
 pub use core_list::{CoreId, CoreList};
 pub use engine::{
-    BdevHandle, BufId, Engine, EngineConfig, EngineError, IoQueue, QueueCompletion, Request,
+    BdevHandle, BufId, Engine, EngineConfig, EngineError, IoQueue, QueueCompletion, ReactorTimes,
+    Request,
 };
 pub use reactor::{Core, IdlePolicy, Poller, PollerState};

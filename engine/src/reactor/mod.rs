@@ -19,6 +19,7 @@ use crate::dma::{BufPool, DmaBuf};
 use crate::msg::MsgRing;
 use ring::{Ring, Route};
 use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,36 @@ pub const SPIN_DEFAULT: Duration = Duration::from_micros(50);
 impl Default for IdlePolicy {
     fn default() -> Self {
         IdlePolicy::Sleep { spin: SPIN_DEFAULT }
+    }
+}
+
+/// Where one reactor's wall time went: loop iterations that found work count as busy, the
+/// rest (spinning and sleeping included) as idle. Written only by the reactor's own thread,
+/// so the counters are plain relaxed load+store pairs, never contended read-modify-writes;
+/// any thread may read them (for metrics), seeing values at most one iteration old.
+#[derive(Debug, Default)]
+pub struct ReactorTimesCell {
+    busy_ns: AtomicU64,
+    idle_ns: AtomicU64,
+}
+
+impl ReactorTimesCell {
+    /// Adds one iteration's duration. Only the owning reactor calls this.
+    fn account(&self, busy: bool, elapsed: Duration) {
+        let counter = if busy { &self.busy_ns } else { &self.idle_ns };
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(ns),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn busy_ns(&self) -> u64 {
+        self.busy_ns.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_ns(&self) -> u64 {
+        self.idle_ns.load(Ordering::Relaxed)
     }
 }
 
@@ -524,12 +555,14 @@ pub(crate) struct Reactor {
     queues: Vec<QueueBridge>,
     inbox: Arc<MsgRing<Msg>>,
     idle: IdlePolicy,
+    times: Arc<ReactorTimesCell>,
 }
 
 /// What a reactor reports when it comes up.
 #[derive(Clone, Debug)]
 pub(crate) struct ReactorReady {
     pub(crate) region: Arc<crate::dma::Region>,
+    pub(crate) times: Arc<ReactorTimesCell>,
 }
 
 impl Reactor {
@@ -563,8 +596,10 @@ impl Reactor {
             fixed,
             "reactor started"
         );
+        let times = Arc::new(ReactorTimesCell::default());
         let ready = ReactorReady {
             region: pool.region().clone(),
+            times: times.clone(),
         };
         let io = IoCtx {
             ring,
@@ -587,6 +622,7 @@ impl Reactor {
             queues: Vec::new(),
             inbox,
             idle: config.idle,
+            times,
         };
         Ok((reactor, ready))
     }
@@ -652,10 +688,20 @@ impl Reactor {
         self.arm_doorbell(doorbell);
         let mut last_work = Instant::now();
         let mut stop_at: Option<Instant> = None;
+        // The loop's one clock read also closes the previous iteration, which is charged to
+        // busy or idle by whether it found work (its spin or sleep included).
+        let mut iteration_start = last_work;
+        let mut iteration_busy = false;
         loop {
             let now = Instant::now();
+            self.times.account(
+                iteration_busy,
+                now.saturating_duration_since(iteration_start),
+            );
+            iteration_start = now;
             self.core.io.now = now;
             let work = self.run_once(doorbell);
+            iteration_busy = work > 0;
             if self.core.stopping {
                 let deadline = *stop_at.get_or_insert(now + SHUTDOWN_DRAIN_MAX);
                 if self.drained() {
