@@ -1,0 +1,15 @@
+//! Generates the admin API (server and client) from proto/admin.proto with the protoc that
+//! ships inside the protoc-bin-vendored crate, so no system protoc is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/admin.proto");
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build runs the protoc named by PROTOC; a build script is single-threaded, so
+    // setting the variable here races nothing.
+    std::env::set_var("PROTOC", protoc);
+    tonic_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["proto/admin.proto"], &["proto"])?;
+    Ok(())
+}

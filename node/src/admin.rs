@@ -1,0 +1,229 @@
+//! The gRPC admin service (`cairn.node.v1.NodeAdmin`, node/proto/admin.proto).
+//!
+//! Each method runs its [`Node`] operation in `spawn_blocking`, since every one waits on
+//! engine round trips, and maps [`NodeError`] to a status code in one place
+//! ([`status_of`]): the message is the error's own, which names the object.
+
+use crate::node::{Node, NodeError};
+use crate::proto as pb;
+use crate::proto::node_admin_server::NodeAdmin;
+use cairn_engine::frontend::nbd::NbdError;
+use cairn_engine::volume::PoolError;
+use std::sync::Arc;
+use tonic::{Code, Request, Response, Status};
+
+/// The service; clone-cheap, one per server.
+#[derive(Clone)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> AdminService {
+        AdminService { node }
+    }
+
+    pub fn into_server(self) -> pb::node_admin_server::NodeAdminServer<AdminService> {
+        pb::node_admin_server::NodeAdminServer::new(self)
+    }
+
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Node) -> Result<R, NodeError> + Send + 'static,
+    ) -> Result<Response<R>, Status> {
+        let node = self.node.clone();
+        match tokio::task::spawn_blocking(move || f(&node)).await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            Ok(Err(e)) => Err(status_of(&e)),
+            Err(e) => Err(Status::internal(format!("admin operation panicked: {e}"))),
+        }
+    }
+}
+
+/// The status code a client sees for `e`.
+pub fn code_of(e: &NodeError) -> Code {
+    match e {
+        NodeError::NoSuchPool { .. }
+        | NodeError::NoSuchObject { .. }
+        | NodeError::NoSuchExport { .. } => Code::NotFound,
+        NodeError::ExportExists { .. } | NodeError::PoolExists { .. } => Code::AlreadyExists,
+        NodeError::Ambiguous { .. } => Code::InvalidArgument,
+        NodeError::Exported { .. } | NodeError::NbdDisabled => Code::FailedPrecondition,
+        NodeError::ShuttingDown => Code::Unavailable,
+        NodeError::Pool { source, .. } => pool_code(source),
+        NodeError::Malloc { .. } => Code::InvalidArgument,
+        NodeError::Nbd(e) => nbd_code(e),
+        NodeError::Engine(_) => Code::Internal,
+    }
+}
+
+fn pool_code(e: &PoolError) -> Code {
+    match e {
+        PoolError::NotFound { .. } => Code::NotFound,
+        PoolError::DuplicateName { .. } => Code::AlreadyExists,
+        PoolError::BadName { .. }
+        | PoolError::BadLabels { .. }
+        | PoolError::BadSize { .. }
+        | PoolError::ShrinkRefused { .. }
+        | PoolError::WrongKind { .. } => Code::InvalidArgument,
+        PoolError::HasDependants { .. } | PoolError::VolumeOpen { .. } => Code::FailedPrecondition,
+        PoolError::NoSpace { .. }
+        | PoolError::MetadataFull { .. }
+        | PoolError::TooManyObjects { .. } => Code::ResourceExhausted,
+        _ => Code::Internal,
+    }
+}
+
+fn nbd_code(e: &NbdError) -> Code {
+    match e {
+        NbdError::ExportExists { .. } => Code::AlreadyExists,
+        NbdError::NoSuchExport { .. } => Code::NotFound,
+        NbdError::BadExportName { .. } => Code::InvalidArgument,
+        NbdError::StillConnected { .. } => Code::FailedPrecondition,
+        _ => Code::Internal,
+    }
+}
+
+pub fn status_of(e: &NodeError) -> Status {
+    Status::new(code_of(e), e.to_string())
+}
+
+fn required(what: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{what} is required")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl NodeAdmin for AdminService {
+    async fn list_pools(
+        &self,
+        _: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        self.run(|n| n.list_pools().map(|pools| pb::ListPoolsResponse { pools }))
+            .await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |n| {
+            n.list_volumes(&r.pool)
+                .map(|volumes| pb::ListVolumesResponse { volumes })
+        })
+        .await
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        if r.size_bytes == 0 {
+            return Err(Status::invalid_argument(format!(
+                "size_bytes of volume '{}' must be above 0",
+                r.name
+            )));
+        }
+        let labels = r.labels.into_iter().map(|l| (l.key, l.value)).collect();
+        self.run(move |n| n.create_volume(&r.name, r.size_bytes, &r.pool, labels))
+            .await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| {
+            n.delete_volume(&r.name, &r.pool)
+                .map(|()| pb::DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn grow_volume(
+        &self,
+        req: Request<pb::GrowVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.grow_volume(&r.name, r.size_bytes, &r.pool))
+            .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        required("volume", &r.volume)?;
+        required("name", &r.name)?;
+        self.run(move |n| n.create_snapshot(&r.volume, &r.name, &r.pool))
+            .await
+    }
+
+    async fn create_clone(
+        &self,
+        req: Request<pb::CreateCloneRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        required("snapshot", &r.snapshot)?;
+        required("name", &r.name)?;
+        self.run(move |n| n.create_clone(&r.snapshot, &r.name, &r.pool))
+            .await
+    }
+
+    async fn export(&self, req: Request<pb::ExportRequest>) -> Result<Response<pb::ExportInfo>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only))
+            .await
+    }
+
+    async fn unexport(
+        &self,
+        req: Request<pb::UnexportRequest>,
+    ) -> Result<Response<pb::UnexportResponse>, Status> {
+        let r = req.into_inner();
+        required("export_name", &r.export_name)?;
+        self.run(move |n| n.unexport(&r.export_name).map(|()| pb::UnexportResponse {}))
+            .await
+    }
+
+    async fn list_exports(
+        &self,
+        _: Request<pb::ListExportsRequest>,
+    ) -> Result<Response<pb::ListExportsResponse>, Status> {
+        self.run(|n| {
+            n.list_exports()
+                .map(|exports| pb::ListExportsResponse { exports })
+        })
+        .await
+    }
+
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        self.run(|n| {
+            let exports = n.list_exports()?;
+            let reactors = n
+                .reactor_times()
+                .into_iter()
+                .map(|r| pb::ReactorTimes {
+                    core: r.core.get(),
+                    busy_ns: r.busy_ns,
+                    idle_ns: r.idle_ns,
+                })
+                .collect();
+            Ok(pb::StatsResponse { exports, reactors })
+        })
+        .await
+    }
+}

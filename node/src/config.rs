@@ -1,0 +1,475 @@
+//! The one configuration of a cairn-node process: [`NodeConfig`], loaded from a TOML file
+//! (`--config FILE`) and then overridden by command-line flags ([`Cli`]).
+//!
+//! Scalar flags replace the file's value; repeatable flags (`--pool`, `--volume`,
+//! `--malloc`) add to the file's lists. Everything is validated here, before any engine,
+//! pool or socket exists, so a bad spec is refused without side effects.
+
+use cairn_engine::engine::BUF_COUNT_DEFAULT;
+use cairn_engine::reactor::SPIN_DEFAULT;
+use cairn_engine::units::parse_size;
+use cairn_engine::{CoreList, IdlePolicy};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Default NBD listener (the IANA port for NBD).
+pub const NBD_LISTEN_DEFAULT: &str = "127.0.0.1:10809";
+/// Default gRPC admin listener.
+pub const ADMIN_LISTEN_DEFAULT: &str = "127.0.0.1:10810";
+/// Default Prometheus listener.
+pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:9810";
+/// Default data directory (relative to the working directory).
+pub const DATA_DIR_DEFAULT: &str = "./cairn-data";
+/// Size of the sparse `pool0.img` created in a fresh data directory; capped by the
+/// filesystem's free space (see [`POOL0_FREE_MARGIN_BYTES`]).
+pub const POOL0_SIZE_DEFAULT_BYTES: u64 = 16 << 30;
+/// Free space left to the filesystem when sizing a new `pool0.img`: the file is sparse, but
+/// a pool that claims more than the disk can hold fails writes later, so never promise that.
+pub const POOL0_FREE_MARGIN_BYTES: u64 = 1 << 30;
+/// Smallest `pool0.img` worth creating; less free space than this (after the margin) is an
+/// error at start.
+pub const POOL0_SIZE_MIN_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{what} '{spec}' is invalid: {why}")]
+    BadSpec {
+        what: &'static str,
+        spec: String,
+        why: String,
+    },
+    #[error("cores '{cores}': {why}")]
+    BadCores { cores: String, why: String },
+    #[error("{what} '{value}' is not an address like 127.0.0.1:10809")]
+    BadAddr { what: &'static str, value: String },
+    #[error("'{name}' is named twice (by {first} and {second}); names must be unique")]
+    DuplicateName {
+        name: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// What a reactor does with no work: `sleep` spins briefly then sleeps in the kernel; `poll`
+/// never sleeps (for cores dedicated to Cairn).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleMode {
+    #[default]
+    Sleep,
+    Poll,
+}
+
+impl IdleMode {
+    pub fn policy(self) -> IdlePolicy {
+        match self {
+            IdleMode::Sleep => IdlePolicy::Sleep {
+                spin: SPIN_DEFAULT,
+            },
+            IdleMode::Poll => IdlePolicy::Poll,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `NAME:SIZE`, as given to `--volume` and `--malloc`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct NamedSize {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+impl FromStr for NamedSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<NamedSize, String> {
+        let (name, size) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{s}' is not NAME:SIZE (like pg:10G)"))?;
+        if name.is_empty() {
+            return Err(format!("'{s}' has an empty name"));
+        }
+        let size_bytes = parse_size(size)?;
+        if size_bytes == 0 {
+            return Err(format!("'{s}' has size 0"));
+        }
+        Ok(NamedSize {
+            name: name.to_string(),
+            size_bytes,
+        })
+    }
+}
+
+impl TryFrom<String> for NamedSize {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<NamedSize, String> {
+        s.parse()
+    }
+}
+
+/// A byte size written `"16G"` in TOML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Size(pub u64);
+
+impl TryFrom<String> for Size {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Size, String> {
+        parse_size(&s).map(Size)
+    }
+}
+
+/// Everything a cairn-node process is told. Field names are the TOML keys.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Reactor cores, like `0`, `0,1` or `2-5`.
+    pub cores: String,
+    /// Holds `pool0.img`, created (sparse) and formatted when missing.
+    pub data_dir: PathBuf,
+    /// Size of a newly created `pool0.img` (default [`POOL0_SIZE_DEFAULT_BYTES`], capped by
+    /// free space).
+    pub pool0_size: Option<Size>,
+    /// Extra pool files or devices, already formatted (`cairn-pool PATH create`); each is
+    /// named after its file stem.
+    pub pools: Vec<PathBuf>,
+    /// Volumes to create in the first pool when missing, and export under their names.
+    pub volumes: Vec<NamedSize>,
+    /// RAM bdevs to create and export under their names (contents are lost at exit).
+    pub mallocs: Vec<NamedSize>,
+    /// NBD TCP listener; `off` disables the NBD frontend entirely.
+    pub nbd_listen: String,
+    /// Additional NBD unix-socket listener.
+    pub nbd_socket: Option<PathBuf>,
+    pub admin_listen: String,
+    pub metrics_listen: String,
+    pub idle: IdleMode,
+    pub log_format: LogFormat,
+    /// DMA buffers per core (each of the engine's buffer size, 128 KiB by default).
+    pub buf_count: u32,
+    /// Use 2 MiB huge pages for buffers when the system has them.
+    pub huge_pages: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            cores: "0".into(),
+            data_dir: DATA_DIR_DEFAULT.into(),
+            pool0_size: None,
+            pools: Vec::new(),
+            volumes: Vec::new(),
+            mallocs: Vec::new(),
+            nbd_listen: NBD_LISTEN_DEFAULT.into(),
+            nbd_socket: None,
+            admin_listen: ADMIN_LISTEN_DEFAULT.into(),
+            metrics_listen: METRICS_LISTEN_DEFAULT.into(),
+            idle: IdleMode::Sleep,
+            log_format: LogFormat::Text,
+            buf_count: BUF_COUNT_DEFAULT,
+            huge_pages: true,
+        }
+    }
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  # A pool in ./cairn-data (16 GiB sparse, created on first start) with one exported volume:
+  cairn-node --volume pg:10G
+
+  # RAM-backed export for benchmarks (compare with nbdkit memory), polling on core 1:
+  cairn-node --cores 1 --idle poll --malloc bench:4G --nbd-socket /tmp/cairn.sock
+
+  # Settings from a file, one flag overriding it:
+  cairn-node --config /etc/cairn/node.toml --admin-listen 0.0.0.0:10810
+
+  # Then, from another shell:
+  cairnctl node volume ls
+  nbdinfo nbd://127.0.0.1:10809/pg
+
+Config file (TOML; every key optional, flags override, repeatable flags add):
+  cores = \"0\"
+  data_dir = \"/var/lib/cairn\"
+  pool0_size = \"100G\"
+  pools = [\"/dev/nvme1n1\"]
+  volumes = [\"pg:10G\"]
+  mallocs = [\"bench:1G\"]
+  nbd_listen = \"127.0.0.1:10809\"      # \"off\" disables NBD
+  nbd_socket = \"/run/cairn/nbd.sock\"
+  admin_listen = \"127.0.0.1:10810\"
+  metrics_listen = \"127.0.0.1:9810\"
+  idle = \"sleep\"                      # or \"poll\"
+  log_format = \"text\"                 # or \"json\"
+  buf_count = 256
+  huge_pages = true
+
+Once listening, it prints one line to stdout:
+  cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR exports=A,B
+SIGTERM or SIGINT drains NBD clients, closes volumes and pools durably, and exits 0.
+Log level: RUST_LOG (default info).";
+
+/// Command-line flags; each one given overrides (or, when repeatable, extends) the config.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "cairn-node",
+    version,
+    about = "Cairn's per-node data plane: reactors, pools, volumes, NBD exports, admin API and metrics",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// TOML config file; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Reactor cores, like `0`, `0,1` or `2-5` [default: 0].
+    #[arg(long, value_name = "LIST")]
+    pub cores: Option<String>,
+    /// Directory holding pool0.img, created and formatted when missing [default: ./cairn-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Size of a newly created pool0.img [default: 16G, capped by free space minus 1 GiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub pool0_size: Option<u64>,
+    /// Extra formatted pool file or device to open (repeatable); named after its file stem.
+    #[arg(long = "pool", value_name = "PATH")]
+    pub pools: Vec<PathBuf>,
+    /// Volume NAME of SIZE: created in the first pool when missing, exported as NAME
+    /// (repeatable).
+    #[arg(long = "volume", value_name = "NAME:SIZE")]
+    pub volumes: Vec<NamedSize>,
+    /// RAM bdev NAME of SIZE exported as NAME (repeatable; contents are lost at exit).
+    #[arg(long = "malloc", value_name = "NAME:SIZE")]
+    pub mallocs: Vec<NamedSize>,
+    /// NBD TCP listener, or `off` [default: 127.0.0.1:10809].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub nbd_listen: Option<String>,
+    /// Also listen for NBD on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+    /// gRPC admin listener [default: 127.0.0.1:10810].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_listen: Option<String>,
+    /// Prometheus /metrics listener [default: 127.0.0.1:9810].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
+    /// What idle reactors do [default: sleep].
+    #[arg(long, value_enum)]
+    pub idle: Option<IdleMode>,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The listeners, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listeners {
+    /// None when NBD is `off`.
+    pub nbd: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl NodeConfig {
+    /// Reads `--config` when given, applies the flags, and validates the result.
+    pub fn load(cli: &Cli) -> Result<NodeConfig, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        config.apply(cli);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        NodeConfig::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<NodeConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    fn apply(&mut self, cli: &Cli) {
+        fn set<T: Clone>(to: &mut T, from: &Option<T>) {
+            if let Some(v) = from {
+                *to = v.clone();
+            }
+        }
+        set(&mut self.cores, &cli.cores);
+        set(&mut self.data_dir, &cli.data_dir);
+        set(&mut self.nbd_listen, &cli.nbd_listen);
+        set(&mut self.admin_listen, &cli.admin_listen);
+        set(&mut self.metrics_listen, &cli.metrics_listen);
+        set(&mut self.idle, &cli.idle);
+        set(&mut self.log_format, &cli.log_format);
+        if let Some(size) = cli.pool0_size {
+            self.pool0_size = Some(Size(size));
+        }
+        if cli.nbd_socket.is_some() {
+            self.nbd_socket = cli.nbd_socket.clone();
+        }
+        self.pools.extend(cli.pools.iter().cloned());
+        self.volumes.extend(cli.volumes.iter().cloned());
+        self.mallocs.extend(cli.mallocs.iter().cloned());
+    }
+
+    /// Checks everything that can be checked without touching the system.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.core_list()?;
+        self.listeners()?;
+        self.check_names()
+    }
+
+    pub fn core_list(&self) -> Result<CoreList, ConfigError> {
+        CoreList::parse(&self.cores).map_err(|e| ConfigError::BadCores {
+            cores: self.cores.clone(),
+            why: e.to_string(),
+        })
+    }
+
+    pub fn listeners(&self) -> Result<Listeners, ConfigError> {
+        let parse = |what: &'static str, value: &str| {
+            value.parse::<SocketAddr>().map_err(|_| ConfigError::BadAddr {
+                what,
+                value: value.to_string(),
+            })
+        };
+        let nbd = match self.nbd_listen.as_str() {
+            "off" => None,
+            addr => Some(parse("nbd_listen", addr)?),
+        };
+        Ok(Listeners {
+            nbd,
+            admin: parse("admin_listen", &self.admin_listen)?,
+            metrics: parse("metrics_listen", &self.metrics_listen)?,
+        })
+    }
+
+    /// Pool names (file stems), volume names and malloc names must each be unique, and an
+    /// export name (volume or malloc) can serve only one thing.
+    fn check_names(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(String, String)> = vec![("pool0".into(), "the data dir".into())];
+        for path in &self.pools {
+            let name = pool_name(path).ok_or_else(|| ConfigError::BadSpec {
+                what: "pool",
+                spec: path.display().to_string(),
+                why: "it has no file name to name the pool after".into(),
+            })?;
+            claim(&mut seen, name, format!("--pool {}", path.display()))?;
+        }
+        let mut exports = Vec::new();
+        for v in &self.volumes {
+            claim(&mut exports, v.name.clone(), format!("--volume {}", v.name))?;
+        }
+        for m in &self.mallocs {
+            claim(&mut exports, m.name.clone(), format!("--malloc {}", m.name))?;
+        }
+        Ok(())
+    }
+
+    /// The size of a new `pool0.img`, before capping by free space.
+    pub fn pool0_size_bytes(&self) -> u64 {
+        self.pool0_size.map_or(POOL0_SIZE_DEFAULT_BYTES, |s| s.0)
+    }
+}
+
+fn claim(seen: &mut Vec<(String, String)>, name: String, by: String) -> Result<(), ConfigError> {
+    if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+        return Err(ConfigError::DuplicateName {
+            name,
+            first: first.clone(),
+            second: by,
+        });
+    }
+    seen.push((name, by));
+    Ok(())
+}
+
+/// The name of the pool on `path`: its file stem (`/dev/nvme1n1` is `nvme1n1`).
+pub fn pool_name(path: &Path) -> Option<String> {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = NodeConfig::load(&Cli::parse_from(["cairn-node"])).unwrap();
+        assert_eq!(c, NodeConfig::default());
+        let l = c.listeners().unwrap();
+        assert_eq!(l.nbd, Some(NBD_LISTEN_DEFAULT.parse().unwrap()));
+        assert_eq!(c.pool0_size_bytes(), POOL0_SIZE_DEFAULT_BYTES);
+    }
+
+    #[test]
+    fn toml_then_flags_override_and_extend() {
+        let mut c = NodeConfig::from_toml(
+            "cores = \"0,1\"\nvolumes = [\"a:1G\"]\nidle = \"poll\"\npool0_size = \"1G\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.idle, IdleMode::Poll);
+        assert_eq!(c.pool0_size_bytes(), 1 << 30);
+        let cli = Cli::parse_from(["cairn-node", "--cores", "1", "--volume", "b:4M"]);
+        c.apply(&cli);
+        assert_eq!(c.cores, "1");
+        let names: Vec<_> = c.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(c.volumes[1].size_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn bad_specs_are_named() {
+        let e = Cli::try_parse_from(["cairn-node", "--volume", "nosize"]).unwrap_err();
+        assert!(e.to_string().contains("nosize"), "{e}");
+        let e = Cli::try_parse_from(["cairn-node", "--malloc", "m:12Q"]).unwrap_err();
+        assert!(e.to_string().contains("12Q"), "{e}");
+        let e = NodeConfig::from_toml("bogus = 1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let cli = Cli::parse_from(["cairn-node", "--volume", "a:1G", "--malloc", "a:1G"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("'a'"), "{e}");
+        let cli = Cli::parse_from(["cairn-node", "--admin-listen", "nowhere"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn nbd_can_be_turned_off() {
+        let cli = Cli::parse_from(["cairn-node", "--nbd-listen", "off"]);
+        assert_eq!(NodeConfig::load(&cli).unwrap().listeners().unwrap().nbd, None);
+    }
+}

@@ -1,0 +1,496 @@
+//! Bringing a node up and taking it down, in an order that never leaves a pool half-open.
+//!
+//! Start: bind the admin and metrics ports (so a taken port is refused before anything is
+//! touched), start the engine, start the NBD server (its ports), open or create the pools
+//! (each locked against other processes), create malloc bdevs and the `--volume` volumes,
+//! export them, print the ready line, then serve gRPC and metrics on a small tokio runtime
+//! whose threads stay off the reactor cores when the machine has other cores.
+//!
+//! Stop (SIGTERM or SIGINT): stop accepting admin and metrics connections, shut the NBD
+//! server down (it drains in-flight requests and closes every connection), close exported
+//! volumes, remove malloc bdevs, close the pools (durable when it returns), stop the engine,
+//! and exit 0. A failure part-way through start runs the same teardown before the error is
+//! reported, so pools are closed cleanly even then.
+
+use crate::admin::AdminService;
+use crate::config::{
+    pool_name, ConfigError, NodeConfig, POOL0_FREE_MARGIN_BYTES, POOL0_SIZE_MIN_BYTES,
+};
+use crate::node::{Node, NodeError};
+use crate::proto as pb;
+use cairn_engine::bdev::uring::{UringBdev, UringOptions};
+use cairn_engine::bdev::BdevError;
+use cairn_engine::frontend::nbd::{NbdConfig, NbdError, NbdServer};
+use cairn_engine::volume::{Pool, PoolError, CLUSTER_DEFAULT_BYTES};
+use cairn_engine::{CoreId, Engine, EngineConfig, EngineError};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Worker threads of the control runtime (gRPC, metrics, signals): control traffic is light,
+/// and every thread here is one that may compete with a reactor for a CPU.
+pub const RUNTIME_WORKERS: usize = 2;
+/// Blocking threads for admin operations at once; more requests queue in the runtime.
+pub const ADMIN_BLOCKING_THREADS_MAX: usize = 8;
+/// How long in-flight admin requests get to finish at shutdown before they are dropped.
+pub const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// File name of the pool created in the data directory.
+pub const POOL0_FILE: &str = "pool0.img";
+/// Granularity a new pool0.img is sized to.
+const POOL0_ROUND_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what} listener {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "data dir {path}: only {free_bytes} bytes free; a new {POOL0_FILE} needs \
+         {POOL0_SIZE_MIN_BYTES} bytes plus a margin of {POOL0_FREE_MARGIN_BYTES}"
+    )]
+    NoRoom { path: String, free_bytes: u64 },
+    #[error("pool {path}: {source}")]
+    PoolDevice { path: String, source: BdevError },
+    #[error("pool {path}: {source}")]
+    Pool { path: String, source: PoolError },
+    #[error("{flag} {name}: {source}")]
+    Spec {
+        flag: &'static str,
+        name: String,
+        source: NodeError,
+    },
+    #[error("--volume {name}: '{name}' exists in pool '{pool}' as a snapshot, not a volume")]
+    SpecIsSnapshot { name: String, pool: String },
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("starting the control runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("installing the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("shutdown was not clean (see the log)")]
+    UncleanShutdown,
+}
+
+/// Where a started node listens: what the ready line says.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub nbd: Option<SocketAddr>,
+    pub nbd_socket: Option<PathBuf>,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// Runs a node with `config` until SIGTERM or SIGINT, then shuts it down.
+pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
+    let listeners = config.listeners()?;
+    let cores = config.core_list()?;
+    let admin = bind("admin", listeners.admin)?;
+    let metrics = bind("metrics", listeners.metrics)?;
+    let runtime = runtime(cores.as_slice())?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let mut engine_config = EngineConfig::new(cores);
+    engine_config.idle = config.idle.policy();
+    engine_config.buf_count = config.buf_count;
+    engine_config.huge_pages = config.huge_pages;
+    let engine = Arc::new(Engine::start(engine_config)?);
+    let nbd = match listeners.nbd {
+        Some(tcp) => Some(NbdServer::start(
+            engine.clone(),
+            NbdConfig {
+                tcp: Some(tcp),
+                unix: config.nbd_socket.clone(),
+                ..NbdConfig::default()
+            },
+        )?),
+        None => None,
+    };
+    let endpoints = Endpoints {
+        nbd: nbd.as_ref().and_then(NbdServer::tcp_addr),
+        nbd_socket: nbd.as_ref().and(config.nbd_socket.clone()),
+        admin: local_addr(&admin, "admin", listeners.admin)?,
+        metrics: local_addr(&metrics, "metrics", listeners.metrics)?,
+    };
+    let node = Arc::new(Node::new(engine, nbd));
+    if let Err(e) = populate(&node, &config) {
+        teardown(node, runtime);
+        return Err(e);
+    }
+    let _guard = runtime.enter();
+    let signals = Signals::install();
+    let signals = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            drop(_guard);
+            teardown(node, runtime);
+            return Err(e);
+        }
+    };
+    announce(&endpoints, &node.export_names());
+    runtime.block_on(serve(node.clone(), admin, metrics, signals));
+    drop(_guard);
+    if teardown(node, runtime) {
+        Ok(())
+    } else {
+        Err(DaemonError::UncleanShutdown)
+    }
+}
+
+fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Bind {
+        what,
+        addr,
+        source,
+    })?;
+    l.set_nonblocking(true)
+        .map_err(|source| DaemonError::Bind { what, addr, source })?;
+    Ok(l)
+}
+
+fn local_addr(
+    l: &std::net::TcpListener,
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<SocketAddr, DaemonError> {
+    l.local_addr()
+        .map_err(|source| DaemonError::Bind { what, addr, source })
+}
+
+/// The control runtime. Its threads are kept off the reactor cores when other allowed CPUs
+/// exist (on a machine with no spare CPU they share, and the reactors' sleep policy keeps
+/// that cheap).
+fn runtime(reactor_cores: &[CoreId]) -> Result<tokio::runtime::Runtime, DaemonError> {
+    let spare: Vec<u32> = cairn_engine::engine::allowed_cpus()
+        .into_iter()
+        .filter(|c| !reactor_cores.iter().any(|r| r.get() == *c))
+        .collect();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_WORKERS)
+        .max_blocking_threads(ADMIN_BLOCKING_THREADS_MAX)
+        .thread_name("cairn-ctl")
+        .enable_all()
+        .on_thread_start(move || pin_to_any(&spare))
+        .build()
+        .map_err(DaemonError::Runtime)
+}
+
+/// Restricts the calling thread to `cpus`; an empty list leaves it alone.
+fn pin_to_any(cpus: &[u32]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: allowed_cpus only returns ids below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c as usize, &mut set) };
+    }
+    // SAFETY: passes a valid cpu_set_t of the size given; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "keeping a control thread off the reactor cores failed");
+    }
+}
+
+/// Opens the pools, creates malloc bdevs and `--volume` volumes, and exports them.
+fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
+    let cores = node.engine().cores();
+    let pool0 = open_pool0(node.engine(), config, cores[0])?;
+    node.add_pool("pool0", config.data_dir.join(POOL0_FILE), cores[0], pool0)?;
+    for (i, path) in config.pools.iter().enumerate() {
+        let name = pool_name(path).expect("validated");
+        let home = cores[(i + 1) % cores.len()];
+        let pool = open_pool(node.engine(), &name, path, home)?;
+        node.add_pool(&name, path.clone(), home, pool)?;
+    }
+    for m in &config.mallocs {
+        let spec = |source| DaemonError::Spec {
+            flag: "--malloc",
+            name: m.name.clone(),
+            source,
+        };
+        node.add_malloc(&m.name, m.size_bytes).map_err(spec)?;
+        export_if_enabled(node, &m.name, "").map_err(spec)?;
+    }
+    for v in &config.volumes {
+        ensure_volume(node, &v.name, v.size_bytes)?;
+        export_if_enabled(node, &v.name, "pool0").map_err(|source| DaemonError::Spec {
+            flag: "--volume",
+            name: v.name.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn export_if_enabled(node: &Node, name: &str, pool: &str) -> Result<(), NodeError> {
+    match node.export(name, pool, name, false) {
+        Err(NodeError::NbdDisabled) => {
+            tracing::warn!(name, "NBD is off; not exported");
+            Ok(())
+        }
+        r => r.map(drop),
+    }
+}
+
+/// Creates `--volume NAME:SIZE` in the first pool unless it exists; an existing volume is
+/// used as it is (a differing size is logged, never changed).
+fn ensure_volume(node: &Node, name: &str, size_bytes: u64) -> Result<(), DaemonError> {
+    let spec = |source| DaemonError::Spec {
+        flag: "--volume",
+        name: name.into(),
+        source,
+    };
+    let existing = node.list_volumes("pool0").map_err(spec)?;
+    match existing.into_iter().find(|v| v.name == name) {
+        Some(v) if v.kind() == pb::ObjectKind::Snapshot => Err(DaemonError::SpecIsSnapshot {
+            name: name.into(),
+            pool: v.pool,
+        }),
+        Some(v) => {
+            if v.size_bytes != size_bytes {
+                tracing::warn!(
+                    volume = name,
+                    size_bytes = v.size_bytes,
+                    requested_bytes = size_bytes,
+                    "volume exists with another size; using it as it is (grow it with cairnctl)"
+                );
+            }
+            Ok(())
+        }
+        None => {
+            node.create_volume(name, size_bytes, "pool0", Vec::new())
+                .map_err(spec)?;
+            tracing::info!(volume = name, size_bytes, "volume created");
+            Ok(())
+        }
+    }
+}
+
+fn open_locked(name: &str, path: &Path) -> Result<Arc<UringBdev>, DaemonError> {
+    let options = UringOptions {
+        exclusive: true,
+        ..UringOptions::default()
+    };
+    UringBdev::open(name, path, options)
+        .map(Arc::new)
+        .map_err(|source| DaemonError::PoolDevice {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+fn open_pool(engine: &Engine, name: &str, path: &Path, home: CoreId) -> Result<Pool, DaemonError> {
+    let base = open_locked(name, path)?;
+    Pool::open(engine, name, base, home).map_err(|source| DaemonError::Pool {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Opens `DATA_DIR/pool0.img`, or creates it: formatted under a temporary name and renamed
+/// into place, so a crash mid-format never leaves a `pool0.img` that is not a pool.
+fn open_pool0(engine: &Engine, config: &NodeConfig, home: CoreId) -> Result<Pool, DaemonError> {
+    let path = config.data_dir.join(POOL0_FILE);
+    if path.exists() {
+        return open_pool(engine, "pool0", &path, home);
+    }
+    let dir_err = |source| DaemonError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    };
+    let size = pool0_size(&config.data_dir, config.pool0_size_bytes())?;
+    let tmp = config.data_dir.join(format!("{POOL0_FILE}.new"));
+    // A leftover from a crash mid-format is not a pool; the lock below refuses to take it
+    // from a process still formatting it.
+    if tmp.exists() {
+        let stale = open_locked("pool0", &tmp)?;
+        drop(stale);
+        std::fs::remove_file(&tmp).map_err(dir_err)?;
+    }
+    let f = std::fs::File::create_new(&tmp).map_err(dir_err)?;
+    f.set_len(size).map_err(dir_err)?;
+    drop(f);
+    let base = open_locked("pool0", &tmp)?;
+    let pool = Pool::create(engine, "pool0", base, home, CLUSTER_DEFAULT_BYTES).map_err(
+        |source| DaemonError::Pool {
+            path: tmp.display().to_string(),
+            source,
+        },
+    )?;
+    std::fs::rename(&tmp, &path).map_err(dir_err)?;
+    std::fs::File::open(&config.data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(dir_err)?;
+    tracing::info!(path = %path.display(), size_bytes = size, "created pool0");
+    Ok(pool)
+}
+
+/// `wanted`, capped by the free space of `dir` less [`POOL0_FREE_MARGIN_BYTES`].
+fn pool0_size(dir: &Path, wanted: u64) -> Result<u64, DaemonError> {
+    let free_bytes = free_space(dir).map_err(|source| DaemonError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let room = free_bytes.saturating_sub(POOL0_FREE_MARGIN_BYTES);
+    let size = wanted.min(room) / POOL0_ROUND_BYTES * POOL0_ROUND_BYTES;
+    if size < POOL0_SIZE_MIN_BYTES {
+        return Err(DaemonError::NoRoom {
+            path: dir.display().to_string(),
+            free_bytes,
+        });
+    }
+    if size < wanted {
+        tracing::warn!(
+            wanted_bytes = wanted,
+            size_bytes = size,
+            free_bytes,
+            "{POOL0_FILE} capped by free space"
+        );
+    }
+    Ok(size)
+}
+
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain data; zeroed is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The one line humans and tests read to learn where the node listens.
+fn announce(e: &Endpoints, exports: &[String]) {
+    let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+    let exports = if exports.is_empty() {
+        "-".to_string()
+    } else {
+        exports.join(",")
+    };
+    let line = format!(
+        "cairn-node ready nbd={} nbd_socket={} admin={} metrics={} exports={exports}",
+        or_dash(e.nbd.map(|a| a.to_string())),
+        or_dash(e.nbd_socket.as_ref().map(|p| p.display().to_string())),
+        e.admin,
+        e.metrics,
+    );
+    tracing::info!("{line}");
+    println!("{line}");
+    use std::io::Write as _;
+    drop(std::io::stdout().flush());
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must run inside the runtime; from here on SIGTERM and SIGINT no longer kill the process.
+    fn install() -> Result<Signals, DaemonError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
+            signal: "SIGTERM",
+            source,
+        })?;
+        let int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
+            signal: "SIGINT",
+            source,
+        })?;
+        Ok(Signals { term, int })
+    }
+
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Serves admin and metrics until a signal, then stops both.
+async fn serve(
+    node: Arc<Node>,
+    admin: std::net::TcpListener,
+    metrics: std::net::TcpListener,
+    signals: Signals,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            drop(rx.wait_for(|s| *s).await);
+        }
+    };
+    let admin = tokio::net::TcpListener::from_std(admin).expect("inside the runtime");
+    let metrics = tokio::net::TcpListener::from_std(metrics).expect("inside the runtime");
+    let admin_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminService::new(node.clone()).into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(admin),
+                stopped(),
+            ),
+    );
+    let metrics_task = tokio::spawn(crate::metrics::serve(metrics, node, stopped()));
+    let signal = signals.recv().await;
+    tracing::info!(signal, "shutting down");
+    stop_tx.send_replace(true);
+    match tokio::time::timeout(ADMIN_DRAIN_TIMEOUT, admin_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "admin server task failed"),
+        Err(_) => tracing::warn!("admin requests still running after {ADMIN_DRAIN_TIMEOUT:?}"),
+    }
+    drop(metrics_task.await);
+}
+
+/// The shutdown order after the listeners are closed; true when everything closed cleanly.
+fn teardown(node: Arc<Node>, runtime: tokio::runtime::Runtime) -> bool {
+    let clean = node.shutdown();
+    // Blocking admin operations still running hold the node; give them time to finish.
+    runtime.shutdown_timeout(ADMIN_DRAIN_TIMEOUT);
+    let engine = match Arc::try_unwrap(node) {
+        Ok(node) => node.into_engine(),
+        Err(_) => {
+            tracing::error!("an admin operation still holds the node; the engine stops on exit");
+            return false;
+        }
+    };
+    match Arc::try_unwrap(engine) {
+        Ok(engine) => {
+            engine.stop();
+            tracing::info!("engine stopped");
+            clean
+        }
+        Err(_) => {
+            tracing::error!("the engine is still shared; it stops on exit");
+            false
+        }
+    }
+}

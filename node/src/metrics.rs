@@ -1,0 +1,337 @@
+//! Prometheus metrics: [`render`] turns export statistics and reactor times into the text
+//! exposition format, and [`serve`] answers `GET /metrics` on a minimal HTTP/1.1 responder
+//! (404 for other paths, 405 for other methods; one request per connection).
+//!
+//! Families, per export (label `volume` is the export name):
+//! `cairn_volume_ops_total{volume,op}`, `cairn_volume_bytes_total{volume,dir}`,
+//! `cairn_volume_errors_total{volume}`, `cairn_volume_latency_seconds` (histogram) and
+//! `cairn_volume_connections{volume}`; per reactor: `cairn_reactor_busy_seconds_total{core}`
+//! and `cairn_reactor_idle_seconds_total{core}`.
+//!
+//! Scrapes read relaxed counters and the NBD server's export table; they never send a
+//! message to a reactor, so a scrape cannot slow the data path.
+
+use crate::node::Node;
+use cairn_engine::frontend::nbd::{ExportStatus, LATENCY_BUCKETS_US};
+use cairn_engine::ReactorTimes;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest request head read; a longer one is answered 431 and closed.
+pub const REQUEST_HEAD_MAX_BYTES: usize = 8 << 10;
+/// How long a client may take to send its request before it is dropped.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrapes answered at once; a connection beyond this waits in the accept backlog.
+pub const SCRAPES_MAX: usize = 16;
+
+/// The exposition text for these exports and reactors.
+pub fn render(exports: &[ExportStatus], reactors: &[ReactorTimes]) -> String {
+    let mut out = String::new();
+    render_exports(&mut out, exports);
+    render_reactors(&mut out, reactors);
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn render_exports(out: &mut String, exports: &[ExportStatus]) {
+    header(
+        out,
+        "cairn_volume_ops_total",
+        "counter",
+        "NBD requests answered per export, by operation.",
+    );
+    for e in exports {
+        let v = escape(&e.name);
+        let s = &e.stats;
+        for (op, n) in [
+            ("read", s.reads),
+            ("write", s.writes),
+            ("flush", s.flushes),
+            ("trim", s.trims),
+            ("write_zeroes", s.write_zeroes),
+            ("block_status", s.block_status),
+        ] {
+            let _ = writeln!(out, "cairn_volume_ops_total{{volume=\"{v}\",op=\"{op}\"}} {n}");
+        }
+    }
+    header(
+        out,
+        "cairn_volume_bytes_total",
+        "counter",
+        "Bytes moved per export, by direction.",
+    );
+    for e in exports {
+        let v = escape(&e.name);
+        let _ = writeln!(
+            out,
+            "cairn_volume_bytes_total{{volume=\"{v}\",dir=\"read\"}} {}",
+            e.stats.bytes_read
+        );
+        let _ = writeln!(
+            out,
+            "cairn_volume_bytes_total{{volume=\"{v}\",dir=\"write\"}} {}",
+            e.stats.bytes_written
+        );
+    }
+    header(
+        out,
+        "cairn_volume_errors_total",
+        "counter",
+        "NBD requests answered with an error, per export.",
+    );
+    for e in exports {
+        let v = escape(&e.name);
+        let _ = writeln!(out, "cairn_volume_errors_total{{volume=\"{v}\"}} {}", e.stats.errors);
+    }
+    render_latency(out, exports);
+    header(
+        out,
+        "cairn_volume_connections",
+        "gauge",
+        "Open NBD connections per export.",
+    );
+    for e in exports {
+        let v = escape(&e.name);
+        let _ = writeln!(out, "cairn_volume_connections{{volume=\"{v}\"}} {}", e.connections);
+    }
+}
+
+fn render_latency(out: &mut String, exports: &[ExportStatus]) {
+    header(
+        out,
+        "cairn_volume_latency_seconds",
+        "histogram",
+        "NBD request latency per export, from receipt to reply.",
+    );
+    for e in exports {
+        let v = escape(&e.name);
+        let mut cumulative = 0u64;
+        for (bound_us, n) in LATENCY_BUCKETS_US.iter().zip(e.stats.latency_buckets) {
+            cumulative += n;
+            let le = if *bound_us == u64::MAX {
+                "+Inf".to_string()
+            } else {
+                seconds(*bound_us as f64 / 1e6)
+            };
+            let _ = writeln!(
+                out,
+                "cairn_volume_latency_seconds_bucket{{volume=\"{v}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "cairn_volume_latency_seconds_sum{{volume=\"{v}\"}} {}",
+            seconds(e.stats.latency_sum_us as f64 / 1e6)
+        );
+        let _ = writeln!(
+            out,
+            "cairn_volume_latency_seconds_count{{volume=\"{v}\"}} {cumulative}"
+        );
+    }
+}
+
+fn render_reactors(out: &mut String, reactors: &[ReactorTimes]) {
+    header(
+        out,
+        "cairn_reactor_busy_seconds_total",
+        "counter",
+        "Wall time each reactor spent in loop iterations that found work.",
+    );
+    for r in reactors {
+        let _ = writeln!(
+            out,
+            "cairn_reactor_busy_seconds_total{{core=\"{}\"}} {}",
+            r.core,
+            seconds(r.busy_ns as f64 / 1e9)
+        );
+    }
+    header(
+        out,
+        "cairn_reactor_idle_seconds_total",
+        "counter",
+        "Wall time each reactor spent idle (spinning or sleeping).",
+    );
+    for r in reactors {
+        let _ = writeln!(
+            out,
+            "cairn_reactor_idle_seconds_total{{core=\"{}\"}} {}",
+            r.core,
+            seconds(r.idle_ns as f64 / 1e9)
+        );
+    }
+}
+
+/// Seconds as Prometheus writes floats (shortest form that round-trips).
+fn seconds(s: f64) -> String {
+    format!("{s}")
+}
+
+/// Escapes a label value: backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Answers scrapes on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(SCRAPES_MAX));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+        };
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, node)).await {
+                tracing::debug!(error = %e, "metrics client timed out");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, node: Arc<Node>) {
+    let head = match read_head(&mut stream).await {
+        Some(h) => h,
+        None => {
+            drop(respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await);
+            return;
+        }
+    };
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let r = match (method, path) {
+        ("GET", "/metrics") => {
+            let body = tokio::task::spawn_blocking(move || {
+                render(&node.export_statuses(), &node.reactor_times())
+            })
+            .await
+            .unwrap_or_default();
+            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body).await
+        }
+        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n",
+            )
+            .await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "metrics reply failed");
+    }
+}
+
+/// Reads up to the blank line ending the request head; None when it is too long or the
+/// client went away first.
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        if buf.len() >= REQUEST_HEAD_MAX_BYTES {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_engine::frontend::nbd::ExportStats;
+    use cairn_engine::CoreId;
+
+    #[test]
+    fn families_have_help_type_and_cumulative_buckets() {
+        let mut stats = ExportStats {
+            reads: 3,
+            bytes_read: 12288,
+            latency_sum_us: 300,
+            ..ExportStats::default()
+        };
+        stats.latency_buckets[0] = 1;
+        stats.latency_buckets[2] = 2;
+        let e = ExportStatus {
+            name: "pg\"1".into(),
+            bdev: "pg".into(),
+            size_bytes: 1 << 20,
+            read_only: false,
+            connections: 2,
+            stats,
+        };
+        let r = ReactorTimes {
+            core: CoreId::new(0).unwrap(),
+            busy_ns: 1_500_000_000,
+            idle_ns: 2_000_000_000,
+        };
+        let text = render(&[e], &[r]);
+        for family in [
+            "cairn_volume_ops_total counter",
+            "cairn_volume_bytes_total counter",
+            "cairn_volume_errors_total counter",
+            "cairn_volume_latency_seconds histogram",
+            "cairn_volume_connections gauge",
+            "cairn_reactor_busy_seconds_total counter",
+            "cairn_reactor_idle_seconds_total counter",
+        ] {
+            assert!(text.contains(&format!("# TYPE {family}")), "{family}\n{text}");
+        }
+        assert!(text.contains("cairn_volume_ops_total{volume=\"pg\\\"1\",op=\"read\"} 3"));
+        assert!(text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"0.000025\"} 1"));
+        assert!(text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"0.0001\"} 3"));
+        assert!(text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"+Inf\"} 3"));
+        assert!(text.contains("cairn_volume_latency_seconds_count{volume=\"pg\\\"1\"} 3"));
+        assert!(text.contains("cairn_volume_latency_seconds_sum{volume=\"pg\\\"1\"} 0.0003"));
+        assert!(text.contains("cairn_reactor_busy_seconds_total{core=\"0\"} 1.5"));
+        assert!(text.contains("cairn_reactor_idle_seconds_total{core=\"0\"} 2"));
+    }
+}
