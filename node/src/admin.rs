@@ -179,7 +179,10 @@ impl NodeAdmin for AdminService {
             .await
     }
 
-    async fn export(&self, req: Request<pb::ExportRequest>) -> Result<Response<pb::ExportInfo>, Status> {
+    async fn export(
+        &self,
+        req: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ExportInfo>, Status> {
         let r = req.into_inner();
         required("name", &r.name)?;
         self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only))

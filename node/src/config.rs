@@ -75,9 +75,7 @@ pub enum IdleMode {
 impl IdleMode {
     pub fn policy(self) -> IdlePolicy {
         match self {
-            IdleMode::Sleep => IdlePolicy::Sleep {
-                spin: SPIN_DEFAULT,
-            },
+            IdleMode::Sleep => IdlePolicy::Sleep { spin: SPIN_DEFAULT },
             IdleMode::Poll => IdlePolicy::Poll,
         }
     }
@@ -235,6 +233,8 @@ Log level: RUST_LOG (default info).";
 #[command(
     name = "cairn-node",
     version,
+    // A later scalar flag wins over an earlier one, so wrappers can append overrides.
+    args_override_self = true,
     about = "Cairn's per-node data plane: reactors, pools, volumes, NBD exports, admin API and metrics",
     after_help = AFTER_HELP
 )]
@@ -357,10 +357,12 @@ impl NodeConfig {
 
     pub fn listeners(&self) -> Result<Listeners, ConfigError> {
         let parse = |what: &'static str, value: &str| {
-            value.parse::<SocketAddr>().map_err(|_| ConfigError::BadAddr {
-                what,
-                value: value.to_string(),
-            })
+            value
+                .parse::<SocketAddr>()
+                .map_err(|_| ConfigError::BadAddr {
+                    what,
+                    value: value.to_string(),
+                })
         };
         let nbd = match self.nbd_listen.as_str() {
             "off" => None,
@@ -468,8 +470,28 @@ mod tests {
     }
 
     #[test]
+    fn repeated_flags_add_and_scalars_take_the_last() {
+        let cli = Cli::parse_from([
+            "cairn-node",
+            "--volume",
+            "a:1G",
+            "--volume",
+            "b:1G",
+            "--cores",
+            "0",
+            "--cores",
+            "1",
+        ]);
+        assert_eq!(cli.volumes.len(), 2);
+        assert_eq!(cli.cores.as_deref(), Some("1"));
+    }
+
+    #[test]
     fn nbd_can_be_turned_off() {
         let cli = Cli::parse_from(["cairn-node", "--nbd-listen", "off"]);
-        assert_eq!(NodeConfig::load(&cli).unwrap().listeners().unwrap().nbd, None);
+        assert_eq!(
+            NodeConfig::load(&cli).unwrap().listeners().unwrap().nbd,
+            None
+        );
     }
 }

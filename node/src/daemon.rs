@@ -332,12 +332,13 @@ fn open_pool0(engine: &Engine, config: &NodeConfig, home: CoreId) -> Result<Pool
     f.set_len(size).map_err(dir_err)?;
     drop(f);
     let base = open_locked("pool0", &tmp)?;
-    let pool = Pool::create(engine, "pool0", base, home, CLUSTER_DEFAULT_BYTES).map_err(
-        |source| DaemonError::Pool {
-            path: tmp.display().to_string(),
-            source,
-        },
-    )?;
+    let pool =
+        Pool::create(engine, "pool0", base, home, CLUSTER_DEFAULT_BYTES).map_err(|source| {
+            DaemonError::Pool {
+                path: tmp.display().to_string(),
+                source,
+            }
+        })?;
     std::fs::rename(&tmp, &path).map_err(dir_err)?;
     std::fs::File::open(&config.data_dir)
         .and_then(|d| d.sync_all())

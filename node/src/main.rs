@@ -5,12 +5,21 @@
 //! `--volume`) exits 1 with a message naming the thing.
 
 use cairn_node::config::{Cli, LogFormat, NodeConfig};
-use clap::Parser;
+use clap::Parser as _;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and exit 0; a bad flag or spec exits 1 like any other
+        // refusal to start.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            drop(e.print());
+            return ExitCode::from(1);
+        }
+    };
     let config = match NodeConfig::load(&cli) {
         Ok(c) => c,
         Err(e) => return fail(&e),

@@ -58,7 +58,10 @@ fn render_exports(out: &mut String, exports: &[ExportStatus]) {
             ("write_zeroes", s.write_zeroes),
             ("block_status", s.block_status),
         ] {
-            let _ = writeln!(out, "cairn_volume_ops_total{{volume=\"{v}\",op=\"{op}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "cairn_volume_ops_total{{volume=\"{v}\",op=\"{op}\"}} {n}"
+            );
         }
     }
     header(
@@ -88,7 +91,11 @@ fn render_exports(out: &mut String, exports: &[ExportStatus]) {
     );
     for e in exports {
         let v = escape(&e.name);
-        let _ = writeln!(out, "cairn_volume_errors_total{{volume=\"{v}\"}} {}", e.stats.errors);
+        let _ = writeln!(
+            out,
+            "cairn_volume_errors_total{{volume=\"{v}\"}} {}",
+            e.stats.errors
+        );
     }
     render_latency(out, exports);
     header(
@@ -99,7 +106,11 @@ fn render_exports(out: &mut String, exports: &[ExportStatus]) {
     );
     for e in exports {
         let v = escape(&e.name);
-        let _ = writeln!(out, "cairn_volume_connections{{volume=\"{v}\"}} {}", e.connections);
+        let _ = writeln!(
+            out,
+            "cairn_volume_connections{{volume=\"{v}\"}} {}",
+            e.connections
+        );
     }
 }
 
@@ -218,7 +229,15 @@ async fn answer(mut stream: TcpStream, node: Arc<Node>) {
     let head = match read_head(&mut stream).await {
         Some(h) => h,
         None => {
-            drop(respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await);
+            drop(
+                respond(
+                    &mut stream,
+                    "431 Request Header Fields Too Large",
+                    "text/plain",
+                    "",
+                )
+                .await,
+            );
             return;
         }
     };
@@ -323,12 +342,19 @@ mod tests {
             "cairn_reactor_busy_seconds_total counter",
             "cairn_reactor_idle_seconds_total counter",
         ] {
-            assert!(text.contains(&format!("# TYPE {family}")), "{family}\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {family}")),
+                "{family}\n{text}"
+            );
         }
         assert!(text.contains("cairn_volume_ops_total{volume=\"pg\\\"1\",op=\"read\"} 3"));
-        assert!(text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"0.000025\"} 1"));
-        assert!(text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"0.0001\"} 3"));
-        assert!(text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"+Inf\"} 3"));
+        assert!(text
+            .contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"0.000025\"} 1"));
+        assert!(text
+            .contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"0.0001\"} 3"));
+        assert!(
+            text.contains("cairn_volume_latency_seconds_bucket{volume=\"pg\\\"1\",le=\"+Inf\"} 3")
+        );
         assert!(text.contains("cairn_volume_latency_seconds_count{volume=\"pg\\\"1\"} 3"));
         assert!(text.contains("cairn_volume_latency_seconds_sum{volume=\"pg\\\"1\"} 0.0003"));
         assert!(text.contains("cairn_reactor_busy_seconds_total{core=\"0\"} 1.5"));

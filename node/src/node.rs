@@ -207,7 +207,11 @@ impl Node {
             return Err(NodeError::NoSuchPool { name: pool.into() });
         }
         let mut out = Vec::new();
-        for p in st.pools.iter().filter(|p| pool.is_empty() || p.name == pool) {
+        for p in st
+            .pools
+            .iter()
+            .filter(|p| pool.is_empty() || p.name == pool)
+        {
             let info = p.pool.info(&self.engine).map_err(pool_err(&p.name))?;
             for o in &info.objects {
                 out.push(volume_view(&st, &p.name, info.cluster_size_bytes, o));
@@ -506,7 +510,11 @@ impl Node {
         pool: &str,
     ) -> Result<(&'s PoolSlot, ObjectInfo), NodeError> {
         let mut found = Vec::new();
-        for p in st.pools.iter().filter(|p| pool.is_empty() || p.name == pool) {
+        for p in st
+            .pools
+            .iter()
+            .filter(|p| pool.is_empty() || p.name == pool)
+        {
             let info = p.pool.info(&self.engine).map_err(pool_err(&p.name))?;
             if let Some(o) = info.objects.into_iter().find(|o| o.name == name) {
                 found.push((p, o));
