@@ -72,7 +72,10 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     if let Ok(Some(n)) = result {
-        let offered = exports.iter().find(|e| e.name == n.export.name).expect("a listed export");
+        let offered = exports
+            .iter()
+            .find(|e| e.name == n.export.name)
+            .expect("a listed export");
         let mut flags = offered.transmission_flags;
         if !n.structured_replies {
             flags &= !tx_flag::SEND_DF;
