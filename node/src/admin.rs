@@ -88,6 +88,8 @@ pub fn status_of(e: &NodeError) -> Status {
     Status::new(code_of(e), e.to_string())
 }
 
+// tonic's own API returns `Status` unboxed; this matches it.
+#[allow(clippy::result_large_err)]
 fn required(what: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         return Err(Status::invalid_argument(format!("{what} is required")));

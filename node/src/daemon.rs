@@ -40,6 +40,8 @@ pub const POOL0_FILE: &str = "pool0.img";
 /// Granularity a new pool0.img is sized to.
 const POOL0_ROUND_BYTES: u64 = 1 << 20;
 
+/// Why a node did not start or stop cleanly. Rare and reported once, so large variants are
+/// boxed only to keep `Result`s small.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -68,7 +70,7 @@ pub enum DaemonError {
     Spec {
         flag: &'static str,
         name: String,
-        source: NodeError,
+        source: Box<NodeError>,
     },
     #[error("--volume {name}: '{name}' exists in pool '{pool}' as a snapshot, not a volume")]
     SpecIsSnapshot { name: String, pool: String },
@@ -77,7 +79,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Nbd(#[from] NbdError),
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<NodeError>),
     #[error("starting the control runtime: {0}")]
     Runtime(std::io::Error),
     #[error("installing the {signal} handler: {source}")]
@@ -216,18 +218,20 @@ fn pin_to_any(cpus: &[u32]) {
 fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
     let cores = node.engine().cores();
     let pool0 = open_pool0(node.engine(), config, cores[0])?;
-    node.add_pool("pool0", config.data_dir.join(POOL0_FILE), cores[0], pool0)?;
+    node.add_pool("pool0", config.data_dir.join(POOL0_FILE), cores[0], pool0)
+        .map_err(|e| DaemonError::Node(Box::new(e)))?;
     for (i, path) in config.pools.iter().enumerate() {
         let name = pool_name(path).expect("validated");
         let home = cores[(i + 1) % cores.len()];
         let pool = open_pool(node.engine(), &name, path, home)?;
-        node.add_pool(&name, path.clone(), home, pool)?;
+        node.add_pool(&name, path.clone(), home, pool)
+            .map_err(|e| DaemonError::Node(Box::new(e)))?;
     }
     for m in &config.mallocs {
         let spec = |source| DaemonError::Spec {
             flag: "--malloc",
             name: m.name.clone(),
-            source,
+            source: Box::new(source),
         };
         node.add_malloc(&m.name, m.size_bytes).map_err(spec)?;
         export_if_enabled(node, &m.name, "").map_err(spec)?;
@@ -237,7 +241,7 @@ fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
         export_if_enabled(node, &v.name, "pool0").map_err(|source| DaemonError::Spec {
             flag: "--volume",
             name: v.name.clone(),
-            source,
+            source: Box::new(source),
         })?;
     }
     Ok(())
@@ -259,7 +263,7 @@ fn ensure_volume(node: &Node, name: &str, size_bytes: u64) -> Result<(), DaemonE
     let spec = |source| DaemonError::Spec {
         flag: "--volume",
         name: name.into(),
-        source,
+        source: Box::new(source),
     };
     let existing = node.list_volumes("pool0").map_err(spec)?;
     match existing.into_iter().find(|v| v.name == name) {

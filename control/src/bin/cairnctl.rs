@@ -217,7 +217,7 @@ async fn node(args: NodeArgs) -> Result<()> {
     match args.cmd {
         NodeCmd::Pool(PoolCmd::Ls) => {
             let r = c.list_pools(pb::ListPoolsRequest {}).await?.into_inner();
-            emit(json, &r, || pools_table(&r.pools))
+            emit(json, &r.pools, || pools_table(&r.pools))
         }
         NodeCmd::Volume(cmd) => volume(&mut c, json, cmd).await,
         NodeCmd::Snapshot(cmd) => snapshot(&mut c, json, cmd).await,
@@ -251,7 +251,7 @@ async fn volume(c: &mut NodeAdminClient<Channel>, json: bool, cmd: VolumeCmd) ->
                     .collect(),
             };
             let v = c.create_volume(req).await?.into_inner();
-            emit_volumes(json, &[v])
+            emit_volume(json, v)
         }
         VolumeCmd::Delete { name, pool } => {
             let req = pb::DeleteVolumeRequest {
@@ -268,7 +268,7 @@ async fn volume(c: &mut NodeAdminClient<Channel>, json: bool, cmd: VolumeCmd) ->
                 pool: pool.unwrap_or_default(),
             };
             let v = c.grow_volume(req).await?.into_inner();
-            emit_volumes(json, &[v])
+            emit_volume(json, v)
         }
     }
 }
@@ -292,7 +292,7 @@ async fn snapshot(c: &mut NodeAdminClient<Channel>, json: bool, cmd: SnapshotCmd
                 pool: pool.unwrap_or_default(),
             };
             let v = c.create_snapshot(req).await?.into_inner();
-            emit_volumes(json, &[v])
+            emit_volume(json, v)
         }
         SnapshotCmd::Ls { pool } => {
             let mut r = list_volumes(c, pool).await?;
@@ -310,7 +310,7 @@ async fn snapshot(c: &mut NodeAdminClient<Channel>, json: bool, cmd: SnapshotCmd
                 pool: pool.unwrap_or_default(),
             };
             let v = c.create_clone(req).await?.into_inner();
-            emit_volumes(json, &[v])
+            emit_volume(json, v)
         }
     }
 }
@@ -322,7 +322,7 @@ async fn export(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ExportCmd) ->
                 .list_exports(pb::ListExportsRequest {})
                 .await?
                 .into_inner();
-            emit(json, &r, || exports_table(&r.exports))
+            emit(json, &r.exports, || exports_table(&r.exports))
         }
         ExportCmd::Add {
             name,
@@ -379,17 +379,29 @@ fn kind_name(v: &pb::Volume) -> &'static str {
     }
 }
 
-/// Volumes as JSON objects (with `kind` as a word) or as a table.
+/// A volume as JSON, with `kind` as a word.
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    let mut o = serde_json::to_value(v).expect("plain data");
+    o["kind"] = kind_name(v).into();
+    o
+}
+
+/// One volume (from create, grow, snapshot, clone): a JSON object or a one-row table.
+fn emit_volume(json: bool, v: pb::Volume) -> Result<()> {
+    if json {
+        out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&volume_json(&v))?
+        ));
+        return Ok(());
+    }
+    emit_volumes(false, &[v])
+}
+
+/// Volumes (from `ls`): a JSON array or a table.
 fn emit_volumes(json: bool, volumes: &[pb::Volume]) -> Result<()> {
     if json {
-        let list: Vec<serde_json::Value> = volumes
-            .iter()
-            .map(|v| {
-                let mut o = serde_json::to_value(v).expect("plain data");
-                o["kind"] = kind_name(v).into();
-                o
-            })
-            .collect();
+        let list: Vec<serde_json::Value> = volumes.iter().map(volume_json).collect();
         out(&format!("{}\n", serde_json::to_string_pretty(&list)?));
         return Ok(());
     }
