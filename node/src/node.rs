@@ -392,15 +392,29 @@ impl Node {
         }
     }
 
-    /// Undoes [`Node::open_source`] for an export that did not happen.
+    /// Undoes [`Node::open_source`]: flushes and closes a volume. The flush makes every
+    /// write a client sent durable even if it never flushed itself (the volume store only
+    /// promises durability after a FLUSH), so unexport and shutdown never lose data.
     fn release(&self, st: &State, slot: &ExportSlot) {
         if let Source::Object { pool, name, .. } = &slot.source {
+            if let Err(e) = self.flush(&slot.handle) {
+                tracing::error!(pool = %pool, volume = %name, error = %e, "flushing volume failed");
+            }
             if let Ok(p) = pool_slot(st, pool) {
                 if let Err(e) = p.pool.close_volume(&self.engine, &slot.handle) {
                     tracing::error!(pool = %pool, volume = %name, error = %e, "closing volume failed");
                 }
             }
         }
+    }
+
+    fn flush(&self, handle: &BdevHandle) -> Result<(), String> {
+        let core = self.engine.cores()[0];
+        let mut q = self
+            .engine
+            .queue(handle, core, 1)
+            .map_err(|e| e.to_string())?;
+        q.flush().map_err(|e| e.to_string())
     }
 
     /// Stops serving `export_name` once its clients' in-flight requests are answered, then
