@@ -52,6 +52,8 @@ pub const IOV_BATCH_MAX: usize = 128;
 /// How long a draining connection may take to answer what it has in flight before it is
 /// closed anyway (a client that stopped reading replies).
 pub const DRAIN_MAX: Duration = Duration::from_secs(5);
+/// How long after the drain limit the wake-up timer fires, so the limit has passed.
+const DRAIN_WAKE_SLACK: Duration = Duration::from_millis(10);
 /// Extents in one BLOCK_STATUS reply; the client asks again for the rest.
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
 /// Reply memory a free slot keeps for reuse. Larger buffers (from large reads) are released
@@ -823,7 +825,7 @@ impl Conn {
         self.send_in_flight = true;
     }
 
-    fn check_stop(&mut self, core: &Core) {
+    fn check_stop(&mut self, core: &mut Core) {
         if self.state == State::Open
             && (core.stopping()
                 || self.export.closed.load(Ordering::Relaxed)
@@ -832,7 +834,15 @@ impl Conn {
             self.drain("export removed or server stopping");
         }
         if self.state == State::Draining {
-            let since = *self.drain_since.get_or_insert(core.now());
+            let since = match self.drain_since {
+                Some(since) => since,
+                None => {
+                    // Nothing may complete while a stuck client blocks our send, so make sure
+                    // the reactor wakes to enforce the limit.
+                    core.after(DRAIN_MAX + DRAIN_WAKE_SLACK, |_| ());
+                    *self.drain_since.insert(core.now())
+                }
+            };
             let idle = self.free_slots.len() == SLOTS_MAX && self.parse == Parse::Header;
             if idle && !self.send_in_flight {
                 self.close("drained");
