@@ -927,7 +927,7 @@ fn remove_export_and_shutdown_end_connections() {
         };
         assert_eq!(refused(&e).map(|r| r.kind), Some(rep::ERR_UNKNOWN), "{e}");
         // A second export, and a client on it with reads in flight, through shutdown. (A
-        // client that reads nothing is the ignored test below.)
+        // client that reads nothing is the next test.)
         let bdev = f
             .engine
             .add_bdev(Arc::new(MallocBdev::new("m2", 64 * MIB, BLOCK).unwrap()))
@@ -952,13 +952,12 @@ fn remove_export_and_shutdown_end_connections() {
 /// connection is closed once draining has taken `conn::DRAIN_MAX`, so `remove_export` returns
 /// Ok and the bdev is free to close.
 ///
-/// Bug found here (open): a draining connection only checks its drain deadline when it is
+/// Bug found here (fixed by arming a drain timer): a draining connection only checks its drain deadline when it is
 /// polled, and it is polled only on a completion (`needs_poll` is false); a client that reads
 /// nothing completes no send, so the deadline is never checked, the connection stays open and
 /// `remove_export` fails with `StillConnected` after 10 s (and `shutdown` with such a client
 /// attached waits its full 10 s limit).
 #[test]
-#[ignore = "server bug: a draining connection whose client reads nothing is never closed"]
 fn remove_export_closes_a_client_that_never_reads() {
     let _serial = serial();
     common::within(TEST_LIMIT, "remove export with a stuck client", || {
