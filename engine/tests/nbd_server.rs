@@ -952,11 +952,11 @@ fn remove_export_and_shutdown_end_connections() {
 /// connection is closed once draining has taken `conn::DRAIN_MAX`, so `remove_export` returns
 /// Ok and the bdev is free to close.
 ///
-/// Bug found here (fixed by arming a drain timer): a draining connection only checks its drain deadline when it is
-/// polled, and it is polled only on a completion (`needs_poll` is false); a client that reads
-/// nothing completes no send, so the deadline is never checked, the connection stays open and
-/// `remove_export` fails with `StillConnected` after 10 s (and `shutdown` with such a client
-/// attached waits its full 10 s limit).
+/// Bug found here (fixed: draining now arms a timer): a draining connection checked its drain
+/// deadline only when polled, and it was polled only on a completion (`needs_poll` is false);
+/// a client that reads nothing completes no send, so the deadline was never checked, the
+/// connection stayed open and `remove_export` failed with `StillConnected` after 10 s (and
+/// `shutdown` with such a client attached waited its full 10 s limit).
 #[test]
 fn remove_export_closes_a_client_that_never_reads() {
     let _serial = serial();
