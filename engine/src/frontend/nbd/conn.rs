@@ -17,7 +17,8 @@
 //! request therefore holds only its own memory, never buffers another client needs.
 //!
 //! Ending: DISC, end of stream, export removal and server or engine stop drain (answer what is
-//! in flight, then close); protocol violations and socket errors close at once. Either way the
+//! in flight, then close; on removal or stop, requests already received are answered
+//! ESHUTDOWN); protocol violations and socket errors close at once. Either way the
 //! poller finishes only when nothing it submitted is still in flight.
 
 use super::proto::{
@@ -178,6 +179,9 @@ pub(crate) struct Conn {
     chunk_bytes: u32,
     state: State,
     drain_since: Option<Instant>,
+    /// The server side is going away: requests already received are answered ESHUTDOWN
+    /// rather than dropped.
+    refusing: bool,
     shut_down: bool,
     rx: Region,
     rx_start: usize,
@@ -234,6 +238,7 @@ impl Conn {
             chunk_bytes: CHUNK_MAX_BYTES,
             state: State::Open,
             drain_since: None,
+            refusing: false,
             shut_down: false,
             rx,
             rx_start: 0,
@@ -414,7 +419,7 @@ impl Conn {
     /// Parses and starts every complete request the receive buffer holds, as resources allow.
     fn parse(&mut self, core: &mut Core) -> usize {
         let mut n = 0;
-        while self.state == State::Open {
+        while self.state == State::Open || (self.state == State::Draining && self.refusing) {
             let progressed = match self.parse {
                 Parse::Header => self.parse_header(core),
                 Parse::Payload { slot, consumed } => self.take_payload(core, slot, consumed),
@@ -514,6 +519,9 @@ impl Conn {
         let Some(info) = core.bdev_info(self.export.bdev_id) else {
             return (Work::None, err::ESHUTDOWN);
         };
+        if self.refusing {
+            return (Work::None, err::ESHUTDOWN);
+        }
         let read_only = info.read_only || self.export.options.read_only;
         let block = u64::from(info.block_size_bytes);
         let len = u64::from(req.len_bytes);
@@ -832,6 +840,7 @@ impl Conn {
                 || self.server.stopping.load(Ordering::Relaxed))
         {
             self.drain("export removed or server stopping");
+            self.refusing = true;
         }
         if self.state == State::Draining {
             let since = match self.drain_since {
