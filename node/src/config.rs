@@ -214,7 +214,7 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   pools = [\"/dev/nvme1n1\"]
   volumes = [\"pg:10G\"]
   mallocs = [\"bench:1G\"]
-  nbd_listen = \"127.0.0.1:10809\"      # \"off\" disables NBD
+  nbd_listen = \"127.0.0.1:10809\"      # \"off\": no TCP listener (NBD is off unless nbd_socket is set)
   nbd_socket = \"/run/cairn/nbd.sock\"
   admin_listen = \"127.0.0.1:10810\"
   metrics_listen = \"127.0.0.1:9810\"

@@ -118,16 +118,18 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     engine_config.buf_count = config.buf_count;
     engine_config.huge_pages = config.huge_pages;
     let engine = Arc::new(Engine::start(engine_config)?);
-    let nbd = match listeners.nbd {
-        Some(tcp) => Some(NbdServer::start(
+    // NBD runs when either listener is configured: `nbd_listen = off` with a socket serves
+    // the unix socket alone.
+    let nbd = match (listeners.nbd, &config.nbd_socket) {
+        (None, None) => None,
+        (tcp, unix) => Some(NbdServer::start(
             engine.clone(),
             NbdConfig {
-                tcp: Some(tcp),
-                unix: config.nbd_socket.clone(),
+                tcp,
+                unix: unix.clone(),
                 ..NbdConfig::default()
             },
         )?),
-        None => None,
     };
     let endpoints = Endpoints {
         nbd: nbd.as_ref().and_then(NbdServer::tcp_addr),

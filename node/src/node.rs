@@ -36,7 +36,7 @@ pub enum NodeError {
     ExportExists { name: String },
     #[error("no export named '{name}'")]
     NoSuchExport { name: String },
-    #[error("the NBD frontend is disabled on this node (nbd_listen = off)")]
+    #[error("the NBD frontend is disabled on this node (nbd_listen = off and no nbd_socket)")]
     NbdDisabled,
     #[error("the node is shutting down")]
     ShuttingDown,
