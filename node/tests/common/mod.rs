@@ -402,6 +402,11 @@ pub struct Background {
 impl Drop for Background {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // The child is `timeout`, which leads its own process group; SIGKILL to the group
+            // reaches the client itself, which a signal to `timeout` alone would not.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }
