@@ -127,6 +127,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
             NbdConfig {
                 tcp,
                 unix: unix.clone(),
+                start_paused: true,
                 ..NbdConfig::default()
             },
         )?),
@@ -152,6 +153,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
+    node.open_nbd();
     announce(&endpoints, &node.export_names());
     runtime.block_on(serve(node.clone(), admin, metrics, signals));
     drop(_guard);

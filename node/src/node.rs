@@ -108,6 +108,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// Lets NBD clients in, once the configured exports exist (the server starts paused so
+    /// no client sees a half-populated export list).
+    pub fn open_nbd(&self) {
+        if let Some(nbd) = self.nbd.read().as_ref() {
+            nbd.resume();
+        }
+    }
+
     pub fn new(engine: Arc<Engine>, nbd: Option<NbdServer>) -> Node {
         Node {
             engine,

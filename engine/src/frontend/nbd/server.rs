@@ -1,7 +1,7 @@
 //! Listeners, the export table and per-export statistics of the NBD server.
 
 use super::conn::{Conn, DRAIN_MAX};
-use super::handshake::{self, ExportInfo, Exports};
+use super::handshake::{self, ExportInfo, Exports, HandshakeError};
 use super::proto::{tx_flag, PAYLOAD_MAX_BYTES};
 use crate::bdev::Bdev;
 use crate::core_list::CoreId;
@@ -51,6 +51,10 @@ pub struct NbdConfig {
     pub unix: Option<PathBuf>,
     pub handshake_timeout: Duration,
     pub handshakes_max: usize,
+    /// Bind the listeners but accept nobody until [`NbdServer::resume`]: a daemon binds first
+    /// (so a taken port fails before any pool is touched), registers its exports, then opens
+    /// the door. Clients that connect meanwhile wait in the listen backlog.
+    pub start_paused: bool,
 }
 
 impl Default for NbdConfig {
@@ -60,6 +64,7 @@ impl Default for NbdConfig {
             unix: None,
             handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
             handshakes_max: HANDSHAKES_MAX_DEFAULT,
+            start_paused: false,
         }
     }
 }
@@ -125,6 +130,8 @@ pub enum NbdError {
     Engine(#[from] EngineError),
 }
 
+/// How often a paused listener looks whether it may accept.
+const PAUSED_POLL: Duration = Duration::from_millis(5);
 /// How often an idle listener looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// How long shutdown and export removal wait for connections beyond their own drain limit.
@@ -264,6 +271,8 @@ pub(crate) struct ServerShared {
     config: NbdConfig,
     exports: RwLock<HashMap<String, Arc<ExportEntry>>>,
     pub(crate) stopping: AtomicBool,
+    /// Cleared by [`NbdServer::resume`] when the server started paused.
+    paused: AtomicBool,
     /// Negotiated connections alive, on any core.
     pub(crate) connections: AtomicU32,
     handshakes: AtomicUsize,
@@ -317,6 +326,12 @@ impl ServerShared {
         let negotiated = match result {
             Ok(Some(n)) => n,
             Ok(None) => return,
+            // A client that vanishes mid-negotiation (a port probe) is routine; a client that
+            // breaks the protocol is worth an operator's attention.
+            Err(e @ (HandshakeError::Io { .. } | HandshakeError::Truncated { .. })) => {
+                tracing::debug!(peer, error = %e, "NBD client left during negotiation");
+                return;
+            }
             Err(e) => {
                 tracing::info!(peer, error = %e, "NBD negotiation failed");
                 return;
@@ -422,6 +437,10 @@ fn readable(fd: i32) -> bool {
 
 fn tcp_loop(shared: Arc<ServerShared>, listener: TcpListener) {
     while !shared.stopping.load(Ordering::Relaxed) {
+        if shared.paused.load(Ordering::Acquire) {
+            std::thread::sleep(PAUSED_POLL);
+            continue;
+        }
         if !readable(listener.as_raw_fd()) {
             continue;
         }
@@ -444,6 +463,10 @@ fn tcp_loop(shared: Arc<ServerShared>, listener: TcpListener) {
 
 fn unix_loop(shared: Arc<ServerShared>, listener: UnixListener) {
     while !shared.stopping.load(Ordering::Relaxed) {
+        if shared.paused.load(Ordering::Acquire) {
+            std::thread::sleep(PAUSED_POLL);
+            continue;
+        }
         if !readable(listener.as_raw_fd()) {
             continue;
         }
@@ -517,11 +540,13 @@ impl NbdServer {
         let unix = config.unix.as_ref().map(bind_unix).transpose()?;
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let cores = engine.cores();
+        let paused = config.start_paused;
         let shared = Arc::new(ServerShared {
             engine,
             config,
             exports: RwLock::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(paused),
             connections: AtomicU32::new(0),
             handshakes: AtomicUsize::new(0),
             negotiating: Mutex::new(HashSet::new()),
@@ -542,6 +567,11 @@ impl NbdServer {
             listeners,
             tcp_addr,
         })
+    }
+
+    /// Starts accepting clients on a server started with [`NbdConfig::start_paused`].
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::Release);
     }
 
     /// The TCP address actually bound (the real port when the config asked for port 0).
