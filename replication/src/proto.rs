@@ -599,6 +599,14 @@ fn decode_body<'a>(header: &Header, p: &'a [u8]) -> Result<Message<'a>, ProtoErr
         Opcode::Pong => sized(0).map(|()| Message::Pong)?,
         Opcode::OpenOk => {
             sized(OPEN_OK_PAYLOAD_BYTES)?;
+            let reserved = u32_at(p, 12);
+            if reserved != 0 {
+                return Err(ProtoError::FieldNotZero {
+                    opcode: Opcode::OpenOk,
+                    field: "reserved",
+                    value: u64::from(reserved),
+                });
+            }
             Message::OpenOk {
                 size_bytes: u64_at(p, 0),
                 block_size_bytes: u32_at(p, 8),

@@ -396,6 +396,26 @@ fn bad_extents_and_values_are_refused() {
             offset_bytes: 0
         }
     );
+    // Found by the replica_frame fuzz target: OpenOk's reserved word was not checked, so two
+    // different frames decoded to the same message.
+    let mut bytes = frame_bytes(
+        &envelope(1, 1),
+        &Message::OpenOk {
+            size_bytes: 1 << 30,
+            block_size_bytes: 4096,
+            epoch_accepted: Epoch::new(1).unwrap(),
+        },
+    );
+    bytes[76..80].copy_from_slice(&33u32.to_le_bytes());
+    reseal(&mut bytes);
+    assert_eq!(
+        decode_frame(&bytes).unwrap_err(),
+        ProtoError::FieldNotZero {
+            opcode: Opcode::OpenOk,
+            field: "reserved",
+            value: 33
+        }
+    );
     let mut bytes = frame_bytes(&envelope(1, 1), &Message::Error { errno: 5 });
     bytes[64..68].copy_from_slice(&0u32.to_le_bytes());
     reseal(&mut bytes);
