@@ -52,6 +52,10 @@ grep -q "test result:" target/ci-test.log
 step "C ABI: C example under valgrind, NBD client against nbdkit, Python ctypes example"
 bash ci/cabi.sh
 
+step "fuzz: every cargo-fuzz target for a few seconds (libFuzzer on stable via RUSTC_BOOTSTRAP)"
+command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
+bash ci/fuzz.sh "${CAIRN_FUZZ_SECONDS:-10}"
+
 step "examples"
 cargo run --release -q -p cairn-examples --bin engine-quickstart
 
