@@ -10,7 +10,7 @@ use crate::reactor::BdevId;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -435,33 +435,47 @@ fn readable(fd: i32) -> bool {
     n > 0
 }
 
-fn tcp_loop(shared: Arc<ServerShared>, listener: TcpListener) {
-    while !shared.stopping.load(Ordering::Relaxed) {
-        if shared.paused.load(Ordering::Acquire) {
-            std::thread::sleep(PAUSED_POLL);
-            continue;
-        }
-        if !readable(listener.as_raw_fd()) {
-            continue;
-        }
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let timeout = Some(shared.config.handshake_timeout);
-                let setup = stream
-                    .set_nodelay(true)
-                    .and_then(|()| stream.set_read_timeout(timeout))
-                    .and_then(|()| stream.set_write_timeout(timeout));
-                match setup {
-                    Ok(()) => shared.accept(stream, peer.to_string()),
-                    Err(e) => tracing::info!(%peer, error = %e, "NBD client socket setup failed"),
-                }
-            }
-            Err(e) => accept_failed(&e),
-        }
+/// The two kinds of listener, as the accept loop needs them.
+trait Listener: AsRawFd + Send + 'static {
+    type Stream: Read + Write + AsRawFd + Into<OwnedFd> + Send + 'static;
+
+    /// Accepts one client. Errors are the listener's own (out of fds, say).
+    fn accept_client(&self) -> std::io::Result<(Self::Stream, String)>;
+
+    /// Prepares an accepted socket for negotiation; fails only when the client is already gone.
+    fn prepare(stream: &Self::Stream, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+
+    fn accept_client(&self) -> std::io::Result<(TcpStream, String)> {
+        let (stream, peer) = self.accept()?;
+        Ok((stream, peer.to_string()))
+    }
+
+    fn prepare(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
     }
 }
 
-fn unix_loop(shared: Arc<ServerShared>, listener: UnixListener) {
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+
+    fn accept_client(&self) -> std::io::Result<(UnixStream, String)> {
+        let (stream, _) = self.accept()?;
+        Ok((stream, "unix".to_string()))
+    }
+
+    fn prepare(stream: &UnixStream, timeout: Duration) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
+    }
+}
+
+fn accept_loop<L: Listener>(shared: Arc<ServerShared>, listener: L) {
     while !shared.stopping.load(Ordering::Relaxed) {
         if shared.paused.load(Ordering::Acquire) {
             std::thread::sleep(PAUSED_POLL);
@@ -470,18 +484,16 @@ fn unix_loop(shared: Arc<ServerShared>, listener: UnixListener) {
         if !readable(listener.as_raw_fd()) {
             continue;
         }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let timeout = Some(shared.config.handshake_timeout);
-                let setup = stream
-                    .set_read_timeout(timeout)
-                    .and_then(|()| stream.set_write_timeout(timeout));
-                match setup {
-                    Ok(()) => shared.accept(stream, "unix".to_string()),
-                    Err(e) => tracing::info!(error = %e, "NBD client socket setup failed"),
-                }
+        let (stream, peer) = match listener.accept_client() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                accept_failed(&e);
+                continue;
             }
-            Err(e) => accept_failed(&e),
+        };
+        match L::prepare(&stream, shared.config.handshake_timeout) {
+            Ok(()) => shared.accept(stream, peer),
+            Err(e) => tracing::debug!(peer, error = %e, "NBD client gone before negotiation"),
         }
     }
 }
@@ -556,11 +568,11 @@ impl NbdServer {
         let mut listeners = Vec::new();
         if let Some(l) = tcp {
             let s = shared.clone();
-            listeners.push(spawn_listener("nbd-tcp", move || tcp_loop(s, l))?);
+            listeners.push(spawn_listener("nbd-tcp", move || accept_loop(s, l))?);
         }
         if let Some(l) = unix {
             let s = shared.clone();
-            listeners.push(spawn_listener("nbd-unix", move || unix_loop(s, l))?);
+            listeners.push(spawn_listener("nbd-unix", move || accept_loop(s, l))?);
         }
         Ok(NbdServer {
             shared,
