@@ -340,6 +340,9 @@ fn fio(s: &Server, uri: &str, name: &str, extra: &[&str]) -> String {
         "--bs=4k".into(),
         "--iodepth=32".into(),
         "--output-format=terse".into(),
+        // fio otherwise drops <job>-verify.state files into its working directory, the
+        // source tree under cargo test.
+        "--verify_state_save=0".into(),
     ];
     a.extend(extra.iter().map(|x| x.to_string()));
     let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
@@ -441,6 +444,7 @@ fn several_clients_at_once() {
             format!("--size={region}"),
             "--verify=crc32c".into(),
             "--verify_fatal=1".into(),
+            "--verify_state_save=0".into(),
             "--output-format=terse".into(),
         ];
         let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
