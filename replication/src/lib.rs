@@ -12,3 +12,4 @@
 //! `cairn_engine` bdevs, and [`proto`] never touches a socket.
 
 pub mod proto;
+pub mod transport;

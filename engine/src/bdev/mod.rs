@@ -240,6 +240,27 @@ pub enum IoError {
 }
 
 impl IoError {
+    /// The Linux errno that best names this error, for layers that speak errnos (wire
+    /// protocols, stacked bdevs).
+    pub fn errno(&self) -> i32 {
+        match self {
+            IoError::Device { errno } => *errno,
+            IoError::ZeroLength { .. }
+            | IoError::Misaligned { .. }
+            | IoError::OutOfRange { .. }
+            | IoError::TooLarge { .. }
+            | IoError::NoBuffer { .. }
+            | IoError::BufferTooSmall { .. }
+            | IoError::BufferMisaligned { .. } => libc::EINVAL,
+            IoError::ReadOnly { .. } => libc::EROFS,
+            IoError::Unsupported { .. } => libc::EOPNOTSUPP,
+            IoError::Short { .. } => libc::EIO,
+            IoError::QueueFull { .. } | IoError::NoFreeBuffer { .. } => libc::EAGAIN,
+            IoError::EngineStopped => libc::ESHUTDOWN,
+            IoError::NoSuchBdev { .. } => libc::ENODEV,
+        }
+    }
+
     /// Interprets a completion result: negative is an errno, and a read or write must have
     /// moved every byte.
     #[inline]

@@ -28,6 +28,9 @@ pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(30);
 /// Client-queue submissions a reactor takes from one queue per loop, so one busy client
 /// cannot starve the others.
 pub const QUEUE_BATCH_MAX: usize = 64;
+/// Deferred submissions ([`IoCtx::submit_to`]) a core has room for without growing; more is
+/// allowed (they never outlive one loop step) but costs an allocation.
+const DEFERRED_CAPACITY: usize = 1024;
 /// Control messages a reactor handles per loop, so control traffic cannot starve I/O.
 pub const INBOX_BATCH_MAX: usize = 32;
 
@@ -170,6 +173,9 @@ pub struct IoCtx {
     /// Messages to other cores whose inbox was full; retried every loop so a reactor never
     /// blocks on another (two full inboxes waiting on each other would deadlock).
     outbox: VecDeque<(CoreId, Msg)>,
+    /// Requests channels made to other bdevs of this core ([`IoCtx::submit_to`]), handed on
+    /// as soon as the channel that made them returns.
+    deferred: VecDeque<(BdevId, IoRequest)>,
 }
 
 impl std::fmt::Debug for IoCtx {
@@ -267,6 +273,16 @@ impl IoCtx {
             n += 1;
         }
         n
+    }
+
+    /// Submits `req` to another bdev on this core from inside a channel, so bdevs can stack
+    /// (a nexus over its local replica's volume). The reactor validates it and hands it to
+    /// `bdev`'s channel as soon as the calling channel returns, never re-entrantly; a refused
+    /// request completes to `req.owner` with the negative errno of its [`IoError`]. Bounded by
+    /// the caller's own in-flight limit: nothing is queued here past the current loop step.
+    #[inline]
+    pub fn submit_to(&mut self, bdev: BdevId, req: IoRequest) {
+        self.deferred.push_back((bdev, req));
     }
 
     /// Moves every ring completion to its owner's queue.
@@ -386,6 +402,13 @@ impl Core {
     /// request is returned as an error and never completes.
     #[inline]
     pub fn submit(&mut self, bdev: BdevId, req: IoRequest) -> Result<(), IoError> {
+        let submitted = self.submit_here(bdev, req);
+        self.drain_deferred();
+        submitted
+    }
+
+    #[inline]
+    fn submit_here(&mut self, bdev: BdevId, req: IoRequest) -> Result<(), IoError> {
         let Some(Some(slot)) = self.devs.get_mut(bdev.0 as usize) else {
             return Err(IoError::NoSuchBdev { id: bdev.0 });
         };
@@ -401,6 +424,19 @@ impl Core {
         )?;
         slot.channel.submit(&mut self.io, req);
         Ok(())
+    }
+
+    /// Hands on what channels queued with [`IoCtx::submit_to`], including what those
+    /// submissions queue in turn.
+    fn drain_deferred(&mut self) -> usize {
+        let mut n = 0;
+        while let Some((bdev, req)) = self.io.deferred.pop_front() {
+            if let Err(e) = self.submit_here(bdev, req) {
+                self.io.post(req.owner, req.tag, -e.errno());
+            }
+            n += 1;
+        }
+        n
     }
 
     /// Runs `f` on this core after `delay`.
@@ -430,7 +466,9 @@ impl Core {
         f: impl FnOnce(&mut dyn BdevChannel, &mut IoCtx) -> R,
     ) -> Option<R> {
         let slot = self.devs.get_mut(bdev.0 as usize)?.as_mut()?;
-        Some(f(&mut *slot.channel, &mut self.io))
+        let r = f(&mut *slot.channel, &mut self.io);
+        self.drain_deferred();
+        Some(r)
     }
 
     fn poll_channels(&mut self) -> usize {
@@ -449,7 +487,7 @@ impl Core {
                 work += 1;
             }
         }
-        work
+        work + self.drain_deferred()
     }
 
     /// Re-reads the bdev's size after it grew (see `Engine::refresh_bdev`).
@@ -609,6 +647,7 @@ impl Reactor {
             now: Instant::now(),
             peers: Arc::from(Vec::new()),
             outbox: VecDeque::new(),
+            deferred: VecDeque::with_capacity(DEFERRED_CAPACITY),
         };
         let reactor = Reactor {
             core: Core {
