@@ -11,5 +11,8 @@
 //! rebuild. None of that exists yet. The crate must never reach a disk except through
 //! `cairn_engine` bdevs, and [`proto`] never touches a socket.
 
+pub mod epoch;
 pub mod proto;
+pub mod replica;
+pub mod server;
 pub mod transport;

@@ -97,7 +97,7 @@ pub struct RxFrame<'a> {
 }
 
 /// A connection bound to one reactor. Every method runs on that reactor.
-pub trait Conn {
+pub trait Conn: Send {
     /// Processes this connection's ring completions and starts the next receive and send.
     /// Returns how much work it did, or the error that closed the connection (after which
     /// only [`Conn::busy`] matters).

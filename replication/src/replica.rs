@@ -1,0 +1,188 @@
+//! Hosted replicas: the volumes of this node that nexuses (remote or local) write through,
+//! each with the epoch fence it enforces.
+//!
+//! A replica is named on the wire by its [`VolumeId`], which [`volume_id_for`] derives from
+//! the volume's name (volume names are unique per cluster, and the replicas of one volume on
+//! different nodes share its name). The node supplies a resolver from id to an open bdev;
+//! [`ReplicaSet`] keeps one [`HostedReplica`] per id so every connection to it, and a local
+//! nexus, share one epoch fence.
+//!
+//! Epoch rules ([`ReplicaSet::accept`]): an `Open` with an epoch below the stored one is
+//! refused (`StaleEpoch`); a higher one is stored durably first, then becomes the fence; an
+//! equal one is the same nexus connecting again. Requests are checked against the fence one
+//! by one ([`HostedReplica::admits`]).
+
+use crate::epoch::{EpochError, EpochStore};
+use crate::proto::{Epoch, VolumeId};
+use cairn_engine::reactor::BdevId;
+use cairn_engine::{BdevHandle, BdevInfo};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The wire id of the volume named `name`: 128 bits of crc32c over the name under four
+/// different prefixes. Not cryptographic; it only has to tell a cluster's volumes apart.
+pub fn volume_id_for(name: &str) -> VolumeId {
+    let mut id = [0u8; 16];
+    for (i, chunk) in id.chunks_mut(4).enumerate() {
+        let seed = crc32c::crc32c(format!("cairn-volume-id-{i}:").as_bytes());
+        chunk.copy_from_slice(&crc32c::crc32c_append(seed, name.as_bytes()).to_le_bytes());
+    }
+    if id == [0; 16] {
+        id[0] = 1;
+    }
+    VolumeId::new(id).expect("made non-nil above")
+}
+
+/// One replica this node hosts.
+#[derive(Debug)]
+pub struct HostedReplica {
+    pub name: String,
+    pub volume_id: VolumeId,
+    pub handle: BdevHandle,
+    /// The highest epoch accepted: requests below it are refused.
+    fence: AtomicU64,
+    /// Serialises epoch changes (the durable write, then the fence).
+    accept_lock: Mutex<()>,
+}
+
+impl HostedReplica {
+    pub fn bdev(&self) -> BdevId {
+        self.handle.id()
+    }
+
+    pub fn info(&self) -> &BdevInfo {
+        self.handle.info()
+    }
+
+    /// The fence now.
+    pub fn fence(&self) -> u64 {
+        self.fence.load(Ordering::Acquire)
+    }
+
+    /// Whether a request under `epoch` may run: not below the fence.
+    #[inline]
+    pub fn admits(&self, epoch: Epoch) -> bool {
+        epoch.get() >= self.fence.load(Ordering::Acquire)
+    }
+}
+
+/// What [`ReplicaSet::accept`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acceptance {
+    Accepted(Epoch),
+    Stale { current: Epoch },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("no replica with volume id {id} on this node")]
+    NotFound { id: VolumeId },
+    #[error("replica '{name}': {source}")]
+    Epoch { name: String, source: EpochError },
+}
+
+impl ReplicaError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            ReplicaError::NotFound { .. } => libc::ENOENT,
+            ReplicaError::Epoch { .. } => libc::EIO,
+        }
+    }
+}
+
+/// Finds and opens the volume behind a wire id: `(name, handle)`.
+pub type Resolver = dyn Fn(&VolumeId) -> Option<(String, BdevHandle)> + Send + Sync;
+
+/// Every replica this node hosts, opened on first use.
+pub struct ReplicaSet {
+    epochs: EpochStore,
+    resolve: Box<Resolver>,
+    hosted: Mutex<HashMap<VolumeId, Arc<HostedReplica>>>,
+}
+
+impl std::fmt::Debug for ReplicaSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSet")
+            .field("epochs", &self.epochs)
+            .finish()
+    }
+}
+
+impl ReplicaSet {
+    pub fn new(epochs: EpochStore, resolve: Box<Resolver>) -> ReplicaSet {
+        ReplicaSet {
+            epochs,
+            resolve,
+            hosted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The hosted replica with wire id `id`, opening it (and loading its fence) on first use.
+    pub fn get(&self, id: &VolumeId) -> Result<Arc<HostedReplica>, ReplicaError> {
+        let mut hosted = self.hosted.lock();
+        if let Some(r) = hosted.get(id) {
+            return Ok(r.clone());
+        }
+        let (name, handle) = (self.resolve)(id).ok_or(ReplicaError::NotFound { id: *id })?;
+        let stored = self.epochs.load(id).map_err(|source| ReplicaError::Epoch {
+            name: name.clone(),
+            source,
+        })?;
+        let r = Arc::new(HostedReplica {
+            name,
+            volume_id: *id,
+            handle,
+            fence: AtomicU64::new(stored.map_or(0, Epoch::get)),
+            accept_lock: Mutex::new(()),
+        });
+        hosted.insert(*id, r.clone());
+        Ok(r)
+    }
+
+    /// Applies the epoch rules to an `Open` under `epoch`; a raised fence is durable before
+    /// this returns.
+    pub fn accept(&self, r: &HostedReplica, epoch: Epoch) -> Result<Acceptance, ReplicaError> {
+        let _serial = r.accept_lock.lock();
+        let current = r.fence();
+        if epoch.get() < current {
+            return Ok(Acceptance::Stale {
+                current: Epoch::new(current).expect("a stored fence is never 0"),
+            });
+        }
+        if epoch.get() > current {
+            self.epochs
+                .store(&r.volume_id, epoch)
+                .map_err(|source| ReplicaError::Epoch {
+                    name: r.name.clone(),
+                    source,
+                })?;
+            r.fence.store(epoch.get(), Ordering::Release);
+            tracing::info!(replica = %r.name, epoch = epoch.get(), "replica fenced at new epoch");
+        }
+        Ok(Acceptance::Accepted(epoch))
+    }
+
+    /// Forgets a replica whose volume is going away (its fence file stays).
+    pub fn forget(&self, id: &VolumeId) -> Option<Arc<HostedReplica>> {
+        self.hosted.lock().remove(id)
+    }
+
+    /// Every replica opened so far.
+    pub fn hosted(&self) -> Vec<Arc<HostedReplica>> {
+        self.hosted.lock().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_ids_differ_by_name_and_are_stable() {
+        assert_eq!(volume_id_for("pg"), volume_id_for("pg"));
+        assert_ne!(volume_id_for("pg"), volume_id_for("pg2"));
+        assert_ne!(volume_id_for(""), volume_id_for("a"));
+    }
+}

@@ -1,0 +1,553 @@
+//! The replica server: accepts nexus connections, runs the `Open` handshake (epoch fencing)
+//! on a short-lived control thread, then serves each connection as a poller on one reactor,
+//! submitting its requests to the replica's volume on that core.
+//!
+//! Limits and what happens at them:
+//! * [`HANDSHAKES_MAX`] handshakes at once; more connections are closed at once (logged).
+//! * [`SERVER_OPS_MAX`] requests of one connection in flight, and the core's DMA buffers:
+//!   at either limit the connection stops reading, and TCP pushes back on the nexus.
+//! * Reads and writes larger than one DMA buffer ([`Engine`]'s `buf_size_bytes`, 128 KiB by
+//!   default) are answered `Error{EINVAL}`; the nexus never sends them.
+//!
+//! A frame that fails to decode, a reply opcode, a second `Open`, or a request for another
+//! volume or epoch than the connection opened closes that connection (logged with the peer);
+//! every other connection keeps being served. Requests under an epoch below the replica's
+//! fence are answered `StaleEpoch` and not run.
+
+use crate::proto::{Envelope, Epoch, Message, Opcode, RequestId};
+use crate::replica::{Acceptance, HostedReplica, ReplicaSet};
+use crate::transport::{Conn, Link, Transport, TransportError, HANDSHAKE_TIMEOUT};
+use cairn_engine::bdev::{IoOp, IoRequest};
+use cairn_engine::dma::DmaBuf;
+use cairn_engine::reactor::{Core, OwnerId, Poller, PollerState};
+use cairn_engine::Engine;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Requests one connection may have in flight at the volume.
+pub const SERVER_OPS_MAX: usize = 128;
+/// Handshakes running at once.
+pub const HANDSHAKES_MAX: usize = 16;
+/// How often the accept loop checks for shutdown.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+/// A running replica server.
+pub struct ReplicaServer {
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ReplicaServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaServer")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    replicas: Arc<ReplicaSet>,
+    stop: Arc<AtomicBool>,
+    handshakes: AtomicUsize,
+    next_core: AtomicUsize,
+}
+
+impl ReplicaServer {
+    /// Listens at `endpoint` and serves until [`ReplicaServer::shutdown`].
+    pub fn start(
+        engine: Arc<Engine>,
+        transport: Arc<dyn Transport>,
+        endpoint: &str,
+        replicas: Arc<ReplicaSet>,
+    ) -> Result<ReplicaServer, TransportError> {
+        let mut acceptor = transport.listen(endpoint)?;
+        let endpoint = acceptor.endpoint();
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            engine,
+            replicas,
+            stop: stop.clone(),
+            handshakes: AtomicUsize::new(0),
+            next_core: AtomicUsize::new(0),
+        });
+        let thread = std::thread::Builder::new()
+            .name("cairn-replica-accept".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::Acquire) {
+                    match acceptor.accept(ACCEPT_POLL) {
+                        Ok(Some(link)) => admit(&shared, link),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "replica server accept failed");
+                            std::thread::sleep(ACCEPT_POLL);
+                        }
+                    }
+                }
+            })
+            .expect("spawning the replica accept thread");
+        Ok(ReplicaServer {
+            endpoint,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound endpoint (port resolved).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Stops accepting and closes every connection once its in-flight requests are answered.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            drop(t.join());
+        }
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn admit(shared: &Arc<Shared>, link: Box<dyn Link>) {
+    if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= HANDSHAKES_MAX {
+        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(peer = link.peer(), limit = HANDSHAKES_MAX, "too many replica handshakes; connection closed");
+        return;
+    }
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("cairn-replica-open".into())
+        .spawn(move || {
+            let peer = link.peer().to_string();
+            if let Err(why) = handshake(&shared, link) {
+                tracing::warn!(peer = %peer, error = %why, "replica open refused");
+            }
+            shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "spawning a replica handshake thread failed");
+    }
+}
+
+/// Runs `Open`: finds the replica, applies the epoch rules, answers, and hands the connection
+/// to a reactor. Returns why a connection was refused.
+fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
+    let (header, payload) = link
+        .recv_frame(HANDSHAKE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;
+    if msg != Message::Open {
+        return Err(format!("expected Open, got {:?}", header.opcode));
+    }
+    let env = header.envelope;
+    let reply = |link: &mut Box<dyn Link>, msg: Message<'_>| {
+        let mut out = Vec::new();
+        crate::proto::encode_into(&env, &msg, &mut out);
+        link.send_frame(&out).map_err(|e| e.to_string())
+    };
+    let replica = match shared.replicas.get(&env.volume_id) {
+        Ok(r) => r,
+        Err(e) => {
+            reply(&mut link, error_msg(e.errno()))?;
+            return Err(e.to_string());
+        }
+    };
+    match shared.replicas.accept(&replica, env.epoch) {
+        Ok(Acceptance::Accepted(epoch)) => {
+            let info = replica.info();
+            reply(
+                &mut link,
+                Message::OpenOk {
+                    size_bytes: info.size_bytes,
+                    block_size_bytes: info.block_size_bytes,
+                    epoch_accepted: epoch,
+                },
+            )?;
+        }
+        Ok(Acceptance::Stale { current }) => {
+            reply(&mut link, Message::StaleEpoch { current })?;
+            return Err(format!(
+                "replica '{}': epoch {} is below its fence {}",
+                replica.name,
+                env.epoch.get(),
+                current.get()
+            ));
+        }
+        Err(e) => {
+            reply(&mut link, error_msg(e.errno()))?;
+            return Err(e.to_string());
+        }
+    }
+    let cores = shared.engine.cores();
+    let core = cores[shared.next_core.fetch_add(1, Ordering::Relaxed) % cores.len()];
+    let conn = ServerConn::new(link, replica, env.epoch, shared.stop.clone());
+    shared
+        .engine
+        .spawn_poller(core, Box::new(conn), None)
+        .map_err(|e| e.to_string())
+}
+
+fn error_msg(errno: i32) -> Message<'static> {
+    Message::Error {
+        errno: errno.max(1) as u32,
+    }
+}
+
+/// One request at the volume.
+struct Op {
+    request_id: RequestId,
+    opcode: Opcode,
+    len_bytes: u32,
+    buf: Option<DmaBuf>,
+    /// The completion result once done.
+    res: i32,
+}
+
+/// What one received frame asks for, decoded out of the receive buffer.
+enum Action {
+    Submit {
+        op: IoOp,
+        opcode: Opcode,
+        offset_bytes: u64,
+        len_bytes: u32,
+        fua: bool,
+        /// Write data, already copied in.
+        buf: Option<DmaBuf>,
+    },
+    Reply(Message<'static>),
+    Close(String),
+}
+
+/// One nexus connection on one reactor.
+struct ServerConn {
+    link: Option<Box<dyn Link>>,
+    conn: Option<Box<dyn Conn>>,
+    replica: Arc<HostedReplica>,
+    epoch: Epoch,
+    stop: Arc<AtomicBool>,
+    owner: Option<OwnerId>,
+    ops: Vec<Option<Op>>,
+    free: Vec<u16>,
+    /// Finished ops whose reply has not been queued yet (the send queue was full).
+    done: VecDeque<u16>,
+    in_flight: usize,
+    closing: bool,
+}
+
+impl ServerConn {
+    fn new(
+        link: Box<dyn Link>,
+        replica: Arc<HostedReplica>,
+        epoch: Epoch,
+        stop: Arc<AtomicBool>,
+    ) -> ServerConn {
+        ServerConn {
+            link: Some(link),
+            conn: None,
+            replica,
+            epoch,
+            stop,
+            owner: None,
+            ops: (0..SERVER_OPS_MAX).map(|_| None).collect(),
+            free: (0..SERVER_OPS_MAX as u16).rev().collect(),
+            done: VecDeque::new(),
+            in_flight: 0,
+            closing: false,
+        }
+    }
+
+    fn envelope(&self, request_id: RequestId) -> Envelope {
+        Envelope {
+            volume_id: self.replica.volume_id,
+            epoch: self.epoch,
+            request_id,
+        }
+    }
+
+    fn reap(&mut self, core: &mut Core) -> usize {
+        let owner = self.owner.expect("attached");
+        let mut n = 0;
+        while let Some(c) = core.io().pop(owner) {
+            let op = self.ops[c.tag as usize].as_mut().expect("completion for a live op");
+            op.res = c.res;
+            self.in_flight -= 1;
+            self.done.push_back(c.tag as u16);
+            n += 1;
+        }
+        n
+    }
+
+    /// Queues the replies of finished ops, in completion order, until the send queue is full.
+    fn reply_done(&mut self, core: &mut Core) -> usize {
+        let mut n = 0;
+        while let Some(&slot) = self.done.front() {
+            let op = self.ops[slot as usize].as_ref().expect("done op");
+            let env = self.envelope(op.request_id);
+            let conn = self.conn.as_mut().expect("attached");
+            if !self.closing {
+                let msg = match (op.res, &op.buf) {
+                    (res, _) if res < 0 => error_msg(-res),
+                    (_, Some(buf)) if op.opcode == Opcode::Read => Message::ReadData {
+                        data: &buf.as_slice()[..op.len_bytes as usize],
+                    },
+                    _ => Message::Ok,
+                };
+                if conn.send(&env, &msg).is_err() {
+                    break;
+                }
+            }
+            self.done.pop_front();
+            let op = self.ops[slot as usize].take().expect("done op");
+            if let Some(b) = op.buf {
+                core.io().pool().put(b);
+            }
+            self.free.push(slot);
+            n += 1;
+        }
+        n
+    }
+
+    /// Turns one request into an action; copies write data out of the receive buffer into a
+    /// DMA buffer (the caller made sure one is free).
+    fn classify(
+        replica: &HostedReplica,
+        epoch: Epoch,
+        core: &mut Core,
+        env: &Envelope,
+        msg: &Message<'_>,
+    ) -> Action {
+        if env.volume_id != replica.volume_id || env.epoch != epoch {
+            return Action::Close(format!(
+                "request for volume {} epoch {} on a connection opened for {} epoch {}",
+                env.volume_id,
+                env.epoch.get(),
+                replica.volume_id,
+                epoch.get()
+            ));
+        }
+        if !replica.admits(env.epoch) {
+            let current = Epoch::new(replica.fence()).expect("fence above a live epoch");
+            return Action::Reply(Message::StaleEpoch { current });
+        }
+        let buf_bytes = u64::from(core.io().pool().buf_size_bytes());
+        let submit = |op, opcode, offset_bytes, len_bytes: u64, fua, buf| Action::Submit {
+            op,
+            opcode,
+            offset_bytes,
+            len_bytes: len_bytes as u32,
+            fua,
+            buf,
+        };
+        match *msg {
+            Message::Write {
+                offset_bytes,
+                fua,
+                data,
+            } if data.len() as u64 <= buf_bytes => {
+                let mut b = core.io().pool().get().expect("caller checked a free buffer");
+                b.as_mut_slice()[..data.len()].copy_from_slice(data);
+                let len = data.len() as u64;
+                submit(IoOp::Write, Opcode::Write, offset_bytes, len, fua, Some(b))
+            }
+            Message::Read {
+                offset_bytes,
+                len_bytes,
+            } if len_bytes <= buf_bytes => {
+                let b = core.io().pool().get().expect("caller checked a free buffer");
+                submit(IoOp::Read, Opcode::Read, offset_bytes, len_bytes, false, Some(b))
+            }
+            Message::Flush => submit(IoOp::Flush, Opcode::Flush, 0, 0, false, None),
+            Message::Trim {
+                offset_bytes,
+                len_bytes,
+            } if len_bytes <= u64::from(u32::MAX) => {
+                submit(IoOp::Trim, Opcode::Trim, offset_bytes, len_bytes, false, None)
+            }
+            Message::WriteZeroes {
+                offset_bytes,
+                len_bytes,
+            } if len_bytes <= u64::from(u32::MAX) => submit(
+                IoOp::WriteZeroes,
+                Opcode::WriteZeroes,
+                offset_bytes,
+                len_bytes,
+                false,
+                None,
+            ),
+            Message::Write { .. }
+            | Message::Read { .. }
+            | Message::Trim { .. }
+            | Message::WriteZeroes { .. } => Action::Reply(error_msg(libc::EINVAL)),
+            Message::Ping => Action::Reply(Message::Pong),
+            ref other => Action::Close(format!("unexpected {:?} from a nexus", other.opcode())),
+        }
+    }
+
+    /// Reads and starts requests while there is a free op slot and a free buffer.
+    fn serve(&mut self, core: &mut Core) -> usize {
+        let mut n = 0;
+        while !self.closing && !self.free.is_empty() && core.io().pool().available() > 0 {
+            let conn = self.conn.as_mut().expect("attached");
+            let (env, action) = match conn.recv(core.io()) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(replica = %self.replica.name, error = %e, "closing replica connection");
+                    self.closing = true;
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    let env = frame.header.envelope;
+                    let action = Self::classify(&self.replica, self.epoch, core, &env, &frame.msg);
+                    (env, action)
+                }
+            };
+            n += 1;
+            match action {
+                Action::Submit {
+                    op,
+                    opcode,
+                    offset_bytes,
+                    len_bytes,
+                    fua,
+                    buf,
+                } => self.submit(core, env.request_id, op, opcode, offset_bytes, len_bytes, fua, buf),
+                Action::Reply(msg) => {
+                    let env = self.envelope(env.request_id);
+                    let conn = self.conn.as_mut().expect("attached");
+                    if conn.send(&env, &msg).is_err() {
+                        // The send queue is full of replies the peer is not reading.
+                        tracing::warn!(replica = %self.replica.name, "replica connection's send queue is full; closing");
+                        self.closing = true;
+                    }
+                }
+                Action::Close(why) => {
+                    tracing::warn!(replica = %self.replica.name, why = %why, "closing replica connection");
+                    self.closing = true;
+                }
+            }
+        }
+        n
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        core: &mut Core,
+        request_id: RequestId,
+        op: IoOp,
+        opcode: Opcode,
+        offset_bytes: u64,
+        len_bytes: u32,
+        fua: bool,
+        mut buf: Option<DmaBuf>,
+    ) {
+        let slot = self.free.pop().expect("caller checked a free slot");
+        let req = IoRequest {
+            op,
+            offset_bytes,
+            len_bytes,
+            buf: buf.as_mut().map(DmaBuf::io_buf),
+            fua,
+            owner: self.owner.expect("attached"),
+            tag: u32::from(slot),
+        };
+        let res = match core.submit(self.replica.bdev(), req) {
+            Ok(()) => {
+                self.in_flight += 1;
+                None
+            }
+            Err(e) => Some(-e.errno()),
+        };
+        self.ops[slot as usize] = Some(Op {
+            request_id,
+            opcode,
+            len_bytes,
+            buf,
+            res: res.unwrap_or(0),
+        });
+        if res.is_some() {
+            self.done.push_back(slot);
+        }
+    }
+
+    fn finish(&mut self, core: &mut Core) -> PollerState {
+        let conn = self.conn.as_mut().expect("attached");
+        conn.close(core.io());
+        drop(conn.poll(core.io()));
+        if self.in_flight > 0 || conn.busy() {
+            return PollerState::Idle;
+        }
+        conn.release(core.io());
+        self.reply_done(core);
+        core.io().release_owner(self.owner.take().expect("attached"));
+        PollerState::Finished
+    }
+}
+
+impl Poller for ServerConn {
+    fn poll(&mut self, core: &mut Core) -> PollerState {
+        if let Some(link) = self.link.take() {
+            match link.attach(core.io()) {
+                Ok(conn) => {
+                    self.conn = Some(conn);
+                    self.owner = Some(core.io().register_owner(SERVER_OPS_MAX));
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %self.replica.name, error = %e, "attaching a replica connection failed");
+                    return PollerState::Finished;
+                }
+            }
+        }
+        if self.stop.load(Ordering::Relaxed) || core.stopping() {
+            self.closing = true;
+        }
+        let mut work = self.reap(core);
+        let conn = self.conn.as_mut().expect("attached");
+        match conn.poll(core.io()) {
+            Ok(n) => work += n,
+            Err(e) => {
+                if !self.closing {
+                    tracing::info!(replica = %self.replica.name, reason = %e, "replica connection closed");
+                }
+                self.closing = true;
+            }
+        }
+        if self.closing {
+            return self.finish(core);
+        }
+        work += self.reply_done(core);
+        work += self.serve(core);
+        work += self.reply_done(core);
+        // Sends what was queued and re-arms the receive if `serve` made room.
+        let conn = self.conn.as_mut().expect("attached");
+        if conn.poll(core.io()).is_err() {
+            self.closing = true;
+        }
+        let starved = self.in_flight == 0 && core.io().pool().available() == 0;
+        if work > 0 || starved {
+            // Starved of buffers with nothing in flight: no completion will wake this
+            // connection, so keep polling until another releases one.
+            PollerState::Busy(work.max(1))
+        } else {
+            PollerState::Idle
+        }
+    }
+
+    fn needs_poll(&self) -> bool {
+        // Work arrives only as ring completions (socket and volume), which wake the reactor.
+        false
+    }
+}
