@@ -143,6 +143,30 @@ pub struct IoBuf {
     pub fixed_index: Option<u16>,
 }
 
+impl IoBuf {
+    /// The first `len_bytes` of the request's data, for a bdev that moves data by copying.
+    ///
+    /// # Safety
+    /// The caller is the bdev this buffer was submitted to, the request has not completed yet
+    /// (so the submitter keeps the memory alive and untouched), and `len_bytes <= self.len_bytes`.
+    pub unsafe fn as_slice<'a>(&self, len_bytes: u32) -> &'a [u8] {
+        debug_assert!(len_bytes <= self.len_bytes);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr, len_bytes as usize) }
+    }
+
+    /// As [`IoBuf::as_slice`], writable, for reads completed by copying.
+    ///
+    /// # Safety
+    /// As for [`IoBuf::as_slice`], and no other view of the memory is live.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice<'a>(&self, len_bytes: u32) -> &'a mut [u8] {
+        debug_assert!(len_bytes <= self.len_bytes);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len_bytes as usize) }
+    }
+}
+
 // SAFETY: an IoBuf is a plain address; the submitter keeps the memory alive and untouched until
 // the request completes, which is the contract of every submit function that takes one.
 unsafe impl Send for IoBuf {}

@@ -15,4 +15,5 @@ pub mod epoch;
 pub mod proto;
 pub mod replica;
 pub mod server;
+pub mod nexus;
 pub mod transport;

@@ -1,0 +1,782 @@
+//! One core's path through a nexus: its connections to the remote children, its in-flight
+//! table, its timeouts, and (on the home core) the resync job.
+//!
+//! Every client request becomes a parent slot with one sub-request per child it goes to:
+//! one for a read, one per in-sync child for a write, flush, trim or write-zeroes. Local
+//! children are reached with [`IoCtx::submit_to`] (the volume's channel on this core), remote
+//! ones with a replica frame on this core's connection. A parent completes when its last sub
+//! does; the rules deciding its result are in [`NexusChannel::finish`].
+//!
+//! Limits: [`PARENTS_MAX`] parents (more requests wait in order), and
+//! [`CHILD_IN_FLIGHT_BYTES_MAX`] unanswered bytes per remote child (more sub-requests wait in
+//! that child's backlog). A remote sub-request unanswered after the nexus's I/O timeout
+//! faults its child; a local one is never timed out (its buffer is the client's, so the
+//! request cannot be abandoned; a slow local disk makes the volume slow, not wrong).
+
+use super::resync::ResyncJob;
+use super::{
+    ChildState, NexusShared, PathSetup, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX, PARENTS_MAX,
+};
+use crate::proto::{Envelope, Epoch, Message, RequestId};
+use crate::replica::HostedReplica;
+use crate::transport::Conn;
+use cairn_engine::bdev::{BdevChannel, IoOp, IoRequest};
+use cairn_engine::dma::DmaBuf;
+use cairn_engine::reactor::{BdevId, IoCtx, OwnerId};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a channel with requests held by the freeze looks again.
+const HELD_RECHECK: Duration = Duration::from_millis(1);
+
+pub(super) enum Path {
+    None,
+    Local {
+        bdev: BdevId,
+        replica: Arc<HostedReplica>,
+        epoch: Epoch,
+    },
+    Remote {
+        conn: Box<dyn Conn>,
+        in_flight_bytes: usize,
+        epoch: Epoch,
+    },
+}
+
+/// What a parent slot is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Client,
+    /// Reading a region chunk from a source for the resync target.
+    ResyncRead { target: u8 },
+    ResyncWrite,
+    ResyncFlush,
+}
+
+/// Why a sub-request did not succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SubErr {
+    /// The child answered an errno, or its connection broke or timed out: fault it.
+    Failed,
+    /// The child refused our epoch: a newer nexus owns the volume.
+    Stale,
+    /// Our path to the child was replaced or closed because it is no longer in sync; it
+    /// missed the request, and nothing more needs faulting.
+    Dropped,
+}
+
+pub(super) struct Parent {
+    pub(super) live: bool,
+    pub(super) gen: u32,
+    pub(super) kind: Kind,
+    pub(super) req: IoRequest,
+    /// Children with a sub-request outstanding.
+    pub(super) pending: u8,
+    pub(super) ok: u8,
+    /// Children tried (reads retry on another child).
+    pub(super) tried: u8,
+    /// Children not in sync when the write started: they missed it.
+    pub(super) missed: u8,
+    pub(super) stale: bool,
+    pub(super) counted: bool,
+    /// The flush generation this flush switched away from.
+    pub(super) flipped: Option<u64>,
+    pub(super) buf: Option<DmaBuf>,
+}
+
+impl Parent {
+    fn empty(owner: OwnerId) -> Parent {
+        Parent {
+            live: false,
+            gen: 0,
+            kind: Kind::Client,
+            req: IoRequest {
+                op: IoOp::Flush,
+                offset_bytes: 0,
+                len_bytes: 0,
+                buf: None,
+                fua: false,
+                owner,
+                tag: 0,
+            },
+            pending: 0,
+            ok: 0,
+            tried: 0,
+            missed: 0,
+            stale: false,
+            counted: false,
+            flipped: None,
+            buf: None,
+        }
+    }
+}
+
+fn is_write_like(op: IoOp) -> bool {
+    matches!(op, IoOp::Write | IoOp::Trim | IoOp::WriteZeroes)
+}
+
+fn request_id(slot: u16, gen: u32, child: usize) -> RequestId {
+    RequestId::new((u64::from(gen) << 32) | (u64::from(slot) << 2) | child as u64)
+}
+
+pub(super) struct NexusChannel {
+    pub(super) shared: Arc<NexusShared>,
+    pub(super) core_index: usize,
+    pub(super) owner: OwnerId,
+    pub(super) paths: [Path; CHILDREN_MAX],
+    path_gen: [u64; CHILDREN_MAX],
+    /// Replaced connections still draining their ring operations.
+    retired: Vec<Box<dyn Conn>>,
+    pub(super) slots: Vec<Parent>,
+    pub(super) free: Vec<u16>,
+    /// Client requests not started yet: no free slot, or writes frozen.
+    waiting: VecDeque<IoRequest>,
+    /// Sub-requests not yet sent to a remote child (send queue or byte budget full).
+    backlog: [VecDeque<u16>; CHILDREN_MAX],
+    /// Remote sub-request deadlines, in send order (one timeout, so also deadline order).
+    timeouts: VecDeque<(Instant, u16, u32)>,
+    /// Replies gathered from a connection before they are acted on.
+    replies: Vec<(u16, u32, Result<(), SubErr>)>,
+    pub(super) resync: Option<ResyncJob>,
+}
+
+impl NexusChannel {
+    pub(super) fn new(shared: Arc<NexusShared>, io: &mut IoCtx) -> NexusChannel {
+        let core_index = shared
+            .cores
+            .iter()
+            .position(|c| *c == io.core())
+            .expect("nexus channel opened on one of its cores");
+        let owner = io.register_owner(PARENTS_MAX * CHILDREN_MAX);
+        let mut ch = NexusChannel {
+            owner,
+            shared,
+            core_index,
+            paths: std::array::from_fn(|_| Path::None),
+            path_gen: [0; CHILDREN_MAX],
+            retired: Vec::new(),
+            slots: (0..PARENTS_MAX).map(|_| Parent::empty(owner)).collect(),
+            free: (0..PARENTS_MAX as u16).rev().collect(),
+            waiting: VecDeque::new(),
+            backlog: std::array::from_fn(|_| VecDeque::new()),
+            timeouts: VecDeque::new(),
+            replies: Vec::with_capacity(PARENTS_MAX),
+            resync: None,
+        };
+        ch.refresh_paths(io);
+        ch
+    }
+
+    /// Picks up paths the manager published since we last looked.
+    fn refresh_paths(&mut self, io: &mut IoCtx) {
+        for c in 0..CHILDREN_MAX {
+            let gen = self.shared.child(c).gen.load(Ordering::Acquire);
+            if gen == self.path_gen[c] {
+                continue;
+            }
+            self.path_gen[c] = gen;
+            let setup = self.shared.child(c).paths.lock()[self.core_index].take();
+            self.drop_path(io, c);
+            self.paths[c] = match setup {
+                None => Path::None,
+                Some(PathSetup::Local(replica, epoch)) => Path::Local {
+                    bdev: replica.bdev(),
+                    replica,
+                    epoch: Epoch::new(epoch).expect("opened under a real epoch"),
+                },
+                Some(PathSetup::Remote(link, epoch)) => match link.attach(io) {
+                    Ok(conn) => Path::Remote {
+                        conn,
+                        in_flight_bytes: 0,
+                        epoch: Epoch::new(epoch).expect("opened under a real epoch"),
+                    },
+                    Err(e) => {
+                        self.shared.fault(c, &format!("attaching its connection: {e}"));
+                        Path::None
+                    }
+                },
+            };
+        }
+    }
+
+    /// Closes our path to child `c`, failing what is outstanding on it as `Dropped`.
+    fn drop_path(&mut self, io: &mut IoCtx, c: usize) {
+        if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None)
+        {
+            conn.close(io);
+            self.retired.push(conn);
+            self.fail_outstanding(io, c, SubErr::Dropped);
+        }
+    }
+
+    /// Fails every remote sub-request outstanding on child `c` on this core.
+    fn fail_outstanding(&mut self, io: &mut IoCtx, c: usize, err: SubErr) {
+        self.backlog[c].clear();
+        let bit = 1u8 << c;
+        for slot in 0..self.slots.len() as u16 {
+            let p = &self.slots[slot as usize];
+            if p.live && p.pending & bit != 0 {
+                self.sub_done(io, slot, c, Err(err));
+            }
+        }
+    }
+
+    /// A connection error or timeout on child `c`: fault it and fail what it had.
+    fn child_lost(&mut self, io: &mut IoCtx, c: usize, reason: &str) {
+        self.shared.fault(c, reason);
+        if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None)
+        {
+            conn.close(io);
+            self.retired.push(conn);
+        }
+        self.fail_outstanding(io, c, SubErr::Failed);
+    }
+
+
+    /// Takes a free slot for `req` (of `kind`); `None` when all are in use.
+    pub(super) fn alloc(&mut self, kind: Kind, req: IoRequest) -> Option<u16> {
+        let slot = self.free.pop()?;
+        let owner = self.owner;
+        let p = &mut self.slots[slot as usize];
+        let gen = p.gen.wrapping_add(1);
+        *p = Parent::empty(owner);
+        p.live = true;
+        p.gen = gen;
+        p.kind = kind;
+        p.req = req;
+        Some(slot)
+    }
+
+    fn release_slot(&mut self, io: &mut IoCtx, slot: u16) {
+        let p = &mut self.slots[slot as usize];
+        p.live = false;
+        if let Some(b) = p.buf.take() {
+            io.pool().put(b);
+        }
+        self.free.push(slot);
+    }
+
+    /// Sends slot's sub-request to child `c`.
+    pub(super) fn send_sub(&mut self, io: &mut IoCtx, slot: u16, c: usize) {
+        let bit = 1u8 << c;
+        {
+            let p = &mut self.slots[slot as usize];
+            p.pending |= bit;
+            p.tried |= bit;
+        }
+        match &self.paths[c] {
+            Path::None => self.sub_done(io, slot, c, Err(SubErr::Dropped)),
+            Path::Local {
+                bdev,
+                replica,
+                epoch,
+            } => {
+                if !replica.admits(*epoch) {
+                    self.sub_done(io, slot, c, Err(SubErr::Stale));
+                    return;
+                }
+                let bdev = *bdev;
+                let p = &self.slots[slot as usize];
+                let req = IoRequest {
+                    owner: self.owner,
+                    tag: (u32::from(slot) << 2) | c as u32,
+                    ..p.req
+                };
+                io.submit_to(bdev, req);
+            }
+            Path::Remote { .. } => {
+                if self.backlog[c].is_empty() && self.try_send(slot, c) {
+                    self.arm_timeout(io, slot);
+                } else {
+                    self.backlog[c].push_back(slot);
+                    self.arm_timeout(io, slot);
+                }
+            }
+        }
+    }
+
+    fn arm_timeout(&mut self, io: &mut IoCtx, slot: u16) {
+        let gen = self.slots[slot as usize].gen;
+        let at = io.now() + self.shared.options.io_timeout;
+        self.timeouts.push_back((at, slot, gen));
+    }
+
+    /// Queues slot's frame on child `c`'s connection; false at the byte budget or when the
+    /// send queue is full.
+    fn try_send(&mut self, slot: u16, c: usize) -> bool {
+        let p = &self.slots[slot as usize];
+        let Path::Remote {
+            conn,
+            in_flight_bytes,
+            epoch,
+        } = &mut self.paths[c]
+        else {
+            return false;
+        };
+        let env = Envelope {
+            volume_id: self.shared.volume_id,
+            epoch: *epoch,
+            request_id: request_id(slot, p.gen, c),
+        };
+        let cost = p.req.len_bytes as usize;
+        if *in_flight_bytes > 0 && *in_flight_bytes + cost > CHILD_IN_FLIGHT_BYTES_MAX {
+            return false;
+        }
+        let off = p.req.offset_bytes;
+        let len = u64::from(p.req.len_bytes);
+        let data;
+        let msg = match p.req.op {
+            IoOp::Read => Message::Read {
+                offset_bytes: off,
+                len_bytes: len,
+            },
+            IoOp::Write => {
+                let buf = p.req.buf.expect("validated write has a buffer");
+                // SAFETY: this nexus channel is the bdev the parent was submitted to and the
+                // parent has not completed, so its buffer is alive and unchanged; the frame
+                // copies the data before this function returns.
+                data = unsafe { buf.as_slice(p.req.len_bytes) };
+                Message::Write {
+                    offset_bytes: off,
+                    fua: p.req.fua,
+                    data,
+                }
+            }
+            IoOp::Flush => Message::Flush,
+            IoOp::Trim => Message::Trim {
+                offset_bytes: off,
+                len_bytes: len,
+            },
+            IoOp::WriteZeroes => Message::WriteZeroes {
+                offset_bytes: off,
+                len_bytes: len,
+            },
+        };
+        if conn.send(&env, &msg).is_err() {
+            return false;
+        }
+        *in_flight_bytes += cost;
+        true
+    }
+
+    /// Starts (or fails) a client request; false when it must wait (no free slot, or writes
+    /// frozen) and was not consumed.
+    fn start(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
+        let shared = self.shared.clone();
+        let writes = req.op != IoOp::Read;
+        if writes {
+            if shared.fenced.load(Ordering::Acquire)
+                || shared.in_sync_count() < shared.options.min_in_sync
+            {
+                io.post(req.owner, req.tag, -libc::EIO);
+                return true;
+            }
+            // Announce the write before looking at the freeze, so the resync either sees
+            // it in flight or it sees the freeze (both sides SeqCst).
+            let counters = &shared.counters[self.core_index];
+            counters.started.fetch_add(1, Ordering::SeqCst);
+            if shared.frozen.load(Ordering::SeqCst) {
+                counters.done.fetch_add(1, Ordering::SeqCst);
+                return false;
+            }
+        }
+        let Some(slot) = self.alloc(Kind::Client, req) else {
+            if writes {
+                shared.counters[self.core_index]
+                    .done
+                    .fetch_add(1, Ordering::SeqCst);
+            }
+            return false;
+        };
+        self.slots[slot as usize].counted = writes;
+        if writes {
+            self.fan_out(io, slot);
+        } else {
+            self.read_from_next(io, slot);
+        }
+        true
+    }
+
+    /// Sends a write, flush, trim or write-zeroes to every in-sync child.
+    fn fan_out(&mut self, io: &mut IoCtx, slot: u16) {
+        let op = self.slots[slot as usize].req.op;
+        if op == IoOp::Flush
+            && self
+                .shared
+                .flip_busy
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            let g = self.shared.flush_gen.fetch_add(1, Ordering::SeqCst);
+            self.slots[slot as usize].flipped = Some(g);
+        }
+        let mut targets = 0u8;
+        for c in 0..CHILDREN_MAX {
+            match self.shared.child(c).state() {
+                ChildState::InSync => targets |= 1 << c,
+                ChildState::Empty => {}
+                ChildState::Faulted | ChildState::Syncing => {
+                    self.slots[slot as usize].missed |= 1 << c
+                }
+            }
+        }
+        if targets == 0 {
+            self.finish(io, slot);
+            return;
+        }
+        // Mark all targets pending first so an immediate failure cannot finish the parent
+        // before the other children have been sent their copy.
+        self.slots[slot as usize].pending = targets;
+        for c in 0..CHILDREN_MAX {
+            if targets & (1 << c) != 0 {
+                self.send_sub(io, slot, c);
+            }
+        }
+    }
+
+    /// Sends a read to the best in-sync child not tried yet: local first.
+    fn read_from_next(&mut self, io: &mut IoCtx, slot: u16) {
+        let tried = self.slots[slot as usize].tried;
+        let usable = |c: usize| {
+            tried & (1 << c) == 0 && self.shared.child(c).state() == ChildState::InSync
+        };
+        let local = (0..CHILDREN_MAX)
+            .find(|&c| usable(c) && matches!(self.paths[c], Path::Local { .. }));
+        let pick = local.or_else(|| {
+            (0..CHILDREN_MAX).find(|&c| usable(c) && matches!(self.paths[c], Path::Remote { .. }))
+        });
+        match pick {
+            Some(c) => self.send_sub(io, slot, c),
+            None => self.finish(io, slot),
+        }
+    }
+
+    /// One sub-request of `slot` on child `c` ended.
+    pub(super) fn sub_done(&mut self, io: &mut IoCtx, slot: u16, c: usize, res: Result<(), SubErr>) {
+        let bit = 1u8 << c;
+        let shared = self.shared.clone();
+        let p = &mut self.slots[slot as usize];
+        if !p.live || p.pending & bit == 0 {
+            return;
+        }
+        p.pending &= !bit;
+        let (op, off, len) = (p.req.op, p.req.offset_bytes, u64::from(p.req.len_bytes));
+        let child = shared.child(c);
+        match res {
+            Ok(()) => {
+                p.ok |= bit;
+                if is_write_like(op) && p.kind == Kind::Client {
+                    let g = shared.flush_gen.load(Ordering::SeqCst);
+                    child.unflushed[(g & 1) as usize].mark(off, len);
+                    // A fault that raced this write may already have merged the unflushed
+                    // maps: record it as missed too (both sides SeqCst).
+                    if child.state() != ChildState::InSync {
+                        child.dirty.mark(off, len);
+                    }
+                }
+            }
+            Err(e) => {
+                if is_write_like(op) && p.kind == Kind::Client {
+                    child.dirty.mark(off, len);
+                }
+                match e {
+                    SubErr::Stale => {
+                        p.stale = true;
+                        if !shared.fenced.swap(true, Ordering::AcqRel) {
+                            tracing::error!(nexus = %shared.name, "a replica refused this nexus's epoch: a newer nexus owns the volume; writes now fail");
+                        }
+                    }
+                    SubErr::Failed => shared.fault(c, &format!("{op} failed")),
+                    SubErr::Dropped => {}
+                }
+                if op == IoOp::Read && p.kind == Kind::Client && !p.stale {
+                    self.read_from_next(io, slot);
+                    return;
+                }
+            }
+        }
+        if self.slots[slot as usize].pending == 0 {
+            self.finish(io, slot);
+        }
+    }
+
+    /// The parent's last sub-request ended: decide its result and release it.
+    fn finish(&mut self, io: &mut IoCtx, slot: u16) {
+        let p = &self.slots[slot as usize];
+        if p.kind != Kind::Client {
+            self.resync_sub_finished(io, slot);
+            return;
+        }
+        let shared = &self.shared;
+        let (op, off, len) = (p.req.op, p.req.offset_bytes, u64::from(p.req.len_bytes));
+        let success = if op == IoOp::Read {
+            p.ok != 0
+        } else {
+            for c in 0..CHILDREN_MAX {
+                if p.missed & (1 << c) != 0 && is_write_like(op) {
+                    shared.child(c).dirty.mark(off, len);
+                }
+            }
+            !p.stale
+                && p.ok != 0
+                && !shared.fenced.load(Ordering::Acquire)
+                && shared.in_sync_count() >= shared.options.min_in_sync
+        };
+        if let Some(g) = p.flipped {
+            if success {
+                for c in 0..CHILDREN_MAX {
+                    if p.ok & (1 << c) != 0 {
+                        shared.child(c).unflushed[(g & 1) as usize].clear_all();
+                    }
+                }
+            }
+            shared.flip_busy.store(false, Ordering::SeqCst);
+        }
+        if p.counted {
+            shared.counters[self.core_index]
+                .done
+                .fetch_add(1, Ordering::SeqCst);
+        }
+        let res = match (success, op) {
+            (false, _) => -libc::EIO,
+            (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
+            (true, _) => 0,
+        };
+        io.post(p.req.owner, p.req.tag, res);
+        self.release_slot(io, slot);
+    }
+
+    /// Polls child `c`'s connection and acts on its replies.
+    fn poll_remote(&mut self, io: &mut IoCtx, c: usize) -> usize {
+        let Path::Remote {
+            conn,
+            in_flight_bytes,
+            ..
+        } = &mut self.paths[c]
+        else {
+            return 0;
+        };
+        let mut work = match conn.poll(io) {
+            Ok(n) => n,
+            Err(e) => {
+                let reason = e.to_string();
+                self.child_lost(io, c, &reason);
+                return 1;
+            }
+        };
+        let mut broken = None;
+        while let Some(frame) = conn.recv(io) {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    broken = Some(e.to_string());
+                    break;
+                }
+            };
+            work += 1;
+            let id = frame.header.envelope.request_id.get();
+            let (gen, slot, child) = ((id >> 32) as u32, ((id >> 2) & 0x3fff_ffff) as u16, (id & 3) as usize);
+            let Some(p) = self.slots.get(slot as usize) else {
+                broken = Some(format!("reply for request id {id:#x} this nexus never sent"));
+                break;
+            };
+            if child != c || !p.live || p.gen != gen || p.pending & (1 << c) == 0 {
+                // A late answer to a request already failed or timed out.
+                continue;
+            }
+            *in_flight_bytes = in_flight_bytes.saturating_sub(p.req.len_bytes as usize);
+            let res = match frame.msg {
+                Message::Ok if p.req.op != IoOp::Read => Ok(()),
+                Message::ReadData { data }
+                    if p.req.op == IoOp::Read && data.len() == p.req.len_bytes as usize =>
+                {
+                    let buf = p.req.buf.expect("validated read has a buffer");
+                    // SAFETY: the parent (a client read submitted to this channel, or a resync
+                    // read into its own DMA buffer) has not completed, so the buffer is alive,
+                    // and nothing else writes it while the read is outstanding.
+                    unsafe { buf.as_mut_slice(p.req.len_bytes) }.copy_from_slice(data);
+                    Ok(())
+                }
+                Message::Error { .. } => Err(SubErr::Failed),
+                Message::StaleEpoch { .. } => Err(SubErr::Stale),
+                other => {
+                    broken = Some(format!("answered {:?} to a {}", other.opcode(), p.req.op));
+                    break;
+                }
+            };
+            self.replies.push((slot, gen, res));
+        }
+        let replies = std::mem::take(&mut self.replies);
+        for &(slot, _, res) in &replies {
+            self.sub_done(io, slot, c, res);
+        }
+        self.replies = replies;
+        self.replies.clear();
+        if let Some(reason) = broken {
+            self.child_lost(io, c, &reason);
+        }
+        work
+    }
+
+    fn poll_local(&mut self, io: &mut IoCtx) -> usize {
+        let mut n = 0;
+        while let Some(done) = io.pop(self.owner) {
+            let (slot, c) = ((done.tag >> 2) as u16, (done.tag & 3) as usize);
+            let len = self.slots[slot as usize].req.len_bytes;
+            let op = self.slots[slot as usize].req.op;
+            let res = match cairn_engine::bdev::IoError::check(op, done.res, len) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(nexus = %self.shared.name, error = %e, "local child I/O failed");
+                    Err(SubErr::Failed)
+                }
+            };
+            self.sub_done(io, slot, c, res);
+            n += 1;
+        }
+        n
+    }
+
+    fn poll_timeouts(&mut self, io: &mut IoCtx) -> usize {
+        let mut n = 0;
+        while let Some(&(at, slot, gen)) = self.timeouts.front() {
+            if at > io.now() {
+                break;
+            }
+            self.timeouts.pop_front();
+            let p = &self.slots[slot as usize];
+            if !p.live || p.gen != gen {
+                continue;
+            }
+            for c in 0..CHILDREN_MAX {
+                let p = &self.slots[slot as usize];
+                if p.live && p.gen == gen && p.pending & (1 << c) != 0 {
+                    if let Path::Remote { .. } = self.paths[c] {
+                        let ms = self.shared.options.io_timeout.as_millis();
+                        self.child_lost(io, c, &format!("no answer within {ms} ms"));
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    fn poll_backlogs(&mut self) -> usize {
+        let mut n = 0;
+        for c in 0..CHILDREN_MAX {
+            while let Some(&slot) = self.backlog[c].front() {
+                if !self.try_send(slot, c) {
+                    break;
+                }
+                self.backlog[c].pop_front();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Closes our connections to children no longer in sync or syncing elsewhere, so their
+    /// servers release them, failing what they had outstanding.
+    fn drop_faulted(&mut self, io: &mut IoCtx) {
+        for c in 0..CHILDREN_MAX {
+            if matches!(self.paths[c], Path::Remote { .. })
+                && matches!(
+                    self.shared.child(c).state(),
+                    ChildState::Faulted | ChildState::Empty
+                )
+            {
+                self.drop_path(io, c);
+            }
+        }
+    }
+
+    /// Starts held requests in order, until one must wait again.
+    fn poll_waiting(&mut self, io: &mut IoCtx) -> usize {
+        let mut n = 0;
+        while let Some(req) = self.waiting.front().copied() {
+            if !self.start(io, req) {
+                break;
+            }
+            self.waiting.pop_front();
+            n += 1;
+        }
+        n
+    }
+
+    fn poll_retired(&mut self, io: &mut IoCtx) {
+        self.retired.retain_mut(|conn| {
+            drop(conn.poll(io));
+            if conn.busy() {
+                return true;
+            }
+            conn.release(io);
+            false
+        });
+    }
+}
+
+impl BdevChannel for NexusChannel {
+    fn submit(&mut self, io: &mut IoCtx, req: IoRequest) {
+        self.refresh_paths(io);
+        if !self.waiting.is_empty() || !self.start(io, req) {
+            self.waiting.push_back(req);
+        }
+    }
+
+    fn poll(&mut self, io: &mut IoCtx) -> usize {
+        self.refresh_paths(io);
+        self.drop_faulted(io);
+        let mut work = self.poll_local(io);
+        for c in 0..CHILDREN_MAX {
+            work += self.poll_remote(io, c);
+        }
+        work += self.poll_timeouts(io);
+        work += self.poll_backlogs();
+        work += self.poll_waiting(io);
+        work += self.poll_resync(io);
+        for c in 0..CHILDREN_MAX {
+            if let Path::Remote { conn, .. } = &mut self.paths[c] {
+                conn.flush(io);
+            }
+        }
+        self.poll_retired(io);
+        work
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let timeout = self.timeouts.front().map(|t| t.0);
+        let held = (!self.waiting.is_empty()).then(|| Instant::now() + HELD_RECHECK);
+        let resync = self.resync.as_ref().and_then(ResyncJob::next_deadline);
+        [timeout, held, resync].into_iter().flatten().min()
+    }
+
+    fn in_flight(&self) -> usize {
+        (PARENTS_MAX - self.free.len()) + self.waiting.len() + self.retired.len()
+    }
+
+    fn close(&mut self, io: &mut IoCtx) {
+        for c in 0..CHILDREN_MAX {
+            if let Path::Remote { mut conn, .. } =
+                std::mem::replace(&mut self.paths[c], Path::None)
+            {
+                conn.close(io);
+                self.retired.push(conn);
+            }
+        }
+        // Closed sockets finish their operations promptly; conns still busy are leaked
+        // safely by their Drop.
+        for _ in 0..1000 {
+            io.reap_ring();
+            self.poll_retired(io);
+            if self.retired.is_empty() {
+                break;
+            }
+            io.ring().kick();
+        }
+        while io.pop(self.owner).is_some() {}
+        io.release_owner(self.owner);
+    }
+}

@@ -1,0 +1,845 @@
+//! The nexus control plane of one node: creating nexuses, opening their children (the
+//! blocking `Open` handshakes, epochs), the monitor that reconnects faulted children and
+//! starts their resyncs, and add/remove/promote/show/verify. Nothing here is on the I/O
+//! path; every operation is a blocking call for a control thread.
+//!
+//! Epoch choice: a new nexus opens its replicas with the requested epoch (1 by default);
+//! any replica that answers `StaleEpoch{current}` makes it retry every replica with
+//! `current + 1`. So a new nexus always ends above every fence it met, and once it has
+//! opened them a stale nexus elsewhere is refused. `create` trusts the caller that the listed
+//! replicas hold the same data (fresh volumes, or the in-sync set the control plane
+//! recorded); `add` rebuilds a replica in full.
+
+use super::{
+    ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder,
+    CHILDREN_MAX, REGION_BYTES_MAX, REGION_BYTES_MIN,
+};
+use crate::proto::{self, Envelope, Epoch, Message, RequestId, VolumeId};
+use crate::replica::{volume_id_for, Acceptance, ReplicaSet};
+use crate::transport::{Link, Transport, HANDSHAKE_TIMEOUT};
+use cairn_engine::{BdevHandle, Engine};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often the monitor looks for faulted children to reconnect.
+pub const MONITOR_PERIOD: Duration = Duration::from_millis(250);
+/// Longest wait between reconnect attempts to one child (the back-off doubles up to it).
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// How long promote waits for in-flight writes to drain.
+pub const PROMOTE_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// Times `create` and `promote` raise their epoch past fences before giving up.
+const EPOCH_RETRIES_MAX: usize = 8;
+/// Reads one verify keeps in flight per remote child.
+const VERIFY_WINDOW: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NexusError {
+    #[error("nexus '{name}' already exists")]
+    Exists { name: String },
+    #[error("no nexus named '{name}'")]
+    NotFound { name: String },
+    #[error("nexus '{name}': {why}")]
+    Invalid { name: String, why: String },
+    #[error("nexus '{name}': replica '{child}': {why}")]
+    Child {
+        name: String,
+        child: String,
+        why: String,
+    },
+    #[error("nexus '{name}': {source}")]
+    Engine {
+        name: String,
+        source: cairn_engine::EngineError,
+    },
+}
+
+/// One child as `show` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildView {
+    pub spec: String,
+    pub state: ChildState,
+    /// Why it last left the in-sync set.
+    pub reason: String,
+    pub dirty_bytes: u64,
+    pub copied_bytes: u64,
+}
+
+/// A running resync or rebuild.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResyncView {
+    pub child: String,
+    pub full: bool,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub bytes_per_s: f64,
+}
+
+/// What `show` reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NexusView {
+    pub name: String,
+    pub volume_id: String,
+    pub epoch: u64,
+    pub size_bytes: u64,
+    pub block_size_bytes: u32,
+    /// online, degraded (fewer in sync than children), below-minimum (writes fail) or
+    /// fenced (a newer nexus owns the volume).
+    pub state: String,
+    pub min_in_sync: u32,
+    pub region_bytes: u64,
+    pub io_timeout_ms: u64,
+    pub children: Vec<ChildView>,
+    pub resync: Option<ResyncView>,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub children: Vec<String>,
+    pub regions: u64,
+    pub region_bytes: u64,
+    /// Regions whose checksums differ between children (all of them, in order).
+    pub mismatched: Vec<u64>,
+}
+
+/// What a caller asks `create` for.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    pub name: String,
+    pub replicas: Vec<ChildSpec>,
+    pub options: NexusOptions,
+    /// Open at this epoch or above; 1 when unset.
+    pub epoch: Option<u64>,
+}
+
+struct Entry {
+    shared: Arc<NexusShared>,
+    handle: BdevHandle,
+    /// Per child: when the monitor may next try to reconnect it, and the back-off.
+    retry: [(Instant, Duration); CHILDREN_MAX],
+}
+
+/// Every nexus of this node.
+pub struct NexusManager {
+    engine: Arc<Engine>,
+    transport: Arc<dyn Transport>,
+    replicas: Arc<ReplicaSet>,
+    nexuses: Mutex<BTreeMap<String, Entry>>,
+    stop: Arc<AtomicBool>,
+    monitor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for NexusManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NexusManager").finish()
+    }
+}
+
+/// What opening one child gave.
+enum Opened {
+    Ok {
+        size_bytes: u64,
+        block_size_bytes: u32,
+        paths: Vec<Option<PathSetup>>,
+    },
+    Stale {
+        current: u64,
+    },
+}
+
+impl NexusManager {
+    /// Starts the manager and its monitor thread.
+    pub fn start(
+        engine: Arc<Engine>,
+        transport: Arc<dyn Transport>,
+        replicas: Arc<ReplicaSet>,
+    ) -> Arc<NexusManager> {
+        let m = Arc::new(NexusManager {
+            engine,
+            transport,
+            replicas,
+            nexuses: Mutex::new(BTreeMap::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+            monitor: Mutex::new(None),
+        });
+        let weak: Weak<NexusManager> = Arc::downgrade(&m);
+        let stop = m.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cairn-nexus-monitor".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(MONITOR_PERIOD);
+                    let Some(m) = weak.upgrade() else { break };
+                    m.tick();
+                }
+            })
+            .expect("spawning the nexus monitor");
+        *m.monitor.lock() = Some(thread);
+        m
+    }
+
+    /// Stops the monitor; nexuses stay until the engine stops.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.monitor.lock().take() {
+            drop(t.join());
+        }
+    }
+
+    fn invalid(name: &str, why: impl Into<String>) -> NexusError {
+        NexusError::Invalid {
+            name: name.into(),
+            why: why.into(),
+        }
+    }
+
+    fn check_request(req: &CreateRequest) -> Result<(), NexusError> {
+        let name = &req.name;
+        if name.is_empty() || name.len() > 255 {
+            return Err(Self::invalid(name, "a nexus name is 1 to 255 bytes"));
+        }
+        let n = req.replicas.len();
+        if n == 0 || n > CHILDREN_MAX {
+            return Err(Self::invalid(
+                name,
+                format!("{n} replicas given; a nexus has 1 to {CHILDREN_MAX}"),
+            ));
+        }
+        for (i, r) in req.replicas.iter().enumerate() {
+            if req.replicas[..i].contains(r) {
+                return Err(Self::invalid(name, format!("replica '{r}' is listed twice")));
+            }
+        }
+        let o = &req.options;
+        if o.min_in_sync == 0 || o.min_in_sync as usize > n {
+            return Err(Self::invalid(
+                name,
+                format!("min_in_sync {} must be between 1 and the {n} replicas", o.min_in_sync),
+            ));
+        }
+        if !o.region_bytes.is_power_of_two()
+            || !(REGION_BYTES_MIN..=REGION_BYTES_MAX).contains(&o.region_bytes)
+        {
+            return Err(Self::invalid(
+                name,
+                format!(
+                    "region size {} must be a power of two between {REGION_BYTES_MIN} and {REGION_BYTES_MAX}",
+                    o.region_bytes
+                ),
+            ));
+        }
+        if o.io_timeout.is_zero() {
+            return Err(Self::invalid(name, "the I/O timeout must be above zero"));
+        }
+        if o.rebuild_bytes_per_s == Some(0) {
+            return Err(Self::invalid(name, "a rebuild rate of 0 would never finish"));
+        }
+        Ok(())
+    }
+
+    /// Creates a nexus over `req.replicas`, all assumed in sync, and adds it to the engine
+    /// as a bdev named `req.name`.
+    pub fn create(&self, req: CreateRequest) -> Result<NexusView, NexusError> {
+        Self::check_request(&req)?;
+        let name = req.name.clone();
+        if self.nexuses.lock().contains_key(&name) {
+            return Err(NexusError::Exists { name });
+        }
+        let volume_id = volume_id_for(&name);
+        let (epoch, opened) = self.open_all(&name, volume_id, &req.replicas, req.epoch.unwrap_or(1))?;
+        let (size, block) = match &opened[0] {
+            Opened::Ok {
+                size_bytes,
+                block_size_bytes,
+                ..
+            } => (*size_bytes, *block_size_bytes),
+            Opened::Stale { .. } => unreachable!("open_all returns opened children only"),
+        };
+        for (spec, o) in req.replicas.iter().zip(&opened) {
+            if let Opened::Ok {
+                size_bytes,
+                block_size_bytes,
+                ..
+            } = o
+            {
+                if (*size_bytes, *block_size_bytes) != (size, block) {
+                    return Err(NexusError::Child {
+                        name,
+                        child: spec.to_string(),
+                        why: format!(
+                            "size {size_bytes} / block {block_size_bytes} differs from the first replica's {size} / {block}"
+                        ),
+                    });
+                }
+            }
+        }
+        let shared = Arc::new(NexusShared::new(
+            &name,
+            volume_id,
+            size,
+            block,
+            req.options.clone(),
+            self.engine.cores(),
+        ));
+        shared.epoch.store(epoch, Ordering::Release);
+        for (c, (spec, o)) in req.replicas.iter().zip(opened).enumerate() {
+            let Opened::Ok { paths, .. } = o else {
+                unreachable!("checked above")
+            };
+            *shared.child(c).spec.lock() = Some(spec.clone());
+            shared.child(c).set_state(ChildState::InSync);
+            shared.publish(c, paths);
+        }
+        let handle = self
+            .engine
+            .add_bdev(Arc::new(Nexus::new(shared.clone())))
+            .map_err(|source| NexusError::Engine {
+                name: name.clone(),
+                source,
+            })?;
+        tracing::info!(nexus = %name, epoch, replicas = req.replicas.len(), "nexus created");
+        let now = Instant::now();
+        self.nexuses.lock().insert(
+            name.clone(),
+            Entry {
+                shared: shared.clone(),
+                handle,
+                retry: [(now, MONITOR_PERIOD); CHILDREN_MAX],
+            },
+        );
+        Ok(view(&shared))
+    }
+
+    /// Opens every replica at `epoch` or above (raising it past fences); returns the epoch
+    /// and what each open gave.
+    fn open_all(
+        &self,
+        name: &str,
+        volume_id: VolumeId,
+        replicas: &[ChildSpec],
+        mut epoch: u64,
+    ) -> Result<(u64, Vec<Opened>), NexusError> {
+        for _ in 0..EPOCH_RETRIES_MAX {
+            let mut opened = Vec::with_capacity(replicas.len());
+            let mut raise = None;
+            for spec in replicas {
+                let o = self
+                    .open_child(volume_id, spec, epoch)
+                    .map_err(|why| NexusError::Child {
+                        name: name.into(),
+                        child: spec.to_string(),
+                        why,
+                    })?;
+                if let Opened::Stale { current } = o {
+                    raise = Some(raise.unwrap_or(0).max(current));
+                }
+                opened.push(o);
+            }
+            match raise {
+                None => return Ok((epoch, opened)),
+                Some(current) => epoch = current + 1,
+            }
+        }
+        Err(Self::invalid(
+            name,
+            format!("replica epochs kept rising; gave up at {epoch}"),
+        ))
+    }
+
+    /// Opens one child at `epoch`: one path per engine core.
+    fn open_child(&self, volume_id: VolumeId, spec: &ChildSpec, epoch: u64) -> Result<Opened, String> {
+        let e = Epoch::new(epoch).map_err(|e| e.to_string())?;
+        let cores = self.engine.cores().len();
+        match spec {
+            ChildSpec::Local => {
+                let r = self.replicas.get(&volume_id).map_err(|e| e.to_string())?;
+                match self.replicas.accept(&r, e).map_err(|e| e.to_string())? {
+                    Acceptance::Stale { current } => Ok(Opened::Stale {
+                        current: current.get(),
+                    }),
+                    Acceptance::Accepted(_) => Ok(Opened::Ok {
+                        size_bytes: r.info().size_bytes,
+                        block_size_bytes: r.info().block_size_bytes,
+                        paths: (0..cores)
+                            .map(|_| Some(PathSetup::Local(r.clone(), epoch)))
+                            .collect(),
+                    }),
+                }
+            }
+            ChildSpec::Remote { endpoint } => {
+                let mut paths = Vec::with_capacity(cores);
+                let mut geometry = (0, 0);
+                for _ in 0..cores {
+                    let (link, size, block) = match self.connect_open(endpoint, volume_id, e)? {
+                        Ok(v) => v,
+                        Err(current) => return Ok(Opened::Stale { current }),
+                    };
+                    geometry = (size, block);
+                    paths.push(Some(PathSetup::Remote(link, epoch)));
+                }
+                Ok(Opened::Ok {
+                    size_bytes: geometry.0,
+                    block_size_bytes: geometry.1,
+                    paths,
+                })
+            }
+        }
+    }
+
+    /// Connects and runs `Open`. Inner `Err(current)` is a StaleEpoch answer.
+    #[allow(clippy::type_complexity)]
+    fn connect_open(
+        &self,
+        endpoint: &str,
+        volume_id: VolumeId,
+        epoch: Epoch,
+    ) -> Result<Result<(Box<dyn Link>, u64, u32), u64>, String> {
+        let mut link = self
+            .transport
+            .connect(endpoint, HANDSHAKE_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let env = Envelope {
+            volume_id,
+            epoch,
+            request_id: RequestId::new(0),
+        };
+        let mut out = Vec::new();
+        proto::encode_into(&env, &Message::Open, &mut out);
+        link.send_frame(&out).map_err(|e| e.to_string())?;
+        let (header, payload) = link.recv_frame(HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+        match proto::decode(&header, &payload).map_err(|e| e.to_string())? {
+            Message::OpenOk {
+                size_bytes,
+                block_size_bytes,
+                ..
+            } => Ok(Ok((link, size_bytes, block_size_bytes))),
+            Message::StaleEpoch { current } => Ok(Err(current.get())),
+            Message::Error { errno } => Err(format!(
+                "refused: {}",
+                std::io::Error::from_raw_os_error(errno as i32)
+            )),
+            other => Err(format!("answered Open with {:?}", other.opcode())),
+        }
+    }
+
+    fn entry<R>(&self, name: &str, f: impl FnOnce(&mut Entry) -> R) -> Result<R, NexusError> {
+        let mut all = self.nexuses.lock();
+        let e = all.get_mut(name).ok_or_else(|| NexusError::NotFound { name: name.into() })?;
+        Ok(f(e))
+    }
+
+    fn shared(&self, name: &str) -> Result<Arc<NexusShared>, NexusError> {
+        self.entry(name, |e| e.shared.clone())
+    }
+
+    /// The engine bdev of a nexus, for exporting it.
+    pub fn handle(&self, name: &str) -> Option<BdevHandle> {
+        self.nexuses.lock().get(name).map(|e| e.handle.clone())
+    }
+
+    pub fn show(&self, name: &str) -> Result<NexusView, NexusError> {
+        Ok(view(&*self.shared(name)?))
+    }
+
+    pub fn list(&self) -> Vec<NexusView> {
+        self.nexuses.lock().values().map(|e| view(&e.shared)).collect()
+    }
+
+    /// Removes a nexus from the engine (it must not be exported) and closes its children.
+    pub fn destroy(&self, name: &str) -> Result<(), NexusError> {
+        let entry = self
+            .nexuses
+            .lock()
+            .remove(name)
+            .ok_or_else(|| NexusError::NotFound { name: name.into() })?;
+        self.engine
+            .remove_bdev(&entry.handle)
+            .map_err(|source| NexusError::Engine {
+                name: name.into(),
+                source,
+            })?;
+        tracing::info!(nexus = %name, "nexus destroyed");
+        Ok(())
+    }
+
+    /// Adds a new replica; it is rebuilt in full, online, before it joins the in-sync set.
+    pub fn add_child(&self, name: &str, spec: ChildSpec) -> Result<NexusView, NexusError> {
+        let shared = self.shared(name)?;
+        let child_err = |why: String| NexusError::Child {
+            name: name.into(),
+            child: spec.to_string(),
+            why,
+        };
+        let mut free = None;
+        for c in 0..CHILDREN_MAX {
+            let s = shared.child(c).spec.lock().clone();
+            if s.as_ref() == Some(&spec) {
+                return Err(child_err("is already a child of this nexus".into()));
+            }
+            if s.is_none() && free.is_none() {
+                free = Some(c);
+            }
+        }
+        let c = free.ok_or_else(|| {
+            Self::invalid(name, format!("already has {CHILDREN_MAX} replicas"))
+        })?;
+        let paths = self.open_at_current(&shared, &spec).map_err(child_err)?;
+        let child = shared.child(c);
+        child.dirty.set_all();
+        child.unflushed[0].clear_all();
+        child.unflushed[1].clear_all();
+        *child.spec.lock() = Some(spec.clone());
+        child.needs_rebuild.store(true, Ordering::Release);
+        child.set_state(ChildState::Syncing);
+        shared.publish(c, paths);
+        tracing::info!(nexus = %name, child = %spec, "replica added; full rebuild queued");
+        kick_resync(&shared);
+        Ok(view(&shared))
+    }
+
+    /// Opens `spec` at the nexus's current epoch; a fence above it means this nexus is
+    /// stale.
+    fn open_at_current(
+        &self,
+        shared: &NexusShared,
+        spec: &ChildSpec,
+    ) -> Result<Vec<Option<PathSetup>>, String> {
+        match self.open_child(shared.volume_id, spec, shared.epoch())? {
+            Opened::Ok {
+                size_bytes, paths, ..
+            } if size_bytes == shared.info.size_bytes => Ok(paths),
+            Opened::Ok { size_bytes, .. } => Err(format!(
+                "size {size_bytes} differs from the nexus's {}",
+                shared.info.size_bytes
+            )),
+            Opened::Stale { current } => {
+                shared.fenced.store(true, Ordering::Release);
+                Err(format!(
+                    "fenced at epoch {current}, above this nexus's {}: a newer nexus owns the volume",
+                    shared.epoch()
+                ))
+            }
+        }
+    }
+
+    /// Removes a replica. Refused when it would leave fewer in-sync replicas than the
+    /// minimum.
+    pub fn remove_child(&self, name: &str, spec: &ChildSpec) -> Result<NexusView, NexusError> {
+        let shared = self.shared(name)?;
+        let c = (0..CHILDREN_MAX)
+            .find(|&c| shared.child(c).spec.lock().as_ref() == Some(spec))
+            .ok_or_else(|| NexusError::Child {
+                name: name.into(),
+                child: spec.to_string(),
+                why: "is not a child of this nexus".into(),
+            })?;
+        let child = shared.child(c);
+        let left = shared.in_sync_count() - u32::from(child.state() == ChildState::InSync);
+        if left == 0 || left < shared.options.min_in_sync {
+            return Err(Self::invalid(
+                name,
+                format!(
+                    "removing '{spec}' would leave {left} in-sync replicas, below the minimum {}",
+                    shared.options.min_in_sync.max(1)
+                ),
+            ));
+        }
+        child.set_state(ChildState::Empty);
+        *child.spec.lock() = None;
+        shared.publish(c, (0..shared.cores.len()).map(|_| None).collect());
+        child.dirty.clear_all();
+        tracing::info!(nexus = %name, child = %spec, "replica removed");
+        Ok(view(&shared))
+    }
+
+    /// Re-opens every child under a new, higher epoch (writes wait meanwhile).
+    pub fn promote(&self, name: &str) -> Result<NexusView, NexusError> {
+        let shared = self.shared(name)?;
+        let specs: Vec<(usize, ChildSpec)> = (0..CHILDREN_MAX)
+            .filter_map(|c| shared.child(c).spec.lock().clone().map(|s| (c, s)))
+            .collect();
+        shared.frozen.store(true, Ordering::SeqCst);
+        let drained_by = Instant::now() + PROMOTE_DRAIN_MAX;
+        while !shared.writes_quiet() {
+            if Instant::now() > drained_by {
+                shared.frozen.store(false, Ordering::SeqCst);
+                return Err(Self::invalid(name, "writes did not drain; not promoted"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let result = self.reopen_all(&shared, &specs);
+        shared.frozen.store(false, Ordering::SeqCst);
+        result?;
+        Ok(view(&shared))
+    }
+
+    fn reopen_all(&self, shared: &NexusShared, specs: &[(usize, ChildSpec)]) -> Result<(), NexusError> {
+        let name = &shared.name;
+        let mut epoch = shared.epoch() + 1;
+        for _ in 0..EPOCH_RETRIES_MAX {
+            let mut opened = Vec::new();
+            let mut raise = None;
+            for (c, spec) in specs {
+                match self.open_child(shared.volume_id, spec, epoch) {
+                    Ok(Opened::Stale { current }) => raise = Some(raise.unwrap_or(0).max(current)),
+                    Ok(o) => opened.push((*c, o)),
+                    Err(why) => shared.fault(*c, &format!("re-opening for promote: {why}")),
+                }
+            }
+            if let Some(current) = raise {
+                epoch = current + 1;
+                continue;
+            }
+            if opened.is_empty() {
+                return Err(Self::invalid(name, "no replica could be opened at the new epoch"));
+            }
+            shared.epoch.store(epoch, Ordering::Release);
+            shared.fenced.store(false, Ordering::Release);
+            for (c, o) in opened {
+                if let Opened::Ok { paths, .. } = o {
+                    shared.publish(c, paths);
+                }
+            }
+            tracing::info!(nexus = %name, epoch, "nexus promoted");
+            return Ok(());
+        }
+        Err(Self::invalid(name, format!("replica epochs kept rising; gave up at {epoch}")))
+    }
+
+    /// Compares the in-sync children's crc32c region by region. Meant for a quiet volume: a
+    /// region written during the check can differ for that moment.
+    pub fn verify(&self, name: &str) -> Result<VerifyReport, NexusError> {
+        let shared = self.shared(name)?;
+        let children: Vec<ChildSpec> = (0..CHILDREN_MAX)
+            .filter(|&c| shared.child(c).state() == ChildState::InSync)
+            .filter_map(|c| shared.child(c).spec.lock().clone())
+            .collect();
+        let region_bytes = shared.options.region_bytes;
+        let size = shared.info.size_bytes;
+        let regions = size.div_ceil(region_bytes);
+        let mut sums: Vec<Vec<u32>> = Vec::new();
+        for spec in &children {
+            let child_err = |why: String| NexusError::Child {
+                name: name.into(),
+                child: spec.to_string(),
+                why,
+            };
+            let s = match spec {
+                ChildSpec::Local => self.local_sums(&shared, region_bytes),
+                ChildSpec::Remote { endpoint } => self.remote_sums(&shared, endpoint, region_bytes),
+            }
+            .map_err(child_err)?;
+            sums.push(s);
+        }
+        let mismatched = (0..regions)
+            .filter(|&r| sums.iter().any(|s| s[r as usize] != sums[0][r as usize]))
+            .collect();
+        Ok(VerifyReport {
+            children: children.iter().map(ToString::to_string).collect(),
+            regions,
+            region_bytes,
+            mismatched,
+        })
+    }
+
+    fn local_sums(&self, shared: &NexusShared, region_bytes: u64) -> Result<Vec<u32>, String> {
+        let r = self.replicas.get(&shared.volume_id).map_err(|e| e.to_string())?;
+        let core = self.engine.cores()[0];
+        let mut q = self.engine.queue(&r.handle, core, 1).map_err(|e| e.to_string())?;
+        let chunk = u64::from(super::NEXUS_IO_MAX_BYTES.min(q.buf_size_bytes()));
+        let mut buf = vec![0u8; chunk as usize];
+        let size = shared.info.size_bytes;
+        let mut sums = Vec::new();
+        let mut off = 0;
+        while off < size {
+            let end = (off + region_bytes).min(size);
+            let (mut crc, mut pos) = (0u32, off);
+            while pos < end {
+                let len = chunk.min(end - pos) as usize;
+                q.read_at(pos, &mut buf[..len]).map_err(|e| e.to_string())?;
+                crc = crc32c::crc32c_append(crc, &buf[..len]);
+                pos += len as u64;
+            }
+            sums.push(crc);
+            off = end;
+        }
+        Ok(sums)
+    }
+
+    fn remote_sums(&self, shared: &NexusShared, endpoint: &str, region_bytes: u64) -> Result<Vec<u32>, String> {
+        let epoch = Epoch::new(shared.epoch()).map_err(|e| e.to_string())?;
+        let (mut link, _, _) = match self.connect_open(endpoint, shared.volume_id, epoch)? {
+            Ok(v) => v,
+            Err(current) => return Err(format!("fenced at epoch {current}")),
+        };
+        let chunk = u64::from(super::NEXUS_IO_MAX_BYTES);
+        let size = shared.info.size_bytes;
+        let mut out = Vec::new();
+        let mut sums = Vec::new();
+        let mut off = 0;
+        while off < size {
+            let end = (off + region_bytes).min(size);
+            let mut crc = 0u32;
+            let mut pos = off;
+            while pos < end {
+                // A window of reads in flight, answered in any order, folded in offset order.
+                let mut window = Vec::new();
+                while pos < end && window.len() < VERIFY_WINDOW {
+                    let len = chunk.min(end - pos);
+                    out.clear();
+                    let env = Envelope {
+                        volume_id: shared.volume_id,
+                        epoch,
+                        request_id: RequestId::new(window.len() as u64),
+                    };
+                    proto::encode_into(&env, &Message::Read { offset_bytes: pos, len_bytes: len }, &mut out);
+                    link.send_frame(&out).map_err(|e| e.to_string())?;
+                    window.push(None);
+                    pos += len;
+                }
+                for _ in 0..window.len() {
+                    let (h, payload) = link.recv_frame(HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+                    let i = h.envelope.request_id.get() as usize;
+                    match proto::decode(&h, &payload).map_err(|e| e.to_string())? {
+                        Message::ReadData { data } if i < window.len() => window[i] = Some(data.to_vec()),
+                        Message::Error { errno } => {
+                            return Err(format!("read failed: {}", std::io::Error::from_raw_os_error(errno as i32)))
+                        }
+                        other => return Err(format!("answered a read with {:?}", other.opcode())),
+                    }
+                }
+                for data in window {
+                    crc = crc32c::crc32c_append(crc, &data.ok_or("a read went unanswered")?);
+                }
+            }
+            sums.push(crc);
+            off = end;
+        }
+        Ok(sums)
+    }
+
+    /// One monitor pass: reconnect faulted children, start pending resyncs.
+    fn tick(&self) {
+        let entries: Vec<(Arc<NexusShared>, [(Instant, Duration); CHILDREN_MAX])> = self
+            .nexuses
+            .lock()
+            .values()
+            .map(|e| (e.shared.clone(), e.retry))
+            .collect();
+        for (shared, retry) in entries {
+            if shared.fenced.load(Ordering::Acquire) {
+                continue;
+            }
+            for c in 0..CHILDREN_MAX {
+                let child = shared.child(c);
+                if child.state() != ChildState::Faulted || Instant::now() < retry[c].0 {
+                    continue;
+                }
+                let Some(spec) = child.spec.lock().clone() else {
+                    continue;
+                };
+                let backoff = match self.open_at_current(&shared, &spec) {
+                    Ok(paths) => {
+                        if child.state() == ChildState::Faulted {
+                            child.set_state(ChildState::Syncing);
+                            shared.publish(c, paths);
+                            tracing::info!(nexus = %shared.name, child = %spec, dirty_regions = child.dirty.count(), "faulted replica is back; resync queued");
+                        }
+                        MONITOR_PERIOD
+                    }
+                    Err(why) => {
+                        tracing::debug!(nexus = %shared.name, child = %spec, why = %why, "replica still unreachable");
+                        (retry[c].1 * 2).min(RECONNECT_BACKOFF_MAX)
+                    }
+                };
+                let _ = self.entry(&shared.name, |e| e.retry[c] = (Instant::now() + backoff, backoff));
+            }
+            kick_resync(&shared);
+        }
+    }
+}
+
+impl Drop for NexusManager {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Orders a resync of the first syncing child when none is running or ordered.
+fn kick_resync(shared: &NexusShared) {
+    let mut order = shared.resync_order.lock();
+    if order.is_some() || shared.resync.child.load(Ordering::Acquire) != 0 {
+        return;
+    }
+    let Some(c) = (0..CHILDREN_MAX).find(|&c| shared.child(c).state() == ChildState::Syncing) else {
+        return;
+    };
+    let full = shared.child(c).needs_rebuild.swap(false, Ordering::AcqRel);
+    *order = Some(ResyncOrder { child: c, full });
+    shared.resync_ordered.store(true, Ordering::Release);
+}
+
+fn view(shared: &NexusShared) -> NexusView {
+    let children: Vec<ChildView> = (0..CHILDREN_MAX)
+        .filter_map(|c| {
+            let child = shared.child(c);
+            let spec = child.spec.lock().clone()?;
+            Some(ChildView {
+                spec: spec.to_string(),
+                state: child.state(),
+                reason: child.reason.lock().clone(),
+                dirty_bytes: (child.dirty.count() * child.dirty.region_bytes())
+                    .min(shared.info.size_bytes),
+                copied_bytes: child.copied_bytes.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let in_sync = shared.in_sync_count();
+    let state = if shared.fenced.load(Ordering::Acquire) {
+        "fenced"
+    } else if in_sync < shared.options.min_in_sync {
+        "below-minimum"
+    } else if (in_sync as usize) < children.len() {
+        "degraded"
+    } else {
+        "online"
+    };
+    let p = &shared.resync;
+    let resync = match p.child.load(Ordering::Acquire) {
+        0 => None,
+        c => {
+            let done = p.done_bytes.load(Ordering::Acquire);
+            let secs = p.elapsed_ms.load(Ordering::Acquire) as f64 / 1000.0;
+            Some(ResyncView {
+                child: shared
+                    .child(c as usize - 1)
+                    .spec
+                    .lock()
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                full: p.full.load(Ordering::Acquire),
+                done_bytes: done,
+                total_bytes: p.total_bytes.load(Ordering::Acquire).max(done),
+                bytes_per_s: if secs > 0.0 { done as f64 / secs } else { 0.0 },
+            })
+        }
+    };
+    NexusView {
+        name: shared.name.clone(),
+        volume_id: shared.volume_id.to_string(),
+        epoch: shared.epoch(),
+        size_bytes: shared.info.size_bytes,
+        block_size_bytes: shared.info.block_size_bytes,
+        state: state.into(),
+        min_in_sync: shared.options.min_in_sync,
+        region_bytes: shared.options.region_bytes,
+        io_timeout_ms: shared.options.io_timeout.as_millis() as u64,
+        children,
+        resync,
+    }
+}

@@ -1,0 +1,380 @@
+//! The nexus: a volume's front on the node where it is attached, an engine bdev that sends
+//! each write, flush and trim to every in-sync replica and acknowledges only when all of them
+//! have (DRBD's protocol C), and serves reads from the local replica when there is one.
+//!
+//! Ownership: [`NexusShared`] is the one state every core's channel sees: the epoch, each
+//! child's state and path set-up, the dirty and unflushed region maps, the write freeze and
+//! the resync order. Channels ([`channel`]) own the I/O path of their core: their own
+//! connection to each remote child, their in-flight table and their timers, so the per-I/O
+//! path takes no lock. State changes that every core must see (a fault, a new path, the
+//! epoch) are atomics read per request, or a generation counter that tells a channel to
+//! pick up new paths under the (control-path) mutex.
+//!
+//! What a nexus must never do: acknowledge a write before every in-sync child has it, write
+//! under an epoch a replica has fenced off, or let a child back into the in-sync set before
+//! every region it missed has been copied. `docs/replication.md` gives the arguments.
+
+pub mod bitmap;
+mod channel;
+pub mod manager;
+mod resync;
+
+use crate::proto::VolumeId;
+use crate::replica::HostedReplica;
+use crate::transport::Link;
+use bitmap::RegionMap;
+use cairn_engine::bdev::{Bdev, BdevChannel, BdevError, BdevInfo};
+use cairn_engine::reactor::IoCtx;
+use cairn_engine::CoreId;
+use parking_lot::Mutex;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Children (replicas) one nexus can have.
+pub const CHILDREN_MAX: usize = 3;
+/// Largest request the nexus accepts (one DMA buffer, one replica frame); callers split.
+pub const NEXUS_IO_MAX_BYTES: u32 = 128 << 10;
+/// Requests one core's channel has in flight; more wait in the channel, in order.
+pub const PARENTS_MAX: usize = 256;
+/// Bytes one core may have sent to one remote child and not had answered. At the limit
+/// further sub-requests to that child wait in the channel's backlog (back-pressure).
+pub const CHILD_IN_FLIGHT_BYTES_MAX: usize = 8 << 20;
+/// Default for how long a remote child may take to answer before it is faulted.
+pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// Default region size of the dirty-region maps.
+pub const REGION_BYTES_DEFAULT: u64 = 1 << 20;
+/// Smallest and largest region sizes accepted.
+pub const REGION_BYTES_MIN: u64 = 4096;
+pub const REGION_BYTES_MAX: u64 = 1 << 30;
+
+/// Where a child lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChildSpec {
+    /// This node's volume of the nexus's name, reached without the network.
+    Local,
+    /// A replica server's endpoint.
+    Remote { endpoint: String },
+}
+
+impl fmt::Display for ChildSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChildSpec::Local => f.write_str("local"),
+            ChildSpec::Remote { endpoint } => f.write_str(endpoint),
+        }
+    }
+}
+
+impl ChildSpec {
+    /// Parses `local` or `host:port`.
+    pub fn parse(s: &str) -> Result<ChildSpec, String> {
+        if s == "local" {
+            return Ok(ChildSpec::Local);
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(ChildSpec::Remote {
+                    endpoint: s.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "replica '{s}' is neither 'local' nor HOST:PORT of a replica server"
+            )),
+        }
+    }
+}
+
+/// A child's place in the nexus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChildState {
+    /// No child in this slot.
+    Empty = 0,
+    /// Receives every write; counts toward the acknowledgement and the in-sync minimum.
+    InSync = 1,
+    /// Out: missed writes are recorded in its dirty map until it is resynced.
+    Faulted = 2,
+    /// Connected and being resynced or rebuilt; receives no writes until it is in sync.
+    Syncing = 3,
+}
+
+impl ChildState {
+    fn from_u8(v: u8) -> ChildState {
+        match v {
+            1 => ChildState::InSync,
+            2 => ChildState::Faulted,
+            3 => ChildState::Syncing,
+            _ => ChildState::Empty,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildState::Empty => "empty",
+            ChildState::InSync => "in-sync",
+            ChildState::Faulted => "faulted",
+            ChildState::Syncing => "syncing",
+        }
+    }
+}
+
+/// How a channel reaches a child: made on a control thread, picked up by the core.
+/// Each carries the epoch it was opened under, which every request on it uses.
+pub(crate) enum PathSetup {
+    Local(Arc<HostedReplica>, u64),
+    Remote(Box<dyn Link>, u64),
+}
+
+/// One child slot, shared by every core.
+pub(crate) struct ChildShared {
+    state: AtomicU8,
+    spec: Mutex<Option<ChildSpec>>,
+    /// Bumped when new paths are published in `paths` (or the child is removed).
+    gen: AtomicU64,
+    /// One prepared path per core (indexed like `NexusShared::cores`), taken by its channel.
+    paths: Mutex<Vec<Option<PathSetup>>>,
+    /// Regions this child missed while not in sync.
+    pub(crate) dirty: RegionMap,
+    /// Regions written to this child since its last flush, by flush generation parity: a
+    /// crash of the child may lose them, so a fault merges them into `dirty`.
+    pub(crate) unflushed: [RegionMap; 2],
+    reason: Mutex<String>,
+    /// Set by `add`: the next resync of this child is a full rebuild.
+    pub(crate) needs_rebuild: AtomicBool,
+    /// Bytes copied to this child by resyncs and rebuilds, ever.
+    pub(crate) copied_bytes: AtomicU64,
+}
+
+impl ChildShared {
+    fn new(regions: u64, shift: u32, cores: usize) -> ChildShared {
+        ChildShared {
+            state: AtomicU8::new(ChildState::Empty as u8),
+            spec: Mutex::new(None),
+            gen: AtomicU64::new(0),
+            paths: Mutex::new((0..cores).map(|_| None).collect()),
+            dirty: RegionMap::new(regions, shift),
+            unflushed: [RegionMap::new(regions, shift), RegionMap::new(regions, shift)],
+            reason: Mutex::new(String::new()),
+            needs_rebuild: AtomicBool::new(false),
+            copied_bytes: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn state(&self) -> ChildState {
+        ChildState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn set_state(&self, s: ChildState) {
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+}
+
+/// Per-core write counters for the resync freeze: written only by their core.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct WriteCounters {
+    pub(crate) started: AtomicU64,
+    pub(crate) done: AtomicU64,
+}
+
+/// A resync the manager asked the home core to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ResyncOrder {
+    pub(crate) child: usize,
+    pub(crate) full: bool,
+}
+
+/// Progress of the running resync, for show.
+#[derive(Debug, Default)]
+pub(crate) struct ResyncProgress {
+    /// Child index + 1, or 0 when none runs.
+    pub(crate) child: AtomicU8,
+    pub(crate) full: AtomicBool,
+    pub(crate) done_bytes: AtomicU64,
+    pub(crate) total_bytes: AtomicU64,
+    pub(crate) elapsed_ms: AtomicU64,
+}
+
+/// How a nexus behaves; fixed at creation.
+#[derive(Clone, Debug)]
+pub struct NexusOptions {
+    /// Writes fail (EIO) rather than continue with fewer in-sync children than this.
+    pub min_in_sync: u32,
+    pub region_bytes: u64,
+    pub io_timeout: Duration,
+    /// Resync and rebuild copy at most this many bytes per second; `None` is unlimited.
+    pub rebuild_bytes_per_s: Option<u64>,
+}
+
+impl Default for NexusOptions {
+    fn default() -> Self {
+        NexusOptions {
+            min_in_sync: 1,
+            region_bytes: REGION_BYTES_DEFAULT,
+            io_timeout: IO_TIMEOUT_DEFAULT,
+            rebuild_bytes_per_s: None,
+        }
+    }
+}
+
+/// The state every core's channel of one nexus shares.
+pub struct NexusShared {
+    pub(crate) name: String,
+    pub(crate) volume_id: VolumeId,
+    pub(crate) info: BdevInfo,
+    pub(crate) options: NexusOptions,
+    pub(crate) epoch: AtomicU64,
+    /// Set when a replica answered StaleEpoch: a newer nexus owns the volume; every write
+    /// fails from then on.
+    pub(crate) fenced: AtomicBool,
+    pub(crate) children: [ChildShared; CHILDREN_MAX],
+    /// Set while a resync finishes: new writes wait in their channels.
+    pub(crate) frozen: AtomicBool,
+    pub(crate) cores: Vec<CoreId>,
+    pub(crate) counters: Box<[WriteCounters]>,
+    /// Flush generation: its parity picks the `unflushed` map new writes are recorded in.
+    pub(crate) flush_gen: AtomicU64,
+    /// A flush that switched generations is in flight; others do not switch.
+    pub(crate) flip_busy: AtomicBool,
+    pub(crate) resync_order: Mutex<Option<ResyncOrder>>,
+    /// Set with `resync_order`, so the home core looks at the mutex only when told to.
+    pub(crate) resync_ordered: AtomicBool,
+    pub(crate) resync: ResyncProgress,
+}
+
+impl fmt::Debug for NexusShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NexusShared")
+            .field("name", &self.name)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl NexusShared {
+    pub(crate) fn new(
+        name: &str,
+        volume_id: VolumeId,
+        size_bytes: u64,
+        block_size_bytes: u32,
+        options: NexusOptions,
+        cores: Vec<CoreId>,
+    ) -> NexusShared {
+        let shift = options.region_bytes.trailing_zeros();
+        let regions = size_bytes.div_ceil(options.region_bytes);
+        let n = cores.len();
+        NexusShared {
+            name: name.to_string(),
+            volume_id,
+            info: BdevInfo {
+                name: name.to_string(),
+                block_size_bytes,
+                size_bytes,
+                max_io_bytes: NEXUS_IO_MAX_BYTES,
+                buf_align_bytes: block_size_bytes.max(512),
+                can_trim: true,
+                can_write_zeroes: true,
+                read_only: false,
+            },
+            options,
+            epoch: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
+            children: std::array::from_fn(|_| ChildShared::new(regions, shift, n)),
+            frozen: AtomicBool::new(false),
+            counters: (0..n).map(|_| WriteCounters::default()).collect(),
+            cores,
+            flush_gen: AtomicU64::new(0),
+            flip_busy: AtomicBool::new(false),
+            resync_order: Mutex::new(None),
+            resync_ordered: AtomicBool::new(false),
+            resync: ResyncProgress::default(),
+        }
+    }
+
+    pub(crate) fn child(&self, c: usize) -> &ChildShared {
+        &self.children[c]
+    }
+
+    pub(crate) fn in_sync_count(&self) -> u32 {
+        self.children
+            .iter()
+            .filter(|c| c.state() == ChildState::InSync)
+            .count() as u32
+    }
+
+    /// Takes child `c` out of the in-sync set (or aborts its resync). Everything it may
+    /// have lost (writes since its last flush) joins what it missed.
+    pub(crate) fn fault(&self, c: usize, reason: &str) {
+        let child = &self.children[c];
+        let was = child.state();
+        if was == ChildState::Empty || was == ChildState::Faulted {
+            return;
+        }
+        if child
+            .state
+            .compare_exchange(
+                was as u8,
+                ChildState::Faulted as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return;
+        }
+        child.dirty.merge(&child.unflushed[0]);
+        child.dirty.merge(&child.unflushed[1]);
+        *child.reason.lock() = reason.to_string();
+        let spec = child.spec.lock().clone();
+        tracing::warn!(
+            nexus = %self.name,
+            child = %spec.map(|s| s.to_string()).unwrap_or_default(),
+            was = was.name(),
+            reason,
+            "child faulted"
+        );
+    }
+
+    /// Publishes one path set-up per core for child `c` (or none: removed) and tells every
+    /// channel to pick them up.
+    pub(crate) fn publish(&self, c: usize, paths: Vec<Option<PathSetup>>) {
+        let child = &self.children[c];
+        *child.paths.lock() = paths;
+        child.gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether no write is running on any core (called with writes frozen).
+    pub(crate) fn writes_quiet(&self) -> bool {
+        self.counters
+            .iter()
+            .all(|c| c.started.load(Ordering::SeqCst) == c.done.load(Ordering::SeqCst))
+    }
+}
+
+/// The nexus as an engine bdev.
+pub struct Nexus {
+    shared: Arc<NexusShared>,
+}
+
+impl Nexus {
+    pub(crate) fn new(shared: Arc<NexusShared>) -> Nexus {
+        Nexus { shared }
+    }
+}
+
+impl Bdev for Nexus {
+    fn info(&self) -> &BdevInfo {
+        &self.shared.info
+    }
+
+    fn open_channel(&self, io: &mut IoCtx) -> Result<Box<dyn BdevChannel>, BdevError> {
+        Ok(Box::new(channel::NexusChannel::new(self.shared.clone(), io)))
+    }
+}
