@@ -12,8 +12,8 @@
 //! `cairn_engine` bdevs, and [`proto`] never touches a socket.
 
 pub mod epoch;
+pub mod nexus;
 pub mod proto;
 pub mod replica;
 pub mod server;
-pub mod nexus;
 pub mod transport;

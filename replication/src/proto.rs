@@ -32,7 +32,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"CRNR");
 /// The only protocol version this build speaks; a frame with any other version is refused.
 /// Bump it whenever the layout of any frame changes; `protocol_version_is_guarded` in
 /// `tests/proto.rs` fails until you do.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest payload of one frame (1 MiB). A header announcing more is refused by
 /// [`decode_header`] with [`ProtoError::PayloadTooLarge`] before any payload is read, and the
@@ -63,10 +63,13 @@ mod at {
 }
 const _: () = assert!(at::RESERVED + 4 == HEADER_BYTES);
 
-/// Header flag bits. Only `Write` may carry a flag.
+/// Header flag bits. Only `Write` (FUA) and `Open` (TAKEOVER) carry a flag.
 pub mod flag {
     /// Force unit access: the replica acknowledges the write only once it is durable.
     pub const FUA: u32 = 1 << 0;
+    /// On `Open`: the sender is a new owner (a new or promoted nexus), so its epoch must be
+    /// strictly above the replica's fence.
+    pub const TAKEOVER: u32 = 1 << 1;
 }
 
 /// Bytes of each fixed-size payload.
@@ -267,8 +270,12 @@ impl Opcode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message<'a> {
     /// Nexus opens the replica of the envelope's volume with the envelope's epoch. The replica
-    /// stores the epoch durably before it answers `OpenOk`, or answers `StaleEpoch`.
-    Open,
+    /// stores the epoch durably before it answers `OpenOk`, or answers `StaleEpoch`. With
+    /// `takeover` (a new or promoted nexus) the epoch must be above the replica's fence;
+    /// without it (the same nexus opening another connection) it may equal it.
+    Open {
+        takeover: bool,
+    },
     /// The replica's answer to `Open`: its geometry and the epoch it now holds.
     OpenOk {
         size_bytes: u64,
@@ -321,7 +328,7 @@ pub enum Message<'a> {
 impl Message<'_> {
     pub fn opcode(&self) -> Opcode {
         match self {
-            Message::Open => Opcode::Open,
+            Message::Open { .. } => Opcode::Open,
             Message::OpenOk { .. } => Opcode::OpenOk,
             Message::Write { .. } => Opcode::Write,
             Message::Read { .. } => Opcode::Read,
@@ -428,7 +435,8 @@ fn encode_body<'a>(msg: &Message<'a>, frame: &mut Frame<'a>) -> (u64, u32) {
         frame.args_bytes = bytes.len();
     };
     match *msg {
-        Message::Open | Message::Flush | Message::Ok | Message::Ping | Message::Pong => (0, 0),
+        Message::Open { takeover } => (0, if takeover { flag::TAKEOVER } else { 0 }),
+        Message::Flush | Message::Ok | Message::Ping | Message::Pong => (0, 0),
         Message::OpenOk {
             size_bytes,
             block_size_bytes,
@@ -549,10 +557,10 @@ pub fn decode<'a>(header: &Header, payload: &'a [u8]) -> Result<Message<'a>, Pro
             given_bytes: payload.len(),
         });
     }
-    let allowed_flags = if opcode == Opcode::Write {
-        flag::FUA
-    } else {
-        0
+    let allowed_flags = match opcode {
+        Opcode::Write => flag::FUA,
+        Opcode::Open => flag::TAKEOVER,
+        _ => 0,
     };
     if header.flags & !allowed_flags != 0 {
         return Err(ProtoError::BadFlags {
@@ -592,7 +600,9 @@ fn decode_body<'a>(header: &Header, p: &'a [u8]) -> Result<Message<'a>, ProtoErr
         }
     };
     let msg = match header.opcode {
-        Opcode::Open => sized(0).map(|()| Message::Open)?,
+        Opcode::Open => sized(0).map(|()| Message::Open {
+            takeover: header.flags & flag::TAKEOVER != 0,
+        })?,
         Opcode::Flush => sized(0).map(|()| Message::Flush)?,
         Opcode::Ok => sized(0).map(|()| Message::Ok)?,
         Opcode::Ping => sized(0).map(|()| Message::Ping)?,
@@ -696,7 +706,7 @@ fn check(msg: &Message<'_>) -> Result<(), ProtoError> {
             Ok(())
         }
         Message::Error { errno: 0 } => Err(ProtoError::ZeroErrno),
-        Message::Open
+        Message::Open { .. }
         | Message::Flush
         | Message::Ok
         | Message::Error { .. }

@@ -9,7 +9,8 @@
 //!
 //! Epoch rules ([`ReplicaSet::accept`]): an `Open` with an epoch below the stored one is
 //! refused (`StaleEpoch`); a higher one is stored durably first, then becomes the fence; an
-//! equal one is the same nexus connecting again. Requests are checked against the fence one
+//! equal one is the same nexus connecting again, and is refused when the `Open` claims a
+//! takeover (a new nexus must always go above every fence). Requests are checked against the fence one
 //! by one ([`HostedReplica::admits`]).
 
 use crate::epoch::{EpochError, EpochStore};
@@ -143,10 +144,15 @@ impl ReplicaSet {
 
     /// Applies the epoch rules to an `Open` under `epoch`; a raised fence is durable before
     /// this returns.
-    pub fn accept(&self, r: &HostedReplica, epoch: Epoch) -> Result<Acceptance, ReplicaError> {
+    pub fn accept(
+        &self,
+        r: &HostedReplica,
+        epoch: Epoch,
+        takeover: bool,
+    ) -> Result<Acceptance, ReplicaError> {
         let _serial = r.accept_lock.lock();
         let current = r.fence();
-        if epoch.get() < current {
+        if epoch.get() < current || (takeover && epoch.get() == current) {
             return Ok(Acceptance::Stale {
                 current: Epoch::new(current).expect("a stored fence is never 0"),
             });

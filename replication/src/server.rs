@@ -124,7 +124,11 @@ impl Drop for ReplicaServer {
 fn admit(shared: &Arc<Shared>, link: Box<dyn Link>) {
     if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= HANDSHAKES_MAX {
         shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(peer = link.peer(), limit = HANDSHAKES_MAX, "too many replica handshakes; connection closed");
+        tracing::warn!(
+            peer = link.peer(),
+            limit = HANDSHAKES_MAX,
+            "too many replica handshakes; connection closed"
+        );
         return;
     }
     let shared = shared.clone();
@@ -149,9 +153,9 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
         .recv_frame(HANDSHAKE_TIMEOUT)
         .map_err(|e| e.to_string())?;
     let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;
-    if msg != Message::Open {
+    let Message::Open { takeover } = msg else {
         return Err(format!("expected Open, got {:?}", header.opcode));
-    }
+    };
     let env = header.envelope;
     let reply = |link: &mut Box<dyn Link>, msg: Message<'_>| {
         let mut out = Vec::new();
@@ -165,7 +169,7 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
-    match shared.replicas.accept(&replica, env.epoch) {
+    match shared.replicas.accept(&replica, env.epoch, takeover) {
         Ok(Acceptance::Accepted(epoch)) => {
             let info = replica.info();
             reply(
@@ -281,7 +285,9 @@ impl ServerConn {
         let owner = self.owner.expect("attached");
         let mut n = 0;
         while let Some(c) = core.io().pop(owner) {
-            let op = self.ops[c.tag as usize].as_mut().expect("completion for a live op");
+            let op = self.ops[c.tag as usize]
+                .as_mut()
+                .expect("completion for a live op");
             op.res = c.res;
             self.in_flight -= 1;
             self.done.push_back(c.tag as u16);
@@ -357,7 +363,11 @@ impl ServerConn {
                 fua,
                 data,
             } if data.len() as u64 <= buf_bytes => {
-                let mut b = core.io().pool().get().expect("caller checked a free buffer");
+                let mut b = core
+                    .io()
+                    .pool()
+                    .get()
+                    .expect("caller checked a free buffer");
                 b.as_mut_slice()[..data.len()].copy_from_slice(data);
                 let len = data.len() as u64;
                 submit(IoOp::Write, Opcode::Write, offset_bytes, len, fua, Some(b))
@@ -366,16 +376,32 @@ impl ServerConn {
                 offset_bytes,
                 len_bytes,
             } if len_bytes <= buf_bytes => {
-                let b = core.io().pool().get().expect("caller checked a free buffer");
-                submit(IoOp::Read, Opcode::Read, offset_bytes, len_bytes, false, Some(b))
+                let b = core
+                    .io()
+                    .pool()
+                    .get()
+                    .expect("caller checked a free buffer");
+                submit(
+                    IoOp::Read,
+                    Opcode::Read,
+                    offset_bytes,
+                    len_bytes,
+                    false,
+                    Some(b),
+                )
             }
             Message::Flush => submit(IoOp::Flush, Opcode::Flush, 0, 0, false, None),
             Message::Trim {
                 offset_bytes,
                 len_bytes,
-            } if len_bytes <= u64::from(u32::MAX) => {
-                submit(IoOp::Trim, Opcode::Trim, offset_bytes, len_bytes, false, None)
-            }
+            } if len_bytes <= u64::from(u32::MAX) => submit(
+                IoOp::Trim,
+                Opcode::Trim,
+                offset_bytes,
+                len_bytes,
+                false,
+                None,
+            ),
             Message::WriteZeroes {
                 offset_bytes,
                 len_bytes,
@@ -423,7 +449,16 @@ impl ServerConn {
                     len_bytes,
                     fua,
                     buf,
-                } => self.submit(core, env.request_id, op, opcode, offset_bytes, len_bytes, fua, buf),
+                } => self.submit(
+                    core,
+                    env.request_id,
+                    op,
+                    opcode,
+                    offset_bytes,
+                    len_bytes,
+                    fua,
+                    buf,
+                ),
                 Action::Reply(msg) => {
                     let env = self.envelope(env.request_id);
                     let conn = self.conn.as_mut().expect("attached");
@@ -492,7 +527,8 @@ impl ServerConn {
         }
         conn.release(core.io());
         self.reply_done(core);
-        core.io().release_owner(self.owner.take().expect("attached"));
+        core.io()
+            .release_owner(self.owner.take().expect("attached"));
         PollerState::Finished
     }
 }

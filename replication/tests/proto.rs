@@ -49,7 +49,8 @@ fn round_trip(env: &Envelope, msg: &Message<'_>) {
 /// One sample of every opcode; the data payloads borrow `data`.
 fn samples(data: &[u8]) -> Vec<Message<'_>> {
     vec![
-        Message::Open,
+        Message::Open { takeover: false },
+        Message::Open { takeover: true },
         Message::OpenOk {
             size_bytes: 1 << 30,
             block_size_bytes: 4096,
@@ -90,6 +91,7 @@ fn samples_cover_every_opcode() {
     let mut ops: Vec<u16> = samples(&data).iter().map(|m| m.opcode() as u16).collect();
     let mut all: Vec<u16> = Opcode::ALL.iter().map(|&o| o as u16).collect();
     ops.sort_unstable();
+    ops.dedup();
     all.sort_unstable();
     assert_eq!(ops, all);
 }
@@ -97,7 +99,7 @@ fn samples_cover_every_opcode() {
 /// Every version this protocol has had and the hash of its canonical sample frames (crc32c of
 /// the concatenated frames of `samples`, with the version field zeroed). Append a line when
 /// you bump `PROTOCOL_VERSION`; never edit an old one.
-const LAYOUT_HISTORY: &[(u16, u32)] = &[(1, 0xb390_2482)];
+const LAYOUT_HISTORY: &[(u16, u32)] = &[(1, 0xb390_2482), (2, 0xcffd_fcce)];
 
 #[test]
 fn protocol_version_is_guarded() {
@@ -488,7 +490,9 @@ impl Sample {
         let len_bytes = self.len_sectors * sector;
         let epoch = Epoch::new(self.value.max(1)).unwrap();
         match self.kind {
-            0 => Message::Open,
+            0 => Message::Open {
+                takeover: self.value % 2 == 1,
+            },
             1 => Message::OpenOk {
                 size_bytes: self.value,
                 block_size_bytes: SECTOR_BYTES << (self.len_sectors % 16),

@@ -50,7 +50,9 @@ pub(super) enum Path {
 pub(super) enum Kind {
     Client,
     /// Reading a region chunk from a source for the resync target.
-    ResyncRead { target: u8 },
+    ResyncRead {
+        target: u8,
+    },
     ResyncWrite,
     ResyncFlush,
 }
@@ -193,7 +195,8 @@ impl NexusChannel {
                         epoch: Epoch::new(epoch).expect("opened under a real epoch"),
                     },
                     Err(e) => {
-                        self.shared.fault(c, &format!("attaching its connection: {e}"));
+                        self.shared
+                            .fault(c, &format!("attaching its connection: {e}"));
                         Path::None
                     }
                 },
@@ -203,8 +206,7 @@ impl NexusChannel {
 
     /// Closes our path to child `c`, failing what is outstanding on it as `Dropped`.
     fn drop_path(&mut self, io: &mut IoCtx, c: usize) {
-        if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None)
-        {
+        if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None) {
             conn.close(io);
             self.retired.push(conn);
             self.fail_outstanding(io, c, SubErr::Dropped);
@@ -226,14 +228,12 @@ impl NexusChannel {
     /// A connection error or timeout on child `c`: fault it and fail what it had.
     fn child_lost(&mut self, io: &mut IoCtx, c: usize, reason: &str) {
         self.shared.fault(c, reason);
-        if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None)
-        {
+        if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None) {
             conn.close(io);
             self.retired.push(conn);
         }
         self.fail_outstanding(io, c, SubErr::Failed);
     }
-
 
     /// Takes a free slot for `req` (of `kind`); `None` when all are in use.
     pub(super) fn alloc(&mut self, kind: Kind, req: IoRequest) -> Option<u16> {
@@ -439,11 +439,10 @@ impl NexusChannel {
     /// Sends a read to the best in-sync child not tried yet: local first.
     fn read_from_next(&mut self, io: &mut IoCtx, slot: u16) {
         let tried = self.slots[slot as usize].tried;
-        let usable = |c: usize| {
-            tried & (1 << c) == 0 && self.shared.child(c).state() == ChildState::InSync
-        };
-        let local = (0..CHILDREN_MAX)
-            .find(|&c| usable(c) && matches!(self.paths[c], Path::Local { .. }));
+        let usable =
+            |c: usize| tried & (1 << c) == 0 && self.shared.child(c).state() == ChildState::InSync;
+        let local =
+            (0..CHILDREN_MAX).find(|&c| usable(c) && matches!(self.paths[c], Path::Local { .. }));
         let pick = local.or_else(|| {
             (0..CHILDREN_MAX).find(|&c| usable(c) && matches!(self.paths[c], Path::Remote { .. }))
         });
@@ -454,7 +453,13 @@ impl NexusChannel {
     }
 
     /// One sub-request of `slot` on child `c` ended.
-    pub(super) fn sub_done(&mut self, io: &mut IoCtx, slot: u16, c: usize, res: Result<(), SubErr>) {
+    pub(super) fn sub_done(
+        &mut self,
+        io: &mut IoCtx,
+        slot: u16,
+        c: usize,
+        res: Result<(), SubErr>,
+    ) {
         let bit = 1u8 << c;
         let shared = self.shared.clone();
         let p = &mut self.slots[slot as usize];
@@ -577,9 +582,15 @@ impl NexusChannel {
             };
             work += 1;
             let id = frame.header.envelope.request_id.get();
-            let (gen, slot, child) = ((id >> 32) as u32, ((id >> 2) & 0x3fff_ffff) as u16, (id & 3) as usize);
+            let (gen, slot, child) = (
+                (id >> 32) as u32,
+                ((id >> 2) & 0x3fff_ffff) as u16,
+                (id & 3) as usize,
+            );
             let Some(p) = self.slots.get(slot as usize) else {
-                broken = Some(format!("reply for request id {id:#x} this nexus never sent"));
+                broken = Some(format!(
+                    "reply for request id {id:#x} this nexus never sent"
+                ));
                 break;
             };
             if child != c || !p.live || p.gen != gen || p.pending & (1 << c) == 0 {
@@ -759,8 +770,7 @@ impl BdevChannel for NexusChannel {
 
     fn close(&mut self, io: &mut IoCtx) {
         for c in 0..CHILDREN_MAX {
-            if let Path::Remote { mut conn, .. } =
-                std::mem::replace(&mut self.paths[c], Path::None)
+            if let Path::Remote { mut conn, .. } = std::mem::replace(&mut self.paths[c], Path::None)
             {
                 conn.close(io);
                 self.retired.push(conn);

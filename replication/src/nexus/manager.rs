@@ -11,8 +11,8 @@
 //! recorded); `add` rebuilds a replica in full.
 
 use super::{
-    ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder,
-    CHILDREN_MAX, REGION_BYTES_MAX, REGION_BYTES_MIN,
+    ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder, CHILDREN_MAX,
+    REGION_BYTES_MAX, REGION_BYTES_MIN,
 };
 use crate::proto::{self, Envelope, Epoch, Message, RequestId, VolumeId};
 use crate::replica::{volume_id_for, Acceptance, ReplicaSet};
@@ -116,11 +116,13 @@ pub struct CreateRequest {
     pub epoch: Option<u64>,
 }
 
+/// Per child: when the monitor may next try to reconnect it, and the back-off.
+type Retry = [(Instant, Duration); CHILDREN_MAX];
+
 struct Entry {
     shared: Arc<NexusShared>,
     handle: BdevHandle,
-    /// Per child: when the monitor may next try to reconnect it, and the back-off.
-    retry: [(Instant, Duration); CHILDREN_MAX],
+    retry: Retry,
 }
 
 /// Every nexus of this node.
@@ -211,14 +213,20 @@ impl NexusManager {
         }
         for (i, r) in req.replicas.iter().enumerate() {
             if req.replicas[..i].contains(r) {
-                return Err(Self::invalid(name, format!("replica '{r}' is listed twice")));
+                return Err(Self::invalid(
+                    name,
+                    format!("replica '{r}' is listed twice"),
+                ));
             }
         }
         let o = &req.options;
         if o.min_in_sync == 0 || o.min_in_sync as usize > n {
             return Err(Self::invalid(
                 name,
-                format!("min_in_sync {} must be between 1 and the {n} replicas", o.min_in_sync),
+                format!(
+                    "min_in_sync {} must be between 1 and the {n} replicas",
+                    o.min_in_sync
+                ),
             ));
         }
         if !o.region_bytes.is_power_of_two()
@@ -236,7 +244,10 @@ impl NexusManager {
             return Err(Self::invalid(name, "the I/O timeout must be above zero"));
         }
         if o.rebuild_bytes_per_s == Some(0) {
-            return Err(Self::invalid(name, "a rebuild rate of 0 would never finish"));
+            return Err(Self::invalid(
+                name,
+                "a rebuild rate of 0 would never finish",
+            ));
         }
         Ok(())
     }
@@ -250,7 +261,8 @@ impl NexusManager {
             return Err(NexusError::Exists { name });
         }
         let volume_id = volume_id_for(&name);
-        let (epoch, opened) = self.open_all(&name, volume_id, &req.replicas, req.epoch.unwrap_or(1))?;
+        let (epoch, opened) =
+            self.open_all(&name, volume_id, &req.replicas, req.epoch.unwrap_or(1))?;
         let (size, block) = match &opened[0] {
             Opened::Ok {
                 size_bytes,
@@ -328,7 +340,7 @@ impl NexusManager {
             let mut raise = None;
             for spec in replicas {
                 let o = self
-                    .open_child(volume_id, spec, epoch)
+                    .open_child(volume_id, spec, epoch, true)
                     .map_err(|why| NexusError::Child {
                         name: name.into(),
                         child: spec.to_string(),
@@ -350,14 +362,25 @@ impl NexusManager {
         ))
     }
 
-    /// Opens one child at `epoch`: one path per engine core.
-    fn open_child(&self, volume_id: VolumeId, spec: &ChildSpec, epoch: u64) -> Result<Opened, String> {
+    /// Opens one child at `epoch`: one path per engine core. With `takeover`, the first
+    /// open must raise the replica's fence (the others share it).
+    fn open_child(
+        &self,
+        volume_id: VolumeId,
+        spec: &ChildSpec,
+        epoch: u64,
+        takeover: bool,
+    ) -> Result<Opened, String> {
         let e = Epoch::new(epoch).map_err(|e| e.to_string())?;
         let cores = self.engine.cores().len();
         match spec {
             ChildSpec::Local => {
                 let r = self.replicas.get(&volume_id).map_err(|e| e.to_string())?;
-                match self.replicas.accept(&r, e).map_err(|e| e.to_string())? {
+                match self
+                    .replicas
+                    .accept(&r, e, takeover)
+                    .map_err(|e| e.to_string())?
+                {
                     Acceptance::Stale { current } => Ok(Opened::Stale {
                         current: current.get(),
                     }),
@@ -373,11 +396,13 @@ impl NexusManager {
             ChildSpec::Remote { endpoint } => {
                 let mut paths = Vec::with_capacity(cores);
                 let mut geometry = (0, 0);
-                for _ in 0..cores {
-                    let (link, size, block) = match self.connect_open(endpoint, volume_id, e)? {
-                        Ok(v) => v,
-                        Err(current) => return Ok(Opened::Stale { current }),
-                    };
+                for core in 0..cores {
+                    let claim = takeover && core == 0;
+                    let (link, size, block) =
+                        match self.connect_open(endpoint, volume_id, e, claim)? {
+                            Ok(v) => v,
+                            Err(current) => return Ok(Opened::Stale { current }),
+                        };
                     geometry = (size, block);
                     paths.push(Some(PathSetup::Remote(link, epoch)));
                 }
@@ -397,6 +422,7 @@ impl NexusManager {
         endpoint: &str,
         volume_id: VolumeId,
         epoch: Epoch,
+        takeover: bool,
     ) -> Result<Result<(Box<dyn Link>, u64, u32), u64>, String> {
         let mut link = self
             .transport
@@ -408,9 +434,11 @@ impl NexusManager {
             request_id: RequestId::new(0),
         };
         let mut out = Vec::new();
-        proto::encode_into(&env, &Message::Open, &mut out);
+        proto::encode_into(&env, &Message::Open { takeover }, &mut out);
         link.send_frame(&out).map_err(|e| e.to_string())?;
-        let (header, payload) = link.recv_frame(HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+        let (header, payload) = link
+            .recv_frame(HANDSHAKE_TIMEOUT)
+            .map_err(|e| e.to_string())?;
         match proto::decode(&header, &payload).map_err(|e| e.to_string())? {
             Message::OpenOk {
                 size_bytes,
@@ -428,7 +456,9 @@ impl NexusManager {
 
     fn entry<R>(&self, name: &str, f: impl FnOnce(&mut Entry) -> R) -> Result<R, NexusError> {
         let mut all = self.nexuses.lock();
-        let e = all.get_mut(name).ok_or_else(|| NexusError::NotFound { name: name.into() })?;
+        let e = all
+            .get_mut(name)
+            .ok_or_else(|| NexusError::NotFound { name: name.into() })?;
         Ok(f(e))
     }
 
@@ -446,7 +476,11 @@ impl NexusManager {
     }
 
     pub fn list(&self) -> Vec<NexusView> {
-        self.nexuses.lock().values().map(|e| view(&e.shared)).collect()
+        self.nexuses
+            .lock()
+            .values()
+            .map(|e| view(&e.shared))
+            .collect()
     }
 
     /// Removes a nexus from the engine (it must not be exported) and closes its children.
@@ -484,9 +518,8 @@ impl NexusManager {
                 free = Some(c);
             }
         }
-        let c = free.ok_or_else(|| {
-            Self::invalid(name, format!("already has {CHILDREN_MAX} replicas"))
-        })?;
+        let c = free
+            .ok_or_else(|| Self::invalid(name, format!("already has {CHILDREN_MAX} replicas")))?;
         let paths = self.open_at_current(&shared, &spec).map_err(child_err)?;
         let child = shared.child(c);
         child.dirty.set_all();
@@ -508,7 +541,7 @@ impl NexusManager {
         shared: &NexusShared,
         spec: &ChildSpec,
     ) -> Result<Vec<Option<PathSetup>>, String> {
-        match self.open_child(shared.volume_id, spec, shared.epoch())? {
+        match self.open_child(shared.volume_id, spec, shared.epoch(), false)? {
             Opened::Ok {
                 size_bytes, paths, ..
             } if size_bytes == shared.info.size_bytes => Ok(paths),
@@ -577,14 +610,18 @@ impl NexusManager {
         Ok(view(&shared))
     }
 
-    fn reopen_all(&self, shared: &NexusShared, specs: &[(usize, ChildSpec)]) -> Result<(), NexusError> {
+    fn reopen_all(
+        &self,
+        shared: &NexusShared,
+        specs: &[(usize, ChildSpec)],
+    ) -> Result<(), NexusError> {
         let name = &shared.name;
         let mut epoch = shared.epoch() + 1;
         for _ in 0..EPOCH_RETRIES_MAX {
             let mut opened = Vec::new();
             let mut raise = None;
             for (c, spec) in specs {
-                match self.open_child(shared.volume_id, spec, epoch) {
+                match self.open_child(shared.volume_id, spec, epoch, true) {
                     Ok(Opened::Stale { current }) => raise = Some(raise.unwrap_or(0).max(current)),
                     Ok(o) => opened.push((*c, o)),
                     Err(why) => shared.fault(*c, &format!("re-opening for promote: {why}")),
@@ -595,7 +632,10 @@ impl NexusManager {
                 continue;
             }
             if opened.is_empty() {
-                return Err(Self::invalid(name, "no replica could be opened at the new epoch"));
+                return Err(Self::invalid(
+                    name,
+                    "no replica could be opened at the new epoch",
+                ));
             }
             shared.epoch.store(epoch, Ordering::Release);
             shared.fenced.store(false, Ordering::Release);
@@ -607,7 +647,10 @@ impl NexusManager {
             tracing::info!(nexus = %name, epoch, "nexus promoted");
             return Ok(());
         }
-        Err(Self::invalid(name, format!("replica epochs kept rising; gave up at {epoch}")))
+        Err(Self::invalid(
+            name,
+            format!("replica epochs kept rising; gave up at {epoch}"),
+        ))
     }
 
     /// Compares the in-sync children's crc32c region by region. Meant for a quiet volume: a
@@ -647,9 +690,15 @@ impl NexusManager {
     }
 
     fn local_sums(&self, shared: &NexusShared, region_bytes: u64) -> Result<Vec<u32>, String> {
-        let r = self.replicas.get(&shared.volume_id).map_err(|e| e.to_string())?;
+        let r = self
+            .replicas
+            .get(&shared.volume_id)
+            .map_err(|e| e.to_string())?;
         let core = self.engine.cores()[0];
-        let mut q = self.engine.queue(&r.handle, core, 1).map_err(|e| e.to_string())?;
+        let mut q = self
+            .engine
+            .queue(&r.handle, core, 1)
+            .map_err(|e| e.to_string())?;
         let chunk = u64::from(super::NEXUS_IO_MAX_BYTES.min(q.buf_size_bytes()));
         let mut buf = vec![0u8; chunk as usize];
         let size = shared.info.size_bytes;
@@ -670,9 +719,14 @@ impl NexusManager {
         Ok(sums)
     }
 
-    fn remote_sums(&self, shared: &NexusShared, endpoint: &str, region_bytes: u64) -> Result<Vec<u32>, String> {
+    fn remote_sums(
+        &self,
+        shared: &NexusShared,
+        endpoint: &str,
+        region_bytes: u64,
+    ) -> Result<Vec<u32>, String> {
         let epoch = Epoch::new(shared.epoch()).map_err(|e| e.to_string())?;
-        let (mut link, _, _) = match self.connect_open(endpoint, shared.volume_id, epoch)? {
+        let (mut link, _, _) = match self.connect_open(endpoint, shared.volume_id, epoch, false)? {
             Ok(v) => v,
             Err(current) => return Err(format!("fenced at epoch {current}")),
         };
@@ -696,18 +750,32 @@ impl NexusManager {
                         epoch,
                         request_id: RequestId::new(window.len() as u64),
                     };
-                    proto::encode_into(&env, &Message::Read { offset_bytes: pos, len_bytes: len }, &mut out);
+                    proto::encode_into(
+                        &env,
+                        &Message::Read {
+                            offset_bytes: pos,
+                            len_bytes: len,
+                        },
+                        &mut out,
+                    );
                     link.send_frame(&out).map_err(|e| e.to_string())?;
                     window.push(None);
                     pos += len;
                 }
                 for _ in 0..window.len() {
-                    let (h, payload) = link.recv_frame(HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+                    let (h, payload) = link
+                        .recv_frame(HANDSHAKE_TIMEOUT)
+                        .map_err(|e| e.to_string())?;
                     let i = h.envelope.request_id.get() as usize;
                     match proto::decode(&h, &payload).map_err(|e| e.to_string())? {
-                        Message::ReadData { data } if i < window.len() => window[i] = Some(data.to_vec()),
+                        Message::ReadData { data } if i < window.len() => {
+                            window[i] = Some(data.to_vec())
+                        }
                         Message::Error { errno } => {
-                            return Err(format!("read failed: {}", std::io::Error::from_raw_os_error(errno as i32)))
+                            return Err(format!(
+                                "read failed: {}",
+                                std::io::Error::from_raw_os_error(errno as i32)
+                            ))
                         }
                         other => return Err(format!("answered a read with {:?}", other.opcode())),
                     }
@@ -724,7 +792,7 @@ impl NexusManager {
 
     /// One monitor pass: reconnect faulted children, start pending resyncs.
     fn tick(&self) {
-        let entries: Vec<(Arc<NexusShared>, [(Instant, Duration); CHILDREN_MAX])> = self
+        let entries: Vec<(Arc<NexusShared>, Retry)> = self
             .nexuses
             .lock()
             .values()
@@ -734,15 +802,15 @@ impl NexusManager {
             if shared.fenced.load(Ordering::Acquire) {
                 continue;
             }
-            for c in 0..CHILDREN_MAX {
+            for (c, (retry_at, backoff)) in retry.into_iter().enumerate() {
                 let child = shared.child(c);
-                if child.state() != ChildState::Faulted || Instant::now() < retry[c].0 {
+                if child.state() != ChildState::Faulted || Instant::now() < retry_at {
                     continue;
                 }
                 let Some(spec) = child.spec.lock().clone() else {
                     continue;
                 };
-                let backoff = match self.open_at_current(&shared, &spec) {
+                let next = match self.open_at_current(&shared, &spec) {
                     Ok(paths) => {
                         if child.state() == ChildState::Faulted {
                             child.set_state(ChildState::Syncing);
@@ -753,10 +821,10 @@ impl NexusManager {
                     }
                     Err(why) => {
                         tracing::debug!(nexus = %shared.name, child = %spec, why = %why, "replica still unreachable");
-                        (retry[c].1 * 2).min(RECONNECT_BACKOFF_MAX)
+                        (backoff * 2).min(RECONNECT_BACKOFF_MAX)
                     }
                 };
-                let _ = self.entry(&shared.name, |e| e.retry[c] = (Instant::now() + backoff, backoff));
+                let _ = self.entry(&shared.name, |e| e.retry[c] = (Instant::now() + next, next));
             }
             kick_resync(&shared);
         }
@@ -775,7 +843,8 @@ fn kick_resync(shared: &NexusShared) {
     if order.is_some() || shared.resync.child.load(Ordering::Acquire) != 0 {
         return;
     }
-    let Some(c) = (0..CHILDREN_MAX).find(|&c| shared.child(c).state() == ChildState::Syncing) else {
+    let Some(c) = (0..CHILDREN_MAX).find(|&c| shared.child(c).state() == ChildState::Syncing)
+    else {
         return;
     };
     let full = shared.child(c).needs_rebuild.swap(false, Ordering::AcqRel);

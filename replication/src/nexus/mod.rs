@@ -155,7 +155,10 @@ impl ChildShared {
             gen: AtomicU64::new(0),
             paths: Mutex::new((0..cores).map(|_| None).collect()),
             dirty: RegionMap::new(regions, shift),
-            unflushed: [RegionMap::new(regions, shift), RegionMap::new(regions, shift)],
+            unflushed: [
+                RegionMap::new(regions, shift),
+                RegionMap::new(regions, shift),
+            ],
             reason: Mutex::new(String::new()),
             needs_rebuild: AtomicBool::new(false),
             copied_bytes: AtomicU64::new(0),
@@ -375,6 +378,9 @@ impl Bdev for Nexus {
     }
 
     fn open_channel(&self, io: &mut IoCtx) -> Result<Box<dyn BdevChannel>, BdevError> {
-        Ok(Box::new(channel::NexusChannel::new(self.shared.clone(), io)))
+        Ok(Box::new(channel::NexusChannel::new(
+            self.shared.clone(),
+            io,
+        )))
     }
 }

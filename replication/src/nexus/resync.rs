@@ -145,7 +145,10 @@ impl NexusChannel {
             target.dirty.set(r);
         }
         shared.frozen.store(false, Ordering::SeqCst);
-        shared.resync.done_bytes.store(job.done_bytes, Ordering::Release);
+        shared
+            .resync
+            .done_bytes
+            .store(job.done_bytes, Ordering::Release);
         shared.resync.child.store(0, Ordering::Release);
         let secs = job.started.elapsed().as_secs_f64();
         if success {

@@ -51,7 +51,7 @@ impl Transport for TcpTransport {
         let addr = resolve(endpoint)?;
         let stream =
             TcpStream::connect_timeout(&addr, timeout).map_err(io_err(endpoint, "connect"))?;
-        TcpLink::new(stream, endpoint.to_string())
+        TcpLink::boxed(stream, endpoint.to_string())
     }
 
     fn listen(&self, endpoint: &str) -> Result<Box<dyn Acceptor>, TransportError> {
@@ -93,7 +93,7 @@ impl Acceptor for TcpAcceptor {
                 stream
                     .set_nonblocking(false)
                     .map_err(io_err(&self.endpoint, "set_blocking"))?;
-                Ok(Some(TcpLink::new(stream, peer.to_string())?))
+                Ok(Some(TcpLink::boxed(stream, peer.to_string())?))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(io_err(&self.endpoint, "accept")(e)),
@@ -111,7 +111,7 @@ struct TcpLink {
 }
 
 impl TcpLink {
-    fn new(stream: TcpStream, peer: String) -> Result<Box<dyn Link>, TransportError> {
+    fn boxed(stream: TcpStream, peer: String) -> Result<Box<dyn Link>, TransportError> {
         stream
             .set_nodelay(true)
             .map_err(io_err(&peer, "TCP_NODELAY"))?;
@@ -175,11 +175,17 @@ impl Link for TcpLink {
 }
 
 impl TcpLink {
-    fn read_exact_by(&mut self, mut buf: &mut [u8], deadline: Instant) -> Result<(), TransportError> {
+    fn read_exact_by(
+        &mut self,
+        mut buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), TransportError> {
         while !buf.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io_err(&self.peer, "receive")(std::io::ErrorKind::TimedOut.into()));
+                return Err(io_err(&self.peer, "receive")(
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
             }
             self.stream
                 .set_read_timeout(Some(left))
