@@ -9,6 +9,7 @@ use crate::proto as pb;
 use crate::proto::node_admin_server::NodeAdmin;
 use cairn_engine::frontend::nbd::NbdError;
 use cairn_engine::volume::PoolError;
+use cairn_replication::nexus::manager::NexusError;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 
@@ -54,6 +55,22 @@ pub fn code_of(e: &NodeError) -> Code {
         NodeError::Malloc { .. } => Code::InvalidArgument,
         NodeError::Nbd(e) => nbd_code(e),
         NodeError::Engine(_) => Code::Internal,
+        NodeError::IsReplica { .. }
+        | NodeError::NexusExported { .. }
+        | NodeError::FaultInjectionOff => Code::FailedPrecondition,
+        NodeError::NoSuchFault { .. } => Code::NotFound,
+        NodeError::Replication(_) => Code::InvalidArgument,
+        NodeError::Nexus(e) => nexus_code(e),
+    }
+}
+
+fn nexus_code(e: &NexusError) -> Code {
+    match e {
+        NexusError::Exists { .. } => Code::AlreadyExists,
+        NexusError::NotFound { .. } => Code::NotFound,
+        NexusError::Invalid { .. } => Code::InvalidArgument,
+        NexusError::Child { .. } => Code::Unavailable,
+        NexusError::Engine { .. } => Code::Internal,
     }
 }
 
@@ -187,7 +204,7 @@ impl NodeAdmin for AdminService {
     ) -> Result<Response<pb::ExportInfo>, Status> {
         let r = req.into_inner();
         required("name", &r.name)?;
-        self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only))
+        self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only, r.nexus))
             .await
     }
 
@@ -230,5 +247,102 @@ impl NodeAdmin for AdminService {
             Ok(pb::StatsResponse { exports, reactors })
         })
         .await
+    }
+
+    async fn create_nexus(
+        &self,
+        req: Request<pb::CreateNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        if r.replicas.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "nexus '{}' needs at least one replica",
+                r.name
+            )));
+        }
+        self.run(move |n| n.create_nexus(r)).await
+    }
+
+    async fn destroy_nexus(
+        &self,
+        req: Request<pb::DestroyNexusRequest>,
+    ) -> Result<Response<pb::DestroyNexusResponse>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| {
+            n.destroy_nexus(&r.name)
+                .map(|()| pb::DestroyNexusResponse {})
+        })
+        .await
+    }
+
+    async fn list_nexuses(
+        &self,
+        _: Request<pb::ListNexusesRequest>,
+    ) -> Result<Response<pb::ListNexusesResponse>, Status> {
+        self.run(|n| {
+            n.list_nexuses()
+                .map(|nexuses| pb::ListNexusesResponse { nexuses })
+        })
+        .await
+    }
+
+    async fn show_nexus(
+        &self,
+        req: Request<pb::ShowNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.show_nexus(&r.name)).await
+    }
+
+    async fn add_replica(
+        &self,
+        req: Request<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = req.into_inner();
+        required("nexus", &r.nexus)?;
+        required("replica", &r.replica)?;
+        self.run(move |n| n.add_replica(&r.nexus, &r.replica)).await
+    }
+
+    async fn remove_replica(
+        &self,
+        req: Request<pb::RemoveReplicaRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = req.into_inner();
+        required("nexus", &r.nexus)?;
+        required("replica", &r.replica)?;
+        self.run(move |n| n.remove_replica(&r.nexus, &r.replica))
+            .await
+    }
+
+    async fn promote_nexus(
+        &self,
+        req: Request<pb::PromoteNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.promote_nexus(&r.name)).await
+    }
+
+    async fn verify_nexus(
+        &self,
+        req: Request<pb::VerifyNexusRequest>,
+    ) -> Result<Response<pb::VerifyNexusResponse>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.verify_nexus(&r.name)).await
+    }
+
+    async fn set_fault(
+        &self,
+        req: Request<pb::SetFaultRequest>,
+    ) -> Result<Response<pb::SetFaultResponse>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.set_fault(r).map(|()| pb::SetFaultResponse {}))
+            .await
     }
 }

@@ -18,6 +18,8 @@ use std::str::FromStr;
 pub const NBD_LISTEN_DEFAULT: &str = "127.0.0.1:10809";
 /// Default gRPC admin listener.
 pub const ADMIN_LISTEN_DEFAULT: &str = "127.0.0.1:10810";
+/// Default replica server listener (where nexuses on other nodes reach this node's replicas).
+pub const REPLICA_LISTEN_DEFAULT: &str = "127.0.0.1:10820";
 /// Default Prometheus listener.
 pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:9810";
 /// Default data directory (relative to the working directory).
@@ -157,6 +159,14 @@ pub struct NodeConfig {
     pub volumes: Vec<NamedSize>,
     /// RAM bdevs to create and export under their names (contents are lost at exit).
     pub mallocs: Vec<NamedSize>,
+    /// Volumes to create in the first pool when missing and leave unexported, to be hosted
+    /// as replicas (by the replica server or a local nexus).
+    pub replica_volumes: Vec<NamedSize>,
+    /// Replica server listener; `off` hosts no replicas for other nodes.
+    pub replica_listen: String,
+    /// Wrap every pool device and malloc bdev in a fault bdev controlled by the admin API's
+    /// SetFault (a test instrument; off in production).
+    pub fault_injection: bool,
     /// NBD TCP listener; `off` disables the NBD frontend entirely.
     pub nbd_listen: String,
     /// Additional NBD unix-socket listener.
@@ -180,6 +190,9 @@ impl Default for NodeConfig {
             pools: Vec::new(),
             volumes: Vec::new(),
             mallocs: Vec::new(),
+            replica_volumes: Vec::new(),
+            replica_listen: REPLICA_LISTEN_DEFAULT.into(),
+            fault_injection: false,
             nbd_listen: NBD_LISTEN_DEFAULT.into(),
             nbd_socket: None,
             admin_listen: ADMIN_LISTEN_DEFAULT.into(),
@@ -207,6 +220,13 @@ Examples:
   cairnctl node volume ls
   nbdinfo nbd://127.0.0.1:10809/pg
 
+  # A volume replicated to a second node (each node holds a volume named pg):
+  cairn-node --data-dir /var/lib/cairn --replica-volume pg:10G                  # node B
+  cairn-node --data-dir ./a --replica-volume pg:10G --replica-listen off \
+             --admin-listen 127.0.0.1:10811                                      # node A
+  cairnctl node --addr 127.0.0.1:10811 nexus create pg --replica local --replica B:10820
+  cairnctl node --addr 127.0.0.1:10811 export add pg --nexus
+
 Config file (TOML; every key optional, flags override, repeatable flags add):
   cores = \"0\"
   data_dir = \"/var/lib/cairn\"
@@ -214,6 +234,9 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   pools = [\"/dev/nvme1n1\"]
   volumes = [\"pg:10G\"]
   mallocs = [\"bench:1G\"]
+  replica_volumes = [\"pg-replica:10G\"]
+  replica_listen = \"127.0.0.1:10820\"   # \"off\": host no replicas for other nodes
+  fault_injection = false
   nbd_listen = \"127.0.0.1:10809\"      # \"off\": no TCP listener (NBD is off unless nbd_socket is set)
   nbd_socket = \"/run/cairn/nbd.sock\"
   admin_listen = \"127.0.0.1:10810\"
@@ -224,7 +247,7 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   huge_pages = true
 
 Once listening, it prints one line to stdout:
-  cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR exports=A,B
+  cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
 SIGTERM or SIGINT drains NBD clients, closes volumes and pools durably, and exits 0.
 Log level: RUST_LOG (default info).";
 
@@ -261,6 +284,17 @@ pub struct Cli {
     /// RAM bdev NAME of SIZE exported as NAME (repeatable; contents are lost at exit).
     #[arg(long = "malloc", value_name = "NAME:SIZE")]
     pub mallocs: Vec<NamedSize>,
+    /// Volume NAME of SIZE: created in the first pool when missing and not exported, to be
+    /// hosted as a replica (repeatable).
+    #[arg(long = "replica-volume", value_name = "NAME:SIZE")]
+    pub replica_volumes: Vec<NamedSize>,
+    /// Replica server listener, or `off` [default: 127.0.0.1:10820].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub replica_listen: Option<String>,
+    /// Wrap pool devices and malloc bdevs in fault bdevs controlled over the admin API
+    /// (SetFault; `cairnctl node fault set`). A test instrument.
+    #[arg(long)]
+    pub fault_injection: bool,
     /// NBD TCP listener, or `off` [default: 127.0.0.1:10809].
     #[arg(long, value_name = "ADDR:PORT")]
     pub nbd_listen: Option<String>,
@@ -286,6 +320,8 @@ pub struct Cli {
 pub struct Listeners {
     /// None when NBD is `off`.
     pub nbd: Option<SocketAddr>,
+    /// None when the replica server is `off`.
+    pub replica: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
 }
@@ -328,6 +364,10 @@ impl NodeConfig {
         set(&mut self.nbd_listen, &cli.nbd_listen);
         set(&mut self.admin_listen, &cli.admin_listen);
         set(&mut self.metrics_listen, &cli.metrics_listen);
+        set(&mut self.replica_listen, &cli.replica_listen);
+        self.fault_injection |= cli.fault_injection;
+        self.replica_volumes
+            .extend(cli.replica_volumes.iter().cloned());
         set(&mut self.idle, &cli.idle);
         set(&mut self.log_format, &cli.log_format);
         if let Some(size) = cli.pool0_size {
@@ -368,8 +408,13 @@ impl NodeConfig {
             "off" => None,
             addr => Some(parse("nbd_listen", addr)?),
         };
+        let replica = match self.replica_listen.as_str() {
+            "off" => None,
+            addr => Some(parse("replica_listen", addr)?),
+        };
         Ok(Listeners {
             nbd,
+            replica,
             admin: parse("admin_listen", &self.admin_listen)?,
             metrics: parse("metrics_listen", &self.metrics_listen)?,
         })
@@ -393,6 +438,13 @@ impl NodeConfig {
         }
         for m in &self.mallocs {
             claim(&mut exports, m.name.clone(), format!("--malloc {}", m.name))?;
+        }
+        for r in &self.replica_volumes {
+            claim(
+                &mut exports,
+                r.name.clone(),
+                format!("--replica-volume {}", r.name),
+            )?;
         }
         Ok(())
     }

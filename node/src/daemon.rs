@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::node::{Node, NodeError};
 use crate::proto as pb;
+use cairn_engine::bdev::fault::FaultControl;
 use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::bdev::BdevError;
 use cairn_engine::frontend::nbd::{NbdConfig, NbdError, NbdServer};
@@ -138,11 +139,16 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
         admin: local_addr(&admin, "admin", listeners.admin)?,
         metrics: local_addr(&metrics, "metrics", listeners.metrics)?,
     };
-    let node = Arc::new(Node::new(engine, nbd));
-    if let Err(e) = populate(&node, &config) {
-        teardown(node, runtime);
-        return Err(e);
-    }
+    let node = Arc::new(Node::new(engine, nbd, config.fault_injection));
+    let replica = match populate(&node, &config)
+        .and_then(|()| start_replication(&node, &config, listeners.replica))
+    {
+        Ok(replica) => replica,
+        Err(e) => {
+            teardown(node, runtime);
+            return Err(e);
+        }
+    };
     let _guard = runtime.enter();
     let signals = Signals::install();
     let signals = match signals {
@@ -154,7 +160,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
         }
     };
     node.open_nbd();
-    announce(&endpoints, &node.export_names());
+    announce(&endpoints, replica.as_deref(), &node.export_names());
     runtime.block_on(serve(node.clone(), admin, metrics, signals));
     drop(_guard);
     if teardown(node, runtime) {
@@ -220,17 +226,37 @@ fn pin_to_any(cpus: &[u32]) {
     }
 }
 
+/// Starts the replica server and nexus manager once the `--replica-volume` volumes exist;
+/// returns the replica server's address.
+fn start_replication(
+    node: &Arc<Node>,
+    config: &NodeConfig,
+    listen: Option<SocketAddr>,
+) -> Result<Option<String>, DaemonError> {
+    for v in &config.replica_volumes {
+        ensure_volume(node, "--replica-volume", &v.name, v.size_bytes)?;
+    }
+    node.start_replication(&config.data_dir, listen)
+        .map_err(|e| DaemonError::Node(Box::new(e)))
+}
+
 /// Opens the pools, creates malloc bdevs and `--volume` volumes, and exports them.
 fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
     let cores = node.engine().cores();
-    let pool0 = open_pool0(node.engine(), config, cores[0])?;
-    node.add_pool("pool0", config.data_dir.join(POOL0_FILE), cores[0], pool0)
-        .map_err(|e| DaemonError::Node(Box::new(e)))?;
+    let (pool0, fault) = open_pool0(node, config, cores[0])?;
+    node.add_pool(
+        "pool0",
+        config.data_dir.join(POOL0_FILE),
+        cores[0],
+        pool0,
+        fault,
+    )
+    .map_err(|e| DaemonError::Node(Box::new(e)))?;
     for (i, path) in config.pools.iter().enumerate() {
         let name = pool_name(path).expect("validated");
         let home = cores[(i + 1) % cores.len()];
-        let pool = open_pool(node.engine(), &name, path, home)?;
-        node.add_pool(&name, path.clone(), home, pool)
+        let (pool, fault) = open_pool(node, &name, path, home)?;
+        node.add_pool(&name, path.clone(), home, pool, fault)
             .map_err(|e| DaemonError::Node(Box::new(e)))?;
     }
     for m in &config.mallocs {
@@ -243,7 +269,7 @@ fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
         export_if_enabled(node, &m.name, "").map_err(spec)?;
     }
     for v in &config.volumes {
-        ensure_volume(node, &v.name, v.size_bytes)?;
+        ensure_volume(node, "--volume", &v.name, v.size_bytes)?;
         export_if_enabled(node, &v.name, "pool0").map_err(|source| DaemonError::Spec {
             flag: "--volume",
             name: v.name.clone(),
@@ -254,7 +280,7 @@ fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
 }
 
 fn export_if_enabled(node: &Node, name: &str, pool: &str) -> Result<(), NodeError> {
-    match node.export(name, pool, name, false) {
+    match node.export(name, pool, name, false, false) {
         Err(NodeError::NbdDisabled) => {
             tracing::warn!(name, "NBD is off; not exported");
             Ok(())
@@ -265,9 +291,14 @@ fn export_if_enabled(node: &Node, name: &str, pool: &str) -> Result<(), NodeErro
 
 /// Creates `--volume NAME:SIZE` in the first pool unless it exists; an existing volume is
 /// used as it is (a differing size is logged, never changed).
-fn ensure_volume(node: &Node, name: &str, size_bytes: u64) -> Result<(), DaemonError> {
+fn ensure_volume(
+    node: &Node,
+    flag: &'static str,
+    name: &str,
+    size_bytes: u64,
+) -> Result<(), DaemonError> {
     let spec = |source| DaemonError::Spec {
-        flag: "--volume",
+        flag,
         name: name.into(),
         source: Box::new(source),
     };
@@ -310,20 +341,29 @@ fn open_locked(name: &str, path: &Path) -> Result<Arc<UringBdev>, DaemonError> {
         })
 }
 
-fn open_pool(engine: &Engine, name: &str, path: &Path, home: CoreId) -> Result<Pool, DaemonError> {
-    let base = open_locked(name, path)?;
-    Pool::open(engine, name, base, home).map_err(|source| DaemonError::Pool {
+/// A pool with the control of its fault bdev when fault injection is on.
+type OpenedPool = (Pool, Option<Arc<FaultControl>>);
+
+fn open_pool(
+    node: &Node,
+    name: &str,
+    path: &Path,
+    home: CoreId,
+) -> Result<OpenedPool, DaemonError> {
+    let (base, fault) = node.faultable(name, open_locked(name, path)?);
+    let pool = Pool::open(node.engine(), name, base, home).map_err(|source| DaemonError::Pool {
         path: path.display().to_string(),
         source,
-    })
+    })?;
+    Ok((pool, fault))
 }
 
 /// Opens `DATA_DIR/pool0.img`, or creates it: formatted under a temporary name and renamed
 /// into place, so a crash mid-format never leaves a `pool0.img` that is not a pool.
-fn open_pool0(engine: &Engine, config: &NodeConfig, home: CoreId) -> Result<Pool, DaemonError> {
+fn open_pool0(node: &Node, config: &NodeConfig, home: CoreId) -> Result<OpenedPool, DaemonError> {
     let path = config.data_dir.join(POOL0_FILE);
     if path.exists() {
-        return open_pool(engine, "pool0", &path, home);
+        return open_pool(node, "pool0", &path, home);
     }
     let dir_err = |source| DaemonError::DataDir {
         path: config.data_dir.display().to_string(),
@@ -341,20 +381,19 @@ fn open_pool0(engine: &Engine, config: &NodeConfig, home: CoreId) -> Result<Pool
     let f = std::fs::File::create_new(&tmp).map_err(dir_err)?;
     f.set_len(size).map_err(dir_err)?;
     drop(f);
-    let base = open_locked("pool0", &tmp)?;
-    let pool =
-        Pool::create(engine, "pool0", base, home, CLUSTER_DEFAULT_BYTES).map_err(|source| {
-            DaemonError::Pool {
-                path: tmp.display().to_string(),
-                source,
-            }
-        })?;
+    let (base, fault) = node.faultable("pool0", open_locked("pool0", &tmp)?);
+    let pool = Pool::create(node.engine(), "pool0", base, home, CLUSTER_DEFAULT_BYTES).map_err(
+        |source| DaemonError::Pool {
+            path: tmp.display().to_string(),
+            source,
+        },
+    )?;
     std::fs::rename(&tmp, &path).map_err(dir_err)?;
     std::fs::File::open(&config.data_dir)
         .and_then(|d| d.sync_all())
         .map_err(dir_err)?;
     tracing::info!(path = %path.display(), size_bytes = size, "created pool0");
-    Ok(pool)
+    Ok((pool, fault))
 }
 
 /// `wanted`, capped by the free space of `dir` less [`POOL0_FREE_MARGIN_BYTES`].
@@ -396,7 +435,7 @@ fn free_space(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// The one line humans and tests read to learn where the node listens.
-fn announce(e: &Endpoints, exports: &[String]) {
+fn announce(e: &Endpoints, replica: Option<&str>, exports: &[String]) {
     let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
     let exports = if exports.is_empty() {
         "-".to_string()
@@ -404,11 +443,12 @@ fn announce(e: &Endpoints, exports: &[String]) {
         exports.join(",")
     };
     let line = format!(
-        "cairn-node ready nbd={} nbd_socket={} admin={} metrics={} exports={exports}",
+        "cairn-node ready nbd={} nbd_socket={} admin={} metrics={} replica={} exports={exports}",
         or_dash(e.nbd.map(|a| a.to_string())),
         or_dash(e.nbd_socket.as_ref().map(|p| p.display().to_string())),
         e.admin,
         e.metrics,
+        replica.unwrap_or("-"),
     );
     tracing::info!("{line}");
     println!("{line}");

@@ -8,11 +8,17 @@
 //! ([`Node::export_statuses`], [`Engine::reactor_times`]) take no lock the operations hold.
 //!
 //! Policy: a volume or snapshot that is exported cannot be deleted (FAILED_PRECONDITION);
-//! unexport it first, so no client loses its device without someone asking for it.
+//! unexport it first, so no client loses its device without someone asking for it. A volume
+//! hosted as a replica (opened by the replica server or a local nexus) cannot be exported
+//! directly, and an exported one cannot be hosted: either would let writes bypass
+//! replication. Nexuses, the replica server and fault injection live in [`replication`].
+
+mod replication;
 
 use crate::proto as pb;
+use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
-use cairn_engine::bdev::BdevError;
+use cairn_engine::bdev::{Bdev, BdevError};
 use cairn_engine::frontend::nbd::{ExportOptions, ExportStatus, NbdError, NbdServer};
 use cairn_engine::volume::format::ObjectKind;
 use cairn_engine::volume::{ObjectInfo, Pool, PoolError, VOLUME_BLOCK_BYTES};
@@ -20,7 +26,7 @@ use cairn_engine::{BdevHandle, CoreId, Engine, EngineError, ReactorTimes};
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -46,6 +52,18 @@ pub enum NodeError {
     Pool { pool: String, source: PoolError },
     #[error("malloc bdev '{name}': {source}")]
     Malloc { name: String, source: BdevError },
+    #[error("'{name}' is hosted as a replica; export its nexus (export --nexus) instead")]
+    IsReplica { name: String },
+    #[error("nexus '{name}' is exported as '{export}'; unexport it first")]
+    NexusExported { name: String, export: String },
+    #[error("fault injection is off; start cairn-node with --fault-injection")]
+    FaultInjectionOff,
+    #[error("no pool or malloc bdev named '{name}' to inject faults into")]
+    NoSuchFault { name: String },
+    #[error("replication: {0}")]
+    Replication(String),
+    #[error(transparent)]
+    Nexus(#[from] cairn_replication::nexus::manager::NexusError),
     #[error(transparent)]
     Nbd(#[from] NbdError),
     #[error(transparent)]
@@ -82,6 +100,9 @@ enum Source {
     Malloc {
         name: String,
     },
+    Nexus {
+        name: String,
+    },
 }
 
 struct ExportSlot {
@@ -91,11 +112,22 @@ struct ExportSlot {
     read_only: bool,
 }
 
+/// A volume or malloc bdev hosted as a replica.
+struct ReplicaSlot {
+    /// Empty for a malloc bdev.
+    pool: String,
+    name: String,
+    handle: BdevHandle,
+}
+
 #[derive(Default)]
 struct State {
     pools: Vec<PoolSlot>,
     mallocs: Vec<MallocSlot>,
     exports: BTreeMap<String, ExportSlot>,
+    replicas: Vec<ReplicaSlot>,
+    /// Fault controls by pool or malloc name (with fault injection on).
+    faults: BTreeMap<String, Arc<FaultControl>>,
     shutting_down: bool,
 }
 
@@ -105,6 +137,8 @@ pub struct Node {
     engine: Arc<Engine>,
     nbd: RwLock<Option<NbdServer>>,
     state: Mutex<State>,
+    replication: OnceLock<replication::Replication>,
+    fault_injection: bool,
 }
 
 impl Node {
@@ -116,12 +150,31 @@ impl Node {
         }
     }
 
-    pub fn new(engine: Arc<Engine>, nbd: Option<NbdServer>) -> Node {
+    /// With `fault_injection`, every pool device and malloc bdev is wrapped in a fault bdev
+    /// that [`Node::set_fault`] controls.
+    pub fn new(engine: Arc<Engine>, nbd: Option<NbdServer>, fault_injection: bool) -> Node {
         Node {
             engine,
             nbd: RwLock::new(nbd),
             state: Mutex::new(State::default()),
+            replication: OnceLock::new(),
+            fault_injection,
         }
+    }
+
+    /// Wraps a pool device or malloc bdev in a fault bdev when fault injection is on; the
+    /// control goes to [`Node::add_pool`] (or stays with the malloc).
+    pub fn faultable(
+        &self,
+        name: &str,
+        bdev: Arc<dyn Bdev>,
+    ) -> (Arc<dyn Bdev>, Option<Arc<FaultControl>>) {
+        if !self.fault_injection {
+            return (bdev, None);
+        }
+        let f = FaultBdev::new(&format!("{name}-fault"), bdev);
+        let control = f.control();
+        (Arc::new(f), Some(control))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -135,6 +188,7 @@ impl Node {
         path: PathBuf,
         home: CoreId,
         pool: Pool,
+        fault: Option<Arc<FaultControl>>,
     ) -> Result<(), NodeError> {
         let mut st = self.state.lock();
         if let Some(p) = st.pools.iter().find(|p| p.name == name) {
@@ -145,6 +199,9 @@ impl Node {
             drop(st);
             drop(pool.close(&self.engine));
             return Err(e);
+        }
+        if let Some(f) = fault {
+            st.faults.insert(name.to_string(), f);
         }
         st.pools.push(PoolSlot {
             name: name.into(),
@@ -167,7 +224,11 @@ impl Node {
                 source,
             }
         })?;
-        let handle = self.engine.add_bdev(Arc::new(bdev))?;
+        let (bdev, fault) = self.faultable(name, Arc::new(bdev));
+        let handle = self.engine.add_bdev(bdev)?;
+        if let Some(f) = fault {
+            st.faults.insert(name.to_string(), f);
+        }
         st.mallocs.push(MallocSlot {
             name: name.into(),
             handle,
@@ -310,14 +371,16 @@ impl Node {
         self.view(&st, name, &pool)
     }
 
-    /// Exports a volume, snapshot (always read-only) or malloc bdev as `export_name`
-    /// (default: `name`). Pool objects are looked up first, then malloc bdevs.
+    /// Exports a volume, snapshot (always read-only), malloc bdev or (with `nexus`) the
+    /// nexus named `name` as `export_name` (default: `name`). Pool objects are looked up
+    /// first, then malloc bdevs.
     pub fn export(
         &self,
         name: &str,
         pool: &str,
         export_name: &str,
         read_only: bool,
+        nexus: bool,
     ) -> Result<pb::ExportInfo, NodeError> {
         let mut st = self.live()?;
         let nbd = self.nbd.read();
@@ -332,7 +395,11 @@ impl Node {
                 name: export_name.into(),
             });
         }
-        let slot = self.open_source(&st, name, pool, read_only)?;
+        let slot = if nexus {
+            self.nexus_source(name, read_only)?
+        } else {
+            self.open_source(&st, name, pool, read_only)?
+        };
         if let Some(export) = st
             .exports
             .iter()
@@ -366,6 +433,13 @@ impl Node {
         pool: &str,
         read_only: bool,
     ) -> Result<ExportSlot, NodeError> {
+        if st
+            .replicas
+            .iter()
+            .any(|r| r.name == name && (pool.is_empty() || r.pool == pool))
+        {
+            return Err(NodeError::IsReplica { name: name.into() });
+        }
         match self.find_object(st, name, pool) {
             Ok((slot, info)) => {
                 let handle = slot
@@ -484,7 +558,8 @@ impl Node {
     }
 
     /// Ordered shutdown: the NBD server drains and closes its connections; then exported
-    /// volumes are closed, malloc bdevs removed, and pools closed (each durable when it
+    /// volumes are closed, nexuses destroyed, the replica server stopped and hosted replicas
+    /// flushed and closed, malloc bdevs removed, and pools closed (each durable when it
     /// returns). Later operations fail with [`NodeError::ShuttingDown`]. Errors are logged,
     /// and the walk goes on, so one bad pool does not keep the others open.
     pub fn shutdown(&self) -> bool {
@@ -501,6 +576,7 @@ impl Node {
             tracing::debug!(export = %name, "closing export");
             self.release(&st, &slot);
         }
+        clean &= self.shutdown_replication(&mut st);
         for m in std::mem::take(&mut st.mallocs) {
             if let Err(e) = self.engine.remove_bdev(&m.handle) {
                 tracing::error!(malloc = %m.name, error = %e, "removing malloc bdev failed");
@@ -586,6 +662,7 @@ fn describe(source: &Source) -> String {
     match source {
         Source::Object { pool, name, kind } => format!("cairn {kind} '{name}' in pool '{pool}'"),
         Source::Malloc { name } => format!("cairn malloc bdev '{name}'"),
+        Source::Nexus { name } => format!("cairn replicated volume (nexus) '{name}'"),
     }
 }
 
@@ -621,6 +698,7 @@ fn export_view(name: &str, slot: &ExportSlot, status: Option<ExportStatus>) -> p
     let (kind, source, pool) = match &slot.source {
         Source::Object { pool, name, kind } => (kind.to_string(), name.clone(), pool.clone()),
         Source::Malloc { name } => ("malloc".to_string(), name.clone(), String::new()),
+        Source::Nexus { name } => ("nexus".to_string(), name.clone(), String::new()),
     };
     let size_bytes = status
         .as_ref()

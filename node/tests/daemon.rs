@@ -76,6 +76,7 @@ fn command(data_dir: &Path, extra: &[&str]) -> Command {
         .args(["--nbd-listen", "127.0.0.1:0"])
         .args(["--admin-listen", "127.0.0.1:0"])
         .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--replica-listen", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "info");
     cmd
@@ -415,7 +416,12 @@ fn a_taken_port_is_refused_by_name() {
     let dir = TempDir::new("ports");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    for flag in ["--admin-listen", "--metrics-listen", "--nbd-listen"] {
+    for flag in [
+        "--admin-listen",
+        "--metrics-listen",
+        "--nbd-listen",
+        "--replica-listen",
+    ] {
         let stderr = refused(&dir.0.join("data"), &[flag, &addr]);
         assert!(stderr.contains(&addr), "{flag}: {stderr}");
     }

@@ -429,6 +429,7 @@ fn cairn_command(dir: &WorkDir, socket: &Path, exports: &[ExportSpec]) -> (Comma
         .arg(format!("127.0.0.1:{}", free_port()));
     cmd.arg("--metrics-listen")
         .arg(format!("127.0.0.1:{}", free_port()));
+    cmd.args(["--replica-listen", "127.0.0.1:0"]);
     for e in exports {
         let flag = match e {
             ExportSpec::Volume { .. } => "--volume",
