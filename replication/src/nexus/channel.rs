@@ -137,8 +137,9 @@ pub(super) struct NexusChannel {
     waiting: VecDeque<IoRequest>,
     /// Sub-requests not yet sent to a remote child (send queue or byte budget full).
     backlog: [VecDeque<u16>; CHILDREN_MAX],
-    /// Remote sub-request deadlines, in send order (one timeout, so also deadline order).
-    timeouts: VecDeque<(Instant, u16, u32)>,
+    /// Remote sub-request deadlines (slot, its generation, child), in send order (one
+    /// timeout, so also deadline order).
+    timeouts: VecDeque<(Instant, u16, u32, u8)>,
     /// Replies gathered from a connection before they are acted on.
     replies: Vec<(u16, u32, Result<(), SubErr>)>,
     pub(super) resync: Option<ResyncJob>,
@@ -267,7 +268,9 @@ impl NexusChannel {
             p.tried |= bit;
         }
         match &self.paths[c] {
-            Path::None => self.sub_done(io, slot, c, Err(SubErr::Dropped)),
+            // No path on this core to a child that may still count as in sync: fault it
+            // rather than let a write be acknowledged without it.
+            Path::None => self.sub_done(io, slot, c, Err(SubErr::Failed)),
             Path::Local {
                 bdev,
                 replica,
@@ -287,20 +290,18 @@ impl NexusChannel {
                 io.submit_to(bdev, req);
             }
             Path::Remote { .. } => {
-                if self.backlog[c].is_empty() && self.try_send(slot, c) {
-                    self.arm_timeout(io, slot);
-                } else {
+                if !self.backlog[c].is_empty() || !self.try_send(slot, c) {
                     self.backlog[c].push_back(slot);
-                    self.arm_timeout(io, slot);
                 }
+                self.arm_timeout(io, slot, c);
             }
         }
     }
 
-    fn arm_timeout(&mut self, io: &mut IoCtx, slot: u16) {
+    fn arm_timeout(&mut self, io: &mut IoCtx, slot: u16, c: usize) {
         let gen = self.slots[slot as usize].gen;
         let at = io.now() + self.shared.options.io_timeout;
-        self.timeouts.push_back((at, slot, gen));
+        self.timeouts.push_back((at, slot, gen, c as u8));
     }
 
     /// Queues slot's frame on child `c`'s connection; false at the byte budget or when the
@@ -652,24 +653,21 @@ impl NexusChannel {
 
     fn poll_timeouts(&mut self, io: &mut IoCtx) -> usize {
         let mut n = 0;
-        while let Some(&(at, slot, gen)) = self.timeouts.front() {
+        while let Some(&(at, slot, gen, c)) = self.timeouts.front() {
             if at > io.now() {
                 break;
             }
             self.timeouts.pop_front();
+            let c = c as usize;
             let p = &self.slots[slot as usize];
-            if !p.live || p.gen != gen {
+            // A sub-request that finished, or a later one in a reused slot, is not late.
+            if !p.live || p.gen != gen || p.pending & (1 << c) == 0 {
                 continue;
             }
-            for c in 0..CHILDREN_MAX {
-                let p = &self.slots[slot as usize];
-                if p.live && p.gen == gen && p.pending & (1 << c) != 0 {
-                    if let Path::Remote { .. } = self.paths[c] {
-                        let ms = self.shared.options.io_timeout.as_millis();
-                        self.child_lost(io, c, &format!("no answer within {ms} ms"));
-                        n += 1;
-                    }
-                }
+            if let Path::Remote { .. } = self.paths[c] {
+                let ms = self.shared.options.io_timeout.as_millis();
+                self.child_lost(io, c, &format!("no answer within {ms} ms"));
+                n += 1;
             }
         }
         n
