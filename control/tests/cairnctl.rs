@@ -1,6 +1,9 @@
 //! Guards `cairnctl node …` against a real cairn-node: every verb works, tables have their
 //! headers and values, `--json` is parseable and complete, and a refused operation exits 1
-//! with the node's status code and a message naming the object.
+//! with the node's status code and a message naming the object. Without a node, it guards
+//! the command line itself: bad arguments to the nexus, fault and export commands are
+//! refused before any connection, with a message naming the argument and its value, and
+//! the help lists every nexus command and says what `nexus verify`'s exit status means.
 //!
 //! cairn-node is another package's binary, so `CARGO_BIN_EXE_` cannot name it; the test
 //! uses the one next to cairnctl in the target directory and builds it when missing.
@@ -198,4 +201,160 @@ fn an_unreachable_node_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+/// Runs `cairnctl node --addr 127.0.0.1:1 ARGS…` (a port nothing listens on, so a command
+/// that got past its arguments fails to connect); returns (exit code, stdout, stderr).
+fn offline(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+        .args(["node", "--addr", "127.0.0.1:1"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `args` is refused as a usage error (clap exits 2) whose message has every one of
+/// `needles`, and it never got as far as connecting.
+fn bad_usage(args: &[&str], needles: &[&str]) {
+    let (code, out, err) = offline(args);
+    assert_eq!(code, 2, "{args:?} should be a usage error: {err}");
+    assert!(out.is_empty(), "{args:?} printed {out}");
+    assert!(
+        !err.contains("127.0.0.1:1"),
+        "{args:?} tried the node: {err}"
+    );
+    for needle in needles {
+        assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
+    }
+}
+
+#[test]
+fn nexus_create_refuses_bad_arguments_before_connecting() {
+    bad_usage(&["nexus", "create", "pg"], &["--replica"]);
+    bad_usage(
+        &[
+            "nexus",
+            "create",
+            "pg",
+            "--replica",
+            "local",
+            "--region-size",
+            "lots",
+        ],
+        &["--region-size", "'lots'", "not a size"],
+    );
+    bad_usage(
+        &[
+            "nexus",
+            "create",
+            "pg",
+            "--replica",
+            "local",
+            "--rebuild-rate",
+            "1.5G",
+        ],
+        &["--rebuild-rate", "'1.5G'"],
+    );
+    bad_usage(
+        &["nexus", "create", "pg", "--replica", "10.0.0.6"],
+        &["--replica", "'10.0.0.6'", "HOST:PORT"],
+    );
+    bad_usage(
+        &[
+            "nexus",
+            "create",
+            "pg",
+            "--replica",
+            "local",
+            "--epoch",
+            "soon",
+        ],
+        &["--epoch", "'soon'"],
+    );
+    bad_usage(
+        &["nexus", "add", "pg", "10.0.0.6:port"],
+        &["'10.0.0.6:port'"],
+    );
+}
+
+#[test]
+fn nexus_create_with_good_arguments_goes_on_to_the_node() {
+    let (code, _, err) = offline(&[
+        "nexus",
+        "create",
+        "pg",
+        "--replica",
+        "local",
+        "--replica",
+        "10.0.0.6:10820",
+        "--min-in-sync",
+        "2",
+        "--region-size",
+        "4M",
+        "--io-timeout-ms",
+        "1000",
+        "--rebuild-rate",
+        "100M",
+        "--epoch",
+        "8",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+#[test]
+fn fault_and_export_flags_are_checked() {
+    bad_usage(
+        &["fault", "set", "ram"],
+        &["--latency-ms", "--fail-errno", "--heal"],
+    );
+    bad_usage(
+        &[
+            "fault",
+            "set",
+            "ram",
+            "--latency-ms",
+            "18446744073709551615",
+        ],
+        &["--latency-ms", "18446744073709551615"],
+    );
+    bad_usage(
+        &["fault", "set", "ram", "--fail-errno", "0"],
+        &["--fail-errno"],
+    );
+    bad_usage(
+        &["export", "add", "pg", "--nexus", "--pool", "pool0"],
+        &["--nexus", "--pool"],
+    );
+}
+
+#[test]
+fn help_lists_the_nexus_commands_and_the_verify_exit_status() {
+    let (code, help, err) = offline(&["nexus", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    for verb in [
+        "create", "destroy", "ls", "show", "add", "remove", "promote", "verify",
+    ] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(verb)),
+            "{verb} missing from:\n{help}"
+        );
+    }
+    let (code, help, err) = offline(&["nexus", "verify", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(help.contains("Exit status: 0"), "{help}");
+    let (code, help, err) = offline(&["nexus", "create", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        help.contains("Examples:") && help.contains("--replica local"),
+        "{help}"
+    );
+    let (code, help, err) = offline(&["--help"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(help.contains("nexus") && help.contains("fault"), "{help}");
 }

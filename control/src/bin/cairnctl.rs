@@ -3,13 +3,14 @@
 //! process's REST API) come later.
 //!
 //! Output is an aligned table by default and JSON with `--json`. An error from the node
-//! prints its status code and message (which names the object) and exits 1.
+//! prints its status code and message (which names the object) and exits 1; so does
+//! `nexus verify` when the replicas differ, after printing what it compared.
 
 use anyhow::{Context, Result};
 use cairn_control::proto::{self as pb, node_admin_client::NodeAdminClient};
 use cairn_control::table::Table;
 use cairn_control::units::{human_size, parse_size};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -18,6 +19,25 @@ use tonic::transport::Channel;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one admin call may take (pool operations are durable when they return).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The largest `--latency-ms` whose microseconds (what the API takes) fit in a u64.
+const LATENCY_MS_MAX: u64 = u64::MAX / 1000;
+/// The replica state that counts towards a nexus's in-sync set.
+const IN_SYNC: &str = "in-sync";
+
+const NEXUS_CREATE_HELP: &str = "\
+Each replica is the volume NAME on its node: `local` is this node's, HOST:PORT is another
+node's replica server (cairn-node --replica-listen, port 10820 by default). Those volumes
+must exist (cairn-node --replica-volume NAME:SIZE makes them) and hold the same data: fresh
+volumes, or the in-sync set recorded earlier.
+
+Examples:
+  cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820 --min-in-sync 2
+  cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820 \\
+      --replica 10.0.0.7:10820 --region-size 4M --rebuild-rate 100M --epoch 8";
+
+const NEXUS_VERIFY_HELP: &str = "\
+Exit status: 0 when every region is identical on all in-sync replicas, 1 when any region
+differs (the mismatched regions are printed) or the check fails. Run it on a quiet volume.";
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -28,6 +48,8 @@ Examples:
   cairnctl node snapshot clone pg-monday pg-test     # a writable volume from a snapshot
   cairnctl node export add pg-monday --read-only
   cairnctl node volume grow pg 20G
+  cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820
+  cairnctl node export add pg --nexus
   cairnctl node --json stats
   cairnctl node --addr 10.0.0.5:10810 volume ls";
 
@@ -81,6 +103,12 @@ enum NodeCmd {
     /// NBD exports: which volumes, snapshots and RAM bdevs clients can attach.
     #[command(subcommand)]
     Export(ExportCmd),
+    /// Nexuses: replicated volumes over replicas on this node and on replica servers.
+    #[command(subcommand)]
+    Nexus(NexusCmd),
+    /// Test instrument: latency or errors on a pool's device or a RAM bdev.
+    #[command(subcommand)]
+    Fault(FaultCmd),
     /// Per-export counters and latency, per-reactor busy and idle time.
     Stats,
 }
@@ -153,7 +181,8 @@ enum SnapshotCmd {
 enum ExportCmd {
     /// List exports with connections and traffic.
     Ls,
-    /// Export a volume, snapshot (always read-only) or RAM bdev NAME over NBD.
+    /// Export a volume, snapshot (always read-only), RAM bdev or nexus (`--nexus`) NAME over
+    /// NBD.
     Add {
         name: String,
         /// Refuse writes.
@@ -164,9 +193,128 @@ enum ExportCmd {
         export_name: Option<String>,
         #[arg(long)]
         pool: Option<String>,
+        /// Export the nexus NAME, not the volume NAME (which would bypass replication).
+        #[arg(long, conflicts_with = "pool")]
+        nexus: bool,
     },
     /// Stop exporting EXPORT (its clients' in-flight requests are answered first).
     Remove { export_name: String },
+}
+
+#[derive(Subcommand)]
+enum NexusCmd {
+    /// Create nexus NAME over replicas of the volume NAME.
+    #[command(after_help = NEXUS_CREATE_HELP)]
+    Create(NexusCreate),
+    /// Destroy nexus NAME (refused while exported: `export remove` it first).
+    Destroy { name: String },
+    /// List nexuses with their state and in-sync replicas.
+    Ls,
+    /// Show nexus NAME: its settings, its replicas and any running resync or rebuild.
+    Show { name: String },
+    /// Add replica ADDR to nexus NAME; it is rebuilt in full, online, then joins the in-sync set.
+    Add {
+        name: String,
+        /// `local` or HOST:PORT of a replica server.
+        #[arg(value_name = "ADDR", value_parser = parse_replica)]
+        replica: String,
+    },
+    /// Remove replica ADDR from nexus NAME (refused when too few in-sync replicas would stay).
+    Remove {
+        name: String,
+        #[arg(value_name = "ADDR", value_parser = parse_replica)]
+        replica: String,
+    },
+    /// Re-open every replica of nexus NAME under a new, higher epoch.
+    Promote { name: String },
+    /// Compare the in-sync replicas of nexus NAME region by region (crc32c).
+    #[command(after_help = NEXUS_VERIFY_HELP)]
+    Verify { name: String },
+}
+
+#[derive(Args)]
+struct NexusCreate {
+    /// The nexus, and the volume it replicates: every replica is the volume NAME on its node.
+    name: String,
+    /// A replica: `local` or HOST:PORT of a replica server (repeat for 2 or 3).
+    #[arg(
+        long = "replica",
+        value_name = "ADDR",
+        required = true,
+        value_parser = parse_replica
+    )]
+    replicas: Vec<String>,
+    /// Writes fail rather than go on with fewer in-sync replicas [default: 1].
+    #[arg(long, value_name = "N")]
+    min_in_sync: Option<u32>,
+    /// Dirty-region granularity, a power of two from 4K to 1G [default: 1M].
+    #[arg(long = "region-size", value_name = "SIZE", value_parser = parse_size)]
+    region_bytes: Option<u64>,
+    /// A replica slower than this to answer is faulted [default: 5000].
+    #[arg(long, value_name = "MS")]
+    io_timeout_ms: Option<u64>,
+    /// Resync and rebuild copy limit in bytes per second, like 100M [default: unlimited].
+    #[arg(long = "rebuild-rate", value_name = "SIZE_PER_S", value_parser = parse_size)]
+    rebuild_bytes_per_s: Option<u64>,
+    /// Open at this epoch or above; it is raised past every fence met anyway [default: 1].
+    #[arg(long, value_name = "N")]
+    epoch: Option<u64>,
+}
+
+impl NexusCreate {
+    /// The request, with 0 (the node's default) for every option not given.
+    fn into_request(self) -> pb::CreateNexusRequest {
+        pb::CreateNexusRequest {
+            name: self.name,
+            replicas: self.replicas,
+            min_in_sync: self.min_in_sync.unwrap_or(0),
+            region_bytes: self.region_bytes.unwrap_or(0),
+            io_timeout_ms: self.io_timeout_ms.unwrap_or(0),
+            rebuild_bytes_per_s: self.rebuild_bytes_per_s.unwrap_or(0),
+            epoch: self.epoch.unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum FaultCmd {
+    /// Slow down or fail requests to pool or RAM bdev NAME (needs cairn-node
+    /// --fault-injection).
+    #[command(group(ArgGroup::new("fault").required(true).multiple(true)))]
+    Set {
+        name: String,
+        /// Add this latency to every request.
+        #[arg(
+            long,
+            value_name = "MS",
+            group = "fault",
+            value_parser = clap::value_parser!(u64).range(..=LATENCY_MS_MAX)
+        )]
+        latency_ms: Option<u64>,
+        /// Fail reads and writes with this errno (5 is EIO).
+        #[arg(
+            long,
+            value_name = "N",
+            group = "fault",
+            value_parser = clap::value_parser!(i32).range(1..)
+        )]
+        fail_errno: Option<i32>,
+        /// Clear every fault first; alone, it just clears them.
+        #[arg(long, group = "fault")]
+        heal: bool,
+    },
+}
+
+/// A replica address as the API takes it: `local` or HOST:PORT (the node checks the rest).
+fn parse_replica(s: &str) -> Result<String, String> {
+    let host_port = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if s == "local" || host_port {
+        Ok(s.to_string())
+    } else {
+        Err(format!("replica '{s}' is not 'local' or HOST:PORT"))
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -222,6 +370,23 @@ async fn node(args: NodeArgs) -> Result<()> {
         NodeCmd::Volume(cmd) => volume(&mut c, json, cmd).await,
         NodeCmd::Snapshot(cmd) => snapshot(&mut c, json, cmd).await,
         NodeCmd::Export(cmd) => export(&mut c, json, cmd).await,
+        NodeCmd::Nexus(cmd) => nexus(&mut c, json, cmd).await,
+        NodeCmd::Fault(FaultCmd::Set {
+            name,
+            latency_ms,
+            fail_errno,
+            heal,
+        }) => {
+            let req = pb::SetFaultRequest {
+                name,
+                latency_us: latency_ms.unwrap_or(0) * 1000,
+                fail_errno: fail_errno.unwrap_or(0),
+                heal,
+            };
+            let what = fault_summary(&req);
+            c.set_fault(req).await?;
+            done(json, &what)
+        }
         NodeCmd::Stats => {
             let r = c.stats(pb::StatsRequest {}).await?.into_inner();
             emit(json, &r, || stats_table(&r))
@@ -329,12 +494,14 @@ async fn export(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ExportCmd) ->
             read_only,
             export_name,
             pool,
+            nexus,
         } => {
             let req = pb::ExportRequest {
                 name,
                 pool: pool.unwrap_or_default(),
                 export_name: export_name.unwrap_or_default(),
                 read_only,
+                nexus,
             };
             let e = c.export(req).await?.into_inner();
             emit(json, &e, || exports_table(std::slice::from_ref(&e)))
@@ -347,6 +514,60 @@ async fn export(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ExportCmd) ->
             done(json, &format!("unexported '{export_name}'"))
         }
     }
+}
+
+async fn nexus(c: &mut NodeAdminClient<Channel>, json: bool, cmd: NexusCmd) -> Result<()> {
+    let n = match cmd {
+        NexusCmd::Create(args) => c.create_nexus(args.into_request()).await?,
+        NexusCmd::Destroy { name } => {
+            c.destroy_nexus(pb::DestroyNexusRequest { name: name.clone() })
+                .await?;
+            return done(json, &format!("destroyed nexus '{name}'"));
+        }
+        NexusCmd::Ls => {
+            let r = c
+                .list_nexuses(pb::ListNexusesRequest {})
+                .await?
+                .into_inner();
+            return emit(json, &r.nexuses, || nexuses_table(&r.nexuses));
+        }
+        NexusCmd::Show { name } => c.show_nexus(pb::ShowNexusRequest { name }).await?,
+        NexusCmd::Add { name, replica } => {
+            let req = pb::AddReplicaRequest {
+                nexus: name,
+                replica,
+            };
+            c.add_replica(req).await?
+        }
+        NexusCmd::Remove { name, replica } => {
+            let req = pb::RemoveReplicaRequest {
+                nexus: name,
+                replica,
+            };
+            c.remove_replica(req).await?
+        }
+        NexusCmd::Promote { name } => c.promote_nexus(pb::PromoteNexusRequest { name }).await?,
+        NexusCmd::Verify { name } => return verify(c, json, name).await,
+    }
+    .into_inner();
+    emit(json, &n, || nexus_text(&n))
+}
+
+/// Prints what `nexus verify` compared; replicas that differ are an error, so it exits 1.
+async fn verify(c: &mut NodeAdminClient<Channel>, json: bool, name: String) -> Result<()> {
+    let r = c
+        .verify_nexus(pb::VerifyNexusRequest { name: name.clone() })
+        .await?
+        .into_inner();
+    emit(json, &r, || verify_text(&r))?;
+    if !r.mismatched_regions.is_empty() {
+        anyhow::bail!(
+            "nexus '{name}': {} of {} regions differ between replicas",
+            r.mismatched_regions.len(),
+            r.regions
+        );
+    }
+    Ok(())
 }
 
 /// Prints `value` as JSON, or the table `render` makes.
@@ -563,4 +784,115 @@ fn p99_us(s: &pb::ExportStats) -> String {
         }
     }
     "+Inf".into()
+}
+
+/// What `fault set` changed, for its confirmation line.
+fn fault_summary(req: &pb::SetFaultRequest) -> String {
+    let mut changes = Vec::new();
+    if req.heal {
+        changes.push("faults cleared".to_string());
+    }
+    if req.latency_us > 0 {
+        changes.push(format!("{} ms added latency", req.latency_us / 1000));
+    }
+    if req.fail_errno != 0 {
+        changes.push(format!(
+            "reads and writes fail with errno {}",
+            req.fail_errno
+        ));
+    }
+    format!("'{}': {}", req.name, changes.join(", "))
+}
+
+/// "2/3 in-sync": how many of a nexus's replicas take writes.
+fn in_sync_summary(n: &pb::Nexus) -> String {
+    let in_sync = n.replicas.iter().filter(|r| r.state == IN_SYNC).count();
+    format!("{in_sync}/{} {IN_SYNC}", n.replicas.len())
+}
+
+fn nexuses_table(nexuses: &[pb::Nexus]) -> String {
+    let mut t = Table::new(&["NAME", "STATE", ">EPOCH", ">SIZE", "REPLICAS", "EXPORT"]);
+    for n in nexuses {
+        t.row(vec![
+            n.name.clone(),
+            n.state.clone(),
+            n.epoch.to_string(),
+            human_size(n.size_bytes),
+            in_sync_summary(n),
+            dash(&n.export_name),
+        ]);
+    }
+    t.render()
+}
+
+/// One nexus for `nexus show` (and the commands that change one): its fields, a table of
+/// its replicas, and the resync or rebuild when one runs.
+fn nexus_text(n: &pb::Nexus) -> String {
+    let fields = [
+        ("name", n.name.clone()),
+        ("volume id", dash(&n.volume_id)),
+        ("state", n.state.clone()),
+        ("epoch", n.epoch.to_string()),
+        ("size", human_size(n.size_bytes)),
+        ("block size", human_size(u64::from(n.block_size_bytes))),
+        ("min in-sync", n.min_in_sync.to_string()),
+        ("region size", human_size(n.region_bytes)),
+        ("io timeout", format!("{} ms", n.io_timeout_ms)),
+        ("replicas", in_sync_summary(n)),
+        ("export", dash(&n.export_name)),
+    ];
+    let mut out: String = fields
+        .iter()
+        .map(|(key, value)| format!("{:<13}{value}\n", format!("{key}:")))
+        .collect();
+    let mut t = Table::new(&["REPLICA", "STATE", ">DIRTY", ">COPIED", "REASON"]);
+    for r in &n.replicas {
+        t.row(vec![
+            r.address.clone(),
+            r.state.clone(),
+            human_size(r.dirty_bytes),
+            human_size(r.copied_bytes),
+            dash(&r.reason),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    if let Some(r) = &n.resync {
+        out.push_str(&resync_line(r));
+    }
+    out
+}
+
+/// "rebuilding 10.0.0.6:10820: 42.0% (4.2G/10G), 100M/s".
+fn resync_line(r: &pb::Resync) -> String {
+    let verb = if r.full { "rebuilding" } else { "resyncing" };
+    let pct = if r.total_bytes == 0 {
+        0.0
+    } else {
+        r.done_bytes as f64 * 100.0 / r.total_bytes as f64
+    };
+    format!(
+        "{verb} {}: {pct:.1}% ({}/{}), {}/s\n",
+        r.replica,
+        human_size(r.done_bytes),
+        human_size(r.total_bytes),
+        // A float rate as whole bytes: `as` saturates and maps NaN to 0, fine for display.
+        human_size(r.bytes_per_s as u64)
+    )
+}
+
+fn verify_text(r: &pb::VerifyNexusResponse) -> String {
+    let mut out = format!(
+        "compared {} regions of {} on {}\n",
+        r.regions,
+        human_size(r.region_bytes),
+        r.replicas.join(", ")
+    );
+    if r.mismatched_regions.is_empty() {
+        out.push_str("mismatched regions: none\n");
+    } else {
+        let list: Vec<String> = r.mismatched_regions.iter().map(u64::to_string).collect();
+        out.push_str(&format!("mismatched regions: {}\n", list.join(", ")));
+    }
+    out
 }
