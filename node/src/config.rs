@@ -162,6 +162,9 @@ pub struct NodeConfig {
     /// Volumes to create in the first pool when missing and leave unexported, to be hosted
     /// as replicas (by the replica server or a local nexus).
     pub replica_volumes: Vec<NamedSize>,
+    /// RAM bdevs to create and leave unexported, to be hosted as replicas (benchmarks of
+    /// replication's own cost; contents are lost at exit).
+    pub replica_mallocs: Vec<NamedSize>,
     /// Replica server listener; `off` hosts no replicas for other nodes.
     pub replica_listen: String,
     /// Wrap every pool device and malloc bdev in a fault bdev controlled by the admin API's
@@ -191,6 +194,7 @@ impl Default for NodeConfig {
             volumes: Vec::new(),
             mallocs: Vec::new(),
             replica_volumes: Vec::new(),
+            replica_mallocs: Vec::new(),
             replica_listen: REPLICA_LISTEN_DEFAULT.into(),
             fault_injection: false,
             nbd_listen: NBD_LISTEN_DEFAULT.into(),
@@ -234,7 +238,8 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   pools = [\"/dev/nvme1n1\"]
   volumes = [\"pg:10G\"]
   mallocs = [\"bench:1G\"]
-  replica_volumes = [\"pg-replica:10G\"]
+  replica_volumes = [\"db:10G\"]
+  replica_mallocs = [\"scratch:1G\"]
   replica_listen = \"127.0.0.1:10820\"   # \"off\": host no replicas for other nodes
   fault_injection = false
   nbd_listen = \"127.0.0.1:10809\"      # \"off\": no TCP listener (NBD is off unless nbd_socket is set)
@@ -288,6 +293,9 @@ pub struct Cli {
     /// hosted as a replica (repeatable).
     #[arg(long = "replica-volume", value_name = "NAME:SIZE")]
     pub replica_volumes: Vec<NamedSize>,
+    /// RAM bdevs to create and leave unexported, to be hosted as replicas (benchmarks of
+    /// replication's own cost; contents are lost at exit).
+    pub replica_mallocs: Vec<NamedSize>,
     /// Replica server listener, or `off` [default: 127.0.0.1:10820].
     #[arg(long, value_name = "ADDR:PORT")]
     pub replica_listen: Option<String>,
@@ -368,6 +376,8 @@ impl NodeConfig {
         self.fault_injection |= cli.fault_injection;
         self.replica_volumes
             .extend(cli.replica_volumes.iter().cloned());
+        self.replica_mallocs
+            .extend(cli.replica_mallocs.iter().cloned());
         set(&mut self.idle, &cli.idle);
         set(&mut self.log_format, &cli.log_format);
         if let Some(size) = cli.pool0_size {

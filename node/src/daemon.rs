@@ -226,7 +226,8 @@ fn pin_to_any(cpus: &[u32]) {
     }
 }
 
-/// Starts the replica server and nexus manager once the `--replica-volume` volumes exist;
+/// Starts the replica server and nexus manager once the `--replica-volume` volumes and
+/// `--replica-malloc` bdevs exist;
 /// returns the replica server's address.
 fn start_replication(
     node: &Arc<Node>,
@@ -235,6 +236,14 @@ fn start_replication(
 ) -> Result<Option<String>, DaemonError> {
     for v in &config.replica_volumes {
         ensure_volume(node, "--replica-volume", &v.name, v.size_bytes)?;
+    }
+    for m in &config.replica_mallocs {
+        node.add_malloc(&m.name, m.size_bytes)
+            .map_err(|source| DaemonError::Spec {
+                flag: "--replica-malloc",
+                name: m.name.clone(),
+                source: Box::new(source),
+            })?;
     }
     node.start_replication(&config.data_dir, listen)
         .map_err(|e| DaemonError::Node(Box::new(e)))
