@@ -293,8 +293,9 @@ pub struct Cli {
     /// hosted as a replica (repeatable).
     #[arg(long = "replica-volume", value_name = "NAME:SIZE")]
     pub replica_volumes: Vec<NamedSize>,
-    /// RAM bdevs to create and leave unexported, to be hosted as replicas (benchmarks of
-    /// replication's own cost; contents are lost at exit).
+    /// RAM bdev NAME of SIZE, not exported, to be hosted as a replica (repeatable; contents
+    /// are lost at exit).
+    #[arg(long = "replica-malloc", value_name = "NAME:SIZE")]
     pub replica_mallocs: Vec<NamedSize>,
     /// Replica server listener, or `off` [default: 127.0.0.1:10820].
     #[arg(long, value_name = "ADDR:PORT")]
