@@ -1,15 +1,17 @@
 //! cairn-replication: synchronous replication of engine volumes.
 //!
-//! Today this crate owns the replica wire protocol ([`proto`]): the one message enum a nexus
-//! and its replicas exchange, its fixed 64-byte little-endian header with volume id, epoch and
-//! crc32c, and the version constant a test guards. The format is drawn in `docs/formats.md`
-//! ("Replica protocol").
+//! * [`proto`]: the one message enum a nexus and its replicas exchange, its fixed 64-byte
+//!   little-endian header with volume id, epoch and crc32c, and the version constant a test
+//!   guards (`docs/formats.md`, "Replica protocol").
+//! * [`transport`]: the transport trait (blocking connect/accept/handshake, then a reactor
+//!   driven connection) and TCP over the reactors' io_uring. No TCP type crosses the trait.
+//! * [`epoch`] and [`replica`]: the replicas a node hosts and their durable epoch fences.
+//! * [`server`]: the replica server cairn-node runs.
+//! * [`nexus`]: the volume's front on its attach node: fan-out writes, local-first reads,
+//!   faulting, dirty-region maps, resync and rebuild, and the manager behind the admin API.
 //!
-//! Later changes add, in this order of dependency: the transport trait (TCP on the reactors,
-//! with no TCP type crossing the trait so RDMA can follow), the replica server that cairn-node
-//! hosts, the nexus (writes to every in-sync replica, epoch fencing, faulting), and resync and
-//! rebuild. None of that exists yet. The crate must never reach a disk except through
-//! `cairn_engine` bdevs, and [`proto`] never touches a socket.
+//! The crate never reaches a disk except through `cairn_engine` bdevs, and [`proto`] never
+//! touches a socket. The rules and their arguments are in `docs/replication.md`.
 
 pub mod epoch;
 pub mod nexus;

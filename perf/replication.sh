@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Replication benchmark: what synchronous replication costs, measured through NBD with fio's
+# nbd engine (the client a user would run), as ratios to a nexus with one (local) replica
+# measured in the same run.
+#
+#   perf/replication.sh                         # SIZE=1G RUNTIME=10 ROUNDS=3 PARTS="ram file"
+#   SIZE=256M RUNTIME=3 ROUNDS=1 perf/replication.sh    # smoke
+#
+# Set-up, two cairn-node processes on loopback:
+#   A (the attach node): reactor on core A_CPU (0), NBD on a unix socket, the local replica
+#     "vol", and a plain export "raw" of the same kind of backing (no nexus) for reference.
+#   B (the replica node): reactor on core B_CPU (1), replica server on 127.0.0.1, replica
+#     "vol".
+#   fio is not pinned: on a 2-core machine client, nexus and replica share the cores, which
+#   is the set-up the targets are stated for.
+# Parts: `ram` backs both replicas with RAM bdevs (--replica-malloc), so only replication's own
+# cost shows; `file` backs them with volumes in pool files in WORKDIR (--replica-volume),
+# preallocated by one sequential write so the measured writes are overwrites.
+# Each round creates the nexus with 1 replica (local), measures, destroys it, creates it with
+# 2 (local + B), measures, destroys it; rounds interleave so drift hits both alike.
+# Jobs: 4 KiB randwrite QD 32 (IOPS) and QD 1 (completion latency p50), 1 job, time based.
+#
+# Environment: SIZE (1G), RUNTIME seconds per job (10), ROUNDS (3), PARTS ("ram file"),
+# WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
+# (perf/results/replication-DATE), A_CPU (0), B_CPU (1), PORT_BASE (21809).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-10}
+ROUNDS=${ROUNDS:-3}
+PARTS=${PARTS:-ram file}
+WORKDIR=${WORKDIR:-$PWD/target/replication-bench}
+OUT=${OUT:-perf/results/replication-$(date +%Y-%m-%d)}
+A_CPU=${A_CPU:-0}
+B_CPU=${B_CPU:-1}
+PORT_BASE=${PORT_BASE:-21809}
+
+for t in fio nbdinfo python3; do
+  command -v "$t" >/dev/null || { echo "replication bench: $t not found (apt-get install fio libnbd-bin python3)" >&2; exit 1; }
+done
+cargo build --release -q -p cairn-node -p cairn-control
+NODE=target/release/cairn-node
+CTL=target/release/cairnctl
+
+bytes() { numfmt --from=iec "${1%B}"; }
+SIZE_BYTES=$(bytes "$SIZE")
+POOL_BYTES=$((SIZE_BYTES * 2 + 512 * 1024 * 1024))
+SOCK=$WORKDIR/a.sock
+A_ADMIN=127.0.0.1:$((PORT_BASE + 1))
+B_ADMIN=127.0.0.1:$((PORT_BASE + 2))
+B_REPLICA=127.0.0.1:$((PORT_BASE + 3))
+
+mkdir -p "$OUT"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORKDIR"
+}
+trap cleanup EXIT
+
+# node NAME LOG ARGS...: starts cairn-node and waits for its ready line.
+node() {
+  local name=$1; shift
+  "$NODE" --metrics-listen 127.0.0.1:0 --nbd-listen off "$@" >"$WORKDIR/$name.out" 2>"$WORKDIR/$name.log" &
+  PIDS+=($!)
+  for _ in $(seq 600); do
+    grep -q '^cairn-node ready' "$WORKDIR/$name.out" 2>/dev/null && return 0
+    kill -0 "${PIDS[-1]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "replication bench: node $name did not start:" >&2; tail -20 "$WORKDIR/$name.log" >&2; exit 1
+}
+
+# fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT.
+fio_job() {
+  local name=$1 export=$2 qd=$3
+  fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
+      --rw=randwrite --bs=4k --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
+      --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
+}
+
+nexus_up() {
+  local replicas=("--replica" "local")
+  [ "$1" = 2 ] && replicas+=("--replica" "$B_REPLICA")
+  "$CTL" node --addr "$A_ADMIN" nexus create vol "${replicas[@]}" >/dev/null
+  "$CTL" node --addr "$A_ADMIN" export add vol --nexus >/dev/null
+}
+
+nexus_down() {
+  "$CTL" node --addr "$A_ADMIN" export remove vol >/dev/null
+  "$CTL" node --addr "$A_ADMIN" nexus destroy vol >/dev/null
+}
+
+run_part() {
+  local part=$1
+  rm -rf "$WORKDIR"; mkdir -p "$WORKDIR"
+  local a_kind=(--replica-malloc "vol:$SIZE_BYTES" --malloc "raw:$SIZE_BYTES")
+  local b_kind=(--replica-malloc "vol:$SIZE_BYTES")
+  if [ "$part" = file ]; then
+    a_kind=(--replica-volume "vol:$SIZE_BYTES" --volume "raw:$SIZE_BYTES" --pool0-size "$POOL_BYTES")
+    b_kind=(--replica-volume "vol:$SIZE_BYTES" --pool0-size "$POOL_BYTES")
+  fi
+  node a --cores "$A_CPU" --data-dir "$WORKDIR/a" --nbd-socket "$SOCK" --admin-listen "$A_ADMIN" \
+       --replica-listen off "${a_kind[@]}"
+  node b --cores "$B_CPU" --data-dir "$WORKDIR/b" --admin-listen "$B_ADMIN" \
+       --replica-listen "$B_REPLICA" "${b_kind[@]}"
+  if [ "$part" = file ]; then
+    # Preallocate every cluster of both replicas and of raw: the measured writes overwrite.
+    nexus_up 2
+    fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$SOCK" --rw=write --bs=1M \
+        --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
+    fio --name=fill --ioengine=nbd --uri="nbd+unix:///raw?socket=$SOCK" --rw=write --bs=1M \
+        --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
+    "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online
+    nexus_down
+  fi
+  for round in $(seq "$ROUNDS"); do
+    for qd in 32 1; do
+      fio_job "$part-raw-qd$qd-r$round" raw "$qd"
+      for n in 1 2; do
+        nexus_up "$n"
+        fio_job "$part-nexus$n-qd$qd-r$round" vol "$qd"
+        nexus_down
+      done
+    done
+  done
+  for p in "${PIDS[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+
+for part in $PARTS; do
+  echo "== $part"
+  run_part "$part"
+done
+
+python3 - "$OUT" "$ROUNDS" "$PARTS" <<'PY' | tee "$OUT/summary.txt"
+import json, statistics, sys
+out, rounds, parts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+def job(name):
+    text = open(f"{out}/{name}.json").read()
+    # fio's nbd engine prints "fio: connected to NBD server" before the report.
+    j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000.0
+print(f"{'part':5} {'what':34} {'1 replica':>12} {'2 replicas':>12} {'ratio/added':>12} {'raw (no nexus)':>15}")
+for part in parts:
+    def med(kind, qd, i):
+        return statistics.median(job(f"{part}-{kind}-qd{qd}-r{r}")[i] for r in range(1, rounds + 1))
+    one, two, raw = med("nexus1", 32, 0), med("nexus2", 32, 0), med("raw", 32, 0)
+    ratios = [job(f"{part}-nexus2-qd32-r{r}")[0] / job(f"{part}-nexus1-qd32-r{r}")[0] for r in range(1, rounds + 1)]
+    print(f"{part:5} {'4K randwrite QD32 IOPS':34} {one:12.0f} {two:12.0f} {statistics.median(ratios):11.3f}x {raw:15.0f}")
+    one, two, raw = med("nexus1", 1, 1), med("nexus2", 1, 1), med("raw", 1, 1)
+    added = [job(f"{part}-nexus2-qd1-r{r}")[1] - job(f"{part}-nexus1-qd1-r{r}")[1] for r in range(1, rounds + 1)]
+    print(f"{part:5} {'4K randwrite QD1 clat p50 (us)':34} {one:12.1f} {two:12.1f} {statistics.median(added):+10.1f}us {raw:15.1f}")
+PY
+echo "results: $OUT"
