@@ -12,6 +12,12 @@
 //! equal one is the same nexus connecting again, and is refused when the `Open` claims a
 //! takeover (a new nexus must always go above every fence). Requests are checked against the fence one
 //! by one ([`HostedReplica::admits`]).
+//!
+//! Raising a fence also drains: every path into the replica (a server connection, a local
+//! nexus channel) announces each request in its [`PathGauge`] *before* it checks the fence
+//! (both SeqCst), and `accept` waits, after storing a higher fence, until no path opened
+//! under a lower epoch has a request running. So when the new nexus hears `OpenOk`, no write
+//! of an older nexus can still land after its own.
 
 use crate::epoch::{EpochError, EpochStore};
 use crate::proto::{Epoch, VolumeId};
@@ -20,7 +26,36 @@ use cairn_engine::{BdevHandle, BdevInfo};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// How long raising a fence waits for requests under older epochs to finish; past it the
+/// `Open` is refused (EBUSY) and the nexus retries.
+pub const FENCE_DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// Requests running on one path into a replica. Written only by the path's own reactor.
+#[derive(Debug)]
+pub struct PathGauge {
+    epoch: u64,
+    in_flight: AtomicU64,
+}
+
+impl PathGauge {
+    /// Announces a request; call before [`HostedReplica::admits`].
+    #[inline]
+    pub fn begin(&self) {
+        let n = self.in_flight.load(Ordering::Relaxed);
+        self.in_flight.store(n + 1, Ordering::SeqCst);
+    }
+
+    /// The request finished (or was refused).
+    #[inline]
+    pub fn end(&self) {
+        let n = self.in_flight.load(Ordering::Relaxed);
+        debug_assert!(n > 0, "gauge ended more requests than began");
+        self.in_flight.store(n - 1, Ordering::SeqCst);
+    }
+}
 
 /// The wire id of the volume named `name`: 128 bits of crc32c over the name under four
 /// different prefixes. Not cryptographic; it only has to tell a cluster's volumes apart.
@@ -46,6 +81,8 @@ pub struct HostedReplica {
     fence: AtomicU64,
     /// Serialises epoch changes (the durable write, then the fence).
     accept_lock: Mutex<()>,
+    /// Every path into this replica, for the drain when the fence rises.
+    paths: Mutex<Vec<Weak<PathGauge>>>,
 }
 
 impl HostedReplica {
@@ -62,10 +99,43 @@ impl HostedReplica {
         self.fence.load(Ordering::Acquire)
     }
 
-    /// Whether a request under `epoch` may run: not below the fence.
+    /// Whether a request under `epoch` may run: not below the fence. The caller announced
+    /// it in its [`PathGauge`] first.
     #[inline]
     pub fn admits(&self, epoch: Epoch) -> bool {
-        epoch.get() >= self.fence.load(Ordering::Acquire)
+        epoch.get() >= self.fence.load(Ordering::SeqCst)
+    }
+
+    /// A gauge for a new path opened under `epoch` (control path: takes a lock).
+    pub fn register_path(&self, epoch: Epoch) -> Arc<PathGauge> {
+        let g = Arc::new(PathGauge {
+            epoch: epoch.get(),
+            in_flight: AtomicU64::new(0),
+        });
+        let mut paths = self.paths.lock();
+        paths.retain(|w| w.strong_count() > 0);
+        paths.push(Arc::downgrade(&g));
+        g
+    }
+
+    /// Waits until no path opened below `epoch` has a request running.
+    fn drain_below(&self, epoch: u64) -> bool {
+        let deadline = Instant::now() + FENCE_DRAIN_MAX;
+        loop {
+            let busy = self
+                .paths
+                .lock()
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|g| g.epoch < epoch && g.in_flight.load(Ordering::SeqCst) > 0);
+            if !busy {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
 
@@ -82,6 +152,10 @@ pub enum ReplicaError {
     NotFound { id: VolumeId },
     #[error("replica '{name}': {source}")]
     Epoch { name: String, source: EpochError },
+    #[error(
+        "replica '{name}': requests under older epochs did not finish within {FENCE_DRAIN_MAX:?}"
+    )]
+    Busy { name: String },
 }
 
 impl ReplicaError {
@@ -89,6 +163,7 @@ impl ReplicaError {
         match self {
             ReplicaError::NotFound { .. } => libc::ENOENT,
             ReplicaError::Epoch { .. } => libc::EIO,
+            ReplicaError::Busy { .. } => libc::EBUSY,
         }
     }
 }
@@ -137,6 +212,7 @@ impl ReplicaSet {
             handle,
             fence: AtomicU64::new(stored.map_or(0, Epoch::get)),
             accept_lock: Mutex::new(()),
+            paths: Mutex::new(Vec::new()),
         });
         hosted.insert(*id, r.clone());
         Ok(r)
@@ -164,8 +240,13 @@ impl ReplicaSet {
                     name: r.name.clone(),
                     source,
                 })?;
-            r.fence.store(epoch.get(), Ordering::Release);
+            r.fence.store(epoch.get(), Ordering::SeqCst);
             tracing::info!(replica = %r.name, epoch = epoch.get(), "replica fenced at new epoch");
+            if !r.drain_below(epoch.get()) {
+                return Err(ReplicaError::Busy {
+                    name: r.name.clone(),
+                });
+            }
         }
         Ok(Acceptance::Accepted(epoch))
     }

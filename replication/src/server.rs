@@ -15,7 +15,7 @@
 //! fence are answered `StaleEpoch` and not run.
 
 use crate::proto::{Envelope, Epoch, Message, Opcode, RequestId};
-use crate::replica::{Acceptance, HostedReplica, ReplicaSet};
+use crate::replica::{Acceptance, HostedReplica, PathGauge, ReplicaSet};
 use crate::transport::{Conn, Link, Transport, TransportError, HANDSHAKE_TIMEOUT};
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::dma::DmaBuf;
@@ -241,6 +241,7 @@ struct ServerConn {
     conn: Option<Box<dyn Conn>>,
     replica: Arc<HostedReplica>,
     epoch: Epoch,
+    gauge: Arc<PathGauge>,
     stop: Arc<AtomicBool>,
     owner: Option<OwnerId>,
     ops: Vec<Option<Op>>,
@@ -261,6 +262,7 @@ impl ServerConn {
         ServerConn {
             link: Some(link),
             conn: None,
+            gauge: replica.register_path(epoch),
             replica,
             epoch,
             stop,
@@ -290,6 +292,7 @@ impl ServerConn {
                 .expect("completion for a live op");
             op.res = c.res;
             self.in_flight -= 1;
+            self.gauge.end();
             self.done.push_back(c.tag as u16);
             n += 1;
         }
@@ -330,6 +333,7 @@ impl ServerConn {
     /// DMA buffer (the caller made sure one is free).
     fn classify(
         replica: &HostedReplica,
+        gauge: &PathGauge,
         epoch: Epoch,
         core: &mut Core,
         env: &Envelope,
@@ -344,10 +348,22 @@ impl ServerConn {
                 epoch.get()
             ));
         }
+        // Announced before the fence is read, so a rising fence waits for it (replica.rs).
+        gauge.begin();
         if !replica.admits(env.epoch) {
+            gauge.end();
             let current = Epoch::new(replica.fence()).expect("fence above a live epoch");
             return Action::Reply(Message::StaleEpoch { current });
         }
+        let action = Self::classify_admitted(core, msg);
+        if !matches!(action, Action::Submit { .. }) {
+            gauge.end();
+        }
+        action
+    }
+
+    /// The action for a request the fence admitted.
+    fn classify_admitted(core: &mut Core, msg: &Message<'_>) -> Action {
         let buf_bytes = u64::from(core.io().pool().buf_size_bytes());
         let submit = |op, opcode, offset_bytes, len_bytes: u64, fua, buf| Action::Submit {
             op,
@@ -436,7 +452,14 @@ impl ServerConn {
                 }
                 Some(Ok(frame)) => {
                     let env = frame.header.envelope;
-                    let action = Self::classify(&self.replica, self.epoch, core, &env, &frame.msg);
+                    let action = Self::classify(
+                        &self.replica,
+                        &self.gauge,
+                        self.epoch,
+                        core,
+                        &env,
+                        &frame.msg,
+                    );
                     (env, action)
                 }
             };
@@ -504,7 +527,10 @@ impl ServerConn {
                 self.in_flight += 1;
                 None
             }
-            Err(e) => Some(-e.errno()),
+            Err(e) => {
+                self.gauge.end();
+                Some(-e.errno())
+            }
         };
         self.ops[slot as usize] = Some(Op {
             request_id,

@@ -4,7 +4,9 @@
 //! closed connection, and the server keeps serving a well-behaved nexus throughout (the
 //! property: bad input from one peer never costs another peer anything).
 
+use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
+use cairn_engine::BdevHandle;
 use cairn_engine::{CoreList, Engine, EngineConfig};
 use cairn_replication::epoch::EpochStore;
 use cairn_replication::proto::{self, Envelope, Epoch, Message, RequestId, VolumeId, HEADER_BYTES};
@@ -19,9 +21,11 @@ use std::time::Duration;
 const SIZE: u64 = 4 << 20;
 
 struct Fixture {
-    _engine: Arc<Engine>,
+    engine: Arc<Engine>,
     server: ReplicaServer,
     id: VolumeId,
+    malloc: BdevHandle,
+    fault: Arc<FaultControl>,
 }
 
 fn fixture(tag: &str) -> Fixture {
@@ -29,9 +33,11 @@ fn fixture(tag: &str) -> Fixture {
     let mut config = EngineConfig::new(CoreList::parse(&cpus[0].to_string()).unwrap());
     config.buf_count = 64;
     let engine = Arc::new(Engine::start(config).unwrap());
-    let handle = engine
-        .add_bdev(Arc::new(MallocBdev::new("r", SIZE, 4096).unwrap()))
-        .unwrap();
+    let inner = Arc::new(MallocBdev::new("r", SIZE, 4096).unwrap());
+    let malloc = engine.add_bdev(inner.clone()).unwrap();
+    let faulty = FaultBdev::new("r-fault", inner);
+    let fault = faulty.control();
+    let handle = engine.add_bdev(Arc::new(faulty)).unwrap();
     let id = volume_id_for("vol");
     let dir = std::env::temp_dir().join(format!("cairn-server-test-{}-{tag}", std::process::id()));
     drop(std::fs::remove_dir_all(&dir));
@@ -47,9 +53,11 @@ fn fixture(tag: &str) -> Fixture {
     )
     .unwrap();
     Fixture {
-        _engine: engine,
+        engine,
         server,
         id,
+        malloc,
+        fault,
     }
 }
 
@@ -246,4 +254,36 @@ fn a_newer_takeover_fences_open_connections() {
         "a write under a fenced-off epoch was not refused"
     );
     healthy_round_trip(&f, 4, 3);
+}
+
+#[test]
+fn a_takeover_waits_for_the_old_nexus_writes_in_flight() {
+    let f = fixture("drain");
+    let (mut old, a) = open(&f, 2, true);
+    assert!(matches!(a, Some(Message::OpenOk { .. })), "{a:?}");
+    f.fault.set_latency(Duration::from_millis(300));
+    let data = [0x5au8; 4096];
+    send(
+        &mut old,
+        &env(f.id, 2, 1),
+        &Message::Write {
+            offset_bytes: 0,
+            fua: false,
+            data: &data,
+        },
+    );
+    // Give the write time to reach the (slow) device before the takeover.
+    std::thread::sleep(Duration::from_millis(50));
+    let (_new, a) = open(&f, 3, true);
+    assert!(matches!(a, Some(Message::OpenOk { .. })), "{a:?}");
+    // The old write is on the device by now: the drain waited for it.
+    let mut q = f.engine.queue(&f.malloc, f.engine.cores()[0], 1).unwrap();
+    let mut back = [0u8; 4096];
+    q.read_at(0, &mut back).unwrap();
+    assert_eq!(
+        back, data,
+        "OpenOk came while an older epoch's write was still in flight"
+    );
+    assert_eq!(answer(&mut old), Some(Message::Ok));
+    f.fault.heal();
 }

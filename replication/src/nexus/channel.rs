@@ -18,7 +18,7 @@ use super::{
     ChildState, NexusShared, PathSetup, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX, PARENTS_MAX,
 };
 use crate::proto::{Envelope, Epoch, Message, RequestId};
-use crate::replica::HostedReplica;
+use crate::replica::{HostedReplica, PathGauge};
 use crate::transport::Conn;
 use cairn_engine::bdev::{BdevChannel, IoOp, IoRequest};
 use cairn_engine::dma::DmaBuf;
@@ -37,6 +37,7 @@ pub(super) enum Path {
         bdev: BdevId,
         replica: Arc<HostedReplica>,
         epoch: Epoch,
+        gauge: Arc<PathGauge>,
     },
     Remote {
         conn: Box<dyn Conn>,
@@ -86,6 +87,9 @@ pub(super) struct Parent {
     /// The flush generation this flush switched away from.
     pub(super) flipped: Option<u64>,
     pub(super) buf: Option<DmaBuf>,
+    /// The local path's gauge while a local sub-request runs (its path may be replaced
+    /// meanwhile; the request still counts on the gauge it began on).
+    pub(super) gauge: Option<Arc<PathGauge>>,
 }
 
 impl Parent {
@@ -111,6 +115,7 @@ impl Parent {
             counted: false,
             flipped: None,
             buf: None,
+            gauge: None,
         }
     }
 }
@@ -184,11 +189,15 @@ impl NexusChannel {
             self.drop_path(io, c);
             self.paths[c] = match setup {
                 None => Path::None,
-                Some(PathSetup::Local(replica, epoch)) => Path::Local {
-                    bdev: replica.bdev(),
-                    replica,
-                    epoch: Epoch::new(epoch).expect("opened under a real epoch"),
-                },
+                Some(PathSetup::Local(replica, epoch)) => {
+                    let epoch = Epoch::new(epoch).expect("opened under a real epoch");
+                    Path::Local {
+                        bdev: replica.bdev(),
+                        gauge: replica.register_path(epoch),
+                        replica,
+                        epoch,
+                    }
+                }
                 Some(PathSetup::Remote(link, epoch)) => match link.attach(io) {
                     Ok(conn) => Path::Remote {
                         conn,
@@ -275,12 +284,17 @@ impl NexusChannel {
                 bdev,
                 replica,
                 epoch,
+                gauge,
             } => {
+                // Announced before the fence is read, so a rising fence waits for it.
+                gauge.begin();
                 if !replica.admits(*epoch) {
+                    gauge.end();
                     self.sub_done(io, slot, c, Err(SubErr::Stale));
                     return;
                 }
                 let bdev = *bdev;
+                self.slots[slot as usize].gauge = Some(gauge.clone());
                 let p = &self.slots[slot as usize];
                 let req = IoRequest {
                     owner: self.owner,
@@ -636,6 +650,9 @@ impl NexusChannel {
         let mut n = 0;
         while let Some(done) = io.pop(self.owner) {
             let (slot, c) = ((done.tag >> 2) as u16, (done.tag & 3) as usize);
+            if let Some(g) = self.slots[slot as usize].gauge.take() {
+                g.end();
+            }
             let len = self.slots[slot as usize].req.len_bytes;
             let op = self.slots[slot as usize].req.op;
             let res = match cairn_engine::bdev::IoError::check(op, done.res, len) {
