@@ -6,7 +6,11 @@
 //! `cairn_volume_ops_total{volume,op}`, `cairn_volume_bytes_total{volume,dir}`,
 //! `cairn_volume_errors_total{volume}`, `cairn_volume_latency_seconds` (histogram) and
 //! `cairn_volume_connections{volume}`; per reactor: `cairn_reactor_busy_seconds_total{core}`
-//! and `cairn_reactor_idle_seconds_total{core}`.
+//! and `cairn_reactor_idle_seconds_total{core}`; per nexus: `cairn_nexus_epoch{nexus}`,
+//! `cairn_nexus_fenced{nexus}`, `cairn_nexus_replicas{nexus,state}`, and per replica
+//! `cairn_nexus_replica_dirty_bytes{nexus,replica}`,
+//! `cairn_nexus_replica_copied_bytes_total{nexus,replica}`, and while one runs
+//! `cairn_nexus_resync_done_bytes` / `cairn_nexus_resync_total_bytes{nexus,replica}`.
 //!
 //! Scrapes read relaxed counters and the NBD server's export table; they never send a
 //! message to a reactor, so a scrape cannot slow the data path.
@@ -14,6 +18,8 @@
 use crate::node::Node;
 use cairn_engine::frontend::nbd::{ExportStatus, LATENCY_BUCKETS_US};
 use cairn_engine::ReactorTimes;
+use cairn_replication::nexus::manager::NexusView;
+use cairn_replication::nexus::ChildState;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +33,125 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scrapes answered at once; a connection beyond this waits in the accept backlog.
 pub const SCRAPES_MAX: usize = 16;
 
-/// The exposition text for these exports and reactors.
-pub fn render(exports: &[ExportStatus], reactors: &[ReactorTimes]) -> String {
+/// The exposition text for these exports, reactors and nexuses.
+pub fn render(
+    exports: &[ExportStatus],
+    reactors: &[ReactorTimes],
+    nexuses: &[NexusView],
+) -> String {
     let mut out = String::new();
     render_exports(&mut out, exports);
     render_reactors(&mut out, reactors);
+    render_nexuses(&mut out, nexuses);
     out
+}
+
+fn render_nexuses(out: &mut String, nexuses: &[NexusView]) {
+    header(
+        out,
+        "cairn_nexus_epoch",
+        "gauge",
+        "The epoch each nexus holds its replicas under.",
+    );
+    for n in nexuses {
+        let _ = writeln!(
+            out,
+            "cairn_nexus_epoch{{nexus=\"{}\"}} {}",
+            escape(&n.name),
+            n.epoch
+        );
+    }
+    header(
+        out,
+        "cairn_nexus_fenced",
+        "gauge",
+        "1 when a newer nexus owns the volume and this one's writes fail.",
+    );
+    for n in nexuses {
+        let fenced = u8::from(n.state == "fenced");
+        let _ = writeln!(
+            out,
+            "cairn_nexus_fenced{{nexus=\"{}\"}} {fenced}",
+            escape(&n.name)
+        );
+    }
+    header(
+        out,
+        "cairn_nexus_replicas",
+        "gauge",
+        "Replicas of each nexus, by state.",
+    );
+    for n in nexuses {
+        for state in [ChildState::InSync, ChildState::Faulted, ChildState::Syncing] {
+            let count = n.children.iter().filter(|c| c.state == state).count();
+            let _ = writeln!(
+                out,
+                "cairn_nexus_replicas{{nexus=\"{}\",state=\"{}\"}} {count}",
+                escape(&n.name),
+                state.name()
+            );
+        }
+    }
+    let per_replica =
+        |out: &mut String,
+         name: &str,
+         kind: &str,
+         help: &str,
+         f: &dyn Fn(&cairn_replication::nexus::manager::ChildView) -> u64| {
+            header(out, name, kind, help);
+            for n in nexuses {
+                for c in &n.children {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{nexus=\"{}\",replica=\"{}\"}} {}",
+                        escape(&n.name),
+                        escape(&c.spec),
+                        f(c)
+                    );
+                }
+            }
+        };
+    per_replica(
+        out,
+        "cairn_nexus_replica_dirty_bytes",
+        "gauge",
+        "Bytes of regions a replica missed and still needs copied.",
+        &|c| c.dirty_bytes,
+    );
+    per_replica(
+        out,
+        "cairn_nexus_replica_copied_bytes_total",
+        "counter",
+        "Bytes copied to a replica by resyncs and rebuilds.",
+        &|c| c.copied_bytes,
+    );
+    for (name, help) in [
+        (
+            "cairn_nexus_resync_done_bytes",
+            "Bytes the running resync or rebuild has copied.",
+        ),
+        (
+            "cairn_nexus_resync_total_bytes",
+            "Bytes the running resync or rebuild has to copy.",
+        ),
+    ] {
+        header(out, name, "gauge", help);
+        for n in nexuses {
+            if let Some(r) = &n.resync {
+                let v = if name.ends_with("done_bytes") {
+                    r.done_bytes
+                } else {
+                    r.total_bytes
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{nexus=\"{}\",replica=\"{}\"}} {v}",
+                    escape(&n.name),
+                    escape(&r.child)
+                );
+            }
+        }
+    }
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -248,7 +367,11 @@ async fn answer(mut stream: TcpStream, node: Arc<Node>) {
     let r = match (method, path) {
         ("GET", "/metrics") => {
             let body = tokio::task::spawn_blocking(move || {
-                render(&node.export_statuses(), &node.reactor_times())
+                render(
+                    &node.export_statuses(),
+                    &node.reactor_times(),
+                    &node.nexus_views(),
+                )
             })
             .await
             .unwrap_or_default();
@@ -332,7 +455,26 @@ mod tests {
             busy_ns: 1_500_000_000,
             idle_ns: 2_000_000_000,
         };
-        let text = render(&[e], &[r]);
+        let nexus = NexusView {
+            name: "pg".into(),
+            volume_id: String::new(),
+            epoch: 4,
+            size_bytes: 1 << 20,
+            block_size_bytes: 4096,
+            state: "degraded".into(),
+            min_in_sync: 1,
+            region_bytes: 1 << 20,
+            io_timeout_ms: 5000,
+            children: vec![cairn_replication::nexus::manager::ChildView {
+                spec: "10.0.0.6:10820".into(),
+                state: ChildState::Syncing,
+                reason: String::new(),
+                dirty_bytes: 3 << 20,
+                copied_bytes: 7,
+            }],
+            resync: None,
+        };
+        let text = render(&[e], &[r], &[nexus]);
         for family in [
             "cairn_volume_ops_total counter",
             "cairn_volume_bytes_total counter",
@@ -359,5 +501,10 @@ mod tests {
         assert!(text.contains("cairn_volume_latency_seconds_sum{volume=\"pg\\\"1\"} 0.0003"));
         assert!(text.contains("cairn_reactor_busy_seconds_total{core=\"0\"} 1.5"));
         assert!(text.contains("cairn_reactor_idle_seconds_total{core=\"0\"} 2"));
+        assert!(text.contains("cairn_nexus_epoch{nexus=\"pg\"} 4"));
+        assert!(text.contains("cairn_nexus_replicas{nexus=\"pg\",state=\"syncing\"} 1"));
+        assert!(text.contains(
+            "cairn_nexus_replica_dirty_bytes{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 3145728"
+        ));
     }
 }

@@ -215,6 +215,14 @@ impl Node {
         Ok(self.repl()?.nexus.destroy(name)?)
     }
 
+    /// Every nexus's view, for metrics; takes no node lock.
+    pub fn nexus_views(&self) -> Vec<NexusView> {
+        self.replication
+            .get()
+            .map(|r| r.nexus.list())
+            .unwrap_or_default()
+    }
+
     pub fn list_nexuses(&self) -> Result<Vec<pb::Nexus>, NodeError> {
         let views = self.repl()?.nexus.list();
         Ok(views.into_iter().map(|v| self.nexus_pb(v)).collect())
