@@ -360,9 +360,6 @@ fn a_slow_replica_is_faulted_and_the_volume_keeps_going() {
 /// the client has since overwritten the block, so if it lands the replicas differ (and a
 /// failover to that replica would serve the old data).
 #[test]
-#[ignore = "product bug: the replica server accepts the nexus's reconnect (same epoch) while the \
-            faulted connection's writes are still queued at the volume; they land after the \
-            resync and the replicas differ (VerifyNexus: mismatched_regions [3])"]
 fn a_slow_replicas_late_writes_do_not_undo_its_resync() {
     const LATENCY: Duration = Duration::from_secs(8);
     let dir = WorkDir::new("repl-late");

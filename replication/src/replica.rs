@@ -247,6 +247,13 @@ impl ReplicaSet {
                     name: r.name.clone(),
                 });
             }
+        } else if !r.drain_below(epoch.get() + 1) {
+            // The same nexus reconnecting (after it faulted this replica): requests of its
+            // old connections may still be running here, and must land before the resync
+            // that follows this Open copies their regions.
+            return Err(ReplicaError::Busy {
+                name: r.name.clone(),
+            });
         }
         Ok(Acceptance::Accepted(epoch))
     }
