@@ -14,11 +14,15 @@
 #   fio is not pinned: on a 2-core machine client, nexus and replica share the cores, which
 #   is the set-up the targets are stated for.
 # Parts: `ram` backs both replicas with RAM bdevs (--replica-malloc), so only replication's own
-# cost shows; `file` backs them with volumes in pool files in WORKDIR (--replica-volume),
-# preallocated by one sequential write so the measured writes are overwrites.
+# cost shows; `file` backs them with volumes in pool files in WORKDIR (--replica-volume).
+# Before measuring, one sequential write fills both replicas and raw: RAM bdevs fault their
+# pages in on first touch and volumes allocate clusters on first write, and either would
+# slow the first round only.
 # Each round creates the nexus with 1 replica (local), measures, destroys it, creates it with
 # 2 (local + B), measures, destroys it; rounds interleave so drift hits both alike.
-# Jobs: 4 KiB randwrite QD 32 (IOPS) and QD 1 (completion latency p50), 1 job, time based.
+# Jobs: 4 KiB randwrite QD 32 (IOPS) and QD 1 (completion latency p50 and mean), 1 job, time
+# based. Each round also runs them on the plain export "raw" (no nexus) and, in the `file`
+# part, on a file in WORKDIR with fio's io_uring engine and O_DIRECT: the disk's own figure.
 #
 # Environment: SIZE (1G), RUNTIME seconds per job (10), ROUNDS (3), PARTS ("ram file"),
 # WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
@@ -82,6 +86,13 @@ fio_job() {
       --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
 }
 
+# disk_job NAME QD: the same job straight on the disk (a file in WORKDIR, O_DIRECT).
+disk_job() {
+  fio --name="$1" --ioengine=io_uring --direct=1 --filename="$WORKDIR/disk.img" \
+      --rw=randwrite --bs=4k --iodepth="$2" --numjobs=1 --time_based --runtime="$RUNTIME" \
+      --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$1.json"
+}
+
 nexus_up() {
   local replicas=("--replica" "local")
   [ "$1" = 2 ] && replicas+=("--replica" "$B_REPLICA")
@@ -107,18 +118,21 @@ run_part() {
        --replica-listen off "${a_kind[@]}"
   node b --cores "$B_CPU" --data-dir "$WORKDIR/b" --admin-listen "$B_ADMIN" \
        --replica-listen "$B_REPLICA" "${b_kind[@]}"
+  # Fill both replicas and raw: the measured writes overwrite.
+  nexus_up 2
+  fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$SOCK" --rw=write --bs=1M \
+      --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
+  fio --name=fill --ioengine=nbd --uri="nbd+unix:///raw?socket=$SOCK" --rw=write --bs=1M \
+      --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
+  "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online
+  nexus_down
   if [ "$part" = file ]; then
-    # Preallocate every cluster of both replicas and of raw: the measured writes overwrite.
-    nexus_up 2
-    fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$SOCK" --rw=write --bs=1M \
-        --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
-    fio --name=fill --ioengine=nbd --uri="nbd+unix:///raw?socket=$SOCK" --rw=write --bs=1M \
-        --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
-    "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online
-    nexus_down
+    fio --name=fill --ioengine=io_uring --direct=1 --filename="$WORKDIR/disk.img" --rw=write \
+        --bs=1M --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
   fi
   for round in $(seq "$ROUNDS"); do
     for qd in 32 1; do
+      [ "$part" = file ] && disk_job "$part-disk-qd$qd-r$round" "$qd"
       fio_job "$part-raw-qd$qd-r$round" raw "$qd"
       for n in 1 2; do
         nexus_up "$n"
@@ -137,22 +151,34 @@ for part in $PARTS; do
 done
 
 python3 - "$OUT" "$ROUNDS" "$PARTS" <<'PY' | tee "$OUT/summary.txt"
-import json, statistics, sys
+import json, os, statistics, sys
 out, rounds, parts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def job(name):
     text = open(f"{out}/{name}.json").read()
     # fio's nbd engine prints "fio: connected to NBD server" before the report.
     j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
-    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000.0
-print(f"{'part':5} {'what':34} {'1 replica':>12} {'2 replicas':>12} {'ratio/added':>12} {'raw (no nexus)':>15}")
+    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000.0, j["clat_ns"]["mean"] / 1000.0
+def med(part, kind, qd, i):
+    if not os.path.exists(f"{out}/{part}-{kind}-qd{qd}-r1.json"):
+        return None
+    return statistics.median(job(f"{part}-{kind}-qd{qd}-r{r}")[i] for r in range(1, rounds + 1))
+def per_round(part, qd, i, f):
+    return statistics.median(
+        f(job(f"{part}-nexus2-qd{qd}-r{r}")[i], job(f"{part}-nexus1-qd{qd}-r{r}")[i])
+        for r in range(1, rounds + 1))
+def cell(v, fmt):
+    return "-" if v is None else format(v, fmt)
+# "2 vs 1": the median of per-round ratios (IOPS) or differences (latency).
+print(f"{'part':5} {'what':30} {'1 replica':>10} {'2 replicas':>10} {'2 vs 1':>9} {'no nexus':>9} {'disk':>9}")
+rows = [("4K randwrite QD32 IOPS", 32, 0, ".0f", lambda a, b: a / b, "x"),
+        ("4K randwrite QD1 clat p50 us", 1, 1, ".1f", lambda a, b: a - b, "us"),
+        ("4K randwrite QD1 clat mean us", 1, 2, ".1f", lambda a, b: a - b, "us")]
 for part in parts:
-    def med(kind, qd, i):
-        return statistics.median(job(f"{part}-{kind}-qd{qd}-r{r}")[i] for r in range(1, rounds + 1))
-    one, two, raw = med("nexus1", 32, 0), med("nexus2", 32, 0), med("raw", 32, 0)
-    ratios = [job(f"{part}-nexus2-qd32-r{r}")[0] / job(f"{part}-nexus1-qd32-r{r}")[0] for r in range(1, rounds + 1)]
-    print(f"{part:5} {'4K randwrite QD32 IOPS':34} {one:12.0f} {two:12.0f} {statistics.median(ratios):11.3f}x {raw:15.0f}")
-    one, two, raw = med("nexus1", 1, 1), med("nexus2", 1, 1), med("raw", 1, 1)
-    added = [job(f"{part}-nexus2-qd1-r{r}")[1] - job(f"{part}-nexus1-qd1-r{r}")[1] for r in range(1, rounds + 1)]
-    print(f"{part:5} {'4K randwrite QD1 clat p50 (us)':34} {one:12.1f} {two:12.1f} {statistics.median(added):+10.1f}us {raw:15.1f}")
+    for what, qd, i, fmt, f, unit in rows:
+        one, two = med(part, "nexus1", qd, i), med(part, "nexus2", qd, i)
+        d = per_round(part, qd, i, f)
+        d = f"{d:.3f}x" if unit == "x" else f"{d:+.1f}us"
+        print(f"{part:5} {what:30} {cell(one, fmt):>10} {cell(two, fmt):>10} {d:>9} "
+              f"{cell(med(part, 'raw', qd, i), fmt):>9} {cell(med(part, 'disk', qd, i), fmt):>9}")
 PY
 echo "results: $OUT"

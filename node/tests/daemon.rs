@@ -8,9 +8,12 @@
 //! Every daemon listens on port 0 and the test reads the real ports from its ready line, so
 //! tests run in parallel without port races.
 
+#[path = "common/ready.rs"]
+mod ready;
+
 use cairn_node::proto::node_admin_client::NodeAdminClient;
 use cairn_node::proto::{self as pb};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -49,12 +52,7 @@ struct Ready {
 }
 
 fn parse_ready(line: &str) -> Ready {
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("ready line lacks {k}=: {line}"))
-            .to_string()
-    };
+    let field = |k: &str| ready::field(line, k);
     let exports = field("exports");
     Ready {
         nbd: field("nbd").parse().ok(),
@@ -97,17 +95,7 @@ impl Daemon {
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if line.starts_with("cairn-node ready ") {
-                    drop(tx.send(line));
-                }
-            }
-        });
-        match rx.recv_timeout(START_TIMEOUT) {
+        match ready::wait_ready(&mut child, START_TIMEOUT) {
             Ok(line) => Daemon {
                 child,
                 ready: parse_ready(&line),

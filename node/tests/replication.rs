@@ -24,6 +24,9 @@ mod nbd_client;
 #[path = "common/cluster.rs"]
 mod cluster;
 
+#[path = "common/ready.rs"]
+mod ready;
+
 use cluster::{
     all_in_sync, flush, replica, Admin, Config, Daemon, Netns, Workload, Writer, BLOCKS, MIB,
     VOLUME, VOLUME_BYTES,

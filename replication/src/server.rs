@@ -183,8 +183,13 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
         }
         Ok(Acceptance::Stale { current }) => {
             reply(&mut link, Message::StaleEpoch { current })?;
+            let why = if env.epoch.get() < current.get() {
+                "is below"
+            } else {
+                "takes over but does not rise above"
+            };
             return Err(format!(
-                "replica '{}': epoch {} is below its fence {}",
+                "replica '{}': epoch {} {why} its fence {}",
                 replica.name,
                 env.epoch.get(),
                 current.get()

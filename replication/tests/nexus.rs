@@ -3,7 +3,7 @@
 //! rules without the daemon: every acknowledged write is on every in-sync replica; a replica
 //! that drops out is resynced with only what it missed; a newer nexus fences an older one;
 //! a new replica is rebuilt online; a slow replica is faulted at the deadline instead of
-//! hanging the volume. The multi-process versions (kill -9, network namespaces) are in
+//! hanging the volume; an idle nexus still resyncs a replica that comes back. The multi-process versions (kill -9, network namespaces) are in
 //! node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -229,6 +229,35 @@ fn writes_reach_every_replica_and_an_outage_resyncs_only_what_was_missed() {
     let report = m.verify("vol").unwrap();
     assert_eq!(report.mismatched, Vec::<u64>::new());
     assert_eq!(report.regions, SIZE / REGION);
+    drop(q);
+    m.shutdown();
+}
+
+#[test]
+fn an_idle_nexus_resyncs_a_returning_replica() {
+    // The replicas run on an engine of their own, so nothing they do wakes the nexus's
+    // reactors: only the manager, when it orders the resync, can.
+    let nexus_engine = engine();
+    let replica_engine = engine();
+    let a = Site::new(&replica_engine, "ia", false);
+    let mut b = Site::new(&replica_engine, "ib", false);
+    let m = manager(&nexus_engine, "im");
+    create(&m, vec![a.spec(), b.spec()]);
+    let core = nexus_engine.cores()[0];
+    let mut q = nexus_engine
+        .queue(&m.handle("vol").unwrap(), core, 4)
+        .unwrap();
+    b.stop();
+    let written_out = write_regions(&mut q, 0..4, 1);
+    wait_for(&m, "b faulted", |v| {
+        v.children[1].state == ChildState::Faulted
+    });
+    // Past the I/O timeout no deadline is left, and the nexus's reactors sleep.
+    std::thread::sleep(options().io_timeout * 2);
+    b.start(&replica_engine);
+    let v = wait_for(&m, "b resynced with no client I/O", all_in_sync);
+    assert!(v.children[1].copied_bytes <= 2 * written_out, "{v:#?}");
+    assert_eq!(a.contents(&replica_engine), b.contents(&replica_engine));
     drop(q);
     m.shutdown();
 }

@@ -10,16 +10,17 @@
 //! here only turn a hang into a failure: nothing measures how long anything takes.
 //!
 //! It expects the including test crate to have the raw NBD client at `crate::nbd_client`
-//! (engine/tests/common/nbd_client.rs) and the shared harness at `crate::common`.
+//! (engine/tests/common/nbd_client.rs), the shared harness at `crate::common` and the ready
+//! line reader at `crate::ready` (common/ready.rs).
 
 #![allow(dead_code)] // Not every test uses every helper.
 
 use crate::common::WorkDir;
 use crate::nbd_client::{self, Client, Endpoint, Options, Stream};
+use crate::ready;
 use cairn_engine::frontend::nbd::proto::{client_flag, cmd, handshake_flag};
 use cairn_node::proto as pb;
 use cairn_node::proto::node_admin_client::NodeAdminClient;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -130,12 +131,7 @@ pub struct Ready {
 }
 
 fn parse_ready(line: &str) -> Ready {
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("ready line lacks {k}=: {line}"))
-            .to_string()
-    };
+    let field = |k: &str| ready::field(line, k);
     let replica = field("replica");
     Ready {
         nbd: field("nbd").parse().expect("nbd= is an address"),
@@ -280,18 +276,7 @@ fn spawn(
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn cairn-node {name}: {e}"));
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keeps draining stdout after the ready line so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if line.starts_with("cairn-node ready ") {
-                drop(tx.send(line));
-            }
-        }
-    });
-    match rx.recv_timeout(START_TIMEOUT) {
+    match ready::wait_ready(&mut child, START_TIMEOUT) {
         Ok(line) => (child, parse_ready(&line)),
         Err(e) => {
             drop(child.kill());

@@ -141,16 +141,17 @@ impl std::fmt::Debug for NexusManager {
     }
 }
 
+/// A child opened under an epoch: its geometry and one path per engine core.
+struct OpenedChild {
+    size_bytes: u64,
+    block_size_bytes: u32,
+    paths: Vec<Option<PathSetup>>,
+}
+
 /// What opening one child gave.
 enum Opened {
-    Ok {
-        size_bytes: u64,
-        block_size_bytes: u32,
-        paths: Vec<Option<PathSetup>>,
-    },
-    Stale {
-        current: u64,
-    },
+    Ok(OpenedChild),
+    Stale { current: u64 },
 }
 
 impl NexusManager {
@@ -261,32 +262,31 @@ impl NexusManager {
             return Err(NexusError::Exists { name });
         }
         let volume_id = volume_id_for(&name);
-        let (epoch, opened) =
-            self.open_all(&name, volume_id, &req.replicas, req.epoch.unwrap_or(1))?;
-        let (size, block) = match &opened[0] {
-            Opened::Ok {
-                size_bytes,
-                block_size_bytes,
-                ..
-            } => (*size_bytes, *block_size_bytes),
-            Opened::Stale { .. } => unreachable!("open_all returns opened children only"),
-        };
-        for (spec, o) in req.replicas.iter().zip(&opened) {
-            if let Opened::Ok {
-                size_bytes,
-                block_size_bytes,
-                ..
-            } = o
-            {
-                if (*size_bytes, *block_size_bytes) != (size, block) {
-                    return Err(NexusError::Child {
-                        name,
-                        child: spec.to_string(),
-                        why: format!(
-                            "size {size_bytes} / block {block_size_bytes} differs from the first replica's {size} / {block}"
-                        ),
-                    });
-                }
+        let specs: Vec<(usize, ChildSpec)> = req.replicas.iter().cloned().enumerate().collect();
+        let (epoch, opened) = self.open_rising(
+            &name,
+            volume_id,
+            &specs,
+            req.epoch.unwrap_or(1),
+            |_, spec, why| {
+                Err(NexusError::Child {
+                    name: name.clone(),
+                    child: spec.to_string(),
+                    why,
+                })
+            },
+        )?;
+        let (size, block) = (opened[0].1.size_bytes, opened[0].1.block_size_bytes);
+        for (c, o) in &opened {
+            if (o.size_bytes, o.block_size_bytes) != (size, block) {
+                return Err(NexusError::Child {
+                    name,
+                    child: req.replicas[*c].to_string(),
+                    why: format!(
+                        "size {} / block {} differs from the first replica's {size} / {block}",
+                        o.size_bytes, o.block_size_bytes
+                    ),
+                });
             }
         }
         let shared = Arc::new(NexusShared::new(
@@ -298,13 +298,10 @@ impl NexusManager {
             self.engine.cores(),
         ));
         shared.epoch.store(epoch, Ordering::Release);
-        for (c, (spec, o)) in req.replicas.iter().zip(opened).enumerate() {
-            let Opened::Ok { paths, .. } = o else {
-                unreachable!("checked above")
-            };
-            *shared.child(c).spec.lock() = Some(spec.clone());
+        for (c, o) in opened {
+            *shared.child(c).spec.lock() = Some(req.replicas[c].clone());
             shared.child(c).set_state(ChildState::InSync);
-            shared.publish(c, paths);
+            shared.publish(c, o.paths);
         }
         let handle = self
             .engine
@@ -326,30 +323,29 @@ impl NexusManager {
         Ok(view(&shared))
     }
 
-    /// Opens every replica at `epoch` or above (raising it past fences); returns the epoch
-    /// and what each open gave.
-    fn open_all(
+    /// Opens `specs` (child index, spec) with takeover at `epoch`, raising the epoch past
+    /// the highest fence any replica reports until none refuses it. A child that fails to
+    /// open goes to `failed`, whose error ends the attempt. Returns the epoch and the
+    /// children opened under it, in `specs` order.
+    fn open_rising(
         &self,
         name: &str,
         volume_id: VolumeId,
-        replicas: &[ChildSpec],
+        specs: &[(usize, ChildSpec)],
         mut epoch: u64,
-    ) -> Result<(u64, Vec<Opened>), NexusError> {
+        mut failed: impl FnMut(usize, &ChildSpec, String) -> Result<(), NexusError>,
+    ) -> Result<(u64, Vec<(usize, OpenedChild)>), NexusError> {
         for _ in 0..EPOCH_RETRIES_MAX {
-            let mut opened = Vec::with_capacity(replicas.len());
+            let mut opened = Vec::with_capacity(specs.len());
             let mut raise = None;
-            for spec in replicas {
-                let o = self
-                    .open_child(volume_id, spec, epoch, true)
-                    .map_err(|why| NexusError::Child {
-                        name: name.into(),
-                        child: spec.to_string(),
-                        why,
-                    })?;
-                if let Opened::Stale { current } = o {
-                    raise = Some(raise.unwrap_or(0).max(current));
+            for (c, spec) in specs {
+                match self.open_child(volume_id, spec, epoch, true) {
+                    Ok(Opened::Ok(o)) => opened.push((*c, o)),
+                    Ok(Opened::Stale { current }) => {
+                        raise = Some(raise.unwrap_or(0).max(current));
+                    }
+                    Err(why) => failed(*c, spec, why)?,
                 }
-                opened.push(o);
             }
             match raise {
                 None => return Ok((epoch, opened)),
@@ -384,13 +380,13 @@ impl NexusManager {
                     Acceptance::Stale { current } => Ok(Opened::Stale {
                         current: current.get(),
                     }),
-                    Acceptance::Accepted(_) => Ok(Opened::Ok {
+                    Acceptance::Accepted(_) => Ok(Opened::Ok(OpenedChild {
                         size_bytes: r.info().size_bytes,
                         block_size_bytes: r.info().block_size_bytes,
                         paths: (0..cores)
                             .map(|_| Some(PathSetup::Local(r.clone(), epoch)))
                             .collect(),
-                    }),
+                    })),
                 }
             }
             ChildSpec::Remote { endpoint } => {
@@ -406,11 +402,11 @@ impl NexusManager {
                     geometry = (size, block);
                     paths.push(Some(PathSetup::Remote(link, epoch)));
                 }
-                Ok(Opened::Ok {
+                Ok(Opened::Ok(OpenedChild {
                     size_bytes: geometry.0,
                     block_size_bytes: geometry.1,
                     paths,
-                })
+                }))
             }
         }
     }
@@ -530,7 +526,7 @@ impl NexusManager {
         child.set_state(ChildState::Syncing);
         shared.publish(c, paths);
         tracing::info!(nexus = %name, child = %spec, "replica added; full rebuild queued");
-        kick_resync(&shared);
+        self.kick_resync(&shared);
         Ok(view(&shared))
     }
 
@@ -542,12 +538,10 @@ impl NexusManager {
         spec: &ChildSpec,
     ) -> Result<Vec<Option<PathSetup>>, String> {
         match self.open_child(shared.volume_id, spec, shared.epoch(), false)? {
-            Opened::Ok {
-                size_bytes, paths, ..
-            } if size_bytes == shared.info.size_bytes => Ok(paths),
-            Opened::Ok { size_bytes, .. } => Err(format!(
-                "size {size_bytes} differs from the nexus's {}",
-                shared.info.size_bytes
+            Opened::Ok(o) if o.size_bytes == shared.info.size_bytes => Ok(o.paths),
+            Opened::Ok(o) => Err(format!(
+                "size {} differs from the nexus's {}",
+                o.size_bytes, shared.info.size_bytes
             )),
             Opened::Stale { current } => {
                 shared.fenced.store(true, Ordering::Release);
@@ -615,42 +609,29 @@ impl NexusManager {
         shared: &NexusShared,
         specs: &[(usize, ChildSpec)],
     ) -> Result<(), NexusError> {
-        let name = &shared.name;
-        let mut epoch = shared.epoch() + 1;
-        for _ in 0..EPOCH_RETRIES_MAX {
-            let mut opened = Vec::new();
-            let mut raise = None;
-            for (c, spec) in specs {
-                match self.open_child(shared.volume_id, spec, epoch, true) {
-                    Ok(Opened::Stale { current }) => raise = Some(raise.unwrap_or(0).max(current)),
-                    Ok(o) => opened.push((*c, o)),
-                    Err(why) => shared.fault(*c, &format!("re-opening for promote: {why}")),
-                }
-            }
-            if let Some(current) = raise {
-                epoch = current + 1;
-                continue;
-            }
-            if opened.is_empty() {
-                return Err(Self::invalid(
-                    name,
-                    "no replica could be opened at the new epoch",
-                ));
-            }
-            shared.epoch.store(epoch, Ordering::Release);
-            shared.fenced.store(false, Ordering::Release);
-            for (c, o) in opened {
-                if let Opened::Ok { paths, .. } = o {
-                    shared.publish(c, paths);
-                }
-            }
-            tracing::info!(nexus = %name, epoch, "nexus promoted");
-            return Ok(());
+        let (epoch, opened) = self.open_rising(
+            &shared.name,
+            shared.volume_id,
+            specs,
+            shared.epoch() + 1,
+            |c, _, why| {
+                shared.fault(c, &format!("re-opening for promote: {why}"));
+                Ok(())
+            },
+        )?;
+        if opened.is_empty() {
+            return Err(Self::invalid(
+                &shared.name,
+                "no replica could be opened at the new epoch",
+            ));
         }
-        Err(Self::invalid(
-            name,
-            format!("replica epochs kept rising; gave up at {epoch}"),
-        ))
+        shared.epoch.store(epoch, Ordering::Release);
+        shared.fenced.store(false, Ordering::Release);
+        for (c, o) in opened {
+            shared.publish(c, o.paths);
+        }
+        tracing::info!(nexus = %shared.name, epoch, "nexus promoted");
+        Ok(())
     }
 
     /// Compares the in-sync children's crc32c region by region. Meant for a quiet volume: a
@@ -826,7 +807,18 @@ impl NexusManager {
                 };
                 let _ = self.entry(&shared.name, |e| e.retry[c] = (Instant::now() + next, next));
             }
-            kick_resync(&shared);
+            self.kick_resync(&shared);
+        }
+    }
+
+    /// Orders the next resync, if one is due, and wakes the nexus's home core: its reactor
+    /// may be asleep with no I/O to do, and only its poll starts the job.
+    fn kick_resync(&self, shared: &NexusShared) {
+        if !order_resync(shared) {
+            return;
+        }
+        if let Err(e) = self.engine.call(shared.cores[0], |_| ()) {
+            tracing::warn!(nexus = %shared.name, error = %e, "could not wake the home core for a resync");
         }
     }
 }
@@ -837,19 +829,21 @@ impl Drop for NexusManager {
     }
 }
 
-/// Orders a resync of the first syncing child when none is running or ordered.
-fn kick_resync(shared: &NexusShared) {
+/// Orders a resync of the first syncing child when none is running or ordered; true when it
+/// ordered one.
+fn order_resync(shared: &NexusShared) -> bool {
     let mut order = shared.resync_order.lock();
     if order.is_some() || shared.resync.child.load(Ordering::Acquire) != 0 {
-        return;
+        return false;
     }
     let Some(c) = (0..CHILDREN_MAX).find(|&c| shared.child(c).state() == ChildState::Syncing)
     else {
-        return;
+        return false;
     };
     let full = shared.child(c).needs_rebuild.swap(false, Ordering::AcqRel);
     *order = Some(ResyncOrder { child: c, full });
     shared.resync_ordered.store(true, Ordering::Release);
+    true
 }
 
 fn view(shared: &NexusShared) -> NexusView {
