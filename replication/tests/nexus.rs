@@ -3,8 +3,8 @@
 //! rules without the daemon: every acknowledged write is on every in-sync replica; a replica
 //! that drops out is resynced with only what it missed; a newer nexus fences an older one;
 //! a new replica is rebuilt online; a slow replica is faulted at the deadline instead of
-//! hanging the volume; an idle nexus still resyncs a replica that comes back. The multi-process versions (kill -9, network namespaces) are in
-//! node/tests/replication.rs.
+//! hanging the volume; an idle nexus still resyncs a replica that comes back. The
+//! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
