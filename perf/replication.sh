@@ -25,7 +25,8 @@
 # part, on a file in WORKDIR with fio's io_uring engine and O_DIRECT: the disk's own figure.
 #
 # Environment: SIZE (1G), RUNTIME seconds per job (10), ROUNDS (3), PARTS ("ram file"),
-# WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
+# NODE and CTL (binaries to measure, e.g. an older build for a before/after comparison; default
+# target/release/cairn-node and cairnctl, built first), WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
 # (perf/results/replication-DATE), A_CPU (0), B_CPU (1), PORT_BASE (21809).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,9 +44,11 @@ PORT_BASE=${PORT_BASE:-21809}
 for t in fio nbdinfo python3; do
   command -v "$t" >/dev/null || { echo "replication bench: $t not found (apt-get install fio libnbd-bin python3)" >&2; exit 1; }
 done
-cargo build --release -q -p cairn-node -p cairn-control
-NODE=target/release/cairn-node
-CTL=target/release/cairnctl
+if [ -z "${NODE:-}" ]; then
+  cargo build --release -q -p cairn-node -p cairn-control
+fi
+NODE=${NODE:-target/release/cairn-node}
+CTL=${CTL:-target/release/cairnctl}
 
 bytes() { numfmt --from=iec "${1%B}"; }
 SIZE_BYTES=$(bytes "$SIZE")
