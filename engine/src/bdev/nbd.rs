@@ -307,7 +307,7 @@ fn exchange(s: &mut TcpStream, job: &Job, cookie: u64) -> std::io::Result<i32> {
         let b = job.buf.expect("validated write has a buffer");
         // SAFETY: the submitter lent this buffer (at least len_bytes, validated) to the request
         // until its completion, which this thread posts only after this copy.
-        let data = unsafe { std::slice::from_raw_parts(b.ptr, job.len_bytes as usize) };
+        let data = unsafe { b.as_slice(job.len_bytes) };
         s.write_all(data)?;
     }
     let (magic, error, got) = (read_u32(s)?, read_u32(s)?, read_u64(s)?);
@@ -323,7 +323,7 @@ fn exchange(s: &mut TcpStream, job: &Job, cookie: u64) -> std::io::Result<i32> {
     if job.op == IoOp::Read {
         let b = job.buf.expect("validated read has a buffer");
         // SAFETY: as for writes; nobody else touches the buffer until the completion.
-        let data = unsafe { std::slice::from_raw_parts_mut(b.ptr, job.len_bytes as usize) };
+        let data = unsafe { b.as_mut_slice(job.len_bytes) };
         s.read_exact(data)?;
     }
     Ok(match job.op {

@@ -186,22 +186,22 @@ impl BdevChannel for UringChannel {
             tag: req.tag,
         };
         let entry = match (req.op, req.buf) {
-            (IoOp::Read, Some(b)) => match b.fixed_index {
-                Some(i) => opcode::ReadFixed::new(fd, b.ptr, req.len_bytes, i)
+            (IoOp::Read, Some(b)) => match b.fixed_index() {
+                Some(i) => opcode::ReadFixed::new(fd, b.ptr(), req.len_bytes, i)
                     .offset(req.offset_bytes)
                     .build(),
-                None => opcode::Read::new(fd, b.ptr, req.len_bytes)
+                None => opcode::Read::new(fd, b.ptr(), req.len_bytes)
                     .offset(req.offset_bytes)
                     .build(),
             },
             (IoOp::Write, Some(b)) => {
                 let flags = if req.fua { libc::RWF_DSYNC } else { 0 };
-                match b.fixed_index {
-                    Some(i) => opcode::WriteFixed::new(fd, b.ptr, req.len_bytes, i)
+                match b.fixed_index() {
+                    Some(i) => opcode::WriteFixed::new(fd, b.ptr(), req.len_bytes, i)
                         .offset(req.offset_bytes)
                         .rw_flags(flags)
                         .build(),
-                    None => opcode::Write::new(fd, b.ptr, req.len_bytes)
+                    None => opcode::Write::new(fd, b.ptr(), req.len_bytes)
                         .offset(req.offset_bytes)
                         .rw_flags(flags)
                         .build(),

@@ -159,7 +159,7 @@ impl IoQueue {
 
     /// Size of every queue buffer, and so the largest read or write one request can carry.
     pub fn buf_size_bytes(&self) -> u32 {
-        self.bufs.first().map_or(0, |b| b.len_bytes)
+        self.bufs.first().map_or(0, IoBuf::len_bytes)
     }
 
     pub fn alloc_buf(&mut self) -> Result<BufId, IoError> {
@@ -180,20 +180,20 @@ impl IoQueue {
         debug_assert!(self.region_contains(&b));
         // SAFETY: the view lies in `region`, kept alive by this queue, and holding the BufId
         // means no request is using it.
-        unsafe { std::slice::from_raw_parts(b.ptr, b.len_bytes as usize) }
+        unsafe { b.as_slice(b.len_bytes()) }
     }
 
     pub fn buf_mut(&mut self, buf: &BufId) -> &mut [u8] {
         let b = self.bufs[buf.0 as usize];
         debug_assert!(self.region_contains(&b));
         // SAFETY: as in `buf`; `&mut self` makes this the only view the client holds.
-        unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len_bytes as usize) }
+        unsafe { b.as_mut_slice(b.len_bytes()) }
     }
 
     fn region_contains(&self, b: &IoBuf) -> bool {
         let base = self.region.base() as usize;
-        let p = b.ptr as usize;
-        p >= base && p + b.len_bytes as usize <= base + self.region.len_bytes()
+        let p = b.ptr() as usize;
+        p >= base && p + b.len_bytes() as usize <= base + self.region.len_bytes()
     }
 
     /// Queues one request. Bad requests are refused here, with the buffer given back inside
