@@ -214,7 +214,13 @@ impl VolumeCore {
     /// # Safety
     /// For reads and writes `buf` is valid for `len_bytes` bytes for the whole call, and the
     /// caller touches it only after this returns.
-    unsafe fn run_span(&self, op: IoOp, offset_bytes: u64, len_bytes: u64, buf: *mut u8) -> FfiResult<()> {
+    unsafe fn run_span(
+        &self,
+        op: IoOp,
+        offset_bytes: u64,
+        len_bytes: u64,
+        buf: *mut u8,
+    ) -> FfiResult<()> {
         let info = self.handle.info();
         let moves_data = matches!(op, IoOp::Read | IoOp::Write);
         let max = if moves_data {
