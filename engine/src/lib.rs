@@ -7,6 +7,7 @@
 //! * [`bdev`]: the block-device trait and the uring, malloc, null and fault backends.
 //! * [`engine`]: starting and stopping reactors, adding bdevs, and [`IoQueue`], the API any
 //!   thread uses to submit I/O.
+//! * [`sys`]: the shared operating-system calls: CPU affinity, process CPU time, `poll`.
 //!
 //! The per-I/O path takes no lock, makes no heap allocation and touches no atomic that another
 //! I/O path also writes; `parking_lot` appears only on control paths and in the fault bdev,
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod frontend;
 pub mod msg;
 pub mod reactor;
+pub mod sys;
 pub mod units;
 pub mod volume;
 

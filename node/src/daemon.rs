@@ -194,7 +194,7 @@ fn local_addr(
 /// exist (on a machine with no spare CPU they share, and the reactors' sleep policy keeps
 /// that cheap).
 fn runtime(reactor_cores: &[CoreId]) -> Result<tokio::runtime::Runtime, DaemonError> {
-    let spare: Vec<u32> = cairn_engine::engine::allowed_cpus()
+    let spare: Vec<u32> = cairn_engine::sys::allowed_cpus()
         .into_iter()
         .filter(|c| !reactor_cores.iter().any(|r| r.get() == *c))
         .collect();
@@ -213,16 +213,8 @@ fn pin_to_any(cpus: &[u32]) {
     if cpus.is_empty() {
         return;
     }
-    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        // SAFETY: allowed_cpus only returns ids below CPU_SETSIZE.
-        unsafe { libc::CPU_SET(c as usize, &mut set) };
-    }
-    // SAFETY: passes a valid cpu_set_t of the size given; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "keeping a control thread off the reactor cores failed");
+    if let Err(error) = cairn_engine::sys::set_affinity(cpus) {
+        tracing::warn!(%error, "keeping a control thread off the reactor cores failed");
     }
 }
 

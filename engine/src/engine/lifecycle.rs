@@ -72,7 +72,7 @@ impl BdevHandle {
 impl Engine {
     /// Starts one pinned reactor per configured core and waits until all are running.
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
-        let allowed = allowed_cpus();
+        let allowed = crate::sys::allowed_cpus();
         for &core in config.cores.as_slice() {
             if !allowed.contains(&core.get()) {
                 return Err(EngineError::CoreUnavailable {
@@ -383,35 +383,11 @@ fn spawn_reactor(
 }
 
 fn pin_to(core: CoreId) -> Result<(), EngineError> {
-    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the core id is below CORES_MAX (1024 = CPU_SETSIZE), checked by CoreId::new.
-    unsafe { libc::CPU_SET(core.get() as usize, &mut set) };
-    // SAFETY: passes a valid cpu_set_t of the size given; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        return Err(EngineError::Os {
-            core,
-            what: "pinning the reactor thread",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
-/// CPUs this process may run on.
-pub fn allowed_cpus() -> Vec<u32> {
-    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: passes a writable cpu_set_t of the size given; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    if rc != 0 {
-        return Vec::new();
-    }
-    (0..crate::core_list::CORES_MAX as u32)
-        // SAFETY: the index is below CPU_SETSIZE and the set is initialised.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .collect()
+    crate::sys::pin_current_thread(core.get()).map_err(|source| EngineError::Os {
+        core,
+        what: "pinning the reactor thread",
+        source,
+    })
 }
 
 fn format_cpus(cpus: &[u32]) -> String {

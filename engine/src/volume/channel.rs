@@ -589,7 +589,7 @@ mod tests {
 
     #[test]
     fn volume_writes_and_clones_show_in_allocation() {
-        let cpus = crate::engine::allowed_cpus();
+        let cpus = crate::sys::allowed_cpus();
         let cores = CoreList::parse(&cpus[0].to_string()).unwrap();
         let home = cores.as_slice()[0];
         let mut config = EngineConfig::new(cores);

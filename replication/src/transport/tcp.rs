@@ -77,15 +77,9 @@ struct TcpAcceptor {
 
 impl Acceptor for TcpAcceptor {
     fn accept(&mut self, timeout: Duration) -> Result<Option<Box<dyn Link>>, TransportError> {
-        let mut pfd = libc::pollfd {
-            fd: self.listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n <= 0 {
+        // A failed poll is a timeout here: the accept loop calls again.
+        let ready = cairn_engine::sys::wait_readable(self.listener.as_raw_fd(), timeout);
+        if !ready.unwrap_or(false) {
             return Ok(None);
         }
         match self.listener.accept() {
