@@ -621,7 +621,12 @@ mod tests {
     /// A real geometry (decode checks that the fields agree) with a distinct value in each
     /// field, so moving, widening or dropping any field changes its encoding.
     fn sample_superblock() -> Superblock {
-        Superblock::layout((4 << 30) + 12_345 * 4096, 512, 1 << 20, *b"0123456789abcdef")
-            .expect("a valid geometry")
+        Superblock::layout(
+            (4 << 30) + 12_345 * 4096,
+            512,
+            1 << 20,
+            *b"0123456789abcdef",
+        )
+        .expect("a valid geometry")
     }
 }
