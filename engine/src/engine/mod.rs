@@ -11,9 +11,9 @@
 //! completions are fixed-size values in preallocated rings, and the request slots and buffers
 //! belong to the queue.
 //!
-//! * [`config`]: [`EngineConfig`], default limits and [`EngineError`].
-//! * [`lifecycle`]: [`Engine`] start and stop, and the bdev registry.
-//! * [`queue`]: [`IoQueue`], its requests and completions.
+//! * `config`: [`EngineConfig`], default limits and [`EngineError`].
+//! * `lifecycle`: [`Engine`] start and stop, and the bdev registry.
+//! * `queue`: [`IoQueue`], its requests and completions.
 
 mod config;
 mod lifecycle;
