@@ -168,6 +168,23 @@ fn mmap_anon(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8
 /// ([`IoBuf::sub`]), or from an `unsafe` constructor whose caller vouches for the memory
 /// ([`IoBuf::from_raw`], [`Region::io_buf`]). Invariant: `len_bytes` bytes at `ptr` are memory
 /// the engine may hand to the kernel for as long as a request carrying the view is in flight.
+///
+/// Safe code cannot forge one, so it cannot make the kernel write anywhere:
+///
+/// ```compile_fail
+/// let forged = cairn_engine::dma::IoBuf {
+///     ptr: 0x1000 as *mut u8,
+///     len_bytes: 4096,
+///     fixed_index: None,
+/// };
+/// ```
+///
+/// nor point one at its own memory without `unsafe`:
+///
+/// ```compile_fail
+/// let mut mine = vec![0u8; 4096];
+/// let view = cairn_engine::dma::IoBuf::from_raw(mine.as_mut_ptr(), 4096);
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct IoBuf {
     ptr: *mut u8,
@@ -407,6 +424,36 @@ mod tests {
         }
         bufs.into_iter().for_each(|b| pool.put(b));
         assert_eq!(pool.available(), 4);
+    }
+
+    #[test]
+    fn views_are_pieces_of_their_buffer_and_never_reach_past_it() {
+        let mut pool = BufPool::new(1, 8192, false).unwrap();
+        pool.set_fixed_index(3);
+        let mut buf = pool.get().unwrap();
+        let view = buf.io_buf();
+        assert_eq!(view.fixed_index(), Some(3));
+        let piece = view.sub(4096, 4096);
+        assert_eq!(piece.ptr() as usize, view.ptr() as usize + 4096);
+        assert_eq!(
+            (piece.len_bytes(), piece.fixed_index()),
+            (4096, Some(3)),
+            "a piece keeps the registration of its buffer"
+        );
+        let past = std::panic::catch_unwind(|| view.sub(4096, 4097));
+        assert!(past.is_err(), "a piece past the end is refused");
+        let overflow = std::panic::catch_unwind(|| view.sub(u32::MAX, 2));
+        assert!(overflow.is_err(), "an offset that overflows is refused");
+        pool.put(buf);
+
+        let region = Region::map(8192, false, false).unwrap();
+        // SAFETY: the views are only inspected, never submitted.
+        let tail = unsafe { region.io_buf(4096, 4096) };
+        assert_eq!(tail.ptr() as usize, region.base() as usize + 4096);
+        assert_eq!(tail.fixed_index(), None);
+        // SAFETY: as above; the call panics before making a view.
+        let past = std::panic::catch_unwind(|| unsafe { region.io_buf(4096, 8192) });
+        assert!(past.is_err(), "a view past the region is refused");
     }
 
     #[test]
