@@ -1,7 +1,7 @@
 //! The volume store: thin-provisioned volumes with snapshots, clones and online growth, in a
 //! pool on one bdev, consistent after a crash at any instant.
 //!
-//! * [`format`]: the on-disk superblock and metadata checkpoints (drawn in docs/formats.md).
+//! * [`format`](mod@format): the on-disk superblock and metadata checkpoints (drawn in docs/formats.md).
 //! * [`meta`]: objects, cluster maps, reference counts, allocator and the fsck.
 //! * [`map`]: the lock-free cluster map every core reads.
 //! * `pool`: the home core's runtime: allocation, copy-on-write, commits, barriers.
