@@ -3,11 +3,9 @@
 //! to one core to a consumer pinned to another (what a reactor's inbox costs when other cores
 //! feed it). The cross-core case needs two CPUs and is skipped, with a note, on one.
 
-use cairn_benches::{
-    affinity, allowed_cpus, pin_current_thread, restore_affinity, MEASUREMENT_TIME, SAMPLE_SIZE,
-    WARM_UP_TIME,
-};
+use cairn_benches::{MEASUREMENT_TIME, SAMPLE_SIZE, WARM_UP_TIME};
 use cairn_engine::msg::{Full, MsgRing, INBOX_CAPACITY_DEFAULT};
+use cairn_engine::sys::{affinity, allowed_cpus, pin_current_thread, set_affinity};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -106,7 +104,7 @@ fn cross_core(c: &mut Criterion) {
     g.finish();
     send_spin(&ring, QUIT);
     consumer.join().expect("consumer thread");
-    restore_affinity(&saved).expect("restore affinity");
+    set_affinity(&saved).expect("restore affinity");
 }
 
 criterion_group! {

@@ -6,11 +6,9 @@
 //! When two CPUs are allowed, the client is pinned to the one the reactor does not use, so the
 //! numbers do not depend on where the scheduler happens to put it.
 
-use cairn_benches::{
-    affinity, allowed_cpus, pin_current_thread, restore_affinity, MEASUREMENT_TIME, SAMPLE_SIZE,
-    WARM_UP_TIME,
-};
+use cairn_benches::{MEASUREMENT_TIME, SAMPLE_SIZE, WARM_UP_TIME};
 use cairn_engine::bdev::null::NullBdev;
+use cairn_engine::sys::{affinity, allowed_cpus, pin_current_thread, set_affinity};
 use cairn_engine::{CoreList, Engine, EngineConfig, IoOp, IoQueue, QueueCompletion, Request};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::sync::Arc;
@@ -113,7 +111,7 @@ fn null_submit(c: &mut Criterion) {
     g.finish();
     drop(q);
     engine.stop();
-    restore_affinity(&saved).expect("restore affinity");
+    set_affinity(&saved).expect("restore affinity");
 }
 
 criterion_group! {

@@ -6,7 +6,9 @@
 //! a pop on a `Vec` that never grows, so the I/O path never allocates. An empty pool is
 //! back-pressure: `get` returns `None` and the caller waits for a buffer to come back.
 //!
-//! This module and the ring glue are the only places that turn raw addresses into slices.
+//! This module and the ring glue are the only places that turn raw addresses into slices, and
+//! [`IoBuf`], the view that reaches io_uring, can only be made here: from a pool buffer, a
+//! checked piece of another view, or an `unsafe fn` whose caller vouches for the memory.
 
 use std::ptr::NonNull;
 
@@ -99,6 +101,30 @@ impl Region {
         self.backing
     }
 
+    /// A view of `[offset_bytes, offset_bytes + len_bytes)` of this region for a request. A span
+    /// outside the region is a programmer error and panics.
+    ///
+    /// # Safety
+    /// The region outlives every request submitted with the view. While a request that fills
+    /// the span (a read) is in flight nothing else reads or writes it; while one that only
+    /// reads it (a write) is in flight nothing writes it.
+    pub unsafe fn io_buf(&self, offset_bytes: usize, len_bytes: u32) -> IoBuf {
+        assert!(
+            offset_bytes
+                .checked_add(len_bytes as usize)
+                .is_some_and(|end| end <= self.len_bytes),
+            "span at {offset_bytes} of {len_bytes} bytes outside a {}-byte region",
+            self.len_bytes
+        );
+        IoBuf {
+            // SAFETY: offset_bytes <= len_bytes (checked above), so the result stays inside the
+            // mapping.
+            ptr: unsafe { self.base.as_ptr().add(offset_bytes) },
+            len_bytes,
+            fixed_index: None,
+        }
+    }
+
     /// The iovec that registers this whole region with an io_uring as one fixed buffer.
     pub fn iovec(&self) -> libc::iovec {
         libc::iovec {
@@ -134,16 +160,87 @@ fn mmap_anon(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8
     NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))
 }
 
-/// A raw view of I/O memory handed to a bdev: where the data lives and, when it lies inside a
+/// A view of I/O memory handed to a bdev: where the data lives and, when it lies inside a
 /// registered region, the fixed-buffer index io_uring should use.
+///
+/// The fields are private so that safe code cannot aim the kernel at arbitrary memory: an
+/// `IoBuf` comes from a pool buffer ([`DmaBuf::io_buf`]), from a piece of another `IoBuf`
+/// ([`IoBuf::sub`]), or from an `unsafe` constructor whose caller vouches for the memory
+/// ([`IoBuf::from_raw`], [`Region::io_buf`]). Invariant: `len_bytes` bytes at `ptr` are memory
+/// the engine may hand to the kernel for as long as a request carrying the view is in flight.
+///
+/// Safe code cannot forge one, so it cannot make the kernel write anywhere:
+///
+/// ```compile_fail
+/// let forged = cairn_engine::dma::IoBuf {
+///     ptr: 0x1000 as *mut u8,
+///     len_bytes: 4096,
+///     fixed_index: None,
+/// };
+/// ```
+///
+/// nor point one at its own memory without `unsafe`:
+///
+/// ```compile_fail
+/// let mut mine = vec![0u8; 4096];
+/// let view = cairn_engine::dma::IoBuf::from_raw(mine.as_mut_ptr(), 4096);
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct IoBuf {
-    pub ptr: *mut u8,
-    pub len_bytes: u32,
-    pub fixed_index: Option<u16>,
+    ptr: *mut u8,
+    len_bytes: u32,
+    fixed_index: Option<u16>,
 }
 
 impl IoBuf {
+    /// A view of memory that is not a pool buffer (a caller's buffer across the C ABI, a
+    /// test's allocation). It never carries a fixed-buffer index.
+    ///
+    /// # Safety
+    /// `len_bytes` bytes at `ptr` are one live, writable allocation that stays alive until every
+    /// request submitted with this view (or a piece of it) has completed. While a request that
+    /// fills the memory (a read) is in flight nothing else reads or writes it; while one that
+    /// only reads it (a write) is in flight nothing writes it.
+    pub unsafe fn from_raw(ptr: *mut u8, len_bytes: u32) -> IoBuf {
+        IoBuf {
+            ptr,
+            len_bytes,
+            fixed_index: None,
+        }
+    }
+
+    /// Where the data starts; for validation and for the ring glue that fills an SQE.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len_bytes(&self) -> u32 {
+        self.len_bytes
+    }
+
+    /// The registered-buffer index io_uring should use, when the memory lies in one.
+    pub fn fixed_index(&self) -> Option<u16> {
+        self.fixed_index
+    }
+
+    /// The piece `[at_bytes, at_bytes + len_bytes)` of this view, for a bdev that splits a
+    /// request. A piece outside the view is a programmer error and panics.
+    pub fn sub(&self, at_bytes: u32, len_bytes: u32) -> IoBuf {
+        let end = at_bytes.checked_add(len_bytes);
+        assert!(
+            end.is_some_and(|end| end <= self.len_bytes),
+            "piece at {at_bytes} of {len_bytes} bytes outside a {}-byte buffer",
+            self.len_bytes
+        );
+        IoBuf {
+            // SAFETY: at_bytes <= self.len_bytes (checked above), so the result stays inside or
+            // one past the end of the view's allocation.
+            ptr: unsafe { self.ptr.add(at_bytes as usize) },
+            len_bytes,
+            fixed_index: self.fixed_index,
+        }
+    }
+
     /// The first `len_bytes` of the request's data, for a bdev that moves data by copying.
     ///
     /// # Safety
@@ -200,6 +297,8 @@ impl DmaBuf {
     }
 
     /// The view a bdev needs. The caller must not touch the buffer until the I/O completes.
+    /// Safe because the view can only reach this buffer's slice of a pool region, which the
+    /// reactor (or the one owner of a stand-alone pool) keeps mapped while I/O is in flight.
     pub fn io_buf(&mut self) -> IoBuf {
         IoBuf {
             ptr: self.ptr.as_ptr(),
@@ -325,6 +424,36 @@ mod tests {
         }
         bufs.into_iter().for_each(|b| pool.put(b));
         assert_eq!(pool.available(), 4);
+    }
+
+    #[test]
+    fn views_are_pieces_of_their_buffer_and_never_reach_past_it() {
+        let mut pool = BufPool::new(1, 8192, false).unwrap();
+        pool.set_fixed_index(3);
+        let mut buf = pool.get().unwrap();
+        let view = buf.io_buf();
+        assert_eq!(view.fixed_index(), Some(3));
+        let piece = view.sub(4096, 4096);
+        assert_eq!(piece.ptr() as usize, view.ptr() as usize + 4096);
+        assert_eq!(
+            (piece.len_bytes(), piece.fixed_index()),
+            (4096, Some(3)),
+            "a piece keeps the registration of its buffer"
+        );
+        let past = std::panic::catch_unwind(|| view.sub(4096, 4097));
+        assert!(past.is_err(), "a piece past the end is refused");
+        let overflow = std::panic::catch_unwind(|| view.sub(u32::MAX, 2));
+        assert!(overflow.is_err(), "an offset that overflows is refused");
+        pool.put(buf);
+
+        let region = Region::map(8192, false, false).unwrap();
+        // SAFETY: the views are only inspected, never submitted.
+        let tail = unsafe { region.io_buf(4096, 4096) };
+        assert_eq!(tail.ptr() as usize, region.base() as usize + 4096);
+        assert_eq!(tail.fixed_index(), None);
+        // SAFETY: as above; the call panics before making a view.
+        let past = std::panic::catch_unwind(|| unsafe { region.io_buf(4096, 8192) });
+        assert!(past.is_err(), "a view past the region is refused");
     }
 
     #[test]

@@ -7,6 +7,15 @@
 //! * [`bdev`]: the block-device trait and the uring, malloc, null and fault backends.
 //! * [`engine`]: starting and stopping reactors, adding bdevs, and [`IoQueue`], the API any
 //!   thread uses to submit I/O.
+//! * [`sys`]: the operating-system calls every Cairn process shares (CPU affinity, process
+//!   CPU time, `poll`, the doorbell eventfd, file locks, device geometry), each written once.
+//! * [`volume`]: the thin-provisioned volume store (pools, volumes, snapshots) on one bdev.
+//! * [`frontend`]: how applications reach bdevs; today the NBD server.
+//! * [`core_list`]: core ids and the core-list syntax; [`units`]: human sizes (`4G`).
+//!
+//! `unsafe` lives in the ring glue ([`reactor::ring`]), the DMA memory ([`dma`], which alone
+//! makes the [`dma::IoBuf`] views that reach io_uring), [`sys`], and the bdevs' and frontends'
+//! ring submissions; each block names the condition that makes it sound.
 //!
 //! The per-I/O path takes no lock, makes no heap allocation and touches no atomic that another
 //! I/O path also writes; `parking_lot` appears only on control paths and in the fault bdev,
@@ -19,6 +28,7 @@ pub mod engine;
 pub mod frontend;
 pub mod msg;
 pub mod reactor;
+pub mod sys;
 pub mod units;
 pub mod volume;
 

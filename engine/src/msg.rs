@@ -7,7 +7,7 @@
 //! messages with no kernel involvement at all.
 
 use crossbeam_queue::ArrayQueue;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Default capacity of a reactor's control-message ring. Senders see `Full` beyond it.
@@ -67,14 +67,8 @@ pub struct Doorbell {
 
 impl Doorbell {
     pub fn new() -> std::io::Result<Doorbell> {
-        // SAFETY: eventfd takes no pointers; a negative return is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         Ok(Doorbell {
-            // SAFETY: fd is a fresh descriptor that nothing else owns.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: crate::sys::eventfd()?,
             sleeping: AtomicBool::new(false),
         })
     }
@@ -99,10 +93,7 @@ impl Doorbell {
 
     /// Writes the eventfd unconditionally.
     pub fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd we own. EAGAIN (counter at its
-        // maximum) still leaves the fd readable, which is all a wake-up needs.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        crate::sys::eventfd_signal(self.fd.as_raw_fd());
     }
 
     pub fn fd(&self) -> RawFd {

@@ -354,14 +354,17 @@ impl RawMem {
         RawMem { ptr, layout }
     }
 
-    fn io_buf(&self, skip_bytes: usize, len_bytes: u32) -> IoBuf {
+    /// A view of `[skip_bytes, skip_bytes + len_bytes)` of this memory.
+    ///
+    /// # Safety
+    /// `self` outlives every request submitted with the view, and the test touches the memory
+    /// only after those requests are reaped.
+    unsafe fn io_buf(&self, skip_bytes: usize, len_bytes: u32) -> IoBuf {
         assert!(skip_bytes + len_bytes as usize <= self.layout.size());
-        IoBuf {
-            // SAFETY: skip_bytes lies inside the allocation (checked above).
-            ptr: unsafe { self.ptr.add(skip_bytes) },
-            len_bytes,
-            fixed_index: None,
-        }
+        // SAFETY: skip_bytes lies inside the allocation (checked above).
+        let ptr = unsafe { self.ptr.add(skip_bytes) };
+        // SAFETY: the span lies inside this live allocation; the rest is this fn's contract.
+        unsafe { IoBuf::from_raw(ptr, len_bytes) }
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -387,17 +390,19 @@ fn submit_raw_refuses_misaligned_and_short_buffers_then_serves() {
         .queue(&handle, first_core(&engine), 4)
         .expect("queue");
     let mem = RawMem::new(3 * 4096);
-    let odd = mem.io_buf(512, 4096);
+    // SAFETY: `mem` outlives the queue's use of it and is read only after the last reap.
+    let odd = unsafe { mem.io_buf(512, 4096) };
     // SAFETY: `mem` outlives the queue's use of it; refused requests never reach the device.
     let r = unsafe { q.submit_raw(IoOp::Read, 0, 4096, Some(odd), false, 1) };
     assert_eq!(
         r,
         Err(IoError::BufferMisaligned {
-            addr: odd.ptr as usize,
+            addr: odd.ptr() as usize,
             align_bytes: 4096
         })
     );
-    let short = mem.io_buf(0, 4096);
+    // SAFETY: as above.
+    let short = unsafe { mem.io_buf(0, 4096) };
     // SAFETY: as above.
     let r = unsafe { q.submit_raw(IoOp::Write, 0, 8192, Some(short), false, 2) };
     assert_eq!(
@@ -420,7 +425,8 @@ fn submit_raw_refuses_misaligned_and_short_buffers_then_serves() {
     let mut data = vec![0u8; 8192];
     Rng::new(9).fill(&mut data);
     q.write_at(8192, &data, false).expect("write");
-    let good = mem.io_buf(4096, 8192);
+    // SAFETY: as above.
+    let good = unsafe { mem.io_buf(4096, 8192) };
     // SAFETY: `mem` stays alive and untouched until the completion is reaped below.
     unsafe { q.submit_raw(IoOp::Read, 8192, 8192, Some(good), false, 5) }.expect("raw read");
     let mut done = Vec::new();

@@ -27,15 +27,7 @@ const POLL_CPU_MIN: f64 = 0.25;
 
 /// User + system CPU time this process has used so far.
 fn process_cpu() -> Duration {
-    // SAFETY: rusage is plain data; zeroed is a valid value for getrusage to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: passes a pointer to a live rusage, which is all getrusage writes.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    cairn_engine::sys::process_cpu_time().expect("getrusage")
 }
 
 /// Share of one core the process used over `window` (CPU time / wall time).

@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("pool.img");
     std::fs::File::create(&path)?.set_len(VOL_BYTES + 64 * MIB)?;
-    let first = cairn_engine::engine::allowed_cpus()[0];
+    let first = cairn_engine::sys::allowed_cpus()[0];
     let engine = Engine::start(EngineConfig::new(CoreList::parse(&first.to_string())?))?;
     let base: Arc<dyn Bdev> =
         Arc::new(UringBdev::open("pool.img", &path, UringOptions::default())?);

@@ -123,7 +123,7 @@ pub unsafe extern "C" fn cairn_engine_config_default(config: *mut cairn_engine_c
 
 fn engine_config(c: &cairn_engine_config) -> FfiResult<EngineConfig> {
     let cores = if c.cores.is_null() {
-        let first = ::cairn_engine::engine::allowed_cpus()
+        let first = ::cairn_engine::sys::allowed_cpus()
             .first()
             .copied()
             .unwrap_or(0);

@@ -108,8 +108,13 @@ impl QueueCore {
         })
     }
 
+    /// Queues one request on the caller's memory.
+    ///
+    /// # Safety
+    /// For reads and writes `buf` is valid for `len_bytes` and stays alive and untouched until
+    /// the request's completion is returned by poll or wait (`cairn_queue_submit`'s contract).
     #[inline]
-    fn submit(
+    unsafe fn submit(
         &mut self,
         op: IoOp,
         fua: bool,
@@ -134,11 +139,8 @@ impl QueueCore {
             op,
             len_bytes,
         };
-        let io_buf = moves_data.then_some(IoBuf {
-            ptr: buf,
-            len_bytes,
-            fixed_index: None,
-        });
+        // SAFETY: forwarded from this function's contract.
+        let io_buf = moves_data.then(|| unsafe { IoBuf::from_raw(buf, len_bytes) });
         // SAFETY: the caller's contract (cairn_queue_submit) keeps `buf` valid and untouched
         // until this request's completion is returned by poll or wait, which happens only
         // after the engine has reaped it from this queue.
@@ -287,7 +289,8 @@ pub unsafe extern "C" fn cairn_queue_submit(
         let h = unsafe { handle::deref(queue) }?;
         let (op, fua) = decode_op(op)?;
         handle::with_exclusive(h, |q| {
-            q.submit(op, fua, offset_bytes, len_bytes, buf.cast(), user_data)
+            // SAFETY: forwarded from this function's contract.
+            unsafe { q.submit(op, fua, offset_bytes, len_bytes, buf.cast(), user_data) }
         })
     })
 }

@@ -210,7 +210,17 @@ impl VolumeCore {
     }
 
     /// Splits a span into requests of at most `max` bytes and runs them in order.
-    fn run_span(&self, op: IoOp, offset_bytes: u64, len_bytes: u64, buf: *mut u8) -> FfiResult<()> {
+    ///
+    /// # Safety
+    /// For reads and writes `buf` is valid for `len_bytes` bytes for the whole call, and the
+    /// caller touches it only after this returns.
+    unsafe fn run_span(
+        &self,
+        op: IoOp,
+        offset_bytes: u64,
+        len_bytes: u64,
+        buf: *mut u8,
+    ) -> FfiResult<()> {
         let info = self.handle.info();
         let moves_data = matches!(op, IoOp::Read | IoOp::Write);
         let max = if moves_data {
@@ -225,12 +235,10 @@ impl VolumeCore {
         let mut done_bytes = 0u64;
         while done_bytes < len_bytes {
             let part = (len_bytes - done_bytes).min(max) as u32;
-            let io_buf = moves_data.then(|| IoBuf {
-                // The pointer stays inside the caller's `len_bytes` span.
-                ptr: buf.wrapping_add(done_bytes as usize),
-                len_bytes: part,
-                fixed_index: None,
-            });
+            // SAFETY: the piece stays inside the caller's `len_bytes` span, valid and untouched
+            // for this whole call (this function's contract), and `run` waits for it.
+            let io_buf = moves_data
+                .then(|| unsafe { IoBuf::from_raw(buf.wrapping_add(done_bytes as usize), part) });
             self.run(op, offset_bytes.saturating_add(done_bytes), part, io_buf)?;
             done_bytes += u64::from(part);
         }
@@ -357,7 +365,8 @@ unsafe fn sync_io(
             v.stats.error();
             return Err(FfiError::new(CAIRN_E_NULL, format!("{op} buffer is NULL")));
         }
-        v.run_span(op, offset_bytes, len_bytes, buf)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { v.run_span(op, offset_bytes, len_bytes, buf) }
     })
 }
 

@@ -194,7 +194,7 @@ fn local_addr(
 /// exist (on a machine with no spare CPU they share, and the reactors' sleep policy keeps
 /// that cheap).
 fn runtime(reactor_cores: &[CoreId]) -> Result<tokio::runtime::Runtime, DaemonError> {
-    let spare: Vec<u32> = cairn_engine::engine::allowed_cpus()
+    let spare: Vec<u32> = cairn_engine::sys::allowed_cpus()
         .into_iter()
         .filter(|c| !reactor_cores.iter().any(|r| r.get() == *c))
         .collect();
@@ -213,16 +213,8 @@ fn pin_to_any(cpus: &[u32]) {
     if cpus.is_empty() {
         return;
     }
-    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        // SAFETY: allowed_cpus only returns ids below CPU_SETSIZE.
-        unsafe { libc::CPU_SET(c as usize, &mut set) };
-    }
-    // SAFETY: passes a valid cpu_set_t of the size given; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "keeping a control thread off the reactor cores failed");
+    if let Err(error) = cairn_engine::sys::set_affinity(cpus) {
+        tracing::warn!(%error, "keeping a control thread off the reactor cores failed");
     }
 }
 
@@ -431,16 +423,7 @@ fn pool0_size(dir: &Path, wanted: u64) -> Result<u64, DaemonError> {
 }
 
 fn free_space(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: statvfs is plain data; zeroed is a valid value to be overwritten.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    cairn_engine::sys::available_bytes(dir)
 }
 
 /// The one line humans and tests read to learn where the node listens.

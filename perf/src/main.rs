@@ -189,22 +189,12 @@ pub(crate) fn buf_size(bs_bytes: u32) -> u32 {
 
 /// Pins the calling thread to `core`.
 pub(crate) fn pin(core: CoreId) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CoreId is below CPU_SETSIZE by construction.
-    unsafe { libc::CPU_SET(core.get() as usize, &mut set) };
-    // SAFETY: passes a valid cpu_set_t of the size given for the calling thread.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
-        bail!(
-            "pinning to core {core}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    cairn_engine::sys::pin_current_thread(core.get())
+        .with_context(|| format!("pinning to core {core}"))
 }
 
 fn pick_cores(n: u32) -> Result<Vec<CoreId>> {
-    let allowed = cairn_engine::engine::allowed_cpus();
+    let allowed = cairn_engine::sys::allowed_cpus();
     if allowed.len() < n as usize {
         bail!(
             "--cores {n} asked for, but this process may use only {} CPUs",

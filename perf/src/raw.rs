@@ -148,15 +148,15 @@ fn submit(
     slot: u32,
 ) {
     let b = buf.io_buf();
-    let entry = match (write, b.fixed_index) {
-        (false, Some(i)) => opcode::ReadFixed::new(file, b.ptr, bs, i)
+    let entry = match (write, b.fixed_index()) {
+        (false, Some(i)) => opcode::ReadFixed::new(file, b.ptr(), bs, i)
             .offset(offset)
             .build(),
-        (true, Some(i)) => opcode::WriteFixed::new(file, b.ptr, bs, i)
+        (true, Some(i)) => opcode::WriteFixed::new(file, b.ptr(), bs, i)
             .offset(offset)
             .build(),
-        (false, None) => opcode::Read::new(file, b.ptr, bs).offset(offset).build(),
-        (true, None) => opcode::Write::new(file, b.ptr, bs).offset(offset).build(),
+        (false, None) => opcode::Read::new(file, b.ptr(), bs).offset(offset).build(),
+        (true, None) => opcode::Write::new(file, b.ptr(), bs).offset(offset).build(),
     };
     let route = Route::Io {
         owner: 0,

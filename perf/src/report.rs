@@ -105,12 +105,7 @@ pub fn table_row(r: &RunResult) -> String {
 
 /// Process CPU time (user + system) so far.
 pub fn cpu_time() -> Duration {
-    // SAFETY: rusage is plain data; zeroed is a valid value for getrusage to overwrite.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: passes a writable rusage for the calling process.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    cairn_engine::sys::process_cpu_time().unwrap_or_default()
 }
 
 /// Median of a non-empty list.

@@ -28,7 +28,7 @@ const REGION: u64 = 64 << 10;
 const SLOW: Duration = Duration::from_secs(8);
 
 fn engine() -> Arc<Engine> {
-    let cpus = cairn_engine::engine::allowed_cpus();
+    let cpus = cairn_engine::sys::allowed_cpus();
     let list: Vec<String> = cpus.iter().take(2).map(u32::to_string).collect();
     let mut config = EngineConfig::new(CoreList::parse(&list.join(",")).unwrap());
     config.buf_count = 128;

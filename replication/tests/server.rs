@@ -29,7 +29,7 @@ struct Fixture {
 }
 
 fn fixture(tag: &str) -> Fixture {
-    let cpus = cairn_engine::engine::allowed_cpus();
+    let cpus = cairn_engine::sys::allowed_cpus();
     let mut config = EngineConfig::new(CoreList::parse(&cpus[0].to_string()).unwrap());
     config.buf_count = 64;
     let engine = Arc::new(Engine::start(config).unwrap());

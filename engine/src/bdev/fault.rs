@@ -13,7 +13,7 @@
 //!   inner bdev holds exactly the durable state: every write not yet flushed is lost.
 
 use super::{Bdev, BdevChannel, BdevError, BdevInfo, IoOp, IoRequest};
-use crate::dma::{IoBuf, Region};
+use crate::dma::Region;
 use crate::reactor::{IoCtx, OwnerId};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
@@ -302,8 +302,9 @@ impl FaultChannel {
         match req.op {
             IoOp::Write if !req.fua => {
                 let buf = req.buf.expect("validated write has a buffer");
-                // SAFETY: the submitter lent `len_bytes` bytes at `buf.ptr` to this request.
-                let data = unsafe { std::slice::from_raw_parts(buf.ptr, req.len_bytes as usize) };
+                // SAFETY: the submitter lent `len_bytes` bytes of `buf` to this request, which
+                // completes only after this copy (posted below).
+                let data = unsafe { buf.as_slice(req.len_bytes) };
                 cache.lock().write(first_block, data, self.block_size);
                 io.post(req.owner, req.tag, req.len_bytes as i32);
             }
@@ -365,19 +366,16 @@ impl FaultChannel {
             staging: None,
         });
         for (i, (block, generation, data)) in dirty.into_iter().enumerate() {
-            // SAFETY: staging holds dirty.len() blocks; block i lies inside it.
-            let ptr = unsafe { staging.base().add(i * self.block_size) };
-            // SAFETY: `ptr` points at block_size bytes of staging that nothing else uses.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, self.block_size) };
+            // SAFETY: the write-back keeps `staging` until its last write completes, and
+            // nothing but this write touches block i of it.
+            let buf = unsafe { staging.io_buf(i * self.block_size, self.block_size as u32) };
+            // SAFETY: the write is not submitted yet, so this is the only view of block i.
+            unsafe { buf.as_mut_slice(buf.len_bytes()) }.copy_from_slice(&data);
             let write = IoRequest {
                 op: IoOp::Write,
                 offset_bytes: block * self.block_size as u64,
                 len_bytes: self.block_size as u32,
-                buf: Some(IoBuf {
-                    ptr,
-                    len_bytes: self.block_size as u32,
-                    fixed_index: None,
-                }),
+                buf: Some(buf),
                 fua: false,
                 owner: self.owner,
                 tag: 0,
@@ -459,8 +457,7 @@ impl FaultChannel {
                 if res >= 0 {
                     let buf = req.buf.expect("validated read has a buffer");
                     // SAFETY: the read's submitter lent this buffer until we post below.
-                    let out =
-                        unsafe { std::slice::from_raw_parts_mut(buf.ptr, req.len_bytes as usize) };
+                    let out = unsafe { buf.as_mut_slice(req.len_bytes) };
                     let first_block = req.offset_bytes / self.block_size as u64;
                     overlay(&snapshot, first_block, out, self.block_size);
                 }

@@ -73,13 +73,13 @@ impl BdevChannel for MallocChannel {
                 let buf = req.buf.expect("validated read has a buffer");
                 // SAFETY: both ranges are in bounds (validated) and distinct allocations; the
                 // submitter lent `buf` to this request.
-                unsafe { std::ptr::copy_nonoverlapping(dev, buf.ptr, len) };
+                unsafe { std::ptr::copy_nonoverlapping(dev, buf.ptr(), len) };
                 req.len_bytes as i32
             }
             IoOp::Write => {
                 let buf = req.buf.expect("validated write has a buffer");
                 // SAFETY: as for reads, in the other direction.
-                unsafe { std::ptr::copy_nonoverlapping(buf.ptr, dev, len) };
+                unsafe { std::ptr::copy_nonoverlapping(buf.ptr(), dev, len) };
                 req.len_bytes as i32
             }
             IoOp::Trim | IoOp::WriteZeroes => {

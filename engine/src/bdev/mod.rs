@@ -346,14 +346,14 @@ fn validate_buffer(
         });
     }
     let buf = buf.ok_or(IoError::NoBuffer { op })?;
-    if buf.len_bytes < len_bytes {
+    if buf.len_bytes() < len_bytes {
         return Err(IoError::BufferTooSmall {
             op,
             len_bytes,
-            buf_len_bytes: buf.len_bytes,
+            buf_len_bytes: buf.len_bytes(),
         });
     }
-    let addr = buf.ptr as usize;
+    let addr = buf.ptr() as usize;
     if !addr.is_multiple_of(info.buf_align_bytes as usize) {
         return Err(IoError::BufferMisaligned {
             addr,
@@ -403,11 +403,8 @@ mod tests {
     }
 
     fn buf(addr: usize, len: u32) -> IoBuf {
-        IoBuf {
-            ptr: addr as *mut u8,
-            len_bytes: len,
-            fixed_index: None,
-        }
+        // SAFETY: these views are only validated, never submitted, so no memory is touched.
+        unsafe { IoBuf::from_raw(addr as *mut u8, len) }
     }
 
     #[test]

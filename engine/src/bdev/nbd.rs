@@ -8,10 +8,17 @@
 //! completion queue, which the channel drains in its `poll` hook. One request is on the wire at
 //! a time: this is the simplest correct client, not a fast one.
 //!
-//! Constants follow the NBD protocol (NetworkBlockDevice/nbd, doc/proto.md).
+//! The wire format is the NBD frontend's: every constant, request header, reply header and
+//! option header comes from [`crate::frontend::nbd::proto`], the one place that encodes and
+//! decodes NBD messages.
 
 use super::{Bdev, BdevChannel, BdevError, BdevInfo, IoOp, IoRequest};
 use crate::dma::IoBuf;
+use crate::frontend::nbd::proto::{
+    self as wire, cmd, cmd_flag, handshake_flag, info, opt, rep, tx_flag, OptionHeader,
+    OptionReplyHeader, GREETING_BYTES, IHAVEOPT, INFO_EXPORT_BYTES, NBDMAGIC, OPTION_HEADER_BYTES,
+    OPTION_REPLY_HEADER_BYTES, REQUEST_BYTES, SIMPLE_REPLY_BYTES,
+};
 use crate::reactor::{IoCtx, OwnerId};
 use crossbeam_queue::ArrayQueue;
 use std::io::{Read, Write};
@@ -21,33 +28,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_FLAG_FUA: u16 = 1;
-const TFLAG_READ_ONLY: u16 = 1 << 1;
-const TFLAG_SEND_TRIM: u16 = 1 << 5;
-const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
 /// Block size the client enforces (the NBD minimum).
 pub const NBD_BLOCK_BYTES: u32 = 512;
-/// Largest single request (the NBD limit most servers accept).
-pub const NBD_IO_MAX_BYTES: u32 = 32 << 20;
+/// Largest single request: the payload limit of the NBD frontend, which most servers share.
+pub const NBD_IO_MAX_BYTES: u32 = wire::PAYLOAD_MAX_BYTES;
 /// Requests all channels may have queued for the I/O thread; a full queue fails the request
 /// with EAGAIN at once.
 pub const NBD_SUBMIT_QUEUE_MAX: usize = 1024;
@@ -93,22 +77,6 @@ fn proto(name: &str, what: &'static str, msg: String) -> BdevError {
     }
 }
 
-fn read_u16(s: &mut TcpStream) -> std::io::Result<u16> {
-    let mut b = [0u8; 2];
-    s.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
-    let mut b = [0u8; 8];
-    s.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
 /// Runs the fixed-newstyle handshake with NBD_OPT_GO; returns (size, transmission flags).
 fn handshake(s: &mut TcpStream, name: &str, export: &str) -> Result<(u64, u16), BdevError> {
     let io = |source| BdevError::Io {
@@ -116,7 +84,10 @@ fn handshake(s: &mut TcpStream, name: &str, export: &str) -> Result<(u64, u16), 
         what: "NBD handshake",
         source,
     };
-    let (magic, opt_magic) = (read_u64(s).map_err(io)?, read_u64(s).map_err(io)?);
+    let mut greeting = [0u8; GREETING_BYTES];
+    s.read_exact(&mut greeting).map_err(io)?;
+    let magic = u64::from_be_bytes(greeting[0..8].try_into().expect("8 bytes"));
+    let opt_magic = u64::from_be_bytes(greeting[8..16].try_into().expect("8 bytes"));
     if magic != NBDMAGIC || opt_magic != IHAVEOPT {
         return Err(proto(
             name,
@@ -124,41 +95,37 @@ fn handshake(s: &mut TcpStream, name: &str, export: &str) -> Result<(u64, u16), 
             format!("not a newstyle NBD server (magic {magic:#x} {opt_magic:#x})"),
         ));
     }
-    let flags = read_u16(s).map_err(io)?;
-    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+    let flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+    if flags & handshake_flag::FIXED_NEWSTYLE == 0 {
         return Err(proto(
             name,
             "NBD handshake",
             "server lacks fixed newstyle".into(),
         ));
     }
-    let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES));
+    let client_flags =
+        u32::from(handshake_flag::FIXED_NEWSTYLE | (flags & handshake_flag::NO_ZEROES));
+    let data = wire::encode_info_request(export.as_bytes(), &[]);
+    let mut header = [0u8; OPTION_HEADER_BYTES];
+    wire::encode_option_header(
+        &OptionHeader {
+            option: opt::GO,
+            len_bytes: data.len() as u32,
+        },
+        &mut header,
+    );
     let mut msg = client_flags.to_be_bytes().to_vec();
-    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    msg.extend_from_slice(&OPT_GO.to_be_bytes());
-    msg.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
-    msg.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    msg.extend_from_slice(export.as_bytes());
-    msg.extend_from_slice(&0u16.to_be_bytes());
+    msg.extend_from_slice(&header);
+    msg.extend_from_slice(&data);
     s.write_all(&msg).map_err(io)?;
     let mut export_info = None;
     loop {
-        let magic = read_u64(s).map_err(io)?;
-        let (_opt, kind, len) = (
-            read_u32(s).map_err(io)?,
-            read_u32(s).map_err(io)?,
-            read_u32(s).map_err(io)?,
-        );
-        let mut data = vec![0u8; len as usize];
+        let OptionReplyHeader {
+            kind, len_bytes, ..
+        } = read_option_reply(s, name)?;
+        let mut data = vec![0u8; len_bytes as usize];
         s.read_exact(&mut data).map_err(io)?;
-        if magic != REPLY_MAGIC_OPT {
-            return Err(proto(
-                name,
-                "NBD handshake",
-                format!("bad option reply magic {magic:#x}"),
-            ));
-        }
-        if kind & REP_FLAG_ERROR != 0 {
+        if kind & rep::ERROR_BIT != 0 {
             let text = String::from_utf8_lossy(&data).into_owned();
             return Err(proto(
                 name,
@@ -166,19 +133,30 @@ fn handshake(s: &mut TcpStream, name: &str, export: &str) -> Result<(u64, u16), 
                 format!("export '{export}' refused (reply {kind:#x}): {text}"),
             ));
         }
-        if kind == REP_INFO
-            && data.len() >= 12
-            && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
+        if kind == rep::INFO
+            && data.len() >= INFO_EXPORT_BYTES
+            && u16::from_be_bytes([data[0], data[1]]) == info::EXPORT
         {
             let size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
             let tflags = u16::from_be_bytes([data[10], data[11]]);
             export_info = Some((size, tflags));
         }
-        if kind == REP_ACK {
+        if kind == rep::ACK {
             break;
         }
     }
     export_info.ok_or_else(|| proto(name, "NBD_OPT_GO", "server sent no export info".into()))
+}
+
+/// Reads and decodes one option reply header.
+fn read_option_reply(s: &mut TcpStream, name: &str) -> Result<OptionReplyHeader, BdevError> {
+    let mut b = [0u8; OPTION_REPLY_HEADER_BYTES];
+    s.read_exact(&mut b).map_err(|source| BdevError::Io {
+        name: name.into(),
+        what: "NBD handshake",
+        source,
+    })?;
+    wire::decode_option_reply_header(&b).map_err(|e| proto(name, "NBD handshake", e.to_string()))
 }
 
 impl NbdBdev {
@@ -212,9 +190,9 @@ impl NbdBdev {
                 size_bytes,
                 max_io_bytes: NBD_IO_MAX_BYTES,
                 buf_align_bytes: 1,
-                can_trim: tflags & TFLAG_SEND_TRIM != 0,
-                can_write_zeroes: tflags & TFLAG_SEND_WRITE_ZEROES != 0,
-                read_only: tflags & TFLAG_READ_ONLY != 0,
+                can_trim: tflags & tx_flag::SEND_TRIM != 0,
+                can_write_zeroes: tflags & tx_flag::SEND_WRITE_ZEROES != 0,
+                read_only: tflags & tx_flag::READ_ONLY != 0,
             },
             conn,
             thread: Some(thread),
@@ -265,57 +243,64 @@ fn serve(mut s: TcpStream, conn: &Conn) {
         );
     }
     if !broken {
-        drop(send_header(&mut s, CMD_DISC, 0, cookie + 1, 0, 0));
+        drop(send_header(&mut s, cmd::DISC, 0, cookie + 1, 0, 0));
     }
 }
 
 fn send_header(
     s: &mut TcpStream,
-    cmd: u16,
+    kind: u16,
     flags: u16,
     cookie: u64,
-    offset: u64,
-    len: u32,
+    offset_bytes: u64,
+    len_bytes: u32,
 ) -> std::io::Result<()> {
-    let mut h = [0u8; 28];
-    h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    h[4..6].copy_from_slice(&flags.to_be_bytes());
-    h[6..8].copy_from_slice(&cmd.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
-    h[16..24].copy_from_slice(&offset.to_be_bytes());
-    h[24..28].copy_from_slice(&len.to_be_bytes());
+    let mut h = [0u8; REQUEST_BYTES];
+    wire::encode_request(
+        &wire::Request {
+            flags,
+            kind,
+            cookie,
+            offset_bytes,
+            len_bytes,
+        },
+        &mut h,
+    );
     s.write_all(&h)
 }
 
 /// Sends one request and reads its simple reply; returns the completion result.
 fn exchange(s: &mut TcpStream, job: &Job, cookie: u64) -> std::io::Result<i32> {
-    let cmd = match job.op {
-        IoOp::Read => CMD_READ,
-        IoOp::Write => CMD_WRITE,
-        IoOp::Flush => CMD_FLUSH,
-        IoOp::Trim => CMD_TRIM,
-        IoOp::WriteZeroes => CMD_WRITE_ZEROES,
+    let kind = match job.op {
+        IoOp::Read => cmd::READ,
+        IoOp::Write => cmd::WRITE,
+        IoOp::Flush => cmd::FLUSH,
+        IoOp::Trim => cmd::TRIM,
+        IoOp::WriteZeroes => cmd::WRITE_ZEROES,
     };
-    let flags = if job.fua { CMD_FLAG_FUA } else { 0 };
+    let flags = if job.fua { cmd_flag::FUA } else { 0 };
     let len = if job.op == IoOp::Flush {
         0
     } else {
         job.len_bytes
     };
-    send_header(s, cmd, flags, cookie, job.offset_bytes, len)?;
+    send_header(s, kind, flags, cookie, job.offset_bytes, len)?;
     if job.op == IoOp::Write {
         let b = job.buf.expect("validated write has a buffer");
         // SAFETY: the submitter lent this buffer (at least len_bytes, validated) to the request
         // until its completion, which this thread posts only after this copy.
-        let data = unsafe { std::slice::from_raw_parts(b.ptr, job.len_bytes as usize) };
+        let data = unsafe { b.as_slice(job.len_bytes) };
         s.write_all(data)?;
     }
-    let (magic, error, got) = (read_u32(s)?, read_u32(s)?, read_u64(s)?);
-    if magic != SIMPLE_REPLY_MAGIC || got != cookie {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad NBD reply: magic {magic:#x} cookie {got} (expected {cookie})"),
-        ));
+    let mut reply = [0u8; SIMPLE_REPLY_BYTES];
+    s.read_exact(&mut reply)?;
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let wire::SimpleReply { error, cookie: got } =
+        wire::decode_simple_reply(&reply).map_err(|e| invalid(e.to_string()))?;
+    if got != cookie {
+        return Err(invalid(format!(
+            "NBD reply for cookie {got}, expected {cookie}"
+        )));
     }
     if error != 0 {
         return Ok(-(error as i32));
@@ -323,7 +308,7 @@ fn exchange(s: &mut TcpStream, job: &Job, cookie: u64) -> std::io::Result<i32> {
     if job.op == IoOp::Read {
         let b = job.buf.expect("validated read has a buffer");
         // SAFETY: as for writes; nobody else touches the buffer until the completion.
-        let data = unsafe { std::slice::from_raw_parts_mut(b.ptr, job.len_bytes as usize) };
+        let data = unsafe { b.as_mut_slice(job.len_bytes) };
         s.read_exact(data)?;
     }
     Ok(match job.op {

@@ -47,9 +47,6 @@ pub struct UringBdev {
     options: UringOptions,
 }
 
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const BLKSSZGET: libc::c_ulong = 0x1268;
-
 impl UringBdev {
     pub fn open(
         name: &str,
@@ -67,14 +64,14 @@ impl UringBdev {
             .open(path)
             .map_err(open_err)?;
         if options.exclusive {
-            lock_exclusive(&file).map_err(|source| BdevError::Locked {
+            crate::sys::lock_exclusive(file.as_raw_fd()).map_err(|source| BdevError::Locked {
                 path: path.display().to_string(),
                 source,
             })?;
         }
         let meta = file.metadata().map_err(open_err)?;
         let (size_bytes, native_block) = if meta.file_type().is_block_device() {
-            block_device_geometry(&file).map_err(open_err)?
+            crate::sys::block_device_geometry(file.as_raw_fd()).map_err(open_err)?
         } else {
             (meta.len(), DMA_ALIGN_BYTES as u32)
         };
@@ -96,28 +93,6 @@ impl UringBdev {
             options,
         })
     }
-}
-
-fn lock_exclusive(file: &File) -> std::io::Result<()> {
-    // SAFETY: flock on a descriptor this function's caller owns; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn block_device_geometry(file: &File) -> std::io::Result<(u64, u32)> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live local.
-    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut sector: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points at a live local.
-    if unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut sector) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((size, sector as u32))
 }
 
 impl Bdev for UringBdev {
@@ -186,22 +161,22 @@ impl BdevChannel for UringChannel {
             tag: req.tag,
         };
         let entry = match (req.op, req.buf) {
-            (IoOp::Read, Some(b)) => match b.fixed_index {
-                Some(i) => opcode::ReadFixed::new(fd, b.ptr, req.len_bytes, i)
+            (IoOp::Read, Some(b)) => match b.fixed_index() {
+                Some(i) => opcode::ReadFixed::new(fd, b.ptr(), req.len_bytes, i)
                     .offset(req.offset_bytes)
                     .build(),
-                None => opcode::Read::new(fd, b.ptr, req.len_bytes)
+                None => opcode::Read::new(fd, b.ptr(), req.len_bytes)
                     .offset(req.offset_bytes)
                     .build(),
             },
             (IoOp::Write, Some(b)) => {
                 let flags = if req.fua { libc::RWF_DSYNC } else { 0 };
-                match b.fixed_index {
-                    Some(i) => opcode::WriteFixed::new(fd, b.ptr, req.len_bytes, i)
+                match b.fixed_index() {
+                    Some(i) => opcode::WriteFixed::new(fd, b.ptr(), req.len_bytes, i)
                         .offset(req.offset_bytes)
                         .rw_flags(flags)
                         .build(),
-                    None => opcode::Write::new(fd, b.ptr, req.len_bytes)
+                    None => opcode::Write::new(fd, b.ptr(), req.len_bytes)
                         .offset(req.offset_bytes)
                         .rw_flags(flags)
                         .build(),

@@ -792,7 +792,7 @@ impl Reactor {
             Route::Doorbell => rang = true,
         });
         if rang {
-            drain_eventfd(doorbell);
+            crate::sys::eventfd_drain(doorbell);
             self.arm_doorbell(doorbell);
         }
         n
@@ -963,10 +963,4 @@ impl QueueBridge {
             "client completion ring sized below its depth"
         );
     }
-}
-
-fn drain_eventfd(fd: i32) {
-    let mut counter: u64 = 0;
-    // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd we own.
-    unsafe { libc::read(fd, (&mut counter as *mut u64).cast(), 8) };
 }

@@ -14,7 +14,7 @@
 use super::map::{ClusterMap, Entry};
 use super::pool::{self, PoolShared, Reply};
 use crate::bdev::{Bdev, BdevChannel, BdevError, BdevInfo, Extent, IoOp, IoRequest};
-use crate::dma::{IoBuf, Region};
+use crate::dma::Region;
 use crate::reactor::{BdevId, Core, IoCtx, OwnerId};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -261,11 +261,11 @@ impl VolumeChannel {
         let writing = req.op != IoOp::Read;
         match (req.op, entry) {
             (IoOp::Read, Entry::Unallocated) => {
-                let buf = req.buf.expect("validated read has a buffer");
-                // SAFETY: buf_at < len_bytes of the buffer its submitter lent to this request.
-                let at = unsafe { buf.ptr.add(part.buf_at as usize) };
-                // SAFETY: the piece [buf_at, buf_at + len) lies inside that lent buffer.
-                unsafe { std::ptr::write_bytes(at, 0, part.len as usize) };
+                let piece = req.buf.expect("validated read has a buffer");
+                let piece = piece.sub(part.buf_at, part.len);
+                // SAFETY: the submitter lent the buffer to this request, which completes only
+                // after its last piece, so this piece is ours until then.
+                unsafe { piece.as_mut_slice(part.len) }.fill(0);
                 self.piece_done(io, p, 0)
             }
             (IoOp::WriteZeroes, Entry::Unallocated) => self.piece_done(io, p, 0),
@@ -273,21 +273,14 @@ impl VolumeChannel {
                 let within = part.offset % self.cluster_bytes;
                 let at = self.vol.pool.sb.cluster_offset(cluster) + within;
                 let buf = match req.op {
-                    IoOp::WriteZeroes => IoBuf {
-                        ptr: self.vol.zeros.base(),
-                        len_bytes: part.len,
-                        fixed_index: None,
-                    },
-                    _ => {
-                        let b = req.buf.expect("validated data op has a buffer");
-                        // SAFETY: buf_at + len stays inside the lent buffer.
-                        let ptr = unsafe { b.ptr.add(part.buf_at as usize) };
-                        IoBuf {
-                            ptr,
-                            len_bytes: part.len,
-                            fixed_index: b.fixed_index,
-                        }
-                    }
+                    // SAFETY: the channel holds the `VolumeShared` that owns the zero region, so
+                    // it outlives this request; the region is only ever a write source, so
+                    // nothing writes it.
+                    IoOp::WriteZeroes => unsafe { self.vol.zeros.io_buf(0, part.len) },
+                    _ => req
+                        .buf
+                        .expect("validated data op has a buffer")
+                        .sub(part.buf_at, part.len),
                 };
                 let base_req = IoRequest {
                     op: if req.op == IoOp::Read {
@@ -596,7 +589,7 @@ mod tests {
 
     #[test]
     fn volume_writes_and_clones_show_in_allocation() {
-        let cpus = crate::engine::allowed_cpus();
+        let cpus = crate::sys::allowed_cpus();
         let cores = CoreList::parse(&cpus[0].to_string()).unwrap();
         let home = cores.as_slice()[0];
         let mut config = EngineConfig::new(cores);

@@ -4,7 +4,8 @@
 //! byte. Everything is little-endian and fixed-width, every structure carries a magic, the
 //! format version and a crc32c, and decoding checks all three before trusting a single field.
 //! A format change bumps [`FORMAT_VERSION`]; `format_version_is_guarded` fails until the
-//! layout constants and the version are updated together.
+//! layout constants, the superblock and checkpoint encodings, and the version are updated
+//! together.
 
 use std::fmt;
 
@@ -599,5 +600,33 @@ mod tests {
             ),
             (528_384, 2 << 20, 4094)
         );
+        // The whole block's crc would not do: a crc over data followed by its own crc is the
+        // same for every input. The stored crc covers every field; the rest must stay zero.
+        let sb = sample_superblock().encode();
+        assert_eq!(sb.len(), META_BLOCK_BYTES as usize);
+        assert_eq!(
+            get_u32(&sb, SUPERBLOCK_CRC_OFFSET),
+            SUPERBLOCK_FIELDS_CRC,
+            "superblock encoding changed"
+        );
+        assert!(
+            sb[SUPERBLOCK_CRC_OFFSET + 4..].iter().all(|&x| x == 0),
+            "superblock encoding grew past its crc"
+        );
+    }
+
+    /// crc32c of bytes `0..SUPERBLOCK_CRC_OFFSET` of [`sample_superblock`] at FORMAT_VERSION 1.
+    const SUPERBLOCK_FIELDS_CRC: u32 = 2_674_654_835;
+
+    /// A real geometry (decode checks that the fields agree) with a distinct value in each
+    /// field, so moving, widening or dropping any field changes its encoding.
+    fn sample_superblock() -> Superblock {
+        Superblock::layout(
+            (4 << 30) + 12_345 * 4096,
+            512,
+            1 << 20,
+            *b"0123456789abcdef",
+        )
+        .expect("a valid geometry")
     }
 }

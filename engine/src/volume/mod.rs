@@ -1,7 +1,7 @@
 //! The volume store: thin-provisioned volumes with snapshots, clones and online growth, in a
 //! pool on one bdev, consistent after a crash at any instant.
 //!
-//! * [`format`]: the on-disk superblock and metadata checkpoints (drawn in docs/formats.md).
+//! * [`format`](mod@format): the on-disk superblock and metadata checkpoints (drawn in docs/formats.md).
 //! * [`meta`]: objects, cluster maps, reference counts, allocator and the fsck.
 //! * [`map`]: the lock-free cluster map every core reads.
 //! * `pool`: the home core's runtime: allocation, copy-on-write, commits, barriers.
@@ -121,9 +121,9 @@ impl From<EngineError> for PoolError {
 /// A random v4 UUID from the kernel's generator.
 pub(crate) fn random_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
-    // SAFETY: getrandom writes at most 16 bytes into the 16-byte array.
-    let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), 16, 0) };
-    assert_eq!(n, 16, "getrandom failed");
+    if let Err(e) = crate::sys::random_bytes(&mut u) {
+        panic!("getrandom failed: {e}");
+    }
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
     u

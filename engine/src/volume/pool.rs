@@ -440,7 +440,7 @@ fn copy_step(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, tag: u32) 
     };
     let own = owner(h, core);
     let buf = h.copy_buf.as_mut().expect("copy holds the buffer").io_buf();
-    let chunk_bytes = buf.len_bytes.min(shared.sb.cluster_size_bytes);
+    let chunk_bytes = buf.len_bytes().min(shared.sb.cluster_size_bytes);
     let within = u64::from(chunk) * u64::from(chunk_bytes);
     let (op, cluster) = if reading {
         (IoOp::Read, src)
@@ -626,11 +626,9 @@ fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     };
     let at = shared.sb.slot_offsets[1 - h.active_slot];
     tracing::warn!(pool = %shared.name, slot = 1 - h.active_slot, "retrying a failed commit: clearing the slot's header first");
-    let buf = IoBuf {
-        ptr: zero.base(),
-        len_bytes: META_BLOCK_BYTES as u32,
-        fixed_index: None,
-    };
+    // SAFETY: the commit keeps the zero block (stored just below) until this stage completes,
+    // and nothing writes it.
+    let buf = unsafe { zero.io_buf(0, META_BLOCK_BYTES as u32) };
     let c = h.commit.as_mut().expect("just set");
     c.stage = CommitStage::ClearHeader;
     c.zero_block = Some(zero);
@@ -744,11 +742,9 @@ fn write_span(
         let n = (to - done).min(max);
         // SAFETY: done < to <= len, and the staging region holds len bytes.
         let ptr = unsafe { base_ptr.add(done as usize) };
-        let buf = IoBuf {
-            ptr,
-            len_bytes: n as u32,
-            fixed_index: None,
-        };
+        // SAFETY: [ptr, ptr + n) lies in the commit's staging region, which the commit keeps
+        // until its last stage completes and which nothing writes while it is staged.
+        let buf = unsafe { IoBuf::from_raw(ptr, n as u32) };
         commit_issue(h, core, shared, IoOp::Write, at + done, n as u32, Some(buf));
         done += n;
     }

@@ -14,27 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// enough that many engines can run in parallel test threads.
 pub const TEST_BUF_COUNT: u32 = 96;
 
-/// The CPUs this process may run on, lowest first.
-pub fn allowed_cpus() -> Vec<u32> {
-    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: passes a valid cpu_set_t of the size given; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    assert_eq!(
-        rc,
-        0,
-        "sched_getaffinity: {}",
-        std::io::Error::last_os_error()
-    );
-    (0..libc::CPU_SETSIZE as u32)
-        // SAFETY: c < CPU_SETSIZE and the set is initialised.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .collect()
-}
-
 /// The first `count` allowed cores, or as many as exist (at least one).
 pub fn cores(count: usize) -> CoreList {
-    let cpus = allowed_cpus();
+    let cpus = cairn_engine::sys::allowed_cpus();
     let picked: Vec<String> = cpus.iter().take(count).map(u32::to_string).collect();
     CoreList::parse(&picked.join(",")).expect("allowed cpus form a valid core list")
 }

@@ -113,7 +113,7 @@ fn engine() -> Result<Engine> {
 }
 
 fn first_core() -> Result<CoreId> {
-    let allowed = cairn_engine::engine::allowed_cpus();
+    let allowed = cairn_engine::sys::allowed_cpus();
     Ok(CoreId::new(
         *allowed
             .first()

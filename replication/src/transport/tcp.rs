@@ -77,15 +77,9 @@ struct TcpAcceptor {
 
 impl Acceptor for TcpAcceptor {
     fn accept(&mut self, timeout: Duration) -> Result<Option<Box<dyn Link>>, TransportError> {
-        let mut pfd = libc::pollfd {
-            fd: self.listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n <= 0 {
+        // A failed poll is a timeout here: the accept loop calls again.
+        let ready = cairn_engine::sys::wait_readable(self.listener.as_raw_fd(), timeout);
+        if !ready.unwrap_or(false) {
             return Ok(None);
         }
         match self.listener.accept() {
@@ -345,37 +339,37 @@ impl Conn for TcpConn {
         Ok(work)
     }
 
-    fn recv(&mut self, io: &mut IoCtx) -> Option<Result<RxFrame<'_>, TransportError>> {
+    fn recv(&mut self, _io: &mut IoCtx) -> Option<Result<RxFrame<'_>, TransportError>> {
         if self.closed {
             return None;
         }
-        let have = self.rx_end - self.rx_start;
-        if have < HEADER_BYTES {
-            return None;
+        // The one frame decoder the tests and the fuzzer check, called once per frame. A bad
+        // header is refused as soon as it has arrived, before its payload. The fields are
+        // borrowed apart so the message can borrow `rx` while a refusal closes the socket.
+        let TcpConn {
+            rx,
+            rx_start,
+            rx_end,
+            stream,
+            peer,
+            tx_fill,
+            closed,
+            ..
+        } = self;
+        match proto::decode_frame(&rx[*rx_start..*rx_end]) {
+            Ok((header, msg, used)) => {
+                *rx_start += used;
+                Some(Ok(RxFrame { header, msg }))
+            }
+            Err(proto::ProtoError::Truncated { .. }) => None,
+            Err(source) => {
+                shut(stream, tx_fill, closed);
+                Some(Err(TransportError::Proto {
+                    endpoint: peer.clone(),
+                    source,
+                }))
+            }
         }
-        let start = self.rx_start;
-        let head: &[u8; HEADER_BYTES] = self.rx[start..start + HEADER_BYTES]
-            .try_into()
-            .expect("HEADER_BYTES long");
-        let header = match proto::decode_header(head) {
-            Ok(h) => h,
-            Err(source) => return Some(Err(self.refuse(io, source))),
-        };
-        let total = HEADER_BYTES + header.payload_bytes as usize;
-        if have < total {
-            return None;
-        }
-        let payload = &self.rx[start + HEADER_BYTES..start + total];
-        if let Err(source) = proto::verify_payload(&header, head, payload) {
-            return Some(Err(self.refuse(io, source)));
-        }
-        if let Err(source) = proto::decode(&header, payload) {
-            return Some(Err(self.refuse(io, source)));
-        }
-        self.rx_start += total;
-        let payload = &self.rx[start + HEADER_BYTES..start + total];
-        let msg = proto::decode(&header, payload).expect("decoded above");
-        Some(Ok(RxFrame { header, msg }))
     }
 
     fn send(&mut self, envelope: &Envelope, msg: &Message<'_>) -> Result<(), Backpressure> {
@@ -398,12 +392,7 @@ impl Conn for TcpConn {
     }
 
     fn close(&mut self, _io: &mut IoCtx) {
-        if !self.closed {
-            self.closed = true;
-            self.tx_fill.clear();
-            // Wakes the in-flight receive (and fails the send) so `busy` clears.
-            drop(self.stream.shutdown(std::net::Shutdown::Both));
-        }
+        shut(&self.stream, &mut self.tx_fill, &mut self.closed);
     }
 
     fn is_closed(&self) -> bool {
@@ -424,13 +413,14 @@ impl Conn for TcpConn {
     }
 }
 
-impl TcpConn {
-    fn refuse(&mut self, io: &mut IoCtx, source: proto::ProtoError) -> TransportError {
-        self.close(io);
-        TransportError::Proto {
-            endpoint: self.peer.clone(),
-            source,
-        }
+/// Closes a connection once: drops what is queued and shuts the socket down, which wakes the
+/// in-flight receive (and fails the send) so `busy` clears. Takes the fields it needs so a
+/// caller holding a borrow of `rx` can close too.
+fn shut(stream: &TcpStream, tx_fill: &mut Vec<u8>, closed: &mut bool) {
+    if !*closed {
+        *closed = true;
+        tx_fill.clear();
+        drop(stream.shutdown(std::net::Shutdown::Both));
     }
 }
 

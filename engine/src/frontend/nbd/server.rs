@@ -425,14 +425,7 @@ fn clear_timeouts(fd: &OwnedFd) {
 
 /// Waits up to [`ACCEPT_POLL`] for `fd` to have a client to accept.
 fn readable(fd: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes one pollfd in a live local.
-    let n = unsafe { libc::poll(&mut pfd, 1, ACCEPT_POLL.as_millis() as i32) };
-    n > 0
+    crate::sys::wait_readable(fd, ACCEPT_POLL).unwrap_or(false)
 }
 
 /// The two kinds of listener, as the accept loop needs them.
