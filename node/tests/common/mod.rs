@@ -60,55 +60,6 @@ impl Target {
     }
 }
 
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// True when every tool is on PATH. Otherwise prints why the test is skipped and returns false,
-/// or panics under CI.
-pub fn have_tools(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let reason = format!(
-        "{test}: missing {} (see PACKAGES in ci/test.sh)",
-        missing.join(", ")
-    );
-    assert!(
-        !in_ci(),
-        "CI is set, so a missing tool is a failure: {reason}"
-    );
-    skip(&reason);
-    false
-}
-
-/// Prints why a test is skipped on the real stderr: libtest captures `eprintln!` of passing
-/// tests, and a silent skip looks like a pass.
-pub fn skip(reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP {reason}");
-}
-
-fn on_path(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(tool))
-            .map(|m| m.is_file())
-            .unwrap_or(false)
-    }) || ["/usr/sbin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).is_file())
-}
-
-pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// A directory removed on drop.
 pub struct WorkDir {
     pub path: PathBuf,
