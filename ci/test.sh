@@ -10,7 +10,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # The real-client tests (node/tests/real_clients.rs) use qemu-img/qemu-io (qemu-utils),
 # nbdinfo/nbdcopy/nbdfuse (libnbd-bin; bookworm has no separate nbdfuse package), fio (its nbd
 # engine), fusermount3 (fuse3) and mkfs.ext4/e2fsck (e2fsprogs).
-PACKAGES=(build-essential valgrind nbdkit python3 qemu-utils libnbd-bin fio fuse3 e2fsprogs)
+PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd qemu-utils libnbd-bin fio fuse3 e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
