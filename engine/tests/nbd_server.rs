@@ -405,7 +405,11 @@ print("refused cleanly")
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "python3 (libnbd): {}: {text}", out.status);
+        assert!(
+            out.status.success(),
+            "python3 (libnbd): {}: {text}",
+            out.status
+        );
         assert!(text.contains("refused cleanly"), "python3 (libnbd): {text}");
         f.check_healthy("libnbd's 33 MiB write");
     });
