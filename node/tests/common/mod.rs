@@ -5,8 +5,9 @@
 //!
 //! The server is `cairn-node` unless `CAIRN_NBD_TARGET` says `qemu-nbd` or `nbdkit`: those
 //! serve a plain file, which is how the tests themselves are checked against servers known to
-//! be right. A missing tool skips a test with a printed reason, except under CI (`CI` set),
-//! where it fails: CI installs every tool, so a missing one means the gate is not testing.
+//! be right. Tests ask cairn-testkit for their tools: a missing one skips a test with a printed
+//! reason, except under CI (`CI` set), where it fails: CI installs every tool, so a missing one
+//! means the gate is not testing.
 //!
 //! It must never assert on timing: the timeouts here only turn a hang into a failure.
 
