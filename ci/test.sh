@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: the gate CI runs (see README). Installs what it needs, then runs
-# formatting, lints, unit/integration/property tests, the examples and the benchmark smoke.
+# formatting, lints, unit/integration/property tests, the examples, the benchmark smoke and
+# every command the README shows (ci/readme.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # The real-client tests (node/tests/real_clients.rs) use qemu-img/qemu-io (qemu-utils),
 # nbdinfo/nbdcopy/nbdfuse (libnbd-bin; bookworm has no separate nbdfuse package), fio (its nbd
 # engine), fusermount3 (fuse3) and mkfs.ext4/e2fsck (e2fsprogs).
-PACKAGES=(build-essential valgrind nbdkit python3 qemu-utils libnbd-bin fio fuse3 e2fsprogs)
+PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd qemu-utils libnbd-bin fio fuse3 e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -42,6 +43,9 @@ export CARGO_TERM_COLOR=never
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "every README command has a short form in ci/readme.sh"
+bash ci/readme.sh --check
+
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
@@ -62,11 +66,8 @@ cargo run --release -q -p cairn-examples --bin engine-quickstart
 step "benchmark smoke (criterion, one short pass each)"
 cargo bench -q -p cairn-benches -- --quick --noplot >/dev/null
 
-step "main command smoke: cairn-perf compare on a small file"
-smoke=$(mktemp -d)
-trap 'rm -rf "$smoke"' EXIT
-cargo run --release -q -p cairn-perf -- compare --file "$smoke/perf.img" --size 64M \
-  --rw randread --runtime 1 --rounds 1
+step "every README command, short: the daemon + nbdinfo + SIGINT, cairnctl, cairn-pool, libcairn, cairn-perf (ci/readme.sh)"
+bash ci/readme.sh
 
 passed=$(grep -Eo '[0-9]+ passed' target/ci-test.log | awk '{s += $1} END {print s + 0}')
 failed=$(grep -Eo '[0-9]+ failed' target/ci-test.log | awk '{s += $1} END {print s + 0}')

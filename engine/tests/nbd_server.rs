@@ -1,6 +1,7 @@
 //! Guards the NBD server's transmission phase against bad and hostile clients, over TCP and
 //! unix sockets, with simple and structured replies: every bad input (bad magics, unknown
-//! options and commands, oversized requests, offsets past the end, clients that vanish mid-
+//! options and commands, oversized requests (a write over the payload limit is answered only
+//! after its payload, checked with libnbd too), offsets past the end, clients that vanish mid-
 //! request or mid-handshake) is answered with the error the spec names or a closed connection,
 //! never a hang or a crash; a pipelining client gets every reply matched by cookie; a client
 //! that never reads its replies does not stall another; a thousand killed connections leave
@@ -16,6 +17,7 @@ mod common;
 mod nbd_client;
 
 use cairn_engine::bdev::malloc::MallocBdev;
+use cairn_engine::frontend::nbd::conn::OVERSIZED_WRITE_SKIP_MAX_BYTES;
 use cairn_engine::frontend::nbd::proto::{cmd, cmd_flag, err, opt, rep, state, tx_flag};
 use cairn_engine::frontend::nbd::{ExportOptions, NbdConfig, NbdServer};
 use cairn_engine::volume::Pool;
@@ -284,55 +286,133 @@ fn oversized_requests_are_refused_without_a_hang() {
             common::assert_same("32 MiB read", 0, &got[..SEED_BYTES as usize], &f.seed);
         }
         for o in [SIMPLE, STRUCTURED] {
-            oversized_write(f, o);
-            f.check_healthy("a 64 MiB write header");
+            oversized_write_is_answered_after_its_payload(f, o);
+            f.check_healthy("a 33 MiB write");
+            far_oversized_write_closes_without_a_reply(f, o);
+            f.check_healthy("a write header beyond the skip limit");
         }
         f.wait_no_connections("oversized requests");
     });
 }
 
-/// A WRITE claiming 64 MiB, payload sent by another thread: the server answers with an error
-/// and/or closes; it never acknowledges it and never waits forever.
-fn oversized_write(f: &mut Fixture, o: Options) {
+/// A 33 MiB WRITE, payload and all, from another thread: the server reads and discards the
+/// whole payload, then answers with an error (never earlier: a client still sending would get
+/// a reply for a request it has not finished, which libnbd reports as a server bug), and the
+/// connection goes on serving.
+fn oversized_write_is_answered_after_its_payload(f: &mut Fixture, o: Options) {
     let mut c = f.client(o);
-    let cookie = 0x64;
-    let len = 64u32 << 20;
+    let cookie = 0x33;
+    let len = 33u32 << 20;
     let mut tx = c.stream.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
         let mut b = request_header(cmd::WRITE, 0, cookie, 0, len).to_vec();
         b.resize(28 + len as usize, 0xee);
-        // The server may close before taking it all; that is allowed.
-        drop(tx.write_all(&b));
+        tx.write_all(&b)
     });
-    // The client's own bookkeeping: the header went out on the clone.
     c.expect(cmd::WRITE, cookie, 0, len);
-    let reply: Option<Reply> = match c.recv() {
-        Ok(r) => Some(r),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
-        Err(e) => panic!("64 MiB write: no answer and no close: {e}"),
+    let r = c.recv().expect("a 33 MiB write is answered");
+    // The server read all of it: the sender was never cut off.
+    sender
+        .join()
+        .unwrap()
+        .expect("the whole 33 MiB write was taken");
+    assert_eq!(r.cookie, cookie);
+    let want = if o.structured {
+        err::EOVERFLOW
+    } else {
+        err::EINVAL
     };
-    sender.join().unwrap();
-    if let Some(r) = reply {
-        assert_eq!(r.cookie, cookie);
-        assert_ne!(r.error, 0, "a 64 MiB write was acknowledged");
-        // After the error the server may go on (having skipped the payload) or close.
-        match c.read(4096, 4096) {
-            Ok(Ok(got)) => {
-                common::assert_same("after 64 MiB write", 4096, &got, &f.seed[4096..8192])
-            }
-            Ok(Err(e)) => panic!("read after a refused 64 MiB write: error {e}"),
-            Err(e) => assert!(
-                matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::BrokenPipe
-                ),
-                "after a refused 64 MiB write: {e}"
+    assert_eq!(r.error, want, "33 MiB write");
+    let got = c
+        .read(4096, 4096)
+        .unwrap()
+        .expect("read after a 33 MiB write");
+    common::assert_same("after a 33 MiB write", 4096, &got, &f.seed[4096..8192]);
+}
+
+/// A WRITE header claiming more than the server will skip: the connection closes without any
+/// reply, and no byte of it reaches the device.
+fn far_oversized_write_closes_without_a_reply(f: &mut Fixture, o: Options) {
+    let mut c = f.client(o);
+    let cookie = 0x65;
+    let len = OVERSIZED_WRITE_SKIP_MAX_BYTES + 4096;
+    let mut b = request_header(cmd::WRITE, 0, cookie, 0, len).to_vec();
+    b.resize(28 + 1024 * 1024, 0xee);
+    // The server may close before taking it all; that is allowed.
+    drop(c.stream.write_all(&b));
+    c.expect(cmd::WRITE, cookie, 0, len);
+    match c.recv() {
+        Ok(r) => panic!("a write of {len} bytes was answered before its payload: {r:?}"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
             ),
-        }
+            "a write of {len} bytes: no close: {e}"
+        ),
     }
+}
+
+/// The interpreter whose `nbd` module python3-libnbd provides.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// libnbd, with its own request-size checks off, writes 33 MiB: it gets a clean EOVERFLOW
+/// error (not "no matching cookie found for server reply"), its handle still reads, and the
+/// server keeps serving other clients.
+#[test]
+fn libnbd_oversized_write_gets_a_clean_error() {
+    let have_libnbd = std::process::Command::new(SYSTEM_PYTHON)
+        .args(["-c", "import nbd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !cairn_testkit::require(
+        have_libnbd,
+        format_args!(
+            "needs {SYSTEM_PYTHON} with libnbd's `nbd` module (apt-get install python3-libnbd)"
+        ),
+    ) {
+        return;
+    }
+    run("libnbd 33 MiB write", |f| {
+        let Endpoint::Tcp(addr) = f.tcp.clone() else {
+            unreachable!("the fixture's tcp endpoint")
+        };
+        let script = format!(
+            r#"
+import errno
+import nbd
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri("nbd://{addr}/m")
+try:
+    h.pwrite(b"\xee" * (33 << 20), 0)
+    raise SystemExit("a 33 MiB write succeeded")
+except nbd.Error as e:
+    # libnbd names the errno ("EOVERFLOW") or gives its number, by version.
+    assert e.errno in ("EOVERFLOW", errno.EOVERFLOW), (e.string, e.errno)
+assert len(h.pread(4096, 4096)) == 4096
+print("refused cleanly")
+"#
+        );
+        // The distribution's python, which python3-libnbd installs `nbd` for (nbdsh's
+        // `env python3` may find another without it).
+        let out = std::process::Command::new(SYSTEM_PYTHON)
+            .args(["-c", &script])
+            .output()
+            .expect("python3 runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "python3 (libnbd): {}: {text}",
+            out.status
+        );
+        assert!(text.contains("refused cleanly"), "python3 (libnbd): {text}");
+        f.check_healthy("libnbd's 33 MiB write");
+    });
 }
 
 #[test]

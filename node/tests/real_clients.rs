@@ -12,9 +12,10 @@
 
 mod common;
 
+use cairn_testkit::{require_root, require_tool};
 use common::{
-    assert_same_file, expected_map, have_tools, is_root, parse_map, random_bytes, run_ok,
-    ExportSpec, FuseGuard, LoopGuard, MountGuard, Server, KIB, MIB,
+    assert_same_file, expected_map, parse_map, random_bytes, run_ok, ExportSpec, FuseGuard,
+    LoopGuard, MountGuard, Server, KIB, MIB,
 };
 
 const VOL: &str = "vol";
@@ -26,7 +27,7 @@ fn volume_server(test: &str, size_bytes: u64) -> Server {
 /// qemu-img reads the export size over both transports, and the malloc export's too.
 #[test]
 fn qemu_img_info_shows_the_virtual_size() {
-    if !have_tools("qemu_img_info", &["qemu-img"]) {
+    if !require_tool("qemu-img", "qemu-utils") {
         return;
     }
     let target = common::Target::from_env();
@@ -62,7 +63,7 @@ fn qemu_img_info_shows_the_virtual_size() {
 /// unchanged. The zero runs make qemu-img send WRITE_ZEROES and read back holes.
 #[test]
 fn qemu_img_convert_round_trip() {
-    if !have_tools("qemu_img_convert", &["qemu-img"]) {
+    if !require_tool("qemu-img", "qemu-utils") {
         return;
     }
     let size = 48 * MIB;
@@ -135,7 +136,7 @@ fn qemu_io(s: &Server, uri: &str, cmds: &[String]) -> String {
 /// connection and on a second one; data next to an unaligned discard or zero write survives.
 #[test]
 fn qemu_io_patterns_at_unaligned_and_large_offsets() {
-    if !have_tools("qemu_io_patterns", &["qemu-io"]) {
+    if !require_tool("qemu-io", "qemu-utils") {
         return;
     }
     let size = 32 * MIB;
@@ -207,7 +208,7 @@ fn qemu_io_patterns_at_unaligned_and_large_offsets() {
 /// nbdinfo sees every capability a volume promises, and the block sizes it advertises.
 #[test]
 fn nbdinfo_reports_capabilities_and_block_size() {
-    if !have_tools("nbdinfo_can", &["nbdinfo"]) {
+    if !require_tool("nbdinfo", "libnbd-bin") {
         return;
     }
     let s = volume_server("nbdinfo_can", 16 * MIB);
@@ -272,7 +273,7 @@ fn nbdinfo_reports_capabilities_and_block_size() {
 /// exactly the clusters written and hole,zero everywhere else.
 #[test]
 fn nbdinfo_map_shows_data_exactly_where_written() {
-    if !have_tools("nbdinfo_map", &["nbdinfo", "qemu-io"]) {
+    if !require_tool("nbdinfo", "libnbd-bin") || !require_tool("qemu-io", "qemu-utils") {
         return;
     }
     let size = 40 * MIB;
@@ -303,7 +304,7 @@ fn nbdinfo_map_shows_data_exactly_where_written() {
 /// nbdcopy (multi-conn, parallel requests) into the export and back out, byte for byte.
 #[test]
 fn nbdcopy_to_and_from_a_file() {
-    if !have_tools("nbdcopy", &["nbdcopy"]) {
+    if !require_tool("nbdcopy", "libnbd-bin") {
         return;
     }
     let size = 64 * MIB;
@@ -353,7 +354,7 @@ fn fio(s: &Server, uri: &str, name: &str, extra: &[&str]) -> String {
 /// connection, and a verified random read/write mix.
 #[test]
 fn fio_randwrite_verify_and_randrw() {
-    if !have_tools("fio", &["fio"]) {
+    if !require_tool("fio", "fio") {
         return;
     }
     let size = 64 * MIB;
@@ -393,7 +394,7 @@ fn fio_randwrite_verify_and_randrw() {
 /// verifying jobs (one connection each), each region checked from a fresh connection.
 #[test]
 fn several_clients_at_once() {
-    if !have_tools("several_clients", &["qemu-io", "fio"]) {
+    if !require_tool("qemu-io", "qemu-utils") || !require_tool("fio", "fio") {
         return;
     }
     let region = 8 * MIB;
@@ -500,28 +501,22 @@ fn attach_loop(fuse: &FuseGuard) -> LoopGuard {
 /// mounted again (page cache gone with the loop device) and read back, then fsck clean.
 #[test]
 fn ext4_on_nbdfuse_survives_remount() {
-    if !is_root() {
-        common::skip("ext4_on_nbdfuse: needs root for losetup and mount");
-        return;
-    }
     let tools = [
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "mkfs.ext4",
-        "mount",
-        "umount",
-        "e2fsck",
+        ("nbdfuse", "libnbd-bin"),
+        ("fusermount3", "fuse3"),
+        ("losetup", "mount"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("mount", "mount"),
+        ("umount", "mount"),
+        ("e2fsck", "e2fsprogs"),
     ];
-    if !have_tools("ext4_on_nbdfuse", &tools) {
-        return;
-    }
-    if !std::path::Path::new("/dev/fuse").exists() {
-        assert!(
-            !common::in_ci(),
-            "CI is set but /dev/fuse is missing (see ci/test.sh)"
-        );
-        common::skip("ext4_on_nbdfuse: /dev/fuse is missing");
+    if !require_root("losetup and mount")
+        || !tools.iter().all(|&(tool, pkg)| require_tool(tool, pkg))
+        || !cairn_testkit::require(
+            std::path::Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing (ci/test.sh makes it when root)",
+        )
+    {
         return;
     }
     let s = volume_server("ext4_on_nbdfuse", 128 * MIB);
@@ -579,10 +574,13 @@ fn ext4_on_nbdfuse_survives_remount() {
 #[test]
 fn malloc_export_round_trip() {
     if common::Target::from_env() != common::Target::Cairn {
-        common::skip("malloc_export: --malloc is cairn-node's");
+        cairn_testkit::skip("--malloc is cairn-node's");
         return;
     }
-    if !have_tools("malloc_export", &["qemu-io", "nbdcopy", "nbdinfo"]) {
+    if !require_tool("qemu-io", "qemu-utils")
+        || !require_tool("nbdcopy", "libnbd-bin")
+        || !require_tool("nbdinfo", "libnbd-bin")
+    {
         return;
     }
     let size = 32 * MIB;
@@ -619,7 +617,7 @@ fn malloc_export_round_trip() {
 /// serving: a new client writes and reads back elsewhere, and SIGTERM still drains and exits 0.
 #[test]
 fn client_killed_mid_io_leaves_the_server_serving() {
-    if !have_tools("client_killed", &["fio", "qemu-io"]) {
+    if !require_tool("fio", "fio") || !require_tool("qemu-io", "qemu-utils") {
         return;
     }
     let s = volume_server("client_killed", 64 * MIB);

@@ -1,5 +1,6 @@
 //! Guards the README's main command: `cairn-perf run` and `compare` work end to end on a small
-//! generated file, print the documented JSON keys, and refuse bad flags with a named error.
+//! generated file, print the documented JSON keys, run every round of a volume comparison on
+//! one file, and refuse bad flags with a named error.
 
 use std::process::Command;
 
@@ -94,6 +95,23 @@ fn compare_reports_ratios_and_every_round() {
     assert!(v["ratio_iops"].as_f64().unwrap() > 0.0);
     assert!(v["ratio_p99"].as_f64().unwrap() > 0.0);
     assert_eq!(v["baseline"].as_array().unwrap().len(), 2);
+    assert_eq!(v["candidate"].as_array().unwrap().len(), 2);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// The volume candidate reopens the file it locked in the round before: its pool, volume and
+/// engine must have released it (round 2 failed with "exclusive lock held" once).
+#[test]
+fn compare_volume_runs_every_round_on_the_same_file() {
+    let file = temp_file("compare-volume");
+    let out = perf()
+        .args(["compare", "--baseline", "raw", "--candidate", "volume"])
+        .args(["--rounds", "2", "--size", "16M", "--runtime", "0.3"])
+        .args(["--rw", "randread", "--json", "--file"])
+        .arg(&file)
+        .output()
+        .expect("spawn cairn-perf");
+    let v = json(&out);
     assert_eq!(v["candidate"].as_array().unwrap().len(), 2);
     std::fs::remove_file(&file).unwrap();
 }

@@ -84,4 +84,6 @@ pub enum EngineError {
     Stuck { core: CoreId },
     #[error("core {core}: the reactor has stopped")]
     Stopped { core: CoreId },
+    #[error("bdev '{bdev}' (id {id}) was removed from the engine")]
+    BdevRemoved { bdev: String, id: u32 },
 }

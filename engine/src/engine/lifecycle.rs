@@ -34,7 +34,9 @@ pub struct ReactorTimes {
 
 struct Shared {
     reactors: Vec<ReactorRef>,
-    bdevs: Mutex<Vec<Arc<dyn Bdev>>>,
+    /// Every bdev added, by id; `None` once removed, so a removed device's files and locks
+    /// are released as soon as its last channel and queue are gone (ids are never reused).
+    bdevs: Mutex<Vec<Option<Arc<dyn Bdev>>>>,
     next_queue_id: AtomicU64,
     stopped: AtomicBool,
 }
@@ -122,9 +124,18 @@ impl Engine {
     }
 
     /// The device behind `bdev`, for control paths that ask it directly (its size after a
-    /// grow, its allocation map).
-    pub fn bdev(&self, bdev: &BdevHandle) -> Arc<dyn Bdev> {
-        self.shared.bdevs.lock()[bdev.id.0 as usize].clone()
+    /// grow, its allocation map). Fails once the bdev has been removed.
+    pub fn bdev(&self, bdev: &BdevHandle) -> Result<Arc<dyn Bdev>, EngineError> {
+        self.shared
+            .bdevs
+            .lock()
+            .get(bdev.id.0 as usize)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| EngineError::BdevRemoved {
+                bdev: bdev.info.name.clone(),
+                id: bdev.id.0,
+            })
     }
 
     pub fn cores(&self) -> Vec<CoreId> {
@@ -170,7 +181,7 @@ impl Engine {
             }
         }
         let info = bdev.info().clone();
-        bdevs.push(bdev);
+        bdevs.push(Some(bdev));
         Ok(BdevHandle { id, info })
     }
 
@@ -178,7 +189,11 @@ impl Engine {
     /// when every core has closed its channel after the requests in flight completed. The id
     /// is not reused.
     pub fn remove_bdev(&self, bdev: &BdevHandle) -> Result<(), EngineError> {
-        self.close_channels(bdev.id, &self.cores())
+        self.close_channels(bdev.id, &self.cores())?;
+        if let Some(slot) = self.shared.bdevs.lock().get_mut(bdev.id.0 as usize) {
+            *slot = None;
+        }
+        Ok(())
     }
 
     fn close_channels(&self, id: BdevId, cores: &[CoreId]) -> Result<(), EngineError> {
@@ -215,6 +230,7 @@ impl Engine {
             return Err(EngineError::QueueDepth { depth });
         }
         let reactor = self.reactor(core)?;
+        let device = self.bdev(bdev)?;
         let shared = Arc::new(QueueShared {
             id: self.shared.next_queue_id.fetch_add(1, Ordering::Relaxed),
             sq: crossbeam_queue::ArrayQueue::new(depth as usize),
@@ -227,7 +243,6 @@ impl Engine {
         let bufs = self.send_and_wait(core, move |r: &mut Reactor| {
             r.add_queue(bridge, bdev_id, depth)
         })??;
-        let device = self.shared.bdevs.lock()[bdev.id.0 as usize].clone();
         Ok(IoQueue::new(shared, reactor, device, bufs, depth))
     }
 

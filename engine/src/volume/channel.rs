@@ -574,7 +574,7 @@ mod tests {
                 h.open
                     .values()
                     .find(|(b, _)| *b == id)
-                    .map(|(_, v)| v.clone())
+                    .and_then(|(_, v)| v.upgrade())
             })
             .unwrap()
             .expect("volume is open");

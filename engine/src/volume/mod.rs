@@ -401,7 +401,9 @@ impl Pool {
         let name = name.to_string();
         let open = self.query(engine, move |h| {
             let id = h.meta.find(&name).ok()?.id;
-            h.open.get(&id).cloned()
+            h.open
+                .get(&id)
+                .and_then(|(bdev, vol)| Some((*bdev, vol.upgrade()?)))
         })?;
         if let Some((bdev, vol)) = open {
             vol.size_bytes
@@ -479,7 +481,8 @@ impl Pool {
         let handle = engine.add_bdev(bdev)?;
         vol.bdev.set(handle.id()).expect("set once");
         let id = handle.id();
-        self.query(engine, move |h| h.open.insert(obj, (id, vol)))?;
+        let weak = Arc::downgrade(&vol);
+        self.query(engine, move |h| h.open.insert(obj, (id, weak)))?;
         Ok(handle)
     }
 

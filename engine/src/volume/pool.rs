@@ -30,7 +30,7 @@ use crate::reactor::{BdevId, Core, OwnerId, PollerState};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Who is waiting for a home operation.
 pub(crate) enum Reply {
@@ -144,8 +144,10 @@ pub(crate) struct Home {
     active_slot: usize,
     barrier: Option<(u32, AfterBarrier)>,
     barrier_queue: VecDeque<AfterBarrier>,
-    /// Open volumes: their bdev id and the state their channels share.
-    pub(crate) open: HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
+    /// Open volumes: their bdev id and the state their channels share. Weak: the volume's
+    /// bdev owns that state and holds this pool, so a strong reference here would be a cycle
+    /// that keeps the base device (its file and lock) alive after the engine stops.
+    pub(crate) open: HashMap<u64, (BdevId, Weak<super::channel::VolumeShared>)>,
     cores: Vec<CoreId>,
     closing: bool,
     /// A commit failed after it may have written the inactive slot's header (see ClearHeader).
@@ -888,7 +890,7 @@ pub(crate) fn change(
     to: Reply,
     f: impl FnOnce(
         &mut Meta,
-        &HashMap<u64, (BdevId, Arc<super::channel::VolumeShared>)>,
+        &HashMap<u64, (BdevId, Weak<super::channel::VolumeShared>)>,
     ) -> Result<(), PoolError>,
 ) {
     match f(&mut h.meta, &h.open) {

@@ -5,8 +5,9 @@
 //!
 //! The server is `cairn-node` unless `CAIRN_NBD_TARGET` says `qemu-nbd` or `nbdkit`: those
 //! serve a plain file, which is how the tests themselves are checked against servers known to
-//! be right. A missing tool skips a test with a printed reason, except under CI (`CI` set),
-//! where it fails: CI installs every tool, so a missing one means the gate is not testing.
+//! be right. Tests ask cairn-testkit for their tools: a missing one skips a test with a printed
+//! reason, except under CI (`CI` set), where it fails: CI installs every tool, so a missing one
+//! means the gate is not testing.
 //!
 //! It must never assert on timing: the timeouts here only turn a hang into a failure.
 
@@ -58,55 +59,6 @@ impl Target {
             Target::QemuNbd | Target::Nbdkit => 4 * KIB,
         }
     }
-}
-
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// True when every tool is on PATH. Otherwise prints why the test is skipped and returns false,
-/// or panics under CI.
-pub fn have_tools(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let reason = format!(
-        "{test}: missing {} (see PACKAGES in ci/test.sh)",
-        missing.join(", ")
-    );
-    assert!(
-        !in_ci(),
-        "CI is set, so a missing tool is a failure: {reason}"
-    );
-    skip(&reason);
-    false
-}
-
-/// Prints why a test is skipped on the real stderr: libtest captures `eprintln!` of passing
-/// tests, and a silent skip looks like a pass.
-pub fn skip(reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP {reason}");
-}
-
-fn on_path(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(tool))
-            .map(|m| m.is_file())
-            .unwrap_or(false)
-    }) || ["/usr/sbin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).is_file())
-}
-
-pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// A directory removed on drop.

@@ -44,6 +44,9 @@ pub const CHUNKS_MAX: usize = 128;
 /// Read data one connection may hold in replies not yet sent: one largest read plus room for
 /// a full queue of small ones. At the limit new reads wait.
 pub const REPLY_BYTES_MAX: usize = PAYLOAD_MAX_BYTES as usize + (8 << 20);
+/// Largest refused write whose payload is still read (and discarded) so that the error reply
+/// follows the whole request. A write claiming more is not answered: the connection closes.
+pub const OVERSIZED_WRITE_SKIP_MAX_BYTES: u32 = 2 * PAYLOAD_MAX_BYTES;
 /// Receive buffer per connection; must hold a request header plus one whole chunk.
 pub const RX_BUF_BYTES: usize = 512 << 10;
 /// Largest chunk: one bdev request. Also bounded by the bdev and the DMA buffer size.
@@ -490,13 +493,15 @@ impl Conn {
             self.block_status(s);
         }
         if has_payload {
-            if req.len_bytes > PAYLOAD_MAX_BYTES {
-                // The payload cannot be skipped sensibly: answer, then end the connection.
-                self.slots[s as usize].receiving = false;
-                self.complete(core.now(), s);
-                self.drain("write larger than the payload limit");
+            if req.len_bytes > OVERSIZED_WRITE_SKIP_MAX_BYTES {
+                // Not worth reading: close without a reply (as qemu-nbd does), since a reply
+                // now would answer a request the client is still sending.
+                self.free_slots.push(s);
+                self.close("write far beyond the payload limit");
                 return;
             }
+            // A write over the payload limit was classified EOVERFLOW: its payload is read and
+            // discarded like any refused write's, and only then answered.
             self.parse = Parse::Payload {
                 slot: s,
                 consumed: 0,

@@ -600,7 +600,7 @@ impl NbdServer {
         let entry = ExportEntry {
             name: name.into(),
             bdev_id: bdev.id(),
-            bdev: self.shared.engine.bdev(bdev),
+            bdev: self.shared.engine.bdev(bdev)?,
             options,
             closed: AtomicBool::new(false),
             connections: AtomicU32::new(0),

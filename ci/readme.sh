@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Runs every command the README shows, in a short form (small sizes, 1 s runtimes), so that a
+# README command cannot break unnoticed. ci/test.sh runs it after the test suite.
+#
+# Each README command is declared, verbatim, with `readme 'TEXT'` before the commands that run
+# it here (a README command whose figures take minutes is declared with `not_run 'TEXT' WHY`).
+# `bash ci/readme.sh --check` (and every run, first) lists the commands in README.md: every line
+# of its ```sh blocks and every inline `cargo …`, `cairn-perf …` and `perf/….sh` command in its
+# prose. It fails naming each one this script does not declare, so a new README command needs
+# a short form here before CI passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+declared=()
+readme() {
+  declared+=("$1")
+  printf '\n--> README: %s\n' "$1"
+}
+not_run() {
+  declared+=("$1")
+  printf '\n--> README: %s (not run: %s)\n' "$1" "$2"
+}
+
+# The README's commands, one per line: sh-block lines without their comments, and inline
+# commands of the prose.
+readme_commands() {
+  awk '
+    /^```sh/ { inblock = 1; next }
+    /^```/   { inblock = 0; next }
+    inblock {
+      line = $0
+      sub(/[ \t]+#.*$/, "", line)
+      sub(/^[ \t]+/, "", line)
+      sub(/[ \t]+$/, "", line)
+      if (line != "" && line !~ /^#/) print line
+      next
+    }
+    {
+      rest = $0
+      while (match(rest, /`[^`]+`/)) {
+        span = substr(rest, RSTART + 1, RLENGTH - 2)
+        rest = substr(rest, RSTART + RLENGTH)
+        if (span ~ /^(cargo (run|build|bench|test) |cairn-perf |([A-Z_]+=("[^"]*"|[^ ]+) )*perf\/[a-z-]+\.sh$)/) print span
+      }
+    }
+  ' README.md | sort -u
+}
+
+# Fails naming every README command this script does not declare.
+check() {
+  local missing=0 cmd
+  while IFS= read -r cmd; do
+    if ! grep -qF -- "readme '$cmd'" "$0" && ! grep -qF -- "not_run '$cmd'" "$0"; then
+      echo "ci/readme.sh: README command not covered: $cmd" >&2
+      missing=1
+    fi
+  done < <(readme_commands)
+  if ((missing)); then
+    echo "ci/readme.sh: add a short form of each command above (readme '...' then the run)" >&2
+    exit 1
+  fi
+  echo "ci/readme.sh: all $(readme_commands | wc -l) README commands are covered"
+}
+
+check
+[[ "${1:-}" == "--check" ]] && exit 0
+
+tmp=$(mktemp -d)
+node_pid=
+cleanup() {
+  [[ -n "$node_pid" ]] && kill -9 "$node_pid" 2>/dev/null
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+bin=$PWD/target/release
+
+readme 'bash .ci/run'
+echo "(this script runs inside it)"
+
+readme 'cargo build --release -p cairn-node'
+cargo build --release -q -p cairn-node
+
+# The main command, stopped with SIGINT as Ctrl-C would, on the README's port.
+readme 'cargo run --release -p cairn-node -- --data-dir ./cairn-data --volume pg:10G'
+readme 'target/release/cairn-node --data-dir ./cairn-data --volume pg:10G'
+cargo run --release -q -p cairn-node -- --data-dir "$tmp/cairn-data" --volume pg:10G \
+  >"$tmp/node.log" 2>&1 &
+node_pid=$!
+readme 'nbdinfo nbd://127.0.0.1:10809/pg'
+for _ in $(seq 300); do
+  nbdinfo nbd://127.0.0.1:10809/pg >"$tmp/nbdinfo.txt" 2>/dev/null && break
+  kill -0 "$node_pid" 2>/dev/null || { cat "$tmp/node.log"; exit 1; }
+  sleep 0.1
+done
+nbdinfo nbd://127.0.0.1:10809/pg | grep -E 'export-size|is_read_only'
+readme 'qemu-img info nbd://127.0.0.1:10809/pg'
+qemu-img info nbd://127.0.0.1:10809/pg | grep 'virtual size'
+echo "cairnctl node (docs/node.md):"
+ctl=("$bin/cairnctl" node)
+"${ctl[@]}" pool ls
+"${ctl[@]}" volume create scratch 1G
+"${ctl[@]}" export add scratch
+"${ctl[@]}" snapshot create scratch scratch-monday
+"${ctl[@]}" snapshot clone scratch-monday scratch-test
+"${ctl[@]}" volume grow scratch 2G
+"${ctl[@]}" nexus create scratch-test --replica local
+"${ctl[@]}" export add scratch-test --nexus
+"${ctl[@]}" volume ls
+"${ctl[@]}" --json stats >/dev/null
+kill -INT "$node_pid"
+rc=0
+wait "$node_pid" || rc=$?
+node_pid=
+if ((rc != 0)); then
+  cat "$tmp/node.log"
+  echo "cairn-node exited $rc after SIGINT (want 0)" >&2
+  exit 1
+fi
+echo "cairn-node stopped cleanly on SIGINT"
+
+readme 'target/release/cairn-pool pool.img create --size 10G'
+readme 'target/release/cairn-pool pool.img volume-create pg 4G'
+readme 'target/release/cairn-pool pool.img snapshot pg pg-monday'
+readme 'target/release/cairn-pool pool.img clone pg-monday pg-test'
+readme 'target/release/cairn-pool pool.img ls'
+readme 'target/release/cairn-pool pool.img check'
+(
+  cd "$tmp"
+  "$bin/cairn-pool" pool.img create --size 10G
+  "$bin/cairn-pool" pool.img volume-create pg 4G
+  "$bin/cairn-pool" pool.img snapshot pg pg-monday
+  "$bin/cairn-pool" pool.img clone pg-monday pg-test
+  "$bin/cairn-pool" pool.img ls
+  "$bin/cairn-pool" pool.img check
+)
+
+readme 'cargo build --release -p cairn-ffi'
+cargo build --release -q -p cairn-ffi
+readme 'cc -Iffi/include examples/c/cairn_example.c -Ltarget/release -lcairn -o cairn_example'
+cc -Iffi/include examples/c/cairn_example.c -Ltarget/release -lcairn -o "$tmp/cairn_example"
+readme 'LD_LIBRARY_PATH=target/release ./cairn_example'
+LD_LIBRARY_PATH=target/release "$tmp/cairn_example"
+readme 'bash ci/cabi.sh bench'
+CAIRN_BENCH_SECS=1 bash ci/cabi.sh bench
+
+# cairn-perf: each mode once, tiny. The volume comparison runs two rounds in one process: the
+# second reopens the file the first locked (it failed with "exclusive lock held" once).
+perf=(cargo run --release -q -p cairn-perf --)
+img=$tmp/cairn-perf.img
+readme 'cairn-perf --help'
+"${perf[@]}" --help >/dev/null
+readme 'cargo run --release -p cairn-perf -- compare --baseline raw --candidate engine --file cairn-perf.img --size 4G --rw randread --qd 32'
+"${perf[@]}" compare --baseline raw --candidate engine --file "$img" --size 64M --rw randread \
+  --qd 32 --runtime 1 --rounds 1
+readme 'cairn-perf compare --file F --size 4G --rounds 3'
+"${perf[@]}" compare --raw-wait spin --candidate volume --file "$img" --size 64M --rounds 2 \
+  --rw randread --qd 32 --runtime 1
+readme 'cairn-perf idle'
+readme 'cairn-perf idle --cores 2 --seconds 10'
+"${perf[@]}" idle --cores 2 --seconds 1
+readme 'cairn-perf run --target engine --bdev null --qd 128 --runtime 5'
+"${perf[@]}" run --target engine --bdev null --qd 128 --runtime 1
+"${perf[@]}" run --target volume --fresh --file "$img" --size 64M --rw randwrite --qd 32 --runtime 1
+readme 'cargo bench -p cairn-benches --bench null_submit'
+cargo bench -q -p cairn-benches --bench null_submit -- --quick --noplot >/dev/null
+
+not_run 'perf/nbd-peers.sh' "minutes: six servers, fio, 4 GiB (ci/test.sh runs the NBD clients)"
+not_run 'perf/replication.sh' "minutes: two daemons, fio, interleaved 10 s rounds"
+not_run 'perf/local.sh' "minutes: 4 GiB comparisons; each of its modes ran above, tiny"
+not_run 'PARTS="spin volume" RUNTIME=5 perf/local.sh' "as perf/local.sh"
+not_run 'perf/scaling.sh' "a 16-core machine; the null and malloc runs above are its modes"
+
+echo
+echo "ci/readme.sh: every README command ran (or is declared not run, with why)"
