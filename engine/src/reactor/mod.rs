@@ -5,7 +5,10 @@
 //! timers, the completion queues of its owners, and the bridges of client queues bound to it.
 //! Nothing here is shared with another core except the inbound message ring and the client
 //! queues' submission/completion rings, which are lock-free. Code on another core reaches this
-//! one only by sending a message.
+//! one only by sending a message: a data-path message is a fixed-size value ([`Msg::Pool`]),
+//! a boxed closure ([`Msg::Control`]) is for the control path only. State a subsystem keeps on
+//! one core (a pool's home state) lives in that core's local slots ([`Core::with_local`]),
+//! reached only from the core itself, so it needs no lock.
 //!
 //! Idle policy: a reactor that found no work spins for `spin` and then sleeps in
 //! `io_uring_enter` until a completion, a doorbell or its next timer. In `Poll` mode it never
@@ -241,10 +244,20 @@ impl IoCtx {
         self.owners.pop(owner)
     }
 
-    /// Runs `f` on core `to`'s reactor: the only way code on one core reaches another. Never
-    /// blocks: when `to`'s inbox is full the message waits here and is retried every loop.
+    /// Runs `f` on core `to`'s reactor: the control-path way code on one core reaches another
+    /// (it boxes `f`; the data path sends [`Msg::Pool`] values with [`IoCtx::send_msg`]).
+    /// Never blocks: when `to`'s inbox is full the message waits here and is retried every loop.
     pub fn send(&mut self, to: CoreId, f: impl FnOnce(&mut Core) + Send + 'static) {
-        let msg: Msg = Box::new(move |r: &mut Reactor| f(r.core()));
+        self.send_msg(
+            to,
+            Msg::Control(Box::new(move |r: &mut Reactor| f(r.core()))),
+        );
+    }
+
+    /// Sends `msg` to core `to`'s reactor without allocating (unless `to`'s inbox is full:
+    /// then it waits in this core's outbox and is retried every loop).
+    #[inline]
+    pub(crate) fn send_msg(&mut self, to: CoreId, msg: Msg) {
         if self.outbox.is_empty() {
             if let Err(crate::msg::Full(back)) = self.deliver(to, msg) {
                 self.outbox.push_back((to, back));
@@ -365,6 +378,7 @@ pub struct Core {
     timers: BinaryHeap<Timer>,
     timer_seq: u64,
     stopping: bool,
+    locals: Locals,
 }
 
 impl std::fmt::Debug for Core {
@@ -490,6 +504,47 @@ impl Core {
         work + self.drain_deferred()
     }
 
+    /// Stores state that lives on this core alone and returns its slot; `make` is given the
+    /// slot so the state can name itself in messages.
+    pub(crate) fn add_local(
+        &mut self,
+        make: impl FnOnce(LocalSlot) -> Box<dyn std::any::Any + Send>,
+    ) -> LocalSlot {
+        let locals = &mut self.locals;
+        let index = locals.free.pop().unwrap_or_else(|| {
+            locals.slots.push(None);
+            (locals.slots.len() - 1) as u32
+        });
+        let slot = LocalSlot(index);
+        locals.slots[index as usize] = Some(make(slot));
+        slot
+    }
+
+    /// Drops the state in `slot`; the slot is reused.
+    pub(crate) fn remove_local(&mut self, slot: LocalSlot) {
+        let state = self.locals.slots[slot.0 as usize].take();
+        assert!(state.is_some(), "core-local slot {} removed twice", slot.0);
+        self.locals.free.push(slot.0);
+    }
+
+    /// Runs `f` with the state of type `T` in `slot` and with this core, or returns None when
+    /// the slot is empty. The state is moved out (a pointer move) while `f` runs, so `f` may use
+    /// the whole core; messages it sends are handled later, never re-entrantly.
+    #[inline]
+    pub(crate) fn with_local<T: std::any::Any, R>(
+        &mut self,
+        slot: LocalSlot,
+        f: impl FnOnce(&mut T, &mut Core) -> R,
+    ) -> Option<R> {
+        let mut state = self.locals.slots.get_mut(slot.0 as usize)?.take()?;
+        let typed = state
+            .downcast_mut::<T>()
+            .expect("core-local slot holds the type its owner stored");
+        let r = f(typed, self);
+        self.locals.slots[slot.0 as usize] = Some(state);
+        Some(r)
+    }
+
     /// Re-reads the bdev's size after it grew (see `Engine::refresh_bdev`).
     pub(crate) fn refresh_bdev(&mut self, bdev: BdevId) {
         if let Some(Some(slot)) = self.devs.get_mut(bdev.0 as usize) {
@@ -543,8 +598,24 @@ impl Core {
     }
 }
 
-/// A message to a reactor: a closure that runs on its thread.
-pub(crate) type Msg = Box<dyn FnOnce(&mut Reactor) + Send>;
+/// A message to a reactor.
+pub(crate) enum Msg {
+    /// Control path: a closure that runs on the reactor's thread (one allocation per message).
+    Control(Box<dyn FnOnce(&mut Reactor) + Send>),
+    /// Data path between a pool's home core and its volumes' channels: a plain value.
+    Pool(crate::volume::pool::PoolMsg),
+}
+
+/// Names a piece of core-local state ([`Core::add_local`]); meaningful only on its core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LocalSlot(u32);
+
+/// Core-local state of subsystems, by slot, with a free list so closed ones are reused.
+#[derive(Default)]
+struct Locals {
+    slots: Vec<Option<Box<dyn std::any::Any + Send>>>,
+    free: Vec<u32>,
+}
 
 /// The shared half of a client queue: submission and completion rings plus the wake-up
 /// handshake. Lives in an `Arc` held by the client and the reactor.
@@ -656,6 +727,7 @@ impl Reactor {
                 timers: BinaryHeap::new(),
                 timer_seq: 0,
                 stopping: false,
+                locals: Locals::default(),
             },
             pollers: Vec::new(),
             queues: Vec::new(),
@@ -811,7 +883,10 @@ impl Reactor {
         let mut n = 0;
         while n < INBOX_BATCH_MAX {
             let Some(msg) = self.inbox.recv() else { break };
-            msg(self);
+            match msg {
+                Msg::Control(f) => f(self),
+                Msg::Pool(m) => crate::volume::pool::handle(&mut self.core, m),
+            }
             n += 1;
         }
         n
