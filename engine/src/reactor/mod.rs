@@ -5,9 +5,9 @@
 //! timers, the completion queues of its owners, and the bridges of client queues bound to it.
 //! Nothing here is shared with another core except the inbound message ring and the client
 //! queues' submission/completion rings, which are lock-free. Code on another core reaches this
-//! one only by sending a message: a data-path message is a fixed-size value ([`Msg::Pool`]),
-//! a boxed closure ([`Msg::Control`]) is for the control path only. State a subsystem keeps on
-//! one core (a pool's home state) lives in that core's local slots ([`Core::with_local`]),
+//! one only by sending a message: a data-path message is a fixed-size value (`Msg::Pool`),
+//! a boxed closure (`Msg::Control`) is for the control path only. State a subsystem keeps on
+//! one core (a pool's home state) lives in that core's local slots (`Core::with_local`),
 //! reached only from the core itself, so it needs no lock.
 //!
 //! Idle policy: a reactor that found no work spins for `spin` and then sleeps in
@@ -245,7 +245,7 @@ impl IoCtx {
     }
 
     /// Runs `f` on core `to`'s reactor: the control-path way code on one core reaches another
-    /// (it boxes `f`; the data path sends [`Msg::Pool`] values with [`IoCtx::send_msg`]).
+    /// (it boxes `f`; the data path sends `Msg::Pool` values with `IoCtx::send_msg`).
     /// Never blocks: when `to`'s inbox is full the message waits here and is retried every loop.
     pub fn send(&mut self, to: CoreId, f: impl FnOnce(&mut Core) + Send + 'static) {
         self.send_msg(
