@@ -494,7 +494,7 @@ impl NexusChannel {
         res: Result<(), SubErr>,
     ) {
         let bit = 1u8 << c;
-        let shared = self.shared.clone();
+        let shared = &*self.shared;
         let p = &mut self.slots[slot as usize];
         if !p.live || p.pending & bit == 0 {
             return;
