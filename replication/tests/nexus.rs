@@ -3,7 +3,8 @@
 //! rules without the daemon: every acknowledged write is on every in-sync replica; a replica
 //! that drops out is resynced with only what it missed; a newer nexus fences an older one;
 //! a new replica is rebuilt online; a slow replica is faulted at the deadline instead of
-//! hanging the volume; an idle nexus still resyncs a replica that comes back. The
+//! hanging the volume; an idle nexus still resyncs a replica that comes back; a promote
+//! under writes (a write freeze and quiesce round) loses none. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -327,6 +328,58 @@ fn a_new_replica_is_rebuilt_online_under_writes() {
         v.children[1].copied_bytes >= SIZE,
         "a rebuild copies the whole volume"
     );
+    assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(a.contents(&engine), b.contents(&engine));
+    m.shutdown();
+}
+
+#[test]
+fn promote_under_writes_waits_for_them_and_loses_none() {
+    // Promote freezes writes and asks every core whether its writes drained (a quiesce
+    // round); writes from two cores keep coming meanwhile, and every one must succeed and
+    // reach both replicas.
+    let engine = engine();
+    let a = Site::new(&engine, "pa", false);
+    let b = Site::new(&engine, "pb", false);
+    let m = manager(&engine, "pm");
+    let first = create(&m, vec![a.spec(), b.spec()]).epoch;
+    let nexus = m.handle("vol").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = engine
+        .cores()
+        .into_iter()
+        .enumerate()
+        .map(|(i, core)| {
+            let (engine, nexus, stop) = (engine.clone(), nexus.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut q = engine.queue(&nexus, core, 8).unwrap();
+                let mut round = 1;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    write_regions(
+                        &mut q,
+                        (i as u64 * 128..(i as u64 + 1) * 128).step_by(9),
+                        round,
+                    );
+                    round += 1;
+                }
+                round
+            })
+        })
+        .collect();
+    let mut epoch = first;
+    for _ in 0..5 {
+        let v = m
+            .promote("vol")
+            .expect("promote drains the writes in flight");
+        assert!(v.epoch > epoch, "promote raises the epoch: {v:#?}");
+        epoch = v.epoch;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        assert!(w.join().unwrap() > 1, "a writer ran during the promotes");
+    }
+    let v = m.show("vol").unwrap();
+    assert!(all_in_sync(&v), "{v:#?}");
     assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
     assert_eq!(a.contents(&engine), b.contents(&engine));
     m.shutdown();

@@ -283,7 +283,7 @@ impl Engine {
         }
         let reactor = self.reactor(core)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let msg: Msg = Box::new(move |r: &mut Reactor| drop(tx.send(f(r))));
+        let msg = Msg::Control(Box::new(move |r: &mut Reactor| drop(tx.send(f(r)))));
         if !send_blocking(&reactor.inbox, msg) {
             return Err(EngineError::Stuck { core });
         }
@@ -322,7 +322,7 @@ impl Drop for Engine {
 
 fn stop_all(reactors: &[ReactorRef]) {
     for r in reactors {
-        if !send_blocking(&r.inbox, Box::new(|r: &mut Reactor| r.stop())) {
+        if !send_blocking(&r.inbox, Msg::Control(Box::new(|r: &mut Reactor| r.stop()))) {
             tracing::error!(
                 core = r.core.get(),
                 "reactor inbox stayed full; it cannot be told to stop"

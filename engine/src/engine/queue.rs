@@ -526,7 +526,7 @@ impl Drop for IoQueue {
         let id = self.shared.id;
         if !send_blocking(
             &self.inbox,
-            Box::new(move |r: &mut Reactor| r.close_queue(id)),
+            Msg::Control(Box::new(move |r: &mut Reactor| r.close_queue(id))),
         ) {
             tracing::warn!(
                 queue = id,

@@ -12,10 +12,11 @@
 //! and up to two partial ends (ignored for trim, written with zeros for write-zeroes).
 
 use super::map::{ClusterMap, Entry};
-use super::pool::{self, PoolShared, Reply};
+use super::pool::{Ask, PoolMsg, PoolShared};
 use crate::bdev::{Bdev, BdevChannel, BdevError, BdevInfo, Extent, IoOp, IoRequest};
+use crate::core_list::CoreId;
 use crate::dma::Region;
-use crate::reactor::{BdevId, Core, IoCtx, OwnerId};
+use crate::reactor::{BdevId, Core, IoCtx, LocalSlot, Msg, OwnerId};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -23,6 +24,12 @@ use std::sync::{Arc, OnceLock};
 const PIECES: u64 = 4;
 const PIECE_UNMAP: u8 = 2;
 const PIECE_FLUSH: u8 = 3;
+/// Requests a volume channel holds in flight without growing its tables (more are allowed and
+/// cost one allocation each time a table doubles). Also its base owner's completion queue size.
+const PARENTS_PREALLOC: usize = 256;
+/// Barriers a channel can wait on at once: the home core runs one at a time, and a channel
+/// holds it until its previous generation drained.
+const BARRIERS_MAX: usize = 2;
 
 /// What every core's channel of one open volume shares.
 #[derive(Debug)]
@@ -30,6 +37,8 @@ pub(crate) struct VolumeShared {
     pub(crate) obj: u64,
     pub(crate) map: Arc<ClusterMap>,
     pub(crate) pool: Arc<PoolShared>,
+    /// The pool's home state: its slot on the home core, named in every message there.
+    pub(crate) home: LocalSlot,
     pub(crate) size_bytes: AtomicU64,
     pub(crate) bdev: OnceLock<BdevId>,
     /// A cluster of zeros, the source of partial write-zeroes.
@@ -57,12 +66,12 @@ impl Bdev for VolumeBdev {
             vol: self.vol.clone(),
             cluster_bytes: u64::from(self.vol.pool.sb.cluster_size_bytes),
             base,
-            owner: io.register_owner(256),
-            parents: Vec::new(),
-            free: Vec::new(),
+            owner: io.register_owner(PARENTS_PREALLOC),
+            parents: Vec::with_capacity(PARENTS_PREALLOC),
+            free: Vec::with_capacity(PARENTS_PREALLOC),
             gen: 0,
             in_base: [0; 2],
-            barriers: Vec::new(),
+            barriers: Vec::with_capacity(BARRIERS_MAX),
         }))
     }
 
@@ -155,8 +164,9 @@ pub(crate) struct VolumeChannel {
     /// Current barrier generation, and base I/Os in flight per generation.
     gen: usize,
     in_base: [u32; 2],
-    /// Barriers waiting for the previous generation to drain.
-    barriers: Vec<(usize, Arc<PoolShared>)>,
+    /// Barriers waiting for the previous generation to drain: generation, home core, and the
+    /// pool's slot there.
+    barriers: Vec<(usize, CoreId, LocalSlot)>,
 }
 
 /// A piece of a parent: byte range in the volume and where its data sits in the buffer.
@@ -304,20 +314,15 @@ impl VolumeChannel {
     }
 
     fn ask_home(&mut self, io: &mut IoCtx, p: u32, piece: u8, ask: Ask) {
-        let to = Reply::Channel {
-            core: io.core(),
+        let msg = PoolMsg::Ask {
+            home: self.vol.home,
+            obj: self.vol.obj,
+            ask,
+            from: io.core(),
             bdev: self.bdev(),
             token: u64::from(p) * PIECES + u64::from(piece),
         };
-        let pool = self.vol.pool.clone();
-        let obj = self.vol.obj;
-        io.send(pool.home, move |c: &mut Core| {
-            pool.clone().with_home(c, |h, c, shared| match ask {
-                Ask::Writable(v) => pool::request_writable(h, c, shared, obj, v, to),
-                Ask::Unmap(first, count) => pool::request_unmap(h, c, obj, first, count, to),
-                Ask::Flush => pool::request_flush(h, c, shared, to),
-            })
-        });
+        io.send_msg(self.vol.pool.home, Msg::Pool(msg));
     }
 
     fn piece_done(&mut self, io: &mut IoCtx, p: u32, res: i32) {
@@ -359,25 +364,14 @@ impl VolumeChannel {
 
     fn check_barriers(&mut self, io: &mut IoCtx) {
         let in_base = self.in_base;
-        self.barriers.retain(|(gen, pool)| {
-            if in_base[*gen] > 0 {
+        self.barriers.retain(|&(gen, home_core, home)| {
+            if in_base[gen] > 0 {
                 return true;
             }
-            let pool = pool.clone();
-            let home = pool.home;
-            io.send(home, move |c: &mut Core| {
-                pool.clone().with_home(c, pool::barrier_ack)
-            });
+            io.send_msg(home_core, Msg::Pool(PoolMsg::BarrierAck { home }));
             false
         });
     }
-}
-
-#[derive(Clone, Copy)]
-enum Ask {
-    Writable(u64),
-    Unmap(u64, u64),
-    Flush,
 }
 
 impl BdevChannel for VolumeChannel {
@@ -397,13 +391,10 @@ impl BdevChannel for VolumeChannel {
             }
             IoOp::Trim | IoOp::WriteZeroes => {
                 let (ends, middle) = self.range_pieces(req.offset_bytes, req.len_bytes);
+                // Trim ignores partial ends; write-zeroes writes zeros there.
                 let zeroing = req.op == IoOp::WriteZeroes;
-                let ends: Vec<u8> = if zeroing {
-                    (0..2).filter(|&i| ends[i as usize].is_some()).collect()
-                } else {
-                    Vec::new()
-                };
-                let left = ends.len() as u8 + u8::from(middle.is_some());
+                let ends = if zeroing { ends } else { [None, None] };
+                let left = ends.iter().flatten().count() as u8 + u8::from(middle.is_some());
                 if left == 0 {
                     self.parent(p).left = 1;
                     return self.piece_done(io, p, 0);
@@ -412,8 +403,8 @@ impl BdevChannel for VolumeChannel {
                 if let Some((first, count)) = middle {
                     self.ask_home(io, p, PIECE_UNMAP, Ask::Unmap(first, count));
                 }
-                for i in ends {
-                    self.drive(io, p, i);
+                for (i, _) in ends.iter().enumerate().filter(|(_, e)| e.is_some()) {
+                    self.drive(io, p, i as u8);
                 }
             }
         }
@@ -482,23 +473,21 @@ pub(crate) fn on_reply(core: &mut Core, bdev: BdevId, token: u64, res: i32) {
 }
 
 /// Home asks this core's channel for `bdev` to report once its current base I/O drained.
-pub(crate) fn on_barrier(core: &mut Core, bdev: BdevId, pool: Arc<PoolShared>) {
-    let home = pool.home;
+pub(crate) fn on_barrier(core: &mut Core, bdev: BdevId, home_core: CoreId, home: LocalSlot) {
     let handled = with_channel(core, bdev, |ch, io| {
         let old = ch.gen;
         ch.gen ^= 1;
         assert!(
-            ch.barriers.iter().all(|(g, _)| *g != ch.gen),
+            ch.barriers.iter().all(|(g, _, _)| *g != ch.gen),
             "barriers overlap"
         );
-        ch.barriers.push((old, pool.clone()));
+        ch.barriers.push((old, home_core, home));
         ch.check_barriers(io);
     });
     if !handled {
         // The volume is closed on this core: nothing can be in flight.
-        core.io().send(home, move |c: &mut Core| {
-            pool.clone().with_home(c, pool::barrier_ack)
-        });
+        core.io()
+            .send_msg(home_core, Msg::Pool(PoolMsg::BarrierAck { home }));
     }
 }
 

@@ -264,31 +264,147 @@ pub fn checkpoint_fixed_bytes(clusters: u64) -> u64 {
     CHECKPOINT_HEADER_BYTES as u64 + 16 + 8 + 4 + 8 + clusters.div_ceil(8)
 }
 
+/// The one encoder of a checkpoint: writes it field by field into caller memory (a slot's
+/// worth at most), so the pool's commit can encode its live metadata into preallocated
+/// staging memory without building a [`Checkpoint`] first, and [`Checkpoint::encode`] writes
+/// exactly the same bytes. Call [`CheckpointWriter::object`] once per announced object, each
+/// followed by its mappings, then [`CheckpointWriter::bitmap`], then
+/// [`CheckpointWriter::finish`].
+pub struct CheckpointWriter<'a> {
+    out: &'a mut [u8],
+    at: usize,
+    /// Cleared once something did not fit in `out`; `finish` then reports None.
+    fits: bool,
+}
+
+impl<'a> CheckpointWriter<'a> {
+    /// Starts a checkpoint of `objects` objects in `out`.
+    pub fn new(
+        out: &'a mut [u8],
+        pool_uuid: &[u8; 16],
+        next_object_id: u64,
+        objects: u32,
+    ) -> CheckpointWriter<'a> {
+        let mut w = CheckpointWriter {
+            out,
+            at: CHECKPOINT_HEADER_BYTES,
+            fits: true,
+        };
+        w.put(pool_uuid);
+        w.put(&next_object_id.to_le_bytes());
+        w.put(&objects.to_le_bytes());
+        w
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        match self.out.get_mut(self.at..self.at + bytes.len()) {
+            Some(dst) if self.fits => {
+                dst.copy_from_slice(bytes);
+                self.at += bytes.len();
+            }
+            _ => self.fits = false,
+        }
+    }
+
+    fn put_str(&mut self, s: &str) {
+        debug_assert!(s.len() <= NAME_MAX_BYTES);
+        self.put(&(s.len() as u16).to_le_bytes());
+        self.put(s.as_bytes());
+    }
+
+    /// One object's fixed fields, name and labels; its `mappings` mappings follow.
+    #[allow(clippy::too_many_arguments)]
+    pub fn object(
+        &mut self,
+        id: u64,
+        uuid: &[u8; 16],
+        kind: ObjectKind,
+        parent: u64,
+        size_bytes: u64,
+        name: &str,
+        labels: &[(String, String)],
+        mappings: u64,
+    ) {
+        self.put(&id.to_le_bytes());
+        self.put(uuid);
+        self.put(&[kind as u8]);
+        self.put(&[0u8; 7]);
+        self.put(&parent.to_le_bytes());
+        self.put(&size_bytes.to_le_bytes());
+        self.put_str(name);
+        self.put(&(labels.len() as u16).to_le_bytes());
+        for (k, v) in labels {
+            self.put_str(k);
+            self.put_str(v);
+        }
+        self.put(&mappings.to_le_bytes());
+    }
+
+    /// One (virtual cluster, physical cluster) mapping of the current object, ascending.
+    pub fn mapping(&mut self, vcluster: u64, cluster: u64) {
+        self.put(&vcluster.to_le_bytes());
+        self.put(&cluster.to_le_bytes());
+    }
+
+    /// The allocation bitmap: `len` bytes, byte `i` given by `byte(i)`.
+    pub fn bitmap(&mut self, len: u64, byte: impl Fn(u64) -> u8) {
+        self.put(&len.to_le_bytes());
+        for i in 0..len {
+            self.put(&[byte(i)]);
+        }
+    }
+
+    /// Writes the header and zero-fills the last block: returns the checkpoint's length in
+    /// whole metadata blocks, or None when it did not fit in `out`.
+    pub fn finish(self, seq: u64) -> Option<usize> {
+        let end = self.at.next_multiple_of(META_BLOCK_BYTES as usize);
+        if !self.fits || end > self.out.len() {
+            return None;
+        }
+        let b = self.out;
+        let payload_len = self.at - CHECKPOINT_HEADER_BYTES;
+        b[self.at..end].fill(0);
+        b[..CHECKPOINT_HEADER_BYTES].fill(0);
+        b[0..8].copy_from_slice(&CHECKPOINT_MAGIC);
+        put_u32(b, 8, FORMAT_VERSION);
+        put_u64(b, 16, seq);
+        put_u64(b, 24, payload_len as u64);
+        let payload_crc = crc32c::crc32c(&b[CHECKPOINT_HEADER_BYTES..self.at]);
+        put_u32(b, 32, payload_crc);
+        let header_crc = crc32c::crc32c(&b[..CHECKPOINT_HEADER_BYTES]);
+        put_u32(b, 12, header_crc);
+        Some(end)
+    }
+}
+
 impl Checkpoint {
     /// Encodes into whole metadata blocks, or None if it would not fit in `slot_bytes`.
     pub fn encode(&self, slot_bytes: u64) -> Option<Vec<u8>> {
-        let mut p = Vec::with_capacity(4096);
-        p.extend_from_slice(&self.pool_uuid);
-        p.extend_from_slice(&self.next_object_id.to_le_bytes());
-        p.extend_from_slice(&(self.objects.len() as u32).to_le_bytes());
+        let mut b = vec![0u8; usize::try_from(slot_bytes).ok()?];
+        let mut w = CheckpointWriter::new(
+            &mut b,
+            &self.pool_uuid,
+            self.next_object_id,
+            self.objects.len() as u32,
+        );
         for o in &self.objects {
-            encode_object(&mut p, o);
+            w.object(
+                o.id,
+                &o.uuid,
+                o.kind,
+                o.parent,
+                o.size_bytes,
+                &o.name,
+                &o.labels,
+                o.mappings.len() as u64,
+            );
+            for &(v, c) in &o.mappings {
+                w.mapping(v, c);
+            }
         }
-        p.extend_from_slice(&(self.bitmap.len() as u64).to_le_bytes());
-        p.extend_from_slice(&self.bitmap);
-        let total = (CHECKPOINT_HEADER_BYTES + p.len()) as u64;
-        if total > slot_bytes {
-            return None;
-        }
-        let mut b = vec![0u8; total.next_multiple_of(META_BLOCK_BYTES) as usize];
-        b[0..8].copy_from_slice(&CHECKPOINT_MAGIC);
-        put_u32(&mut b, 8, FORMAT_VERSION);
-        put_u64(&mut b, 16, self.seq);
-        put_u64(&mut b, 24, p.len() as u64);
-        put_u32(&mut b, 32, crc32c::crc32c(&p));
-        let header_crc = crc32c::crc32c(&b[..CHECKPOINT_HEADER_BYTES]);
-        put_u32(&mut b, 12, header_crc);
-        b[CHECKPOINT_HEADER_BYTES..CHECKPOINT_HEADER_BYTES + p.len()].copy_from_slice(&p);
+        w.bitmap(self.bitmap.len() as u64, |i| self.bitmap[i as usize]);
+        let len = w.finish(self.seq)?;
+        b.truncate(len);
         debug_assert_eq!(Checkpoint::decode(&b).as_ref(), Ok(self));
         Some(b)
     }
@@ -368,26 +484,6 @@ impl Checkpoint {
     }
 }
 
-fn encode_object(p: &mut Vec<u8>, o: &ObjectRecord) {
-    p.extend_from_slice(&o.id.to_le_bytes());
-    p.extend_from_slice(&o.uuid);
-    p.push(o.kind as u8);
-    p.extend_from_slice(&[0u8; 7]);
-    p.extend_from_slice(&o.parent.to_le_bytes());
-    p.extend_from_slice(&o.size_bytes.to_le_bytes());
-    put_str(p, &o.name);
-    p.extend_from_slice(&(o.labels.len() as u16).to_le_bytes());
-    for (k, v) in &o.labels {
-        put_str(p, k);
-        put_str(p, v);
-    }
-    p.extend_from_slice(&(o.mappings.len() as u64).to_le_bytes());
-    for &(v, c) in &o.mappings {
-        p.extend_from_slice(&v.to_le_bytes());
-        p.extend_from_slice(&c.to_le_bytes());
-    }
-}
-
 fn decode_object(r: &mut Reader<'_>) -> Result<ObjectRecord, FormatError> {
     let id = r.u64()?;
     let mut uuid = [0u8; 16];
@@ -428,12 +524,6 @@ fn decode_object(r: &mut Reader<'_>) -> Result<ObjectRecord, FormatError> {
         labels,
         mappings,
     })
-}
-
-fn put_str(p: &mut Vec<u8>, s: &str) {
-    debug_assert!(s.len() <= NAME_MAX_BYTES);
-    p.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    p.extend_from_slice(s.as_bytes());
 }
 
 struct Reader<'a> {

@@ -11,7 +11,8 @@
 //! I/O it had in flight to them (see `pool.rs`).
 
 use super::format::{
-    Checkpoint, ObjectKind, ObjectRecord, Superblock, LABELS_MAX, NAME_MAX_BYTES, OBJECTS_MAX,
+    Checkpoint, CheckpointWriter, ObjectKind, ObjectRecord, Superblock, LABELS_MAX, NAME_MAX_BYTES,
+    OBJECTS_MAX,
 };
 use super::map::{ClusterMap, Entry};
 use super::PoolError;
@@ -141,6 +142,39 @@ impl Meta {
                 .collect(),
             bitmap,
         }
+    }
+
+    /// Encodes the checkpoint of sequence `seq` straight into `out` (staging memory a slot
+    /// long) with the format's one encoder, allocating nothing: the same bytes as
+    /// `to_checkpoint(seq).encode(..)`. Returns its length, or None when it does not fit.
+    pub fn encode_checkpoint(&self, seq: u64, out: &mut [u8]) -> Option<usize> {
+        let mut w =
+            CheckpointWriter::new(out, &self.sb.uuid, self.next_id, self.objects.len() as u32);
+        for o in self.objects.values() {
+            w.object(
+                o.id,
+                &o.uuid,
+                o.kind,
+                o.parent,
+                o.size_bytes,
+                &o.name,
+                &o.labels,
+                o.map.mapped().count() as u64,
+            );
+            for (v, p, _) in o.map.mapped() {
+                w.mapping(v, p);
+            }
+        }
+        let refcount = &self.refcount;
+        w.bitmap(self.sb.cluster_count.div_ceil(8), |i| {
+            let first = (i * 8) as usize;
+            let last = (first + 8).min(refcount.len());
+            refcount[first..last]
+                .iter()
+                .enumerate()
+                .fold(0u8, |byte, (bit, &r)| byte | (u8::from(r > 0) << bit))
+        });
+        w.finish(seq)
     }
 
     pub fn cluster_bytes(&self) -> u64 {

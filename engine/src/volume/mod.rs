@@ -38,6 +38,15 @@ pub const CLUSTER_DEFAULT_BYTES: u32 = 1 << 20;
 pub const VOLUME_BLOCK_BYTES: u32 = 4096;
 /// How long a control operation waits for the home core to make it durable.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most heap allocations the engine's reactors make for one write to an unallocated or
+/// shared cluster (allocation or copy-on-write at home, messages both ways), while the home
+/// core's tables are within their preallocated sizes (`HOME_WAITERS_PREALLOC` waiting
+/// requests, `HOME_OPS_MAX` home I/Os). `alloc_free` asserts it.
+pub const FIRST_WRITE_ALLOCS_MAX: u64 = 0;
+/// Most heap allocations the engine's reactors make for one flush that commits changed
+/// metadata: the checkpoint is encoded into staging memory mapped at open, and the barrier
+/// that releases freed clusters is a round of plain messages. `alloc_free` asserts it.
+pub const COMMIT_ALLOCS_MAX: u64 = 0;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
@@ -118,6 +127,14 @@ impl From<EngineError> for PoolError {
     }
 }
 
+/// A slot's size in memory, for its staging region.
+fn slot_bytes_usize(shared: &PoolShared) -> Result<usize, PoolError> {
+    usize::try_from(shared.sb.slot_bytes).map_err(|_| PoolError::Failed {
+        pool: shared.name.clone(),
+        why: format!("checkpoint slot of {} bytes", shared.sb.slot_bytes),
+    })
+}
+
 /// A random v4 UUID from the kernel's generator.
 pub(crate) fn random_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
@@ -169,6 +186,8 @@ pub struct PoolInfo {
 #[derive(Debug)]
 pub struct Pool {
     shared: Arc<PoolShared>,
+    /// The home state's slot on the home core.
+    slot: crate::reactor::LocalSlot,
     base: BdevHandle,
 }
 
@@ -282,17 +301,28 @@ impl Pool {
             base: handle.id(),
             base_bdev: base,
             sb,
-            state: parking_lot::Mutex::new(pool::Home::new(meta, slot, engine.cores())),
         });
-        engine.spawn_poller(
-            home,
-            Box::new(HomePoller {
-                shared: shared.clone(),
-            }),
-            None,
-        )?;
+        let state_shared = shared.clone();
+        let cores = engine.cores();
+        let staging =
+            crate::dma::Region::map(slot_bytes_usize(&shared)?, false, false).map_err(|e| {
+                PoolError::Failed {
+                    pool: name.into(),
+                    why: format!("mapping checkpoint staging memory: {e}"),
+                }
+            })?;
+        let local = engine.call(home, move |core| {
+            core.add_local(move |local| {
+                Box::new(pool::HomeState {
+                    shared: state_shared,
+                    home: pool::Home::new(meta, slot, cores, local, staging),
+                })
+            })
+        })?;
+        engine.spawn_poller(home, Box::new(HomePoller { slot: local }), None)?;
         Ok(Pool {
             shared,
+            slot: local,
             base: handle,
         })
     }
@@ -310,12 +340,12 @@ impl Pool {
             + 'static,
     ) -> Result<(), PoolError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let shared = self.shared.clone();
-        engine.call(self.shared.home, move |core| {
-            shared
-                .clone()
-                .with_home(core, |h, core, s| f(h, core, s, Reply::Control(tx)))
-        })?;
+        let slot = self.slot;
+        engine
+            .call(self.shared.home, move |core| {
+                pool::with_home(core, slot, |h, core, s| f(h, core, s, Reply::Control(tx)))
+            })?
+            .ok_or_else(|| self.closed())?;
         rx.recv_timeout(CONTROL_TIMEOUT).map_err(|_| {
             PoolError::Engine(format!(
                 "pool '{}': home core did not answer",
@@ -329,10 +359,19 @@ impl Pool {
         engine: &Engine,
         f: impl FnOnce(&mut pool::Home) -> R + Send + 'static,
     ) -> Result<R, PoolError> {
-        let shared = self.shared.clone();
-        Ok(engine.call(self.shared.home, move |core| {
-            shared.clone().with_home(core, |h, _, _| f(h))
-        })?)
+        let slot = self.slot;
+        engine
+            .call(self.shared.home, move |core| {
+                pool::with_home(core, slot, |h, _, _| f(h))
+            })?
+            .ok_or_else(|| self.closed())
+    }
+
+    fn closed(&self) -> PoolError {
+        PoolError::Failed {
+            pool: self.shared.name.clone(),
+            why: "the pool is closed".into(),
+        }
     }
 
     pub fn create_volume(
@@ -461,6 +500,7 @@ impl Pool {
             obj,
             map,
             pool: self.shared.clone(),
+            home: self.slot,
             size_bytes: AtomicU64::new(size),
             bdev: OnceLock::new(),
             zeros,

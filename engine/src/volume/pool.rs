@@ -1,10 +1,16 @@
 //! The pool runtime: the home core's side of a pool.
 //!
-//! All metadata lives in [`Home`], reached only from the pool's home core: by the home poller,
-//! and by messages other cores (volume channels) and control callers send there. Its mutex is
-//! therefore never contended, and no data I/O ever takes it: channels read cluster maps
-//! lock-free and come here only for what changes metadata (first writes, copy-on-write,
-//! unmapping, flushes).
+//! All metadata lives in [`Home`], a core-local state of the pool's home core (one of its
+//! [`LocalSlot`]s), reached only from that core: by the home poller, and by messages other
+//! cores (volume channels) and control callers send there. It has no lock. Channels read
+//! cluster maps lock-free and come here only for what changes metadata (first writes,
+//! copy-on-write, unmapping, flushes), with [`PoolMsg`] values: fixed-size messages that cost
+//! no allocation. Control callers reach it with a control message ([`with_home`]).
+//!
+//! The tables a first write or a flush touches are preallocated at open: [`HOME_WAITERS_PREALLOC`]
+//! waiting replies, [`HOME_OPS_MAX`] home I/Os, and the checkpoint staging memory (one slot's
+//! size). A first write therefore allocates nothing; a commit allocates only to encode the
+//! checkpoint (see [`crate::volume::COMMIT_ALLOCS_MAX`]).
 //!
 //! * **Allocation**: a write to an unallocated cluster makes home take a free cluster, zero it
 //!   on the base device, then publish the map entry; waiting writers are told to go ahead.
@@ -26,11 +32,97 @@ use super::PoolError;
 use crate::bdev::{Bdev, IoOp, IoRequest};
 use crate::core_list::CoreId;
 use crate::dma::{DmaBuf, IoBuf, Region};
-use crate::reactor::{BdevId, Core, OwnerId, PollerState};
-use parking_lot::Mutex;
+use crate::reactor::{BdevId, Core, LocalSlot, Msg, OwnerId, PollerState};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Weak};
+
+/// Replies a home core holds for clusters being made writable without allocating; more
+/// waiters than this grow the table (one allocation each time it doubles).
+pub const HOME_WAITERS_PREALLOC: usize = 1024;
+/// Home I/Os in flight at once (zeroing, copying, committing): the home owner's queue size.
+/// More would overflow the owner's completion queue, so it is an assertion.
+pub const HOME_OPS_MAX: usize = 256;
+
+/// Barriers that can wait behind a running one without allocating (each commit that frees
+/// clusters queues one; more grow the queue).
+const BARRIERS_QUEUED_PREALLOC: usize = 8;
+
+/// A data-path message to or from a pool's home core: a plain value in the reactor's inbox.
+#[derive(Debug)]
+pub(crate) enum PoolMsg {
+    /// A volume channel on `from` asks the home core (`home` is the pool's slot there);
+    /// the answer goes back as [`PoolMsg::Answer`] for `token`.
+    Ask {
+        home: LocalSlot,
+        obj: u64,
+        ask: Ask,
+        from: CoreId,
+        bdev: BdevId,
+        token: u64,
+    },
+    /// The home core's answer to request piece `token` of the receiving core's channel for
+    /// `bdev`.
+    Answer { bdev: BdevId, token: u64, res: i32 },
+    /// The home core (`home_core`, slot `home`) asks the receiving core's channel for `bdev`
+    /// to report once the base I/O it has in flight now has drained.
+    Barrier {
+        bdev: BdevId,
+        home_core: CoreId,
+        home: LocalSlot,
+    },
+    /// One channel's report that its pre-barrier I/O drained.
+    BarrierAck { home: LocalSlot },
+}
+
+/// What a volume channel asks of the home core.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ask {
+    /// Make this virtual cluster writable in place (allocate or copy it).
+    Writable(u64),
+    /// Unmap whole clusters `first..first + count`.
+    Unmap(u64, u64),
+    /// Commit: make everything written before durable.
+    Flush,
+}
+
+/// Handles a [`PoolMsg`] on the receiving reactor.
+pub(crate) fn handle(core: &mut Core, msg: PoolMsg) {
+    match msg {
+        PoolMsg::Ask {
+            home,
+            obj,
+            ask,
+            from,
+            bdev,
+            token,
+        } => {
+            let to = Reply::Channel {
+                core: from,
+                bdev,
+                token,
+            };
+            let handled = with_home(core, home, |h, c, shared| match ask {
+                Ask::Writable(v) => request_writable(h, c, shared, obj, v, to),
+                Ask::Unmap(first, count) => request_unmap(h, c, obj, first, count, to),
+                Ask::Flush => request_flush(h, c, shared, to),
+            });
+            if handled.is_none() {
+                // The pool closed; its volumes were closed first, so nobody waits.
+                tracing::warn!(core = core.id().get(), "volume request for a closed pool");
+            }
+        }
+        PoolMsg::Answer { bdev, token, res } => super::channel::on_reply(core, bdev, token, res),
+        PoolMsg::Barrier {
+            bdev,
+            home_core,
+            home,
+        } => super::channel::on_barrier(core, bdev, home_core, home),
+        PoolMsg::BarrierAck { home } => {
+            with_home(core, home, barrier_ack);
+        }
+    }
+}
 
 /// Who is waiting for a home operation.
 pub(crate) enum Reply {
@@ -44,14 +136,21 @@ pub(crate) enum Reply {
     Control(Sender<Result<(), PoolError>>),
 }
 
-/// Shared by the control handle, the home poller and every volume channel of the pool.
+/// The pool's read-only facts, shared by the control handle, the home state and every volume
+/// channel of the pool. Nothing here changes after open, so sharing it costs no atomics on the
+/// data path (channels hold their own reference and never clone it per I/O).
 pub(crate) struct PoolShared {
     pub(crate) name: String,
     pub(crate) home: CoreId,
     pub(crate) base: BdevId,
     pub(crate) base_bdev: Arc<dyn Bdev>,
     pub(crate) sb: Superblock,
-    pub(crate) state: Mutex<Home>,
+}
+
+/// What the home core keeps in the pool's core-local slot.
+pub(crate) struct HomeState {
+    pub(crate) shared: Arc<PoolShared>,
+    pub(crate) home: Home,
 }
 
 impl std::fmt::Debug for PoolShared {
@@ -85,10 +184,12 @@ enum Op {
 }
 
 struct Commit {
+    /// Replies to send when this commit ends; the vector comes from, and goes back to,
+    /// `Home::spare_waiters`, so a commit allocates nothing for them.
     waiters: Vec<Reply>,
-    /// Encoded checkpoint and where it goes, or None when metadata was clean.
+    /// The checkpoint staged in `Home::staging` and where it goes, or None when metadata was
+    /// clean.
     write: Option<(
-        Region,
         u64,   /* len */
         usize, /* slot */
         u64,   /* seq */
@@ -128,19 +229,119 @@ enum AfterBarrier {
     },
 }
 
+/// Replies waiting for a cluster, as a FIFO list in [`Waiters`].
+#[derive(Clone, Copy)]
+struct WaitList {
+    head: u32,
+    tail: u32,
+}
+
+/// One waiting reply and the next in its list.
+struct WaitNode {
+    reply: Option<Reply>,
+    next: Option<u32>,
+}
+
+/// Waiting replies of every cluster being made writable, in one preallocated slab.
+struct Waiters {
+    /// By (object, virtual cluster): the list of replies waiting for it.
+    lists: HashMap<(u64, u64), WaitList>,
+    nodes: Vec<WaitNode>,
+    free: Vec<u32>,
+}
+
+impl Waiters {
+    fn new() -> Waiters {
+        Waiters {
+            lists: HashMap::with_capacity(HOME_WAITERS_PREALLOC),
+            nodes: (0..HOME_WAITERS_PREALLOC)
+                .map(|_| WaitNode {
+                    reply: None,
+                    next: None,
+                })
+                .collect(),
+            free: (0..HOME_WAITERS_PREALLOC as u32).rev().collect(),
+        }
+    }
+
+    fn node(&mut self, reply: Reply) -> u32 {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.nodes.push(WaitNode {
+                reply: None,
+                next: None,
+            });
+            (self.nodes.len() - 1) as u32
+        });
+        self.nodes[index as usize] = WaitNode {
+            reply: Some(reply),
+            next: None,
+        };
+        index
+    }
+
+    fn contains(&self, key: (u64, u64)) -> bool {
+        self.lists.contains_key(&key)
+    }
+
+    /// Starts the list of `key` (nobody waits for it yet).
+    fn start(&mut self, key: (u64, u64), reply: Reply) {
+        let n = self.node(reply);
+        let fresh = self.lists.insert(key, WaitList { head: n, tail: n });
+        debug_assert!(fresh.is_none(), "cluster {key:?} already has waiters");
+    }
+
+    /// Adds `reply` to the list of `key`, or gives it back when nothing is in progress there.
+    fn join(&mut self, key: (u64, u64), reply: Reply) -> Result<(), Reply> {
+        let Some(&list) = self.lists.get(&key) else {
+            return Err(reply);
+        };
+        let n = self.node(reply);
+        self.nodes[list.tail as usize].next = Some(n);
+        self.lists.insert(
+            key,
+            WaitList {
+                head: list.head,
+                tail: n,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes the list of `key`; pop its replies with [`Waiters::pop`].
+    fn take(&mut self, key: (u64, u64)) -> Option<u32> {
+        self.lists.remove(&key).map(|l| l.head)
+    }
+
+    /// The reply at `at` and the next node of its list.
+    fn pop(&mut self, at: u32) -> (Reply, Option<u32>) {
+        let node = &mut self.nodes[at as usize];
+        let reply = node.reply.take().expect("waiting node holds a reply");
+        let next = node.next.take();
+        self.free.push(at);
+        (reply, next)
+    }
+}
+
 /// Everything the home core knows about a pool.
 pub(crate) struct Home {
     pub(crate) meta: Meta,
+    /// This state's slot on the home core, named in messages to it.
+    slot: LocalSlot,
     owner: Option<OwnerId>,
     ops: Vec<Option<Op>>,
     free_ops: Vec<u32>,
-    waiting: HashMap<(u64, u64), Vec<Reply>>,
+    waiting: Waiters,
     copy_buf: Option<DmaBuf>,
     copy_queue: VecDeque<(u64, u64)>,
     frozen: HashSet<u64>,
     deferred: Vec<(u64, u64, Reply)>,
     flush_waiters: Vec<Reply>,
+    /// An empty vector with capacity, swapped with `flush_waiters` when a commit starts.
+    spare_waiters: Vec<Reply>,
     commit: Option<Commit>,
+    /// Where a commit encodes its checkpoint: one slot's size, mapped at open, written only
+    /// while no commit is in flight.
+    staging: Region,
     active_slot: usize,
     barrier: Option<(u32, AfterBarrier)>,
     barrier_queue: VecDeque<AfterBarrier>,
@@ -155,22 +356,37 @@ pub(crate) struct Home {
 }
 
 impl Home {
-    pub(crate) fn new(meta: Meta, active_slot: usize, cores: Vec<CoreId>) -> Home {
+    pub(crate) fn new(
+        meta: Meta,
+        active_slot: usize,
+        cores: Vec<CoreId>,
+        slot: LocalSlot,
+        staging: Region,
+    ) -> Home {
+        assert!(
+            staging.len_bytes() as u64 >= meta.sb.slot_bytes,
+            "checkpoint staging of {} bytes below the slot's {}",
+            staging.len_bytes(),
+            meta.sb.slot_bytes
+        );
         Home {
             meta,
+            slot,
             owner: None,
-            ops: Vec::new(),
-            free_ops: Vec::new(),
-            waiting: HashMap::new(),
+            ops: Vec::with_capacity(HOME_OPS_MAX),
+            free_ops: Vec::with_capacity(HOME_OPS_MAX),
+            waiting: Waiters::new(),
             copy_buf: None,
-            copy_queue: VecDeque::new(),
+            copy_queue: VecDeque::with_capacity(HOME_WAITERS_PREALLOC),
             frozen: HashSet::new(),
             deferred: Vec::new(),
-            flush_waiters: Vec::new(),
+            flush_waiters: Vec::with_capacity(HOME_WAITERS_PREALLOC),
+            spare_waiters: Vec::with_capacity(HOME_WAITERS_PREALLOC),
             commit: None,
+            staging,
             active_slot,
             barrier: None,
-            barrier_queue: VecDeque::new(),
+            barrier_queue: VecDeque::with_capacity(BARRIERS_QUEUED_PREALLOC),
             open: HashMap::new(),
             cores,
             closing: false,
@@ -185,6 +401,10 @@ impl Home {
                 i
             }
             None => {
+                assert!(
+                    self.ops.len() < HOME_OPS_MAX,
+                    "more than HOME_OPS_MAX {HOME_OPS_MAX} home I/Os in flight"
+                );
                 self.ops.push(Some(op));
                 (self.ops.len() - 1) as u32
             }
@@ -203,18 +423,24 @@ impl Home {
     }
 }
 
-impl PoolShared {
-    /// Runs `f` with the home state. Only ever called on the home core.
-    pub(crate) fn with_home<R>(
-        self: &Arc<Self>,
-        core: &mut Core,
-        f: impl FnOnce(&mut Home, &mut Core, &Arc<PoolShared>) -> R,
-    ) -> R {
-        debug_assert_eq!(core.id(), self.home, "pool state touched off its home core");
-        let mut home = self.state.lock();
-        f(&mut home, core, self)
-    }
+/// Runs `f` with the home state in `slot` of this (the home) core, or returns None when the
+/// pool has closed.
+pub(crate) fn with_home<R>(
+    core: &mut Core,
+    slot: LocalSlot,
+    f: impl FnOnce(&mut Home, &mut Core, &Arc<PoolShared>) -> R,
+) -> Option<R> {
+    core.with_local(slot, |state: &mut HomeState, core| {
+        debug_assert_eq!(
+            core.id(),
+            state.shared.home,
+            "pool state touched off its home core"
+        );
+        f(&mut state.home, core, &state.shared)
+    })
+}
 
+impl PoolShared {
     fn cluster_offset(&self, cluster: u64) -> u64 {
         self.sb.cluster_offset(cluster)
     }
@@ -260,22 +486,22 @@ pub(crate) fn reply(core: &mut Core, to: Reply, result: Result<(), PoolError>) {
                 Ok(()) => 0,
                 Err(e) => -e.errno(),
             };
-            core.io().send(target, move |c: &mut Core| {
-                super::channel::on_reply(c, bdev, token, res)
-            });
+            core.io()
+                .send_msg(target, Msg::Pool(PoolMsg::Answer { bdev, token, res }));
         }
     }
 }
 
-/// The home core's poller: reaps home I/O and advances allocations, copies and commits.
+/// The home core's poller: reaps home I/O and advances allocations, copies and commits. When
+/// the pool has closed and its work is done, it drops the home state.
 pub(crate) struct HomePoller {
-    pub(crate) shared: Arc<PoolShared>,
+    pub(crate) slot: LocalSlot,
 }
 
 impl crate::reactor::Poller for HomePoller {
     fn poll(&mut self, core: &mut Core) -> PollerState {
-        self.shared.clone().with_home(core, |h, core, shared| {
-            let owner = *h.owner.get_or_insert_with(|| core.io().register_owner(64));
+        let state = with_home(core, self.slot, |h, core, shared| {
+            let owner = owner(h, core);
             let mut work = 0;
             while let Some(c) = core.io().pop(owner) {
                 work += 1;
@@ -295,11 +521,17 @@ impl crate::reactor::Poller for HomePoller {
                 PollerState::Idle
             }
         })
+        .expect("home state lives until its poller finishes");
+        if state == PollerState::Finished {
+            core.remove_local(self.slot);
+        }
+        state
     }
 }
 
 fn owner(h: &mut Home, core: &mut Core) -> OwnerId {
-    *h.owner.get_or_insert_with(|| core.io().register_owner(64))
+    *h.owner
+        .get_or_insert_with(|| core.io().register_owner(HOME_OPS_MAX))
 }
 
 /// A channel wants `vcluster` of `obj` writable in place.
@@ -324,16 +556,16 @@ pub(crate) fn request_writable(
         );
     };
     let entry = o.map.get(vcluster);
-    if let Some(waiters) = h.waiting.get_mut(&(obj, vcluster)) {
-        return waiters.push(to);
-    }
+    let Err(to) = h.waiting.join((obj, vcluster), to) else {
+        return;
+    };
     match entry {
         Entry::Mapped { shared: false, .. } => reply(core, to, Ok(())),
         Entry::Mapped { shared: true, .. } => {
             if h.meta.unshare_if_sole(obj, vcluster) {
                 return reply(core, to, Ok(()));
             }
-            h.waiting.insert((obj, vcluster), vec![to]);
+            h.waiting.start((obj, vcluster), to);
             h.copy_queue.push_back((obj, vcluster));
             start_copies(h, core, shared);
         }
@@ -347,7 +579,7 @@ pub(crate) fn request_writable(
                     }),
                 );
             };
-            h.waiting.insert((obj, vcluster), vec![to]);
+            h.waiting.start((obj, vcluster), to);
             let own = owner(h, core);
             let tag = h.park(Op::Zero {
                 obj,
@@ -462,8 +694,11 @@ fn finish_waiters(
     vcluster: u64,
     result: Result<(), PoolError>,
 ) {
-    for to in h.waiting.remove(&(obj, vcluster)).unwrap_or_default() {
+    let mut next = h.waiting.take((obj, vcluster));
+    while let Some(at) = next {
+        let (to, after) = h.waiting.pop(at);
         reply(core, to, result.clone());
+        next = after;
     }
 }
 
@@ -577,7 +812,7 @@ pub(crate) fn request_unmap(
         );
     }
     for v in first..first + count {
-        if !h.waiting.contains_key(&(obj, v)) {
+        if !h.waiting.contains((obj, v)) {
             h.meta.unmap(obj, v);
         }
     }
@@ -594,14 +829,13 @@ fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     if h.commit.is_some() || h.flush_waiters.is_empty() {
         return;
     }
-    let waiters = std::mem::take(&mut h.flush_waiters);
+    let spare = std::mem::take(&mut h.spare_waiters);
+    let waiters = std::mem::replace(&mut h.flush_waiters, spare);
     let staged = stage_checkpoint(h, shared);
     let write = match staged {
         Ok(write) => write,
         Err(e) => {
-            return waiters
-                .into_iter()
-                .for_each(|w| reply(core, w, Err(e.clone())));
+            return reply_all(h, core, waiters, Err(e));
         }
     };
     let freed = if write.is_some() {
@@ -676,7 +910,7 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
     }
     let next = match (c.stage, &c.write) {
         (CommitStage::ClearHeader, _) => CommitStage::FlushData,
-        (CommitStage::FlushData, Some((_, len, _, _))) if *len > META_BLOCK_BYTES => {
+        (CommitStage::FlushData, Some((len, _, _))) if *len > META_BLOCK_BYTES => {
             CommitStage::WriteBody
         }
         (CommitStage::FlushData, Some(_)) | (CommitStage::FlushBody, _) => CommitStage::WriteHeader,
@@ -687,10 +921,10 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
         }
     };
     c.stage = next;
-    let Some((region, len, slot, _)) = &c.write else {
+    let Some((len, slot, _)) = c.write else {
         unreachable!("only a commit with a checkpoint gets past FlushData")
     };
-    let (base_ptr, len, at) = (region.base(), *len, shared.sb.slot_offsets[*slot]);
+    let (base_ptr, at) = (h.staging.base(), shared.sb.slot_offsets[slot]);
     match next {
         CommitStage::WriteBody => write_span(h, core, shared, base_ptr, at, META_BLOCK_BYTES, len),
         CommitStage::WriteHeader => write_span(h, core, shared, base_ptr, at, 0, META_BLOCK_BYTES),
@@ -701,31 +935,31 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
     }
 }
 
-/// Encodes the metadata into staging memory when it changed since the last commit: the
-/// region, its length, the slot it goes to and its sequence number.
-fn stage_checkpoint(
-    h: &Home,
-    shared: &PoolShared,
-) -> Result<Option<(Region, u64, usize, u64)>, PoolError> {
+/// Encodes the metadata into the staging memory when it changed since the last commit: its
+/// length, the slot it goes to and its sequence number. Allocates nothing.
+fn stage_checkpoint(h: &Home, shared: &PoolShared) -> Result<Option<(u64, usize, u64)>, PoolError> {
     if !h.meta.dirty {
         return Ok(None);
     }
+    debug_assert!(h.commit.is_none(), "staging rewritten under a commit");
     let seq = h.meta.seq + 1;
-    let bytes = h
+    let slot_bytes = shared.sb.slot_bytes as usize;
+    // SAFETY: the staging region is mapped for at least slot_bytes (asserted in Home::new),
+    // owned by this home state, and no commit is in flight (start_commit runs only without
+    // one), so no device request reads it while this slice lives.
+    let out = unsafe { std::slice::from_raw_parts_mut(h.staging.base(), slot_bytes) };
+    let len = h
         .meta
-        .to_checkpoint(seq)
-        .encode(shared.sb.slot_bytes)
+        .encode_checkpoint(seq, out)
         .ok_or(PoolError::MetadataFull {
             slot_bytes: shared.sb.slot_bytes,
         })?;
-    let region = Region::map(bytes.len(), false, false).map_err(|e| PoolError::Failed {
-        pool: shared.name.clone(),
-        why: e.to_string(),
-    })?;
-    // SAFETY: the region was just mapped with at least bytes.len() bytes, and nothing else
-    // knows about it yet.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.base(), bytes.len()) };
-    Ok(Some((region, bytes.len() as u64, 1 - h.active_slot, seq)))
+    debug_assert_eq!(
+        Checkpoint::decode(&out[..len]).as_ref(),
+        Ok(&h.meta.to_checkpoint(seq)),
+        "the staged checkpoint decodes to the metadata it was encoded from"
+    );
+    Ok(Some((len as u64, 1 - h.active_slot, seq)))
 }
 
 /// Writes bytes `from..to` of the staged checkpoint at `at + from`, in base-sized pieces.
@@ -752,16 +986,27 @@ fn write_span(
     }
 }
 
+/// Answers every waiter of a commit and keeps their (now empty) vector for the next one.
+fn reply_all(
+    h: &mut Home,
+    core: &mut Core,
+    mut waiters: Vec<Reply>,
+    result: Result<(), PoolError>,
+) {
+    for w in waiters.drain(..) {
+        reply(core, w, result.clone());
+    }
+    h.spare_waiters = waiters;
+}
+
 fn commit_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     let c = h.commit.take().expect("commit in progress");
-    if let Some((_, _, slot, seq)) = c.write {
+    if let Some((_, slot, seq)) = c.write {
         h.active_slot = slot;
         h.meta.seq = seq;
         h.slot_suspect = false;
     }
-    for w in c.waiters {
-        reply(core, w, Ok(()));
-    }
+    reply_all(h, core, c.waiters, Ok(()));
     if !c.freed.is_empty() {
         start_barrier(h, core, shared, AfterBarrier::Release(c.freed));
     }
@@ -789,9 +1034,7 @@ fn commit_failed(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         pool: shared.name.clone(),
         why,
     };
-    for w in c.waiters {
-        reply(core, w, Err(e.clone()));
-    }
+    reply_all(h, core, c.waiters, Err(e));
     h.meta.dirty = true;
     h.meta.requarantine(c.freed);
     start_commit(h, core, shared);
@@ -803,15 +1046,16 @@ fn start_barrier(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, then: 
     if h.barrier.is_some() {
         return h.barrier_queue.push_back(then);
     }
-    let bdevs: Vec<BdevId> = h.open.values().map(|(b, _)| *b).collect();
-    let targets = bdevs.len() as u32 * h.cores.len() as u32;
+    let targets = h.open.len() as u32 * h.cores.len() as u32;
     h.barrier = Some((targets, then));
     for &target in &h.cores {
-        for &bdev in &bdevs {
-            let pool = shared.clone();
-            core.io().send(target, move |c: &mut Core| {
-                super::channel::on_barrier(c, bdev, pool)
-            });
+        for &(bdev, _) in h.open.values() {
+            let msg = PoolMsg::Barrier {
+                bdev,
+                home_core: shared.home,
+                home: h.slot,
+            };
+            core.io().send_msg(target, Msg::Pool(msg));
         }
     }
     if targets == 0 {

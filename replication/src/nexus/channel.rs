@@ -23,6 +23,7 @@ use crate::transport::Conn;
 use cairn_engine::bdev::{BdevChannel, IoOp, IoRequest};
 use cairn_engine::dma::DmaBuf;
 use cairn_engine::reactor::{BdevId, IoCtx, OwnerId};
+use cairn_engine::Core;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,6 +31,10 @@ use std::time::{Duration, Instant};
 
 /// How often a channel with requests held by the freeze looks again.
 const HELD_RECHECK: Duration = Duration::from_millis(1);
+/// Deadlines the timeout queue holds: one per sub-request that can be in flight. Answered
+/// sub-requests leave their deadline behind until it expires; when the queue is full, those
+/// are dropped (in place) to make room, so it never grows past this.
+const TIMEOUTS_MAX: usize = PARENTS_MAX * CHILDREN_MAX;
 
 pub(super) enum Path {
     None,
@@ -120,6 +125,11 @@ impl Parent {
     }
 }
 
+/// Whether the sub-request of parent `p` (at generation `gen`) on child `c` is unanswered.
+fn sub_pending(p: &Parent, gen: u32, c: u8) -> bool {
+    p.live && p.gen == gen && p.pending & (1 << c) != 0
+}
+
 fn is_write_like(op: IoOp) -> bool {
     matches!(op, IoOp::Write | IoOp::Trim | IoOp::WriteZeroes)
 }
@@ -147,6 +157,10 @@ pub(super) struct NexusChannel {
     timeouts: VecDeque<(Instant, u16, u32, u8)>,
     /// Replies gathered from a connection before they are acted on.
     replies: Vec<(u16, u32, Result<(), SubErr>)>,
+    /// Client writes started here and not finished: core-local, read only here.
+    writes_in_flight: u32,
+    /// A quiesce round this channel answers once `writes_in_flight` is zero.
+    quiesce_round: Option<u64>,
     pub(super) resync: Option<ResyncJob>,
 }
 
@@ -167,10 +181,12 @@ impl NexusChannel {
             retired: Vec::new(),
             slots: (0..PARENTS_MAX).map(|_| Parent::empty(owner)).collect(),
             free: (0..PARENTS_MAX as u16).rev().collect(),
-            waiting: VecDeque::new(),
-            backlog: std::array::from_fn(|_| VecDeque::new()),
-            timeouts: VecDeque::new(),
+            waiting: VecDeque::with_capacity(PARENTS_MAX),
+            backlog: std::array::from_fn(|_| VecDeque::with_capacity(PARENTS_MAX)),
+            timeouts: VecDeque::with_capacity(TIMEOUTS_MAX),
             replies: Vec::with_capacity(PARENTS_MAX),
+            writes_in_flight: 0,
+            quiesce_round: None,
             resync: None,
         };
         ch.refresh_paths(io);
@@ -315,6 +331,15 @@ impl NexusChannel {
     fn arm_timeout(&mut self, io: &mut IoCtx, slot: u16, c: usize) {
         let gen = self.slots[slot as usize].gen;
         let at = io.now() + self.shared.options.io_timeout;
+        if self.timeouts.len() == TIMEOUTS_MAX {
+            let slots = &self.slots;
+            self.timeouts
+                .retain(|&(_, slot, gen, c)| sub_pending(&slots[slot as usize], gen, c));
+        }
+        assert!(
+            self.timeouts.len() < TIMEOUTS_MAX,
+            "more than TIMEOUTS_MAX {TIMEOUTS_MAX} sub-requests in flight"
+        );
         self.timeouts.push_back((at, slot, gen, c as u8));
     }
 
@@ -379,34 +404,27 @@ impl NexusChannel {
     /// Starts (or fails) a client request; false when it must wait (no free slot, or writes
     /// frozen) and was not consumed.
     fn start(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
-        let shared = self.shared.clone();
         let writes = req.op != IoOp::Read;
         if writes {
+            let shared = &*self.shared;
             if shared.fenced.load(Ordering::Acquire)
                 || shared.in_sync_count() < shared.options.min_in_sync
             {
                 io.post(req.owner, req.tag, -libc::EIO);
                 return true;
             }
-            // Announce the write before looking at the freeze, so the resync either sees
-            // it in flight or it sees the freeze (both sides SeqCst).
-            let counters = &shared.counters[self.core_index];
-            counters.started.fetch_add(1, Ordering::SeqCst);
-            if shared.frozen.load(Ordering::SeqCst) {
-                counters.done.fetch_add(1, Ordering::SeqCst);
+            // A channel sees the freeze before it answers a quiesce round (see
+            // NexusShared::quiesce), so a write started here is one the round waits for.
+            if shared.frozen.load(Ordering::Acquire) {
                 return false;
             }
         }
         let Some(slot) = self.alloc(Kind::Client, req) else {
-            if writes {
-                shared.counters[self.core_index]
-                    .done
-                    .fetch_add(1, Ordering::SeqCst);
-            }
             return false;
         };
         self.slots[slot as usize].counted = writes;
         if writes {
+            self.writes_in_flight += 1;
             self.fan_out(io, slot);
         } else {
             self.read_from_next(io, slot);
@@ -476,7 +494,7 @@ impl NexusChannel {
         res: Result<(), SubErr>,
     ) {
         let bit = 1u8 << c;
-        let shared = self.shared.clone();
+        let shared = &*self.shared;
         let p = &mut self.slots[slot as usize];
         if !p.live || p.pending & bit == 0 {
             return;
@@ -554,11 +572,7 @@ impl NexusChannel {
             }
             shared.flip_busy.store(false, Ordering::SeqCst);
         }
-        if p.counted {
-            shared.counters[self.core_index]
-                .done
-                .fetch_add(1, Ordering::SeqCst);
-        }
+        let counted = p.counted;
         let res = match (success, op) {
             (false, _) => -libc::EIO,
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
@@ -566,6 +580,20 @@ impl NexusChannel {
         };
         io.post(p.req.owner, p.req.tag, res);
         self.release_slot(io, slot);
+        if counted {
+            self.writes_in_flight -= 1;
+            self.answer_quiesce();
+        }
+    }
+
+    /// Answers the pending quiesce round once no write of this core is in flight.
+    fn answer_quiesce(&mut self) {
+        if self.writes_in_flight > 0 {
+            return;
+        }
+        if let Some(round) = self.quiesce_round.take() {
+            self.shared.drained(round);
+        }
     }
 
     /// Polls child `c`'s connection and acts on its replies.
@@ -675,12 +703,11 @@ impl NexusChannel {
                 break;
             }
             self.timeouts.pop_front();
-            let c = c as usize;
-            let p = &self.slots[slot as usize];
             // A sub-request that finished, or a later one in a reused slot, is not late.
-            if !p.live || p.gen != gen || p.pending & (1 << c) == 0 {
+            if !sub_pending(&self.slots[slot as usize], gen, c) {
                 continue;
             }
+            let c = c as usize;
             if let Path::Remote { .. } = self.paths[c] {
                 let ms = self.shared.options.io_timeout.as_millis();
                 self.child_lost(io, c, &format!("no answer within {ms} ms"));
@@ -744,7 +771,27 @@ impl NexusChannel {
     }
 }
 
+/// Quiesce round `round` reaches this core: its channel of the nexus answers once its writes
+/// in flight have finished (at once if there are none, or if it has no channel here).
+pub(super) fn on_quiesce(core: &mut Core, shared: &Arc<NexusShared>, round: u64) {
+    let answered_later = shared.bdev.get().and_then(|&bdev| {
+        core.with_channel(bdev, |ch, _| {
+            let nexus = ch.as_any_mut()?.downcast_mut::<NexusChannel>()?;
+            nexus.quiesce_round = Some(round);
+            nexus.answer_quiesce();
+            Some(())
+        })?
+    });
+    if answered_later.is_none() {
+        shared.drained(round);
+    }
+}
+
 impl BdevChannel for NexusChannel {
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
     fn submit(&mut self, io: &mut IoCtx, req: IoRequest) {
         self.refresh_paths(io);
         if !self.waiting.is_empty() || !self.start(io, req) {

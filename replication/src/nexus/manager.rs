@@ -310,6 +310,10 @@ impl NexusManager {
                 name: name.clone(),
                 source,
             })?;
+        shared
+            .bdev
+            .set(handle.id())
+            .expect("a new nexus's bdev is set once");
         tracing::info!(nexus = %name, epoch, replicas = req.replicas.len(), "nexus created");
         let now = Instant::now();
         self.nexuses.lock().insert(
@@ -589,9 +593,13 @@ impl NexusManager {
         let specs: Vec<(usize, ChildSpec)> = (0..CHILDREN_MAX)
             .filter_map(|c| shared.child(c).spec.lock().clone().map(|s| (c, s)))
             .collect();
-        shared.frozen.store(true, Ordering::SeqCst);
+        let engine = &self.engine;
+        let round = shared.quiesce(|core, f| {
+            // A core that does not answer is caught by the drain deadline below.
+            let _ = engine.call(core, f);
+        });
         let drained_by = Instant::now() + PROMOTE_DRAIN_MAX;
-        while !shared.writes_quiet() {
+        while !shared.quiesced(round) {
             if Instant::now() > drained_by {
                 shared.frozen.store(false, Ordering::SeqCst);
                 return Err(Self::invalid(name, "writes did not drain; not promoted"));

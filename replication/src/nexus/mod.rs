@@ -8,7 +8,10 @@
 //! connection to each remote child, their in-flight table and their timers, so the per-I/O
 //! path takes no lock. State changes that every core must see (a fault, a new path, the
 //! epoch) are atomics read per request, or a generation counter that tells a channel to
-//! pick up new paths under the (control-path) mutex.
+//! pick up new paths under the (control-path) mutex. Per-write accounting is core-local: each
+//! channel counts its own writes in flight in a plain field, and the write freeze learns that
+//! every core has drained by asking each one with a message ([`NexusShared::quiesce`]), so a
+//! write costs no shared read-modify-write and no `Arc` clone.
 //!
 //! What a nexus must never do: acknowledge a write before every in-sync child has it, write
 //! under an epoch a replica has fenced off, or let a child back into the in-sync set before
@@ -24,12 +27,12 @@ use crate::replica::HostedReplica;
 use crate::transport::Link;
 use bitmap::RegionMap;
 use cairn_engine::bdev::{Bdev, BdevChannel, BdevError, BdevInfo};
-use cairn_engine::reactor::IoCtx;
-use cairn_engine::CoreId;
+use cairn_engine::reactor::{BdevId, IoCtx};
+use cairn_engine::{Core, CoreId};
 use parking_lot::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Children (replicas) one nexus can have.
@@ -175,12 +178,13 @@ impl ChildShared {
     }
 }
 
-/// Per-core write counters for the resync freeze: written only by their core.
+/// One round of asking every core whether its writes drained under the freeze.
 #[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct WriteCounters {
-    pub(crate) started: AtomicU64,
-    pub(crate) done: AtomicU64,
+pub(crate) struct Quiesce {
+    /// Numbers the rounds, so a late answer to an abandoned round is not counted.
+    pub(crate) round: u64,
+    /// Cores that answered this round.
+    pub(crate) drained: usize,
 }
 
 /// A resync the manager asked the home core to run.
@@ -234,10 +238,14 @@ pub struct NexusShared {
     /// fails from then on.
     pub(crate) fenced: AtomicBool,
     pub(crate) children: [ChildShared; CHILDREN_MAX],
-    /// Set while a resync finishes: new writes wait in their channels.
+    /// Set while a resync finishes or a promote re-opens children: new writes wait in their
+    /// channels. Read (Acquire, no read-modify-write) by every write.
     pub(crate) frozen: AtomicBool,
     pub(crate) cores: Vec<CoreId>,
-    pub(crate) counters: Box<[WriteCounters]>,
+    /// The nexus's bdev, so a control message can find its channel on a core.
+    pub(crate) bdev: OnceLock<BdevId>,
+    /// The current quiesce round (control path: once per freeze).
+    pub(crate) quiesce: Mutex<Quiesce>,
     /// Flush generation: its parity picks the `unflushed` map new writes are recorded in.
     pub(crate) flush_gen: AtomicU64,
     /// A flush that switched generations is in flight; others do not switch.
@@ -287,8 +295,9 @@ impl NexusShared {
             fenced: AtomicBool::new(false),
             children: std::array::from_fn(|_| ChildShared::new(regions, shift, n)),
             frozen: AtomicBool::new(false),
-            counters: (0..n).map(|_| WriteCounters::default()).collect(),
             cores,
+            bdev: OnceLock::new(),
+            quiesce: Mutex::new(Quiesce::default()),
             flush_gen: AtomicU64::new(0),
             flip_busy: AtomicBool::new(false),
             resync_order: Mutex::new(None),
@@ -353,11 +362,47 @@ impl NexusShared {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Whether no write is running on any core (called with writes frozen).
-    pub(crate) fn writes_quiet(&self) -> bool {
-        self.counters
-            .iter()
-            .all(|c| c.started.load(Ordering::SeqCst) == c.done.load(Ordering::SeqCst))
+    /// Freezes writes and asks every core's channel to answer once the writes it has in
+    /// flight have finished; `send` delivers a control message to a core. Returns the round
+    /// for [`NexusShared::quiesced`].
+    ///
+    /// Why this is enough: `frozen` is stored before the messages are sent, so a channel that
+    /// handles its message sees the freeze in every write it starts afterwards (the inbox
+    /// orders them); the writes it had started are counted in its own `writes_in_flight`, and
+    /// it answers when that reaches zero.
+    pub(crate) fn quiesce(
+        self: &Arc<Self>,
+        mut send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
+    ) -> u64 {
+        self.frozen.store(true, Ordering::SeqCst);
+        let round = {
+            let mut q = self.quiesce.lock();
+            q.round += 1;
+            q.drained = 0;
+            q.round
+        };
+        for &core in &self.cores {
+            let shared = self.clone();
+            send(
+                core,
+                Box::new(move |c: &mut Core| channel::on_quiesce(c, &shared, round)),
+            );
+        }
+        round
+    }
+
+    /// Counts one core's answer to quiesce round `round`.
+    pub(crate) fn drained(&self, round: u64) {
+        let mut q = self.quiesce.lock();
+        if q.round == round {
+            q.drained += 1;
+        }
+    }
+
+    /// Whether every core answered quiesce round `round`: no write runs anywhere.
+    pub(crate) fn quiesced(&self, round: u64) -> bool {
+        let q = self.quiesce.lock();
+        q.round == round && q.drained == self.cores.len()
     }
 }
 

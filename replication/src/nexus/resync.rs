@@ -44,6 +44,8 @@ pub(super) struct ResyncJob {
     /// The region being issued and the next offset in it.
     region: Option<(u64, u64)>,
     pass: u32,
+    /// The quiesce round the Quiesce phase waits for.
+    quiesce_round: u64,
     ops: usize,
     issued_bytes: u64,
     done_bytes: u64,
@@ -127,6 +129,7 @@ impl NexusChannel {
             cursor: 0,
             region: None,
             pass: 0,
+            quiesce_round: 0,
             ops: 0,
             issued_bytes: 0,
             done_bytes: 0,
@@ -185,7 +188,7 @@ impl NexusChannel {
         match job.phase {
             Phase::Copy | Phase::Final => self.issue(io),
             Phase::Quiesce => {
-                if shared.writes_quiet() {
+                if shared.quiesced(job.quiesce_round) {
                     job.phase = Phase::Final;
                     job.cursor = 0;
                     return 1;
@@ -241,7 +244,7 @@ impl NexusChannel {
                     Some(r) => (r, r * region_bytes),
                     None => {
                         if job.ops == 0 {
-                            self.end_of_pass();
+                            self.end_of_pass(io);
                             n += 1;
                         }
                         break;
@@ -290,7 +293,7 @@ impl NexusChannel {
         n
     }
 
-    fn end_of_pass(&mut self) {
+    fn end_of_pass(&mut self, io: &mut IoCtx) {
         let shared = self.shared.clone();
         let job = self.job();
         let dirty = &shared.child(job.target).dirty;
@@ -301,7 +304,7 @@ impl NexusChannel {
         );
         match job.phase {
             Phase::Copy if left <= FINAL_REGIONS_MAX || job.pass + 1 >= PASSES_MAX => {
-                shared.frozen.store(true, Ordering::SeqCst);
+                job.quiesce_round = shared.quiesce(|core, f| io.send(core, f));
                 job.phase = Phase::Quiesce;
             }
             Phase::Copy => {
