@@ -107,7 +107,7 @@ fn a_new_nexus_fences_the_old_one() {
     flush(&mut nbd_a).unwrap();
 
     let mut admin_d = d.admin();
-    admin_d.create_nexus(&replicas, 1000);
+    admin_d.take_over(&replicas, 1000);
     let (old, new) = (admin_a.show(), admin_d.show());
     assert!(
         new.epoch > old.epoch,
@@ -203,7 +203,7 @@ fn a_partitioned_old_nexus_is_fenced_when_the_partition_heals() {
     );
 
     let mut admin_d = d.admin();
-    let new = admin_d.create_nexus(&replicas, 1000);
+    let new = admin_d.take_over(&replicas, 1000);
     assert!(
         new.epoch > old.epoch,
         "the new nexus's epoch {} is not above the old one's {}",

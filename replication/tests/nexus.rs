@@ -135,11 +135,17 @@ fn options() -> NexusOptions {
 }
 
 fn create(m: &NexusManager, replicas: Vec<ChildSpec>) -> NexusView {
+    create_with(m, replicas, false)
+}
+
+/// Creates the nexus; with `takeover`, over replicas another nexus opened.
+fn create_with(m: &NexusManager, replicas: Vec<ChildSpec>, takeover: bool) -> NexusView {
     m.create(CreateRequest {
         name: "vol".into(),
         replicas,
         options: options(),
         epoch: None,
+        takeover,
     })
     .expect("nexus created")
 }
@@ -226,7 +232,7 @@ fn writes_reach_every_replica_and_an_outage_resyncs_only_what_was_missed() {
         "resync copied {copied} bytes for {written_out} written while out"
     );
     assert_eq!(a.contents(&engine), b.contents(&engine));
-    let report = m.verify("vol").unwrap();
+    let report = m.verify("vol", false).unwrap();
     assert_eq!(report.mismatched, Vec::<u64>::new());
     assert_eq!(report.regions, SIZE / REGION);
     drop(q);
@@ -275,7 +281,7 @@ fn a_newer_nexus_fences_the_older_one() {
     q_old.write_at(0, &[1u8; 4096], false).unwrap();
 
     let new = manager(&engine, "new");
-    let v = create(&new, vec![a.spec(), b.spec()]);
+    let v = create_with(&new, vec![a.spec(), b.spec()], true);
     assert!(v.epoch > 1, "the new nexus went above the old epoch: {v:?}");
     let refused = q_old.write_at(4096, &[2u8; 4096], false);
     assert!(refused.is_err(), "a stale nexus's write was accepted");
@@ -327,7 +333,10 @@ fn a_new_replica_is_rebuilt_online_under_writes() {
         v.children[1].copied_bytes >= SIZE,
         "a rebuild copies the whole volume"
     );
-    assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(
+        m.verify("vol", false).unwrap().mismatched,
+        Vec::<u64>::new()
+    );
     assert_eq!(a.contents(&engine), b.contents(&engine));
     m.shutdown();
 }
@@ -359,6 +368,9 @@ fn a_slow_replica_is_faulted_at_the_deadline_and_the_volume_keeps_going() {
     }
     b.fault.as_ref().unwrap().heal();
     wait_for(&m, "slow replica resynced", all_in_sync);
-    assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(
+        m.verify("vol", false).unwrap().mismatched,
+        Vec::<u64>::new()
+    );
     m.shutdown();
 }

@@ -9,7 +9,9 @@
 //!
 //! Limits: [`PARENTS_MAX`] parents (more requests wait in order), and
 //! [`CHILD_IN_FLIGHT_BYTES_MAX`] unanswered bytes per remote child (more sub-requests wait in
-//! that child's backlog). A remote sub-request unanswered after the nexus's I/O timeout
+//! that child's backlog). Completions of writes that must wait for a generation raise are
+//! held in [`NexusChannel::held`], at most one per parent slot ([`PARENTS_MAX`]). A remote
+//! sub-request unanswered after the nexus's I/O timeout
 //! faults its child; a local one is never timed out (its buffer is the client's, so the
 //! request cannot be abandoned; a slow local disk makes the volume slow, not wrong).
 
@@ -28,7 +30,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often a channel with requests held by the freeze looks again.
+/// How often a channel with requests held by the freeze, or completions held for a
+/// generation raise, looks again.
 const HELD_RECHECK: Duration = Duration::from_millis(1);
 
 pub(super) enum Path {
@@ -148,6 +151,9 @@ pub(super) struct NexusChannel {
     /// Replies gathered from a connection before they are acted on.
     replies: Vec<(u16, u32, Result<(), SubErr>)>,
     pub(super) resync: Option<ResyncJob>,
+    /// Completed writes whose acknowledgement waits until the generation they need (first)
+    /// is durable on every in-sync child: (generation, owner, tag, result).
+    held: VecDeque<(u64, OwnerId, u32, i32)>,
 }
 
 impl NexusChannel {
@@ -172,6 +178,7 @@ impl NexusChannel {
             timeouts: VecDeque::new(),
             replies: Vec::with_capacity(PARENTS_MAX),
             resync: None,
+            held: VecDeque::with_capacity(PARENTS_MAX),
         };
         ch.refresh_paths(io);
         ch
@@ -564,8 +571,35 @@ impl NexusChannel {
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
             (true, _) => 0,
         };
-        io.post(p.req.owner, p.req.tag, res);
+        let (owner, tag) = (p.req.owner, p.req.tag);
+        if success && op != IoOp::Read && (!self.held.is_empty() || shared.raise_pending()) {
+            // A child that missed this write may hold the same generation as the others
+            // until the raise is durable: acknowledging now could let a new nexus trust it.
+            let need = shared.gen_target.load(Ordering::SeqCst);
+            self.held.push_back((need, owner, tag, res));
+        } else {
+            io.post(owner, tag, res);
+        }
         self.release_slot(io, slot);
+    }
+
+    /// Acknowledges held writes whose generation is durable on every in-sync child, in order.
+    /// A write whose in-sync set fell below the minimum meanwhile, or whose nexus was fenced,
+    /// fails instead: the raise may not have reached a copy that holds it.
+    fn poll_held(&mut self, io: &mut IoCtx) -> usize {
+        let shared = &self.shared;
+        let mut n = 0;
+        while let Some(&(need, owner, tag, res)) = self.held.front() {
+            let fenced = shared.fenced.load(Ordering::Acquire);
+            if !fenced && shared.gen_durable.load(Ordering::SeqCst) < need {
+                break;
+            }
+            let ok = !fenced && shared.in_sync_count() >= shared.options.min_in_sync;
+            io.post(owner, tag, if ok { res } else { -libc::EIO });
+            self.held.pop_front();
+            n += 1;
+        }
+        n
     }
 
     /// Polls child `c`'s connection and acts on its replies.
@@ -762,6 +796,7 @@ impl BdevChannel for NexusChannel {
         work += self.poll_timeouts(io);
         work += self.poll_backlogs();
         work += self.poll_waiting(io);
+        work += self.poll_held(io);
         work += self.poll_resync(io);
         for c in 0..CHILDREN_MAX {
             if let Path::Remote { conn, .. } = &mut self.paths[c] {
@@ -774,13 +809,14 @@ impl BdevChannel for NexusChannel {
 
     fn next_deadline(&self) -> Option<Instant> {
         let timeout = self.timeouts.front().map(|t| t.0);
-        let held = (!self.waiting.is_empty()).then(|| Instant::now() + HELD_RECHECK);
+        let held = (!self.waiting.is_empty() || !self.held.is_empty())
+            .then(|| Instant::now() + HELD_RECHECK);
         let resync = self.resync.as_ref().and_then(ResyncJob::next_deadline);
         [timeout, held, resync].into_iter().flatten().min()
     }
 
     fn in_flight(&self) -> usize {
-        (PARENTS_MAX - self.free.len()) + self.waiting.len() + self.retired.len()
+        (PARENTS_MAX - self.free.len()) + self.waiting.len() + self.retired.len() + self.held.len()
     }
 
     fn close(&mut self, io: &mut IoCtx) {
