@@ -513,7 +513,7 @@ pub fn block_data(offset_bytes: u64, round: u64) -> Vec<u8> {
 }
 
 /// What a block read back holds, for messages: whose header it carries.
-fn describe_block(data: &[u8]) -> String {
+pub fn describe_block(data: &[u8]) -> String {
     if data.iter().all(|&b| b == 0) {
         return "zeroes".into();
     }
@@ -594,6 +594,15 @@ impl Workload {
             self.model[block as usize] = Some(round);
         }
         e
+    }
+
+    /// What block `block` must read back as: its last acknowledged write, or zeroes.
+    pub fn expected(&self, block: u64) -> Vec<u8> {
+        let off = block * BLOCK_BYTES;
+        match self.model[block as usize] {
+            Some(round) => block_data(off, round),
+            None => vec![0; BLOCK_BYTES as usize],
+        }
     }
 
     /// Reads the whole volume back and compares every block with the model (never-written

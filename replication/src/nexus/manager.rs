@@ -531,10 +531,11 @@ impl NexusManager {
         };
         match spec {
             ChildSpec::Local => {
-                let r = self
-                    .replicas
-                    .get(&shared.volume_id)
-                    .map_err(|e| e.to_string())?;
+                let r = shared
+                    .local
+                    .lock()
+                    .clone()
+                    .ok_or("the local replica was never opened")?;
                 let flush = || flush_replica(&self.engine, &r);
                 match self
                     .replicas

@@ -263,6 +263,9 @@ pub struct NexusShared {
     pub(crate) gen_lock: Mutex<()>,
     /// The manager's monitor thread, woken by a fault to raise the generation at once.
     pub(crate) raiser: Mutex<Option<std::thread::Thread>>,
+    /// This node's replica, once a local child was opened: the manager stores generations on
+    /// it without going through the replica set (whose lock node shutdown may not take).
+    pub(crate) local: Mutex<Option<Arc<HostedReplica>>>,
 }
 
 impl fmt::Debug for NexusShared {
@@ -315,6 +318,7 @@ impl NexusShared {
             gen_durable: AtomicU64::new(0),
             gen_lock: Mutex::new(()),
             raiser: Mutex::new(None),
+            local: Mutex::new(None),
         }
     }
 
@@ -382,6 +386,9 @@ impl NexusShared {
     /// Publishes one path set-up per core for child `c` (or none: removed) and tells every
     /// channel to pick them up.
     pub(crate) fn publish(&self, c: usize, paths: Vec<Option<PathSetup>>) {
+        if let Some(Some(PathSetup::Local(r, _))) = paths.first() {
+            *self.local.lock() = Some(r.clone());
+        }
         let child = &self.children[c];
         *child.paths.lock() = paths;
         child.gen.fetch_add(1, Ordering::AcqRel);
