@@ -3,7 +3,9 @@
 //! rules without the daemon: every acknowledged write is on every in-sync replica; a replica
 //! that drops out is resynced with only what it missed; a newer nexus fences an older one;
 //! a new replica is rebuilt online; a slow replica is faulted at the deadline instead of
-//! hanging the volume; an idle nexus still resyncs a replica that comes back. The
+//! hanging the volume; an idle nexus still resyncs a replica that comes back; a write a
+//! faulted replica missed is acknowledged only after the surviving replicas hold a higher
+//! data generation than the faulted one. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -373,4 +375,42 @@ fn a_slow_replica_is_faulted_at_the_deadline_and_the_volume_keeps_going() {
         Vec::<u64>::new()
     );
     m.shutdown();
+}
+
+/// A write that a faulted replica missed is acknowledged only once the next data generation
+/// is stored on every replica still in sync. With the manager's monitor stopped (nothing
+/// raises the generation), such a write stays unanswered; removing the faulted replica runs
+/// the raise, and the write completes, with the surviving replica's generation now above
+/// the faulted one's. Without the hold, the write was acknowledged while both replicas held
+/// the same generation, so a nexus created after a crash could trust the copy that missed it.
+#[test]
+fn a_write_a_faulted_replica_missed_waits_for_the_generation_raise() {
+    let engine = engine();
+    let a = Site::new(&engine, "ga", false);
+    let mut b = Site::new(&engine, "gb", false);
+    let m = manager(&engine, "gen");
+    create(&m, vec![a.spec(), b.spec()]);
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    q.write_at(0, &[1u8; 4096], false).unwrap();
+    let generation = |s: &Site| s.replicas.hosted()[0].record().generation;
+    assert_eq!(generation(&a), generation(&b));
+    m.shutdown();
+    b.stop();
+    let writer = std::thread::spawn(move || q.write_at(4096, &[2u8; 4096], false));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !writer.is_finished(),
+        "a write b missed was answered before the generation raise: {:?}",
+        writer.join()
+    );
+    m.remove_child("vol", &b.spec()).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        generation(&a) > generation(&b),
+        "a {} b {}",
+        generation(&a),
+        generation(&b)
+    );
 }

@@ -859,8 +859,7 @@ impl NexusManager {
                 ),
             ));
         }
-        let shrinks = child.state() == ChildState::InSync;
-        if shrinks {
+        if child.state() == ChildState::InSync {
             // The removed replica keeps the current generation but misses every later write.
             shared.gen_target.fetch_add(1, Ordering::SeqCst);
         }
@@ -868,7 +867,7 @@ impl NexusManager {
         *child.spec.lock() = None;
         shared.publish(c, (0..shared.cores.len()).map(|_| None).collect());
         child.dirty.clear_all();
-        if shrinks {
+        if generation_behind(&shared) {
             self.raise_generation(&shared);
         }
         tracing::info!(nexus = %name, child = %spec, "replica removed");
