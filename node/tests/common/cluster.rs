@@ -364,10 +364,11 @@ impl Admin {
     pub fn try_create_nexus(
         &mut self,
         req: &pb::CreateNexusRequest,
-    ) -> Result<pb::Nexus, tonic::Status> {
+    ) -> Result<pb::Nexus, Box<tonic::Status>> {
         self.rt
             .block_on(self.client.create_nexus(req.clone()))
             .map(tonic::Response::into_inner)
+            .map_err(Box::new)
     }
 
     /// Exports the nexus [`VOLUME`] over NBD under its own name.

@@ -9,8 +9,9 @@
 //!
 //! Limits: [`PARENTS_MAX`] parents (more requests wait in order), and
 //! [`CHILD_IN_FLIGHT_BYTES_MAX`] unanswered bytes per remote child (more sub-requests wait in
-//! that child's backlog). Completions of writes that must wait for a generation raise are
-//! held in [`NexusChannel::held`], at most one per parent slot ([`PARENTS_MAX`]). A remote
+//! that child's backlog). A write that must wait for a generation raise keeps its parent slot
+//! until it is acknowledged ([`NexusChannel::held`]), so held writes count against
+//! [`PARENTS_MAX`] and new requests wait in order behind them. A remote
 //! sub-request unanswered after the nexus's I/O timeout
 //! faults its child; a local one is never timed out (its buffer is the client's, so the
 //! request cannot be abandoned; a slow local disk makes the volume slow, not wrong).
@@ -152,8 +153,9 @@ pub(super) struct NexusChannel {
     replies: Vec<(u16, u32, Result<(), SubErr>)>,
     pub(super) resync: Option<ResyncJob>,
     /// Completed writes whose acknowledgement waits until the generation they need (first)
-    /// is durable on every in-sync child: (generation, owner, tag, result).
-    held: VecDeque<(u64, OwnerId, u32, i32)>,
+    /// is durable on every in-sync child: (generation, parent slot, result). The slot stays
+    /// taken (nothing is pending on it) until then.
+    held: VecDeque<(u64, u16, i32)>,
 }
 
 impl NexusChannel {
@@ -571,15 +573,14 @@ impl NexusChannel {
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
             (true, _) => 0,
         };
-        let (owner, tag) = (p.req.owner, p.req.tag);
         if success && op != IoOp::Read && (!self.held.is_empty() || shared.raise_pending()) {
             // A child that missed this write may hold the same generation as the others
             // until the raise is durable: acknowledging now could let a new nexus trust it.
             let need = shared.gen_target.load(Ordering::SeqCst);
-            self.held.push_back((need, owner, tag, res));
-        } else {
-            io.post(owner, tag, res);
+            self.held.push_back((need, slot, res));
+            return;
         }
+        io.post(p.req.owner, p.req.tag, res);
         self.release_slot(io, slot);
     }
 
@@ -587,16 +588,21 @@ impl NexusChannel {
     /// A write whose in-sync set fell below the minimum meanwhile, or whose nexus was fenced,
     /// fails instead: the raise may not have reached a copy that holds it.
     fn poll_held(&mut self, io: &mut IoCtx) -> usize {
-        let shared = &self.shared;
+        if self.held.is_empty() {
+            return 0;
+        }
+        let shared = self.shared.clone();
         let mut n = 0;
-        while let Some(&(need, owner, tag, res)) = self.held.front() {
+        while let Some(&(need, slot, res)) = self.held.front() {
             let fenced = shared.fenced.load(Ordering::Acquire);
             if !fenced && shared.gen_durable.load(Ordering::SeqCst) < need {
                 break;
             }
             let ok = !fenced && shared.in_sync_count() >= shared.options.min_in_sync;
-            io.post(owner, tag, if ok { res } else { -libc::EIO });
+            let req = self.slots[slot as usize].req;
+            io.post(req.owner, req.tag, if ok { res } else { -libc::EIO });
             self.held.pop_front();
+            self.release_slot(io, slot);
             n += 1;
         }
         n
@@ -816,7 +822,7 @@ impl BdevChannel for NexusChannel {
     }
 
     fn in_flight(&self) -> usize {
-        (PARENTS_MAX - self.free.len()) + self.waiting.len() + self.retired.len() + self.held.len()
+        (PARENTS_MAX - self.free.len()) + self.waiting.len() + self.retired.len()
     }
 
     fn close(&mut self, io: &mut IoCtx) {

@@ -744,6 +744,11 @@ impl NexusManager {
             .lock()
             .remove(name)
             .ok_or_else(|| NexusError::NotFound { name: name.into() })?;
+        // Held acknowledgements keep the channels busy until their raise is durable, and the
+        // monitor may be stopped already (node shutdown): raise here.
+        if generation_behind(&entry.shared) {
+            self.raise_generation(&entry.shared);
+        }
         self.engine
             .remove_bdev(&entry.handle)
             .map_err(|source| NexusError::Engine {
