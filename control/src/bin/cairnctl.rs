@@ -856,6 +856,7 @@ fn nexus_text(n: &pb::Nexus) -> String {
         ("volume id", dash(&n.volume_id)),
         ("state", n.state.clone()),
         ("epoch", n.epoch.to_string()),
+        ("generation", n.generation.to_string()),
         ("size", human_size(n.size_bytes)),
         ("block size", human_size(u64::from(n.block_size_bytes))),
         ("min in-sync", n.min_in_sync.to_string()),
@@ -868,11 +869,12 @@ fn nexus_text(n: &pb::Nexus) -> String {
         .iter()
         .map(|(key, value)| format!("{:<13}{value}\n", format!("{key}:")))
         .collect();
-    let mut t = Table::new(&["REPLICA", "STATE", ">DIRTY", ">COPIED", "REASON"]);
+    let mut t = Table::new(&["REPLICA", "STATE", ">GEN", ">DIRTY", ">COPIED", "REASON"]);
     for r in &n.replicas {
         t.row(vec![
             r.address.clone(),
             r.state.clone(),
+            r.generation.to_string(),
             human_size(r.dirty_bytes),
             human_size(r.copied_bytes),
             dash(&r.reason),

@@ -366,6 +366,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                 reason: c.reason,
                 dirty_bytes: c.dirty_bytes,
                 copied_bytes: c.copied_bytes,
+                generation: c.generation,
             })
             .collect(),
         resync: v.resync.map(
@@ -384,5 +385,6 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
             },
         ),
         export_name,
+        generation: v.generation,
     }
 }

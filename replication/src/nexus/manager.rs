@@ -87,6 +87,8 @@ pub struct ChildView {
     pub reason: String,
     pub dirty_bytes: u64,
     pub copied_bytes: u64,
+    /// The data generation its replica holds durably, as far as the nexus knows.
+    pub generation: u64,
 }
 
 /// A running resync or rebuild.
@@ -115,6 +117,8 @@ pub struct NexusView {
     pub io_timeout_ms: u64,
     pub children: Vec<ChildView>,
     pub resync: Option<ResyncView>,
+    /// The data generation every in-sync child holds durably.
+    pub generation: u64,
 }
 
 /// One region whose copies differ, as `verify` reports it.
@@ -1226,6 +1230,7 @@ fn view(shared: &NexusShared) -> NexusView {
                 dirty_bytes: (child.dirty.count() * child.dirty.region_bytes())
                     .min(shared.info.size_bytes),
                 copied_bytes: child.copied_bytes.load(Ordering::Relaxed),
+                generation: child.gen_stored.load(Ordering::Acquire),
             })
         })
         .collect();
@@ -1272,5 +1277,6 @@ fn view(shared: &NexusShared) -> NexusView {
         io_timeout_ms: shared.options.io_timeout.as_millis() as u64,
         children,
         resync,
+        generation: shared.gen_durable.load(Ordering::Acquire),
     }
 }
