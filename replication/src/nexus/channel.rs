@@ -11,10 +11,10 @@
 //! [`CHILD_IN_FLIGHT_BYTES_MAX`] unanswered bytes per remote child (more sub-requests wait in
 //! that child's backlog). A write that must wait for a generation raise keeps its parent slot
 //! until it is acknowledged ([`NexusChannel::held`]), so held writes count against
-//! [`PARENTS_MAX`] and new requests wait in order behind them. A remote
-//! sub-request unanswered after the nexus's I/O timeout
-//! faults its child; a local one is never timed out (its buffer is the client's, so the
-//! request cannot be abandoned; a slow local disk makes the volume slow, not wrong).
+//! [`PARENTS_MAX`] and new requests wait in order behind them. A remote sub-request
+//! unanswered after the nexus's I/O timeout faults its child; a local one is never timed out
+//! (its buffer is the client's, so the request cannot be abandoned; a slow local disk makes
+//! the volume slow, not wrong).
 
 use super::resync::ResyncJob;
 use super::{

@@ -809,6 +809,21 @@ impl NexusManager {
         let c = free
             .ok_or_else(|| Self::invalid(name, format!("already has {CHILDREN_MAX} replicas")))?;
         let (paths, record) = self.open_at_current(&shared, &spec).map_err(child_err)?;
+        if record.generation >= shared.gen_target.load(Ordering::SeqCst) {
+            // A copy from elsewhere that holds a generation this nexus has not reached: a
+            // generation never goes down, so the nexus's copies must go above it before the
+            // newcomer is a member, or a later nexus would trust the newcomer over them.
+            shared
+                .gen_target
+                .fetch_max(record.generation + 1, Ordering::SeqCst);
+            self.raise_generation(&shared);
+            if shared.raise_pending() {
+                return Err(child_err(format!(
+                    "holds data generation {}, and this nexus could not rise above it",
+                    record.generation
+                )));
+            }
+        }
         let child = shared.child(c);
         child.gen_stored.store(record.generation, Ordering::SeqCst);
         child.dirty.set_all();
