@@ -99,7 +99,15 @@ disk_job() {
 nexus_up() {
   local replicas=("--replica" "local")
   [ "$1" = 2 ] && replicas+=("--replica" "$B_REPLICA")
-  "$CTL" node --addr "$A_ADMIN" nexus create vol "${replicas[@]}" >/dev/null
+  # Every round re-creates the nexus over replicas the previous one opened: a takeover. A
+  # replica the previous nexus left out (b after a 1-replica round) holds an older data
+  # generation and is rebuilt first; measure only once every replica is in sync.
+  "$CTL" node --addr "$A_ADMIN" nexus create vol "${replicas[@]}" --takeover >/dev/null
+  for _ in $(seq 1200); do
+    "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online && break
+    sleep 0.1
+  done
+  "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online
   "$CTL" node --addr "$A_ADMIN" export add vol --nexus >/dev/null
 }
 

@@ -3,7 +3,8 @@
 //! with the node's status code and a message naming the object. Without a node, it guards
 //! the command line itself: bad arguments to the nexus, fault and export commands are
 //! refused before any connection, with a message naming the argument and its value, and
-//! the help lists every nexus command and says what `nexus verify`'s exit status means.
+//! the help lists every nexus command and says what `nexus verify`'s exit status means, and
+//! offers `nexus create --takeover` and `nexus verify --repair`.
 //!
 //! cairn-node is another package's binary, so `CARGO_BIN_EXE_` cannot name it; the test
 //! uses the one next to cairnctl in the target directory and builds it when missing.
@@ -349,12 +350,14 @@ fn help_lists_the_nexus_commands_and_the_verify_exit_status() {
     let (code, help, err) = offline(&["nexus", "verify", "--help"]);
     assert_eq!(code, 0, "{err}");
     assert!(help.contains("Exit status: 0"), "{help}");
+    assert!(help.contains("--repair"), "{help}");
     let (code, help, err) = offline(&["nexus", "create", "--help"]);
     assert_eq!(code, 0, "{err}");
     assert!(
         help.contains("Examples:") && help.contains("--replica local"),
         "{help}"
     );
+    assert!(help.contains("--takeover"), "{help}");
     let (code, help, err) = offline(&["--help"]);
     assert_eq!(code, 0, "{err}");
     assert!(help.contains("nexus") && help.contains("fault"), "{help}");

@@ -71,6 +71,7 @@ fn nexus_code(e: &NexusError) -> Code {
         NexusError::Invalid { .. } => Code::InvalidArgument,
         NexusError::Child { .. } => Code::Unavailable,
         NexusError::Engine { .. } => Code::Internal,
+        NexusError::TakeoverRefused { .. } => Code::FailedPrecondition,
     }
 }
 
@@ -333,7 +334,7 @@ impl NodeAdmin for AdminService {
     ) -> Result<Response<pb::VerifyNexusResponse>, Status> {
         let r = req.into_inner();
         required("name", &r.name)?;
-        self.run(move |n| n.verify_nexus(&r.name)).await
+        self.run(move |n| n.verify_nexus(&r.name, r.repair)).await
     }
 
     async fn set_fault(

@@ -230,6 +230,9 @@ Examples:
              --admin-listen 127.0.0.1:10811                                      # node A
   cairnctl node --addr 127.0.0.1:10811 nexus create pg --replica local --replica B:10820
   cairnctl node --addr 127.0.0.1:10811 export add pg --nexus
+  # Node A lost: node C takes the volume over from B's copy (a create over replicas that
+  # another nexus opened needs --takeover):
+  cairnctl node --addr C:10810 nexus create pg --replica B:10820 --replica local --takeover
 
 Config file (TOML; every key optional, flags override, repeatable flags add):
   cores = \"0\"

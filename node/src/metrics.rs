@@ -471,8 +471,10 @@ mod tests {
                 reason: String::new(),
                 dirty_bytes: 3 << 20,
                 copied_bytes: 7,
+                generation: 2,
             }],
             resync: None,
+            generation: 3,
         };
         let text = render(&[e], &[r], &[nexus]);
         for family in [

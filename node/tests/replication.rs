@@ -10,7 +10,12 @@
 //! * a replica whose disk stops answering is faulted at the I/O timeout instead of hanging
 //!   the volume, and is resynced once it recovers; writes it was still holding must not land
 //!   over the data the resync gave it;
-//! * a malformed frame on the replica port closes only that connection.
+//! * a malformed frame on the replica port closes only that connection;
+//! * data generations: a new nexus over a current and a stale copy trusts only the current
+//!   one and never reads the stale one, even when the current one's disk fails (the
+//!   stale-copy trap); a restarted old primary re-running its create without a takeover is
+//!   refused while the live nexus keeps serving; `verify` names the copy that is wrong and
+//!   `--repair` rewrites it.
 //!
 //! Each test reads the whole volume back and compares it with a model of every write that
 //! was acknowledged. Nothing here asserts on timing: the timeouts only turn hangs into
@@ -107,7 +112,7 @@ fn a_new_nexus_fences_the_old_one() {
     flush(&mut nbd_a).unwrap();
 
     let mut admin_d = d.admin();
-    admin_d.create_nexus(&replicas, 1000);
+    admin_d.take_over(&replicas, 1000);
     let (old, new) = (admin_a.show(), admin_d.show());
     assert!(
         new.epoch > old.epoch,
@@ -193,7 +198,7 @@ fn a_partitioned_old_nexus_is_fenced_when_the_partition_heals() {
     );
 
     let mut admin_d = d.admin();
-    let new = admin_d.create_nexus(&replicas, 1000);
+    let new = admin_d.take_over(&replicas, 1000);
     assert!(
         new.epoch > old.epoch,
         "the new nexus's epoch {} is not above the old one's {}",
@@ -498,6 +503,202 @@ fn a_malformed_frame_closes_only_that_connection() {
         );
     }
     let (w, mut nbd) = writer.stop();
+    admin.assert_verified(2);
+    w.check(&mut nbd).unwrap();
+}
+
+/// The stale-copy trap (issue 13): C is killed, writes go on through A (A and B take them),
+/// then A dies. A new nexus over B and C, taking the volume over, must trust B (the higher
+/// data generation) and rebuild C before anything is read from it. With B's disk failing
+/// every read while C's rebuild still runs, reads fail; they never return C's old data.
+/// Before data generations, the new nexus counted C in sync and a read that failed on B was
+/// retried on C, which returned the blocks as they were before C was killed.
+#[test]
+fn the_stale_copy_trap() {
+    let dir = WorkDir::new("repl-stale");
+    let mut a = Daemon::start(&dir, "a", nexus_node());
+    let b = Daemon::start(&dir, "b", fault_injected_replica());
+    let mut c = Daemon::start(&dir, "c", Config::replica(LOCALHOST));
+    let d = Daemon::start(&dir, "d", Config::default());
+    let (b_addr, c_addr) = (b.replica(), c.replica());
+    let mut admin_a = a.admin();
+    admin_a.create_nexus(&["local".into(), b_addr.clone(), c_addr.clone()], 1000);
+    admin_a.export_nexus();
+    let mut nbd_a = a.nbd();
+    let mut w = Workload::new(0x5eed_0013);
+    for block in 0..BLOCKS / 2 {
+        w.write_block(&mut nbd_a, block).unwrap();
+    }
+    flush(&mut nbd_a).unwrap();
+    c.kill9();
+    // Every block C holds is rewritten while it is down, so its whole copy is stale.
+    for block in 0..BLOCKS / 2 {
+        w.write_block(&mut nbd_a, block).unwrap();
+    }
+    flush(&mut nbd_a).unwrap();
+    drop(nbd_a);
+    a.kill9();
+    c.restart();
+
+    let mut admin_d = d.admin();
+    let replicas = [b_addr.clone(), c_addr.clone()];
+    let req = cairn_node::proto::CreateNexusRequest {
+        takeover: true,
+        // Slow enough that C's rebuild is still running when B's disk fails.
+        rebuild_bytes_per_s: MIB / 2,
+        ..Admin::create_request(&replicas, 1000)
+    };
+    let v = admin_d.try_create_nexus(&req).unwrap();
+    assert_eq!(replica(&v, &b_addr).state, "in-sync", "{v:#?}");
+    assert_eq!(replica(&v, &c_addr).state, "syncing", "{v:#?}");
+    assert!(replica(&v, &c_addr).reason.contains("stale"), "{v:#?}");
+    admin_d.export_nexus();
+    let mut nbd_d = d.nbd();
+    w.check(&mut nbd_d).unwrap();
+
+    b.admin().set_fault_errno(0, libc::EIO, false);
+    let mut failed = 0;
+    for block in 0..BLOCKS {
+        let off = block * cluster::BLOCK_BYTES;
+        match nbd_d.read(off, cluster::BLOCK_BYTES as u32) {
+            Ok(Ok(got)) => assert!(
+                got == w.expected(block),
+                "block {block} read back data that is not the last acknowledged write: \
+                 {} (C's stale copy?)",
+                cluster::describe_block(&got)
+            ),
+            Ok(Err(_)) => failed += 1,
+            Err(e) => panic!("read at {off}: connection failed: {e}"),
+        }
+    }
+    assert!(
+        failed > 0,
+        "every read succeeded with B's disk failing: {:#?}",
+        admin_d.show()
+    );
+    let v = admin_d.show();
+    assert_ne!(replica(&v, &c_addr).state, "in-sync", "{v:#?}");
+}
+
+/// A restarted old primary that re-runs its original `nexus create` (no takeover) over
+/// replicas a newer nexus now owns is refused, with an error naming each replica and its
+/// epoch, and the live nexus's client keeps writing without an error. Before the takeover
+/// rule, that create fenced the live nexus (its client got EIO) and served its own stale view.
+#[test]
+fn a_restarted_old_primary_is_refused_and_the_live_nexus_keeps_serving() {
+    let dir = WorkDir::new("repl-old-primary");
+    let b = Daemon::start(&dir, "b", Config::replica(LOCALHOST));
+    let c = Daemon::start(&dir, "c", Config::replica(LOCALHOST));
+    let mut a = Daemon::start(&dir, "a", Config::default());
+    let d = Daemon::start(&dir, "d", Config::default());
+    let replicas = [b.replica(), c.replica()];
+    let mut admin_a = a.admin();
+    admin_a.create_nexus(&replicas, 1000);
+    admin_a.export_nexus();
+    let mut nbd_a = a.nbd();
+    let mut w = Workload::new(0x5eed_0014);
+    for block in 0..8 {
+        w.write_block(&mut nbd_a, block).unwrap();
+    }
+    flush(&mut nbd_a).unwrap();
+    drop((nbd_a, admin_a));
+    a.kill9();
+
+    let mut admin_d = d.admin();
+    let live = admin_d.take_over(&replicas, 1000);
+    admin_d.export_nexus();
+    let mut writer = Writer::start(w, d.nbd());
+    writer.wait_bytes(writer.bytes() + MIB);
+
+    a.restart();
+    let refused = a
+        .admin()
+        .try_create_nexus(&Admin::create_request(&replicas, 1000))
+        .expect_err("the old primary's create over replicas a live nexus owns was accepted");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    for r in &replicas {
+        assert!(
+            refused
+                .message()
+                .contains(&format!("'{r}' at epoch {}", live.epoch)),
+            "the refusal does not name replica {r} at epoch {}: {refused:?}",
+            live.epoch
+        );
+    }
+    let at_refusal = writer.bytes();
+    writer.wait_bytes(at_refusal + MIB);
+    let (w, mut nbd) = writer.stop();
+    let v = admin_d.show();
+    assert_eq!(
+        (v.state.as_str(), v.epoch),
+        ("online", live.epoch),
+        "{v:#?}"
+    );
+    w.check(&mut nbd).unwrap();
+    admin_d.assert_verified(2);
+}
+
+/// `verify` names the copy that is wrong: a block changed on B behind the nexus's back (a
+/// raw write under the nexus's epoch) is reported as one mismatched region where the local
+/// copy (the source) agrees and B differs; `verify --repair` takes B out and rewrites that
+/// region from the source, after which the copies are equal and hold the model.
+#[test]
+fn verify_names_the_wrong_copy_and_repair_rewrites_it() {
+    use cairn_replication::proto::{self, Envelope, Epoch, Message, RequestId, HEADER_BYTES};
+    let dir = WorkDir::new("repl-verify");
+    let a = Daemon::start(&dir, "a", nexus_node());
+    let b = Daemon::start(&dir, "b", Config::replica(LOCALHOST));
+    let b_addr = b.replica();
+    let mut admin = a.admin();
+    let v = admin.create_nexus(&["local".into(), b_addr.clone()], 10_000);
+    admin.export_nexus();
+    let mut nbd = a.nbd();
+    let mut w = Workload::new(0x5eed_0015);
+    for block in 0..16 {
+        w.write_block(&mut nbd, block).unwrap();
+    }
+    flush(&mut nbd).unwrap();
+
+    const WRONG_BLOCK: u64 = 3;
+    let mut s = open_raw(&b_addr, v.epoch);
+    let env = Envelope {
+        volume_id: cairn_replication::replica::volume_id_for(VOLUME),
+        epoch: Epoch::new(v.epoch).unwrap(),
+        request_id: RequestId::new(1),
+    };
+    let garbage = vec![0xeeu8; cluster::BLOCK_BYTES as usize];
+    let mut out = Vec::new();
+    let write = Message::Write {
+        offset_bytes: WRONG_BLOCK * cluster::BLOCK_BYTES,
+        fua: true,
+        data: &garbage,
+    };
+    proto::encode_into(&env, &write, &mut out);
+    s.write_all(&out).unwrap();
+    let mut h = [0u8; HEADER_BYTES];
+    s.read_exact(&mut h).expect("an answer to the raw write");
+    let header = proto::decode_header(&h).unwrap();
+    assert_eq!(header.opcode, proto::Opcode::Ok, "{header:?}");
+    drop(s);
+
+    let r = admin.verify();
+    assert_eq!(r.mismatched_regions, vec![WRONG_BLOCK], "{r:?}");
+    assert_eq!(r.source, "local", "{r:?}");
+    assert_eq!(r.details.len(), 1, "{r:?}");
+    assert_eq!(r.details[0].agree, vec!["local".to_string()], "{r:?}");
+    assert_eq!(r.details[0].differ, vec![b_addr.clone()], "{r:?}");
+    assert!(
+        r.repairing.is_empty(),
+        "verify without repair repaired: {r:?}"
+    );
+
+    let r = admin.verify_with(true);
+    assert_eq!(r.repairing, vec![b_addr.clone()], "{r:?}");
+    admin.wait_for("the repair of b", all_in_sync);
     admin.assert_verified(2);
     w.check(&mut nbd).unwrap();
 }

@@ -38,7 +38,7 @@ pub struct EpochStore {
     dir: PathBuf,
 }
 
-fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> EpochError {
+pub(crate) fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> EpochError {
     let path = path.display().to_string();
     move |source| EpochError::Io { path, what, source }
 }
@@ -87,7 +87,7 @@ impl EpochStore {
     }
 
     fn path(&self, volume: &VolumeId) -> PathBuf {
-        self.dir.join(format!("{volume}.epoch"))
+        self.file(volume, "epoch")
     }
 
     /// The stored epoch of a replica; `None` when it never accepted one.
@@ -105,12 +105,24 @@ impl EpochStore {
 
     /// Stores `epoch` durably: when this returns Ok, a crash cannot bring back an older one.
     pub fn store(&self, volume: &VolumeId, epoch: Epoch) -> Result<(), EpochError> {
-        let path = self.path(volume);
-        let tmp = path.with_extension("epoch.tmp");
+        self.replace_durably(&self.path(volume), &encode(epoch))
+    }
+
+    /// The path of one of this store's files: `<volume id>.<ext>`.
+    pub(crate) fn file(&self, volume: &VolumeId, ext: &str) -> PathBuf {
+        self.dir.join(format!("{volume}.{ext}"))
+    }
+
+    /// Replaces `path` with `bytes` so that a crash leaves either the old or the new
+    /// contents: write a temporary file, fsync it, rename it over `path`, fsync the directory.
+    pub(crate) fn replace_durably(&self, path: &Path, bytes: &[u8]) -> Result<(), EpochError> {
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
         let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
-        f.write_all(&encode(epoch)).map_err(io(&tmp, "write"))?;
+        f.write_all(bytes).map_err(io(&tmp, "write"))?;
         f.sync_all().map_err(io(&tmp, "fsync"))?;
-        fs::rename(&tmp, &path).map_err(io(&path, "rename"))?;
+        fs::rename(&tmp, path).map_err(io(path, "rename"))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir, "fsync directory"))

@@ -5,7 +5,8 @@
 //!   guards (`docs/formats.md`, "Replica protocol").
 //! * [`transport`]: the transport trait (blocking connect/accept/handshake, then a reactor
 //!   driven connection) and TCP over the reactors' io_uring. No TCP type crosses the trait.
-//! * [`epoch`] and [`replica`]: the replicas a node hosts and their durable epoch fences.
+//! * [`epoch`], [`generation`] and [`replica`]: the replicas a node hosts, their durable
+//!   epoch fences and their data generation records.
 //! * [`server`]: the replica server cairn-node runs.
 //! * [`nexus`]: the volume's front on its attach node: fan-out writes, local-first reads,
 //!   faulting, dirty-region maps, resync and rebuild, and the manager behind the admin API.
@@ -14,6 +15,7 @@
 //! touches a socket. The rules and their arguments are in `docs/replication.md`.
 
 pub mod epoch;
+pub mod generation;
 pub mod nexus;
 pub mod proto;
 pub mod replica;

@@ -32,7 +32,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"CRNR");
 /// The only protocol version this build speaks; a frame with any other version is refused.
 /// Bump it whenever the layout of any frame changes; `protocol_version_is_guarded` in
 /// `tests/proto.rs` fails until you do.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest payload of one frame (1 MiB). A header announcing more is refused by
 /// [`decode_header`] with [`ProtoError::PayloadTooLarge`] before any payload is read, and the
@@ -45,7 +45,7 @@ pub const PAYLOAD_MAX_BYTES: u32 = 1 << 20;
 pub const SECTOR_BYTES: u32 = 512;
 
 /// Largest fixed-size argument payload (`OpenOk`); data payloads are borrowed, not copied.
-const ARGS_MAX_BYTES: usize = 24;
+const ARGS_MAX_BYTES: usize = 32;
 
 /// Header field offsets (see `docs/formats.md`).
 mod at {
@@ -63,17 +63,25 @@ mod at {
 }
 const _: () = assert!(at::RESERVED + 4 == HEADER_BYTES);
 
-/// Header flag bits. Only `Write` (FUA) and `Open` (TAKEOVER) carry a flag.
+/// Header flag bits. Only `Write` (FUA), `Open` (TAKEOVER) and `SetGeneration` (CLEAN) carry
+/// a flag.
 pub mod flag {
     /// Force unit access: the replica acknowledges the write only once it is durable.
     pub const FUA: u32 = 1 << 0;
     /// On `Open`: the sender is a new owner (a new or promoted nexus), so its epoch must be
     /// strictly above the replica's fence.
     pub const TAKEOVER: u32 = 1 << 1;
+    /// On `SetGeneration`: the nexus closed the replica cleanly (the replica flushes first).
+    pub const CLEAN: u32 = 1 << 2;
 }
 
+/// Bit of `OpenOk`'s record flags word: the replica's generation record says it was closed
+/// cleanly.
+pub const RECORD_FLAG_CLEAN: u32 = 1 << 0;
+
 /// Bytes of each fixed-size payload.
-const OPEN_OK_PAYLOAD_BYTES: u32 = 24;
+const OPEN_OK_PAYLOAD_BYTES: u32 = 32;
+const SET_GENERATION_PAYLOAD_BYTES: u32 = 8;
 const EXTENT_PAYLOAD_BYTES: u32 = 8;
 const ERROR_PAYLOAD_BYTES: u32 = 4;
 const STALE_EPOCH_PAYLOAD_BYTES: u32 = 8;
@@ -142,6 +150,10 @@ pub enum ProtoError {
     BadBlockSize { block_size_bytes: u32 },
     #[error("Error reply carries errno 0")]
     ZeroErrno,
+    #[error("{opcode:?} carries generation 0 (generations start at 1)")]
+    ZeroGeneration { opcode: Opcode },
+    #[error("OpenOk record flags {flags:#x} not allowed with generation {generation}")]
+    BadRecordFlags { flags: u32, generation: u64 },
 }
 
 /// A volume's 16-byte UUID, as the volume store records it. Never the nil uuid.
@@ -226,6 +238,7 @@ pub enum Opcode {
     Trim = 0x05,
     WriteZeroes = 0x06,
     Ping = 0x07,
+    SetGeneration = 0x08,
     OpenOk = 0x81,
     ReadData = 0x82,
     Ok = 0x83,
@@ -236,7 +249,7 @@ pub enum Opcode {
 
 impl Opcode {
     /// Every opcode, for tests and tools that must cover them all.
-    pub const ALL: [Opcode; 13] = [
+    pub const ALL: [Opcode; 14] = [
         Opcode::Open,
         Opcode::Write,
         Opcode::Read,
@@ -244,6 +257,7 @@ impl Opcode {
         Opcode::Trim,
         Opcode::WriteZeroes,
         Opcode::Ping,
+        Opcode::SetGeneration,
         Opcode::OpenOk,
         Opcode::ReadData,
         Opcode::Ok,
@@ -276,11 +290,22 @@ pub enum Message<'a> {
     Open {
         takeover: bool,
     },
-    /// The replica's answer to `Open`: its geometry and the epoch it now holds.
+    /// The replica's answer to `Open` and `SetGeneration`: its geometry, the epoch it now
+    /// holds, and its generation record (`generation` 0: it never had one; `clean` only with
+    /// a generation).
     OpenOk {
         size_bytes: u64,
         block_size_bytes: u32,
         epoch_accepted: Epoch,
+        generation: u64,
+        clean: bool,
+    },
+    /// On a fresh connection instead of `Open`, from the nexus that holds the replica's fence
+    /// (the envelope's epoch equals it): store this data generation (never below the stored
+    /// one) durably, with `clean` after flushing the volume, then answer `OpenOk` and close.
+    SetGeneration {
+        generation: u64,
+        clean: bool,
     },
     /// Write `data` at `offset_bytes`; with `fua`, durable before the `Ok`.
     Write {
@@ -341,6 +366,7 @@ impl Message<'_> {
             Message::StaleEpoch { .. } => Opcode::StaleEpoch,
             Message::Ping => Opcode::Ping,
             Message::Pong => Opcode::Pong,
+            Message::SetGeneration { .. } => Opcode::SetGeneration,
         }
     }
 }
@@ -441,13 +467,22 @@ fn encode_body<'a>(msg: &Message<'a>, frame: &mut Frame<'a>) -> (u64, u32) {
             size_bytes,
             block_size_bytes,
             epoch_accepted,
+            generation,
+            clean,
         } => {
             let mut b = [0u8; OPEN_OK_PAYLOAD_BYTES as usize];
             put(&mut b, 0, &size_bytes.to_le_bytes());
             put(&mut b, 8, &block_size_bytes.to_le_bytes());
+            let record_flags = if clean { RECORD_FLAG_CLEAN } else { 0 };
+            put(&mut b, 12, &record_flags.to_le_bytes());
             put(&mut b, 16, &epoch_accepted.0.to_le_bytes());
+            put(&mut b, 24, &generation.to_le_bytes());
             args(&b);
             (0, 0)
+        }
+        Message::SetGeneration { generation, clean } => {
+            args(&generation.to_le_bytes());
+            (0, if clean { flag::CLEAN } else { 0 })
         }
         Message::Write {
             offset_bytes,
@@ -560,6 +595,7 @@ pub fn decode<'a>(header: &Header, payload: &'a [u8]) -> Result<Message<'a>, Pro
     let allowed_flags = match opcode {
         Opcode::Write => flag::FUA,
         Opcode::Open => flag::TAKEOVER,
+        Opcode::SetGeneration => flag::CLEAN,
         _ => 0,
     };
     if header.flags & !allowed_flags != 0 {
@@ -609,18 +645,27 @@ fn decode_body<'a>(header: &Header, p: &'a [u8]) -> Result<Message<'a>, ProtoErr
         Opcode::Pong => sized(0).map(|()| Message::Pong)?,
         Opcode::OpenOk => {
             sized(OPEN_OK_PAYLOAD_BYTES)?;
-            let reserved = u32_at(p, 12);
-            if reserved != 0 {
-                return Err(ProtoError::FieldNotZero {
-                    opcode: Opcode::OpenOk,
-                    field: "reserved",
-                    value: u64::from(reserved),
+            let record_flags = u32_at(p, 12);
+            let generation = u64_at(p, 24);
+            if record_flags & !RECORD_FLAG_CLEAN != 0 {
+                return Err(ProtoError::BadRecordFlags {
+                    flags: record_flags,
+                    generation,
                 });
             }
             Message::OpenOk {
                 size_bytes: u64_at(p, 0),
                 block_size_bytes: u32_at(p, 8),
                 epoch_accepted: Epoch::new(u64_at(p, 16))?,
+                generation,
+                clean: record_flags & RECORD_FLAG_CLEAN != 0,
+            }
+        }
+        Opcode::SetGeneration => {
+            sized(SET_GENERATION_PAYLOAD_BYTES)?;
+            Message::SetGeneration {
+                generation: u64_at(p, 0),
+                clean: header.flags & flag::CLEAN != 0,
             }
         }
         Opcode::Write => Message::Write {
@@ -698,15 +743,26 @@ fn check(msg: &Message<'_>) -> Result<(), ProtoError> {
             len_bytes,
         } => check_extent(opcode, offset_bytes, len_bytes),
         Message::OpenOk {
-            block_size_bytes, ..
+            block_size_bytes,
+            generation,
+            clean,
+            ..
         } => {
             if block_size_bytes < SECTOR_BYTES || !block_size_bytes.is_power_of_two() {
                 return Err(ProtoError::BadBlockSize { block_size_bytes });
             }
+            if clean && generation == 0 {
+                return Err(ProtoError::BadRecordFlags {
+                    flags: RECORD_FLAG_CLEAN,
+                    generation,
+                });
+            }
             Ok(())
         }
+        Message::SetGeneration { generation: 0, .. } => Err(ProtoError::ZeroGeneration { opcode }),
         Message::Error { errno: 0 } => Err(ProtoError::ZeroErrno),
         Message::Open { .. }
+        | Message::SetGeneration { .. }
         | Message::Flush
         | Message::Ok
         | Message::Error { .. }

@@ -13,6 +13,10 @@
 //! takeover (a new nexus must always go above every fence). Requests are checked against the fence one
 //! by one ([`HostedReplica::admits`]).
 //!
+//! Each replica also keeps its data generation record ([`crate::generation`]), loaded with
+//! its fence and changed only by [`ReplicaSet::set_generation`], from the nexus that holds
+//! the fence, never downwards.
+//!
 //! Raising a fence also drains: every path into the replica (a server connection, a local
 //! nexus channel) announces each request in its [`PathGauge`] *before* it checks the fence
 //! (both SeqCst), and `accept` waits, after storing a higher fence, until no path opened
@@ -20,6 +24,7 @@
 //! of an older nexus can still land after its own.
 
 use crate::epoch::{EpochError, EpochStore};
+use crate::generation::GenRecord;
 use crate::proto::{Epoch, VolumeId};
 use cairn_engine::reactor::BdevId;
 use cairn_engine::{BdevHandle, BdevInfo};
@@ -83,6 +88,8 @@ pub struct HostedReplica {
     accept_lock: Mutex<()>,
     /// Every path into this replica, for the drain when the fence rises.
     paths: Mutex<Vec<Weak<PathGauge>>>,
+    /// The durable generation record, as stored (changed under `accept_lock`).
+    record: Mutex<GenRecord>,
 }
 
 impl HostedReplica {
@@ -92,6 +99,11 @@ impl HostedReplica {
 
     pub fn info(&self) -> &BdevInfo {
         self.handle.info()
+    }
+
+    /// The stored generation record.
+    pub fn record(&self) -> GenRecord {
+        *self.record.lock()
     }
 
     /// The fence now.
@@ -139,6 +151,15 @@ impl HostedReplica {
     }
 }
 
+/// What [`ReplicaSet::set_generation`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordUpdate {
+    /// The record is now this (durably).
+    Stored(GenRecord),
+    /// The caller's epoch is below the fence: a newer nexus owns the replica.
+    Stale { current: Epoch },
+}
+
 /// What [`ReplicaSet::accept`] decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Acceptance {
@@ -156,6 +177,20 @@ pub enum ReplicaError {
         "replica '{name}': requests under older epochs did not finish within {FENCE_DRAIN_MAX:?}"
     )]
     Busy { name: String },
+    #[error("replica '{name}': generation update under epoch {epoch} from a nexus that has not opened it (fence {fence})")]
+    NotOwner {
+        name: String,
+        epoch: u64,
+        fence: u64,
+    },
+    #[error("replica '{name}': generation {wanted} is below the stored {stored}; a generation never goes down")]
+    GenerationDown {
+        name: String,
+        wanted: u64,
+        stored: u64,
+    },
+    #[error("replica '{name}': flushing before the clean mark failed: {why}")]
+    Flush { name: String, why: String },
 }
 
 impl ReplicaError {
@@ -164,6 +199,8 @@ impl ReplicaError {
             ReplicaError::NotFound { .. } => libc::ENOENT,
             ReplicaError::Epoch { .. } => libc::EIO,
             ReplicaError::Busy { .. } => libc::EBUSY,
+            ReplicaError::NotOwner { .. } | ReplicaError::GenerationDown { .. } => libc::EINVAL,
+            ReplicaError::Flush { .. } => libc::EIO,
         }
     }
 }
@@ -206,6 +243,13 @@ impl ReplicaSet {
             name: name.clone(),
             source,
         })?;
+        let record = self
+            .epochs
+            .load_generation(id)
+            .map_err(|source| ReplicaError::Epoch {
+                name: name.clone(),
+                source,
+            })?;
         let r = Arc::new(HostedReplica {
             name,
             volume_id: *id,
@@ -213,6 +257,7 @@ impl ReplicaSet {
             fence: AtomicU64::new(stored.map_or(0, Epoch::get)),
             accept_lock: Mutex::new(()),
             paths: Mutex::new(Vec::new()),
+            record: Mutex::new(record),
         });
         hosted.insert(*id, r.clone());
         Ok(r)
@@ -256,6 +301,60 @@ impl ReplicaSet {
             });
         }
         Ok(Acceptance::Accepted(epoch))
+    }
+
+    /// Stores a new generation record for `r`, asked by the nexus holding its fence at
+    /// `epoch`. A generation never goes down (an equal one may change the clean flag). With
+    /// `clean`, `flush` runs first, so the mark never claims data that is not durable.
+    pub fn set_generation(
+        &self,
+        r: &HostedReplica,
+        epoch: Epoch,
+        generation: u64,
+        clean: bool,
+        flush: impl FnOnce() -> Result<(), String>,
+    ) -> Result<RecordUpdate, ReplicaError> {
+        let _serial = r.accept_lock.lock();
+        let fence = r.fence();
+        if epoch.get() < fence {
+            return Ok(RecordUpdate::Stale {
+                current: Epoch::new(fence).expect("a stored fence is never 0"),
+            });
+        }
+        if epoch.get() > fence {
+            return Err(ReplicaError::NotOwner {
+                name: r.name.clone(),
+                epoch: epoch.get(),
+                fence,
+            });
+        }
+        let stored = r.record();
+        if generation < stored.generation {
+            return Err(ReplicaError::GenerationDown {
+                name: r.name.clone(),
+                wanted: generation,
+                stored: stored.generation,
+            });
+        }
+        let new = GenRecord { generation, clean };
+        if new == stored {
+            return Ok(RecordUpdate::Stored(new));
+        }
+        if clean {
+            flush().map_err(|why| ReplicaError::Flush {
+                name: r.name.clone(),
+                why,
+            })?;
+        }
+        self.epochs
+            .store_generation(&r.volume_id, new)
+            .map_err(|source| ReplicaError::Epoch {
+                name: r.name.clone(),
+                source,
+            })?;
+        *r.record.lock() = new;
+        tracing::info!(replica = %r.name, generation, clean, epoch = epoch.get(), "replica generation stored");
+        Ok(RecordUpdate::Stored(new))
     }
 
     /// Forgets a replica whose volume is going away (its fence file stays).

@@ -9,13 +9,17 @@
 //! * Reads and writes larger than one DMA buffer ([`Engine`]'s `buf_size_bytes`, 128 KiB by
 //!   default) are answered `Error{EINVAL}`; the nexus never sends them.
 //!
+//! A connection whose first frame is `SetGeneration` instead of `Open` only updates the
+//! replica's generation record (on the handshake thread, which may fsync) and is closed after
+//! its `OpenOk`.
+//!
 //! A frame that fails to decode, a reply opcode, a second `Open`, or a request for another
 //! volume or epoch than the connection opened closes that connection (logged with the peer);
 //! every other connection keeps being served. Requests under an epoch below the replica's
 //! fence are answered `StaleEpoch` and not run.
 
 use crate::proto::{Envelope, Epoch, Message, Opcode, RequestId};
-use crate::replica::{Acceptance, HostedReplica, PathGauge, ReplicaSet};
+use crate::replica::{Acceptance, HostedReplica, PathGauge, RecordUpdate, ReplicaSet};
 use crate::transport::{Conn, Link, Transport, TransportError, HANDSHAKE_TIMEOUT};
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::dma::DmaBuf;
@@ -153,8 +157,12 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
         .recv_frame(HANDSHAKE_TIMEOUT)
         .map_err(|e| e.to_string())?;
     let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;
-    let Message::Open { takeover } = msg else {
-        return Err(format!("expected Open, got {:?}", header.opcode));
+    let takeover = match msg {
+        Message::Open { takeover } => takeover,
+        Message::SetGeneration { generation, clean } => {
+            return set_generation(shared, link, &header.envelope, generation, clean)
+        }
+        _ => return Err(format!("expected Open, got {:?}", header.opcode)),
     };
     let env = header.envelope;
     let reply = |link: &mut Box<dyn Link>, msg: Message<'_>| {
@@ -171,15 +179,7 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
     };
     match shared.replicas.accept(&replica, env.epoch, takeover) {
         Ok(Acceptance::Accepted(epoch)) => {
-            let info = replica.info();
-            reply(
-                &mut link,
-                Message::OpenOk {
-                    size_bytes: info.size_bytes,
-                    block_size_bytes: info.block_size_bytes,
-                    epoch_accepted: epoch,
-                },
-            )?;
+            reply(&mut link, open_ok(&replica, epoch))?;
         }
         Ok(Acceptance::Stale { current }) => {
             reply(&mut link, Message::StaleEpoch { current })?;
@@ -207,6 +207,72 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
         .engine
         .spawn_poller(core, Box::new(conn), None)
         .map_err(|e| e.to_string())
+}
+
+/// The `OpenOk` of `replica` under `epoch`: its geometry and generation record.
+fn open_ok(replica: &HostedReplica, epoch: Epoch) -> Message<'static> {
+    let info = replica.info();
+    let record = replica.record();
+    Message::OpenOk {
+        size_bytes: info.size_bytes,
+        block_size_bytes: info.block_size_bytes,
+        epoch_accepted: epoch,
+        generation: record.generation,
+        clean: record.clean,
+    }
+}
+
+/// Runs `SetGeneration` on a handshake thread: stores the record (flushing the volume first
+/// for a clean mark), answers, and closes the connection.
+fn set_generation(
+    shared: &Shared,
+    mut link: Box<dyn Link>,
+    env: &Envelope,
+    generation: u64,
+    clean: bool,
+) -> Result<(), String> {
+    let mut reply = |msg: Message<'_>| {
+        let mut out = Vec::new();
+        crate::proto::encode_into(env, &msg, &mut out);
+        link.send_frame(&out).map_err(|e| e.to_string())
+    };
+    let replica = match shared.replicas.get(&env.volume_id) {
+        Ok(r) => r,
+        Err(e) => {
+            reply(error_msg(e.errno()))?;
+            return Err(e.to_string());
+        }
+    };
+    let flush = || flush_replica(&shared.engine, &replica);
+    match shared
+        .replicas
+        .set_generation(&replica, env.epoch, generation, clean, flush)
+    {
+        Ok(RecordUpdate::Stored(_)) => reply(open_ok(&replica, env.epoch)),
+        Ok(RecordUpdate::Stale { current }) => {
+            reply(Message::StaleEpoch { current })?;
+            Err(format!(
+                "replica '{}': generation update under epoch {} below its fence {}",
+                replica.name,
+                env.epoch.get(),
+                current.get()
+            ))
+        }
+        Err(e) => {
+            reply(error_msg(e.errno()))?;
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Makes every write the replica's volume acknowledged durable (blocking; control threads
+/// only).
+pub fn flush_replica(engine: &Engine, replica: &HostedReplica) -> Result<(), String> {
+    let core = engine.cores()[0];
+    let mut q = engine
+        .queue(&replica.handle, core, 1)
+        .map_err(|e| e.to_string())?;
+    q.flush().map_err(|e| e.to_string())
 }
 
 fn error_msg(errno: i32) -> Message<'static> {

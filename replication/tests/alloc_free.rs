@@ -192,6 +192,7 @@ fn replicated_writes_to_a_remote_replica_allocate_nothing_in_steady_state() {
                 rebuild_bytes_per_s: None,
             },
             epoch: None,
+            takeover: false,
         })
         .expect("nexus created");
     assert_eq!(v.state, "online");

@@ -4,7 +4,9 @@
 //! that drops out is resynced with only what it missed; a newer nexus fences an older one;
 //! a new replica is rebuilt online; a slow replica is faulted at the deadline instead of
 //! hanging the volume; an idle nexus still resyncs a replica that comes back; a promote
-//! under writes (a write freeze and quiesce round) loses none. The
+//! under writes (a write freeze and quiesce round) loses none; a write a faulted replica
+//! missed is acknowledged only after the surviving replicas hold a higher data generation
+//! than the faulted one. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -136,11 +138,17 @@ fn options() -> NexusOptions {
 }
 
 fn create(m: &NexusManager, replicas: Vec<ChildSpec>) -> NexusView {
+    create_with(m, replicas, false)
+}
+
+/// Creates the nexus; with `takeover`, over replicas another nexus opened.
+fn create_with(m: &NexusManager, replicas: Vec<ChildSpec>, takeover: bool) -> NexusView {
     m.create(CreateRequest {
         name: "vol".into(),
         replicas,
         options: options(),
         epoch: None,
+        takeover,
     })
     .expect("nexus created")
 }
@@ -227,7 +235,7 @@ fn writes_reach_every_replica_and_an_outage_resyncs_only_what_was_missed() {
         "resync copied {copied} bytes for {written_out} written while out"
     );
     assert_eq!(a.contents(&engine), b.contents(&engine));
-    let report = m.verify("vol").unwrap();
+    let report = m.verify("vol", false).unwrap();
     assert_eq!(report.mismatched, Vec::<u64>::new());
     assert_eq!(report.regions, SIZE / REGION);
     drop(q);
@@ -276,7 +284,7 @@ fn a_newer_nexus_fences_the_older_one() {
     q_old.write_at(0, &[1u8; 4096], false).unwrap();
 
     let new = manager(&engine, "new");
-    let v = create(&new, vec![a.spec(), b.spec()]);
+    let v = create_with(&new, vec![a.spec(), b.spec()], true);
     assert!(v.epoch > 1, "the new nexus went above the old epoch: {v:?}");
     let refused = q_old.write_at(4096, &[2u8; 4096], false);
     assert!(refused.is_err(), "a stale nexus's write was accepted");
@@ -328,7 +336,10 @@ fn a_new_replica_is_rebuilt_online_under_writes() {
         v.children[1].copied_bytes >= SIZE,
         "a rebuild copies the whole volume"
     );
-    assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(
+        m.verify("vol", false).unwrap().mismatched,
+        Vec::<u64>::new()
+    );
     assert_eq!(a.contents(&engine), b.contents(&engine));
     m.shutdown();
 }
@@ -380,7 +391,7 @@ fn promote_under_writes_waits_for_them_and_loses_none() {
     }
     let v = m.show("vol").unwrap();
     assert!(all_in_sync(&v), "{v:#?}");
-    assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(m.verify("vol", false).unwrap().mismatched, Vec::<u64>::new());
     assert_eq!(a.contents(&engine), b.contents(&engine));
     m.shutdown();
 }
@@ -412,6 +423,47 @@ fn a_slow_replica_is_faulted_at_the_deadline_and_the_volume_keeps_going() {
     }
     b.fault.as_ref().unwrap().heal();
     wait_for(&m, "slow replica resynced", all_in_sync);
-    assert_eq!(m.verify("vol").unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(
+        m.verify("vol", false).unwrap().mismatched,
+        Vec::<u64>::new()
+    );
     m.shutdown();
+}
+
+/// A write that a faulted replica missed is acknowledged only once the next data generation
+/// is stored on every replica still in sync. With the manager's monitor stopped (nothing
+/// raises the generation), such a write stays unanswered; removing the faulted replica runs
+/// the raise, and the write completes, with the surviving replica's generation now above
+/// the faulted one's. Without the hold, the write was acknowledged while both replicas held
+/// the same generation, so a nexus created after a crash could trust the copy that missed it.
+#[test]
+fn a_write_a_faulted_replica_missed_waits_for_the_generation_raise() {
+    let engine = engine();
+    let a = Site::new(&engine, "ga", false);
+    let mut b = Site::new(&engine, "gb", false);
+    let m = manager(&engine, "gen");
+    create(&m, vec![a.spec(), b.spec()]);
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    q.write_at(0, &[1u8; 4096], false).unwrap();
+    let generation = |s: &Site| s.replicas.hosted()[0].record().generation;
+    assert_eq!(generation(&a), generation(&b));
+    m.shutdown();
+    b.stop();
+    let writer = std::thread::spawn(move || q.write_at(4096, &[2u8; 4096], false));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !writer.is_finished(),
+        "a write b missed was answered before the generation raise: {:?}",
+        writer.join()
+    );
+    m.remove_child("vol", &b.spec()).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        generation(&a) > generation(&b),
+        "a {} b {}",
+        generation(&a),
+        generation(&b)
+    );
 }

@@ -99,6 +99,8 @@ fn destroying_a_nexus_releases_its_connections_and_threads() {
                 rebuild_bytes_per_s: None,
             },
             epoch: None,
+            // Every round after the first opens the replica the previous round's nexus held.
+            takeover: round > 0,
         })
         .expect("nexus created");
         let nexus = m.handle("vol").expect("nexus handle");

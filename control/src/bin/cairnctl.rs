@@ -27,17 +27,23 @@ const IN_SYNC: &str = "in-sync";
 const NEXUS_CREATE_HELP: &str = "\
 Each replica is the volume NAME on its node: `local` is this node's, HOST:PORT is another
 node's replica server (cairn-node --replica-listen, port 10820 by default). Those volumes
-must exist (cairn-node --replica-volume NAME:SIZE makes them) and hold the same data: fresh
-volumes, or the in-sync set recorded earlier.
+must exist (cairn-node --replica-volume NAME:SIZE makes them). Only the replicas with the
+highest data generation are trusted; the others are rebuilt from them in full before they
+serve. Replicas that another nexus opened (they carry a fence) are refused unless
+--takeover says this nexus takes them over (after that nexus's node failed).
 
 Examples:
   cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820 --min-in-sync 2
   cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820 \\
-      --replica 10.0.0.7:10820 --region-size 4M --rebuild-rate 100M --epoch 8";
+      --replica 10.0.0.7:10820 --region-size 4M --rebuild-rate 100M --epoch 8
+  cairnctl node nexus create pg --replica 10.0.0.6:10820 --replica 10.0.0.7:10820 --takeover";
 
 const NEXUS_VERIFY_HELP: &str = "\
 Exit status: 0 when every region is identical on all in-sync replicas, 1 when any region
-differs (the mismatched regions are printed) or the check fails. Run it on a quiet volume.";
+differs (each mismatched region is printed with the replicas that agree with the source, the
+replica the nexus trusts, and those that differ) or the check fails. With --repair, the
+replicas that differ leave the in-sync set and have those regions rewritten from the source
+(watch `nexus show`). Run it on a quiet volume.";
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -229,7 +235,12 @@ enum NexusCmd {
     Promote { name: String },
     /// Compare the in-sync replicas of nexus NAME region by region (crc32c).
     #[command(after_help = NEXUS_VERIFY_HELP)]
-    Verify { name: String },
+    Verify {
+        name: String,
+        /// Rewrite the regions of replicas that differ from the source.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Args)]
@@ -259,6 +270,9 @@ struct NexusCreate {
     /// Open at this epoch or above; it is raised past every fence met anyway [default: 1].
     #[arg(long, value_name = "N")]
     epoch: Option<u64>,
+    /// Take over replicas that another nexus opened (they carry a fence); refused without it.
+    #[arg(long)]
+    takeover: bool,
 }
 
 impl NexusCreate {
@@ -272,6 +286,7 @@ impl NexusCreate {
             io_timeout_ms: self.io_timeout_ms.unwrap_or(0),
             rebuild_bytes_per_s: self.rebuild_bytes_per_s.unwrap_or(0),
             epoch: self.epoch.unwrap_or(0),
+            takeover: self.takeover,
         }
     }
 }
@@ -547,16 +562,24 @@ async fn nexus(c: &mut NodeAdminClient<Channel>, json: bool, cmd: NexusCmd) -> R
             c.remove_replica(req).await?
         }
         NexusCmd::Promote { name } => c.promote_nexus(pb::PromoteNexusRequest { name }).await?,
-        NexusCmd::Verify { name } => return verify(c, json, name).await,
+        NexusCmd::Verify { name, repair } => return verify(c, json, name, repair).await,
     }
     .into_inner();
     emit(json, &n, || nexus_text(&n))
 }
 
 /// Prints what `nexus verify` compared; replicas that differ are an error, so it exits 1.
-async fn verify(c: &mut NodeAdminClient<Channel>, json: bool, name: String) -> Result<()> {
+async fn verify(
+    c: &mut NodeAdminClient<Channel>,
+    json: bool,
+    name: String,
+    repair: bool,
+) -> Result<()> {
     let r = c
-        .verify_nexus(pb::VerifyNexusRequest { name: name.clone() })
+        .verify_nexus(pb::VerifyNexusRequest {
+            name: name.clone(),
+            repair,
+        })
         .await?
         .into_inner();
     emit(json, &r, || verify_text(&r))?;
@@ -833,6 +856,7 @@ fn nexus_text(n: &pb::Nexus) -> String {
         ("volume id", dash(&n.volume_id)),
         ("state", n.state.clone()),
         ("epoch", n.epoch.to_string()),
+        ("generation", n.generation.to_string()),
         ("size", human_size(n.size_bytes)),
         ("block size", human_size(u64::from(n.block_size_bytes))),
         ("min in-sync", n.min_in_sync.to_string()),
@@ -845,11 +869,12 @@ fn nexus_text(n: &pb::Nexus) -> String {
         .iter()
         .map(|(key, value)| format!("{:<13}{value}\n", format!("{key}:")))
         .collect();
-    let mut t = Table::new(&["REPLICA", "STATE", ">DIRTY", ">COPIED", "REASON"]);
+    let mut t = Table::new(&["REPLICA", "STATE", ">GEN", ">DIRTY", ">COPIED", "REASON"]);
     for r in &n.replicas {
         t.row(vec![
             r.address.clone(),
             r.state.clone(),
+            r.generation.to_string(),
             human_size(r.dirty_bytes),
             human_size(r.copied_bytes),
             dash(&r.reason),
@@ -893,6 +918,21 @@ fn verify_text(r: &pb::VerifyNexusResponse) -> String {
     } else {
         let list: Vec<String> = r.mismatched_regions.iter().map(u64::to_string).collect();
         out.push_str(&format!("mismatched regions: {}\n", list.join(", ")));
+        out.push_str(&format!("source (trusted): {}\n", r.source));
+        for d in &r.details {
+            out.push_str(&format!(
+                "region {}: agree with the source: {}; differ: {}\n",
+                d.region,
+                d.agree.join(", "),
+                d.differ.join(", ")
+            ));
+        }
+        if !r.repairing.is_empty() {
+            out.push_str(&format!(
+                "repairing from the source: {}\n",
+                r.repairing.join(", ")
+            ));
+        }
     }
     out
 }

@@ -200,6 +200,7 @@ impl Node {
             replicas,
             options,
             epoch: (r.epoch != 0).then_some(r.epoch),
+            takeover: r.takeover,
         })?;
         Ok(self.nexus_pb(v))
     }
@@ -251,18 +252,35 @@ impl Node {
         Ok(self.nexus_pb(v))
     }
 
-    pub fn verify_nexus(&self, name: &str) -> Result<pb::VerifyNexusResponse, NodeError> {
+    pub fn verify_nexus(
+        &self,
+        name: &str,
+        repair: bool,
+    ) -> Result<pb::VerifyNexusResponse, NodeError> {
         let VerifyReport {
             children,
             regions,
             region_bytes,
             mismatched,
-        } = self.repl()?.nexus.verify(name)?;
+            source,
+            details,
+            repairing,
+        } = self.repl()?.nexus.verify(name, repair)?;
         Ok(pb::VerifyNexusResponse {
             replicas: children,
             regions,
             region_bytes,
             mismatched_regions: mismatched,
+            source,
+            details: details
+                .into_iter()
+                .map(|d| pb::RegionMismatch {
+                    region: d.region,
+                    agree: d.agree,
+                    differ: d.differ,
+                })
+                .collect(),
+            repairing,
         })
     }
 
@@ -348,6 +366,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                 reason: c.reason,
                 dirty_bytes: c.dirty_bytes,
                 copied_bytes: c.copied_bytes,
+                generation: c.generation,
             })
             .collect(),
         resync: v.resync.map(
@@ -366,5 +385,6 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
             },
         ),
         export_name,
+        generation: v.generation,
     }
 }

@@ -329,9 +329,26 @@ impl Admin {
         }
     }
 
-    /// CreateNexus [`VOLUME`] over `replicas`, with [`BLOCK_BYTES`] regions.
+    /// CreateNexus [`VOLUME`] over `replicas` (fresh ones: no takeover), with
+    /// [`BLOCK_BYTES`] regions.
     pub fn create_nexus(&mut self, replicas: &[String], io_timeout_ms: u64) -> pb::Nexus {
+        self.try_create_nexus(&Self::create_request(replicas, io_timeout_ms))
+            .unwrap_or_else(|s| panic!("node {}: CreateNexus over {replicas:?}: {s}", self.node))
+    }
+
+    /// CreateNexus over replicas another nexus opened (`takeover`).
+    pub fn take_over(&mut self, replicas: &[String], io_timeout_ms: u64) -> pb::Nexus {
         let req = pb::CreateNexusRequest {
+            takeover: true,
+            ..Self::create_request(replicas, io_timeout_ms)
+        };
+        self.try_create_nexus(&req)
+            .unwrap_or_else(|s| panic!("node {}: takeover of {replicas:?}: {s}", self.node))
+    }
+
+    /// The CreateNexus request [`Admin::create_nexus`] sends.
+    pub fn create_request(replicas: &[String], io_timeout_ms: u64) -> pb::CreateNexusRequest {
+        pb::CreateNexusRequest {
             name: VOLUME.into(),
             replicas: replicas.to_vec(),
             min_in_sync: 1,
@@ -339,12 +356,19 @@ impl Admin {
             io_timeout_ms,
             rebuild_bytes_per_s: 0,
             epoch: 0,
-        };
-        let node = &self.node;
+            takeover: false,
+        }
+    }
+
+    /// CreateNexus with `req`, the gRPC status when refused.
+    pub fn try_create_nexus(
+        &mut self,
+        req: &pb::CreateNexusRequest,
+    ) -> Result<pb::Nexus, Box<tonic::Status>> {
         self.rt
-            .block_on(self.client.create_nexus(req))
-            .unwrap_or_else(|s| panic!("node {node}: CreateNexus over {replicas:?}: {s}"))
-            .into_inner()
+            .block_on(self.client.create_nexus(req.clone()))
+            .map(tonic::Response::into_inner)
+            .map_err(Box::new)
     }
 
     /// Exports the nexus [`VOLUME`] over NBD under its own name.
@@ -387,8 +411,14 @@ impl Admin {
     }
 
     pub fn verify(&mut self) -> pb::VerifyNexusResponse {
+        self.verify_with(false)
+    }
+
+    /// VerifyNexus, with `repair` of the replicas that differ from the source.
+    pub fn verify_with(&mut self, repair: bool) -> pb::VerifyNexusResponse {
         let req = pb::VerifyNexusRequest {
             name: VOLUME.into(),
+            repair,
         };
         let node = &self.node;
         self.rt
@@ -417,10 +447,15 @@ impl Admin {
 
     /// SetFault on this node's pool0 device.
     pub fn set_fault(&mut self, latency_us: u64, heal: bool) {
+        self.set_fault_errno(latency_us, 0, heal);
+    }
+
+    /// SetFault on this node's pool0 device, failing reads and writes with `fail_errno`.
+    pub fn set_fault_errno(&mut self, latency_us: u64, fail_errno: i32, heal: bool) {
         let req = pb::SetFaultRequest {
             name: "pool0".into(),
             latency_us,
-            fail_errno: 0,
+            fail_errno,
             heal,
         };
         let node = &self.node;
@@ -479,7 +514,7 @@ pub fn block_data(offset_bytes: u64, round: u64) -> Vec<u8> {
 }
 
 /// What a block read back holds, for messages: whose header it carries.
-fn describe_block(data: &[u8]) -> String {
+pub fn describe_block(data: &[u8]) -> String {
     if data.iter().all(|&b| b == 0) {
         return "zeroes".into();
     }
@@ -560,6 +595,15 @@ impl Workload {
             self.model[block as usize] = Some(round);
         }
         e
+    }
+
+    /// What block `block` must read back as: its last acknowledged write, or zeroes.
+    pub fn expected(&self, block: u64) -> Vec<u8> {
+        let off = block * BLOCK_BYTES;
+        match self.model[block as usize] {
+            Some(round) => block_data(off, round),
+            None => vec![0; BLOCK_BYTES as usize],
+        }
     }
 
     /// Reads the whole volume back and compares every block with the model (never-written

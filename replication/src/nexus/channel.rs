@@ -9,9 +9,12 @@
 //!
 //! Limits: [`PARENTS_MAX`] parents (more requests wait in order), and
 //! [`CHILD_IN_FLIGHT_BYTES_MAX`] unanswered bytes per remote child (more sub-requests wait in
-//! that child's backlog). A remote sub-request unanswered after the nexus's I/O timeout
-//! faults its child; a local one is never timed out (its buffer is the client's, so the
-//! request cannot be abandoned; a slow local disk makes the volume slow, not wrong).
+//! that child's backlog). A write that must wait for a generation raise keeps its parent slot
+//! until it is acknowledged ([`NexusChannel::held`]), so held writes count against
+//! [`PARENTS_MAX`] and new requests wait in order behind them. A remote sub-request
+//! unanswered after the nexus's I/O timeout faults its child; a local one is never timed out
+//! (its buffer is the client's, so the request cannot be abandoned; a slow local disk makes
+//! the volume slow, not wrong).
 
 use super::resync::ResyncJob;
 use super::{
@@ -29,7 +32,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often a channel with requests held by the freeze looks again.
+/// How often a channel with requests held by the freeze, or completions held for a
+/// generation raise, looks again.
 const HELD_RECHECK: Duration = Duration::from_millis(1);
 /// Deadlines the timeout queue holds: one per sub-request that can be in flight. Answered
 /// sub-requests leave their deadline behind until it expires; when the queue is full, those
@@ -162,6 +166,10 @@ pub(super) struct NexusChannel {
     /// A quiesce round this channel answers once `writes_in_flight` is zero.
     quiesce_round: Option<u64>,
     pub(super) resync: Option<ResyncJob>,
+    /// Completed writes whose acknowledgement waits until the generation they need (first)
+    /// is durable on every in-sync child: (generation, parent slot, result). The slot stays
+    /// taken (nothing is pending on it) until then.
+    held: VecDeque<(u64, u16, i32)>,
 }
 
 impl NexusChannel {
@@ -188,6 +196,7 @@ impl NexusChannel {
             writes_in_flight: 0,
             quiesce_round: None,
             resync: None,
+            held: VecDeque::with_capacity(PARENTS_MAX),
         };
         ch.refresh_paths(io);
         ch
@@ -578,6 +587,13 @@ impl NexusChannel {
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
             (true, _) => 0,
         };
+        if success && op != IoOp::Read && (!self.held.is_empty() || shared.raise_pending()) {
+            // A child that missed this write may hold the same generation as the others
+            // until the raise is durable: acknowledging now could let a new nexus trust it.
+            let need = shared.gen_target.load(Ordering::SeqCst);
+            self.held.push_back((need, slot, res));
+            return;
+        }
         io.post(p.req.owner, p.req.tag, res);
         self.release_slot(io, slot);
         if counted {
@@ -594,6 +610,30 @@ impl NexusChannel {
         if let Some(round) = self.quiesce_round.take() {
             self.shared.drained(round);
         }
+    }
+
+    /// Acknowledges held writes whose generation is durable on every in-sync child, in order.
+    /// A write whose in-sync set fell below the minimum meanwhile, or whose nexus was fenced,
+    /// fails instead: the raise may not have reached a copy that holds it.
+    fn poll_held(&mut self, io: &mut IoCtx) -> usize {
+        if self.held.is_empty() {
+            return 0;
+        }
+        let shared = self.shared.clone();
+        let mut n = 0;
+        while let Some(&(need, slot, res)) = self.held.front() {
+            let fenced = shared.fenced.load(Ordering::Acquire);
+            if !fenced && shared.gen_durable.load(Ordering::SeqCst) < need {
+                break;
+            }
+            let ok = !fenced && shared.in_sync_count() >= shared.options.min_in_sync;
+            let req = self.slots[slot as usize].req;
+            io.post(req.owner, req.tag, if ok { res } else { -libc::EIO });
+            self.held.pop_front();
+            self.release_slot(io, slot);
+            n += 1;
+        }
+        n
     }
 
     /// Polls child `c`'s connection and acts on its replies.
@@ -809,6 +849,7 @@ impl BdevChannel for NexusChannel {
         work += self.poll_timeouts(io);
         work += self.poll_backlogs();
         work += self.poll_waiting(io);
+        work += self.poll_held(io);
         work += self.poll_resync(io);
         for c in 0..CHILDREN_MAX {
             if let Path::Remote { conn, .. } = &mut self.paths[c] {
@@ -821,7 +862,8 @@ impl BdevChannel for NexusChannel {
 
     fn next_deadline(&self) -> Option<Instant> {
         let timeout = self.timeouts.front().map(|t| t.0);
-        let held = (!self.waiting.is_empty()).then(|| Instant::now() + HELD_RECHECK);
+        let held = (!self.waiting.is_empty() || !self.held.is_empty())
+            .then(|| Instant::now() + HELD_RECHECK);
         let resync = self.resync.as_ref().and_then(ResyncJob::next_deadline);
         [timeout, held, resync].into_iter().flatten().min()
     }

@@ -6,16 +6,27 @@
 //! Epoch choice: a new nexus opens its replicas with the requested epoch (1 by default);
 //! any replica that answers `StaleEpoch{current}` makes it retry every replica with
 //! `current + 1`. So a new nexus always ends above every fence it met, and once it has
-//! opened them a stale nexus elsewhere is refused. `create` trusts the caller that the listed
-//! replicas hold the same data (fresh volumes, or the in-sync set the control plane
-//! recorded); `add` rebuilds a replica in full.
+//! opened them a stale nexus elsewhere is refused. `create` over replicas that already carry
+//! a fence is a takeover, refused unless the caller says so (`CreateRequest::takeover`): a
+//! restarted old primary re-running its create must not fence the live nexus.
+//!
+//! Data generations: `create` trusts only the replicas with the highest generation record
+//! (they hold every acknowledged write; `docs/replication.md`), rebuilds the others in full
+//! before they count as in sync, and stores a new generation on the trusted ones before it
+//! serves. Whenever the in-sync set shrinks the monitor (woken by the fault) stores the next
+//! generation on every in-sync child, and the channels hold the acknowledgements of writes
+//! completed meanwhile until it is durable ([`NexusManager::raise_generation`]); a child that
+//! is back in sync is given the current generation the same way. `add` rebuilds a replica in
+//! full; `verify` names the children that differ from the one it trusts and can repair them.
 
 use super::{
     ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder, CHILDREN_MAX,
     REGION_BYTES_MAX, REGION_BYTES_MIN,
 };
+use crate::generation::GenRecord;
 use crate::proto::{self, Envelope, Epoch, Message, RequestId, VolumeId};
-use crate::replica::{volume_id_for, Acceptance, ReplicaSet};
+use crate::replica::{volume_id_for, Acceptance, RecordUpdate, ReplicaSet};
+use crate::server::flush_replica;
 use crate::transport::{Link, Transport, HANDSHAKE_TIMEOUT};
 use cairn_engine::{BdevHandle, Engine};
 use parking_lot::Mutex;
@@ -35,6 +46,10 @@ pub const PROMOTE_DRAIN_MAX: Duration = Duration::from_secs(10);
 const EPOCH_RETRIES_MAX: usize = 8;
 /// Reads one verify keeps in flight per remote child.
 const VERIFY_WINDOW: usize = 8;
+/// Rounds one generation raise makes before leaving the rest to the next monitor pass: each
+/// round either finishes or faults a child that would not store it, so the in-sync children
+/// plus one, with room for a fault racing it.
+const RAISE_ROUNDS_MAX: usize = CHILDREN_MAX + 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NexusError {
@@ -50,6 +65,12 @@ pub enum NexusError {
         child: String,
         why: String,
     },
+    #[error(
+        "nexus '{name}': replicas already carry fences ({fences}): another nexus owns or owned \
+         them, and creating one over them takes them over; pass --takeover (admin API: \
+         takeover) if that is meant"
+    )]
+    TakeoverRefused { name: String, fences: String },
     #[error("nexus '{name}': {source}")]
     Engine {
         name: String,
@@ -66,6 +87,8 @@ pub struct ChildView {
     pub reason: String,
     pub dirty_bytes: u64,
     pub copied_bytes: u64,
+    /// The data generation its replica holds durably, as far as the nexus knows.
+    pub generation: u64,
 }
 
 /// A running resync or rebuild.
@@ -94,6 +117,18 @@ pub struct NexusView {
     pub io_timeout_ms: u64,
     pub children: Vec<ChildView>,
     pub resync: Option<ResyncView>,
+    /// The data generation every in-sync child holds durably.
+    pub generation: u64,
+}
+
+/// One region whose copies differ, as `verify` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionMismatch {
+    pub region: u64,
+    /// Children whose copy equals the source's (the source among them).
+    pub agree: Vec<String>,
+    /// Children whose copy differs from the source's: the wrong ones.
+    pub differ: Vec<String>,
 }
 
 /// What `verify` found.
@@ -104,6 +139,14 @@ pub struct VerifyReport {
     pub region_bytes: u64,
     /// Regions whose checksums differ between children (all of them, in order).
     pub mismatched: Vec<u64>,
+    /// The child the nexus trusts: its local in-sync child, else its first in-sync one (the
+    /// one a resync copies from).
+    pub source: String,
+    /// Per mismatched region, who agrees with the source and who does not.
+    pub details: Vec<RegionMismatch>,
+    /// Whether the differing children were taken out of the in-sync set to have those
+    /// regions rewritten from the source (`repair`).
+    pub repairing: Vec<String>,
 }
 
 /// What a caller asks `create` for.
@@ -114,6 +157,9 @@ pub struct CreateRequest {
     pub options: NexusOptions,
     /// Open at this epoch or above; 1 when unset.
     pub epoch: Option<u64>,
+    /// The replicas may carry fences of another nexus, which this one takes over. Without
+    /// it, a replica with a fence refuses the create.
+    pub takeover: bool,
 }
 
 /// Per child: when the monitor may next try to reconnect it, and the back-off.
@@ -141,11 +187,21 @@ impl std::fmt::Debug for NexusManager {
     }
 }
 
-/// A child opened under an epoch: its geometry and one path per engine core.
+/// A child opened under an epoch: its geometry, its generation record and one path per
+/// engine core.
 struct OpenedChild {
     size_bytes: u64,
     block_size_bytes: u32,
+    record: GenRecord,
     paths: Vec<Option<PathSetup>>,
+}
+
+/// A remote replica's answer to `Open`.
+struct OpenReply {
+    link: Box<dyn Link>,
+    size_bytes: u64,
+    block_size_bytes: u32,
+    record: GenRecord,
 }
 
 /// What opening one child gave.
@@ -175,7 +231,8 @@ impl NexusManager {
             .name("cairn-nexus-monitor".into())
             .spawn(move || {
                 while !stop.load(Ordering::Acquire) {
-                    std::thread::sleep(MONITOR_PERIOD);
+                    // Woken early by a fault that needs a generation raise.
+                    std::thread::park_timeout(MONITOR_PERIOD);
                     let Some(m) = weak.upgrade() else { break };
                     m.tick();
                 }
@@ -263,6 +320,9 @@ impl NexusManager {
         }
         let volume_id = volume_id_for(&name);
         let specs: Vec<(usize, ChildSpec)> = req.replicas.iter().cloned().enumerate().collect();
+        if !req.takeover {
+            self.refuse_fenced(&name, volume_id, &specs)?;
+        }
         let (epoch, opened) = self.open_rising(
             &name,
             volume_id,
@@ -298,10 +358,26 @@ impl NexusManager {
             self.engine.cores(),
         ));
         shared.epoch.store(epoch, Ordering::Release);
+        *shared.raiser.lock() = self.monitor.lock().as_ref().map(|t| t.thread().clone());
+        let top = opened
+            .iter()
+            .map(|(_, o)| o.record.generation)
+            .max()
+            .unwrap_or(0);
         for (c, o) in opened {
-            *shared.child(c).spec.lock() = Some(req.replicas[c].clone());
-            shared.child(c).set_state(ChildState::InSync);
-            shared.publish(c, o.paths);
+            self.place_opened(&shared, c, &req.replicas[c], o, top);
+        }
+        // A generation of this nexus's own, stored on the trusted copies before it serves.
+        shared.gen_target.store(top + 1, Ordering::SeqCst);
+        self.raise_generation(&shared);
+        if shared.raise_pending() || shared.in_sync_count() == 0 {
+            return Err(Self::invalid(
+                &name,
+                format!(
+                    "could not store data generation {} on the trusted replicas",
+                    top + 1
+                ),
+            ));
         }
         let handle = self
             .engine
@@ -314,7 +390,7 @@ impl NexusManager {
             .bdev
             .set(handle.id())
             .expect("a new nexus's bdev is set once");
-        tracing::info!(nexus = %name, epoch, replicas = req.replicas.len(), "nexus created");
+        tracing::info!(nexus = %name, epoch, generation = top + 1, replicas = req.replicas.len(), "nexus created");
         let now = Instant::now();
         self.nexuses.lock().insert(
             name.clone(),
@@ -324,7 +400,172 @@ impl NexusManager {
                 retry: [(now, MONITOR_PERIOD); CHILDREN_MAX],
             },
         );
+        self.kick_resync(&shared);
         Ok(view(&shared))
+    }
+
+    /// Refuses a create over replicas that already carry a fence (another nexus opened
+    /// them). Each is asked for a takeover at epoch 1, which a fenced replica refuses without
+    /// changing anything; an unfenced one takes fence 1, which this create then rises above.
+    fn refuse_fenced(
+        &self,
+        name: &str,
+        volume_id: VolumeId,
+        specs: &[(usize, ChildSpec)],
+    ) -> Result<(), NexusError> {
+        let first = Epoch::new(1).expect("1 is an epoch");
+        let mut fences = Vec::new();
+        for (_, spec) in specs {
+            let child_err = |why: String| NexusError::Child {
+                name: name.into(),
+                child: spec.to_string(),
+                why,
+            };
+            let current = match spec {
+                ChildSpec::Local => {
+                    let r = self
+                        .replicas
+                        .get(&volume_id)
+                        .map_err(|e| child_err(e.to_string()))?;
+                    match self.replicas.accept(&r, first, true) {
+                        Ok(Acceptance::Stale { current }) => Some(current.get()),
+                        Ok(Acceptance::Accepted(_)) => None,
+                        Err(e) => return Err(child_err(e.to_string())),
+                    }
+                }
+                ChildSpec::Remote { endpoint } => self
+                    .connect_open(endpoint, volume_id, first, true)
+                    .map_err(child_err)?
+                    .err(),
+            };
+            if let Some(epoch) = current {
+                fences.push(format!("'{spec}' at epoch {epoch}"));
+            }
+        }
+        if fences.is_empty() {
+            return Ok(());
+        }
+        Err(NexusError::TakeoverRefused {
+            name: name.into(),
+            fences: fences.join(", "),
+        })
+    }
+
+    /// Puts an opened child of a new nexus in its slot: in sync when its generation is the
+    /// highest among the replicas (`top`), else syncing with a full rebuild queued, so that
+    /// nothing reads from it before every region has been copied from a trusted copy.
+    fn place_opened(
+        &self,
+        shared: &NexusShared,
+        c: usize,
+        spec: &ChildSpec,
+        o: OpenedChild,
+        top: u64,
+    ) {
+        let child = shared.child(c);
+        *child.spec.lock() = Some(spec.clone());
+        child
+            .gen_stored
+            .store(o.record.generation, Ordering::SeqCst);
+        if o.record.generation == top {
+            child.set_state(ChildState::InSync);
+            if top > 0 && !o.record.clean {
+                tracing::warn!(nexus = %shared.name, child = %spec, generation = top, "the nexus that last held this replica did not close it cleanly");
+            }
+        } else {
+            child.dirty.set_all();
+            child.needs_rebuild.store(true, Ordering::Release);
+            *child.reason.lock() = format!(
+                "stale copy: data generation {} below the current {top}",
+                o.record.generation
+            );
+            child.set_state(ChildState::Syncing);
+            tracing::warn!(nexus = %shared.name, child = %spec, generation = o.record.generation, current = top, "stale replica: rebuilt in full before it serves");
+        }
+        shared.publish(c, o.paths);
+    }
+
+    /// Stores the nexus's target generation on every in-sync child that lacks it, faulting
+    /// any that cannot store it (which raises the target again), until every in-sync child
+    /// holds the target; then the channels may acknowledge the writes they held. Blocking;
+    /// control threads only.
+    pub(crate) fn raise_generation(&self, shared: &NexusShared) {
+        let _serial = shared.gen_lock.lock();
+        for _ in 0..RAISE_ROUNDS_MAX {
+            if shared.fenced.load(Ordering::Acquire) {
+                return;
+            }
+            let target = shared.gen_target.load(Ordering::SeqCst);
+            let mut all = true;
+            for c in 0..CHILDREN_MAX {
+                let child = shared.child(c);
+                if child.state() != ChildState::InSync
+                    || child.gen_stored.load(Ordering::SeqCst) >= target
+                {
+                    continue;
+                }
+                let Some(spec) = child.spec.lock().clone() else {
+                    continue;
+                };
+                match self.store_generation(shared, &spec, target, false) {
+                    Ok(()) => child.gen_stored.store(target, Ordering::SeqCst),
+                    Err(why) => {
+                        all = false;
+                        shared.fault(c, &format!("storing data generation {target}: {why}"));
+                    }
+                }
+            }
+            if all && shared.gen_target.load(Ordering::SeqCst) == target {
+                shared.gen_durable.fetch_max(target, Ordering::SeqCst);
+                tracing::debug!(nexus = %shared.name, generation = target, "data generation durable on every in-sync replica");
+                return;
+            }
+        }
+    }
+
+    /// Stores generation `generation` (with the clean mark, after a flush) on one child,
+    /// under the nexus's epoch. A fence above it marks the nexus fenced.
+    fn store_generation(
+        &self,
+        shared: &NexusShared,
+        spec: &ChildSpec,
+        generation: u64,
+        clean: bool,
+    ) -> Result<(), String> {
+        let epoch = Epoch::new(shared.epoch()).map_err(|e| e.to_string())?;
+        let stale = |current: u64| {
+            shared.fenced.store(true, Ordering::Release);
+            format!("fenced at epoch {current}: a newer nexus owns the volume")
+        };
+        match spec {
+            ChildSpec::Local => {
+                let r = shared
+                    .local
+                    .lock()
+                    .clone()
+                    .ok_or("the local replica was never opened")?;
+                let flush = || flush_replica(&self.engine, &r);
+                match self
+                    .replicas
+                    .set_generation(&r, epoch, generation, clean, flush)
+                    .map_err(|e| e.to_string())?
+                {
+                    RecordUpdate::Stored(_) => Ok(()),
+                    RecordUpdate::Stale { current } => Err(stale(current.get())),
+                }
+            }
+            ChildSpec::Remote { endpoint } => {
+                let msg = Message::SetGeneration { generation, clean };
+                match self.handshake(endpoint, shared.volume_id, epoch, &msg)? {
+                    Ok(r) if r.record.generation == generation => Ok(()),
+                    Ok(r) => Err(format!(
+                        "stored generation {} instead of {generation}",
+                        r.record.generation
+                    )),
+                    Err(current) => Err(stale(current)),
+                }
+            }
+        }
     }
 
     /// Opens `specs` (child index, spec) with takeover at `epoch`, raising the epoch past
@@ -387,6 +628,7 @@ impl NexusManager {
                     Acceptance::Accepted(_) => Ok(Opened::Ok(OpenedChild {
                         size_bytes: r.info().size_bytes,
                         block_size_bytes: r.info().block_size_bytes,
+                        record: r.record(),
                         paths: (0..cores)
                             .map(|_| Some(PathSetup::Local(r.clone(), epoch)))
                             .collect(),
@@ -395,20 +637,22 @@ impl NexusManager {
             }
             ChildSpec::Remote { endpoint } => {
                 let mut paths = Vec::with_capacity(cores);
-                let mut geometry = (0, 0);
+                let mut first = None;
                 for core in 0..cores {
                     let claim = takeover && core == 0;
-                    let (link, size, block) =
-                        match self.connect_open(endpoint, volume_id, e, claim)? {
-                            Ok(v) => v,
-                            Err(current) => return Ok(Opened::Stale { current }),
-                        };
-                    geometry = (size, block);
-                    paths.push(Some(PathSetup::Remote(link, epoch)));
+                    let reply = match self.connect_open(endpoint, volume_id, e, claim)? {
+                        Ok(v) => v,
+                        Err(current) => return Ok(Opened::Stale { current }),
+                    };
+                    paths.push(Some(PathSetup::Remote(reply.link, epoch)));
+                    first.get_or_insert((reply.size_bytes, reply.block_size_bytes, reply.record));
                 }
+                let (size_bytes, block_size_bytes, record) =
+                    first.ok_or("the engine has no cores")?;
                 Ok(Opened::Ok(OpenedChild {
-                    size_bytes: geometry.0,
-                    block_size_bytes: geometry.1,
+                    size_bytes,
+                    block_size_bytes,
+                    record,
                     paths,
                 }))
             }
@@ -416,14 +660,25 @@ impl NexusManager {
     }
 
     /// Connects and runs `Open`. Inner `Err(current)` is a StaleEpoch answer.
-    #[allow(clippy::type_complexity)]
     fn connect_open(
         &self,
         endpoint: &str,
         volume_id: VolumeId,
         epoch: Epoch,
         takeover: bool,
-    ) -> Result<Result<(Box<dyn Link>, u64, u32), u64>, String> {
+    ) -> Result<Result<OpenReply, u64>, String> {
+        self.handshake(endpoint, volume_id, epoch, &Message::Open { takeover })
+    }
+
+    /// Connects and sends `first` (`Open` or `SetGeneration`), answered by `OpenOk`. Inner
+    /// `Err(current)` is a StaleEpoch answer.
+    fn handshake(
+        &self,
+        endpoint: &str,
+        volume_id: VolumeId,
+        epoch: Epoch,
+        first: &Message<'_>,
+    ) -> Result<Result<OpenReply, u64>, String> {
         let mut link = self
             .transport
             .connect(endpoint, HANDSHAKE_TIMEOUT)
@@ -434,7 +689,7 @@ impl NexusManager {
             request_id: RequestId::new(0),
         };
         let mut out = Vec::new();
-        proto::encode_into(&env, &Message::Open { takeover }, &mut out);
+        proto::encode_into(&env, first, &mut out);
         link.send_frame(&out).map_err(|e| e.to_string())?;
         let (header, payload) = link
             .recv_frame(HANDSHAKE_TIMEOUT)
@@ -443,8 +698,15 @@ impl NexusManager {
             Message::OpenOk {
                 size_bytes,
                 block_size_bytes,
+                generation,
+                clean,
                 ..
-            } => Ok(Ok((link, size_bytes, block_size_bytes))),
+            } => Ok(Ok(OpenReply {
+                link,
+                size_bytes,
+                block_size_bytes,
+                record: GenRecord { generation, clean },
+            })),
             Message::StaleEpoch { current } => Ok(Err(current.get())),
             Message::Error { errno } => Err(format!(
                 "refused: {}",
@@ -490,14 +752,44 @@ impl NexusManager {
             .lock()
             .remove(name)
             .ok_or_else(|| NexusError::NotFound { name: name.into() })?;
+        // Held acknowledgements keep the channels busy until their raise is durable, and the
+        // monitor may be stopped already (node shutdown): raise here.
+        if generation_behind(&entry.shared) {
+            self.raise_generation(&entry.shared);
+        }
         self.engine
             .remove_bdev(&entry.handle)
             .map_err(|source| NexusError::Engine {
                 name: name.into(),
                 source,
             })?;
+        self.mark_clean(&entry.shared);
         tracing::info!(nexus = %name, "nexus destroyed");
         Ok(())
+    }
+
+    /// After the nexus's last I/O: marks every in-sync child that holds the current
+    /// generation as closed cleanly (each flushes first). A child that cannot be marked only
+    /// stays unclean; nothing depends on the mark being set.
+    fn mark_clean(&self, shared: &NexusShared) {
+        if shared.fenced.load(Ordering::Acquire) || shared.raise_pending() {
+            return;
+        }
+        let generation = shared.gen_durable.load(Ordering::SeqCst);
+        for c in 0..CHILDREN_MAX {
+            let child = shared.child(c);
+            if child.state() != ChildState::InSync
+                || child.gen_stored.load(Ordering::SeqCst) != generation
+            {
+                continue;
+            }
+            let Some(spec) = child.spec.lock().clone() else {
+                continue;
+            };
+            if let Err(why) = self.store_generation(shared, &spec, generation, true) {
+                tracing::warn!(nexus = %shared.name, child = %spec, why = %why, "could not mark the replica closed cleanly");
+            }
+        }
     }
 
     /// Adds a new replica; it is rebuilt in full, online, before it joins the in-sync set.
@@ -520,8 +812,24 @@ impl NexusManager {
         }
         let c = free
             .ok_or_else(|| Self::invalid(name, format!("already has {CHILDREN_MAX} replicas")))?;
-        let paths = self.open_at_current(&shared, &spec).map_err(child_err)?;
+        let (paths, record) = self.open_at_current(&shared, &spec).map_err(child_err)?;
+        if record.generation >= shared.gen_target.load(Ordering::SeqCst) {
+            // A copy from elsewhere that holds a generation this nexus has not reached: a
+            // generation never goes down, so the nexus's copies must go above it before the
+            // newcomer is a member, or a later nexus would trust the newcomer over them.
+            shared
+                .gen_target
+                .fetch_max(record.generation + 1, Ordering::SeqCst);
+            self.raise_generation(&shared);
+            if shared.raise_pending() {
+                return Err(child_err(format!(
+                    "holds data generation {}, and this nexus could not rise above it",
+                    record.generation
+                )));
+            }
+        }
         let child = shared.child(c);
+        child.gen_stored.store(record.generation, Ordering::SeqCst);
         child.dirty.set_all();
         child.unflushed[0].clear_all();
         child.unflushed[1].clear_all();
@@ -540,9 +848,9 @@ impl NexusManager {
         &self,
         shared: &NexusShared,
         spec: &ChildSpec,
-    ) -> Result<Vec<Option<PathSetup>>, String> {
+    ) -> Result<(Vec<Option<PathSetup>>, GenRecord), String> {
         match self.open_child(shared.volume_id, spec, shared.epoch(), false)? {
-            Opened::Ok(o) if o.size_bytes == shared.info.size_bytes => Ok(o.paths),
+            Opened::Ok(o) if o.size_bytes == shared.info.size_bytes => Ok((o.paths, o.record)),
             Opened::Ok(o) => Err(format!(
                 "size {} differs from the nexus's {}",
                 o.size_bytes, shared.info.size_bytes
@@ -579,10 +887,17 @@ impl NexusManager {
                 ),
             ));
         }
+        if child.state() == ChildState::InSync {
+            // The removed replica keeps the current generation but misses every later write.
+            shared.gen_target.fetch_add(1, Ordering::SeqCst);
+        }
         child.set_state(ChildState::Empty);
         *child.spec.lock() = None;
         shared.publish(c, (0..shared.cores.len()).map(|_| None).collect());
         child.dirty.clear_all();
+        if generation_behind(&shared) {
+            self.raise_generation(&shared);
+        }
         tracing::info!(nexus = %name, child = %spec, "replica removed");
         Ok(view(&shared))
     }
@@ -644,12 +959,19 @@ impl NexusManager {
 
     /// Compares the in-sync children's crc32c region by region. Meant for a quiet volume: a
     /// region written during the check can differ for that moment.
-    pub fn verify(&self, name: &str) -> Result<VerifyReport, NexusError> {
+    ///
+    /// The child it trusts (the source) is the local in-sync child, else the first in-sync
+    /// one; for each region that differs it names who agrees with the source. With `repair`,
+    /// every child that differs anywhere has those regions marked dirty and is taken out of
+    /// the in-sync set, so the monitor resyncs them from a child that agrees with the source
+    /// everywhere (only such children stay in sync).
+    pub fn verify(&self, name: &str, repair: bool) -> Result<VerifyReport, NexusError> {
         let shared = self.shared(name)?;
-        let children: Vec<ChildSpec> = (0..CHILDREN_MAX)
+        let in_sync: Vec<(usize, ChildSpec)> = (0..CHILDREN_MAX)
             .filter(|&c| shared.child(c).state() == ChildState::InSync)
-            .filter_map(|c| shared.child(c).spec.lock().clone())
+            .filter_map(|c| shared.child(c).spec.lock().clone().map(|s| (c, s)))
             .collect();
+        let children: Vec<ChildSpec> = in_sync.iter().map(|(_, s)| s.clone()).collect();
         let region_bytes = shared.options.region_bytes;
         let size = shared.info.size_bytes;
         let regions = size.div_ceil(region_bytes);
@@ -667,14 +989,64 @@ impl NexusManager {
             .map_err(child_err)?;
             sums.push(s);
         }
-        let mismatched = (0..regions)
+        let src = children
+            .iter()
+            .position(|s| *s == ChildSpec::Local)
+            .unwrap_or(0);
+        let mismatched: Vec<u64> = (0..regions)
             .filter(|&r| sums.iter().any(|s| s[r as usize] != sums[0][r as usize]))
             .collect();
+        let details: Vec<RegionMismatch> = mismatched
+            .iter()
+            .map(|&r| {
+                let (agree, differ): (Vec<usize>, Vec<usize>) = (0..children.len())
+                    .partition(|&i| sums[i][r as usize] == sums[src][r as usize]);
+                let names =
+                    |v: Vec<usize>| v.into_iter().map(|i| children[i].to_string()).collect();
+                RegionMismatch {
+                    region: r,
+                    agree: names(agree),
+                    differ: names(differ),
+                }
+            })
+            .collect();
+        let mut repairing = Vec::new();
+        if repair {
+            for (i, (c, spec)) in in_sync.iter().enumerate() {
+                let wrong: Vec<u64> = mismatched
+                    .iter()
+                    .copied()
+                    .filter(|&r| sums[i][r as usize] != sums[src][r as usize])
+                    .collect();
+                if wrong.is_empty() {
+                    continue;
+                }
+                let child = shared.child(*c);
+                for &r in &wrong {
+                    child.dirty.set(r);
+                }
+                shared.fault(
+                    *c,
+                    &format!(
+                        "verify: {} regions differ from the source '{}'; rewriting them",
+                        wrong.len(),
+                        children[src]
+                    ),
+                );
+                repairing.push(spec.to_string());
+            }
+        }
         Ok(VerifyReport {
             children: children.iter().map(ToString::to_string).collect(),
             regions,
             region_bytes,
             mismatched,
+            source: children
+                .get(src)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            details,
+            repairing,
         })
     }
 
@@ -715,8 +1087,8 @@ impl NexusManager {
         region_bytes: u64,
     ) -> Result<Vec<u32>, String> {
         let epoch = Epoch::new(shared.epoch()).map_err(|e| e.to_string())?;
-        let (mut link, _, _) = match self.connect_open(endpoint, shared.volume_id, epoch, false)? {
-            Ok(v) => v,
+        let mut link = match self.connect_open(endpoint, shared.volume_id, epoch, false)? {
+            Ok(v) => v.link,
             Err(current) => return Err(format!("fenced at epoch {current}")),
         };
         let chunk = u64::from(super::NEXUS_IO_MAX_BYTES);
@@ -791,6 +1163,9 @@ impl NexusManager {
             if shared.fenced.load(Ordering::Acquire) {
                 continue;
             }
+            if generation_behind(&shared) {
+                self.raise_generation(&shared);
+            }
             for (c, (retry_at, backoff)) in retry.into_iter().enumerate() {
                 let child = shared.child(c);
                 if child.state() != ChildState::Faulted || Instant::now() < retry_at {
@@ -800,8 +1175,9 @@ impl NexusManager {
                     continue;
                 };
                 let next = match self.open_at_current(&shared, &spec) {
-                    Ok(paths) => {
+                    Ok((paths, record)) => {
                         if child.state() == ChildState::Faulted {
+                            child.gen_stored.store(record.generation, Ordering::SeqCst);
                             child.set_state(ChildState::Syncing);
                             shared.publish(c, paths);
                             tracing::info!(nexus = %shared.name, child = %spec, dirty_regions = child.dirty.count(), "faulted replica is back; resync queued");
@@ -837,6 +1213,17 @@ impl Drop for NexusManager {
     }
 }
 
+/// Whether a raise is pending, or an in-sync child (one back from a resync) lacks the
+/// current generation.
+fn generation_behind(shared: &NexusShared) -> bool {
+    let target = shared.gen_target.load(Ordering::SeqCst);
+    shared.raise_pending()
+        || (0..CHILDREN_MAX).any(|c| {
+            let child = shared.child(c);
+            child.state() == ChildState::InSync && child.gen_stored.load(Ordering::SeqCst) < target
+        })
+}
+
 /// Orders a resync of the first syncing child when none is running or ordered; true when it
 /// ordered one.
 fn order_resync(shared: &NexusShared) -> bool {
@@ -866,6 +1253,7 @@ fn view(shared: &NexusShared) -> NexusView {
                 dirty_bytes: (child.dirty.count() * child.dirty.region_bytes())
                     .min(shared.info.size_bytes),
                 copied_bytes: child.copied_bytes.load(Ordering::Relaxed),
+                generation: child.gen_stored.load(Ordering::Acquire),
             })
         })
         .collect();
@@ -912,5 +1300,6 @@ fn view(shared: &NexusShared) -> NexusView {
         io_timeout_ms: shared.options.io_timeout.as_millis() as u64,
         children,
         resync,
+        generation: shared.gen_durable.load(Ordering::Acquire),
     }
 }

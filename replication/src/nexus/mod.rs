@@ -14,8 +14,11 @@
 //! write costs no shared read-modify-write and no `Arc` clone.
 //!
 //! What a nexus must never do: acknowledge a write before every in-sync child has it, write
-//! under an epoch a replica has fenced off, or let a child back into the in-sync set before
-//! every region it missed has been copied. `docs/replication.md` gives the arguments.
+//! under an epoch a replica has fenced off, let a child back into the in-sync set before
+//! every region it missed has been copied, acknowledge a write a faulted child missed before
+//! every in-sync child holds a data generation above that child's (the generation raise,
+//! [`NexusShared::fault`] and `manager.rs`), or read from a child that is not in sync.
+//! `docs/replication.md` gives the arguments.
 
 pub mod bitmap;
 mod channel;
@@ -148,6 +151,9 @@ pub(crate) struct ChildShared {
     pub(crate) needs_rebuild: AtomicBool,
     /// Bytes copied to this child by resyncs and rebuilds, ever.
     pub(crate) copied_bytes: AtomicU64,
+    /// The data generation this child's replica holds durably, as far as the nexus knows
+    /// (from its `OpenOk`, then from each generation the manager stored on it).
+    pub(crate) gen_stored: AtomicU64,
 }
 
 impl ChildShared {
@@ -165,6 +171,7 @@ impl ChildShared {
             reason: Mutex::new(String::new()),
             needs_rebuild: AtomicBool::new(false),
             copied_bytes: AtomicU64::new(0),
+            gen_stored: AtomicU64::new(0),
         }
     }
 
@@ -254,6 +261,19 @@ pub struct NexusShared {
     /// Set with `resync_order`, so the home core looks at the mutex only when told to.
     pub(crate) resync_ordered: AtomicBool,
     pub(crate) resync: ResyncProgress,
+    /// The data generation every in-sync child must hold before a write completed now may be
+    /// acknowledged: raised by one each time the in-sync set shrinks (`fault`).
+    pub(crate) gen_target: AtomicU64,
+    /// The highest generation the manager has stored on every in-sync child; writes that
+    /// completed when `gen_target` was above it wait in their channels (`held`).
+    pub(crate) gen_durable: AtomicU64,
+    /// Serialises generation raises (the manager's control threads).
+    pub(crate) gen_lock: Mutex<()>,
+    /// The manager's monitor thread, woken by a fault to raise the generation at once.
+    pub(crate) raiser: Mutex<Option<std::thread::Thread>>,
+    /// This node's replica, once a local child was opened: the manager stores generations on
+    /// it without going through the replica set (whose lock node shutdown may not take).
+    pub(crate) local: Mutex<Option<Arc<HostedReplica>>>,
 }
 
 impl fmt::Debug for NexusShared {
@@ -303,7 +323,18 @@ impl NexusShared {
             resync_order: Mutex::new(None),
             resync_ordered: AtomicBool::new(false),
             resync: ResyncProgress::default(),
+            gen_target: AtomicU64::new(0),
+            gen_durable: AtomicU64::new(0),
+            gen_lock: Mutex::new(()),
+            raiser: Mutex::new(None),
+            local: Mutex::new(None),
         }
+    }
+
+    /// Whether writes completed now must wait for a generation raise.
+    #[inline]
+    pub(crate) fn raise_pending(&self) -> bool {
+        self.gen_durable.load(Ordering::SeqCst) < self.gen_target.load(Ordering::SeqCst)
     }
 
     pub(crate) fn child(&self, c: usize) -> &ChildShared {
@@ -325,6 +356,12 @@ impl NexusShared {
         if was == ChildState::Empty || was == ChildState::Faulted {
             return;
         }
+        if was == ChildState::InSync {
+            // The in-sync set shrinks: raised before the state changes (both SeqCst), so a
+            // write that sees the child out (or fails on it) and then completes sees the new
+            // target and waits for it. A lost race below only costs one extra raise.
+            self.gen_target.fetch_add(1, Ordering::SeqCst);
+        }
         if child
             .state
             .compare_exchange(
@@ -340,6 +377,11 @@ impl NexusShared {
         child.dirty.merge(&child.unflushed[0]);
         child.dirty.merge(&child.unflushed[1]);
         *child.reason.lock() = reason.to_string();
+        if was == ChildState::InSync {
+            if let Some(t) = self.raiser.lock().as_ref() {
+                t.unpark();
+            }
+        }
         let spec = child.spec.lock().clone();
         tracing::warn!(
             nexus = %self.name,
@@ -353,6 +395,9 @@ impl NexusShared {
     /// Publishes one path set-up per core for child `c` (or none: removed) and tells every
     /// channel to pick them up.
     pub(crate) fn publish(&self, c: usize, paths: Vec<Option<PathSetup>>) {
+        if let Some(Some(PathSetup::Local(r, _))) = paths.first() {
+            *self.local.lock() = Some(r.clone());
+        }
         let child = &self.children[c];
         *child.paths.lock() = paths;
         child.gen.fetch_add(1, Ordering::AcqRel);
