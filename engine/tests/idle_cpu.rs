@@ -99,7 +99,9 @@ fn idle_reactors_with_an_open_pool_and_volume_sleep() {
     pool.create_volume(&engine, "v", VOLUME_BYTES, vec![])
         .expect("volume created");
     let volume = pool.open_volume(&engine, "v").expect("volume opened");
-    let mut q = engine.queue(&volume, other, 8).expect("queue on the volume");
+    let mut q = engine
+        .queue(&volume, other, 8)
+        .expect("queue on the volume");
     let block = vec![0x5a_u8; 4096];
     let mut back = vec![0_u8; 4096];
     for i in 0..POOL_TEST_IOS {
