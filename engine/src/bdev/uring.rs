@@ -98,12 +98,27 @@ impl UringBdev {
     }
 }
 
+/// How long opening with `exclusive` waits for a lock another process holds before it
+/// reports the file in use. A process killed a moment ago still holds its lock until the
+/// kernel has torn down its io_uring (which keeps the registered file open), and that teardown
+/// runs after the process is reaped; a restart right after a crash must not fail for it.
+const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the wait above tries the lock again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 fn lock_exclusive(file: &File) -> std::io::Result<()> {
-    // SAFETY: flock on a descriptor this function's caller owns; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    let deadline = Instant::now() + LOCK_WAIT_MAX;
+    loop {
+        // SAFETY: flock on a descriptor this function's caller owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(LOCK_RETRY);
     }
-    Ok(())
 }
 
 fn block_device_geometry(file: &File) -> std::io::Result<(u64, u32)> {
