@@ -9,6 +9,10 @@
 //!   loses the rest, `unflushed_blocks` counts the volatile blocks, a failed flush leaves them
 //!   volatile, and flush keeps working after a crash.
 //!
+//! * a delayed request under a volume (whose channel holds its own channel of the base) still
+//!   wakes an idle reactor at its deadline. Bug found here: the volume channel did not pass its
+//!   base's deadline on, so a reactor that went to sleep never dispatched the request.
+//!
 //! Latency checks assert only lower bounds, or orderings with a margin of seconds, so a slow
 //! machine cannot fail them. Bug found here: the delay was counted from the reactor's
 //! loop-start time, which can precede the submission by a whole (preempted) loop iteration, so
@@ -18,6 +22,7 @@ mod common;
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
+use cairn_engine::volume::Pool;
 use cairn_engine::{BdevHandle, Engine, IoError, IoOp, IoQueue, Request};
 use common::Rng;
 use std::sync::Arc;
@@ -233,6 +238,50 @@ fn latency_on_one_bdev_does_not_stall_another_on_the_same_core() {
     assert_eq!(done[0].result, Ok(()));
     drop((slow_q, fast_q));
     rig.engine.stop();
+}
+
+/// How long the volume test waits for a write delayed by [`VOLUME_LATENCY`]; only a reactor
+/// that never wakes for it takes this long.
+const VOLUME_WRITE_WAIT_MAX: Duration = Duration::from_secs(30);
+const VOLUME_LATENCY: Duration = Duration::from_millis(200);
+
+#[test]
+fn latency_under_a_volume_wakes_a_sleeping_reactor() {
+    let inner = Arc::new(MallocBdev::new("fv-m", 16 << 20, BLOCK as u32).expect("malloc"));
+    let fault = FaultBdev::new("fv-f", inner);
+    let control = fault.control();
+    let engine = common::start(common::cores(1));
+    let core = engine.cores()[0];
+    let pool = Pool::create(&engine, "fv", Arc::new(fault), core, 1 << 20).expect("pool");
+    pool.create_volume(&engine, "v", 4 << 20, vec![])
+        .expect("volume");
+    let volume = pool.open_volume(&engine, "v").expect("volume opens");
+    let mut q = engine.queue(&volume, core, 8).expect("queue");
+    let data = pattern(9, BLOCK);
+    // The first write allocates the cluster (through the home core); the second goes straight
+    // to the volume channel's own channel of the base, where the latency holds it.
+    q.write_at(0, &data, false).expect("first write");
+    control.set_latency(VOLUME_LATENCY);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = q.write_at(0, &data, false);
+        drop(tx.send((r, t0.elapsed())));
+        q
+    });
+    let (r, took) = rx.recv_timeout(VOLUME_WRITE_WAIT_MAX).unwrap_or_else(|_| {
+        panic!(
+            "a write delayed {VOLUME_LATENCY:?} under a volume did not complete in \
+             {VOLUME_WRITE_WAIT_MAX:?}: the sleeping reactor missed its deadline"
+        )
+    });
+    r.expect("delayed write");
+    assert!(took >= VOLUME_LATENCY, "completed after {took:?}");
+    control.heal();
+    drop(writer.join().expect("writer thread"));
+    pool.close_volume(&engine, &volume).expect("volume closes");
+    pool.close(&engine).expect("pool closes");
+    engine.stop();
 }
 
 /// Block-sized regions of the crash test, far enough apart not to touch.

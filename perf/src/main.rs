@@ -6,6 +6,7 @@
 
 mod engine_target;
 mod fill;
+mod idle_pool;
 mod raw;
 mod report;
 mod workload;
@@ -63,6 +64,16 @@ enum Cmd {
         /// Engine idle policy (poll shows what a never-sleeping reactor costs).
         #[arg(long, value_enum, default_value = "sleep")]
         idle: Idle,
+        /// Hold what a daemon holds while measuring: a pool formatted on --file (homed on the
+        /// first reactor), a volume in it, and a queue on that volume on the last reactor,
+        /// after a few writes, reads and a flush through it.
+        #[arg(long)]
+        with_pool: bool,
+        /// Pool file for --with-pool: created (256 MiB) when missing and removed afterwards;
+        /// an existing file is formatted, so everything on it is lost.
+        #[arg(long, default_value = "cairn-perf-idle.img")]
+        file: PathBuf,
+        /// Print exactly one JSON object instead of a line.
         #[arg(long)]
         json: bool,
     },
@@ -306,15 +317,31 @@ fn main() -> Result<()> {
             cores,
             seconds,
             idle,
+            with_pool,
+            file,
             json,
-        } => idle_cpu(cores, seconds, idle, json),
+        } => idle_cpu(
+            cores,
+            seconds,
+            idle,
+            with_pool.then_some(file.as_path()),
+            json,
+        ),
     }
 }
 
 /// Time an idle engine gets to settle before measuring.
 const IDLE_SETTLE: Duration = Duration::from_millis(500);
 
-fn idle_cpu(cores: u32, seconds: f64, idle: Idle, json: bool) -> Result<()> {
+/// Measures the process's CPU over `seconds` with an idle engine, holding an open pool on
+/// `pool_file` when one is given.
+fn idle_cpu(
+    cores: u32,
+    seconds: f64,
+    idle: Idle,
+    pool_file: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
     let window = Duration::try_from_secs_f64(seconds)
         .ok()
         .filter(|d| !d.is_zero())
@@ -327,18 +354,32 @@ fn idle_cpu(cores: u32, seconds: f64, idle: Idle, json: bool) -> Result<()> {
         config.idle = IdlePolicy::Poll;
     }
     let engine = cairn_engine::Engine::start(config)?;
+    let pool = match pool_file {
+        Some(path) => Some(idle_pool::IdlePool::open(&engine, path, &list)?),
+        None => None,
+    };
     std::thread::sleep(IDLE_SETTLE);
     let cpu0 = report::cpu_time();
     std::thread::sleep(window);
     let cpu_s = (report::cpu_time() - cpu0).as_secs_f64();
+    if let Some(pool) = pool {
+        pool.close(&engine)?;
+    }
     engine.stop();
     let pct = 100.0 * cpu_s / window.as_secs_f64();
     if json {
-        let out = serde_json::json!({"reactors": cores, "seconds": window.as_secs_f64(), "cpu_s": cpu_s, "pct_of_one_core": pct});
+        let out = serde_json::json!({"reactors": cores, "with_pool": pool_file.is_some(), "seconds": window.as_secs_f64(), "cpu_s": cpu_s, "pct_of_one_core": pct});
         println!("{out}");
     } else {
+        let holding = match pool_file {
+            Some(path) => format!(
+                " (holding a pool on {}, a volume and a queue)",
+                path.display()
+            ),
+            None => String::new(),
+        };
         println!(
-            "{cores} idle reactors used {cpu_s:.4} CPU-s over {seconds} s: {pct:.3}% of one core"
+            "{cores} idle reactors{holding} used {cpu_s:.6} CPU-s over {seconds} s: {pct:.5}% of one core"
         );
     }
     Ok(())

@@ -41,6 +41,8 @@ const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// A running replica server.
 pub struct ReplicaServer {
     endpoint: String,
+    /// Its connections' reactors, woken at shutdown so idle connections see `stop`.
+    engine: Arc<Engine>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -73,7 +75,7 @@ impl ReplicaServer {
         let endpoint = acceptor.endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
-            engine,
+            engine: engine.clone(),
             replicas,
             stop: stop.clone(),
             handshakes: AtomicUsize::new(0),
@@ -96,6 +98,7 @@ impl ReplicaServer {
             .expect("spawning the replica accept thread");
         Ok(ReplicaServer {
             endpoint,
+            engine,
             stop,
             thread: Some(thread),
         })
@@ -113,8 +116,15 @@ impl ReplicaServer {
 
     fn stop_now(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            drop(t.join());
+        let Some(t) = self.thread.take() else { return };
+        drop(t.join());
+        // An idle connection's reactor sleeps until a completion or a message: wake each one
+        // so its connections see `stop` and close now, not at the next request. A stopped
+        // engine has closed them already.
+        for core in self.engine.cores() {
+            if let Err(e) = self.engine.call(core, |_| ()) {
+                tracing::debug!(core = core.get(), error = %e, "replica server stop: reactor not woken");
+            }
         }
     }
 }

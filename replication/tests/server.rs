@@ -3,6 +3,9 @@
 //! and a request fenced off by a newer nexus. Each is refused with the protocol's answer or a
 //! closed connection, and the server keeps serving a well-behaved nexus throughout (the
 //! property: bad input from one peer never costs another peer anything).
+//!
+//! Shutting the server down closes an idle connection at once, although its reactor sleeps:
+//! the stop flag alone was seen only at the next request or at engine stop (a lost wake-up).
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
@@ -19,6 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const SIZE: u64 = 4 << 20;
+/// How long an idle connection may stay open after the server's shutdown before the test
+/// fails; it only turns a missed wake-up into a failure, which would otherwise last forever.
+const SHUTDOWN_CLOSE_MAX: Duration = Duration::from_secs(10);
+/// Long enough for an idle reactor to stop spinning and go to sleep.
+const SETTLE: Duration = Duration::from_millis(100);
 
 struct Fixture {
     engine: Arc<Engine>,
@@ -286,4 +294,25 @@ fn a_takeover_waits_for_the_old_nexus_writes_in_flight() {
     );
     assert_eq!(answer(&mut old), Some(Message::Ok));
     f.fault.heal();
+}
+
+#[test]
+fn shutdown_closes_an_idle_connection_of_a_sleeping_reactor() {
+    let f = fixture("shutdown");
+    let (mut s, a) = open(&f, 1, true);
+    assert!(matches!(a, Some(Message::OpenOk { .. })), "{a:?}");
+    send(&mut s, &env(f.id, 1, 1), &Message::Flush);
+    assert_eq!(answer(&mut s), Some(Message::Ok));
+    std::thread::sleep(SETTLE);
+    let Fixture { server, .. } = f;
+    server.shutdown();
+    s.set_read_timeout(Some(SHUTDOWN_CLOSE_MAX)).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "an idle connection was still open {SHUTDOWN_CLOSE_MAX:?} after the server's shutdown: {other:?}"
+        ),
+    }
 }

@@ -64,7 +64,7 @@ impl UringBdev {
             .open(path)
             .map_err(open_err)?;
         if options.exclusive {
-            crate::sys::lock_exclusive(file.as_raw_fd()).map_err(|source| BdevError::Locked {
+            lock_exclusive(&file).map_err(|source| BdevError::Locked {
                 path: path.display().to_string(),
                 source,
             })?;
@@ -92,6 +92,28 @@ impl UringBdev {
             file,
             options,
         })
+    }
+}
+
+/// How long opening with `exclusive` waits for a lock another process holds before it
+/// reports the file in use. A process killed a moment ago still holds its lock until the
+/// kernel has torn down its io_uring (which keeps the registered file open), and that teardown
+/// runs after the process is reaped; a restart right after a crash must not fail for it.
+const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the wait above tries the lock again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Takes the exclusive lock, waiting up to `LOCK_WAIT_MAX` while another holder has it.
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    let deadline = Instant::now() + LOCK_WAIT_MAX;
+    loop {
+        let Err(e) = crate::sys::lock_exclusive(file.as_raw_fd()) else {
+            return Ok(());
+        };
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(LOCK_RETRY);
     }
 }
 

@@ -437,6 +437,13 @@ impl BdevChannel for VolumeChannel {
         self.parents.len() - self.free.len() + self.base.in_flight()
     }
 
+    /// The base channel lives inside this one, not in the core's table, so its deadline (a
+    /// fault bdev's delayed request, a private ring with I/O in flight) reaches the reactor's
+    /// sleep only through here; without it a sleeping reactor never wakes to poll the base.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.base.next_deadline()
+    }
+
     fn close(&mut self, io: &mut IoCtx) {
         self.base.close(io);
         io.release_owner(self.owner);

@@ -527,6 +527,15 @@ impl crate::reactor::Poller for HomePoller {
         }
         state
     }
+
+    fn needs_poll(&self) -> bool {
+        // Idle, the home core sleeps. Its work arrives as a completion of home I/O (a ring
+        // completion, or a RAM bdev's post to the owner that the reactor counts as pending),
+        // or as a message from a channel or the control path (a doorbell); either wakes the
+        // reactor, which runs every poller on the next loop. Closing and stopping also come
+        // by message.
+        false
+    }
 }
 
 fn owner(h: &mut Home, core: &mut Core) -> OwnerId {

@@ -227,6 +227,11 @@ impl Daemon {
         Admin::connect(&self.name, self.ready.admin)
     }
 
+    /// The daemon's process id (for reading its `/proc/PID/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// An NBD connection to the nexus export [`VOLUME`] (from this process's namespace).
     pub fn nbd(&self) -> Client {
         nbd_connect(Stream::connect(&Endpoint::Tcp(self.ready.nbd)).expect("NBD connects"))
@@ -385,6 +390,32 @@ impl Admin {
             .unwrap_or_else(|s| panic!("node {node}: export nexus: {s}"))
             .into_inner();
         assert_eq!(e.kind, "nexus", "{e:?}");
+    }
+
+    /// CreateVolume `name` in the node's first pool.
+    pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> pb::Volume {
+        let req = pb::CreateVolumeRequest {
+            name: name.into(),
+            size_bytes,
+            ..Default::default()
+        };
+        let node = &self.node;
+        self.rt
+            .block_on(self.client.create_volume(req))
+            .unwrap_or_else(|s| panic!("node {node}: CreateVolume {name}: {s}"))
+            .into_inner()
+    }
+
+    /// Exports the plain volume `name` over NBD under its own name.
+    pub fn export_volume(&mut self, name: &str) {
+        let req = pb::ExportRequest {
+            name: name.into(),
+            ..Default::default()
+        };
+        let node = &self.node;
+        self.rt
+            .block_on(self.client.export(req))
+            .unwrap_or_else(|s| panic!("node {node}: export {name}: {s}"));
     }
 
     pub fn show(&mut self) -> pb::Nexus {
