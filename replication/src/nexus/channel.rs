@@ -587,19 +587,26 @@ impl NexusChannel {
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
             (true, _) => 0,
         };
-        if success && op != IoOp::Read && (!self.held.is_empty() || shared.raise_pending()) {
-            // A child that missed this write may hold the same generation as the others
-            // until the raise is durable: acknowledging now could let a new nexus trust it.
-            let need = shared.gen_target.load(Ordering::SeqCst);
-            self.held.push_back((need, slot, res));
-            return;
-        }
-        io.post(p.req.owner, p.req.tag, res);
-        self.release_slot(io, slot);
+        // The write's I/O is over and its dirty marks are made: a quiesce round (the resync's
+        // final freeze, a promote) need not wait for its acknowledgement, which a generation
+        // raise may hold below.
         if counted {
             self.writes_in_flight -= 1;
             self.answer_quiesce();
         }
+        if success && op != IoOp::Read && (!self.held.is_empty() || self.shared.raise_pending()) {
+            // A child that missed this write may hold the same generation as the others
+            // until the raise is durable: acknowledging now could let a new nexus trust it.
+            let need = self.shared.gen_target.load(Ordering::SeqCst);
+            self.held.push_back((need, slot, res));
+            return;
+        }
+        let (owner, tag) = (
+            self.slots[slot as usize].req.owner,
+            self.slots[slot as usize].req.tag,
+        );
+        io.post(owner, tag, res);
+        self.release_slot(io, slot);
     }
 
     /// Answers the pending quiesce round once no write of this core is in flight.
