@@ -158,6 +158,9 @@ readme 'cairn-perf compare --file F --size 4G --rounds 3'
 readme 'cairn-perf idle'
 readme 'cairn-perf idle --cores 2 --seconds 10'
 "${perf[@]}" idle --cores 2 --seconds 1
+readme 'cairn-perf idle --with-pool'
+readme 'cairn-perf idle --cores 2 --seconds 10 --with-pool'
+"${perf[@]}" idle --cores 2 --seconds 1 --with-pool --file "$tmp/idle.img"
 readme 'cairn-perf run --target engine --bdev null --qd 128 --runtime 5'
 "${perf[@]}" run --target engine --bdev null --qd 128 --runtime 1
 "${perf[@]}" run --target volume --fresh --file "$img" --size 64M --rw randwrite --qd 32 --runtime 1
@@ -168,6 +171,7 @@ not_run 'perf/nbd-peers.sh' "minutes: six servers, fio, 4 GiB (ci/test.sh runs t
 not_run 'perf/replication.sh' "minutes: two daemons, fio, interleaved 10 s rounds"
 not_run 'perf/local.sh' "minutes: 4 GiB comparisons; each of its modes ran above, tiny"
 not_run 'PARTS="spin volume" RUNTIME=5 perf/local.sh' "as perf/local.sh"
+not_run 'cargo test --release -p cairn-node --test idle -- --nocapture' "ci/test.sh's cargo test --workspace runs it"
 not_run 'perf/scaling.sh' "a 16-core machine; the null and malloc runs above are its modes"
 
 echo
