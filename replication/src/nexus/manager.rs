@@ -1,6 +1,7 @@
 //! The nexus control plane of one node: creating nexuses, opening their children (the
-//! blocking `Open` handshakes, epochs), the monitor that reconnects faulted children and
-//! starts their resyncs, and add/remove/promote/show/verify. Nothing here is on the I/O
+//! blocking `Open` handshakes, epochs), the monitor that reconnects faulted children (a
+//! back-off from [`RECONNECT_BACKOFF_MIN`] doubling to [`RECONNECT_BACKOFF_MAX`], reset on
+//! success) and starts their resyncs, and add/remove/promote/show/verify. Nothing here is on the I/O
 //! path; every operation is a blocking call for a control thread.
 //!
 //! Epoch choice: a new nexus opens its replicas with the requested epoch (1 by default);
