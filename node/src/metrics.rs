@@ -9,8 +9,9 @@
 //! and `cairn_reactor_idle_seconds_total{core}`; per nexus: `cairn_nexus_epoch{nexus}`,
 //! `cairn_nexus_fenced{nexus}`, `cairn_nexus_replicas{nexus,state}`, and per replica
 //! `cairn_nexus_replica_dirty_bytes{nexus,replica}`,
-//! `cairn_nexus_replica_copied_bytes_total{nexus,replica}`, and while one runs
-//! `cairn_nexus_resync_done_bytes` / `cairn_nexus_resync_total_bytes{nexus,replica}`.
+//! `cairn_nexus_replica_copied_bytes{nexus,replica}` (its running or last job), and while
+//! a resync or rebuild runs, `cairn_nexus_resync_done_bytes`, `_total_bytes`,
+//! `_progress_ratio`, `_bytes_per_second` and `_eta_seconds{nexus,replica}`.
 //!
 //! Scrapes read relaxed counters and the NBD server's export table; they never send a
 //! message to a reactor, so a scrape cannot slow the data path.
@@ -18,7 +19,7 @@
 use crate::node::Node;
 use cairn_engine::frontend::nbd::{ExportStatus, LATENCY_BUCKETS_US};
 use cairn_engine::ReactorTimes;
-use cairn_replication::nexus::manager::NexusView;
+use cairn_replication::nexus::manager::{NexusView, ResyncView};
 use cairn_replication::nexus::ChildState;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -120,29 +121,44 @@ fn render_nexuses(out: &mut String, nexuses: &[NexusView]) {
     );
     per_replica(
         out,
-        "cairn_nexus_replica_copied_bytes_total",
-        "counter",
-        "Bytes copied to a replica by resyncs and rebuilds.",
+        "cairn_nexus_replica_copied_bytes",
+        "gauge",
+        "Bytes copied to a replica by its running or last resync or rebuild (0 when one starts).",
         &|c| c.copied_bytes,
     );
-    for (name, help) in [
+    type Field = fn(&ResyncView) -> f64;
+    let families: [(&str, &str, Field); 5] = [
         (
             "cairn_nexus_resync_done_bytes",
             "Bytes the running resync or rebuild has copied.",
+            |r| r.done_bytes as f64,
         ),
         (
             "cairn_nexus_resync_total_bytes",
-            "Bytes the running resync or rebuild has to copy.",
+            "Bytes the running resync or rebuild has to copy (fixed when a pass starts).",
+            |r| r.total_bytes as f64,
         ),
-    ] {
+        (
+            "cairn_nexus_resync_progress_ratio",
+            "Highest fraction done of the running resync or rebuild; never goes back within it.",
+            |r| r.progress,
+        ),
+        (
+            "cairn_nexus_resync_bytes_per_second",
+            "Average copy rate of the running resync or rebuild.",
+            |r| r.bytes_per_s,
+        ),
+        (
+            "cairn_nexus_resync_eta_seconds",
+            "Seconds the running resync or rebuild needs at its rate (0 until it has copied).",
+            |r| r.eta_s,
+        ),
+    ];
+    for (name, help, field) in families {
         header(out, name, "gauge", help);
         for n in nexuses {
             if let Some(r) = &n.resync {
-                let v = if name.ends_with("done_bytes") {
-                    r.done_bytes
-                } else {
-                    r.total_bytes
-                };
+                let v = field(r);
                 let _ = writeln!(
                     out,
                     "{name}{{nexus=\"{}\",replica=\"{}\"}} {v}",
@@ -473,7 +489,15 @@ mod tests {
                 copied_bytes: 7,
                 generation: 2,
             }],
-            resync: None,
+            resync: Some(ResyncView {
+                child: "10.0.0.6:10820".into(),
+                full: true,
+                done_bytes: 1 << 20,
+                total_bytes: 4 << 20,
+                progress: 0.25,
+                bytes_per_s: 1048576.0,
+                eta_s: 3.0,
+            }),
             generation: 3,
         };
         let text = render(&[e], &[r], &[nexus]);
@@ -508,5 +532,16 @@ mod tests {
         assert!(text.contains(
             "cairn_nexus_replica_dirty_bytes{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 3145728"
         ));
+        for line in [
+            "# TYPE cairn_nexus_replica_copied_bytes gauge",
+            "cairn_nexus_replica_copied_bytes{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 7",
+            "cairn_nexus_resync_done_bytes{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 1048576",
+            "cairn_nexus_resync_total_bytes{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 4194304",
+            "cairn_nexus_resync_progress_ratio{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 0.25",
+            "cairn_nexus_resync_bytes_per_second{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 1048576",
+            "cairn_nexus_resync_eta_seconds{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 3",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 }

@@ -888,17 +888,20 @@ fn nexus_text(n: &pb::Nexus) -> String {
     out
 }
 
-/// "rebuilding 10.0.0.6:10820: 42.0% (4.2G/10G), 100M/s".
+/// "rebuilding 10.0.0.6:10820: 42.0% (4.2G/10G), 100M/s, ETA 58 s". The percentage is the
+/// node's `progress`, which never goes back within a job (the total may grow by a later
+/// pass; the done/total pair is shown as it is).
 fn resync_line(r: &pb::Resync) -> String {
     let verb = if r.full { "rebuilding" } else { "resyncing" };
-    let pct = if r.total_bytes == 0 {
-        0.0
+    let eta = if r.bytes_per_s > 0.0 {
+        format!("{:.0} s", r.eta_s.ceil())
     } else {
-        r.done_bytes as f64 * 100.0 / r.total_bytes as f64
+        "-".to_string()
     };
     format!(
-        "{verb} {}: {pct:.1}% ({}/{}), {}/s\n",
+        "{verb} {}: {:.1}% ({}/{}), {}/s, ETA {eta}\n",
         r.replica,
+        r.progress * 100.0,
         human_size(r.done_bytes),
         human_size(r.total_bytes),
         // A float rate as whole bytes: `as` saturates and maps NaN to 0, fine for display.
@@ -935,4 +938,30 @@ fn verify_text(r: &pb::VerifyNexusResponse) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resync_line_shows_progress_rate_and_eta() {
+        let mut r = pb::Resync {
+            replica: "10.0.0.6:10820".into(),
+            full: true,
+            done_bytes: 1 << 30,
+            total_bytes: 4 << 30,
+            bytes_per_s: f64::from(100u32 << 20),
+            progress: 0.25,
+            eta_s: 30.7,
+        };
+        let line = resync_line(&r);
+        assert!(
+            line.starts_with("rebuilding 10.0.0.6:10820: 25.0% ("),
+            "{line}"
+        );
+        assert!(line.ends_with("/s, ETA 31 s\n"), "{line}");
+        r.bytes_per_s = 0.0;
+        assert!(resync_line(&r).ends_with("ETA -\n"), "{}", resync_line(&r));
+    }
 }

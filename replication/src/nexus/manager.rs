@@ -1,6 +1,7 @@
 //! The nexus control plane of one node: creating nexuses, opening their children (the
-//! blocking `Open` handshakes, epochs), the monitor that reconnects faulted children and
-//! starts their resyncs, and add/remove/promote/show/verify. Nothing here is on the I/O
+//! blocking `Open` handshakes, epochs), the monitor that reconnects faulted children (a
+//! back-off from [`RECONNECT_BACKOFF_MIN`] doubling to [`RECONNECT_BACKOFF_MAX`], reset on
+//! success) and starts their resyncs, and add/remove/promote/show/verify. Nothing here is on the I/O
 //! path; every operation is a blocking call for a control thread.
 //!
 //! Epoch choice: a new nexus opens its replicas with the requested epoch (1 by default);
@@ -20,8 +21,8 @@
 //! full; `verify` names the children that differ from the one it trusts and can repair them.
 
 use super::{
-    ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder, CHILDREN_MAX,
-    REGION_BYTES_MAX, REGION_BYTES_MIN,
+    ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder,
+    ResyncProgress, CHILDREN_MAX, REGION_BYTES_MAX, REGION_BYTES_MIN,
 };
 use crate::generation::GenRecord;
 use crate::proto::{self, Envelope, Epoch, Message, RequestId, VolumeId};
@@ -36,10 +37,13 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How often the monitor looks for faulted children to reconnect.
+/// How often the monitor looks for work when no reconnect attempt is due sooner.
 pub const MONITOR_PERIOD: Duration = Duration::from_millis(250);
-/// Longest wait between reconnect attempts to one child (the back-off doubles up to it).
-pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// First wait between reconnect attempts to one child, and the wait again after a success.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between reconnect attempts to one child (the back-off doubles up to it). A
+/// replica that comes back is reconnected within this plus one connect: below 1 s.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How long promote waits for in-flight writes to drain.
 pub const PROMOTE_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// Times `create` and `promote` raise their epoch past fences before giving up.
@@ -83,22 +87,33 @@ pub enum NexusError {
 pub struct ChildView {
     pub spec: String,
     pub state: ChildState,
-    /// Why it last left the in-sync set.
+    /// Why it is out of the in-sync set (or was, until its resync ended); cleared once it is
+    /// back in sync.
     pub reason: String,
     pub dirty_bytes: u64,
+    /// Bytes copied to it by its running (or last) resync or rebuild.
     pub copied_bytes: u64,
     /// The data generation its replica holds durably, as far as the nexus knows.
     pub generation: u64,
 }
 
-/// A running resync or rebuild.
+/// A running resync or rebuild. Within one job no figure but the ETA ever goes back; a new
+/// job starts from zero (docs/replication.md, "Progress").
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResyncView {
     pub child: String,
     pub full: bool,
+    /// Bytes this job has copied.
     pub done_bytes: u64,
+    /// Bytes it has to copy: fixed when a pass starts, raised only by a later pass.
     pub total_bytes: u64,
+    /// The highest fraction `done_bytes / total_bytes` reached, 0 to 1.
+    pub progress: f64,
+    /// The job's average copy rate.
     pub bytes_per_s: f64,
+    /// Seconds left at that rate for what the total still holds; 0 while nothing has been
+    /// copied (the rate is then 0 too).
+    pub eta_s: f64,
 }
 
 /// What `show` reports.
@@ -230,11 +245,16 @@ impl NexusManager {
         let thread = std::thread::Builder::new()
             .name("cairn-nexus-monitor".into())
             .spawn(move || {
+                let mut wait = MONITOR_PERIOD;
                 while !stop.load(Ordering::Acquire) {
                     // Woken early by a fault that needs a generation raise.
-                    std::thread::park_timeout(MONITOR_PERIOD);
+                    std::thread::park_timeout(wait);
                     let Some(m) = weak.upgrade() else { break };
-                    m.tick();
+                    let next = m.tick();
+                    wait = next.map_or(MONITOR_PERIOD, |at| {
+                        at.saturating_duration_since(Instant::now())
+                            .min(MONITOR_PERIOD)
+                    });
                 }
             })
             .expect("spawning the nexus monitor");
@@ -397,7 +417,7 @@ impl NexusManager {
             Entry {
                 shared: shared.clone(),
                 handle,
-                retry: [(now, MONITOR_PERIOD); CHILDREN_MAX],
+                retry: [(now, RECONNECT_BACKOFF_MIN); CHILDREN_MAX],
             },
         );
         self.kick_resync(&shared);
@@ -830,6 +850,9 @@ impl NexusManager {
         }
         let child = shared.child(c);
         child.gen_stored.store(record.generation, Ordering::SeqCst);
+        // A slot keeps nothing of a replica removed from it: no count, no reason.
+        child.copied_bytes.store(0, Ordering::Release);
+        child.reason.lock().clear();
         child.dirty.set_all();
         child.unflushed[0].clear_all();
         child.unflushed[1].clear_all();
@@ -1151,8 +1174,10 @@ impl NexusManager {
         Ok(sums)
     }
 
-    /// One monitor pass: reconnect faulted children, start pending resyncs.
-    fn tick(&self) {
+    /// One monitor pass: reconnect faulted children, start pending resyncs. Returns when the
+    /// next reconnect attempt is due, if a child is still faulted.
+    fn tick(&self) -> Option<Instant> {
+        let mut due: Option<Instant> = None;
         let entries: Vec<(Arc<NexusShared>, Retry)> = self
             .nexuses
             .lock()
@@ -1168,13 +1193,18 @@ impl NexusManager {
             }
             for (c, (retry_at, backoff)) in retry.into_iter().enumerate() {
                 let child = shared.child(c);
-                if child.state() != ChildState::Faulted || Instant::now() < retry_at {
+                if child.state() != ChildState::Faulted {
+                    continue;
+                }
+                if Instant::now() < retry_at {
+                    due = Some(due.map_or(retry_at, |d| d.min(retry_at)));
                     continue;
                 }
                 let Some(spec) = child.spec.lock().clone() else {
                     continue;
                 };
-                let next = match self.open_at_current(&shared, &spec) {
+                // (wait before the next attempt, the back-off after that one)
+                let (wait, after) = match self.open_at_current(&shared, &spec) {
                     Ok((paths, record)) => {
                         if child.state() == ChildState::Faulted {
                             child.gen_stored.store(record.generation, Ordering::SeqCst);
@@ -1182,17 +1212,23 @@ impl NexusManager {
                             shared.publish(c, paths);
                             tracing::info!(nexus = %shared.name, child = %spec, dirty_regions = child.dirty.count(), "faulted replica is back; resync queued");
                         }
-                        MONITOR_PERIOD
+                        // Reset: the next outage is retried quickly again.
+                        (RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MIN)
                     }
                     Err(why) => {
                         tracing::debug!(nexus = %shared.name, child = %spec, why = %why, "replica still unreachable");
-                        (backoff * 2).min(RECONNECT_BACKOFF_MAX)
+                        (backoff, (backoff * 2).min(RECONNECT_BACKOFF_MAX))
                     }
                 };
-                let _ = self.entry(&shared.name, |e| e.retry[c] = (Instant::now() + next, next));
+                let retry_at = Instant::now() + wait;
+                if child.state() == ChildState::Faulted {
+                    due = Some(due.map_or(retry_at, |d| d.min(retry_at)));
+                }
+                let _ = self.entry(&shared.name, |e| e.retry[c] = (retry_at, after));
             }
             self.kick_resync(&shared);
         }
+        due
     }
 
     /// Orders the next resync, if one is due, and wakes the nexus's home core: its reactor
@@ -1272,7 +1308,9 @@ fn view(shared: &NexusShared) -> NexusView {
         0 => None,
         c => {
             let done = p.done_bytes.load(Ordering::Acquire);
+            let total = p.total_bytes.load(Ordering::Acquire).max(done);
             let secs = p.elapsed_ms.load(Ordering::Acquire) as f64 / 1000.0;
+            let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
             Some(ResyncView {
                 child: shared
                     .child(c as usize - 1)
@@ -1283,8 +1321,15 @@ fn view(shared: &NexusShared) -> NexusView {
                     .unwrap_or_default(),
                 full: p.full.load(Ordering::Acquire),
                 done_bytes: done,
-                total_bytes: p.total_bytes.load(Ordering::Acquire).max(done),
-                bytes_per_s: if secs > 0.0 { done as f64 / secs } else { 0.0 },
+                total_bytes: total,
+                progress: p.progress_ppm.load(Ordering::Acquire) as f64
+                    / ResyncProgress::PPM as f64,
+                bytes_per_s: rate,
+                eta_s: if rate > 0.0 {
+                    (total - done) as f64 / rate
+                } else {
+                    0.0
+                },
             })
         }
     };

@@ -149,7 +149,8 @@ pub(crate) struct ChildShared {
     reason: Mutex<String>,
     /// Set by `add`: the next resync of this child is a full rebuild.
     pub(crate) needs_rebuild: AtomicBool,
-    /// Bytes copied to this child by resyncs and rebuilds, ever.
+    /// Bytes copied to this child by its running (or last) resync or rebuild: reset when a
+    /// job starts and when the child is added, so it never carries an earlier job's count.
     pub(crate) copied_bytes: AtomicU64,
     /// The data generation this child's replica holds durably, as far as the nexus knows
     /// (from its `OpenOk`, then from each generation the manager stored on it).
@@ -201,15 +202,41 @@ pub(crate) struct ResyncOrder {
     pub(crate) full: bool,
 }
 
-/// Progress of the running resync, for show.
+/// Progress of the running resync, for show. Every field is reset when a job starts and
+/// only goes forward within it (the rule is in docs/replication.md, "Progress").
 #[derive(Debug, Default)]
 pub(crate) struct ResyncProgress {
     /// Child index + 1, or 0 when none runs.
     pub(crate) child: AtomicU8,
     pub(crate) full: AtomicBool,
+    /// Bytes this job has copied to the target.
     pub(crate) done_bytes: AtomicU64,
+    /// Bytes dirty when the job started; at each later pass's start, raised (never lowered)
+    /// to the bytes copied so far plus the regions that pass will copy.
     pub(crate) total_bytes: AtomicU64,
+    /// The highest `done_bytes / total_bytes` this job has reached, in parts per million:
+    /// a later pass that adds to the total holds it still rather than move it back.
+    pub(crate) progress_ppm: AtomicU64,
     pub(crate) elapsed_ms: AtomicU64,
+}
+
+impl ResyncProgress {
+    /// Parts per million of a whole.
+    pub(crate) const PPM: u64 = 1_000_000;
+
+    /// Publishes the job's counters; the total and the fraction only ever rise.
+    pub(crate) fn publish(&self, done_bytes: u64, total_bytes: u64) {
+        self.done_bytes.store(done_bytes, Ordering::Release);
+        let total = self
+            .total_bytes
+            .fetch_max(total_bytes.max(done_bytes), Ordering::AcqRel)
+            .max(total_bytes)
+            .max(done_bytes);
+        if total > 0 {
+            let ppm = (u128::from(done_bytes) * u128::from(Self::PPM) / u128::from(total)) as u64;
+            self.progress_ppm.fetch_max(ppm, Ordering::AcqRel);
+        }
+    }
 }
 
 /// How a nexus behaves; fixed at creation.

@@ -8,6 +8,9 @@
 //! thaws. A rebuild is the same job with every region set. Ordering argument:
 //! `docs/replication.md`.
 //!
+//! Progress (bytes done of the total, and the fraction shown) only goes forward within a job
+//! and starts from zero for each one: `ResyncProgress::publish`.
+//!
 //! Limits: [`RESYNC_CHUNKS_MAX`] chunk copies in flight; the rate limit in
 //! `NexusOptions::rebuild_bytes_per_s`; at most [`FINAL_REGIONS_MAX`] regions (or whatever
 //! is left after [`PASSES_MAX`] passes) are copied with writes frozen.
@@ -106,15 +109,18 @@ impl NexusChannel {
             target.dirty.set_all();
         }
         let region_bytes = target.dirty.region_bytes();
+        // Every counter starts from zero for this job, before `child` makes it visible.
+        target.copied_bytes.store(0, Ordering::Release);
         let p = &self.shared.resync;
-        p.child.store(order.child as u8 + 1, Ordering::Release);
         p.full.store(order.full, Ordering::Release);
         p.done_bytes.store(0, Ordering::Release);
         p.total_bytes.store(
             (target.dirty.count() * region_bytes).min(self.shared.info.size_bytes),
             Ordering::Release,
         );
+        p.progress_ppm.store(0, Ordering::Release);
         p.elapsed_ms.store(0, Ordering::Release);
+        p.child.store(order.child as u8 + 1, Ordering::Release);
         tracing::info!(
             nexus = %self.shared.name,
             child = order.child,
@@ -144,14 +150,13 @@ impl NexusChannel {
         let target = shared.child(job.target);
         if success {
             target.set_state(ChildState::InSync);
+            // Back in sync: why it once left no longer describes it.
+            target.reason.lock().clear();
         } else if let Some((r, _)) = job.region {
             target.dirty.set(r);
         }
         shared.frozen.store(false, Ordering::SeqCst);
-        shared
-            .resync
-            .done_bytes
-            .store(job.done_bytes, Ordering::Release);
+        shared.resync.publish(job.done_bytes, 0);
         shared.resync.child.store(0, Ordering::Release);
         let secs = job.started.elapsed().as_secs_f64();
         if success {
@@ -176,7 +181,7 @@ impl NexusChannel {
         let p = &shared.resync;
         p.elapsed_ms
             .store(job.started.elapsed().as_millis() as u64, Ordering::Release);
-        p.done_bytes.store(job.done_bytes, Ordering::Release);
+        p.publish(job.done_bytes, 0);
         if job.failed.is_some() {
             return 0;
         }
@@ -298,10 +303,10 @@ impl NexusChannel {
         let job = self.job();
         let dirty = &shared.child(job.target).dirty;
         let left = dirty.count();
-        shared.resync.total_bytes.store(
-            job.done_bytes + left * dirty.region_bytes(),
-            Ordering::Release,
-        );
+        // The next pass's regions join the total now, once (see `ResyncProgress`).
+        shared
+            .resync
+            .publish(job.done_bytes, job.done_bytes + left * dirty.region_bytes());
         match job.phase {
             Phase::Copy if left <= FINAL_REGIONS_MAX || job.pass + 1 >= PASSES_MAX => {
                 job.quiesce_round = shared.quiesce(|core, f| io.send(core, f));
