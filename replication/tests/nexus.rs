@@ -391,7 +391,10 @@ fn promote_under_writes_waits_for_them_and_loses_none() {
     }
     let v = m.show("vol").unwrap();
     assert!(all_in_sync(&v), "{v:#?}");
-    assert_eq!(m.verify("vol", false).unwrap().mismatched, Vec::<u64>::new());
+    assert_eq!(
+        m.verify("vol", false).unwrap().mismatched,
+        Vec::<u64>::new()
+    );
     assert_eq!(a.contents(&engine), b.contents(&engine));
     m.shutdown();
 }
