@@ -145,7 +145,9 @@ fn allocation_of(
     }
 }
 
-struct Parent {
+/// A volume request in flight, split into pieces on the base bdev; it completes when the
+/// last piece does.
+struct SplitRequest {
     req: IoRequest,
     /// Pieces not yet finished.
     left: u8,
@@ -159,7 +161,7 @@ pub(crate) struct VolumeChannel {
     cluster_bytes: u64,
     base: Box<dyn BdevChannel>,
     owner: OwnerId,
-    parents: Vec<Option<Parent>>,
+    parents: Vec<Option<SplitRequest>>,
     free: Vec<u32>,
     /// Current barrier generation, and base I/Os in flight per generation.
     gen: usize,
@@ -169,7 +171,7 @@ pub(crate) struct VolumeChannel {
     barriers: Vec<(usize, CoreId, LocalSlot)>,
 }
 
-/// A piece of a parent: byte range in the volume and where its data sits in the buffer.
+/// A piece of a [`SplitRequest`]: byte range in the volume and where its data sits in the buffer.
 #[derive(Clone, Copy)]
 struct Piece {
     offset: u64,
@@ -187,7 +189,7 @@ impl VolumeChannel {
     }
 
     fn new_parent(&mut self, req: IoRequest) -> u32 {
-        let p = Parent {
+        let p = SplitRequest {
             req,
             left: 0,
             errno: 0,
@@ -205,7 +207,7 @@ impl VolumeChannel {
         }
     }
 
-    fn parent(&mut self, p: u32) -> &mut Parent {
+    fn parent(&mut self, p: u32) -> &mut SplitRequest {
         self.parents[p as usize].as_mut().expect("live parent")
     }
 
