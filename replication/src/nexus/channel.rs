@@ -218,20 +218,17 @@ impl NexusChannel {
             self.drop_path(io, c);
             self.paths[c] = match setup {
                 None => Path::None,
-                Some(PathSetup::Local(replica, epoch)) => {
-                    let epoch = Epoch::new(epoch).expect("opened under a real epoch");
-                    Path::Local {
-                        bdev: replica.bdev(),
-                        gauge: replica.register_path(epoch),
-                        replica,
-                        epoch,
-                    }
-                }
+                Some(PathSetup::Local(replica, epoch)) => Path::Local {
+                    bdev: replica.bdev(),
+                    gauge: replica.register_path(epoch),
+                    replica,
+                    epoch,
+                },
                 Some(PathSetup::Remote(link, epoch)) => match link.attach(io) {
                     Ok(conn) => Path::Remote {
                         conn,
                         in_flight_bytes: 0,
-                        epoch: Epoch::new(epoch).expect("opened under a real epoch"),
+                        epoch,
                     },
                     Err(e) => {
                         self.shared
