@@ -4,9 +4,9 @@
 //! engine round trips, and maps [`NodeError`] to a status code in one place
 //! ([`status_of`]): the message is the error's own, which names the object.
 
-use crate::node::{Node, NodeError};
 use crate::proto as pb;
 use crate::proto::node_admin_server::NodeAdmin;
+use crate::state::{Node, NodeError};
 use cairn_engine::frontend::nbd::NbdError;
 use cairn_engine::volume::PoolError;
 use cairn_replication::nexus::manager::NexusError;

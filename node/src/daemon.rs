@@ -16,8 +16,8 @@ use crate::admin::AdminService;
 use crate::config::{
     pool_name, ConfigError, NodeConfig, POOL0_FREE_MARGIN_BYTES, POOL0_SIZE_MIN_BYTES,
 };
-use crate::node::{Node, NodeError};
 use crate::proto as pb;
+use crate::state::{Node, NodeError};
 use cairn_engine::bdev::fault::FaultControl;
 use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::bdev::BdevError;

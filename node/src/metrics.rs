@@ -16,7 +16,7 @@
 //! Scrapes read relaxed counters and the NBD server's export table; they never send a
 //! message to a reactor, so a scrape cannot slow the data path.
 
-use crate::node::Node;
+use crate::state::Node;
 use cairn_engine::frontend::nbd::{ExportStatus, LATENCY_BUCKETS_US};
 use cairn_engine::ReactorTimes;
 use cairn_replication::nexus::manager::{NexusView, ResyncView};

@@ -51,7 +51,9 @@ struct Job {
     done: Arc<ArrayQueue<(OwnerId, u32, i32)>>,
 }
 
-struct Conn {
+/// The bdev's side of its connection to the remote export: the jobs queued for the I/O thread
+/// that owns the socket, and the flag that stops that thread.
+struct RemoteConn {
     sq: ArrayQueue<Job>,
     stop: AtomicBool,
 }
@@ -59,7 +61,7 @@ struct Conn {
 /// A remote NBD export.
 pub struct NbdBdev {
     info: BdevInfo,
-    conn: Arc<Conn>,
+    conn: Arc<RemoteConn>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -170,7 +172,7 @@ impl NbdBdev {
         let (size_bytes, tflags) = handshake(&mut s, name, export)?;
         let size_bytes = size_bytes - size_bytes % u64::from(NBD_BLOCK_BYTES);
         super::check_geometry(name, size_bytes, NBD_BLOCK_BYTES)?;
-        let conn = Arc::new(Conn {
+        let conn = Arc::new(RemoteConn {
             sq: ArrayQueue::new(NBD_SUBMIT_QUEUE_MAX),
             stop: AtomicBool::new(false),
         });
@@ -212,7 +214,7 @@ impl Drop for NbdBdev {
 
 /// The I/O thread: one request on the wire at a time until stopped; after a socket error
 /// every request fails with EIO.
-fn serve(mut s: TcpStream, conn: &Conn) {
+fn serve(mut s: TcpStream, conn: &RemoteConn) {
     let mut broken = false;
     let mut cookie = 0u64;
     loop {
@@ -333,7 +335,7 @@ impl Bdev for NbdBdev {
 }
 
 struct NbdChannel {
-    conn: Arc<Conn>,
+    conn: Arc<RemoteConn>,
     thread: Option<std::thread::Thread>,
     done: Arc<ArrayQueue<(OwnerId, u32, i32)>>,
     in_flight: usize,

@@ -14,8 +14,8 @@
 //! `io_uring_enter` until a completion, a doorbell or its next timer. In `Poll` mode it never
 //! sleeps.
 //!
-//! Layout: [`owners`] routes completions, [`core_ctx`] holds the core's state and I/O context
-//! (devices, messages, local slots), [`timers`] the delayed closures, and [`event_loop`] the
+//! Layout: `owners` routes completions, `core_ctx` holds the core's state and I/O context
+//! (devices, messages, local slots), `timers` the delayed closures, and `event_loop` the
 //! loop itself with its pollers and client-queue bridges.
 
 pub mod ring;

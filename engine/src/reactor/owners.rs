@@ -22,7 +22,7 @@ impl OwnerId {
 }
 
 /// One finished request: the submitter's tag and the io_uring-style result (bytes moved, or a
-/// negative errno). [`IoError::check`] interprets it.
+/// negative errno). [`IoError::check`](crate::bdev::IoError::check) interprets it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
     pub tag: u32,

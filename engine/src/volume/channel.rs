@@ -11,6 +11,7 @@
 //! two clusters; trim and write-zeroes are split into a whole-cluster middle (unmapped at home)
 //! and up to two partial ends (ignored for trim, written with zeros for write-zeroes).
 
+use super::cluster::VirtCluster;
 use super::map::{ClusterMap, Entry};
 use super::pool::{Ask, PoolMsg, PoolShared};
 use crate::bdev::{Bdev, BdevChannel, BdevError, BdevInfo, Extent, IoOp, IoRequest};
@@ -120,8 +121,9 @@ fn allocation_of(
     // The extent being built, not yet pushed.
     let mut run: Option<Extent> = None;
     while at < end {
-        let vcluster = at / cluster_bytes;
-        let piece_end = ((vcluster + 1) * cluster_bytes).min(end);
+        let index = at / cluster_bytes;
+        let piece_end = ((index + 1) * cluster_bytes).min(end);
+        let vcluster = VirtCluster::new(index).expect("the range is clipped to the map");
         let zero = map.get(vcluster) == Entry::Unallocated;
         match &mut run {
             Some(r) if r.zero == zero => r.len_bytes += piece_end - at,
@@ -145,7 +147,9 @@ fn allocation_of(
     }
 }
 
-struct Parent {
+/// A volume request in flight, split into pieces on the base bdev; it completes when the
+/// last piece does.
+struct SplitRequest {
     req: IoRequest,
     /// Pieces not yet finished.
     left: u8,
@@ -159,7 +163,7 @@ pub(crate) struct VolumeChannel {
     cluster_bytes: u64,
     base: Box<dyn BdevChannel>,
     owner: OwnerId,
-    parents: Vec<Option<Parent>>,
+    parents: Vec<Option<SplitRequest>>,
     free: Vec<u32>,
     /// Current barrier generation, and base I/Os in flight per generation.
     gen: usize,
@@ -169,7 +173,7 @@ pub(crate) struct VolumeChannel {
     barriers: Vec<(usize, CoreId, LocalSlot)>,
 }
 
-/// A piece of a parent: byte range in the volume and where its data sits in the buffer.
+/// A piece of a [`SplitRequest`]: byte range in the volume and where its data sits in the buffer.
 #[derive(Clone, Copy)]
 struct Piece {
     offset: u64,
@@ -187,7 +191,7 @@ impl VolumeChannel {
     }
 
     fn new_parent(&mut self, req: IoRequest) -> u32 {
-        let p = Parent {
+        let p = SplitRequest {
             req,
             left: 0,
             errno: 0,
@@ -205,7 +209,7 @@ impl VolumeChannel {
         }
     }
 
-    fn parent(&mut self, p: u32) -> &mut Parent {
+    fn parent(&mut self, p: u32) -> &mut SplitRequest {
         self.parents[p as usize].as_mut().expect("live parent")
     }
 
@@ -266,7 +270,8 @@ impl VolumeChannel {
     fn drive(&mut self, io: &mut IoCtx, p: u32, piece: u8) {
         let req = self.parents[p as usize].as_ref().expect("live parent").req;
         let part = self.piece_of(p, piece);
-        let vcluster = part.offset / self.cluster_bytes;
+        let vcluster = VirtCluster::new(part.offset / self.cluster_bytes)
+            .expect("a validated request lies inside its volume");
         let entry = self.vol.map.get(vcluster);
         let writing = req.op != IoOp::Read;
         match (req.op, entry) {
@@ -401,6 +406,8 @@ impl BdevChannel for VolumeChannel {
                 }
                 self.parent(p).left = left;
                 if let Some((first, count)) = middle {
+                    let first = VirtCluster::new(first)
+                        .expect("a validated request lies inside its volume");
                     self.ask_home(io, p, PIECE_UNMAP, Ask::Unmap(first, count));
                 }
                 for (i, _) in ends.iter().enumerate().filter(|(_, e)| e.is_some()) {
@@ -507,6 +514,7 @@ mod tests {
 
     use super::*;
     use crate::bdev::malloc::MallocBdev;
+    use crate::volume::cluster::PhysCluster;
     use crate::volume::Pool;
     use crate::{CoreList, Engine, EngineConfig};
 
@@ -523,7 +531,14 @@ mod tests {
     }
 
     fn mapped(cluster: u64, shared: bool) -> Entry {
-        Entry::Mapped { cluster, shared }
+        Entry::Mapped {
+            cluster: PhysCluster::new(cluster).unwrap(),
+            shared,
+        }
+    }
+
+    fn v(index: u64) -> VirtCluster {
+        VirtCluster::new(index).unwrap()
     }
 
     #[test]
@@ -531,9 +546,9 @@ mod tests {
         let map = ClusterMap::new(8);
         let size = 8 * MIB;
         assert_eq!(of(&map, size, 0..size, 16), vec![ext(size, true)]);
-        map.set(0, mapped(5, false));
-        map.set(3, mapped(9, true));
-        map.set(4, mapped(2, false));
+        map.set(v(0), mapped(5, false));
+        map.set(v(3), mapped(9, true));
+        map.set(v(4), mapped(2, false));
         let all = of(&map, size, 0..size, 16);
         assert_eq!(
             all,

@@ -7,6 +7,7 @@
 //! layout constants, the superblock and checkpoint encodings, and the version are updated
 //! together.
 
+use super::cluster::PhysCluster;
 use std::fmt;
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"CAIRNPL\0";
@@ -184,9 +185,10 @@ impl Superblock {
         Ok(sb)
     }
 
-    pub fn cluster_offset(&self, cluster: u64) -> u64 {
-        debug_assert!(cluster < self.cluster_count);
-        self.data_offset_bytes + cluster * u64::from(self.cluster_size_bytes)
+    /// Byte offset on the base device of physical cluster `cluster`.
+    pub fn cluster_offset(&self, cluster: PhysCluster) -> u64 {
+        debug_assert!(cluster.get() < self.cluster_count);
+        self.data_offset_bytes + cluster.get() * u64::from(self.cluster_size_bytes)
     }
 }
 

@@ -6,6 +6,7 @@
 //! lives. A reader does two acquire loads; a writer stores with release after the cluster's
 //! contents are ready, so a core that sees an entry also sees the data behind it.
 
+use super::cluster::{PhysCluster, VirtCluster, PHYS_CLUSTERS_MAX, VIRT_CLUSTERS_MAX};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -16,13 +17,15 @@ pub const MAP_LEAVES_MAX: u64 = 4096;
 /// Entry bit meaning "another object also maps this cluster: copy before writing".
 const SHARED: u64 = 1 << 63;
 
+const _: () = assert!(PHYS_CLUSTERS_MAX < SHARED - 1);
+
 /// What one virtual cluster maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
     Unallocated,
     /// Mapped to this physical cluster; `shared` means writes must copy it first.
     Mapped {
-        cluster: u64,
+        cluster: PhysCluster,
         shared: bool,
     },
 }
@@ -32,8 +35,7 @@ impl Entry {
         match self {
             Entry::Unallocated => 0,
             Entry::Mapped { cluster, shared } => {
-                debug_assert!(cluster < SHARED - 1);
-                (cluster + 1) | if shared { SHARED } else { 0 }
+                (cluster.get() + 1) | if shared { SHARED } else { 0 }
             }
         }
     }
@@ -42,7 +44,8 @@ impl Entry {
         match raw {
             0 => Entry::Unallocated,
             raw => Entry::Mapped {
-                cluster: (raw & !SHARED) - 1,
+                cluster: PhysCluster::new((raw & !SHARED) - 1)
+                    .expect("map entries hold only encoded physical clusters"),
                 shared: raw & SHARED != 0,
             },
         }
@@ -68,7 +71,7 @@ impl ClusterMap {
 
     /// Most clusters any map can cover.
     pub const fn clusters_max() -> u64 {
-        LEAF_ENTRIES * MAP_LEAVES_MAX
+        VIRT_CLUSTERS_MAX
     }
 
     pub fn clusters(&self) -> u64 {
@@ -89,28 +92,32 @@ impl ClusterMap {
     }
 
     #[inline]
-    fn slot(&self, vcluster: u64) -> &AtomicU64 {
-        let leaf = self.dir[(vcluster / LEAF_ENTRIES) as usize]
+    fn slot(&self, vcluster: VirtCluster) -> &AtomicU64 {
+        let v = vcluster.get();
+        let leaf = self.dir[(v / LEAF_ENTRIES) as usize]
             .get()
             .expect("entry inside the map's size");
-        &leaf[(vcluster % LEAF_ENTRIES) as usize]
+        &leaf[(v % LEAF_ENTRIES) as usize]
     }
 
     #[inline]
-    pub fn get(&self, vcluster: u64) -> Entry {
+    pub fn get(&self, vcluster: VirtCluster) -> Entry {
         Entry::decode(self.slot(vcluster).load(Ordering::Acquire))
     }
 
     /// Publishes an entry (home core only).
-    pub fn set(&self, vcluster: u64, entry: Entry) {
+    pub fn set(&self, vcluster: VirtCluster, entry: Entry) {
         self.slot(vcluster).store(entry.encode(), Ordering::Release);
     }
 
     /// Every mapped entry, ascending.
-    pub fn mapped(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
-        (0..self.clusters()).filter_map(|v| match self.get(v) {
-            Entry::Mapped { cluster, shared } => Some((v, cluster, shared)),
-            Entry::Unallocated => None,
+    pub fn mapped(&self) -> impl Iterator<Item = (VirtCluster, PhysCluster, bool)> + '_ {
+        (0..self.clusters()).filter_map(|v| {
+            let v = VirtCluster::new(v).expect("a map covers at most VIRT_CLUSTERS_MAX clusters");
+            match self.get(v) {
+                Entry::Mapped { cluster, shared } => Some((v, cluster, shared)),
+                Entry::Unallocated => None,
+            }
         })
     }
 }
@@ -119,43 +126,51 @@ impl ClusterMap {
 mod tests {
     use super::*;
 
+    fn v(index: u64) -> VirtCluster {
+        VirtCluster::new(index).unwrap()
+    }
+
+    fn p(index: u64) -> PhysCluster {
+        PhysCluster::new(index).unwrap()
+    }
+
     #[test]
     fn entries_round_trip_and_grow_keeps_them() {
         let m = ClusterMap::new(10);
-        assert_eq!(m.get(9), Entry::Unallocated);
+        assert_eq!(m.get(v(9)), Entry::Unallocated);
         m.set(
-            3,
+            v(3),
             Entry::Mapped {
-                cluster: 0,
+                cluster: p(0),
                 shared: false,
             },
         );
         m.set(
-            9,
+            v(9),
             Entry::Mapped {
-                cluster: 77,
+                cluster: p(77),
                 shared: true,
             },
         );
         m.grow(LEAF_ENTRIES * 2 + 1);
         assert_eq!(
-            m.get(3),
+            m.get(v(3)),
             Entry::Mapped {
-                cluster: 0,
+                cluster: p(0),
                 shared: false
             }
         );
         assert_eq!(
-            m.get(9),
+            m.get(v(9)),
             Entry::Mapped {
-                cluster: 77,
+                cluster: p(77),
                 shared: true
             }
         );
-        assert_eq!(m.get(LEAF_ENTRIES * 2), Entry::Unallocated);
+        assert_eq!(m.get(v(LEAF_ENTRIES * 2)), Entry::Unallocated);
         assert_eq!(
             m.mapped().collect::<Vec<_>>(),
-            vec![(3, 0, false), (9, 77, true)]
+            vec![(v(3), p(0), false), (v(9), p(77), true)]
         );
     }
 }

@@ -10,6 +10,7 @@
 //! and are reused only after the pool has made the free durable and every core has finished the
 //! I/O it had in flight to them (see `pool.rs`).
 
+use super::cluster::{PhysCluster, VirtCluster};
 use super::format::{
     Checkpoint, CheckpointWriter, ObjectKind, ObjectRecord, Superblock, LABELS_MAX, NAME_MAX_BYTES,
     OBJECTS_MAX,
@@ -39,9 +40,10 @@ pub struct Meta {
     pub seq: u64,
     next_id: u64,
     objects: BTreeMap<u64, Object>,
+    /// References per physical cluster, indexed by [`PhysCluster`].
     refcount: Vec<u32>,
     quarantined: Vec<bool>,
-    quarantine: Vec<u64>,
+    quarantine: Vec<PhysCluster>,
     cursor: u64,
     free_count: u64,
     /// Something changed since the last durable checkpoint.
@@ -75,6 +77,8 @@ impl Meta {
         for o in &c.objects {
             let map = ClusterMap::new(o.size_bytes.div_ceil(m.cluster_bytes()));
             for &(v, p) in &o.mappings {
+                let v = VirtCluster::new(v).expect("the fsck checked every virtual cluster");
+                let p = PhysCluster::new(p).expect("the fsck checked every physical cluster");
                 map.set(
                     v,
                     Entry::Mapped {
@@ -100,7 +104,7 @@ impl Meta {
         }
         for o in m.objects.values() {
             for (v, p, _) in o.map.mapped() {
-                if m.refcount[p as usize] > 1 {
+                if m.refcount(p) > 1 {
                     o.map.set(
                         v,
                         Entry::Mapped {
@@ -137,7 +141,7 @@ impl Meta {
                     size_bytes: o.size_bytes,
                     name: o.name.clone(),
                     labels: o.labels.clone(),
-                    mappings: o.map.mapped().map(|(v, p, _)| (v, p)).collect(),
+                    mappings: o.map.mapped().map(|(v, p, _)| (v.get(), p.get())).collect(),
                 })
                 .collect(),
             bitmap,
@@ -162,7 +166,7 @@ impl Meta {
                 o.map.mapped().count() as u64,
             );
             for (v, p, _) in o.map.mapped() {
-                w.mapping(v, p);
+                w.mapping(v.get(), p.get());
             }
         }
         let refcount = &self.refcount;
@@ -175,6 +179,10 @@ impl Meta {
                 .fold(0u8, |byte, (bit, &r)| byte | (u8::from(r > 0) << bit))
         });
         w.finish(seq)
+    }
+
+    fn refcount(&self, cluster: PhysCluster) -> u32 {
+        self.refcount[cluster.get() as usize]
     }
 
     pub fn cluster_bytes(&self) -> u64 {
@@ -405,7 +413,7 @@ impl Meta {
     }
 
     /// Takes a free cluster (not yet referenced by any map), or None when the pool is full.
-    pub fn alloc(&mut self) -> Option<u64> {
+    pub fn alloc(&mut self) -> Option<PhysCluster> {
         let n = self.sb.cluster_count;
         if self.free_count == 0 {
             return None;
@@ -416,20 +424,20 @@ impl Meta {
                 self.cursor = (c + 1) % n;
                 self.refcount[c as usize] = 1;
                 self.free_count -= 1;
-                return Some(c);
+                return Some(PhysCluster::new(c).expect("a pool's clusters are physical clusters"));
             }
         }
         unreachable!("free_count {} but no free cluster", self.free_count)
     }
 
     /// Gives back a cluster taken by `alloc` that never got mapped (its preparation failed).
-    pub fn unalloc(&mut self, cluster: u64) {
+    pub fn unalloc(&mut self, cluster: PhysCluster) {
         self.drop_ref(cluster);
     }
 
     /// Publishes `cluster` (from `alloc`) as `vcluster` of object `id`, replacing whatever was
     /// there: a shared cluster being copied loses this reference.
-    pub fn map(&mut self, id: u64, vcluster: u64, cluster: u64) {
+    pub fn map(&mut self, id: u64, vcluster: VirtCluster, cluster: PhysCluster) {
         let map = self.objects[&id].map.clone();
         if let Entry::Mapped { cluster: old, .. } = map.get(vcluster) {
             self.drop_ref(old);
@@ -445,13 +453,13 @@ impl Meta {
     }
 
     /// Clears a shared flag that no longer holds (the other references went away).
-    pub fn unshare_if_sole(&mut self, id: u64, vcluster: u64) -> bool {
+    pub fn unshare_if_sole(&mut self, id: u64, vcluster: VirtCluster) -> bool {
         let map = &self.objects[&id].map;
         match map.get(vcluster) {
             Entry::Mapped {
                 cluster,
                 shared: true,
-            } if self.refcount[cluster as usize] == 1 => {
+            } if self.refcount(cluster) == 1 => {
                 map.set(
                     vcluster,
                     Entry::Mapped {
@@ -467,7 +475,7 @@ impl Meta {
     }
 
     /// Unmaps `vcluster` of object `id` (trim, whole-cluster write-zeroes).
-    pub fn unmap(&mut self, id: u64, vcluster: u64) {
+    pub fn unmap(&mut self, id: u64, vcluster: VirtCluster) {
         let map = self.objects[&id].map.clone();
         if let Entry::Mapped { cluster, .. } = map.get(vcluster) {
             map.set(vcluster, Entry::Unallocated);
@@ -476,43 +484,44 @@ impl Meta {
         }
     }
 
-    fn take_ref(&mut self, cluster: u64) {
-        let r = &mut self.refcount[cluster as usize];
+    fn take_ref(&mut self, cluster: PhysCluster) {
+        let r = &mut self.refcount[cluster.get() as usize];
         if *r == 0 {
             self.free_count -= 1;
         }
         *r += 1;
     }
 
-    fn drop_ref(&mut self, cluster: u64) {
-        let r = &mut self.refcount[cluster as usize];
+    fn drop_ref(&mut self, cluster: PhysCluster) {
+        let r = &mut self.refcount[cluster.get() as usize];
         assert!(
             *r > 0,
             "cluster {cluster} released more often than referenced"
         );
         *r -= 1;
         if *r == 0 {
-            self.quarantined[cluster as usize] = true;
+            self.quarantined[cluster.get() as usize] = true;
             self.quarantine.push(cluster);
         }
     }
 
     /// Hands over the clusters freed so far; they stay unusable until `release`.
-    pub fn take_quarantine(&mut self) -> Vec<u64> {
+    pub fn take_quarantine(&mut self) -> Vec<PhysCluster> {
         std::mem::take(&mut self.quarantine)
     }
 
     /// Puts clusters back in quarantine after the commit that would have freed them failed.
-    pub fn requarantine(&mut self, clusters: Vec<u64>) {
+    pub fn requarantine(&mut self, clusters: Vec<PhysCluster>) {
         self.quarantine.extend(clusters);
     }
 
     /// Makes quarantined clusters allocatable again.
-    pub fn release(&mut self, clusters: &[u64]) {
+    pub fn release(&mut self, clusters: &[PhysCluster]) {
         for &c in clusters {
-            debug_assert!(self.quarantined[c as usize]);
-            self.quarantined[c as usize] = false;
-            if self.refcount[c as usize] == 0 {
+            let i = c.get() as usize;
+            debug_assert!(self.quarantined[i]);
+            self.quarantined[i] = false;
+            if self.refcount[i] == 0 {
                 self.free_count += 1;
             }
         }
@@ -524,15 +533,15 @@ impl Meta {
         let mut refs = vec![0u32; self.refcount.len()];
         for o in self.objects.values() {
             for (v, p, shared) in o.map.mapped() {
-                if p >= self.sb.cluster_count {
+                if p.get() >= self.sb.cluster_count {
                     problems.push(format!(
                         "{} '{}' cluster {v} maps beyond the pool: {p}",
                         o.kind, o.name
                     ));
                     continue;
                 }
-                refs[p as usize] += 1;
-                if !shared && self.refcount[p as usize] > 1 && o.kind == ObjectKind::Volume {
+                refs[p.get() as usize] += 1;
+                if !shared && self.refcount(p) > 1 && o.kind == ObjectKind::Volume {
                     problems.push(format!(
                         "volume '{}' cluster {v} writes in place to shared cluster {p}",
                         o.name

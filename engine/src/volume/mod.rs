@@ -3,6 +3,8 @@
 //!
 //! * [`format`](mod@format): the on-disk superblock and metadata checkpoints (drawn in docs/formats.md).
 //! * [`meta`]: objects, cluster maps, reference counts, allocator and the fsck.
+//! * [`cluster`]: [`cluster::VirtCluster`] and [`cluster::PhysCluster`], the two cluster number
+//!   spaces as distinct types, so a volume index can never address the device.
 //! * [`map`]: the lock-free cluster map every core reads.
 //! * `pool`: the home core's runtime: allocation, copy-on-write, commits, barriers.
 //! * `channel`: a volume as a bdev, with the per-core I/O path.
@@ -16,6 +18,7 @@
 //! deleting it is refused with the clones' names. Deleting a volume leaves its snapshots.
 
 pub(crate) mod channel;
+pub mod cluster;
 pub mod format;
 pub mod map;
 pub mod meta;

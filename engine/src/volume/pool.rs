@@ -25,6 +25,7 @@
 //!   that another volume now owns; snapshots mark clusters shared and then wait for a barrier, so
 //!   no write in flight can change a snapshot after it is taken.
 
+use super::cluster::{PhysCluster, VirtCluster};
 use super::format::{Checkpoint, Superblock, META_BLOCK_BYTES};
 use super::map::Entry;
 use super::meta::Meta;
@@ -79,9 +80,9 @@ pub(crate) enum PoolMsg {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Ask {
     /// Make this virtual cluster writable in place (allocate or copy it).
-    Writable(u64),
+    Writable(VirtCluster),
     /// Unmap whole clusters `first..first + count`.
-    Unmap(u64, u64),
+    Unmap(VirtCluster, u64),
     /// Commit: make everything written before durable.
     Flush,
 }
@@ -167,15 +168,15 @@ enum Op {
     /// Zeroing a freshly allocated cluster before `obj`'s `vcluster` may map it.
     Zero {
         obj: u64,
-        vcluster: u64,
-        cluster: u64,
+        vcluster: VirtCluster,
+        cluster: PhysCluster,
     },
     /// Copying shared cluster `src` to `dst` for `obj`'s `vcluster`; `chunk` is in progress.
     Copy {
         obj: u64,
-        vcluster: u64,
-        src: u64,
-        dst: u64,
+        vcluster: VirtCluster,
+        src: PhysCluster,
+        dst: PhysCluster,
         chunk: u32,
         reading: bool,
     },
@@ -194,7 +195,7 @@ struct Commit {
         usize, /* slot */
         u64,   /* seq */
     )>,
-    freed: Vec<u64>,
+    freed: Vec<PhysCluster>,
     stage: CommitStage,
     pending: u32,
     errno: i32,
@@ -221,7 +222,7 @@ enum CommitStage {
 
 /// What runs when a barrier completes.
 enum AfterBarrier {
-    Release(Vec<u64>),
+    Release(Vec<PhysCluster>),
     Snapshot {
         volume: u64,
         name: String,
@@ -245,7 +246,7 @@ struct WaitNode {
 /// Waiting replies of every cluster being made writable, in one preallocated slab.
 struct Waiters {
     /// By (object, virtual cluster): the list of replies waiting for it.
-    lists: HashMap<(u64, u64), WaitList>,
+    lists: HashMap<(u64, VirtCluster), WaitList>,
     nodes: Vec<WaitNode>,
     free: Vec<u32>,
 }
@@ -279,19 +280,19 @@ impl Waiters {
         index
     }
 
-    fn contains(&self, key: (u64, u64)) -> bool {
+    fn contains(&self, key: (u64, VirtCluster)) -> bool {
         self.lists.contains_key(&key)
     }
 
     /// Starts the list of `key` (nobody waits for it yet).
-    fn start(&mut self, key: (u64, u64), reply: Reply) {
+    fn start(&mut self, key: (u64, VirtCluster), reply: Reply) {
         let n = self.node(reply);
         let fresh = self.lists.insert(key, WaitList { head: n, tail: n });
         debug_assert!(fresh.is_none(), "cluster {key:?} already has waiters");
     }
 
     /// Adds `reply` to the list of `key`, or gives it back when nothing is in progress there.
-    fn join(&mut self, key: (u64, u64), reply: Reply) -> Result<(), Reply> {
+    fn join(&mut self, key: (u64, VirtCluster), reply: Reply) -> Result<(), Reply> {
         let Some(&list) = self.lists.get(&key) else {
             return Err(reply);
         };
@@ -308,7 +309,7 @@ impl Waiters {
     }
 
     /// Takes the list of `key`; pop its replies with [`Waiters::pop`].
-    fn take(&mut self, key: (u64, u64)) -> Option<u32> {
+    fn take(&mut self, key: (u64, VirtCluster)) -> Option<u32> {
         self.lists.remove(&key).map(|l| l.head)
     }
 
@@ -332,9 +333,9 @@ pub(crate) struct Home {
     free_ops: Vec<u32>,
     waiting: Waiters,
     copy_buf: Option<DmaBuf>,
-    copy_queue: VecDeque<(u64, u64)>,
+    copy_queue: VecDeque<(u64, VirtCluster)>,
     frozen: HashSet<u64>,
-    deferred: Vec<(u64, u64, Reply)>,
+    deferred: Vec<(u64, VirtCluster, Reply)>,
     flush_waiters: Vec<Reply>,
     /// An empty vector with capacity, swapped with `flush_waiters` when a commit starts.
     spare_waiters: Vec<Reply>,
@@ -441,7 +442,7 @@ pub(crate) fn with_home<R>(
 }
 
 impl PoolShared {
-    fn cluster_offset(&self, cluster: u64) -> u64 {
+    fn cluster_offset(&self, cluster: PhysCluster) -> u64 {
         self.sb.cluster_offset(cluster)
     }
 
@@ -549,7 +550,7 @@ pub(crate) fn request_writable(
     core: &mut Core,
     shared: &Arc<PoolShared>,
     obj: u64,
-    vcluster: u64,
+    vcluster: VirtCluster,
     to: Reply,
 ) {
     if h.frozen.contains(&obj) {
@@ -700,7 +701,7 @@ fn finish_waiters(
     h: &mut Home,
     core: &mut Core,
     obj: u64,
-    vcluster: u64,
+    vcluster: VirtCluster,
     result: Result<(), PoolError>,
 ) {
     let mut next = h.waiting.take((obj, vcluster));
@@ -807,7 +808,7 @@ pub(crate) fn request_unmap(
     h: &mut Home,
     core: &mut Core,
     obj: u64,
-    first: u64,
+    first: VirtCluster,
     count: u64,
     to: Reply,
 ) {
@@ -820,7 +821,8 @@ pub(crate) fn request_unmap(
             }),
         );
     }
-    for v in first..first + count {
+    for v in first.get()..first.get() + count {
+        let v = VirtCluster::new(v).expect("an unmapped range lies inside its volume");
         if !h.waiting.contains((obj, v)) {
             h.meta.unmap(obj, v);
         }

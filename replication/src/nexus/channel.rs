@@ -79,7 +79,9 @@ pub(super) enum SubErr {
     Dropped,
 }
 
-pub(super) struct Parent {
+/// One request slot of a nexus channel: a client request fanned out as sub-requests to the
+/// children (or a resync step), and what the children have answered so far.
+pub(super) struct FanOutRequest {
     pub(super) live: bool,
     pub(super) gen: u32,
     pub(super) kind: Kind,
@@ -101,9 +103,9 @@ pub(super) struct Parent {
     pub(super) gauge: Option<Arc<PathGauge>>,
 }
 
-impl Parent {
-    fn empty(owner: OwnerId) -> Parent {
-        Parent {
+impl FanOutRequest {
+    fn empty(owner: OwnerId) -> FanOutRequest {
+        FanOutRequest {
             live: false,
             gen: 0,
             kind: Kind::Client,
@@ -130,7 +132,7 @@ impl Parent {
 }
 
 /// Whether the sub-request of parent `p` (at generation `gen`) on child `c` is unanswered.
-fn sub_pending(p: &Parent, gen: u32, c: u8) -> bool {
+fn sub_pending(p: &FanOutRequest, gen: u32, c: u8) -> bool {
     p.live && p.gen == gen && p.pending & (1 << c) != 0
 }
 
@@ -150,7 +152,7 @@ pub(super) struct NexusChannel {
     path_gen: [u64; CHILDREN_MAX],
     /// Replaced connections still draining their ring operations.
     retired: Vec<Box<dyn Conn>>,
-    pub(super) slots: Vec<Parent>,
+    pub(super) slots: Vec<FanOutRequest>,
     pub(super) free: Vec<u16>,
     /// Client requests not started yet: no free slot, or writes frozen.
     waiting: VecDeque<IoRequest>,
@@ -187,7 +189,9 @@ impl NexusChannel {
             paths: std::array::from_fn(|_| Path::None),
             path_gen: [0; CHILDREN_MAX],
             retired: Vec::new(),
-            slots: (0..PARENTS_MAX).map(|_| Parent::empty(owner)).collect(),
+            slots: (0..PARENTS_MAX)
+                .map(|_| FanOutRequest::empty(owner))
+                .collect(),
             free: (0..PARENTS_MAX as u16).rev().collect(),
             waiting: VecDeque::with_capacity(PARENTS_MAX),
             backlog: std::array::from_fn(|_| VecDeque::with_capacity(PARENTS_MAX)),
@@ -214,20 +218,17 @@ impl NexusChannel {
             self.drop_path(io, c);
             self.paths[c] = match setup {
                 None => Path::None,
-                Some(PathSetup::Local(replica, epoch)) => {
-                    let epoch = Epoch::new(epoch).expect("opened under a real epoch");
-                    Path::Local {
-                        bdev: replica.bdev(),
-                        gauge: replica.register_path(epoch),
-                        replica,
-                        epoch,
-                    }
-                }
+                Some(PathSetup::Local(replica, epoch)) => Path::Local {
+                    bdev: replica.bdev(),
+                    gauge: replica.register_path(epoch),
+                    replica,
+                    epoch,
+                },
                 Some(PathSetup::Remote(link, epoch)) => match link.attach(io) {
                     Ok(conn) => Path::Remote {
                         conn,
                         in_flight_bytes: 0,
-                        epoch: Epoch::new(epoch).expect("opened under a real epoch"),
+                        epoch,
                     },
                     Err(e) => {
                         self.shared
@@ -276,7 +277,7 @@ impl NexusChannel {
         let owner = self.owner;
         let p = &mut self.slots[slot as usize];
         let gen = p.gen.wrapping_add(1);
-        *p = Parent::empty(owner);
+        *p = FanOutRequest::empty(owner);
         p.live = true;
         p.gen = gen;
         p.kind = kind;

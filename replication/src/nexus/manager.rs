@@ -650,7 +650,7 @@ impl NexusManager {
                         block_size_bytes: r.info().block_size_bytes,
                         record: r.record(),
                         paths: (0..cores)
-                            .map(|_| Some(PathSetup::Local(r.clone(), epoch)))
+                            .map(|_| Some(PathSetup::Local(r.clone(), e)))
                             .collect(),
                     })),
                 }
@@ -664,7 +664,7 @@ impl NexusManager {
                         Ok(v) => v,
                         Err(current) => return Ok(Opened::Stale { current }),
                     };
-                    paths.push(Some(PathSetup::Remote(reply.link, epoch)));
+                    paths.push(Some(PathSetup::Remote(reply.link, e)));
                     first.get_or_insert((reply.size_bytes, reply.block_size_bytes, reply.record));
                 }
                 let (size_bytes, block_size_bytes, record) =

@@ -25,7 +25,7 @@ mod channel;
 pub mod manager;
 mod resync;
 
-use crate::proto::VolumeId;
+use crate::proto::{Epoch, VolumeId};
 use crate::replica::HostedReplica;
 use crate::transport::Link;
 use bitmap::RegionMap;
@@ -129,8 +129,8 @@ impl ChildState {
 /// How a channel reaches a child: made on a control thread, picked up by the core.
 /// Each carries the epoch it was opened under, which every request on it uses.
 pub(crate) enum PathSetup {
-    Local(Arc<HostedReplica>, u64),
-    Remote(Box<dyn Link>, u64),
+    Local(Arc<HostedReplica>, Epoch),
+    Remote(Box<dyn Link>, Epoch),
 }
 
 /// One child slot, shared by every core.

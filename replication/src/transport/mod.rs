@@ -24,8 +24,9 @@ use std::time::Duration;
 /// Bytes of frames one connection queues for sending before [`Conn::send`] pushes back.
 /// Two frames of the nexus's largest request always fit.
 pub const TX_QUEUE_BYTES_MAX: usize = 2 << 20;
-/// Receive buffer of one connection: one largest frame plus room to batch small ones.
-pub const RX_BUF_BYTES: usize = HEADER_BYTES + PAYLOAD_MAX_BYTES as usize + (256 << 10);
+/// Frame receive buffer of one replica connection: one largest frame plus room to batch small
+/// ones.
+pub const FRAME_RX_BYTES: usize = HEADER_BYTES + PAYLOAD_MAX_BYTES as usize + (256 << 10);
 /// Longest a blocking handshake step may wait for the peer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -6,7 +6,7 @@
 //! everything queued while a send is in flight leaves in the next single send.
 
 use super::{
-    Acceptor, Backpressure, Conn, Link, RxFrame, Transport, TransportError, RX_BUF_BYTES,
+    Acceptor, Backpressure, Conn, Link, RxFrame, Transport, TransportError, FRAME_RX_BYTES,
     TX_QUEUE_BYTES_MAX,
 };
 use crate::proto::{self, Envelope, Header, Message, HEADER_BYTES};
@@ -154,7 +154,7 @@ impl Link for TcpLink {
             owner: io.register_owner(4),
             stream: self.stream,
             peer: self.peer,
-            rx: vec![0u8; RX_BUF_BYTES],
+            rx: vec![0u8; FRAME_RX_BYTES],
             rx_start: 0,
             rx_end: 0,
             recv_in_flight: false,
@@ -237,12 +237,12 @@ impl TcpConn {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
-        } else if self.rx_start > 0 && RX_BUF_BYTES - self.rx_end < RX_BUF_BYTES / 4 {
+        } else if self.rx_start > 0 && FRAME_RX_BYTES - self.rx_end < FRAME_RX_BYTES / 4 {
             self.rx.copy_within(self.rx_start..self.rx_end, 0);
             self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
-        let room = RX_BUF_BYTES - self.rx_end;
+        let room = FRAME_RX_BYTES - self.rx_end;
         if room == 0 {
             // The caller has not consumed what arrived: TCP's window pushes back on the peer.
             return;

@@ -47,8 +47,9 @@ pub const REPLY_BYTES_MAX: usize = PAYLOAD_MAX_BYTES as usize + (8 << 20);
 /// Largest refused write whose payload is still read (and discarded) so that the error reply
 /// follows the whole request. A write claiming more is not answered: the connection closes.
 pub const OVERSIZED_WRITE_SKIP_MAX_BYTES: u32 = 2 * PAYLOAD_MAX_BYTES;
-/// Receive buffer per connection; must hold a request header plus one whole chunk.
-pub const RX_BUF_BYTES: usize = 512 << 10;
+/// Receive region per connection, holding request headers and write payloads; must hold a
+/// request header plus one whole chunk.
+pub const REQUEST_RX_BYTES: usize = 512 << 10;
 /// Largest chunk: one bdev request. Also bounded by the bdev and the DMA buffer size.
 pub const CHUNK_MAX_BYTES: u32 = 128 << 10;
 /// Replies gathered into one sendmsg (two iovecs each at most).
@@ -64,7 +65,7 @@ pub const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
 /// when their reply has been sent, so an idle connection holds little memory.
 pub const SLOT_DATA_KEEP_BYTES: usize = 1 << 20;
 
-const _: () = assert!(RX_BUF_BYTES >= REQUEST_BYTES + CHUNK_MAX_BYTES as usize);
+const _: () = assert!(REQUEST_RX_BYTES >= REQUEST_BYTES + CHUNK_MAX_BYTES as usize);
 const _: () = assert!(SLOTS_MAX < u16::MAX as usize);
 const _: () = assert!(CHUNKS_MAX < u16::MAX as usize);
 
@@ -169,8 +170,9 @@ struct Chunk {
     buf: Option<DmaBuf>,
 }
 
-/// A connection after negotiation, as the handshake thread hands it to a reactor.
-pub(crate) struct Conn {
+/// One NBD client's connection to an export, after negotiation, as the handshake thread hands
+/// it to a reactor (the server side; the NBD client bdev's side is `bdev::nbd`'s `RemoteConn`).
+pub(crate) struct ExportConn {
     sock: OwnedFd,
     export: Arc<ExportEntry>,
     server: Arc<ServerShared>,
@@ -211,17 +213,17 @@ pub(crate) struct Conn {
 // SAFETY: the iovec array and msghdr hold raw pointers into this connection's own slots; they
 // are only dereferenced by the kernel for a send this connection submitted, and the connection
 // moves to its reactor thread before it submits anything.
-unsafe impl Send for Conn {}
+unsafe impl Send for ExportConn {}
 
-impl Conn {
+impl ExportConn {
     pub(crate) fn new(
         sock: OwnedFd,
         export: Arc<ExportEntry>,
         server: Arc<ServerShared>,
         structured: bool,
         base_allocation: Option<u32>,
-    ) -> Result<Conn, crate::dma::DmaError> {
-        let rx = Region::map(RX_BUF_BYTES, false, false)?;
+    ) -> Result<ExportConn, crate::dma::DmaError> {
+        let rx = Region::map(REQUEST_RX_BYTES, false, false)?;
         // SAFETY: msghdr is a plain C struct for which all-zero is a valid empty value.
         let msg: libc::msghdr = unsafe { std::mem::zeroed() };
         let iov = libc::iovec {
@@ -230,7 +232,7 @@ impl Conn {
         };
         export.connections.fetch_add(1, Ordering::Relaxed);
         server.connections.fetch_add(1, Ordering::Relaxed);
-        Ok(Conn {
+        Ok(ExportConn {
             sock,
             export,
             server,
@@ -283,7 +285,7 @@ impl Conn {
     }
 
     fn rx_ptr(&self, at: usize) -> *mut u8 {
-        debug_assert!(at <= RX_BUF_BYTES);
+        debug_assert!(at <= REQUEST_RX_BYTES);
         // SAFETY: `at` is within the receive region, which this connection owns.
         unsafe { self.rx.base().add(at) }
     }
@@ -758,7 +760,7 @@ impl Conn {
             self.rx_end = 0;
         }
         let need = REQUEST_BYTES + self.chunk_bytes as usize;
-        if RX_BUF_BYTES - self.rx_end < need && self.rx_start > 0 {
+        if REQUEST_RX_BYTES - self.rx_end < need && self.rx_start > 0 {
             let len = self.rx_end - self.rx_start;
             // SAFETY: both ranges lie in the receive region and no receive is in flight, so
             // nothing else writes it; `copy` allows the overlap.
@@ -766,7 +768,7 @@ impl Conn {
             self.rx_start = 0;
             self.rx_end = len;
         }
-        let room = RX_BUF_BYTES - self.rx_end;
+        let room = REQUEST_RX_BYTES - self.rx_end;
         if room == 0 {
             return;
         }
@@ -783,7 +785,7 @@ impl Conn {
             }
             .encode(),
         );
-        // SAFETY: the receive writes only [rx_end, RX_BUF_BYTES) of the region this connection
+        // SAFETY: the receive writes only [rx_end, REQUEST_RX_BYTES) of the region this connection
         // owns, which nothing reads until the completion moves rx_end; the socket stays open
         // until every submitted operation has completed (see `poll`).
         unsafe { core.io().ring().push_io(entry) };
@@ -871,7 +873,7 @@ impl Conn {
     }
 }
 
-impl Poller for Conn {
+impl Poller for ExportConn {
     fn poll(&mut self, core: &mut Core) -> PollerState {
         let owner = match self.owner {
             Some(o) => o,
@@ -914,7 +916,7 @@ impl Poller for Conn {
     }
 }
 
-impl Drop for Conn {
+impl Drop for ExportConn {
     fn drop(&mut self) {
         self.export.connections.fetch_sub(1, Ordering::Relaxed);
         self.server.connections.fetch_sub(1, Ordering::Relaxed);

@@ -1,6 +1,6 @@
 //! Listeners, the export table and per-export statistics of the NBD server.
 
-use super::conn::{Conn, DRAIN_MAX};
+use super::conn::{ExportConn, DRAIN_MAX};
 use super::handshake::{self, ExportInfo, Exports, HandshakeError};
 use super::proto::{tx_flag, PAYLOAD_MAX_BYTES};
 use crate::bdev::Bdev;
@@ -346,7 +346,7 @@ impl ServerShared {
         }
         let fd: OwnedFd = stream.into();
         clear_timeouts(&fd);
-        let conn = match Conn::new(
+        let conn = match ExportConn::new(
             fd,
             export,
             self.clone(),
