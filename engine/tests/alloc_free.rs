@@ -35,29 +35,50 @@ const IO_BYTES: u32 = 4096;
 const QUEUE_DEPTH: u32 = 16;
 /// I/Os before measuring (fills every preallocated table to its working size).
 const WARM_UP_IOS: u64 = 2000;
+/// Requests in flight during the NBD warm-up: every server slot the measurement can reach at
+/// QUEUE_DEPTH has served a read by then.
+const NBD_WARM_UP_DEPTH: usize = 4 * QUEUE_DEPTH as usize;
 /// I/Os measured.
 const MEASURED_IOS: u64 = 8000;
 
 /// Allocations made on threads whose flag is set.
 static COUNTED_ALLOCS: AtomicU64 = AtomicU64::new(0);
 
+/// How many counted allocations get their call stack recorded for the failure message.
+const SITES_MAX: usize = 4;
+/// Call stacks of the first counted allocations since [`counted`] was last read.
+static SITES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 thread_local! {
     /// Set on the engine's reactor threads only.
     static COUNTED: Cell<bool> = const { Cell::new(false) };
+    /// Set while this thread records a call stack, whose own allocations are not counted.
+    static RECORDING: Cell<bool> = const { Cell::new(false) };
 }
 
 struct CountingAlloc;
 
 impl CountingAlloc {
     fn note() {
-        if COUNTED.try_with(Cell::get).unwrap_or(false) {
-            COUNTED_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if !COUNTED.try_with(Cell::get).unwrap_or(false)
+            || RECORDING.try_with(Cell::get).unwrap_or(true)
+        {
+            return;
         }
+        COUNTED_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        RECORDING.set(true);
+        let mut sites = SITES.lock().unwrap_or_else(|e| e.into_inner());
+        if sites.len() < SITES_MAX {
+            sites.push(std::backtrace::Backtrace::force_capture().to_string());
+        }
+        drop(sites);
+        RECORDING.set(false);
     }
 }
 
-// SAFETY: every method forwards to the system allocator unchanged; counting touches only an
-// atomic and a const-initialised thread-local, neither of which allocates.
+// SAFETY: every method forwards to the system allocator unchanged; counting touches an atomic
+// and const-initialised thread-locals, and recording a call stack (which allocates) runs with
+// RECORDING set, so it never re-enters the recording.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         Self::note();
@@ -94,6 +115,13 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn counted() -> u64 {
     COUNTED_ALLOCS.load(Ordering::Relaxed)
+}
+
+/// Starts a measurement: the counted allocations so far, with the recorded call stacks
+/// forgotten, so a failure shows those of the I/Os measured after this call.
+fn mark() -> u64 {
+    SITES.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    counted()
 }
 
 /// Marks every reactor thread of `engine` as counted.
@@ -199,8 +227,12 @@ fn assert_none(what: &str, allocs: u64, count: u64) {
         allocs,
         0,
         "{what}: {allocs} heap allocations on reactor threads in {count} steady-state I/Os \
-         ({:.3} per I/O); the data path must allocate nothing",
-        allocs as f64 / count as f64
+         ({:.3} per I/O); the data path must allocate nothing. The first ones:\n{}",
+        allocs as f64 / count as f64,
+        SITES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n----\n")
     );
 }
 
@@ -217,7 +249,7 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
 
     // First writes and commits may allocate, within their stated bounds.
     for c in 0..VOLUME_BYTES / cluster {
-        let before = counted();
+        let before = mark();
         q.write_at(c * cluster, &block, false).expect("first write");
         let first_write = counted() - before;
         assert_within(
@@ -226,7 +258,7 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
             FIRST_WRITE_ALLOCS_MAX,
             "FIRST_WRITE_ALLOCS_MAX",
         );
-        let before = counted();
+        let before = mark();
         q.flush().expect("flush commits the new mapping");
         let commit = counted() - before;
         assert_within(
@@ -239,7 +271,7 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
 
     let mut rng = Rng::new(12);
     queue_ios(&mut q, &mut rng, WARM_UP_IOS);
-    let before = counted();
+    let before = mark();
     queue_ios(&mut q, &mut rng, MEASURED_IOS);
     assert_none("volume queue", counted() - before, MEASURED_IOS);
 
@@ -248,7 +280,7 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
     // clusters again.
     for c in 0..VOLUME_BYTES / cluster / 4 {
         q.trim(c * cluster, CLUSTER_BYTES).expect("trim");
-        let before = counted();
+        let before = mark();
         q.flush().expect("flush commits the unmapping");
         let commit = counted() - before;
         assert_within(
@@ -257,7 +289,7 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
             COMMIT_ALLOCS_MAX,
             "COMMIT_ALLOCS_MAX",
         );
-        let before = counted();
+        let before = mark();
         q.write_at(c * cluster, &block, false).expect("rewrite");
         let first_write = counted() - before;
         assert_within(
@@ -271,7 +303,7 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
 
     // A flush with nothing to commit is steady state too.
     q.flush().expect("warm-up flush");
-    let before = counted();
+    let before = mark();
     for _ in 0..100 {
         q.flush().expect("flush");
     }
@@ -281,12 +313,12 @@ fn volume_reads_and_writes_allocate_nothing_in_steady_state() {
 }
 
 /// Runs `count` random 4 KiB NBD reads and writes (half each) at QUEUE_DEPTH.
-fn nbd_ios(c: &mut Client, rng: &mut Rng, count: u64) {
+fn nbd_ios(c: &mut Client, rng: &mut Rng, count: u64, depth: usize) {
     let payload = vec![5u8; IO_BYTES as usize];
     let mut issued = 0;
     let mut finished = 0;
     while finished < count {
-        while issued < count && c.in_flight() < QUEUE_DEPTH as usize {
+        while issued < count && c.in_flight() < depth {
             let off = random_offset(rng);
             if issued % 2 == 0 {
                 c.send(cmd::WRITE, 0, off, IO_BYTES, &payload)
@@ -333,9 +365,13 @@ fn nbd_reads_and_writes_allocate_nothing_in_steady_state() {
         assert_eq!(c.write(at, &block, 0).expect("write"), 0, "first write");
     }
     let mut rng = Rng::new(34);
-    nbd_ios(&mut c, &mut rng, WARM_UP_IOS);
-    let before = counted();
-    nbd_ios(&mut c, &mut rng, MEASURED_IOS);
+    // A connection's request slot keeps the reply buffer of its first read for the connection's
+    // life, and slots are reused last-freed first, so the slots a run reaches are those its
+    // depth needs. The server can hold a few more slots than the client has requests in flight
+    // (a reply sent but not yet reaped), so the warm-up goes deeper than the measurement.
+    nbd_ios(&mut c, &mut rng, WARM_UP_IOS, NBD_WARM_UP_DEPTH);
+    let before = mark();
+    nbd_ios(&mut c, &mut rng, MEASURED_IOS, QUEUE_DEPTH as usize);
     assert_none("NBD connection", counted() - before, MEASURED_IOS);
     drop(c);
     server.shutdown();

@@ -279,6 +279,13 @@ impl ExportConn {
             .bdev_info(self.export.bdev_id)
             .map_or(buf_bytes, |i| i.max_io_bytes);
         self.chunk_bytes = CHUNK_MAX_BYTES.min(buf_bytes).min(max_io);
+        // Every slot's read-reply buffer is reserved here, off the I/O path: which slots a
+        // workload reaches depends on timing, so reserving on first use would allocate during
+        // steady I/O. Pages are touched only by reads that use them; a read longer than a
+        // chunk grows its slot's buffer once.
+        for slot in &mut self.slots {
+            slot.data.reserve(self.chunk_bytes as usize);
+        }
         self.owner = Some(owner);
         self.core = core.id().get();
         owner
