@@ -172,6 +172,9 @@ not_run 'perf/replication.sh' "minutes: two daemons, fio, interleaved 10 s round
 not_run 'perf/local.sh' "minutes: 4 GiB comparisons; each of its modes ran above, tiny"
 not_run 'PARTS="spin volume" RUNTIME=5 perf/local.sh' "as perf/local.sh"
 not_run 'cargo test --release -p cairn-node --test idle -- --nocapture' "ci/test.sh's cargo test --workspace runs it"
+not_run 'RUNTIME=5 PARTS="engine spin volume" perf/local.sh' "as perf/local.sh"
+not_run 'OLD=<old release dir> perf/ab.sh' "minutes, and needs an older build"
+not_run 'SIZE=1G RUNTIME=5 ROUNDS=3 PARTS=ram perf/replication.sh' "as perf/replication.sh"
 not_run 'perf/scaling.sh' "a 16-core machine; the null and malloc runs above are its modes"
 
 echo

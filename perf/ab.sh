@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Before/after for a hot-path change: two builds of cairn-perf on the same file, interleaved
-# (old, new, old, new, ...), so drift hits both alike. Prints each workload's median IOPS and
+# (old then new, then new then old, ...), so drift and the file's state hit both alike. Prints each workload's median IOPS and
 # p99 for both and the new/old ratios; JSON of every run goes to $OUT.
 #
 #   OLD=/path/to/old/release perf/ab.sh              # OLD holds the old cairn-perf binary
@@ -27,7 +27,11 @@ WORKLOADS=("volume-randread:--target volume --rw randread"
 for r in $(seq 1 "$ROUNDS"); do
   for w in "${WORKLOADS[@]}"; do
     name=${w%%:*}
-    for who in old new; do
+    # Alternate which build goes first: a run leaves the file's blocks in a state (allocated,
+    # zeroed, cached) that favours or penalises the next one.
+    order="old new"
+    [ $((r % 2)) -eq 0 ] && order="new old"
+    for who in $order; do
       dir=$OLD
       [ "$who" = new ] && dir=$NEW
       # shellcheck disable=SC2086 # the workload's flags are words
