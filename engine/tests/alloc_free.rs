@@ -19,11 +19,9 @@ use cairn_engine::frontend::nbd::proto::cmd;
 use cairn_engine::frontend::nbd::{ExportOptions, NbdConfig, NbdServer};
 use cairn_engine::volume::{Pool, COMMIT_ALLOCS_MAX, FIRST_WRITE_ALLOCS_MAX};
 use cairn_engine::{Bdev, Engine, IoOp, IoQueue, QueueCompletion, Request};
+use cairn_testkit::alloc::{self, CountingAlloc};
 use common::Rng;
 use nbd_client::{Client, Endpoint, Options};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const MIB: u64 = 1 << 20;
@@ -41,71 +39,11 @@ const NBD_WARM_UP_DEPTH: usize = 4 * QUEUE_DEPTH as usize;
 /// I/Os measured.
 const MEASURED_IOS: u64 = 8000;
 
-/// Allocations made on threads whose flag is set.
-static COUNTED_ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-/// How many counted allocations get their call stack recorded for the failure message.
-const SITES_MAX: usize = 4;
-/// Call stacks of the first counted allocations since [`counted`] was last read.
-static SITES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-thread_local! {
-    /// Set on the engine's reactor threads only.
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
-    /// Set while this thread records a call stack, whose own allocations are not counted.
-    static RECORDING: Cell<bool> = const { Cell::new(false) };
-}
-
-struct CountingAlloc;
-
-impl CountingAlloc {
-    fn note() {
-        if !COUNTED.try_with(Cell::get).unwrap_or(false)
-            || RECORDING.try_with(Cell::get).unwrap_or(true)
-        {
-            return;
-        }
-        COUNTED_ALLOCS.fetch_add(1, Ordering::Relaxed);
-        RECORDING.set(true);
-        let mut sites = SITES.lock().unwrap_or_else(|e| e.into_inner());
-        if sites.len() < SITES_MAX {
-            sites.push(std::backtrace::Backtrace::force_capture().to_string());
-        }
-        drop(sites);
-        RECORDING.set(false);
-    }
-}
-
-// SAFETY: every method forwards to the system allocator unchanged; counting touches an atomic
-// and const-initialised thread-locals, and recording a call stack (which allocates) runs with
-// RECORDING set, so it never re-enters the recording.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Self::note();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Self::note();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Self::note();
-        // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+/// The side the reactors count for (one engine in this binary).
+const REACTORS: usize = 1;
 
 /// The counter is process-wide: tests take turns.
 fn serial() -> MutexGuard<'static, ()> {
@@ -114,21 +52,18 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn counted() -> u64 {
-    COUNTED_ALLOCS.load(Ordering::Relaxed)
+    alloc::counted(REACTORS)
 }
 
-/// Starts a measurement: the counted allocations so far, with the recorded call stacks
-/// forgotten, so a failure shows those of the I/Os measured after this call.
 fn mark() -> u64 {
-    SITES.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    counted()
+    alloc::mark(REACTORS)
 }
 
 /// Marks every reactor thread of `engine` as counted.
 fn count_reactors(engine: &Engine) {
     for core in engine.cores() {
         engine
-            .call(core, |_| COUNTED.with(|c| c.set(true)))
+            .call(core, |_| alloc::count_this_thread(REACTORS))
             .expect("reactor answers");
     }
 }
@@ -229,10 +164,7 @@ fn assert_none(what: &str, allocs: u64, count: u64) {
         "{what}: {allocs} heap allocations on reactor threads in {count} steady-state I/Os \
          ({:.3} per I/O); the data path must allocate nothing. The first ones:\n{}",
         allocs as f64 / count as f64,
-        SITES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n----\n")
+        alloc::sites()
     );
 }
 

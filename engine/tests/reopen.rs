@@ -19,6 +19,7 @@ use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::frontend::nbd::{ExportOptions, NbdConfig, NbdServer};
 use cairn_engine::volume::Pool;
 use cairn_engine::{Bdev, BdevHandle, Engine};
+use cairn_testkit::proc_self::fds_and_threads;
 use nbd_client::{Client, Endpoint, Options};
 use parking_lot::Mutex;
 use std::path::Path;
@@ -35,16 +36,6 @@ const NBD_ROUNDS: usize = 20;
 
 /// The tests count the whole process's fds and threads, so they must not run side by side.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Open descriptors and threads of this process.
-fn fds_and_threads() -> (usize, usize) {
-    let count = |dir: &str| {
-        std::fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
-            .count()
-    };
-    (count("/proc/self/fd"), count("/proc/self/task"))
-}
 
 /// The pool file, locked exclusively as cairn-node and cairn-perf open it.
 fn base(path: &Path) -> Arc<dyn Bdev> {

@@ -11,6 +11,7 @@
 #![allow(clippy::multiple_unsafe_ops_per_block)]
 
 use cairn::*;
+use cairn_testkit::proc_self::fds_and_threads;
 use std::ffi::{c_void, CString};
 use std::ptr::null_mut;
 use std::sync::Mutex;
@@ -24,15 +25,6 @@ const ROUNDS: usize = 100;
 
 /// The tests count the whole process's fds and threads, so they must not run side by side.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn fds_and_threads() -> (usize, usize) {
-    let count = |dir: &str| {
-        std::fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
-            .count()
-    };
-    (count("/proc/self/fd"), count("/proc/self/task"))
-}
 
 /// A pool file in its own directory, removed on drop.
 struct PoolFile {

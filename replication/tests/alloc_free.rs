@@ -17,10 +17,8 @@ use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use cairn_testkit::alloc::{self, CountingAlloc};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,62 +32,12 @@ const WARM_UP_IOS: u64 = 2000;
 /// I/Os measured.
 const MEASURED_IOS: u64 = 8000;
 
-/// Which reactor a thread belongs to: 0 not counted, 1 the nexus's engine, 2 the replica's.
+/// Which engine's reactors an allocation counts for (cairn_testkit::alloc sides).
 const NEXUS_SIDE: usize = 1;
 const REPLICA_SIDE: usize = 2;
 
-/// Allocations per side (index 0 unused).
-static COUNTED_ALLOCS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-
-thread_local! {
-    /// The side of this thread, set on reactor threads only.
-    static SIDE: Cell<usize> = const { Cell::new(0) };
-}
-
-struct CountingAlloc;
-
-impl CountingAlloc {
-    fn note() {
-        let side = SIDE.try_with(Cell::get).unwrap_or(0);
-        if side != 0 {
-            COUNTED_ALLOCS[side].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-// SAFETY: every method forwards to the system allocator unchanged; counting touches only
-// atomics and a const-initialised thread-local, neither of which allocates.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Self::note();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Self::note();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Self::note();
-        // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: CountingAlloc = CountingAlloc;
-
-fn counted(side: usize) -> u64 {
-    COUNTED_ALLOCS[side].load(Ordering::Relaxed)
-}
 
 /// An engine on the first `count` allowed cores.
 fn engine(count: usize) -> Arc<Engine> {
@@ -104,7 +52,7 @@ fn engine(count: usize) -> Arc<Engine> {
 fn count_reactors(engine: &Engine, side: usize) {
     for core in engine.cores() {
         engine
-            .call(core, move |_| SIDE.with(|s| s.set(side)))
+            .call(core, move |_| alloc::count_this_thread(side))
             .expect("reactor answers");
     }
 }
@@ -207,16 +155,17 @@ fn replicated_writes_to_a_remote_replica_allocate_nothing_in_steady_state() {
 
     nexus_ios(&mut q, WARM_UP_IOS, SIZE_BYTES);
     q.flush().expect("flush");
-    let (nexus_before, replica_before) = (counted(NEXUS_SIDE), counted(REPLICA_SIDE));
+    let (nexus_before, replica_before) = (alloc::mark(NEXUS_SIDE), alloc::counted(REPLICA_SIDE));
     nexus_ios(&mut q, MEASURED_IOS, SIZE_BYTES);
-    let nexus_allocs = counted(NEXUS_SIDE) - nexus_before;
-    let replica_allocs = counted(REPLICA_SIDE) - replica_before;
+    let nexus_allocs = alloc::counted(NEXUS_SIDE) - nexus_before;
+    let replica_allocs = alloc::counted(REPLICA_SIDE) - replica_before;
     assert_eq!(
         (nexus_allocs, replica_allocs),
         (0, 0),
         "heap allocations on reactor threads in {MEASURED_IOS} steady-state replicated I/Os: \
          {nexus_allocs} on the nexus's, {replica_allocs} on the replica's; the data path must \
-         allocate nothing"
+         allocate nothing. The first ones:\n{}",
+        alloc::sites()
     );
     let v = m.show("vol").expect("nexus view");
     assert!(

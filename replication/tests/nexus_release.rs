@@ -12,6 +12,7 @@ use cairn_replication::nexus::{ChildSpec, NexusOptions};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
+use cairn_testkit::proc_self::fds_and_threads;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +22,6 @@ const BLOCK: u32 = 4096;
 const ROUNDS: usize = 20;
 /// How long the replica server may take to notice a closed connection and drop it.
 const SETTLE_MAX: Duration = Duration::from_secs(10);
-
-fn fds_and_threads() -> (usize, usize) {
-    let count = |dir: &str| {
-        std::fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
-            .count()
-    };
-    (count("/proc/self/fd"), count("/proc/self/task"))
-}
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("cairn-nexus-release-{}-{tag}", std::process::id()));

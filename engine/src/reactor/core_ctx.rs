@@ -31,6 +31,10 @@ pub struct IoCtx {
     /// Requests channels made to other bdevs of this core ([`IoCtx::submit_to`]), handed on
     /// as soon as the channel that made them returns.
     pub(super) deferred: VecDeque<(BdevId, IoRequest)>,
+    /// The doorbell's poll completed in a [`IoCtx::reap_ring`] from inside a channel: the
+    /// reactor drains the eventfd and re-arms the poll on its next loop, and does not sleep
+    /// before (a doorbell without its poll armed would never wake it again).
+    pub(super) doorbell_rang: bool,
 }
 
 impl std::fmt::Debug for IoCtx {
@@ -154,9 +158,10 @@ impl IoCtx {
     #[inline]
     pub fn reap_ring(&mut self) -> usize {
         let owners = &mut self.owners;
+        let rang = &mut self.doorbell_rang;
         self.ring.reap(|route, res| match route {
             Route::Io { owner, tag } => owners.post(owner, tag, res),
-            Route::Doorbell => {}
+            Route::Doorbell => *rang = true,
         })
     }
 }

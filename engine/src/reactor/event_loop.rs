@@ -201,6 +201,7 @@ impl Reactor {
             peers: Arc::from(Vec::new()),
             outbox: VecDeque::new(),
             deferred: VecDeque::with_capacity(DEFERRED_CAPACITY),
+            doorbell_rang: false,
         };
         let reactor = Reactor {
             core: Core {
@@ -303,6 +304,10 @@ impl Reactor {
                 if now >= deadline {
                     tracing::error!(
                         core = self.core.id().get(),
+                        pollers = self.pollers.len(),
+                        ring_in_flight = self.core.io.ring.in_flight(),
+                        channels_in_flight = self.core.channels_in_flight(),
+                        owners_pending = self.core.io.owners.pending,
                         "shutdown drain timed out; exiting with I/O in flight"
                     );
                     break;
@@ -318,7 +323,9 @@ impl Reactor {
                     std::hint::spin_loop()
                 }
                 IdlePolicy::Sleep { .. } => {
-                    self.sleep();
+                    // A stopping reactor wakes by its drain deadline at the latest, so what
+                    // never completes cannot keep it, and the engine's stop, waiting forever.
+                    self.sleep(stop_at);
                     last_work = Instant::now();
                 }
             }
@@ -338,8 +345,8 @@ impl Reactor {
     }
 
     fn reap(&mut self, doorbell: i32) -> usize {
-        let mut rang = false;
         let io = &mut self.core.io;
+        let mut rang = std::mem::take(&mut io.doorbell_rang);
         let owners = &mut io.owners;
         let n = io.ring.reap(|route, res| match route {
             Route::Io { owner, tag } => owners.post(owner, tag, res),
@@ -417,6 +424,7 @@ impl Reactor {
 
     fn has_pending_work(&self) -> bool {
         !self.inbox.is_empty()
+            || self.core.io.doorbell_rang
             || !self.core.io.outbox.is_empty()
             || self.core.io.owners.pending > 0
             || self.queues.iter().any(|q| !q.shared.sq.is_empty())
@@ -435,12 +443,15 @@ impl Reactor {
         pollers.chain(self.core.next_deadline()).min()
     }
 
-    fn sleep(&mut self) {
+    fn sleep(&mut self, stop_at: Option<Instant>) {
         let bell = self.inbox.doorbell();
         bell.announce_sleep();
         if !self.has_pending_work() {
             let timeout = self
                 .next_deadline()
+                .into_iter()
+                .chain(stop_at)
+                .min()
                 .map(|at| at.saturating_duration_since(Instant::now()));
             if timeout != Some(Duration::ZERO) {
                 self.core.io.ring.wait(timeout);
