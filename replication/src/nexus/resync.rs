@@ -342,7 +342,7 @@ impl NexusChannel {
         while let Some(i) = job.held.iter().position(|h| !h.live) {
             if let Some(rate) = shared.options.rebuild_bytes_per_s {
                 let allowed = (job.started.elapsed().as_secs_f64() * rate as f64) as u64;
-                if job.issued_bytes >= allowed.max(AREA_BYTES) {
+                if job.issued_bytes > allowed {
                     let due = job.issued_bytes as f64 / rate as f64;
                     job.wake_at = Some(job.started + Duration::from_secs_f64(due));
                     break;
