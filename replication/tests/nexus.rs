@@ -706,7 +706,16 @@ fn a_resync_copy_never_overwrites_a_newer_client_write() {
                 // Per range, the next of this writer's blocks (every WRITERS-th from w).
                 let mut next = vec![w; (SIZE / RANGE) as usize];
                 let mut written = Vec::new();
-                while let Some(r) = m.show("vol").unwrap().resync {
+                loop {
+                    let v = m.show("vol").unwrap();
+                    let Some(r) = v.resync else {
+                        if all_in_sync(&v) {
+                            break;
+                        }
+                        // The job is ordered but not begun yet.
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    };
                     let range = (r.done_bytes / RANGE).min(SIZE / RANGE - 1) as usize;
                     if next[range] >= RANGE / 4096 {
                         std::thread::sleep(Duration::from_millis(1));

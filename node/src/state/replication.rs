@@ -367,6 +367,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                 dirty_bytes: c.dirty_bytes,
                 copied_bytes: c.copied_bytes,
                 generation: c.generation,
+                write_wait_max_us: c.write_wait_max_us,
             })
             .collect(),
         resync: v.resync.map(
@@ -378,6 +379,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                  progress,
                  bytes_per_s,
                  eta_s,
+                 write_wait_max_us,
              }| pb::Resync {
                 replica: child,
                 full,
@@ -386,6 +388,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                 bytes_per_s,
                 progress,
                 eta_s,
+                write_wait_max_us,
             },
         ),
         export_name,

@@ -36,8 +36,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often a channel with requests held by the freeze, or completions held for a
-/// generation raise, looks again.
+/// How often a channel with requests held (by the freeze, or by a resync copy of their
+/// range), or completions held for a generation raise, looks again.
 const HELD_RECHECK: Duration = Duration::from_millis(1);
 /// Deadlines the timeout queue holds: one per sub-request that can be in flight. Answered
 /// sub-requests leave their deadline behind until it expires; when the queue is full, those
@@ -464,6 +464,10 @@ impl NexusChannel {
             for c in 0..CHILDREN_MAX {
                 match shared.child(c).state() {
                     ChildState::InSync => targets |= 1 << c,
+                    // Syncing before this core picked up its path (the manager sets the state,
+                    // then publishes): it misses this write, which its job's barrier waits
+                    // for, so the mark it leaves is copied.
+                    ChildState::Syncing if matches!(self.paths[c], Path::None) => missed |= 1 << c,
                     ChildState::Syncing => syncing |= 1 << c,
                     ChildState::Empty => {}
                     ChildState::Faulted => missed |= 1 << c,

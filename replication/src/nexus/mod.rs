@@ -10,13 +10,15 @@
 //! path takes no lock. State changes that every core must see (a fault, a new path, the
 //! epoch) are atomics read per request, or a generation counter that tells a channel to
 //! pick up new paths under the (control-path) mutex. Per-write accounting is core-local: each
-//! channel counts its own writes in flight in a plain field, and the write freeze learns that
-//! every core has drained by asking each one with a message ([`NexusShared::quiesce`]), so a
-//! write costs no shared read-modify-write and no `Arc` clone.
+//! channel counts its own writes in flight in a plain field, and the write freeze (and a
+//! resync's write barrier) learns that every core has drained by asking each one with a
+//! message ([`NexusShared::quiesce`], [`NexusShared::barrier`]), so a write costs no shared
+//! read-modify-write and no `Arc` clone, except a write that goes to a syncing child: it
+//! enters its copy ranges ([`NexusShared::enter_ranges`]).
 //!
 //! What a nexus must never do: acknowledge a write before every in-sync child has it, write
 //! under an epoch a replica has fenced off, let a child back into the in-sync set before
-//! every region it missed has been copied, acknowledge a write a faulted child missed before
+//! every block it missed has been copied, let a resync copy overwrite a newer client write, acknowledge a write a faulted child missed before
 //! every in-sync child holds a data generation above that child's (the generation raise,
 //! [`NexusShared::fault`] and `manager.rs`), or read from a child that is not in sync.
 //! `docs/replication.md` gives the arguments.
@@ -193,7 +195,8 @@ impl ChildShared {
     }
 }
 
-/// One round of asking every core whether its writes drained under the freeze.
+/// One round of asking every core a question: whether its writes drained under the freeze
+/// (`quiesce`), or whether the writes it started before the round ended (`barrier`).
 #[derive(Debug, Default)]
 pub(crate) struct Quiesce {
     /// Numbers the rounds, so a late answer to an abandoned round is not counted.
@@ -277,7 +280,8 @@ pub struct NexusShared {
     /// fails from then on.
     pub(crate) fenced: AtomicBool,
     pub(crate) children: [ChildShared; CHILDREN_MAX],
-    /// Per copy range ([`AREA_BYTES`]): [`RANGE_COPYING`] while a resync copies it, plus the
+    /// Per copy range ([`AREA_BYTES`]): [`RANGE_COPYING`] while a resync copies it,
+    /// [`RANGE_WAITED`] once a client write waited on that copy, and ([`RANGE_WRITES`]) the
     /// count of client writes in flight to it that go to a syncing child. Touched only by
     /// writes that go to a syncing child and by the resync (`docs/replication.md`, "Why a
     /// copy never overwrites a newer write").
@@ -540,6 +544,8 @@ impl NexusShared {
                 for back in *span.start()..=r {
                     self.ranges[back].fetch_sub(1, Ordering::SeqCst);
                 }
+                // Tells the copy that a client waits: it must not hold the range too long.
+                self.ranges[r].fetch_or(RANGE_WAITED, Ordering::SeqCst);
                 return false;
             }
         }
@@ -573,6 +579,10 @@ impl NexusShared {
 /// A copy range's word in [`NexusShared::ranges`]: set while a resync copies the range; the
 /// bits below count client writes in flight to it.
 pub(crate) const RANGE_COPYING: u32 = 1 << 31;
+/// Set in a range's word by a client write the copy turned back; cleared with the copy's bit.
+pub(crate) const RANGE_WAITED: u32 = 1 << 30;
+/// The bits of a range's word that count client writes in flight.
+pub(crate) const RANGE_WRITES: u32 = RANGE_WAITED - 1;
 
 /// The nexus as an engine bdev.
 pub struct Nexus {

@@ -23,20 +23,25 @@
 
 use super::bitmap::{AreaBits, AREA_BYTES, BLOCK_BYTES, LEAF_WORDS};
 use super::channel::{Kind, NexusChannel, Path};
-use super::{ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, RANGE_COPYING};
+use super::{
+    ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, RANGE_COPYING, RANGE_WAITED, RANGE_WRITES,
+};
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::reactor::IoCtx;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Chunk copies (a read then a write of one DMA buffer, 128 KiB by default) in flight: 4 MiB,
-/// enough to keep a local disk and a loopback connection streaming during a rebuild.
-pub const RESYNC_CHUNKS_MAX: usize = 32;
-/// Copy ranges one job holds at once (each one [`AREA_BYTES`]).
-pub const RESYNC_RANGES_MAX: usize = 8;
-/// The longest a copy may hold its range (and so the longest a client write waits on it):
-/// from setting the range's copying bit to its last chunk written. Past it the target is
-/// faulted (its resync starts again later from what is still dirty).
+/// Chunk copies (a read then a write of one DMA buffer, 128 KiB by default) in flight: 2 MiB,
+/// enough to keep a local disk and a loopback connection streaming during a rebuild, and
+/// small enough that a range's copy (its share of them) takes a few milliseconds.
+pub const RESYNC_CHUNKS_MAX: usize = 16;
+/// Copy ranges one job holds at once (each one [`AREA_BYTES`]): two copy while a third
+/// waits for its writes to drain.
+pub const RESYNC_RANGES_MAX: usize = 3;
+/// The longest a copy may hold its range while a client write waits on it: from setting the
+/// range's copying bit to its last chunk written. Past it, once a write has been turned back,
+/// the target is faulted (its resync starts again later from what is still dirty). A copy
+/// nobody waits on may take longer (a rebuild on a slow disk).
 pub const COPY_HOLD_MAX: Duration = Duration::from_millis(50);
 /// How soon the job looks again while it waits on other cores (a barrier, or the writes in
 /// flight to a range it holds).
@@ -291,7 +296,8 @@ impl NexusChannel {
             if !h.live {
                 continue;
             }
-            if now.saturating_duration_since(h.since) > COPY_HOLD_MAX {
+            let word = shared.ranges[h.area as usize].load(Ordering::SeqCst);
+            if word & RANGE_WAITED != 0 && now.saturating_duration_since(h.since) > COPY_HOLD_MAX {
                 let reason = format!(
                     "the copy of the range at offset {} held client writes for more than {} ms",
                     h.area * AREA_BYTES,
@@ -301,12 +307,12 @@ impl NexusChannel {
                 job.failed = Some(reason);
                 return 1;
             }
-            if h.bits.is_none()
-                && shared.ranges[h.area as usize].load(Ordering::SeqCst) & !RANGE_COPYING == 0
-            {
+            if h.bits.is_none() && word & RANGE_WRITES == 0 {
                 // No client write to the range is in flight, and none starts until release:
                 // taken now, its blocks are copied from a source that holds every write.
-                h.bits = Some(dirty.take_area(h.area));
+                let bits = dirty.take_area(h.area);
+                h.bits = Some(bits);
+                job.issued_bytes += area_bytes(&bits);
                 n += 1;
             }
         }
@@ -352,13 +358,13 @@ impl NexusChannel {
                 break;
             };
             job.cursor = area + 1;
-            let prev = shared.ranges[area as usize].fetch_or(RANGE_COPYING, Ordering::SeqCst);
+            let word = &shared.ranges[area as usize];
+            // A waiter's mark left from a write turned back just as an earlier copy ended.
+            word.fetch_and(!RANGE_WAITED, Ordering::SeqCst);
+            let prev = word.fetch_or(RANGE_COPYING, Ordering::SeqCst);
             debug_assert_eq!(prev & RANGE_COPYING, 0, "a range held twice");
-            let bits = (prev == 0).then(|| dirty.take_area(area));
-            if let Some(b) = &bits {
-                job.issued_bytes +=
-                    b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * BLOCK_BYTES;
-            }
+            let bits = (prev & RANGE_WRITES == 0).then(|| dirty.take_area(area));
+            job.issued_bytes += bits.as_ref().map_or(0, area_bytes);
             job.held[i] = Held {
                 live: true,
                 area,
@@ -488,7 +494,12 @@ impl NexusChannel {
     }
 }
 
+/// Bytes of the blocks set in `bits`.
+fn area_bytes(bits: &AreaBits) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * BLOCK_BYTES
+}
+
 /// Clears a held range's copying bit: the writes waiting on it may start.
 fn release(shared: &NexusShared, area: u64) {
-    shared.ranges[area as usize].fetch_and(!RANGE_COPYING, Ordering::SeqCst);
+    shared.ranges[area as usize].fetch_and(!(RANGE_COPYING | RANGE_WAITED), Ordering::SeqCst);
 }
