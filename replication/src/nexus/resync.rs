@@ -443,15 +443,16 @@ impl NexusChannel {
             })
     }
 
-    /// A resync sub-request's parent finished: a read goes on to the target as a write;
-    /// anything else ends the chunk (or the flush).
+    /// A resync sub-request's parent finished: a read goes on to the target as a write
+    /// (unless the job failed meanwhile); anything else ends the chunk (or the flush).
     pub(super) fn resync_sub_finished(&mut self, io: &mut IoCtx, slot: u16) {
         let target = self.job().target;
+        let going = self.job().failed.is_none();
         let p = &mut self.slots[slot as usize];
         let ok = p.ok != 0;
         let (off, len) = (p.req.offset_bytes, u64::from(p.req.len_bytes));
         let kind = p.kind;
-        if let (Kind::ResyncRead { range }, true) = (kind, ok) {
+        if let (Kind::ResyncRead { range }, true, true) = (kind, ok, going) {
             p.kind = Kind::ResyncWrite { range };
             p.req.op = IoOp::Write;
             p.ok = 0;
