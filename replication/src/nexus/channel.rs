@@ -175,6 +175,8 @@ pub(super) struct NexusChannel {
     waiting: VecDeque<(IoRequest, Instant)>,
     /// Since when the head of `waiting` has waited on a resync copy.
     copy_wait_since: Option<Instant>,
+    /// The last refused start was refused by a resync copy.
+    copy_blocked: bool,
     /// Sub-requests not yet sent to a remote child (send queue or byte budget full).
     backlog: [VecDeque<u16>; CHILDREN_MAX],
     /// Remote sub-request deadlines (slot, its generation, child), in send order (one
@@ -231,6 +233,7 @@ impl NexusChannel {
             barrier: None,
             barrier_next: None,
             copy_wait_since: None,
+            copy_blocked: false,
             resync: None,
             held: VecDeque::with_capacity(PARENTS_MAX),
         };
@@ -448,6 +451,7 @@ impl NexusChannel {
     fn start(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
         let writes = req.op != IoOp::Read;
         let (mut targets, mut missed, mut syncing) = (0u8, 0u8, 0u8);
+        self.copy_blocked = false;
         if writes {
             let shared = &*self.shared;
             if shared.fenced.load(Ordering::Acquire)
@@ -481,6 +485,7 @@ impl NexusChannel {
                 .enter_ranges(req.offset_bytes, u64::from(req.len_bytes))
         {
             self.copy_wait_since.get_or_insert(io.now());
+            self.copy_blocked = true;
             return false;
         }
         let Some(slot) = self.alloc(Kind::Client, req) else {
@@ -907,7 +912,8 @@ impl NexusChannel {
             }
             n += 1;
         }
-        if self.waiting.is_empty() {
+        // The head waits for something else (or nothing): later waits are not the copy's.
+        if self.waiting.is_empty() || !self.copy_blocked {
             self.copy_wait_since = None;
         }
         n
