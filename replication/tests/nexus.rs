@@ -10,7 +10,8 @@
 //! each job, and a rebuild under writes is one pass with a fixed total; a returning replica
 //! is reconnected within a second and loses its fault reason once in sync; a resync copy
 //! never overwrites a client write that landed on the syncing replica meanwhile; a short
-//! outage of random 4 KiB writes copies at most twice the bytes written. The
+//! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
+//! continuous writes is one pass that copies exactly its fixed total. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -810,6 +811,82 @@ fn a_short_outage_of_random_4k_writes_copies_at_most_twice_the_bytes_written() {
         copied > 0 && copied <= 2 * written,
         "copied {copied} for {written}"
     );
+    assert!(
+        a.contents(&engine) == b.contents(&engine),
+        "the replicas differ"
+    );
+    drop(q);
+    m.shutdown();
+}
+
+/// A resync under continuous random writes is one pass with no freeze: its total (the bytes
+/// dirty when the pass starts) never moves, it copies exactly that, and the writer never
+/// stops. Issue 13: passes chased the writer, the total grew with each, and the job ended in
+/// a write freeze of several seconds.
+#[test]
+fn a_resync_under_continuous_writes_is_one_pass_with_a_fixed_total() {
+    let engine = engine();
+    let a = Site::new(&engine, "ca", false);
+    let mut b = Site::new(&engine, "cb", false);
+    let m = manager(&engine, "cm");
+    create(&m, vec![a.spec(), b.spec()]);
+    let nexus = m.handle("vol").unwrap();
+    let mut q = engine.queue(&nexus, engine.cores()[0], 8).unwrap();
+    write_regions(&mut q, 0..256, 0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (engine, nexus, stop) = (engine.clone(), nexus.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut q = engine
+                .queue(&nexus, engine.cores()[1 % engine.cores().len()], 2)
+                .unwrap();
+            let (mut x, mut n, mut slowest) = (0x9e37_79b9_7f4a_7c15u64, 0u64, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let block = x % (SIZE / 4096);
+                let t = Instant::now();
+                q.write_at(block * 4096, &block_data(block, n), false)
+                    .unwrap();
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+                // Like the workload of issue 13: unflushed writes are copied after a fault.
+                if n % 50 == 0 {
+                    q.flush().unwrap();
+                }
+            }
+            (n, slowest)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    b.stop();
+    wait_for(&m, "b faulted", |v| {
+        v.children[1].state == ChildState::Faulted
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    b.start(&engine);
+    let samples = follow_job(&m);
+    let v = m.show("vol").unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, slowest) = writer.join().unwrap();
+    let totals: Vec<u64> = samples.iter().map(|s| s.1).filter(|&t| t > 0).collect();
+    let copied = v.children[1].copied_bytes;
+    println!(
+        "{writes} writes; resync copied {copied} bytes in {} samples; slowest write {slowest:?}; \
+         longest write wait on a copy {} us",
+        samples.len(),
+        v.children[1].write_wait_max_us
+    );
+    assert!(
+        totals.windows(2).all(|w| w[0] == w[1]),
+        "the total moved: {totals:?}"
+    );
+    if let Some(&total) = totals.last() {
+        assert_eq!(copied, total, "one pass copies exactly its total");
+    }
+    assert!(copied > 0, "something was copied");
+    q.flush().unwrap();
     assert!(
         a.contents(&engine) == b.contents(&engine),
         "the replicas differ"
