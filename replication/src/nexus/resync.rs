@@ -137,8 +137,7 @@ impl NexusChannel {
         let over = job.ops == 0 && (job.failed.is_some() || job.phase == Phase::FlushWait);
         if over {
             let job = self.resync.take().expect("present");
-            let success = job.failed.is_none();
-            self.end(&job, success);
+            self.end(&job);
         }
         work
     }
@@ -190,15 +189,28 @@ impl NexusChannel {
         });
     }
 
-    fn end(&mut self, job: &ResyncJob, success: bool) {
+    fn end(&mut self, job: &ResyncJob) {
         let shared = self.shared.clone();
         let target = shared.child(job.target);
+        // Only a target still syncing joins: a fault (or a remove) after the flush wins.
+        let success = job.failed.is_none()
+            && target
+                .state
+                .compare_exchange(
+                    ChildState::Syncing as u8,
+                    ChildState::InSync as u8,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok();
         if success {
-            target.set_state(ChildState::InSync);
             // Back in sync: why it once left no longer describes it.
             target.reason.lock().clear();
         } else {
-            let reason = job.failed.clone().unwrap_or_default();
+            let reason = job
+                .failed
+                .clone()
+                .unwrap_or_else(|| "the target left the syncing state".into());
             // Faulted before its ranges are released: a write that waited on one sees the
             // target out when it tries again, and marks it dirty instead of writing it.
             shared.fault(job.target, &format!("resync failed: {reason}"));
@@ -226,7 +238,10 @@ impl NexusChannel {
                 "resync finished; child is in sync"
             );
         } else {
-            let reason = job.failed.clone().unwrap_or_default();
+            let reason = job
+                .failed
+                .clone()
+                .unwrap_or_else(|| "the target left the syncing state".into());
             tracing::warn!(nexus = %shared.name, child = job.target, reason = %reason, "resync abandoned");
         }
     }
