@@ -11,7 +11,8 @@
 //! is reconnected within a second and loses its fault reason once in sync; a resync copy
 //! never overwrites a client write that landed on the syncing replica meanwhile; a short
 //! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
-//! continuous writes is one pass that copies exactly its fixed total. The
+//! continuous writes is one pass that copies exactly its fixed total; a copy that holds a
+//! waiting write past `COPY_HOLD_MAX` faults its target. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -20,7 +21,7 @@ use cairn_engine::bdev::Bdev;
 use cairn_engine::{BdevHandle, CoreList, Engine, EngineConfig, IoQueue};
 use cairn_replication::epoch::EpochStore;
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager, NexusView};
-use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions};
+use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
@@ -34,6 +35,11 @@ const REGION: u64 = 64 << 10;
 /// Latency of the slow replica: far above the nexus's 500 ms timeout, and below the replica's
 /// FENCE_DRAIN_MAX (10 s), so its reconnect can wait out the late write and then resync.
 const SLOW: Duration = Duration::from_secs(8);
+/// The copy hold bound of most tests: a copy that held a waiting write past the nexus's
+/// `COPY_HOLD_MAX` (50 ms) faults its target and a second job starts, which a test of one
+/// pass must not fail on when the machine is slow. The bound itself is guarded by
+/// `a_copy_that_holds_a_waiting_write_too_long_faults_its_target`.
+const COPY_HOLD_SLOW_MACHINE: Duration = Duration::from_secs(5);
 
 fn engine() -> Arc<Engine> {
     let cpus = cairn_engine::sys::allowed_cpus();
@@ -139,6 +145,7 @@ fn options() -> NexusOptions {
         region_bytes: REGION,
         io_timeout: Duration::from_millis(500),
         rebuild_bytes_per_s: None,
+        copy_hold_max: COPY_HOLD_SLOW_MACHINE,
     }
 }
 
@@ -684,6 +691,7 @@ fn a_resync_copy_never_overwrites_a_newer_client_write() {
         // One range every 125 ms: the writers find the range being copied from the progress.
         options: NexusOptions {
             rebuild_bytes_per_s: Some(8 << 20),
+            io_timeout: Duration::from_secs(5),
             ..options()
         },
         epoch: None,
@@ -887,6 +895,79 @@ fn a_resync_under_continuous_writes_is_one_pass_with_a_fixed_total() {
     }
     assert!(copied > 0, "something was copied");
     q.flush().unwrap();
+    assert!(
+        a.contents(&engine) == b.contents(&engine),
+        "the replicas differ"
+    );
+    drop(q);
+    m.shutdown();
+}
+
+/// A resync copy that holds its range longer than `COPY_HOLD_MAX` while a client write waits
+/// on it faults its target instead of stalling the client further; once the source is fast
+/// again the target's next resync finishes. The source answers 200 ms late, so the copy
+/// of a range a writer keeps writing cannot finish within 50 ms.
+#[test]
+fn a_copy_that_holds_a_waiting_write_too_long_faults_its_target() {
+    let engine = engine();
+    let a = Site::new(&engine, "ha", true);
+    let mut b = Site::new(&engine, "hb", false);
+    let m = manager(&engine, "hm");
+    m.create(CreateRequest {
+        name: "vol".into(),
+        replicas: vec![a.spec(), b.spec()],
+        options: NexusOptions {
+            io_timeout: Duration::from_secs(5),
+            copy_hold_max: COPY_HOLD_MAX,
+            ..options()
+        },
+        epoch: None,
+        takeover: false,
+    })
+    .expect("nexus created");
+    let nexus = m.handle("vol").unwrap();
+    let mut q = engine.queue(&nexus, engine.cores()[0], 8).unwrap();
+    write_regions(&mut q, 0..16, 0);
+    b.stop();
+    write_regions(&mut q, 0..16, 1);
+    wait_for(&m, "b faulted", |v| {
+        v.children[1].state == ChildState::Faulted
+    });
+    a.fault
+        .as_ref()
+        .unwrap()
+        .set_latency(Duration::from_millis(200));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (engine, nexus, stop) = (engine.clone(), nexus.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut q = engine
+                .queue(&nexus, engine.cores()[1 % engine.cores().len()], 2)
+                .unwrap();
+            let mut round = 2;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                q.write_at(4096 * (round % 256), &block_data(round % 256, round), false)
+                    .unwrap();
+                round += 1;
+            }
+        })
+    };
+    b.start(&engine);
+    let v = wait_for(&m, "a copy held too long", |v| {
+        v.children[1]
+            .reason
+            .contains("held client writes for more than 50 ms")
+    });
+    println!(
+        "b: {} ({})",
+        v.children[1].state.name(),
+        v.children[1].reason
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    a.fault.as_ref().unwrap().set_latency(Duration::ZERO);
+    let v = wait_for(&m, "b back in sync", all_in_sync);
+    assert_eq!(v.children[1].reason, "", "{v:#?}");
     assert!(
         a.contents(&engine) == b.contents(&engine),
         "the replicas differ"

@@ -18,7 +18,7 @@ use cairn_replication::epoch::EpochStore;
 use cairn_replication::nexus::manager::{
     CreateRequest, NexusManager, NexusView, ResyncView, VerifyReport,
 };
-use cairn_replication::nexus::{ChildSpec, NexusOptions, REGION_BYTES_DEFAULT};
+use cairn_replication::nexus::{ChildSpec, NexusOptions, COPY_HOLD_MAX, REGION_BYTES_DEFAULT};
 use cairn_replication::proto::VolumeId;
 use cairn_replication::replica::{volume_id_for, ReplicaSet};
 use cairn_replication::server::ReplicaServer;
@@ -194,6 +194,7 @@ impl Node {
                 Duration::from_millis(r.io_timeout_ms)
             },
             rebuild_bytes_per_s: (r.rebuild_bytes_per_s != 0).then_some(r.rebuild_bytes_per_s),
+            copy_hold_max: COPY_HOLD_MAX,
         };
         let v = self.repl()?.nexus.create(CreateRequest {
             name: r.name,

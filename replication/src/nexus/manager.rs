@@ -327,6 +327,12 @@ impl NexusManager {
         if o.io_timeout.is_zero() {
             return Err(Self::invalid(name, "the I/O timeout must be above zero"));
         }
+        if o.copy_hold_max.is_zero() {
+            return Err(Self::invalid(
+                name,
+                "the copy hold bound must be above zero",
+            ));
+        }
         if o.rebuild_bytes_per_s == Some(0) {
             return Err(Self::invalid(
                 name,

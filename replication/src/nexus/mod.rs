@@ -57,6 +57,10 @@ pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 pub const REGION_BYTES_DEFAULT: u64 = 64 << 10;
 /// Smallest and largest region sizes accepted.
 pub const REGION_BYTES_MIN: u64 = 4096;
+/// The longest a resync copy may hold its range while a client write waits on it (the bound
+/// on a client write's wait for a resync); past it the target is faulted. The default of
+/// [`NexusOptions::copy_hold_max`], and what cairn-node uses.
+pub const COPY_HOLD_MAX: Duration = Duration::from_millis(50);
 pub const REGION_BYTES_MAX: u64 = 1 << 30;
 
 /// Where a child lives.
@@ -256,6 +260,10 @@ pub struct NexusOptions {
     pub io_timeout: Duration,
     /// Resync and rebuild copy at most this many bytes per second; `None` is unlimited.
     pub rebuild_bytes_per_s: Option<u64>,
+    /// A resync copy holding its range longer than this while a client write waits on it
+    /// faults the target ([`COPY_HOLD_MAX`]; tests that must not fail on a slow machine
+    /// raise it).
+    pub copy_hold_max: Duration,
 }
 
 impl Default for NexusOptions {
@@ -265,6 +273,7 @@ impl Default for NexusOptions {
             region_bytes: REGION_BYTES_DEFAULT,
             io_timeout: IO_TIMEOUT_DEFAULT,
             rebuild_bytes_per_s: None,
+            copy_hold_max: COPY_HOLD_MAX,
         }
     }
 }

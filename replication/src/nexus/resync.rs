@@ -10,7 +10,7 @@
 //! takes the range's dirty blocks, copies each contiguous run of them in chunks of one DMA
 //! buffer (read from the source, then write to the target), and clears the bit. Client
 //! writes to a range being copied wait in their channels; a copy that holds a range longer
-//! than [`COPY_HOLD_MAX`] faults the target rather than stall them. After the pass the job
+//! than `copy_hold_max` ([`super::COPY_HOLD_MAX`]) faults the target rather than stall them. After the pass the job
 //! flushes the target and puts it in the in-sync set. A rebuild is the same job with every
 //! block set. There is no write freeze. Ordering argument: `docs/replication.md`.
 //!
@@ -38,11 +38,6 @@ pub const RESYNC_CHUNKS_MAX: usize = 16;
 /// Copy ranges one job holds at once (each one [`AREA_BYTES`]): two copy while a third
 /// waits for its writes to drain.
 pub const RESYNC_RANGES_MAX: usize = 3;
-/// The longest a copy may hold its range while a client write waits on it: from setting the
-/// range's copying bit to its last chunk written. Past it, once a write has been turned back,
-/// the target is faulted (its resync starts again later from what is still dirty). A copy
-/// nobody waits on may take longer (a rebuild on a slow disk).
-pub const COPY_HOLD_MAX: Duration = Duration::from_millis(50);
 /// How soon the job looks again while it waits on other cores (a barrier, or the writes in
 /// flight to a range it holds).
 const RESYNC_RECHECK: Duration = Duration::from_micros(200);
@@ -312,11 +307,16 @@ impl NexusChannel {
                 continue;
             }
             let word = shared.ranges[h.area as usize].load(Ordering::SeqCst);
-            if word & RANGE_WAITED != 0 && now.saturating_duration_since(h.since) > COPY_HOLD_MAX {
+            // The hold runs from setting the range's copying bit to its last chunk written;
+            // past the bound, once a write has been turned back, the target is faulted (its
+            // resync starts again later from what is still dirty). A copy nobody waits on
+            // may take longer (a rebuild on a slow disk).
+            let hold_max = shared.options.copy_hold_max;
+            if word & RANGE_WAITED != 0 && now.saturating_duration_since(h.since) > hold_max {
                 let reason = format!(
                     "the copy of the range at offset {} held client writes for more than {} ms",
                     h.area * AREA_BYTES,
-                    COPY_HOLD_MAX.as_millis()
+                    hold_max.as_millis()
                 );
                 shared.fault(target, &format!("resync failed: {reason}"));
                 job.failed = Some(reason);
