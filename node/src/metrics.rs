@@ -126,6 +126,23 @@ fn render_nexuses(out: &mut String, nexuses: &[NexusView]) {
         "Bytes copied to a replica by its running or last resync or rebuild (0 when one starts).",
         &|c| c.copied_bytes,
     );
+    header(
+        out,
+        "cairn_nexus_resync_write_wait_max_seconds",
+        "gauge",
+        "Longest a client write waited on a copy of a replica's running or last resync or rebuild (0 when one starts).",
+    );
+    for n in nexuses {
+        for c in &n.children {
+            let _ = writeln!(
+                out,
+                "cairn_nexus_resync_write_wait_max_seconds{{nexus=\"{}\",replica=\"{}\"}} {}",
+                escape(&n.name),
+                escape(&c.spec),
+                c.write_wait_max_us as f64 / 1e6
+            );
+        }
+    }
     type Field = fn(&ResyncView) -> f64;
     let families: [(&str, &str, Field); 5] = [
         (
@@ -135,7 +152,7 @@ fn render_nexuses(out: &mut String, nexuses: &[NexusView]) {
         ),
         (
             "cairn_nexus_resync_total_bytes",
-            "Bytes the running resync or rebuild has to copy (fixed when a pass starts).",
+            "Bytes the running resync or rebuild has to copy (fixed when its single pass starts).",
             |r| r.total_bytes as f64,
         ),
         (
@@ -488,6 +505,7 @@ mod tests {
                 dirty_bytes: 3 << 20,
                 copied_bytes: 7,
                 generation: 2,
+                write_wait_max_us: 1500,
             }],
             resync: Some(ResyncView {
                 child: "10.0.0.6:10820".into(),
@@ -497,6 +515,7 @@ mod tests {
                 progress: 0.25,
                 bytes_per_s: 1048576.0,
                 eta_s: 3.0,
+                write_wait_max_us: 1500,
             }),
             generation: 3,
         };
@@ -540,6 +559,8 @@ mod tests {
             "cairn_nexus_resync_progress_ratio{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 0.25",
             "cairn_nexus_resync_bytes_per_second{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 1048576",
             "cairn_nexus_resync_eta_seconds{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 3",
+            "# TYPE cairn_nexus_resync_write_wait_max_seconds gauge",
+            "cairn_nexus_resync_write_wait_max_seconds{nexus=\"pg\",replica=\"10.0.0.6:10820\"} 0.0015",
         ] {
             assert!(text.contains(line), "{line}\n{text}");
         }

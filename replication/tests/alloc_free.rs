@@ -13,7 +13,7 @@ use cairn_engine::bdev::Bdev;
 use cairn_engine::{CoreList, Engine, EngineConfig, IoOp, IoQueue, QueueCompletion, Request};
 use cairn_replication::epoch::EpochStore;
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager};
-use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions};
+use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
@@ -138,6 +138,7 @@ fn replicated_writes_to_a_remote_replica_allocate_nothing_in_steady_state() {
                 region_bytes: 64 << 10,
                 io_timeout: Duration::from_secs(30),
                 rebuild_bytes_per_s: None,
+                copy_hold_max: COPY_HOLD_MAX,
             },
             epoch: None,
             takeover: false,

@@ -8,7 +8,7 @@ use cairn_engine::bdev::Bdev;
 use cairn_engine::{CoreList, Engine, EngineConfig};
 use cairn_replication::epoch::EpochStore;
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager};
-use cairn_replication::nexus::{ChildSpec, NexusOptions};
+use cairn_replication::nexus::{ChildSpec, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
@@ -89,6 +89,7 @@ fn destroying_a_nexus_releases_its_connections_and_threads() {
                 region_bytes: 64 << 10,
                 io_timeout: Duration::from_secs(5),
                 rebuild_bytes_per_s: None,
+                copy_hold_max: COPY_HOLD_MAX,
             },
             epoch: None,
             // Every round after the first opens the replica the previous round's nexus held.

@@ -18,7 +18,7 @@ use cairn_replication::epoch::EpochStore;
 use cairn_replication::nexus::manager::{
     CreateRequest, NexusManager, NexusView, ResyncView, VerifyReport,
 };
-use cairn_replication::nexus::{ChildSpec, NexusOptions, REGION_BYTES_DEFAULT};
+use cairn_replication::nexus::{ChildSpec, NexusOptions, COPY_HOLD_MAX, REGION_BYTES_DEFAULT};
 use cairn_replication::proto::VolumeId;
 use cairn_replication::replica::{volume_id_for, ReplicaSet};
 use cairn_replication::server::ReplicaServer;
@@ -194,6 +194,7 @@ impl Node {
                 Duration::from_millis(r.io_timeout_ms)
             },
             rebuild_bytes_per_s: (r.rebuild_bytes_per_s != 0).then_some(r.rebuild_bytes_per_s),
+            copy_hold_max: COPY_HOLD_MAX,
         };
         let v = self.repl()?.nexus.create(CreateRequest {
             name: r.name,
@@ -367,6 +368,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                 dirty_bytes: c.dirty_bytes,
                 copied_bytes: c.copied_bytes,
                 generation: c.generation,
+                write_wait_max_us: c.write_wait_max_us,
             })
             .collect(),
         resync: v.resync.map(
@@ -378,6 +380,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                  progress,
                  bytes_per_s,
                  eta_s,
+                 write_wait_max_us,
              }| pb::Resync {
                 replica: child,
                 full,
@@ -386,6 +389,7 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
                 bytes_per_s,
                 progress,
                 eta_s,
+                write_wait_max_us,
             },
         ),
         export_name,

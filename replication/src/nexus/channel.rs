@@ -2,7 +2,11 @@
 //! table, its timeouts, and (on the home core) the resync job.
 //!
 //! Every client request becomes a parent slot with one sub-request per child it goes to:
-//! one for a read, one per in-sync child for a write, flush, trim or write-zeroes. Local
+//! one for a read, one per in-sync or syncing child for a write, flush, trim or
+//! write-zeroes. A write that goes to a syncing child first enters its copy ranges
+//! ([`NexusShared::enter_ranges`]); while a resync copy holds one, it waits in the channel
+//! (in order, like every request behind it) and the wait is measured
+//! (`ChildShared::write_wait_max_ns`). Local
 //! children are reached with [`IoCtx::submit_to`] (the volume's channel on this core), remote
 //! ones with a replica frame on this core's connection. A parent completes when its last sub
 //! does; the rules deciding its result are in [`NexusChannel::finish`].
@@ -32,8 +36,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often a channel with requests held by the freeze, or completions held for a
-/// generation raise, looks again.
+/// How often a channel with requests held (by the freeze, or by a resync copy of their
+/// range), or completions held for a generation raise, looks again.
 const HELD_RECHECK: Duration = Duration::from_millis(1);
 /// Deadlines the timeout queue holds: one per sub-request that can be in flight. Answered
 /// sub-requests leave their deadline behind until it expires; when the queue is full, those
@@ -59,11 +63,14 @@ pub(super) enum Path {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     Client,
-    /// Reading a region chunk from a source for the resync target.
+    /// Reading a chunk of held copy range `range` (an index into the job's) from a source.
     ResyncRead {
-        target: u8,
+        range: u8,
     },
-    ResyncWrite,
+    /// Writing that chunk to the target.
+    ResyncWrite {
+        range: u8,
+    },
     ResyncFlush,
 }
 
@@ -91,8 +98,14 @@ pub(super) struct FanOutRequest {
     pub(super) ok: u8,
     /// Children tried (reads retry on another child).
     pub(super) tried: u8,
-    /// Children not in sync when the write started: they missed it.
+    /// Children faulted when the write started: they missed it.
     pub(super) missed: u8,
+    /// Syncing children it was sent to: they count toward nothing.
+    pub(super) syncing: u8,
+    /// It entered its copy ranges (it goes to a syncing child); leaves them when it ends.
+    pub(super) ranged: bool,
+    /// The write barrier era it was counted in (`NexusChannel::writes_by_era`).
+    pub(super) era: u8,
     pub(super) stale: bool,
     pub(super) counted: bool,
     /// The flush generation this flush switched away from.
@@ -122,6 +135,9 @@ impl FanOutRequest {
             ok: 0,
             tried: 0,
             missed: 0,
+            syncing: 0,
+            ranged: false,
+            era: 0,
             stale: false,
             counted: false,
             flipped: None,
@@ -154,8 +170,13 @@ pub(super) struct NexusChannel {
     retired: Vec<Box<dyn Conn>>,
     pub(super) slots: Vec<FanOutRequest>,
     pub(super) free: Vec<u16>,
-    /// Client requests not started yet: no free slot, or writes frozen.
-    waiting: VecDeque<IoRequest>,
+    /// Client requests not started yet (no free slot, writes frozen, or a copy holds the
+    /// head's range), with when each arrived.
+    waiting: VecDeque<(IoRequest, Instant)>,
+    /// Since when the head of `waiting` has waited on a resync copy.
+    copy_wait_since: Option<Instant>,
+    /// The last refused start was refused by a resync copy.
+    copy_blocked: bool,
     /// Sub-requests not yet sent to a remote child (send queue or byte budget full).
     backlog: [VecDeque<u16>; CHILDREN_MAX],
     /// Remote sub-request deadlines (slot, its generation, child), in send order (one
@@ -167,6 +188,14 @@ pub(super) struct NexusChannel {
     writes_in_flight: u32,
     /// A quiesce round this channel answers once `writes_in_flight` is zero.
     quiesce_round: Option<u64>,
+    /// Writes in flight by barrier era: a barrier round switches `era` and is answered once
+    /// the old era's count is zero ([`NexusShared::barrier`]).
+    writes_by_era: [u32; 2],
+    era: u8,
+    /// The barrier round being answered and the era it waits for.
+    barrier: Option<(u64, u8)>,
+    /// A barrier round that arrived while another was waiting: started once that one is.
+    barrier_next: Option<u64>,
     pub(super) resync: Option<ResyncJob>,
     /// Completed writes whose acknowledgement waits until the generation they need (first)
     /// is durable on every in-sync child: (generation, parent slot, result). The slot stays
@@ -199,6 +228,12 @@ impl NexusChannel {
             replies: Vec::with_capacity(PARENTS_MAX),
             writes_in_flight: 0,
             quiesce_round: None,
+            writes_by_era: [0; 2],
+            era: 0,
+            barrier: None,
+            barrier_next: None,
+            copy_wait_since: None,
+            copy_blocked: false,
             resync: None,
             held: VecDeque::with_capacity(PARENTS_MAX),
         };
@@ -411,10 +446,12 @@ impl NexusChannel {
         true
     }
 
-    /// Starts (or fails) a client request; false when it must wait (no free slot, or writes
-    /// frozen) and was not consumed.
+    /// Starts (or fails) a client request; false when it must wait (no free slot, writes
+    /// frozen, or a resync copy holds its range) and was not consumed.
     fn start(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
         let writes = req.op != IoOp::Read;
+        let (mut targets, mut missed, mut syncing) = (0u8, 0u8, 0u8);
+        self.copy_blocked = false;
         if writes {
             let shared = &*self.shared;
             if shared.fenced.load(Ordering::Acquire)
@@ -428,22 +465,56 @@ impl NexusChannel {
             if shared.frozen.load(Ordering::Acquire) {
                 return false;
             }
+            for c in 0..CHILDREN_MAX {
+                match shared.child(c).state() {
+                    ChildState::InSync => targets |= 1 << c,
+                    // Syncing before this core picked up its path (the manager sets the state,
+                    // then publishes): it misses this write, which its job's barrier waits
+                    // for, so the mark it leaves is copied.
+                    ChildState::Syncing if matches!(self.paths[c], Path::None) => missed |= 1 << c,
+                    ChildState::Syncing => syncing |= 1 << c,
+                    ChildState::Empty => {}
+                    ChildState::Faulted => missed |= 1 << c,
+                }
+            }
+        }
+        let ranged = syncing != 0 && req.op != IoOp::Flush;
+        if ranged
+            && !self
+                .shared
+                .enter_ranges(req.offset_bytes, u64::from(req.len_bytes))
+        {
+            self.copy_wait_since.get_or_insert(io.now());
+            self.copy_blocked = true;
+            return false;
         }
         let Some(slot) = self.alloc(Kind::Client, req) else {
+            if ranged {
+                self.shared
+                    .leave_ranges(req.offset_bytes, u64::from(req.len_bytes));
+            }
             return false;
         };
-        self.slots[slot as usize].counted = writes;
+        let era = self.era;
+        let p = &mut self.slots[slot as usize];
+        p.counted = writes;
+        p.ranged = ranged;
+        p.era = era;
+        p.missed = missed;
+        p.syncing = syncing;
         if writes {
             self.writes_in_flight += 1;
-            self.fan_out(io, slot);
+            self.writes_by_era[era as usize] += 1;
+            self.fan_out(io, slot, targets | syncing);
         } else {
             self.read_from_next(io, slot);
         }
         true
     }
 
-    /// Sends a write, flush, trim or write-zeroes to every in-sync child.
-    fn fan_out(&mut self, io: &mut IoCtx, slot: u16) {
+    /// Sends a write, flush, trim or write-zeroes to `targets` (the children in sync or
+    /// syncing when it started).
+    fn fan_out(&mut self, io: &mut IoCtx, slot: u16, targets: u8) {
         let op = self.slots[slot as usize].req.op;
         if op == IoOp::Flush
             && self
@@ -454,16 +525,6 @@ impl NexusChannel {
         {
             let g = self.shared.flush_gen.fetch_add(1, Ordering::SeqCst);
             self.slots[slot as usize].flipped = Some(g);
-        }
-        let mut targets = 0u8;
-        for c in 0..CHILDREN_MAX {
-            match self.shared.child(c).state() {
-                ChildState::InSync => targets |= 1 << c,
-                ChildState::Empty => {}
-                ChildState::Faulted | ChildState::Syncing => {
-                    self.slots[slot as usize].missed |= 1 << c
-                }
-            }
         }
         if targets == 0 {
             self.finish(io, slot);
@@ -520,7 +581,7 @@ impl NexusChannel {
                     child.unflushed[(g & 1) as usize].mark(off, len);
                     // A fault that raced this write may already have merged the unflushed
                     // maps: record it as missed too (both sides SeqCst).
-                    if child.state() != ChildState::InSync {
+                    if matches!(child.state(), ChildState::Faulted | ChildState::Empty) {
                         child.dirty.mark(off, len);
                     }
                 }
@@ -567,8 +628,9 @@ impl NexusChannel {
                     shared.child(c).dirty.mark(off, len);
                 }
             }
+            // A syncing child's copy counts toward nothing.
             !p.stale
-                && p.ok != 0
+                && p.ok & !p.syncing != 0
                 && !shared.fenced.load(Ordering::Acquire)
                 && shared.in_sync_count() >= shared.options.min_in_sync
         };
@@ -582,18 +644,23 @@ impl NexusChannel {
             }
             shared.flip_busy.store(false, Ordering::SeqCst);
         }
-        let counted = p.counted;
+        let (counted, ranged, era) = (p.counted, p.ranged, p.era);
         let res = match (success, op) {
             (false, _) => -libc::EIO,
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
             (true, _) => 0,
         };
-        // The write's I/O is over and its dirty marks are made: a quiesce round (the resync's
-        // final freeze, a promote) need not wait for its acknowledgement, which a generation
-        // raise may hold below.
+        // The write's I/O is over on every child and its dirty marks are made: a copy of its
+        // range may go ahead, and a quiesce round (a promote) or a barrier (a resync's start)
+        // need not wait for its acknowledgement, which a generation raise may hold below.
+        if ranged {
+            shared.leave_ranges(off, len);
+        }
         if counted {
             self.writes_in_flight -= 1;
+            self.writes_by_era[era as usize] -= 1;
             self.answer_quiesce();
+            self.answer_barrier();
         }
         if success && op != IoOp::Read && (!self.held.is_empty() || self.shared.raise_pending()) {
             // A child that missed this write may hold the same generation as the others
@@ -608,6 +675,36 @@ impl NexusChannel {
         );
         io.post(owner, tag, res);
         self.release_slot(io, slot);
+    }
+
+    /// A barrier round reaches this channel: writes started from now on count in the other
+    /// era, and the round is answered once the current one has none left.
+    fn on_barrier(&mut self, round: u64) {
+        if self.barrier.is_some() {
+            self.barrier_next = Some(round);
+            return;
+        }
+        let old = self.era;
+        self.era ^= 1;
+        self.barrier = Some((round, old));
+        self.answer_barrier();
+    }
+
+    /// Answers the pending barrier round once its era has no write left (and starts one
+    /// that arrived meanwhile).
+    fn answer_barrier(&mut self) {
+        while let Some((round, old)) = self.barrier {
+            if self.writes_by_era[old as usize] > 0 {
+                return;
+            }
+            self.shared.barrier_passed(round);
+            self.barrier = None;
+            if let Some(next) = self.barrier_next.take() {
+                let old = self.era;
+                self.era ^= 1;
+                self.barrier = Some((next, old));
+            }
+        }
     }
 
     /// Answers the pending quiesce round once no write of this core is in flight.
@@ -794,15 +891,30 @@ impl NexusChannel {
         }
     }
 
-    /// Starts held requests in order, until one must wait again.
+    /// Starts held requests in order, until one must wait again. A request that started
+    /// after waiting on a resync copy records how long it waited on it.
     fn poll_waiting(&mut self, io: &mut IoCtx) -> usize {
         let mut n = 0;
-        while let Some(req) = self.waiting.front().copied() {
+        while let Some((req, arrived)) = self.waiting.front().copied() {
             if !self.start(io, req) {
                 break;
             }
             self.waiting.pop_front();
+            if let Some(since) = self.copy_wait_since {
+                let waited = io.now().saturating_duration_since(since.max(arrived));
+                let job = self.shared.resync.child.load(Ordering::Acquire);
+                if job != 0 {
+                    self.shared
+                        .child(job as usize - 1)
+                        .write_wait_max_ns
+                        .fetch_max(waited.as_nanos() as u64, Ordering::Relaxed);
+                }
+            }
             n += 1;
+        }
+        // The head waits for something else (or nothing): later waits are not the copy's.
+        if self.waiting.is_empty() || !self.copy_blocked {
+            self.copy_wait_since = None;
         }
         n
     }
@@ -816,6 +928,21 @@ impl NexusChannel {
             conn.release(io);
             false
         });
+    }
+}
+
+/// Barrier round `round` reaches this core: its channel of the nexus answers once the writes
+/// it started before have finished (at once if it has no channel here).
+pub(super) fn on_barrier(core: &mut Core, shared: &Arc<NexusShared>, round: u64) {
+    let answered_later = shared.bdev.get().and_then(|&bdev| {
+        core.with_channel(bdev, |ch, _| {
+            let nexus = ch.as_any_mut()?.downcast_mut::<NexusChannel>()?;
+            nexus.on_barrier(round);
+            Some(())
+        })?
+    });
+    if answered_later.is_none() {
+        shared.barrier_passed(round);
     }
 }
 
@@ -843,7 +970,7 @@ impl BdevChannel for NexusChannel {
     fn submit(&mut self, io: &mut IoCtx, req: IoRequest) {
         self.refresh_paths(io);
         if !self.waiting.is_empty() || !self.start(io, req) {
-            self.waiting.push_back(req);
+            self.waiting.push_back((req, io.now()));
         }
     }
 

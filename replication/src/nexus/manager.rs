@@ -90,9 +90,13 @@ pub struct ChildView {
     /// Why it is out of the in-sync set (or was, until its resync ended); cleared once it is
     /// back in sync.
     pub reason: String,
+    /// Bytes of the 4 KiB blocks it missed and still needs copied.
     pub dirty_bytes: u64,
     /// Bytes copied to it by its running (or last) resync or rebuild.
     pub copied_bytes: u64,
+    /// The longest a client write waited on a copy of its running (or last) resync or
+    /// rebuild, in microseconds (bounded by `COPY_HOLD_MAX`).
+    pub write_wait_max_us: u64,
     /// The data generation its replica holds durably, as far as the nexus knows.
     pub generation: u64,
 }
@@ -105,7 +109,7 @@ pub struct ResyncView {
     pub full: bool,
     /// Bytes this job has copied.
     pub done_bytes: u64,
-    /// Bytes it has to copy: fixed when a pass starts, raised only by a later pass.
+    /// Bytes it has to copy: the bytes dirty when its single pass starts (0 until then).
     pub total_bytes: u64,
     /// The highest fraction `done_bytes / total_bytes` reached, 0 to 1.
     pub progress: f64,
@@ -114,6 +118,8 @@ pub struct ResyncView {
     /// Seconds left at that rate for what the total still holds; 0 while nothing has been
     /// copied (the rate is then 0 too).
     pub eta_s: f64,
+    /// The longest a client write has waited on one of its copies so far, in microseconds.
+    pub write_wait_max_us: u64,
 }
 
 /// What `show` reports.
@@ -320,6 +326,12 @@ impl NexusManager {
         }
         if o.io_timeout.is_zero() {
             return Err(Self::invalid(name, "the I/O timeout must be above zero"));
+        }
+        if o.copy_hold_max.is_zero() {
+            return Err(Self::invalid(
+                name,
+                "the copy hold bound must be above zero",
+            ));
         }
         if o.rebuild_bytes_per_s == Some(0) {
             return Err(Self::invalid(
@@ -1046,7 +1058,7 @@ impl NexusManager {
                 }
                 let child = shared.child(*c);
                 for &r in &wrong {
-                    child.dirty.set(r);
+                    child.dirty.mark(r * region_bytes, region_bytes);
                 }
                 shared.fault(
                     *c,
@@ -1210,7 +1222,7 @@ impl NexusManager {
                             child.gen_stored.store(record.generation, Ordering::SeqCst);
                             child.set_state(ChildState::Syncing);
                             shared.publish(c, paths);
-                            tracing::info!(nexus = %shared.name, child = %spec, dirty_regions = child.dirty.count(), "faulted replica is back; resync queued");
+                            tracing::info!(nexus = %shared.name, child = %spec, dirty_bytes = child.dirty.count_bytes(), "faulted replica is back; resync queued");
                         }
                         // Reset: the next outage is retried quickly again.
                         (RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MIN)
@@ -1286,9 +1298,9 @@ fn view(shared: &NexusShared) -> NexusView {
                 spec: spec.to_string(),
                 state: child.state(),
                 reason: child.reason.lock().clone(),
-                dirty_bytes: (child.dirty.count() * child.dirty.region_bytes())
-                    .min(shared.info.size_bytes),
+                dirty_bytes: child.dirty.count_bytes(),
                 copied_bytes: child.copied_bytes.load(Ordering::Relaxed),
+                write_wait_max_us: child.write_wait_max_ns.load(Ordering::Relaxed) / 1000,
                 generation: child.gen_stored.load(Ordering::Acquire),
             })
         })
@@ -1330,6 +1342,11 @@ fn view(shared: &NexusShared) -> NexusView {
                 } else {
                     0.0
                 },
+                write_wait_max_us: shared
+                    .child(c as usize - 1)
+                    .write_wait_max_ns
+                    .load(Ordering::Relaxed)
+                    / 1000,
             })
         }
     };

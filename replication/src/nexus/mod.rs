@@ -3,19 +3,22 @@
 //! have (DRBD's protocol C), and serves reads from the local replica when there is one.
 //!
 //! Ownership: [`NexusShared`] is the one state every core's channel sees: the epoch, each
-//! child's state and path set-up, the dirty and unflushed region maps, the write freeze and
-//! the resync order. Channels ([`channel`]) own the I/O path of their core: their own
+//! child's state and path set-up, the dirty block and unflushed region maps, the copy-range
+//! table that orders resync copies against client writes, the write freeze (promote only)
+//! and the resync order. Channels ([`channel`]) own the I/O path of their core: their own
 //! connection to each remote child, their in-flight table and their timers, so the per-I/O
 //! path takes no lock. State changes that every core must see (a fault, a new path, the
 //! epoch) are atomics read per request, or a generation counter that tells a channel to
 //! pick up new paths under the (control-path) mutex. Per-write accounting is core-local: each
-//! channel counts its own writes in flight in a plain field, and the write freeze learns that
-//! every core has drained by asking each one with a message ([`NexusShared::quiesce`]), so a
-//! write costs no shared read-modify-write and no `Arc` clone.
+//! channel counts its own writes in flight in a plain field, and the write freeze (and a
+//! resync's write barrier) learns that every core has drained by asking each one with a
+//! message ([`NexusShared::quiesce`], [`NexusShared::barrier`]), so a write costs no shared
+//! read-modify-write and no `Arc` clone, except a write that goes to a syncing child: it
+//! enters its copy ranges ([`NexusShared::enter_ranges`]).
 //!
 //! What a nexus must never do: acknowledge a write before every in-sync child has it, write
 //! under an epoch a replica has fenced off, let a child back into the in-sync set before
-//! every region it missed has been copied, acknowledge a write a faulted child missed before
+//! every block it missed has been copied, let a resync copy overwrite a newer client write, acknowledge a write a faulted child missed before
 //! every in-sync child holds a data generation above that child's (the generation raise,
 //! [`NexusShared::fault`] and `manager.rs`), or read from a child that is not in sync.
 //! `docs/replication.md` gives the arguments.
@@ -28,13 +31,13 @@ mod resync;
 use crate::proto::{Epoch, VolumeId};
 use crate::replica::HostedReplica;
 use crate::transport::Link;
-use bitmap::RegionMap;
+use bitmap::{BlockMap, RegionMap, AREA_BYTES};
 use cairn_engine::bdev::{Bdev, BdevChannel, BdevError, BdevInfo};
 use cairn_engine::reactor::{BdevId, IoCtx};
 use cairn_engine::{Core, CoreId};
 use parking_lot::Mutex;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -49,10 +52,15 @@ pub const PARENTS_MAX: usize = 256;
 pub const CHILD_IN_FLIGHT_BYTES_MAX: usize = 8 << 20;
 /// Default for how long a remote child may take to answer before it is faulted.
 pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
-/// Default region size of the dirty-region maps.
-pub const REGION_BYTES_DEFAULT: u64 = 1 << 20;
+/// Default region size of the unflushed maps and of `verify` (what a replica missed is
+/// tracked per 4 KiB block whatever this is: [`bitmap::BlockMap`]).
+pub const REGION_BYTES_DEFAULT: u64 = 64 << 10;
 /// Smallest and largest region sizes accepted.
 pub const REGION_BYTES_MIN: u64 = 4096;
+/// The longest a resync copy may hold its range while a client write waits on it (the bound
+/// on a client write's wait for a resync); past it the target is faulted. The default of
+/// [`NexusOptions::copy_hold_max`], and what cairn-node uses.
+pub const COPY_HOLD_MAX: Duration = Duration::from_millis(50);
 pub const REGION_BYTES_MAX: u64 = 1 << 30;
 
 /// Where a child lives.
@@ -102,7 +110,8 @@ pub enum ChildState {
     InSync = 1,
     /// Out: missed writes are recorded in its dirty map until it is resynced.
     Faulted = 2,
-    /// Connected and being resynced or rebuilt; receives no writes until it is in sync.
+    /// Connected and being resynced or rebuilt: receives every client write (ordered against
+    /// the copies, `resync.rs`), but counts toward nothing and is never read from.
     Syncing = 3,
 }
 
@@ -141,8 +150,8 @@ pub(crate) struct ChildShared {
     gen: AtomicU64,
     /// One prepared path per core (indexed like `NexusShared::cores`), taken by its channel.
     paths: Mutex<Vec<Option<PathSetup>>>,
-    /// Regions this child missed while not in sync.
-    pub(crate) dirty: RegionMap,
+    /// Blocks this child missed while not in sync.
+    pub(crate) dirty: BlockMap,
     /// Regions written to this child since its last flush, by flush generation parity: a
     /// crash of the child may lose them, so a fault merges them into `dirty`.
     pub(crate) unflushed: [RegionMap; 2],
@@ -155,16 +164,19 @@ pub(crate) struct ChildShared {
     /// The data generation this child's replica holds durably, as far as the nexus knows
     /// (from its `OpenOk`, then from each generation the manager stored on it).
     pub(crate) gen_stored: AtomicU64,
+    /// The longest a client write waited on a copy of this child's running (or last) resync,
+    /// in nanoseconds: reset when a job starts.
+    pub(crate) write_wait_max_ns: AtomicU64,
 }
 
 impl ChildShared {
-    fn new(regions: u64, shift: u32, cores: usize) -> ChildShared {
+    fn new(size_bytes: u64, regions: u64, shift: u32, cores: usize) -> ChildShared {
         ChildShared {
             state: AtomicU8::new(ChildState::Empty as u8),
             spec: Mutex::new(None),
             gen: AtomicU64::new(0),
             paths: Mutex::new((0..cores).map(|_| None).collect()),
-            dirty: RegionMap::new(regions, shift),
+            dirty: BlockMap::new(size_bytes),
             unflushed: [
                 RegionMap::new(regions, shift),
                 RegionMap::new(regions, shift),
@@ -173,6 +185,7 @@ impl ChildShared {
             needs_rebuild: AtomicBool::new(false),
             copied_bytes: AtomicU64::new(0),
             gen_stored: AtomicU64::new(0),
+            write_wait_max_ns: AtomicU64::new(0),
         }
     }
 
@@ -186,7 +199,8 @@ impl ChildShared {
     }
 }
 
-/// One round of asking every core whether its writes drained under the freeze.
+/// One round of asking every core a question: whether its writes drained under the freeze
+/// (`quiesce`), or whether the writes it started before the round ended (`barrier`).
 #[derive(Debug, Default)]
 pub(crate) struct Quiesce {
     /// Numbers the rounds, so a late answer to an abandoned round is not counted.
@@ -211,11 +225,9 @@ pub(crate) struct ResyncProgress {
     pub(crate) full: AtomicBool,
     /// Bytes this job has copied to the target.
     pub(crate) done_bytes: AtomicU64,
-    /// Bytes dirty when the job started; at each later pass's start, raised (never lowered)
-    /// to the bytes copied so far plus the regions that pass will copy.
+    /// Bytes dirty when the job's single pass starts; fixed from then on.
     pub(crate) total_bytes: AtomicU64,
-    /// The highest `done_bytes / total_bytes` this job has reached, in parts per million:
-    /// a later pass that adds to the total holds it still rather than move it back.
+    /// The highest `done_bytes / total_bytes` this job has reached, in parts per million.
     pub(crate) progress_ppm: AtomicU64,
     pub(crate) elapsed_ms: AtomicU64,
 }
@@ -248,6 +260,10 @@ pub struct NexusOptions {
     pub io_timeout: Duration,
     /// Resync and rebuild copy at most this many bytes per second; `None` is unlimited.
     pub rebuild_bytes_per_s: Option<u64>,
+    /// A resync copy holding its range longer than this while a client write waits on it
+    /// faults the target ([`COPY_HOLD_MAX`]; tests that must not fail on a slow machine
+    /// raise it).
+    pub copy_hold_max: Duration,
 }
 
 impl Default for NexusOptions {
@@ -257,6 +273,7 @@ impl Default for NexusOptions {
             region_bytes: REGION_BYTES_DEFAULT,
             io_timeout: IO_TIMEOUT_DEFAULT,
             rebuild_bytes_per_s: None,
+            copy_hold_max: COPY_HOLD_MAX,
         }
     }
 }
@@ -272,14 +289,22 @@ pub struct NexusShared {
     /// fails from then on.
     pub(crate) fenced: AtomicBool,
     pub(crate) children: [ChildShared; CHILDREN_MAX],
-    /// Set while a resync finishes or a promote re-opens children: new writes wait in their
-    /// channels. Read (Acquire, no read-modify-write) by every write.
+    /// Per copy range ([`AREA_BYTES`]): [`RANGE_COPYING`] while a resync copies it,
+    /// [`RANGE_WAITED`] once a client write waited on that copy, and ([`RANGE_WRITES`]) the
+    /// count of client writes in flight to it that go to a syncing child. Touched only by
+    /// writes that go to a syncing child and by the resync (`docs/replication.md`, "Why a
+    /// copy never overwrites a newer write").
+    pub(crate) ranges: Box<[AtomicU32]>,
+    /// Set while a promote re-opens children: new writes wait in their channels. Read
+    /// (Acquire, no read-modify-write) by every write.
     pub(crate) frozen: AtomicBool,
     pub(crate) cores: Vec<CoreId>,
     /// The nexus's bdev, so a control message can find its channel on a core.
     pub(crate) bdev: OnceLock<BdevId>,
     /// The current quiesce round (control path: once per freeze).
     pub(crate) quiesce: Mutex<Quiesce>,
+    /// The current write barrier round (once per resync job, [`NexusShared::barrier`]).
+    pub(crate) barrier: Mutex<Quiesce>,
     /// Flush generation: its parity picks the `unflushed` map new writes are recorded in.
     pub(crate) flush_gen: AtomicU64,
     /// A flush that switched generations is in flight; others do not switch.
@@ -340,11 +365,15 @@ impl NexusShared {
             options,
             epoch: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
-            children: std::array::from_fn(|_| ChildShared::new(regions, shift, n)),
+            children: std::array::from_fn(|_| ChildShared::new(size_bytes, regions, shift, n)),
+            ranges: (0..size_bytes.div_ceil(AREA_BYTES))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             frozen: AtomicBool::new(false),
             cores,
             bdev: OnceLock::new(),
             quiesce: Mutex::new(Quiesce::default()),
+            barrier: Mutex::new(Quiesce::default()),
             flush_gen: AtomicU64::new(0),
             flip_busy: AtomicBool::new(false),
             resync_order: Mutex::new(None),
@@ -401,8 +430,8 @@ impl NexusShared {
         {
             return;
         }
-        child.dirty.merge(&child.unflushed[0]);
-        child.dirty.merge(&child.unflushed[1]);
+        child.dirty.merge_regions(&child.unflushed[0]);
+        child.dirty.merge_regions(&child.unflushed[1]);
         *child.reason.lock() = reason.to_string();
         if was == ChildState::InSync {
             if let Some(t) = self.raiser.lock().as_ref() {
@@ -463,6 +492,84 @@ impl NexusShared {
         round
     }
 
+    /// Starts a write barrier: asks every core's channel to answer once every write it
+    /// started before the message arrived has finished (writes started later do not count,
+    /// so a busy volume still answers). Returns the round for [`NexusShared::barrier_done`].
+    ///
+    /// A resync job starts with one after its target became syncing: every write that saw
+    /// the target faulted (and so will mark it dirty at completion rather than write it) has
+    /// then finished, so the dirty map the single pass copies is complete.
+    pub(crate) fn barrier(
+        self: &Arc<Self>,
+        mut send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
+    ) -> u64 {
+        let round = {
+            let mut q = self.barrier.lock();
+            q.round += 1;
+            q.drained = 0;
+            q.round
+        };
+        for &core in &self.cores {
+            let shared = self.clone();
+            send(
+                core,
+                Box::new(move |c: &mut Core| channel::on_barrier(c, &shared, round)),
+            );
+        }
+        round
+    }
+
+    /// Counts one core's answer to barrier round `round`.
+    pub(crate) fn barrier_passed(&self, round: u64) {
+        let mut q = self.barrier.lock();
+        if q.round == round {
+            q.drained += 1;
+        }
+    }
+
+    /// Whether every core answered barrier round `round`.
+    pub(crate) fn barrier_done(&self, round: u64) -> bool {
+        let q = self.barrier.lock();
+        q.round == round && q.drained == self.cores.len()
+    }
+
+    /// The copy ranges `[offset_bytes, offset_bytes + len_bytes)` touches.
+    #[inline]
+    pub(crate) fn range_span(offset_bytes: u64, len_bytes: u64) -> std::ops::RangeInclusive<usize> {
+        let first = (offset_bytes / AREA_BYTES) as usize;
+        let last = ((offset_bytes + len_bytes.max(1) - 1) / AREA_BYTES) as usize;
+        first..=last
+    }
+
+    /// A client write to a syncing child enters its copy ranges: false (and nothing held)
+    /// when a copy holds one of them, so the write waits and tries again.
+    pub(crate) fn enter_ranges(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        let span = Self::range_span(offset_bytes, len_bytes);
+        let last = (*span.end()).min(self.ranges.len() - 1);
+        for r in *span.start()..=last {
+            // One read-modify-write both counts the write and sees a copy that holds the
+            // range: single-location RMWs are totally ordered with the copier's `fetch_or`.
+            if self.ranges[r].fetch_add(1, Ordering::SeqCst) & RANGE_COPYING != 0 {
+                for back in *span.start()..=r {
+                    self.ranges[back].fetch_sub(1, Ordering::SeqCst);
+                }
+                // Tells the copy that a client waits: it must not hold the range too long.
+                self.ranges[r].fetch_or(RANGE_WAITED, Ordering::SeqCst);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A write that entered its ranges finished on every child.
+    pub(crate) fn leave_ranges(&self, offset_bytes: u64, len_bytes: u64) {
+        let span = Self::range_span(offset_bytes, len_bytes);
+        let last = (*span.end()).min(self.ranges.len() - 1);
+        for r in *span.start()..=last {
+            self.ranges[r].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
     /// Counts one core's answer to quiesce round `round`.
     pub(crate) fn drained(&self, round: u64) {
         let mut q = self.quiesce.lock();
@@ -477,6 +584,14 @@ impl NexusShared {
         q.round == round && q.drained == self.cores.len()
     }
 }
+
+/// A copy range's word in [`NexusShared::ranges`]: set while a resync copies the range; the
+/// bits below count client writes in flight to it.
+pub(crate) const RANGE_COPYING: u32 = 1 << 31;
+/// Set in a range's word by a client write the copy turned back; cleared with the copy's bit.
+pub(crate) const RANGE_WAITED: u32 = 1 << 30;
+/// The bits of a range's word that count client writes in flight.
+pub(crate) const RANGE_WRITES: u32 = RANGE_WAITED - 1;
 
 /// The nexus as an engine bdev.
 pub struct Nexus {

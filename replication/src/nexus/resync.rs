@@ -1,54 +1,78 @@
 //! Resync and rebuild, run by the nexus's channel on its home core (the first of its cores).
 //!
-//! The job copies every region set in the target's dirty map from an in-sync child (local
-//! first) to the target, which receives no client writes while it is `Syncing`; writes that
-//! land meanwhile set their regions again when they complete. Passes repeat until few
-//! regions remain, then the job freezes writes on every core, waits for those in flight to
-//! finish, copies the rest, flushes the target and only then puts it in the in-sync set and
-//! thaws. A rebuild is the same job with every region set. Ordering argument:
-//! `docs/replication.md`.
+//! A job copies, in one pass, every 4 KiB block set in the target's dirty map from an
+//! in-sync child (local first) to the target, which meanwhile receives every client write as
+//! well (it is `Syncing`). It starts with a write barrier ([`NexusShared::barrier`]): every
+//! write that saw the target faulted, and so marks it dirty at completion instead of writing
+//! it, has then finished, and the dirty map is complete. The pass then walks the map one
+//! copy range (one [`AREA_BYTES`] area) at a time: it sets the range's copying bit in
+//! [`NexusShared::ranges`], waits for the client writes in flight to that range to finish,
+//! takes the range's dirty blocks, copies each contiguous run of them in chunks of one DMA
+//! buffer (read from the source, then write to the target), and clears the bit. Client
+//! writes to a range being copied wait in their channels; a copy that holds a range longer
+//! than `copy_hold_max` ([`super::COPY_HOLD_MAX`]) faults the target rather than stall them. After the pass the job
+//! flushes the target and puts it in the in-sync set. A rebuild is the same job with every
+//! block set. There is no write freeze. Ordering argument: `docs/replication.md`.
 //!
 //! Progress (bytes done of the total, and the fraction shown) only goes forward within a job
-//! and starts from zero for each one: `ResyncProgress::publish`.
+//! and starts from zero for each one: the total is the bytes dirty when the pass starts.
 //!
-//! Limits: [`RESYNC_CHUNKS_MAX`] chunk copies in flight; the rate limit in
-//! `NexusOptions::rebuild_bytes_per_s`; at most [`FINAL_REGIONS_MAX`] regions (or whatever
-//! is left after [`PASSES_MAX`] passes) are copied with writes frozen.
+//! Limits: [`RESYNC_RANGES_MAX`] copy ranges held and [`RESYNC_CHUNKS_MAX`] chunk copies in
+//! flight; the rate limit in `NexusOptions::rebuild_bytes_per_s` (it gates taking a new
+//! range, so a held range is copied at full speed and never held longer for the limit).
 
+use super::bitmap::{AreaBits, AREA_BYTES, BLOCK_BYTES, LEAF_WORDS};
 use super::channel::{Kind, NexusChannel, Path};
-use super::{ChildState, ResyncOrder, CHILDREN_MAX};
+use super::{
+    ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, RANGE_COPYING, RANGE_WAITED, RANGE_WRITES,
+};
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::reactor::IoCtx;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Chunk copies (a read then a write of one DMA buffer) in flight.
-pub const RESYNC_CHUNKS_MAX: usize = 8;
-/// Regions left at the end of a pass below which the job freezes writes to finish.
-pub const FINAL_REGIONS_MAX: u64 = 64;
-/// Passes after which the job freezes writes whatever is left (a volume rewritten faster
-/// than it can be copied still converges).
-pub const PASSES_MAX: u32 = 8;
+/// Chunk copies (a read then a write of one DMA buffer, 128 KiB by default) in flight: 2 MiB,
+/// enough to keep a local disk and a loopback connection streaming during a rebuild, and
+/// small enough that a range's copy (its share of them) takes a few milliseconds.
+pub const RESYNC_CHUNKS_MAX: usize = 16;
+/// Copy ranges one job holds at once (each one [`AREA_BYTES`]): two copy while a third
+/// waits for its writes to drain.
+pub const RESYNC_RANGES_MAX: usize = 3;
+/// How soon the job looks again while it waits on other cores (a barrier, or the writes in
+/// flight to a range it holds).
+const RESYNC_RECHECK: Duration = Duration::from_micros(200);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
+    Barrier,
     Copy,
-    Quiesce,
-    Final,
     Flush,
     FlushWait,
+}
+
+/// A copy range the job holds.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    live: bool,
+    area: u64,
+    since: Instant,
+    /// The blocks taken from the dirty map once the writes in flight drained; `None` while
+    /// they drain.
+    bits: Option<AreaBits>,
+    /// The next block of `bits` to look at for a run to copy.
+    next: u64,
+    /// Chunk copies of this range in flight.
+    chunks: u32,
 }
 
 pub(super) struct ResyncJob {
     target: usize,
     full: bool,
     phase: Phase,
+    barrier_round: u64,
+    /// The next area the pass looks at: it only moves forward.
     cursor: u64,
-    /// The region being issued and the next offset in it.
-    region: Option<(u64, u64)>,
-    pass: u32,
-    /// The quiesce round the Quiesce phase waits for.
-    quiesce_round: u64,
+    held: [Held; RESYNC_RANGES_MAX],
     ops: usize,
     issued_bytes: u64,
     done_bytes: u64,
@@ -59,11 +83,22 @@ pub(super) struct ResyncJob {
 
 impl ResyncJob {
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.wake_at.or_else(|| {
-            // Quiescing waits on other cores: look again soon.
-            (self.phase == Phase::Quiesce).then(|| Instant::now() + Duration::from_micros(200))
-        })
+        let waiting = self.phase == Phase::Barrier || self.held.iter().any(|h| h.live);
+        let soon = waiting.then(|| Instant::now() + RESYNC_RECHECK);
+        [self.wake_at, soon].into_iter().flatten().min()
     }
+}
+
+/// The first run of set bits at or after block `from` of `bits`, at most `max` long:
+/// (first block, blocks).
+fn next_run(bits: &AreaBits, from: u64, max: u64) -> Option<(u64, u64)> {
+    let is_set = |b: u64| bits[(b / 64) as usize] & (1 << (b % 64)) != 0;
+    let end = LEAF_WORDS as u64 * 64;
+    let start = (from..end).find(|&b| is_set(b))?;
+    let len = (start..end.min(start + max))
+        .take_while(|&b| is_set(b))
+        .count() as u64;
+    Some((start, len))
 }
 
 impl NexusChannel {
@@ -97,68 +132,96 @@ impl NexusChannel {
         let over = job.ops == 0 && (job.failed.is_some() || job.phase == Phase::FlushWait);
         if over {
             let job = self.resync.take().expect("present");
-            let success = job.failed.is_none();
-            self.end(&job, success);
+            self.end(&job);
         }
         work
     }
 
     fn begin(&mut self, io: &mut IoCtx, order: ResyncOrder) {
-        let target = self.shared.child(order.child);
+        let shared = self.shared.clone();
+        let target = shared.child(order.child);
         if order.full {
             target.dirty.set_all();
         }
-        let region_bytes = target.dirty.region_bytes();
         // Every counter starts from zero for this job, before `child` makes it visible.
         target.copied_bytes.store(0, Ordering::Release);
-        let p = &self.shared.resync;
+        target.write_wait_max_ns.store(0, Ordering::Release);
+        let p = &shared.resync;
         p.full.store(order.full, Ordering::Release);
         p.done_bytes.store(0, Ordering::Release);
-        p.total_bytes.store(
-            (target.dirty.count() * region_bytes).min(self.shared.info.size_bytes),
-            Ordering::Release,
-        );
+        p.total_bytes.store(0, Ordering::Release);
         p.progress_ppm.store(0, Ordering::Release);
         p.elapsed_ms.store(0, Ordering::Release);
         p.child.store(order.child as u8 + 1, Ordering::Release);
+        let barrier_round = shared.barrier(|core, f| io.send(core, f));
         tracing::info!(
-            nexus = %self.shared.name,
+            nexus = %shared.name,
             child = order.child,
             full = order.full,
-            regions = target.dirty.count(),
             "resync started"
         );
+        let now = io.now();
         self.resync = Some(ResyncJob {
             target: order.child,
             full: order.full,
-            phase: Phase::Copy,
+            phase: Phase::Barrier,
+            barrier_round,
             cursor: 0,
-            region: None,
-            pass: 0,
-            quiesce_round: 0,
+            held: [Held {
+                live: false,
+                area: 0,
+                since: now,
+                bits: None,
+                next: 0,
+                chunks: 0,
+            }; RESYNC_RANGES_MAX],
             ops: 0,
             issued_bytes: 0,
             done_bytes: 0,
-            started: io.now(),
+            started: now,
             wake_at: None,
             failed: None,
         });
     }
 
-    fn end(&mut self, job: &ResyncJob, success: bool) {
-        let shared = &self.shared;
+    fn end(&mut self, job: &ResyncJob) {
+        let shared = self.shared.clone();
         let target = shared.child(job.target);
+        // Only a target still syncing joins: a fault (or a remove) after the flush wins.
+        let success = job.failed.is_none()
+            && target
+                .state
+                .compare_exchange(
+                    ChildState::Syncing as u8,
+                    ChildState::InSync as u8,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok();
         if success {
-            target.set_state(ChildState::InSync);
             // Back in sync: why it once left no longer describes it.
             target.reason.lock().clear();
-        } else if let Some((r, _)) = job.region {
-            target.dirty.set(r);
+        } else {
+            let reason = job
+                .failed
+                .clone()
+                .unwrap_or_else(|| "the target left the syncing state".into());
+            // Faulted before its ranges are released: a write that waited on one sees the
+            // target out when it tries again, and marks it dirty instead of writing it.
+            shared.fault(job.target, &format!("resync failed: {reason}"));
+            for h in job.held.iter().filter(|h| h.live) {
+                if let Some(bits) = &h.bits {
+                    target.dirty.remark(h.area, bits);
+                }
+            }
         }
-        shared.frozen.store(false, Ordering::SeqCst);
+        for h in job.held.iter().filter(|h| h.live) {
+            release(&shared, h.area);
+        }
         shared.resync.publish(job.done_bytes, 0);
         shared.resync.child.store(0, Ordering::Release);
         let secs = job.started.elapsed().as_secs_f64();
+        let wait_us = target.write_wait_max_ns.load(Ordering::Relaxed) / 1000;
         if success {
             tracing::info!(
                 nexus = %shared.name,
@@ -166,11 +229,14 @@ impl NexusChannel {
                 full = job.full,
                 copied_bytes = job.done_bytes,
                 seconds = secs,
+                write_wait_max_us = wait_us,
                 "resync finished; child is in sync"
             );
         } else {
-            let reason = job.failed.clone().unwrap_or_default();
-            shared.fault(job.target, &format!("resync failed: {reason}"));
+            let reason = job
+                .failed
+                .clone()
+                .unwrap_or_else(|| "the target left the syncing state".into());
             tracing::warn!(nexus = %shared.name, child = job.target, reason = %reason, "resync abandoned");
         }
     }
@@ -191,15 +257,18 @@ impl NexusChannel {
             return 1;
         }
         match job.phase {
-            Phase::Copy | Phase::Final => self.issue(io),
-            Phase::Quiesce => {
-                if shared.quiesced(job.quiesce_round) {
-                    job.phase = Phase::Final;
-                    job.cursor = 0;
-                    return 1;
+            Phase::Barrier => {
+                if !shared.barrier_done(job.barrier_round) {
+                    return 0;
                 }
-                0
+                // The map is complete now, and only shrinks: the pass's total is fixed.
+                let total = shared.child(target).dirty.count_bytes();
+                p.total_bytes.store(total, Ordering::Release);
+                tracing::debug!(nexus = %shared.name, child = target, total_bytes = total, "resync pass starts");
+                job.phase = Phase::Copy;
+                1
             }
+            Phase::Copy => self.copy(io),
             Phase::Flush => {
                 let req = IoRequest {
                     op: IoOp::Flush,
@@ -223,101 +292,160 @@ impl NexusChannel {
         }
     }
 
-    /// Issues chunk copies up to the limits; moves to the next phase at the end of a pass.
-    fn issue(&mut self, io: &mut IoCtx) -> usize {
+    /// The copy phase: holds ranges, takes their blocks once their writes drained, issues
+    /// chunk copies, releases ranges whose copies ended; moves to the flush at the pass's end.
+    fn copy(&mut self, io: &mut IoCtx) -> usize {
         let shared = self.shared.clone();
+        let now = io.now();
         let target = self.job().target;
         let dirty = &shared.child(target).dirty;
-        let region_bytes = dirty.region_bytes();
-        let size = shared.info.size_bytes;
-        let chunk_max = u64::from(super::NEXUS_IO_MAX_BYTES.min(io.pool().buf_size_bytes()));
         let mut n = 0;
-        self.job().wake_at = None;
-        while self.job().ops < RESYNC_CHUNKS_MAX {
+        for i in 0..RESYNC_RANGES_MAX {
             let job = self.job();
-            if let Some(rate) = shared.options.rebuild_bytes_per_s {
-                let allowed = (job.started.elapsed().as_secs_f64() * rate as f64) as u64;
-                if job.issued_bytes >= allowed.max(chunk_max) {
-                    let due = job.issued_bytes as f64 / rate as f64;
-                    job.wake_at = Some(job.started + Duration::from_secs_f64(due));
-                    break;
-                }
+            let h = &mut job.held[i];
+            if !h.live {
+                continue;
             }
-            let (r, off) = match job.region {
-                Some(cur) => cur,
-                None => match dirty.next_set(job.cursor) {
-                    Some(r) => (r, r * region_bytes),
-                    None => {
-                        if job.ops == 0 {
-                            self.end_of_pass(io);
-                            n += 1;
-                        }
-                        break;
-                    }
-                },
-            };
-            let Some(source) = self.source(target) else {
-                self.job().failed = Some("no in-sync child to copy from".into());
-                break;
-            };
-            if io.pool().available() == 0 || self.free.is_empty() {
-                break;
+            let word = shared.ranges[h.area as usize].load(Ordering::SeqCst);
+            // The hold runs from setting the range's copying bit to its last chunk written;
+            // past the bound, once a write has been turned back, the target is faulted (its
+            // resync starts again later from what is still dirty). A copy nobody waits on
+            // may take longer (a rebuild on a slow disk).
+            let hold_max = shared.options.copy_hold_max;
+            if word & RANGE_WAITED != 0 && now.saturating_duration_since(h.since) > hold_max {
+                let reason = format!(
+                    "the copy of the range at offset {} held client writes for more than {} ms",
+                    h.area * AREA_BYTES,
+                    hold_max.as_millis()
+                );
+                shared.fault(target, &format!("resync failed: {reason}"));
+                job.failed = Some(reason);
+                return 1;
             }
-            if self.job().region.is_none() {
-                // Clear the bit before the copy reads: a write completing after this sets
-                // it again, so the region is copied once more.
-                dirty.take(r);
+            if h.bits.is_none() && word & RANGE_WRITES == 0 {
+                // No client write to the range is in flight, and none starts until release:
+                // taken now, its blocks are copied from a source that holds every write.
+                let bits = dirty.take_area(h.area);
+                h.bits = Some(bits);
+                job.issued_bytes += area_bytes(&bits);
+                n += 1;
             }
-            let end = ((r + 1) * region_bytes).min(size);
-            let len = chunk_max.min(end - off);
-            let mut buf = io.pool().get().expect("checked");
-            let req = IoRequest {
-                op: IoOp::Read,
-                offset_bytes: off,
-                len_bytes: len as u32,
-                buf: Some(buf.io_buf()),
-                fua: false,
-                owner: self.owner,
-                tag: 0,
-            };
-            let kind = Kind::ResyncRead {
-                target: target as u8,
-            };
-            let slot = self.alloc(kind, req).expect("checked");
-            self.slots[slot as usize].buf = Some(buf);
-            let job = self.job();
-            job.ops += 1;
-            job.issued_bytes += len;
-            job.region = (off + len < end).then_some((r, off + len));
-            if job.region.is_none() {
-                job.cursor = r + 1;
+        }
+        n += self.hold_ranges(now);
+        n += self.issue(io);
+        let job = self.job();
+        for h in job.held.iter_mut() {
+            let copied = h
+                .bits
+                .as_ref()
+                .is_some_and(|b| next_run(b, h.next, 1).is_none());
+            if h.live && copied && h.chunks == 0 {
+                release(&shared, h.area);
+                h.live = false;
+                n += 1;
             }
-            self.send_sub(io, slot, source);
+        }
+        if job.ops == 0 && !job.held.iter().any(|h| h.live) && dirty.next_area(job.cursor).is_none()
+        {
+            job.phase = Phase::Flush;
             n += 1;
         }
         n
     }
 
-    fn end_of_pass(&mut self, io: &mut IoCtx) {
+    /// Takes the next dirty ranges into free held slots, as the rate limit allows.
+    fn hold_ranges(&mut self, now: Instant) -> usize {
         let shared = self.shared.clone();
         let job = self.job();
         let dirty = &shared.child(job.target).dirty;
-        let left = dirty.count();
-        // The next pass's regions join the total now, once (see `ResyncProgress`).
-        shared
-            .resync
-            .publish(job.done_bytes, job.done_bytes + left * dirty.region_bytes());
-        match job.phase {
-            Phase::Copy if left <= FINAL_REGIONS_MAX || job.pass + 1 >= PASSES_MAX => {
-                job.quiesce_round = shared.quiesce(|core, f| io.send(core, f));
-                job.phase = Phase::Quiesce;
+        let mut n = 0;
+        job.wake_at = None;
+        while let Some(i) = job.held.iter().position(|h| !h.live) {
+            if let Some(rate) = shared.options.rebuild_bytes_per_s {
+                let allowed = (job.started.elapsed().as_secs_f64() * rate as f64) as u64;
+                if job.issued_bytes > allowed {
+                    let due = job.issued_bytes as f64 / rate as f64;
+                    job.wake_at = Some(job.started + Duration::from_secs_f64(due));
+                    break;
+                }
             }
-            Phase::Copy => {
-                job.pass += 1;
-                job.cursor = 0;
-            }
-            _ => job.phase = Phase::Flush,
+            let Some(area) = dirty.next_area(job.cursor) else {
+                break;
+            };
+            job.cursor = area + 1;
+            let word = &shared.ranges[area as usize];
+            // A waiter's mark left from a write turned back just as an earlier copy ended.
+            word.fetch_and(!RANGE_WAITED, Ordering::SeqCst);
+            let prev = word.fetch_or(RANGE_COPYING, Ordering::SeqCst);
+            debug_assert_eq!(prev & RANGE_COPYING, 0, "a range held twice");
+            let bits = (prev & RANGE_WRITES == 0).then(|| dirty.take_area(area));
+            job.issued_bytes += bits.as_ref().map_or(0, area_bytes);
+            job.held[i] = Held {
+                live: true,
+                area,
+                since: now,
+                bits,
+                next: 0,
+                chunks: 0,
+            };
+            n += 1;
         }
+        n
+    }
+
+    /// Issues chunk copies of the held ranges' blocks up to the limits.
+    fn issue(&mut self, io: &mut IoCtx) -> usize {
+        let shared = self.shared.clone();
+        let target = self.job().target;
+        let size = shared.info.size_bytes;
+        let chunk_max = u64::from(super::NEXUS_IO_MAX_BYTES.min(io.pool().buf_size_bytes()));
+        let mut n = 0;
+        'ranges: for i in 0..RESYNC_RANGES_MAX {
+            loop {
+                let job = self.job();
+                if job.ops >= RESYNC_CHUNKS_MAX {
+                    break 'ranges;
+                }
+                let h = &job.held[i];
+                let Some(bits) = h.bits.as_ref().filter(|_| h.live) else {
+                    continue 'ranges;
+                };
+                let Some((first, blocks)) = next_run(bits, h.next, chunk_max / BLOCK_BYTES) else {
+                    continue 'ranges;
+                };
+                let area = h.area;
+                let Some(source) = self.source(target) else {
+                    self.job().failed = Some("no in-sync child to copy from".into());
+                    break 'ranges;
+                };
+                if io.pool().available() == 0 || self.free.is_empty() {
+                    break 'ranges;
+                }
+                let off = area * AREA_BYTES + first * BLOCK_BYTES;
+                let len = (blocks * BLOCK_BYTES).min(size - off);
+                let mut buf = io.pool().get().expect("checked");
+                let req = IoRequest {
+                    op: IoOp::Read,
+                    offset_bytes: off,
+                    len_bytes: len as u32,
+                    buf: Some(buf.io_buf()),
+                    fua: false,
+                    owner: self.owner,
+                    tag: 0,
+                };
+                let slot = self
+                    .alloc(Kind::ResyncRead { range: i as u8 }, req)
+                    .expect("checked");
+                self.slots[slot as usize].buf = Some(buf);
+                let job = self.job();
+                job.ops += 1;
+                job.held[i].next = first + blocks;
+                job.held[i].chunks += 1;
+                self.send_sub(io, slot, source);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// An in-sync child this core can read from, local first.
@@ -330,16 +458,17 @@ impl NexusChannel {
             })
     }
 
-    /// A resync sub-request's parent finished: a read goes on to the target as a write;
-    /// anything else ends the chunk (or the flush).
+    /// A resync sub-request's parent finished: a read goes on to the target as a write
+    /// (unless the job failed meanwhile); anything else ends the chunk (or the flush).
     pub(super) fn resync_sub_finished(&mut self, io: &mut IoCtx, slot: u16) {
         let target = self.job().target;
+        let going = self.job().failed.is_none();
         let p = &mut self.slots[slot as usize];
         let ok = p.ok != 0;
         let (off, len) = (p.req.offset_bytes, u64::from(p.req.len_bytes));
         let kind = p.kind;
-        if matches!(kind, Kind::ResyncRead { .. }) && ok {
-            p.kind = Kind::ResyncWrite;
+        if let (Kind::ResyncRead { range }, true, true) = (kind, ok, going) {
+            p.kind = Kind::ResyncWrite { range };
             p.req.op = IoOp::Write;
             p.ok = 0;
             p.tried = 0;
@@ -349,23 +478,27 @@ impl NexusChannel {
         let shared = self.shared.clone();
         let job = self.job();
         match kind {
-            Kind::ResyncRead { .. } | Kind::ResyncWrite if !ok => {
-                shared.child(target).dirty.mark(off, len);
+            Kind::ResyncRead { .. } | Kind::ResyncWrite { .. } if !ok => {
                 job.failed
                     .get_or_insert_with(|| format!("copying {len} bytes at offset {off} failed"));
             }
-            Kind::ResyncWrite => {
+            Kind::ResyncWrite { .. } => {
                 job.done_bytes += len;
-                shared
-                    .child(target)
-                    .copied_bytes
-                    .fetch_add(len, Ordering::Relaxed);
+                let child = shared.child(target);
+                child.copied_bytes.fetch_add(len, Ordering::Relaxed);
+                // Volatile on the target until the job's flush: a crash of the target before
+                // it must bring these blocks back into its dirty map (a fault merges them).
+                let g = shared.flush_gen.load(Ordering::SeqCst);
+                child.unflushed[(g & 1) as usize].mark(off, len);
             }
             Kind::ResyncFlush if !ok => {
                 job.failed
                     .get_or_insert_with(|| "flushing the target failed".into());
             }
             _ => {}
+        }
+        if let Kind::ResyncRead { range } | Kind::ResyncWrite { range } = kind {
+            job.held[range as usize].chunks -= 1;
         }
         job.ops -= 1;
         let p = &mut self.slots[slot as usize];
@@ -375,4 +508,14 @@ impl NexusChannel {
         }
         self.free.push(slot);
     }
+}
+
+/// Bytes of the blocks set in `bits`.
+fn area_bytes(bits: &AreaBits) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * BLOCK_BYTES
+}
+
+/// Clears a held range's copying bit: the writes waiting on it may start.
+fn release(shared: &NexusShared, area: u64) {
+    shared.ranges[area as usize].fetch_and(!(RANGE_COPYING | RANGE_WAITED), Ordering::SeqCst);
 }
