@@ -177,17 +177,20 @@ run_part() {
 #     the longest write and flush of the job, and the nexus's write_wait_max_us when reported;
 #   rebuild under load: `nexus add c` with the load running: time, bytes copied, the longest
 #     write and flush, and whether the sampled progress ever went back or its total changed;
-#   quiet rebuild: c removed and added again with no load; its copy rate (a's log line
-#     "resync finished": copied_bytes / seconds) against fio's sequential read (1 MiB, QD 8)
+#   quiet rebuild: c removed and added again with no load, QUIET_REBUILDS (3) times; the
+#     median copy rate (a's log lines "resync finished": copied_bytes / seconds) against fio's sequential read (1 MiB, QD 8)
 #     of the source disk in the same run: a file in WORKDIR with io_uring and O_DIRECT, and
 #     "raw" (a volume in the same pool as the source) through NBD. For the diagnosis
-#     (docs/replication.md, "Rebuild speed"): the CPU seconds a and c used per second of the
-#     rebuild (/proc/PID/stat), and fio's sequential write in the rebuild's own pattern
-#     (128 KiB, QD 8, O_DIRECT) on the same disk, what the target's writes can reach.
+#     (docs/replication.md, "Rebuild speed"): per second of the rebuild, the CPU seconds a and
+#     c ran and waited for a CPU (/proc/PID/task/*/schedstat); and fio copying in the
+#     rebuild's own pattern, a sequential read of one file and a sequential write of another
+#     on the same disk at once (128 KiB, QD 8 each, O_DIRECT), since here source and target
+#     share that disk.
 LOAD_IOPS=${LOAD_IOPS:-300}
 LOAD_FLUSH_EVERY=${LOAD_FLUSH_EVERY:-50}
 OUTAGE=${OUTAGE:-3}
 SYNC_TIMEOUT=${SYNC_TIMEOUT:-300}
+QUIET_REBUILDS=${QUIET_REBUILDS:-3}
 C_ADMIN=127.0.0.1:$((PORT_BASE + 4))
 C_REPLICA=127.0.0.1:$((PORT_BASE + 5))
 
@@ -206,8 +209,9 @@ now() { date +%s.%N; }
 # minus A B: A - B, for JSON.
 minus() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 
-# cpu_s PID: CPU seconds (user + system) the process has used.
-cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# sched PID: "RUN, WAIT" (for a JSON list), the seconds all the process's threads have run on
+# a CPU and waited for one.
+sched() { cat /proc/"$1"/task/*/schedstat | awk '{ r += $1; w += $2 } END { printf "%.3f, %.3f", r / 1e9, w / 1e9 }'; }
 
 # vol_written: bytes clients have written to a's export "vol" (its metrics counter).
 vol_written() {
@@ -271,9 +275,9 @@ run_resync() {
       --bs=1M --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
   seq_read resync-seqread-disk --ioengine=io_uring --direct=1 --filename="$WORKDIR/disk.img"
   seq_read resync-seqread-raw --ioengine=nbd --uri="nbd+unix:///raw?socket=$SOCK"
-  fio --name=resync-seqwrite-disk --ioengine=io_uring --direct=1 --filename="$WORKDIR/disk.img" \
-      --rw=write --bs=128k --iodepth=8 --size="$SIZE_BYTES" --output-format=json \
-      >"$OUT/resync-seqwrite-disk.json"
+  fio --ioengine=io_uring --direct=1 --bs=128k --iodepth=8 --size="$SIZE_BYTES" \
+      --output-format=json --name=read --rw=read --filename="$WORKDIR/disk.img" \
+      --name=write --rw=write --filename="$WORKDIR/disk2.img" >"$OUT/resync-copy-disk.json"
 
   load_start resync-base-raw raw; sleep "$RUNTIME"; load_stop
   load_start resync-base-nexus2 vol; sleep "$RUNTIME"; load_stop
@@ -300,14 +304,17 @@ run_resync() {
   wait_sync 3 "$OUT/resync-rebuild-load-sync.json"
   load_stop
 
-  "$CTL" node --addr "$A_ADMIN" nexus remove vol "$C_REPLICA" >/dev/null
   local a_pid=${PIDS[0]} c_pid=${PIDS[-1]} t0 a0 c0
-  t0=$(now); a0=$(cpu_s "$a_pid"); c0=$(cpu_s "$c_pid")
-  "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
-  wait_sync 3 "$OUT/resync-rebuild-quiet-sync.json"
-  echo "{\"wall_s\": $(minus "$(now)" "$t0"), \"a_cpu_s\": $(minus "$(cpu_s "$a_pid")" "$a0"), \"c_cpu_s\": $(minus "$(cpu_s "$c_pid")" "$c0")}" \
+  t0=$(now); a0=$(sched "$a_pid"); c0=$(sched "$c_pid")
+  for _ in $(seq "$QUIET_REBUILDS"); do
+    "$CTL" node --addr "$A_ADMIN" nexus remove vol "$C_REPLICA" >/dev/null
+    "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
+    wait_sync 3 "$OUT/resync-rebuild-quiet-sync.json"
+  done
+  echo "{\"wall_s\": $(minus "$(now)" "$t0"), \"a\": [$a0], \"a_end\": [$(sched "$a_pid")], \
+        \"c\": [$c0], \"c_end\": [$(sched "$c_pid")]}" \
     >"$OUT/resync-rebuild-quiet-cpu.json"
-  grep 'resync finished' "$WORKDIR/a.log" | tail -1 >"$OUT/resync-rebuild-quiet.log"
+  grep 'resync finished' "$WORKDIR/a.log" | tail -"$QUIET_REBUILDS" >"$OUT/resync-rebuild-quiet.log"
   for p in "${PIDS[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
   PIDS=()
 }
@@ -355,7 +362,7 @@ fi
 if [[ " $PARTS " == *" resync "* ]]; then
 python3 - "$OUT" "$SIZE_BYTES" "$LOAD_IOPS" "$LOAD_FLUSH_EVERY" "$OUTAGE" "$B_REPLICA" "$C_REPLICA" \
     <<'PY' | tee -a "$OUT/summary.txt"
-import json, re, sys
+import json, re, statistics, sys
 out, size, iops, every, outage, b, c = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
 def load(name):
     text = open(f"{out}/{name}.json").read()
@@ -374,13 +381,15 @@ def wait_ms(sync, address):
 outage_sync, client = load("resync-outage-sync"), load("resync-outage-client")
 rebuild_sync, quiet_sync = load("resync-rebuild-load-sync"), load("resync-rebuild-quiet-sync")
 copied, missed = target(outage_sync, b).get("copied_bytes", 0), client["missed_bytes"]
-line = open(f"{out}/resync-rebuild-quiet.log").read()
-field = lambda k: float(re.search(rf"{k}=([0-9.e+-]+)", line).group(1))
-quiet_s, quiet_bytes = field("seconds"), field("copied_bytes")
-quiet_mib_s = quiet_bytes / 2**20 / quiet_s
+field = lambda line, k: float(re.search(rf"{k}=([0-9.e+-]+)", line).group(1))
+quiet = [field(l, "copied_bytes") / 2**20 / field(l, "seconds")
+         for l in open(f"{out}/resync-rebuild-quiet.log").read().splitlines()]
+quiet_mib_s = statistics.median(quiet)
 disk, raw = read_mib_s("resync-seqread-disk"), read_mib_s("resync-seqread-raw")
-disk_write = load("resync-seqwrite-disk")["jobs"][0]["write"]["bw_bytes"] / 2**20
+copy = load("resync-copy-disk")["jobs"]
+copy_read, copy_write = (copy[0]["read"]["bw_bytes"] / 2**20, copy[1]["write"]["bw_bytes"] / 2**20)
 cpu = load("resync-rebuild-quiet-cpu")
+per_s = lambda n, i: (cpu[f"{n}_end"][i] - cpu[n][i]) / cpu["wall_s"]
 rows = {
     "load": f"{iops} random 4 KiB writes/s, a flush every {every}, QD 1 (fio nbd)",
     "baseline raw: longest write / flush ms": "%.1f / %.1f" % stall_ms("resync-base-raw"),
@@ -395,12 +404,14 @@ rows = {
     "rebuild under load: nexus write_wait_max": wait_ms(rebuild_sync, c),
     "rebuild under load: s, bytes copied": f"{rebuild_sync['seconds']:.2f}, {target(rebuild_sync, c).get('copied_bytes', 0)}",
     "rebuild under load: progress back / totals seen": f"{rebuild_sync['progress_back']} / {len(rebuild_sync['totals'])}",
-    "quiet rebuild MiB/s (a's log)": f"{quiet_mib_s:.1f}",
+    "quiet rebuild MiB/s, median (each)": f"{quiet_mib_s:.1f} ({', '.join(f'{q:.0f}' for q in quiet)})",
     "seq read MiB/s: disk (io_uring O_DIRECT) / raw (NBD)": f"{disk:.1f} / {raw:.1f}",
     "quiet rebuild vs disk seq read": f"{quiet_mib_s / disk:.3f}x",
     "quiet rebuild vs raw seq read": f"{quiet_mib_s / raw:.3f}x",
-    "disk seq write 128 KiB QD 8 MiB/s": f"{disk_write:.1f}",
-    "quiet rebuild: CPU s per s, node a / node c": f"{cpu['a_cpu_s'] / cpu['wall_s']:.2f} / {cpu['c_cpu_s'] / cpu['wall_s']:.2f}",
+    "disk copy-like, read / write at once MiB/s": f"{copy_read:.1f} / {copy_write:.1f}",
+    "quiet rebuild vs copy-like read": f"{quiet_mib_s / copy_read:.3f}x",
+    "quiet rebuild: CPU s/s ran, a / c": f"{per_s('a', 0):.2f} / {per_s('c', 0):.2f}",
+    "quiet rebuild: CPU s/s waited for a CPU, a / c": f"{per_s('a', 1):.2f} / {per_s('c', 1):.2f}",
 }
 json.dump(rows, open(f"{out}/resync.json", "w"), indent=1)
 print(f"resync part, volume {size} B")
