@@ -779,8 +779,8 @@ pub fn flush(c: &mut Client) -> Result<(), String> {
     }
 }
 
-/// The longest time one write (with the flush that follows it, when one does) took, in
-/// microseconds, since the writer started or since [`Latency::take_max`].
+/// The longest time one write (with the flush that follows it, when one does) took since
+/// the writer started, in microseconds.
 #[derive(Clone, Default)]
 pub struct Latency(Arc<AtomicU64>);
 
@@ -792,11 +792,6 @@ impl Latency {
     /// The longest so far.
     pub fn max(&self) -> Duration {
         Duration::from_micros(self.0.load(Ordering::Acquire))
-    }
-
-    /// The longest so far, starting over from zero.
-    pub fn take_max(&self) -> Duration {
-        Duration::from_micros(self.0.swap(0, Ordering::AcqRel))
     }
 }
 
