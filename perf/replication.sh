@@ -3,11 +3,11 @@
 # nbd engine (the client a user would run), as ratios to a nexus with one (local) replica
 # measured in the same run.
 #
-#   perf/replication.sh                         # SIZE=1G RUNTIME=10 ROUNDS=3 PARTS="ram file"
+#   perf/replication.sh                         # SIZE=1G RUNTIME=10 ROUNDS=3 PARTS="ram file resync"
 #   SIZE=256M RUNTIME=3 ROUNDS=1 perf/replication.sh    # smoke
 #   perf/replication.sh resync                  # only the resync part (PARTS=resync)
 #
-# Set-up, two cairn-node processes on loopback:
+# Set-up of parts `ram` and `file`, two cairn-node processes on loopback:
 #   A (the attach node): reactor on core A_CPU (0), NBD on a unix socket, the local replica
 #     "vol", and a plain export "raw" of the same kind of backing (no nexus) for reference.
 #   B (the replica node): reactor on core B_CPU (1), replica server on 127.0.0.1, replica
@@ -178,9 +178,10 @@ run_part() {
 #   rebuild under load: `nexus add c` with the load running: time, bytes copied, the longest
 #     write and flush, and whether the sampled progress ever went back or its total changed;
 #   quiet rebuild: c removed and added again with no load, QUIET_REBUILDS (3) times; the
-#     median copy rate (a's log lines "resync finished": copied_bytes / seconds) against fio's sequential read (1 MiB, QD 8)
-#     of the source disk in the same run: a file in WORKDIR with io_uring and O_DIRECT, and
-#     "raw" (a volume in the same pool as the source) through NBD. For the diagnosis
+#     median copy rate (a's log lines "resync finished": copied_bytes / seconds) against
+#     fio's sequential read (1 MiB, QD 8) of the source disk in the same run: a file in
+#     WORKDIR with io_uring and O_DIRECT, and "raw" (a volume in the same pool as the source)
+#     through NBD. For the diagnosis
 #     (docs/replication.md, "Rebuild speed"): per second of the rebuild, the CPU seconds a and
 #     c ran and waited for a CPU (/proc/PID/task/*/schedstat); and fio copying in the
 #     rebuild's own pattern, a sequential read of one file and a sequential write of another
