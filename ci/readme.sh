@@ -175,6 +175,19 @@ not_run 'cargo test --release -p cairn-node --test idle -- --nocapture' "ci/test
 not_run 'RUNTIME=5 PARTS="engine spin volume" perf/local.sh' "as perf/local.sh"
 not_run 'OLD=<old release dir> perf/ab.sh' "minutes, and needs an older build"
 not_run 'SIZE=1G RUNTIME=5 ROUNDS=3 PARTS=ram perf/replication.sh' "as perf/replication.sh"
+readme 'PARTS=resync perf/replication.sh'
+if command -v fio >/dev/null && command -v nbdinfo >/dev/null; then
+  SIZE=256M RUNTIME=1 PARTS=resync OUT="$tmp/resync" WORKDIR="$tmp/resync-work" \
+    perf/replication.sh >/dev/null
+else
+  echo "ci/readme.sh: PARTS=resync perf/replication.sh not run: it needs fio and nbdinfo"
+fi
+readme 'perf/rebuild-speed.sh'
+if command -v fio >/dev/null; then
+  SIZE=64M ROUNDS=1 WORKDIR="$tmp/rebuild-speed" perf/rebuild-speed.sh >/dev/null
+else
+  echo "ci/readme.sh: perf/rebuild-speed.sh not run: it needs fio"
+fi
 not_run 'perf/scaling.sh' "a 16-core machine; the null and malloc runs above are its modes"
 
 echo

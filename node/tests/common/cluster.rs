@@ -7,7 +7,8 @@
 //!
 //! Every process and namespace made here is torn down in `Drop`, so a failed assertion
 //! leaves nothing running; a failing test prints the tail of each daemon's log. Timeouts
-//! here only turn a hang into a failure: nothing measures how long anything takes.
+//! here only turn a hang into a failure. The paced [`Writer`] records the longest time a
+//! write or flush took, for tests to print (node/tests/resync_load.rs), never to assert on.
 //!
 //! It expects the including test crate to have the raw NBD client at `crate::nbd_client`
 //! (engine/tests/common/nbd_client.rs), the shared harness at `crate::common` and the ready
@@ -39,6 +40,10 @@ pub const BLOCK_BYTES: u64 = 64 << 10;
 pub const BLOCKS: u64 = VOLUME_BYTES / BLOCK_BYTES;
 /// The workload flushes after this many writes.
 pub const FLUSH_EVERY_WRITES: u64 = 16;
+/// Pool space a node needs besides its replica volume (metadata, and room to spare).
+const POOL_SPARE_BYTES: u64 = 256 * MIB;
+/// Largest read [`Workload::check`] sends (whole blocks, at most the nexus's largest I/O).
+const CHECK_READ_MAX_BYTES: u64 = 128 << 10;
 
 /// How long a daemon may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -61,6 +66,8 @@ pub struct Config {
     pub admin_ip: IpAddr,
     /// Run inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// Size of the replica volume (and so of a nexus over it), in whole MiB.
+    pub volume_bytes: u64,
 }
 
 impl Default for Config {
@@ -71,6 +78,7 @@ impl Default for Config {
             fault_injection: false,
             admin_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             netns: None,
+            volume_bytes: VOLUME_BYTES,
         }
     }
 }
@@ -90,7 +98,7 @@ impl Config {
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--pool0-size".into(),
-            "256M".into(),
+            format!("{}M", (self.volume_bytes + POOL_SPARE_BYTES) / MIB),
             "--cores".into(),
             "0".into(),
             "--nbd-listen".into(),
@@ -104,7 +112,7 @@ impl Config {
         ];
         if self.replica_volume {
             a.push("--replica-volume".into());
-            a.push(format!("{VOLUME}:{}M", VOLUME_BYTES / MIB));
+            a.push(format!("{VOLUME}:{}M", self.volume_bytes / MIB));
         }
         if self.fault_injection {
             a.push("--fault-injection".into());
@@ -126,6 +134,8 @@ pub fn free_port(ip: IpAddr) -> u16 {
 pub struct Ready {
     pub nbd: SocketAddr,
     pub admin: SocketAddr,
+    /// The Prometheus endpoint.
+    pub metrics: SocketAddr,
     /// `None` when the replica server is off.
     pub replica: Option<String>,
 }
@@ -136,6 +146,7 @@ fn parse_ready(line: &str) -> Ready {
     Ready {
         nbd: field("nbd").parse().expect("nbd= is an address"),
         admin: field("admin").parse().expect("admin= is an address"),
+        metrics: field("metrics").parse().expect("metrics= is an address"),
         replica: (replica != "-").then_some(replica),
     }
 }
@@ -234,7 +245,28 @@ impl Daemon {
 
     /// An NBD connection to the nexus export [`VOLUME`] (from this process's namespace).
     pub fn nbd(&self) -> Client {
-        nbd_connect(Stream::connect(&Endpoint::Tcp(self.ready.nbd)).expect("NBD connects"))
+        nbd_connect(
+            Stream::connect(&Endpoint::Tcp(self.ready.nbd)).expect("NBD connects"),
+            self.config.volume_bytes,
+        )
+    }
+
+    /// The node's metrics page (Prometheus text), fetched over plain HTTP/1.0.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self.ready.metrics;
+        let mut s = TcpStream::connect(addr)
+            .unwrap_or_else(|e| panic!("node {}: metrics at {addr}: {e}", self.name));
+        s.set_read_timeout(Some(RPC_TIMEOUT)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap_or_else(|e| panic!("node {}: metrics request: {e}", self.name));
+        let mut page = String::new();
+        s.read_to_string(&mut page)
+            .unwrap_or_else(|e| panic!("node {}: metrics answer: {e}", self.name));
+        match page.split_once("\r\n\r\n") {
+            Some((_, body)) => body.to_string(),
+            None => panic!("node {}: metrics answer without a body: {page}", self.name),
+        }
     }
 }
 
@@ -294,8 +326,8 @@ fn spawn(
     }
 }
 
-/// Negotiates the export [`VOLUME`] on a connected stream (simple replies).
-pub fn nbd_connect(mut s: Stream) -> Client {
+/// Negotiates the export [`VOLUME`] of `size_bytes` on a connected stream (simple replies).
+pub fn nbd_connect(mut s: Stream, size_bytes: u64) -> Client {
     let flags = nbd_client::greet(&mut s).expect("NBD greeting");
     let mut cflags = client_flag::FIXED_NEWSTYLE;
     if flags & handshake_flag::NO_ZEROES != 0 {
@@ -303,7 +335,7 @@ pub fn nbd_connect(mut s: Stream) -> Client {
     }
     nbd_client::send_client_flags(&mut s, cflags).expect("NBD client flags");
     let c = Client::negotiate(s, VOLUME, Options::default()).expect("NBD export negotiated");
-    assert_eq!(c.size_bytes, VOLUME_BYTES, "nexus export size");
+    assert_eq!(c.size_bytes, size_bytes, "nexus export size");
     c
 }
 
@@ -459,14 +491,31 @@ impl Admin {
     }
 
     /// Asserts that VerifyNexus compares `replicas` in-sync replicas over the whole volume
-    /// and finds them equal.
+    /// in [`BLOCK_BYTES`] regions and finds them equal.
     pub fn assert_verified(&mut self, replicas: usize) {
-        let v = self.verify();
-        assert_eq!(v.replicas.len(), replicas, "replicas compared: {v:?}");
+        let v = self.assert_copies_equal(replicas, VOLUME_BYTES);
         assert_eq!(
             (v.regions, v.region_bytes),
             (VOLUME_BYTES / BLOCK_BYTES, BLOCK_BYTES),
             "{v:?}"
+        );
+    }
+
+    /// Asserts that VerifyNexus compares `replicas` in-sync replicas over all `size_bytes`
+    /// (whatever the region size) and finds them equal; returns its answer.
+    pub fn assert_copies_equal(
+        &mut self,
+        replicas: usize,
+        size_bytes: u64,
+    ) -> pb::VerifyNexusResponse {
+        let v = self.verify();
+        assert_eq!(v.replicas.len(), replicas, "replicas compared: {v:?}");
+        assert!(
+            v.regions * v.region_bytes >= size_bytes,
+            "verify covered {} regions of {} bytes, less than the {size_bytes} bytes of the \
+             volume: {v:?}",
+            v.regions,
+            v.region_bytes
         );
         assert_eq!(
             v.mismatched_regions,
@@ -474,6 +523,7 @@ impl Admin {
             "replicas of node {}'s nexus differ: {v:?}",
             self.node
         );
+        v
     }
 
     /// SetFault on this node's pool0 device.
@@ -527,15 +577,20 @@ pub fn replica<'a>(v: &'a pb::Nexus, address: &str) -> &'a pb::Replica {
         .unwrap_or_else(|| panic!("no replica {address} in {v:#?}"))
 }
 
-/// The contents of the block at `offset_bytes` written by write number `round`: a header
-/// naming both (so a wrong block read back says whose it is), then xorshift noise seeded by
-/// them.
+/// The contents of the [`BLOCK_BYTES`] block at `offset_bytes` written by write number
+/// `round`: see [`block_data_len`].
 pub fn block_data(offset_bytes: u64, round: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(BLOCK_BYTES as usize);
+    block_data_len(offset_bytes, round, BLOCK_BYTES)
+}
+
+/// The `len` bytes written at `offset_bytes` by write number `round`: a header naming both
+/// (so a wrong block read back says whose it is), then xorshift noise seeded by them.
+pub fn block_data_len(offset_bytes: u64, round: u64, len: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(len as usize);
     b.extend_from_slice(&offset_bytes.to_le_bytes());
     b.extend_from_slice(&round.to_le_bytes());
     let mut x = (offset_bytes.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ round.wrapping_add(1)) | 1;
-    while b.len() < BLOCK_BYTES as usize {
+    while b.len() < len as usize {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -551,16 +606,40 @@ pub fn describe_block(data: &[u8]) -> String {
     }
     let off = u64::from_le_bytes(data[0..8].try_into().unwrap());
     let round = u64::from_le_bytes(data[8..16].try_into().unwrap());
-    if data == block_data(off, round).as_slice() {
+    if data == block_data_len(off, round, data.len() as u64).as_slice() {
         format!("the block written at offset {off} by write {round}")
     } else {
         "bytes no write of this test made".into()
     }
 }
 
+/// What a [`Workload`] writes to: the volume's size, the size of every write, and how often
+/// it flushes.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub volume_bytes: u64,
+    pub block_bytes: u64,
+    /// The workload flushes after every this many writes.
+    pub flush_every_writes: u64,
+}
+
+impl Shape {
+    /// [`VOLUME_BYTES`] in [`BLOCK_BYTES`] writes, a flush every [`FLUSH_EVERY_WRITES`].
+    pub const DEFAULT: Shape = Shape {
+        volume_bytes: VOLUME_BYTES,
+        block_bytes: BLOCK_BYTES,
+        flush_every_writes: FLUSH_EVERY_WRITES,
+    };
+
+    pub fn blocks(&self) -> u64 {
+        self.volume_bytes / self.block_bytes
+    }
+}
+
 /// Writes whole blocks at deterministic pseudo-random block-aligned offsets, flushing every
-/// [`FLUSH_EVERY_WRITES`] writes, and remembers which write each block last received.
+/// so many writes, and remembers which write each block last received.
 pub struct Workload {
+    pub shape: Shape,
     /// Per block: the write (round) that last succeeded there.
     model: Vec<Option<u64>>,
     rng: u64,
@@ -571,9 +650,15 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// [`Shape::DEFAULT`].
     pub fn new(seed: u64) -> Workload {
+        Workload::with_shape(seed, Shape::DEFAULT)
+    }
+
+    pub fn with_shape(seed: u64, shape: Shape) -> Workload {
         Workload {
-            model: vec![None; BLOCKS as usize],
+            shape,
+            model: vec![None; shape.blocks() as usize],
             rng: seed | 1,
             writes: 0,
             bytes: 0,
@@ -584,11 +669,11 @@ impl Workload {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        self.rng % BLOCKS
+        self.rng % self.shape.blocks()
     }
 
     /// Writes one block at a pseudo-random offset (then flushes on every
-    /// [`FLUSH_EVERY_WRITES`]th write).
+    /// `flush_every_writes`th write).
     pub fn write_random(&mut self, c: &mut Client) -> Result<(), String> {
         let block = self.next_block();
         self.write_block(c, block)
@@ -599,18 +684,24 @@ impl Workload {
     pub fn write_block(&mut self, c: &mut Client, block: u64) -> Result<(), String> {
         let round = self.writes;
         self.writes += 1;
-        let off = block * BLOCK_BYTES;
-        match c.write(off, &block_data(off, round), 0) {
+        let len = self.shape.block_bytes;
+        let off = block * len;
+        match c.write(off, &block_data_len(off, round, len), 0) {
             Ok(0) => {}
             Ok(e) => return Err(format!("write {round} at {off}: NBD error {e}")),
             Err(e) => return Err(format!("write {round} at {off}: {e}")),
         }
         self.model[block as usize] = Some(round);
-        self.bytes += BLOCK_BYTES;
-        if self.writes.is_multiple_of(FLUSH_EVERY_WRITES) {
+        self.bytes += len;
+        if self.flush_due() {
             flush(c)?;
         }
         Ok(())
+    }
+
+    /// Whether the write just made is one the workload flushes after.
+    fn flush_due(&self) -> bool {
+        self.writes.is_multiple_of(self.shape.flush_every_writes)
     }
 
     /// Sends a write whose failure the test expects: the NBD error, or 0 if it was accepted
@@ -618,9 +709,10 @@ impl Workload {
     pub fn write_refused(&mut self, c: &mut Client, block: u64) -> u32 {
         let round = self.writes;
         self.writes += 1;
-        let off = block * BLOCK_BYTES;
+        let len = self.shape.block_bytes;
+        let off = block * len;
         let e = c
-            .write(off, &block_data(off, round), 0)
+            .write(off, &block_data_len(off, round, len), 0)
             .unwrap_or_else(|e| panic!("write {round} at {off}: connection failed: {e}"));
         if e == 0 {
             self.model[block as usize] = Some(round);
@@ -630,35 +722,42 @@ impl Workload {
 
     /// What block `block` must read back as: its last acknowledged write, or zeroes.
     pub fn expected(&self, block: u64) -> Vec<u8> {
-        let off = block * BLOCK_BYTES;
+        let len = self.shape.block_bytes;
         match self.model[block as usize] {
-            Some(round) => block_data(off, round),
-            None => vec![0; BLOCK_BYTES as usize],
+            Some(round) => block_data_len(block * len, round, len),
+            None => vec![0; len as usize],
         }
     }
 
-    /// Reads the whole volume back and compares every block with the model (never-written
-    /// blocks must read as zeroes).
+    /// Reads the whole volume back (several blocks a read) and compares every block with
+    /// the model (never-written blocks must read as zeroes).
     pub fn check(&self, c: &mut Client) -> Result<(), String> {
+        let len = self.shape.block_bytes;
+        let per_read = (CHECK_READ_MAX_BYTES / len).max(1);
+        let blocks = self.shape.blocks();
         let mut wrong = Vec::new();
-        for block in 0..BLOCKS {
-            let off = block * BLOCK_BYTES;
-            let got = match c.read(off, BLOCK_BYTES as u32) {
+        let mut first = 0;
+        while first < blocks {
+            let n = per_read.min(blocks - first);
+            let off = first * len;
+            let got = match c.read(off, (n * len) as u32) {
                 Ok(Ok(d)) => d,
-                Ok(Err(e)) => return Err(format!("read at {off}: NBD error {e}")),
-                Err(e) => return Err(format!("read at {off}: {e}")),
+                Ok(Err(e)) => return Err(format!("read of {n} blocks at {off}: NBD error {e}")),
+                Err(e) => return Err(format!("read of {n} blocks at {off}: {e}")),
             };
-            let want = match self.model[block as usize] {
-                Some(round) => block_data(off, round),
-                None => vec![0; BLOCK_BYTES as usize],
-            };
-            if got != want {
-                wrong.push(format!(
-                    "block at {off}: expected {}, read {}",
-                    describe_block(&want),
-                    describe_block(&got)
-                ));
+            for (i, got) in got.chunks(len as usize).enumerate() {
+                let block = first + i as u64;
+                let want = self.expected(block);
+                if got != want.as_slice() {
+                    wrong.push(format!(
+                        "block at {}: expected {}, read {}",
+                        block * len,
+                        describe_block(&want),
+                        describe_block(got)
+                    ));
+                }
             }
+            first += n;
         }
         if wrong.is_empty() {
             return Ok(());
@@ -680,25 +779,71 @@ pub fn flush(c: &mut Client) -> Result<(), String> {
     }
 }
 
+/// The longest time one write (with the flush that follows it, when one does) took since
+/// the writer started, in microseconds.
+#[derive(Clone, Default)]
+pub struct Latency(Arc<AtomicU64>);
+
+impl Latency {
+    fn record(&self, took: Duration) {
+        self.0.fetch_max(took.as_micros() as u64, Ordering::AcqRel);
+    }
+
+    /// The longest so far.
+    pub fn max(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Acquire))
+    }
+}
+
 /// A [`Workload`] writing random blocks on its own thread until stopped (or until it has
-/// written a byte limit), so a test can crash, add or slow replicas meanwhile.
+/// written a byte limit), so a test can crash, add or slow replicas meanwhile. Paced, it
+/// issues writes at a fixed rate (a write that took too long delays the schedule; the writer
+/// never bursts to catch up) and records the longest write.
 pub struct Writer {
     stop: Arc<AtomicBool>,
     /// Stop once this many bytes were written in all.
     limit_bytes: Arc<AtomicU64>,
     written_bytes: Arc<AtomicU64>,
+    latency: Latency,
     thread: Option<JoinHandle<Result<(Workload, Client), String>>>,
 }
 
 impl Writer {
-    pub fn start(mut w: Workload, mut c: Client) -> Writer {
+    /// Writes back to back.
+    pub fn start(w: Workload, c: Client) -> Writer {
+        Writer::spawn(w, c, None)
+    }
+
+    /// Writes `writes_per_s` writes a second.
+    pub fn start_paced(w: Workload, c: Client, writes_per_s: u32) -> Writer {
+        let period = Duration::from_secs(1) / writes_per_s.max(1);
+        Writer::spawn(w, c, Some(period))
+    }
+
+    fn spawn(mut w: Workload, mut c: Client, period: Option<Duration>) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let limit_bytes = Arc::new(AtomicU64::new(u64::MAX));
         let written_bytes = Arc::new(AtomicU64::new(w.bytes));
-        let (s, l, n) = (stop.clone(), limit_bytes.clone(), written_bytes.clone());
+        let latency = Latency::default();
+        let (s, l, n, lat) = (
+            stop.clone(),
+            limit_bytes.clone(),
+            written_bytes.clone(),
+            latency.clone(),
+        );
         let thread = std::thread::spawn(move || {
+            let mut next = Instant::now();
             while !s.load(Ordering::Acquire) && w.bytes < l.load(Ordering::Acquire) {
+                if let Some(period) = period {
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    next = next.max(now) + period;
+                }
+                let t = Instant::now();
                 w.write_random(&mut c)?;
+                lat.record(t.elapsed());
                 n.store(w.bytes, Ordering::Release);
             }
             flush(&mut c)?;
@@ -708,6 +853,7 @@ impl Writer {
             stop,
             limit_bytes,
             written_bytes,
+            latency,
             thread: Some(thread),
         }
     }
@@ -717,21 +863,31 @@ impl Writer {
         self.written_bytes.load(Ordering::Acquire)
     }
 
+    /// The longest write so far (with its flush, when one followed it).
+    pub fn latency(&self) -> &Latency {
+        &self.latency
+    }
+
     /// Waits until `bytes` were written in all; fails if the writer stopped first or after
     /// [`CONVERGE_TIMEOUT`].
     pub fn wait_bytes(&mut self, bytes: u64) {
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
         while self.bytes() < bytes {
-            if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
-                let r = self.thread.take().unwrap().join();
-                panic!("the writer stopped early: {:?}", r.map(|r| r.err()));
-            }
+            self.assert_running();
             assert!(
                 Instant::now() < deadline,
                 "the writer wrote {} of {bytes} bytes in {CONVERGE_TIMEOUT:?}",
                 self.bytes()
             );
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// Fails (with the writer's error) if the writer has stopped.
+    pub fn assert_running(&mut self) {
+        if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            let r = self.thread.take().unwrap().join();
+            panic!("the writer stopped early: {:?}", r.map(|r| r.err()));
         }
     }
 
@@ -865,7 +1021,7 @@ impl Netns {
         let s = Stream::Tcp(s);
         s.set_read_timeout(Some(nbd_client::READ_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(nbd_client::READ_TIMEOUT)).unwrap();
-        nbd_connect(s)
+        nbd_connect(s, d.config.volume_bytes)
     }
 }
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Where a quiet rebuild's time goes (docs/replication.md, "Rebuild speed"): one rebuild set-up,
+# with the knobs that separate the causes, and per rebuild its rate with what the two
+# processes did meanwhile.
+#
+#   perf/rebuild-speed.sh                       # volumes in pool files, default scheduling
+#   BACKING=ram perf/rebuild-speed.sh           # RAM bdevs: no disk, only nexus, TCP, server
+#   SCHED=fifo perf/rebuild-speed.sh            # both nodes SCHED_FIFO: no wait for a CPU
+#   NODE=/path/to/cairn-node perf/rebuild-speed.sh   # another build (e.g. a deeper pipeline)
+#
+# Set-up: node a (core 0) runs a nexus over its local replica "vol"; node c (core 1) hosts a
+# fresh replica. "vol" is filled through NBD (fio, 1 MiB writes), then c is added and removed
+# ROUNDS times. Each rebuild prints its rate (a's log line "resync finished": copied_bytes /
+# seconds) and, per second of it, the CPU time each node ran and the time it waited for a CPU
+# (/proc/PID/task/*/schedstat): a node that waits as long as it runs is starved, one that
+# neither runs nor waits is waiting on I/O.
+#
+# Environment: BACKING (file: --replica-volume in a pool file; ram: --replica-malloc), SCHED
+# (other; fifo: `chrt -f 5`, root only, sleeping reactors only), IDLE (sleep; poll), SIZE (1G),
+# ROUNDS (3), NODE and CTL (default target/release/cairn-node and cairnctl, built first),
+# WORKDIR (target/rebuild-speed, removed at the end), PORT_BASE (22809).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BACKING=${BACKING:-file}
+SCHED=${SCHED:-other}
+IDLE=${IDLE:-sleep}
+SIZE=${SIZE:-1G}
+ROUNDS=${ROUNDS:-3}
+WORKDIR=${WORKDIR:-$PWD/target/rebuild-speed}
+PORT_BASE=${PORT_BASE:-22809}
+
+for t in fio python3; do
+  command -v "$t" >/dev/null || { echo "rebuild speed: $t not found" >&2; exit 1; }
+done
+if [ -z "${NODE:-}" ]; then
+  cargo build --release -q -p cairn-node -p cairn-control
+fi
+NODE=${NODE:-target/release/cairn-node}
+CTL=${CTL:-target/release/cairnctl}
+SIZE_BYTES=$(numfmt --from=iec "${SIZE%B}")
+POOL_BYTES=$((SIZE_BYTES + 512 * 1024 * 1024))
+A_ADMIN=127.0.0.1:$((PORT_BASE + 1))
+C_ADMIN=127.0.0.1:$((PORT_BASE + 2))
+C_REPLICA=127.0.0.1:$((PORT_BASE + 3))
+case $SCHED in
+  other) WRAP=() ;;
+  fifo) WRAP=(chrt -f 5) ;;
+  *) echo "rebuild speed: SCHED is other or fifo, not $SCHED" >&2; exit 1 ;;
+esac
+case $BACKING in
+  file) KIND=(--replica-volume "vol:$SIZE_BYTES" --pool0-size "$POOL_BYTES") ;;
+  ram) KIND=(--replica-malloc "vol:$SIZE_BYTES") ;;
+  *) echo "rebuild speed: BACKING is file or ram, not $BACKING" >&2; exit 1 ;;
+esac
+
+rm -rf "$WORKDIR"; mkdir -p "$WORKDIR"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORKDIR"
+}
+trap cleanup EXIT
+
+# node NAME ARGS...: starts cairn-node and waits for its ready line.
+node() {
+  local name=$1; shift
+  "${WRAP[@]}" "$NODE" --metrics-listen 127.0.0.1:0 --nbd-listen off --idle "$IDLE" "$@" \
+    >"$WORKDIR/$name.out" 2>"$WORKDIR/$name.log" &
+  PIDS+=($!)
+  for _ in $(seq 600); do
+    grep -q '^cairn-node ready' "$WORKDIR/$name.out" 2>/dev/null && return 0
+    kill -0 "${PIDS[-1]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "rebuild speed: node $name did not start:" >&2; tail -20 "$WORKDIR/$name.log" >&2; exit 1
+}
+
+# sched PID: "RUN WAIT", the seconds all the process's threads ran on a CPU and waited for one.
+sched() { cat /proc/"$1"/task/*/schedstat | awk '{ r += $1; w += $2 } END { printf "%.3f %.3f", r / 1e9, w / 1e9 }'; }
+
+in_sync() {
+  "$CTL" node --addr "$A_ADMIN" --json nexus show vol | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+reps = v["replicas"]
+sys.exit(0 if not v.get("resync") and len(reps) == 2 and all(r["state"] == "in-sync" for r in reps) else 1)'
+}
+
+node a --cores 0 --data-dir "$WORKDIR/a" --nbd-socket "$WORKDIR/a.sock" --admin-listen "$A_ADMIN" \
+     --replica-listen off "${KIND[@]}"
+node c --cores 1 --data-dir "$WORKDIR/c" --admin-listen "$C_ADMIN" --replica-listen "$C_REPLICA" \
+     "${KIND[@]}"
+"$CTL" node --addr "$A_ADMIN" nexus create vol --replica local >/dev/null
+"$CTL" node --addr "$A_ADMIN" export add vol --nexus >/dev/null
+fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$WORKDIR/a.sock" --rw=write --bs=1M \
+    --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
+
+echo "rebuild speed: BACKING=$BACKING SCHED=$SCHED IDLE=$IDLE SIZE=$SIZE NODE=$NODE"
+for _ in $(seq "$ROUNDS"); do
+  t0=$(date +%s.%N); a0=$(sched "${PIDS[0]}"); c0=$(sched "${PIDS[1]}")
+  "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
+  until in_sync; do sleep 0.1; done
+  t1=$(date +%s.%N); a1=$(sched "${PIDS[0]}"); c1=$(sched "${PIDS[1]}")
+  python3 - "$(grep 'resync finished' "$WORKDIR/a.log" | tail -1)" "$t0" "$t1" \
+      $a0 $a1 $c0 $c1 <<'PY'
+import re, sys
+line = sys.argv[1]
+t0, t1, ar0, aw0, ar1, aw1, cr0, cw0, cr1, cw1 = map(float, sys.argv[2:])
+secs = float(re.search(r"seconds=([0-9.e+-]+)", line).group(1))
+mib = float(re.search(r"copied_bytes=(\d+)", line).group(1)) / 2**20
+wall = t1 - t0
+print(f"  rebuild {mib:.0f} MiB in {secs:.2f} s = {mib / secs:.1f} MiB/s; per s: a ran "
+      f"{(ar1 - ar0) / wall:.2f} waited {(aw1 - aw0) / wall:.2f}, c ran {(cr1 - cr0) / wall:.2f} "
+      f"waited {(cw1 - cw0) / wall:.2f}")
+PY
+  "$CTL" node --addr "$A_ADMIN" nexus remove vol "$C_REPLICA" >/dev/null
+done
