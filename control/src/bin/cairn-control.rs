@@ -91,6 +91,8 @@ async fn open_store(cli: &Cli) -> Result<AnyStore> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Installed first: from here on SIGTERM and SIGINT stop the process cleanly.
+    let signals = Signals::install()?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("binding --listen {}", cli.listen))?;
@@ -121,7 +123,7 @@ async fn run(cli: Cli) -> Result<()> {
     drop(std::io::stdout().flush());
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
-            let signal = stop_signal().await;
+            let signal = signals.recv().await;
             tracing::info!(signal, "shutting down");
             stop_tx.send_replace(true);
         })
@@ -150,17 +152,24 @@ async fn monitor(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install the SIGTERM/SIGINT handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }

@@ -167,8 +167,11 @@ impl Store for EtcdStore {
             .clone()
             .lease_keep_alive(lease.0)
             .await
-            .map_err(err("keep lease alive"))?;
-        keeper.keep_alive().await.map_err(err("keep lease alive"))?;
+            .map_err(|e| lease_or(e, Some(lease), "keep lease alive"))?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| lease_or(e, Some(lease), "keep lease alive"))?;
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
             .await
             .map_err(|_| StoreError::Backend {
@@ -176,7 +179,7 @@ impl Store for EtcdStore {
                 op: "keep lease alive",
                 detail: format!("no answer within {REQUEST_TIMEOUT:?}"),
             })?
-            .map_err(err("keep lease alive"))?;
+            .map_err(|e| lease_or(e, Some(lease), "keep lease alive"))?;
         // etcd answers a keep-alive of an expired lease with TTL 0.
         match resp {
             Some(r) if r.ttl() > 0 => Ok(()),
