@@ -82,8 +82,8 @@ pub enum MembershipError {
     )]
     Conflict {
         id: String,
-        registered: NodeAddresses,
-        requested: NodeAddresses,
+        registered: Box<NodeAddresses>,
+        requested: Box<NodeAddresses>,
     },
     #[error("node '{0}' is not registered")]
     UnknownNode(String),
@@ -192,8 +192,8 @@ impl Membership {
                 if rec.state == NodeState::Up && rec.addresses != req.addresses {
                     return Err(MembershipError::Conflict {
                         id: id.to_string(),
-                        registered: rec.addresses.clone(),
-                        requested: req.addresses,
+                        registered: Box::new(rec.addresses.clone()),
+                        requested: Box::new(req.addresses),
                     });
                 }
             }

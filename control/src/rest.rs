@@ -90,8 +90,11 @@ impl IntoResponse for MembershipError {
     }
 }
 
-fn node_id(id: &str) -> Result<(), Response> {
-    api::check_name("node id", id).map_err(|e| bad_request(&e))
+/// The 400 for a node id that is not a valid name, None for a good one.
+fn bad_node_id(id: &str) -> Option<Response> {
+    api::check_name("node id", id)
+        .err()
+        .map(|e| bad_request(&e))
 }
 
 async fn list_nodes(State(app): AppState) -> Response {
@@ -102,7 +105,7 @@ async fn list_nodes(State(app): AppState) -> Response {
 }
 
 async fn get_node(State(app): AppState, Path(id): Path<String>) -> Response {
-    if let Err(r) = node_id(&id) {
+    if let Some(r) = bad_node_id(&id) {
         return r;
     }
     match app.membership.list().await {
@@ -115,7 +118,7 @@ async fn get_node(State(app): AppState, Path(id): Path<String>) -> Response {
 }
 
 async fn register(State(app): AppState, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = node_id(&id) {
+    if let Some(r) = bad_node_id(&id) {
         return r;
     }
     let req = match api::parse_register(&body) {
@@ -129,7 +132,7 @@ async fn register(State(app): AppState, Path(id): Path<String>, body: Bytes) -> 
 }
 
 async fn heartbeat(State(app): AppState, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = node_id(&id) {
+    if let Some(r) = bad_node_id(&id) {
         return r;
     }
     let req = match api::parse_heartbeat(&body) {

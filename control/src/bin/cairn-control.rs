@@ -81,11 +81,11 @@ fn init_logging() {
 
 async fn open_store(cli: &Cli) -> Result<AnyStore> {
     Ok(match &cli.etcd {
-        Some(url) => AnyStore::Etcd(
+        Some(url) => AnyStore::Etcd(Box::new(
             EtcdStore::connect(url)
                 .await
                 .with_context(|| format!("connecting to etcd at {url}"))?,
-        ),
+        )),
         None => AnyStore::Embedded(EmbeddedStore::open(&cli.data_dir)?),
     })
 }

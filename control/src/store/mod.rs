@@ -141,7 +141,8 @@ pub trait Store: Send + Sync + 'static {
 /// default). The control plane's modules take this type, so they are written once.
 pub enum AnyStore {
     Embedded(embedded::EmbeddedStore),
-    Etcd(etcd::EtcdStore),
+    /// Boxed: the etcd client is large and the enum is built once.
+    Etcd(Box<etcd::EtcdStore>),
 }
 
 impl AnyStore {
