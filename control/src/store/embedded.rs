@@ -185,7 +185,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Runs `f` in a write transaction that takes the next revision, and commits it.
+    /// Runs `f` in one write transaction and commits it; an error from `f` aborts it whole.
     fn write<T>(
         &self,
         op: &'static str,
@@ -195,21 +195,6 @@ impl Inner {
         let out = f(&w)?;
         w.commit().map_err(db_err(op))?;
         Ok(out)
-    }
-
-    fn lease_alive(&self, lease: Option<LeaseId>) -> Result<(), StoreError> {
-        match lease {
-            Some(l)
-                if !self
-                    .leases
-                    .lock()
-                    .expect("lease map lock")
-                    .contains_key(&l.0) =>
-            {
-                Err(StoreError::LeaseNotFound(l))
-            }
-            _ => Ok(()),
-        }
     }
 }
 
@@ -266,10 +251,19 @@ fn entry(key: &str, mod_revision: u64, lease: i64, value: &[u8]) -> Entry {
     }
 }
 
+/// Applies one op at revision `rev`. A put with a lease that is gone fails the whole
+/// transaction: the check runs inside it, so an expiry cannot slip between check and write
+/// and leave a key on a dead lease.
 fn apply(w: &redb::WriteTransaction, rev: u64, op: &Op) -> Result<bool, StoreError> {
     let mut kv = w.open_table(KV).map_err(db_err("write"))?;
     match op {
         Op::Put { key, value, lease } => {
+            if let Some(l) = lease {
+                let leases = w.open_table(LEASES).map_err(db_err("put"))?;
+                if leases.get(l.0).map_err(db_err("put"))?.is_none() {
+                    return Err(StoreError::LeaseNotFound(*l));
+                }
+            }
             let lease = lease.map_or(0, |l| l.0);
             kv.insert(key.as_str(), (rev, lease, value.as_slice()))
                 .map_err(db_err("put"))?;
@@ -322,7 +316,6 @@ impl Store for EmbeddedStore {
             lease,
         };
         self.blocking(move |inner| {
-            inner.lease_alive(lease)?;
             inner.write("put", |w| {
                 let rev = next_revision(w)?;
                 apply(w, rev, &op)?;
@@ -347,11 +340,6 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, txn: Txn) -> Result<Option<u64>, StoreError> {
         self.blocking(move |inner| {
-            for op in &txn.ops {
-                if let Op::Put { lease, .. } = op {
-                    inner.lease_alive(*lease)?;
-                }
-            }
             inner.write("txn", |w| {
                 {
                     let kv = w.open_table(KV).map_err(db_err("txn"))?;
