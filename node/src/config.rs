@@ -248,6 +248,10 @@ Examples:
   # another nexus opened needs --takeover):
   cairnctl node --addr C:10810 nexus create pg --replica B:10820 --replica local --takeover
 
+  # Join a cluster: register with cairn-control, keep a 2 s lease alive (docs/control.md):
+  cairn-node --control http://10.0.0.2:10800 --node-id n1 --zone eu-1a --rack r7
+  cairnctl node ls --control http://10.0.0.2:10800
+
 Config file (TOML; every key optional, flags override, repeatable flags add):
   cores = \"0\"
   data_dir = \"/var/lib/cairn\"
@@ -267,6 +271,10 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   log_format = \"text\"                 # or \"json\"
   buf_count = 256
   huge_pages = true
+  control = \"http://10.0.0.2:10800\"  # register with cairn-control (absent: run alone)
+  node_id = \"n1\"                     # zone, rack and node_id default to the host name
+  zone = \"eu-1a\"
+  rack = \"r7\"
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -627,5 +635,40 @@ mod tests {
             NodeConfig::load(&cli).unwrap().listeners().unwrap().nbd,
             None
         );
+    }
+
+    #[test]
+    fn membership_comes_from_the_file_and_the_flags() {
+        let mut c = NodeConfig::from_toml(
+            "control = \"http://127.0.0.1:10800\"\nnode_id = \"n1\"\nzone = \"z1\"\n",
+        )
+        .unwrap();
+        c.apply(&Cli::parse_from([
+            "cairn-node",
+            "--rack",
+            "r9",
+            "--node-id",
+            "n2",
+        ]));
+        let m = c.membership().unwrap().expect("control is set");
+        assert_eq!(
+            (m.node_id.as_str(), m.zone.as_str(), m.rack.as_str()),
+            ("n2", "z1", "r9")
+        );
+        assert_eq!(m.client.url(), "http://127.0.0.1:10800");
+        let alone = NodeConfig::load(&Cli::parse_from(["cairn-node"])).unwrap();
+        assert!(alone.membership().unwrap().is_none());
+        let cli = Cli::parse_from([
+            "cairn-node",
+            "--control",
+            "http://127.0.0.1:1",
+            "--node-id",
+            "a/b",
+        ]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("node id 'a/b'"), "{e}");
+        let cli = Cli::parse_from(["cairn-node", "--control", "https://x:1"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("https://x:1"), "{e}");
     }
 }
