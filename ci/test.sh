@@ -10,8 +10,10 @@ step() { printf '\n==> %s\n' "$*"; }
 # Debian packages the tests need. Installed only when missing, so reruns are quick.
 # The real-client tests (node/tests/real_clients.rs) use qemu-img/qemu-io (qemu-utils),
 # nbdinfo/nbdcopy/nbdfuse (libnbd-bin; bookworm has no separate nbdfuse package), fio (its nbd
-# engine), fusermount3 (fuse3) and mkfs.ext4/e2fsck (e2fsprogs).
-PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd qemu-utils libnbd-bin fio fuse3 e2fsprogs)
+# engine), fusermount3 (fuse3) and mkfs.ext4/e2fsck (e2fsprogs). The control plane's store and
+# membership tests (control/tests/) start their own etcd (etcd-server), and the etcd-client
+# crate's build script compiles etcd's protos with protoc (protobuf-compiler).
+PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd qemu-utils libnbd-bin fio fuse3 e2fsprogs etcd-server protobuf-compiler)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,11 +1,20 @@
-//! cairn-control: orchestration (membership, placement, failover), `cairnctl` and CSI.
+//! cairn-control: the control process (`cairn-control`) and the command line (`cairnctl`).
 //!
-//! Today it holds `cairnctl`'s per-node commands: the generated client of the cairn-node
-//! admin API ([`proto`]), the size parser of the command line ([`units`]) and the table
-//! printer ([`table`]). The control process never touches the data path: it talks to
-//! `cairn-node` through its admin API only, so this crate must never depend on the engine
-//! (tests may, as a dev-dependency, to check that both sides agree).
+//! * [`store`]: the cluster state behind one trait, on etcd or an embedded redb file;
+//! * [`membership`]: node registration, leases and marking nodes down;
+//! * [`election`]: which control process decides (a lease-backed key with compare-and-swap);
+//! * [`rest`]: the REST API (axum), its OpenAPI document and the Prometheus metrics;
+//! * [`proto`], [`units`], [`table`]: `cairnctl`'s node commands over the cairn-node admin
+//!   API, its size parser and table printer.
+//!
+//! The control process never touches the data path: it talks to `cairn-node` through its
+//! admin API only, so this crate must never depend on the engine (tests may, as a
+//! dev-dependency, to check that both sides agree). docs/control.md has the design.
 
+pub mod election;
+pub mod membership;
+pub mod rest;
+pub mod store;
 pub mod table;
 pub mod units;
 

@@ -182,6 +182,16 @@ pub struct NodeConfig {
     pub buf_count: u32,
     /// Use 2 MiB huge pages for buffers when the system has them.
     pub huge_pages: bool,
+    /// The control process to register with and heartbeat (`http://HOST:PORT`); none: the
+    /// node runs alone, driven by `cairnctl node …`.
+    pub control: Option<String>,
+    /// This node's id in the cluster (default: the host name). Required to be unique: a
+    /// second live node with the same id at other addresses is refused.
+    pub node_id: Option<String>,
+    /// Failure domain: the zone (default: the host name).
+    pub zone: Option<String>,
+    /// Failure domain: the rack (default: the host name).
+    pub rack: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -205,6 +215,10 @@ impl Default for NodeConfig {
             log_format: LogFormat::Text,
             buf_count: BUF_COUNT_DEFAULT,
             huge_pages: true,
+            control: None,
+            node_id: None,
+            zone: None,
+            rack: None,
         }
     }
 }
@@ -234,6 +248,10 @@ Examples:
   # another nexus opened needs --takeover):
   cairnctl node --addr C:10810 nexus create pg --replica B:10820 --replica local --takeover
 
+  # Join a cluster: register with cairn-control, keep a 2 s lease alive (docs/control.md):
+  cairn-node --control http://10.0.0.2:10800 --node-id n1 --zone eu-1a --rack r7
+  cairnctl node ls --control http://10.0.0.2:10800
+
 Config file (TOML; every key optional, flags override, repeatable flags add):
   cores = \"0\"
   data_dir = \"/var/lib/cairn\"
@@ -253,6 +271,10 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   log_format = \"text\"                 # or \"json\"
   buf_count = 256
   huge_pages = true
+  control = \"http://10.0.0.2:10800\"  # register with cairn-control (absent: run alone)
+  node_id = \"n1\"                     # zone, rack and node_id default to the host name
+  zone = \"eu-1a\"
+  rack = \"r7\"
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -325,6 +347,18 @@ pub struct Cli {
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Register with the control process at URL and keep a lease alive (http://HOST:PORT).
+    #[arg(long, value_name = "URL")]
+    pub control: Option<String>,
+    /// This node's id in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Failure domain zone [default: the host name].
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
+    /// Failure domain rack [default: the host name].
+    #[arg(long, value_name = "RACK")]
+    pub rack: Option<String>,
 }
 
 /// The listeners, parsed.
@@ -384,6 +418,16 @@ impl NodeConfig {
             .extend(cli.replica_mallocs.iter().cloned());
         set(&mut self.idle, &cli.idle);
         set(&mut self.log_format, &cli.log_format);
+        for (to, from) in [
+            (&mut self.control, &cli.control),
+            (&mut self.node_id, &cli.node_id),
+            (&mut self.zone, &cli.zone),
+            (&mut self.rack, &cli.rack),
+        ] {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        }
         if let Some(size) = cli.pool0_size {
             self.pool0_size = Some(Size(size));
         }
@@ -399,7 +443,39 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.core_list()?;
         self.listeners()?;
+        self.membership()?;
         self.check_names()
+    }
+
+    /// What to register with the control process, or None when `control` is not set.
+    pub fn membership(&self) -> Result<Option<crate::membership::Membership>, ConfigError> {
+        let Some(url) = &self.control else {
+            return Ok(None);
+        };
+        let host = cairn_control_api::hostname();
+        let name = |what: &'static str, v: &Option<String>| {
+            let v = v.clone().unwrap_or_else(|| host.clone());
+            cairn_control_api::check_name(what, &v)
+                .map(|()| v.clone())
+                .map_err(|e| ConfigError::BadSpec {
+                    what,
+                    spec: v,
+                    why: e.to_string(),
+                })
+        };
+        let client =
+            cairn_control_api::client::Client::new(url, crate::membership::REQUEST_TIMEOUT)
+                .map_err(|e| ConfigError::BadSpec {
+                    what: "control",
+                    spec: url.clone(),
+                    why: e.to_string(),
+                })?;
+        Ok(Some(crate::membership::Membership {
+            client,
+            node_id: name("node id", &self.node_id)?,
+            zone: name("zone", &self.zone)?,
+            rack: name("rack", &self.rack)?,
+        }))
     }
 
     pub fn core_list(&self) -> Result<CoreList, ConfigError> {
@@ -559,5 +635,40 @@ mod tests {
             NodeConfig::load(&cli).unwrap().listeners().unwrap().nbd,
             None
         );
+    }
+
+    #[test]
+    fn membership_comes_from_the_file_and_the_flags() {
+        let mut c = NodeConfig::from_toml(
+            "control = \"http://127.0.0.1:10800\"\nnode_id = \"n1\"\nzone = \"z1\"\n",
+        )
+        .unwrap();
+        c.apply(&Cli::parse_from([
+            "cairn-node",
+            "--rack",
+            "r9",
+            "--node-id",
+            "n2",
+        ]));
+        let m = c.membership().unwrap().expect("control is set");
+        assert_eq!(
+            (m.node_id.as_str(), m.zone.as_str(), m.rack.as_str()),
+            ("n2", "z1", "r9")
+        );
+        assert_eq!(m.client.url(), "http://127.0.0.1:10800");
+        let alone = NodeConfig::load(&Cli::parse_from(["cairn-node"])).unwrap();
+        assert!(alone.membership().unwrap().is_none());
+        let cli = Cli::parse_from([
+            "cairn-node",
+            "--control",
+            "http://127.0.0.1:1",
+            "--node-id",
+            "a/b",
+        ]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("node id 'a/b'"), "{e}");
+        let cli = Cli::parse_from(["cairn-node", "--control", "https://x:1"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("https://x:1"), "{e}");
     }
 }

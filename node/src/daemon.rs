@@ -16,8 +16,10 @@ use crate::admin::AdminService;
 use crate::config::{
     pool_name, ConfigError, NodeConfig, POOL0_FREE_MARGIN_BYTES, POOL0_SIZE_MIN_BYTES,
 };
+use crate::membership::{is_final, pool_capacities, Heartbeats};
 use crate::proto as pb;
 use crate::state::{Node, NodeError};
+use cairn_control_api::NodeAddresses;
 use cairn_engine::bdev::fault::FaultControl;
 use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::bdev::BdevError;
@@ -90,6 +92,10 @@ pub enum DaemonError {
         signal: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Control(#[from] crate::membership::MembershipError),
+    #[error("starting the heartbeat thread: {0}")]
+    Heartbeat(std::io::Error),
     #[error("shutdown was not clean (see the log)")]
     UncleanShutdown,
 }
@@ -161,13 +167,55 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     };
     node.open_nbd();
     announce(&endpoints, replica.as_deref(), &node.export_names());
+    let heartbeats = match join_cluster(&config, &node, &endpoints, replica.as_deref()) {
+        Ok(h) => h,
+        Err(e) => {
+            drop(_guard);
+            teardown(node, runtime);
+            return Err(e);
+        }
+    };
     runtime.block_on(serve(node.clone(), admin, metrics, signals));
+    drop(heartbeats);
     drop(_guard);
     if teardown(node, runtime) {
         Ok(())
     } else {
         Err(DaemonError::UncleanShutdown)
     }
+}
+
+/// Registers with the control process when `--control` is set and starts the heartbeat
+/// thread. A refusal (a duplicate node id, a malformed request) stops the node; an
+/// unreachable control process is retried by the thread.
+fn join_cluster(
+    config: &NodeConfig,
+    node: &Arc<Node>,
+    endpoints: &Endpoints,
+    replica: Option<&str>,
+) -> Result<Option<Heartbeats>, DaemonError> {
+    let Some(membership) = config.membership()? else {
+        return Ok(None);
+    };
+    let addresses = NodeAddresses {
+        admin: endpoints.admin.to_string(),
+        nbd: endpoints.nbd.map(|a| a.to_string()),
+        replica: replica.map(str::to_string),
+    };
+    let registered = match membership.register(&addresses, pool_capacities(node)) {
+        Ok(r) => {
+            tracing::info!(node_id = %membership.node_id, incarnation = r.incarnation, "registered with the control process");
+            Some(r)
+        }
+        Err(e) if is_final(&e) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "control process unreachable; retrying in the background");
+            None
+        }
+    };
+    Heartbeats::start(membership, node.clone(), addresses, registered)
+        .map(Some)
+        .map_err(DaemonError::Heartbeat)
 }
 
 fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {

@@ -5,6 +5,7 @@
 //! * [`state`]: [`state::Node`], the live state the daemon serves (engine, pools, malloc bdevs,
 //!   exports, nexuses, the replica server) and every control operation on it.
 //! * [`admin`]: the gRPC admin service over [`state`].
+//! * [`membership`]: registration with the control process and the heartbeat thread.
 //! * [`metrics`]: Prometheus `/metrics`.
 //! * [`proto`]: code generated from `proto/admin.proto` (server and client).
 //!
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod membership;
 pub mod metrics;
 pub mod state;
 

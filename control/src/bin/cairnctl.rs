@@ -1,6 +1,7 @@
 //! cairnctl: Cairn's command line. `cairnctl node …` talks to one cairn-node's admin API
-//! (gRPC), the way SPDK's rpc.py talks to one target. Cluster commands (over the control
-//! process's REST API) come later.
+//! (gRPC), the way SPDK's rpc.py talks to one target; `cairnctl node ls` asks the control
+//! process (REST, `--control URL`) for the cluster's nodes. Volume commands over REST come
+//! with the control plane's volumes (docs/control.md).
 //!
 //! Output is an aligned table by default and JSON with `--json`. An error from the node
 //! prints its status code and message (which names the object) and exits 1; so does
@@ -10,11 +11,15 @@ use anyhow::{Context, Result};
 use cairn_control::proto::{self as pb, node_admin_client::NodeAdminClient};
 use cairn_control::table::Table;
 use cairn_control::units::{human_size, parse_size};
+use cairn_control_api::client::Client as ControlClient;
+use cairn_control_api::{NodeView, CONTROL_URL_DEFAULT};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// How long one request to the control process may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long cairnctl waits to connect to the node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one admin call may take (pool operations are durable when they return).
@@ -57,7 +62,8 @@ Examples:
   cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820
   cairnctl node export add pg --nexus
   cairnctl node --json stats
-  cairnctl node --addr 10.0.0.5:10810 volume ls";
+  cairnctl node --addr 10.0.0.5:10810 volume ls
+  cairnctl node ls --control http://10.0.0.2:10800   # the cluster's nodes, from cairn-control";
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +123,13 @@ enum NodeCmd {
     Fault(FaultCmd),
     /// Per-export counters and latency, per-reactor busy and idle time.
     Stats,
+    /// The cluster's nodes as the control process sees them (over its REST API, not the
+    /// node admin API): state, failure domain, addresses, free capacity, heartbeat age.
+    Ls {
+        /// The control process.
+        #[arg(long, value_name = "URL", default_value = CONTROL_URL_DEFAULT)]
+        control: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -376,6 +389,9 @@ async fn connect(addr: &str) -> Result<NodeAdminClient<Channel>> {
 }
 
 async fn node(args: NodeArgs) -> Result<()> {
+    if let NodeCmd::Ls { control } = &args.cmd {
+        return node_ls(control, args.json);
+    }
     let mut c = connect(&args.addr).await?;
     let json = args.json;
     match args.cmd {
@@ -407,7 +423,58 @@ async fn node(args: NodeArgs) -> Result<()> {
             let r = c.stats(pb::StatsRequest {}).await?.into_inner();
             emit(json, &r, || stats_table(&r))
         }
+        NodeCmd::Ls { .. } => unreachable!("answered above, without the admin API"),
     }
+}
+
+/// `node ls`: GET /v1/nodes from the control process.
+fn node_ls(control: &str, json: bool) -> Result<()> {
+    let client = ControlClient::new(control, CONTROL_TIMEOUT)?;
+    let resp = client
+        .get("/v1/nodes")
+        .with_context(|| format!("cannot reach the control process at {control}"))?;
+    if resp.status != 200 {
+        anyhow::bail!(
+            "control process {control}: HTTP {}: {}",
+            resp.status,
+            resp.error_message()
+        );
+    }
+    let nodes: Vec<NodeView> = serde_json::from_slice(&resp.body)
+        .with_context(|| format!("control process {control} answered GET /v1/nodes with"))?;
+    emit(json, &nodes, || nodes_table(&nodes))
+}
+
+fn nodes_table(nodes: &[NodeView]) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "STATE",
+        "ZONE",
+        "RACK",
+        "ADMIN",
+        "REPLICA",
+        "NBD",
+        ">FREE",
+        ">HEARTBEAT",
+    ]);
+    for n in nodes {
+        let or_dash = |a: &Option<String>| a.clone().unwrap_or_else(|| "-".into());
+        t.row(vec![
+            n.id.clone(),
+            n.state.as_str().into(),
+            n.zone.clone(),
+            n.rack.clone(),
+            n.addresses.admin.clone(),
+            or_dash(&n.addresses.replica),
+            or_dash(&n.addresses.nbd),
+            human_size(n.free_bytes),
+            n.last_heartbeat_age_ms.map_or_else(
+                || "-".into(),
+                |ms| format!("{:.1}s ago", ms as f64 / 1000.0),
+            ),
+        ]);
+    }
+    t.render()
 }
 
 async fn volume(c: &mut NodeAdminClient<Channel>, json: bool, cmd: VolumeCmd) -> Result<()> {

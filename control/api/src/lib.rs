@@ -1,0 +1,322 @@
+//! The control process's REST interface as both sides see it: the request and response bodies
+//! ([`RegisterRequest`], [`HeartbeatRequest`], [`NodeView`] …), the one parser of each request
+//! body ([`parse_register`], [`parse_heartbeat`]) and a small blocking HTTP/1.1 client
+//! ([`client`]).
+//!
+//! It is a crate of its own so that `cairn-node` (which registers and heartbeats) and the fuzz
+//! target can use the wire types without linking the control process (axum, etcd, redb). The
+//! server calls the same parsers the fuzzer drives: a malformed body is an [`ApiError`] that
+//! names the field and the value, never a panic.
+
+pub mod client;
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Where `cairn-control` listens by default.
+pub const CONTROL_LISTEN_DEFAULT: &str = "127.0.0.1:10800";
+/// The control URL `cairn-node --control` and `cairnctl --control` mean by default.
+pub const CONTROL_URL_DEFAULT: &str = "http://127.0.0.1:10800";
+/// Where the kernel tells this machine's name (used as the default zone and rack).
+const HOSTNAME_PATH: &str = "/proc/sys/kernel/hostname";
+
+/// Longest node id, zone or rack name accepted (bytes). Longer ones are refused with 400.
+pub const NAME_LEN_MAX: usize = 63;
+/// Most pools one node may report. More are refused with 400.
+pub const POOLS_MAX: usize = 64;
+/// Largest request body the control process reads (bytes); larger ones get 413.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// A request the control process refuses, with what is wrong in it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("body is not valid JSON for {what}: {why}")]
+    Json { what: &'static str, why: String },
+    #[error("{what} '{value}' is invalid: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// The error body of every 4xx and 5xx answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Where a node can be reached: its NBD listener and replica server (absent when off) and its
+/// admin API. Addresses are `IP:PORT`, as the node bound them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddresses {
+    pub admin: String,
+    #[serde(default)]
+    pub nbd: Option<String>,
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+impl std::fmt::Display for NodeAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_dash = |a: &Option<String>| a.clone().unwrap_or_else(|| "-".into());
+        write!(
+            f,
+            "admin={} replica={} nbd={}",
+            self.admin,
+            or_dash(&self.replica),
+            or_dash(&self.nbd)
+        )
+    }
+}
+
+/// One pool of a node and its free capacity, as placement will weigh it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCapacity {
+    pub name: String,
+    pub size_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// `POST /v1/nodes/{id}/register`: a node announces itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub addresses: NodeAddresses,
+    pub zone: String,
+    pub rack: String,
+    #[serde(default)]
+    pub pools: Vec<PoolCapacity>,
+}
+
+/// The answer to a registration: the lease the node must keep alive.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegisterResponse {
+    pub node_id: String,
+    /// Counts this node's registrations; a heartbeat names the one it keeps alive.
+    pub incarnation: u64,
+    pub lease_ttl_ms: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /v1/nodes/{id}/heartbeat`: keeps the registration `incarnation` alive.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub incarnation: u64,
+}
+
+/// The answer to a heartbeat that kept the lease alive.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeartbeatResponse {
+    pub lease_ttl_ms: u64,
+}
+
+/// Whether a node's lease is alive.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Up,
+    Down,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Up => "up",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeView {
+    pub id: String,
+    pub state: NodeState,
+    pub zone: String,
+    pub rack: String,
+    pub addresses: NodeAddresses,
+    pub pools: Vec<PoolCapacity>,
+    pub free_bytes: u64,
+    pub incarnation: u64,
+    /// Milliseconds since this control process last saw the node's heartbeat; null when it
+    /// has seen none since it started (another control process may have).
+    pub last_heartbeat_age_ms: Option<u64>,
+    /// When the node was last marked down (Unix milliseconds), null while it is up.
+    pub down_since_unix_ms: Option<u64>,
+}
+
+/// `GET /v1/leader`: which control process decides, as this one sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaderView {
+    /// This control process's id.
+    pub this: String,
+    pub is_leader: bool,
+    /// The current leader's id and REST address, null while there is none.
+    pub leader: Option<LeaderInfo>,
+}
+
+/// The leader's identity, as stored under the election key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaderInfo {
+    pub id: String,
+    pub listen: String,
+}
+
+/// Parses and checks a registration body.
+pub fn parse_register(body: &[u8]) -> Result<RegisterRequest, ApiError> {
+    let r: RegisterRequest = from_json("a registration", body)?;
+    check_addr("admin address", &r.addresses.admin)?;
+    for a in [&r.addresses.nbd, &r.addresses.replica]
+        .into_iter()
+        .flatten()
+    {
+        check_addr("address", a)?;
+    }
+    check_name("zone", &r.zone)?;
+    check_name("rack", &r.rack)?;
+    if r.pools.len() > POOLS_MAX {
+        return Err(ApiError::Invalid {
+            what: "pool count",
+            value: r.pools.len().to_string(),
+            why: "more than POOLS_MAX (64)",
+        });
+    }
+    for p in &r.pools {
+        check_name("pool name", &p.name)?;
+        if p.free_bytes > p.size_bytes {
+            return Err(ApiError::Invalid {
+                what: "pool free_bytes",
+                value: format!("{} of {} in pool {}", p.free_bytes, p.size_bytes, p.name),
+                why: "more free than its size",
+            });
+        }
+    }
+    Ok(r)
+}
+
+/// Parses a heartbeat body.
+pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatRequest, ApiError> {
+    from_json("a heartbeat", body)
+}
+
+/// Checks a node id (the path segment of `/v1/nodes/{id}/…`), a zone, a rack or a pool name:
+/// 1 to [`NAME_LEN_MAX`] bytes of ASCII letters, digits, `-`, `_` and `.`, so that it is safe
+/// in a store key and a URL without escaping.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), ApiError> {
+    let why = if name.is_empty() {
+        "empty"
+    } else if name.len() > NAME_LEN_MAX {
+        "longer than 63 bytes"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        "only letters, digits, '-', '_' and '.' are allowed"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::Invalid {
+        what,
+        value: name.chars().take(NAME_LEN_MAX + 1).collect(),
+        why,
+    })
+}
+
+/// This machine's host name, the default failure domain (zone and rack) of a node that names
+/// none, and part of a control process's id; `localhost` when the kernel does not say.
+pub fn hostname() -> String {
+    std::fs::read_to_string(HOSTNAME_PATH)
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| check_name("hostname", h).is_ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn check_addr(what: &'static str, addr: &str) -> Result<(), ApiError> {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(()),
+        Ok(_) => Err(ApiError::Invalid {
+            what,
+            value: addr.to_string(),
+            why: "port 0 is not an address anyone can reach",
+        }),
+        Err(_) => Err(ApiError::Invalid {
+            what,
+            value: addr.chars().take(NAME_LEN_MAX + 1).collect(),
+            why: "not IP:PORT",
+        }),
+    }
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Json {
+        what,
+        why: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register_json() -> serde_json::Value {
+        serde_json::json!({
+            "addresses": {"admin": "127.0.0.1:10810", "nbd": "127.0.0.1:10809", "replica": null},
+            "zone": "z1", "rack": "r1",
+            "pools": [{"name": "pool0", "size_bytes": 100, "free_bytes": 40}]
+        })
+    }
+
+    #[test]
+    fn a_good_registration_parses() {
+        let r = parse_register(register_json().to_string().as_bytes()).unwrap();
+        assert_eq!(r.addresses.admin, "127.0.0.1:10810");
+        assert_eq!(r.pools[0].free_bytes, 40);
+    }
+
+    #[test]
+    fn bad_registrations_name_the_problem() {
+        let cases: [(&str, serde_json::Value, &str); 6] = [
+            (
+                "/addresses/admin",
+                "nowhere".into(),
+                "admin address 'nowhere'",
+            ),
+            ("/zone", "".into(), "zone '' is invalid: empty"),
+            ("/rack", "a/b".into(), "rack 'a/b'"),
+            ("/pools/0/free_bytes", 200.into(), "more free than its size"),
+            ("/extra", 1.into(), "unknown field `extra`"),
+            ("/addresses/nbd", "127.0.0.1:0".into(), "port 0"),
+        ];
+        for (pointer, value, expect) in cases {
+            let mut body = register_json();
+            let (parent, field) = pointer.rsplit_once('/').unwrap();
+            let target = if parent.is_empty() {
+                &mut body
+            } else {
+                body.pointer_mut(parent).unwrap()
+            };
+            target[field] = value;
+            let err = parse_register(body.to_string().as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(expect), "{pointer}: {err}");
+        }
+        let err = parse_register(b"{").unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn names_are_bounded_and_key_safe() {
+        assert!(check_name("node id", "node-1.a_b").is_ok());
+        assert!(check_name("node id", &"n".repeat(NAME_LEN_MAX)).is_ok());
+        assert!(check_name("node id", &"n".repeat(NAME_LEN_MAX + 1)).is_err());
+        assert!(check_name("node id", "a/b").is_err());
+        assert!(check_name("node id", "é").is_err());
+    }
+}

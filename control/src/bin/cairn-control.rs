@@ -1,0 +1,175 @@
+//! cairn-control: the control process. See `cairn-control --help` and docs/control.md.
+//!
+//! Opens the store (the embedded one in `--data-dir`, or etcd with `--etcd`), then runs three
+//! things until SIGTERM or SIGINT: the REST API on `--listen`, the leader election, and, while
+//! this process leads, the monitor that marks nodes down when their lease expires. A start-up
+//! failure (a taken port, a data directory in use, an unreachable etcd) exits 1 naming it.
+
+use anyhow::{Context, Result};
+use cairn_control::election::{stopped, Election};
+use cairn_control::membership::{Membership, MONITOR_INTERVAL, NODE_LEASE_TTL_S};
+use cairn_control::rest::{router, App};
+use cairn_control::store::embedded::EmbeddedStore;
+use cairn_control::store::etcd::EtcdStore;
+use cairn_control::store::AnyStore;
+use cairn_control_api::{LeaderInfo, CONTROL_LISTEN_DEFAULT};
+use clap::Parser;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Worker threads of the runtime: control traffic is light (a heartbeat per node every
+/// 500 ms), and the embedded store's disk writes run on the blocking pool.
+const WORKER_THREADS: usize = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn-control",
+    version,
+    about = "Cairn's control process: cluster state, membership and (later) placement and failover",
+    after_help = "Examples:\n  cairn-control --data-dir ./cairn-control\n  \
+                  cairn-control --data-dir ./cc --listen 0.0.0.0:10800 --etcd http://10.0.0.2:2379"
+)]
+struct Cli {
+    /// Where the embedded store keeps its file (and its lock: one process per directory).
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// The REST API's address (port 0 picks a free one; the start-up line names it).
+    #[arg(long, value_name = "ADDR:PORT", default_value = CONTROL_LISTEN_DEFAULT)]
+    listen: SocketAddr,
+    /// Keep the cluster state in etcd (comma-separated endpoints) instead of the embedded
+    /// store; several cairn-control processes may then run, and one is leader.
+    #[arg(long, value_name = "URL")]
+    etcd: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cairn-control: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn-control: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn open_store(cli: &Cli) -> Result<AnyStore> {
+    Ok(match &cli.etcd {
+        Some(url) => AnyStore::Etcd(Box::new(
+            EtcdStore::connect(url)
+                .await
+                .with_context(|| format!("connecting to etcd at {url}"))?,
+        )),
+        None => AnyStore::Embedded(EmbeddedStore::open(&cli.data_dir)?),
+    })
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    // Installed first: from here on SIGTERM and SIGINT stop the process cleanly.
+    let signals = Signals::install()?;
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", cli.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
+    let store = Arc::new(open_store(&cli).await?);
+    let me = LeaderInfo {
+        id: format!("{}@{addr}", cairn_control_api::hostname()),
+        listen: format!("http://{addr}"),
+    };
+    let election = Arc::new(Election::new(store.clone(), me.clone()));
+    let app = Arc::new(App {
+        membership: Membership::new(store.clone(), NODE_LEASE_TTL_S),
+        election: election.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let election_task = tokio::spawn(election.run(stop_rx.clone()));
+    let monitor_task = tokio::spawn(monitor(app.clone(), stop_rx));
+    let line = format!(
+        "cairn-control listening on http://{addr} (store: {}, id {})",
+        store.describe(),
+        me.id
+    );
+    tracing::info!("{line}");
+    println!("{line}");
+    use std::io::Write as _;
+    drop(std::io::stdout().flush());
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move {
+            let signal = signals.recv().await;
+            tracing::info!(signal, "shutting down");
+            stop_tx.send_replace(true);
+        })
+        .await
+        .context("serving the REST API")?;
+    drop(monitor_task.await);
+    drop(election_task.await);
+    Ok(())
+}
+
+/// Marks nodes down while this process leads.
+async fn monitor(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(MONITOR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stopped(&mut stop) => return,
+        }
+        let Some(term) = app.election.current() else {
+            continue;
+        };
+        if let Err(e) = app.membership.mark_expired(term).await {
+            tracing::warn!(error = %e, "checking node leases");
+        }
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}

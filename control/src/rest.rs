@@ -1,0 +1,276 @@
+//! The control process's HTTP face: the REST API (axum), its OpenAPI document
+//! (`/openapi.json`, hand-written in `openapi.json` beside this file; a test checks that it
+//! documents exactly [`ROUTES`]) and the Prometheus metrics (`/metrics`).
+//!
+//! Request bodies are read as bytes and parsed by `cairn_control_api`'s parsers, the same
+//! code the fuzz target drives, so a malformed body is a 400 with a JSON error naming the
+//! problem and never reaches the store. Every error is `{"error": "..."}`.
+
+use crate::election::Election;
+use crate::membership::{Membership, MembershipError};
+use crate::store::StoreError;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_control_api::{self as api, ApiError, ErrorBody, LeaderView, NodeState};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The OpenAPI document served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// Every route served, as (method, path) in axum's syntax; the OpenAPI document must list
+/// exactly these (`tests::every_route_is_documented`).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/nodes"),
+    ("get", "/v1/nodes/{id}"),
+    ("post", "/v1/nodes/{id}/register"),
+    ("post", "/v1/nodes/{id}/heartbeat"),
+    ("get", "/v1/leader"),
+    ("get", "/openapi.json"),
+    ("get", "/metrics"),
+];
+
+/// What the handlers share.
+pub struct App {
+    pub membership: Membership,
+    pub election: Arc<Election>,
+}
+
+type AppState = State<Arc<App>>;
+
+/// The router of every route in [`ROUTES`].
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}/register", post(register))
+        .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
+        .route("/v1/leader", get(leader))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(DefaultBodyLimit::max(api::BODY_BYTES_MAX))
+        .with_state(app)
+}
+
+fn error(status: StatusCode, message: impl ToString) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: message.to_string(),
+        }),
+    )
+        .into_response()
+}
+
+fn bad_request(e: &ApiError) -> Response {
+    error(StatusCode::BAD_REQUEST, e)
+}
+
+impl IntoResponse for MembershipError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            MembershipError::Conflict { .. } => StatusCode::CONFLICT,
+            MembershipError::UnknownNode(_) => StatusCode::NOT_FOUND,
+            MembershipError::StaleIncarnation { .. } | MembershipError::LeaseExpired { .. } => {
+                StatusCode::GONE
+            }
+            MembershipError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            MembershipError::Contended { .. } | MembershipError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        error(status, self)
+    }
+}
+
+/// The 400 for a node id that is not a valid name, None for a good one.
+fn bad_node_id(id: &str) -> Option<Response> {
+    api::check_name("node id", id)
+        .err()
+        .map(|e| bad_request(&e))
+}
+
+async fn list_nodes(State(app): AppState) -> Response {
+    match app.membership.list().await {
+        Ok(nodes) => Json(nodes).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_node(State(app): AppState, Path(id): Path<String>) -> Response {
+    if let Some(r) = bad_node_id(&id) {
+        return r;
+    }
+    match app.membership.list().await {
+        Ok(nodes) => match nodes.into_iter().find(|n| n.id == id) {
+            Some(n) => Json(n).into_response(),
+            None => MembershipError::UnknownNode(id).into_response(),
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn register(State(app): AppState, Path(id): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_node_id(&id) {
+        return r;
+    }
+    let req = match api::parse_register(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&e),
+    };
+    match app.membership.register(&id, req).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn heartbeat(State(app): AppState, Path(id): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_node_id(&id) {
+        return r;
+    }
+    let req = match api::parse_heartbeat(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&e),
+    };
+    match app.membership.heartbeat(&id, req).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn leader(State(app): AppState) -> Response {
+    match app.election.leader().await {
+        Ok(leader) => Json(LeaderView {
+            this: app.election.me().id.clone(),
+            is_leader: app.election.current().is_some(),
+            leader,
+        })
+        .into_response(),
+        Err(e) => MembershipError::Store(e).into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn metrics(State(app): AppState) -> Response {
+    match metrics_text(&app).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => MembershipError::Store(e).into_response(),
+    }
+}
+
+/// The Prometheus text exposition of the control process.
+async fn metrics_text(app: &App) -> Result<String, StoreError> {
+    let records = match app.membership.records().await {
+        Ok(r) => r,
+        Err(MembershipError::Store(e)) => return Err(e),
+        Err(e) => {
+            return Err(StoreError::Backend {
+                store: "records",
+                op: "metrics",
+                detail: e.to_string(),
+            })
+        }
+    };
+    let up = records.iter().filter(|r| r.state == NodeState::Up).count();
+    let down = records.len() - up;
+    let c = &app.membership.counters;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    family(
+        "cairn_control_nodes",
+        "gauge",
+        "Registered nodes by state (up: lease alive; down: lease expired).",
+        &[
+            ("{state=\"up\"}", up as u64),
+            ("{state=\"down\"}", down as u64),
+        ],
+    );
+    family(
+        "cairn_control_leader",
+        "gauge",
+        "1 while this control process is the leader, else 0.",
+        &[("", u64::from(app.election.current().is_some()))],
+    );
+    family(
+        "cairn_control_leader_terms_total",
+        "counter",
+        "Times this control process became the leader.",
+        &[("", app.election.won_total())],
+    );
+    family(
+        "cairn_control_registrations_total",
+        "counter",
+        "Node registrations accepted by this control process.",
+        &[("", c.registrations.load(Ordering::Relaxed))],
+    );
+    family(
+        "cairn_control_heartbeats_total",
+        "counter",
+        "Node heartbeats that renewed a lease, served by this control process.",
+        &[("", c.heartbeats.load(Ordering::Relaxed))],
+    );
+    family(
+        "cairn_control_nodes_marked_down_total",
+        "counter",
+        "Nodes this control process marked down as leader after their lease expired.",
+        &[("", c.marked_down.load(Ordering::Relaxed))],
+    );
+    Ok(out)
+}
+
+async fn no_route(method: Method, uri: Uri) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no route {method} {uri}"))
+}
+
+async fn no_method(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{uri} does not take {method}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_route_is_documented() {
+        let doc: serde_json::Value =
+            serde_json::from_str(OPENAPI_JSON).expect("openapi.json parses");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .expect("operations")
+                    .keys()
+                    .filter(|k| *k != "parameters")
+                    .map(move |m| (m.clone(), path.clone()))
+            })
+            .collect();
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(documented, served, "openapi.json and ROUTES differ");
+    }
+}

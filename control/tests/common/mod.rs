@@ -1,0 +1,324 @@
+//! Processes for the control plane's tests: an etcd on free loopback ports in a temp dir,
+//! cairn-control and cairn-node started as real processes, and small HTTP helpers. Every child
+//! is killed when its handle drops, so a failing test leaves nothing running.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use cairn_control_api::client::Client;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a process may take to start (a loaded 2-core CI machine is slow, never wrong).
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a test waits for a state it expects (a lease expiry, a takeover): far above the
+/// 2 s lease, so only a broken mechanism, never a slow machine, fails the wait.
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A fresh directory for one test.
+pub fn test_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cairn-control-{test}-{}", std::process::id()));
+    drop(std::fs::remove_dir_all(&dir));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cairnctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_cairnctl"))
+}
+
+/// cairn-node is another package's binary, so `CARGO_BIN_EXE_` cannot name it: the one next
+/// to cairnctl, built when missing.
+pub fn cairn_node() -> PathBuf {
+    let node = cairnctl().with_file_name("cairn-node");
+    if !node.exists() {
+        let profile = cairnctl().parent().and_then(|d| d.file_name()).unwrap();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "cairn-node", "--bin", "cairn-node"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building cairn-node");
+    }
+    node
+}
+
+/// Polls `check` until it returns Some, or panics naming `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `cmd` with stdout piped and stderr to `log`, and waits for a stdout line starting
+/// with `ready`; returns the child and that line.
+fn start_until(mut cmd: Command, ready: &'static str, log: &Path) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with(ready) {
+                drop(tx.send(line));
+            }
+        }
+    });
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(line) => (child, line),
+        Err(_) => {
+            drop(child.kill());
+            drop(child.wait());
+            panic!(
+                "{ready}: not ready within {START_TIMEOUT:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// An etcd server of its own, on free loopback ports, in `dir`.
+pub struct Etcd {
+    child: Child,
+    pub url: String,
+}
+
+impl Etcd {
+    /// Starts etcd, or returns None when the tool is missing (the skip policy fails instead
+    /// under CI, where ci/test.sh installs etcd-server).
+    pub fn start(dir: &Path) -> Option<Etcd> {
+        if !cairn_testkit::require_tool("etcd", "etcd-server") {
+            return None;
+        }
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.join("etcd.log");
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting etcd");
+        let mut etcd = Etcd { child, url };
+        let client = Client::new(&etcd.url, HTTP_TIMEOUT).unwrap();
+        let start = Instant::now();
+        loop {
+            match client.get("/health") {
+                Ok(r) if r.status == 200 && String::from_utf8_lossy(&r.body).contains("true") => {
+                    return Some(etcd)
+                }
+                _ if start.elapsed() > START_TIMEOUT => {
+                    drop(etcd.child.kill());
+                    panic!(
+                        "etcd not healthy within {START_TIMEOUT:?}:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+}
+
+/// A cairn-control process.
+pub struct Control {
+    pub child: Child,
+    pub url: String,
+    pub client: Client,
+}
+
+impl Control {
+    /// Starts cairn-control on `data_dir`, on `etcd` when given, listening on `port`.
+    pub fn start(data_dir: &Path, etcd: Option<&str>, port: u16) -> Control {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-control"));
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        if let Some(url) = etcd {
+            cmd.args(["--etcd", url]);
+        }
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = data_dir.with_extension(format!("{port}.log"));
+        let (child, line) = start_until(cmd, "cairn-control listening on ", &log);
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap()
+            .to_string();
+        let client = Client::new(&url, HTTP_TIMEOUT).unwrap();
+        Control { child, url, client }
+    }
+
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let r = self.client.get(path).unwrap();
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error_message());
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    /// The node `id` from GET /v1/nodes, if registered.
+    pub fn node(&self, id: &str) -> Option<serde_json::Value> {
+        let nodes = self.get("/v1/nodes");
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+    }
+
+    pub fn node_state(&self, id: &str) -> Option<String> {
+        self.node(id)
+            .map(|n| n["state"].as_str().unwrap().to_string())
+    }
+
+    /// Waits until node `id` has `state`; returns how long it took.
+    pub fn wait_state(&self, id: &str, state: &str) -> Duration {
+        let start = Instant::now();
+        wait_for(&format!("node {id} {state}"), STATE_TIMEOUT, || {
+            (self.node_state(id).as_deref() == Some(state)).then_some(())
+        });
+        start.elapsed()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.get("/v1/leader")["is_leader"] == true
+    }
+
+    pub fn metrics(&self) -> String {
+        let r = self.client.get("/metrics").unwrap();
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body).unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Runs `cairnctl ARGS… --control URL`; returns (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(cairnctl())
+            .args(args)
+            .args(["--control", &self.url])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+}
+
+/// The flags of a test node in `dir` registering as `id` with the control process at `url`.
+pub fn node_command(dir: &Path, url: &str, id: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(cairn_node());
+    cmd.arg("--data-dir")
+        .arg(dir)
+        .args(["--pool0-size", "128M"])
+        .args(["--nbd-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--replica-listen", "127.0.0.1:0"])
+        .args(["--control", url, "--node-id", id])
+        .args(extra);
+    cmd
+}
+
+/// A cairn-node process registered with a control process.
+pub struct NodeProc {
+    pub child: Child,
+    /// The ready line's addresses.
+    pub admin: String,
+    pub replica: String,
+    pub nbd: String,
+}
+
+impl NodeProc {
+    pub fn start(dir: &Path, url: &str, id: &str, extra: &[&str]) -> NodeProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.join(format!("stderr-{}.log", free_port()));
+        let (child, line) =
+            start_until(node_command(dir, url, id, extra), "cairn-node ready ", &log);
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap()
+                .to_string()
+        };
+        NodeProc {
+            child,
+            admin: field("admin="),
+            replica: field("replica="),
+            nbd: field("nbd="),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+}
+
+/// The value of the metric series `series` (name and labels) in a /metrics text.
+pub fn metric_of(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .filter(|rest| rest.starts_with(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}

@@ -1,0 +1,214 @@
+//! The node's side of membership: registering with the control process (`--control URL`) and
+//! keeping its lease alive with heartbeats, on one thread of its own.
+//!
+//! The first registration runs at start, before the node is reported ready to the control
+//! plane: a refusal (the node id is held by a live node at other addresses, or the request is
+//! malformed) stops the node with the control process's message, which names both addresses.
+//! An unreachable control process is not fatal: the thread keeps trying, so nodes and the
+//! control process may start in any order. After that the thread heartbeats every
+//! `heartbeat_interval_ms` (from the registration's answer); when the control process says the
+//! lease is gone (410, or 404 after its store was replaced) the node registers again at once.
+//!
+//! The thread only talks HTTP; it never touches the data path. Its requests are bounded by
+//! [`REQUEST_TIMEOUT`], so a hung control process delays heartbeats, never shutdown, by more
+//! than that.
+
+use crate::state::Node;
+use cairn_control_api::client::{Client, ClientError};
+use cairn_control_api::{
+    HeartbeatRequest, NodeAddresses, PoolCapacity, RegisterRequest, RegisterResponse,
+};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long one request to the control process may take; below the heartbeat interval times
+/// the lease's margin, so one hung request costs at most one missed heartbeat.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait between tries while the control process is unreachable or refuses us.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Who this node is to the control process (from `--control`, `--node-id`, `--zone`, `--rack`).
+#[derive(Clone, Debug)]
+pub struct Membership {
+    pub client: Client,
+    pub node_id: String,
+    pub zone: String,
+    pub rack: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// The control process answered with an error status.
+    #[error("control process {url} refused node '{id}' (HTTP {status}): {message}")]
+    Refused {
+        url: String,
+        id: String,
+        status: u16,
+        message: String,
+    },
+    #[error(transparent)]
+    Unreachable(#[from] ClientError),
+    #[error("control process {url} answered with a body that is not {what}: {why}")]
+    BadAnswer {
+        url: String,
+        what: &'static str,
+        why: String,
+    },
+}
+
+impl Membership {
+    /// Registers this node with its addresses and the pools' current capacity.
+    pub fn register(
+        &self,
+        addresses: &NodeAddresses,
+        pools: Vec<PoolCapacity>,
+    ) -> Result<RegisterResponse, MembershipError> {
+        let req = RegisterRequest {
+            addresses: addresses.clone(),
+            zone: self.zone.clone(),
+            rack: self.rack.clone(),
+            pools,
+        };
+        let body = serde_json::to_vec(&req).expect("a registration serializes");
+        let path = format!("/v1/nodes/{}/register", self.node_id);
+        let resp = self.call(&path, &body)?;
+        serde_json::from_slice(&resp).map_err(|e| MembershipError::BadAnswer {
+            url: self.client.url().to_string(),
+            what: "a registration answer",
+            why: e.to_string(),
+        })
+    }
+
+    /// Renews the lease of registration `incarnation`.
+    pub fn heartbeat(&self, incarnation: u64) -> Result<(), MembershipError> {
+        let body = serde_json::to_vec(&HeartbeatRequest { incarnation }).expect("serializes");
+        let path = format!("/v1/nodes/{}/heartbeat", self.node_id);
+        self.call(&path, &body).map(drop)
+    }
+
+    fn call(&self, path: &str, body: &[u8]) -> Result<Vec<u8>, MembershipError> {
+        let resp = self.client.post_json(path, body)?;
+        if resp.status == 200 {
+            return Ok(resp.body);
+        }
+        Err(MembershipError::Refused {
+            url: self.client.url().to_string(),
+            id: self.node_id.clone(),
+            status: resp.status,
+            message: resp.error_message(),
+        })
+    }
+}
+
+/// The node's pools as the control process weighs them.
+pub fn pool_capacities(node: &Node) -> Vec<PoolCapacity> {
+    match node.list_pools() {
+        Ok(pools) => pools
+            .into_iter()
+            .map(|p| PoolCapacity {
+                name: p.name,
+                size_bytes: p.size_bytes,
+                free_bytes: p.free_bytes,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing pools for the control process");
+            Vec::new()
+        }
+    }
+}
+
+/// Whether a registration failure must stop a starting node: a refusal is final (the same
+/// request gets the same answer), an unreachable control process is retried.
+pub fn is_final(e: &MembershipError) -> bool {
+    matches!(e, MembershipError::Refused { status, .. } if *status == 409 || *status == 400)
+}
+
+/// The heartbeat thread. Dropping the returned sender stops it within one interval.
+pub struct Heartbeats {
+    stop: Option<Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeats {
+    /// Starts heartbeating registration `registered` (or, when None, registering first).
+    pub fn start(
+        membership: Membership,
+        node: Arc<Node>,
+        addresses: NodeAddresses,
+        registered: Option<RegisterResponse>,
+    ) -> std::io::Result<Heartbeats> {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("cairn-heartbeat".into())
+            .spawn(move || run(&membership, &node, &addresses, registered, &stopped))?;
+        Ok(Heartbeats {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            drop(t.join());
+        }
+    }
+}
+
+fn run(
+    m: &Membership,
+    node: &Node,
+    addresses: &NodeAddresses,
+    mut registered: Option<RegisterResponse>,
+    stopped: &Receiver<()>,
+) {
+    // Log a failure when the link turns bad, not at every try.
+    let mut healthy = true;
+    loop {
+        let result = match &registered {
+            Some(r) => m.heartbeat(r.incarnation).map(|()| None),
+            None => m.register(addresses, pool_capacities(node)).map(Some),
+        };
+        let wait = match result {
+            Ok(Some(r)) => {
+                tracing::info!(node_id = %m.node_id, incarnation = r.incarnation, "registered with the control process");
+                let wait = Duration::from_millis(r.heartbeat_interval_ms);
+                registered = Some(r);
+                healthy = true;
+                wait
+            }
+            Ok(None) => {
+                healthy = true;
+                interval(&registered)
+            }
+            Err(MembershipError::Refused { status, .. })
+                if registered.is_some() && (status == 410 || status == 404) =>
+            {
+                tracing::warn!(node_id = %m.node_id, "the control process dropped our lease; registering again");
+                registered = None;
+                Duration::ZERO
+            }
+            Err(e) => {
+                if healthy {
+                    tracing::warn!(error = %e, "control process");
+                }
+                healthy = false;
+                RETRY_INTERVAL
+            }
+        };
+        match stopped.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn interval(registered: &Option<RegisterResponse>) -> Duration {
+    registered.as_ref().map_or(RETRY_INTERVAL, |r| {
+        Duration::from_millis(r.heartbeat_interval_ms)
+    })
+}
