@@ -557,7 +557,7 @@ impl Reactor {
         for slot in self.core.devs.iter_mut().flatten() {
             slot.channel.close(&mut self.core.io);
         }
-        tracing::debug!(core = self.core.id().get(), "reactor stopped");
+        tracing::debug!(core = self.core.id().get(), pace = ?self.pace, "reactor stopped");
     }
 }
 

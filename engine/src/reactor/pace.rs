@@ -20,8 +20,11 @@
 //!
 //! A gap that included a sleep was lengthened by the wake-up, so its sample is shortened by the
 //! wake-up lateness measured on timed sleeps (how late past its timeout a timed wait returns).
-//! Without that, a device that sped up would keep being slept on. Samples are capped at
-//! [`GAP_SAMPLE_MAX`] so one long quiet spell does not take many gaps to forget.
+//! Without that, a device that sped up would keep being slept on. Gap samples are capped at
+//! [`GAP_SAMPLE_MAX`] so one long quiet spell does not take many gaps to forget, and lateness
+//! samples at 50 µs: a timed wait that returns later than that was preempted, and a lateness
+//! of hundreds of µs (measured on the loaded 2-core VM before the cap) would cut every slept
+//! gap to nothing and make the reactor spin.
 //!
 //! Limits: the gap is a mean over every source of work, so a reactor serving a fast and a slow
 //! device at once paces by their mix; a burst after a quiet spell pays one wake-up per I/O until
@@ -41,6 +44,9 @@ pub const EARLY_WAKE_MIN: Duration = Duration::from_micros(10);
 pub const GAP_SAMPLE_MAX: Duration = Duration::from_millis(1);
 /// EWMA weight of a new sample: 1 / 2^EWMA_SHIFT.
 pub const EWMA_SHIFT: u32 = 3;
+/// Largest wake-up lateness one sample may report: a timed wait that returns much later was
+/// preempted (another thread ran on the core), which says nothing about the wake-up itself.
+const WAKE_LATE_SAMPLE_MAX: Duration = Duration::from_micros(50);
 /// Wake-up lateness assumed until a timed sleep has measured it.
 const WAKE_LATE_INITIAL: Duration = Duration::from_micros(2);
 
@@ -104,7 +110,7 @@ impl Pace {
     /// Records a timed wait asked to end at `asked` that returned at `woke`.
     pub(super) fn woke(&mut self, asked: Instant, woke: Instant) {
         if woke >= asked {
-            let late = ns(woke - asked).min(ns(GAP_SAMPLE_MAX));
+            let late = ns(woke - asked).min(ns(WAKE_LATE_SAMPLE_MAX));
             self.wake_late_ns = ewma(self.wake_late_ns, late);
         }
     }
