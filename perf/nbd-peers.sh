@@ -22,15 +22,18 @@
 # (FIO_CPU, default 0), so client and server never steal each other's cycles and no server
 # has more cores than another. cairn-node is given `--cores SERVER_CPU`; qemu-nbd and nbdkit
 # are started under `taskset -c SERVER_CPU`, which confines all their threads (and io_uring
-# workers, which inherit the mask). cairn-node polls that core while I/O is in flight; the
-# others sleep in the kernel between requests, which is their design, not a handicap we add.
+# workers, which inherit the mask). cairn-node's default idle policy (adaptive) spins only
+# when it expects work within a few µs and otherwise sleeps in the kernel, as the others do.
+# CPU: the table gives each server's CPU per I/O (all its threads, /proc/PID/stat, from the
+# end of fio's 1 s ramp to the end of the run, over the I/Os fio counted) and its ratio to
+# qemu-nbd's on the same medium and workload.
 # nbdkit's file plugin has no O_DIRECT; it runs with cache=none (it drops pages it has
 # read or written) and fadvise=random, its documented way to keep out of the page cache.
 #
 # Environment: SIZE (4G), RUNTIME seconds per run (10), WORKDIR (target/nbd-peers, removed at
 # the end unless KEEP=1), OUT (perf/results/nbd-peers-DATE), CAIRN_NODE (built if unset),
-# SERVER_CPU (1), FIO_CPU (0), PARTS ("disk ram"), CAIRN_IDLE (sleep: cairn-node's default,
-# spin briefly after the last work, then sleep; `poll` keeps the core spinning).
+# SERVER_CPU (1), FIO_CPU (0), PARTS ("disk ram"), CAIRN_IDLE (adaptive: cairn-node's
+# default; `sleep` spins 50 µs after the last work, then sleeps; `poll` keeps the core spinning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +44,8 @@ OUT=${OUT:-perf/results/nbd-peers-$(date +%Y-%m-%d)}
 SERVER_CPU=${SERVER_CPU:-1}
 FIO_CPU=${FIO_CPU:-0}
 PARTS=${PARTS:-disk ram}
-CAIRN_IDLE=${CAIRN_IDLE:-sleep}
+CAIRN_IDLE=${CAIRN_IDLE:-adaptive}
+RAMP_S=1
 SOCK=$WORKDIR/nbd.sock
 # cairn-node also listens on TCP and for admin and metrics; keep clear of a real node's ports.
 PORT_BASE=${PORT_BASE:-20809}
@@ -90,15 +94,26 @@ stop() {
   SERVER_PID=
 }
 
-# bench SERVER MEDIUM RW URI: one fio run, JSON into OUT.
+# proc_cpu_s PID: CPU-seconds (user + system, all threads) the process has used so far.
+proc_cpu_s() {
+  echo "$(awk '{print $14 + $15}' "/proc/$1/stat") $(getconf CLK_TCK)" | awk '{printf "%.3f\n", $1 / $2}'
+}
+
+# bench SERVER MEDIUM RW URI: one fio run, JSON into OUT; the server's CPU-seconds from the end
+# of fio's ramp to the end of the run into the .cpu file beside it.
 bench() {
   local server=$1 medium=$2 rw=$3 uri=$4
   local json="$OUT/$medium-$server-$rw.json"
   echo "  $server $rw (${RUNTIME}s)" >&2
+  (sleep "$RAMP_S"; proc_cpu_s "$SERVER_PID" >"${json%.json}.cpu0") &
+  local ramp=$!
   taskset -c "$FIO_CPU" fio --name="$server-$rw" --ioengine=nbd --uri="$uri" \
     --rw="$rw" --bs=4k --iodepth=32 --numjobs=1 --size="$SIZE_BYTES" \
-    --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
+    --time_based --runtime="$RUNTIME" --ramp_time="$RAMP_S" --norandommap --randrepeat=0 \
     --output-format=json --output="$json"
+  wait "$ramp"
+  echo "$(cat "${json%.json}.cpu0") $(proc_cpu_s "$SERVER_PID")" | awk '{printf "%.3f\n", $2 - $1}' >"${json%.json}.cpu"
+  rm -f "${json%.json}.cpu0"
   echo "$medium $server $rw $json" >>"$OUT/runs.txt"
 }
 
@@ -180,15 +195,20 @@ for line in open(os.path.join(out, "runs.txt")):
     job = json.load(open(path))["jobs"][0]
     side = job["read" if rw == "randread" else "write"]
     p99_us = side["clat_ns"]["percentile"]["99.000000"] / 1000
-    rows.append((medium, server, rw, side["iops"], p99_us))
-cairn = {(m, rw): iops for m, s, rw, iops, _ in rows if s == "cairn"}
-print("| medium | server | workload | IOPS | p99 (µs) | IOPS / cairn |")
-print("| --- | --- | --- | ---: | ---: | ---: |")
-for m, s, rw, iops, p99 in rows:
+    cpu_s = float(open(path[: -len(".json")] + ".cpu").read())
+    cpu_us = cpu_s / max(side["total_ios"], 1) * 1e6
+    rows.append((medium, server, rw, side["iops"], p99_us, cpu_us))
+cairn = {(m, rw): iops for m, s, rw, iops, _, _ in rows if s == "cairn"}
+qemu = {(m, rw): cpu for m, s, rw, _, _, cpu in rows if s == "qemu-nbd"}
+print("| medium | server | workload | IOPS | p99 (µs) | IOPS / cairn | CPU µs per I/O | CPU / qemu-nbd |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+for m, s, rw, iops, p99, cpu in rows:
     base = cairn.get((m, rw))
     ratio = f"{iops / base:.3f}" if base else "-"
-    print(f"| {m} | {s} | {rw} | {iops:,.0f} | {p99:,.0f} | {ratio} |")
-null = {rw: iops for m, s, rw, iops, _ in rows if s == "nbdkit-null"}
+    q = qemu.get((m, rw))
+    cpu_ratio = f"{cpu / q:.3f}" if q else "-"
+    print(f"| {m} | {s} | {rw} | {iops:,.0f} | {p99:,.0f} | {ratio} | {cpu:.2f} | {cpu_ratio} |")
+null = {rw: iops for m, s, rw, iops, _, _ in rows if s == "nbdkit-null"}
 if ("ram", "randread") in cairn and "randread" in null:
     r = cairn[("ram", "randread")] / null["randread"]
     print(f"\ncairn --malloc randread reaches {r:.3f} of nbdkit null (fio's nbd engine ceiling here)")

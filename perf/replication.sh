@@ -31,7 +31,10 @@
 # or the arguments),
 # NODE and CTL (binaries to measure, e.g. an older build for a before/after comparison; default
 # target/release/cairn-node and cairnctl, built first), WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
-# (perf/results/replication-DATE), A_CPU (0), B_CPU (1), PORT_BASE (21809).
+# (perf/results/replication-DATE), A_CPU (0), B_CPU (1), PORT_BASE (21809), IDLE (the nodes'
+# --idle, adaptive).
+# CPU: each fio job also records the CPU-seconds both nodes used during it (NAME.cpu), and the
+# summary gives node CPU per I/O (µs) for 1 and 2 replicas.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +49,7 @@ OUT=${OUT:-perf/results/replication-$(date +%Y-%m-%d)}
 A_CPU=${A_CPU:-0}
 B_CPU=${B_CPU:-1}
 PORT_BASE=${PORT_BASE:-21809}
+IDLE=${IDLE:-adaptive}
 
 for t in fio nbdinfo python3; do
   command -v "$t" >/dev/null || { echo "replication bench: $t not found (apt-get install fio libnbd-bin python3)" >&2; exit 1; }
@@ -77,7 +81,7 @@ trap cleanup EXIT
 # node NAME LOG ARGS...: starts cairn-node and waits for its ready line.
 node() {
   local name=$1; shift
-  "$NODE" --metrics-listen 127.0.0.1:0 --nbd-listen off "$@" >"$WORKDIR/$name.out" 2>"$WORKDIR/$name.log" &
+  "$NODE" --metrics-listen 127.0.0.1:0 --nbd-listen off --idle "$IDLE" "$@" >"$WORKDIR/$name.out" 2>"$WORKDIR/$name.log" &
   PIDS+=($!)
   for _ in $(seq 600); do
     grep -q '^cairn-node ready' "$WORKDIR/$name.out" 2>/dev/null && return 0
@@ -87,12 +91,25 @@ node() {
   echo "replication bench: node $name did not start:" >&2; tail -20 "$WORKDIR/$name.log" >&2; exit 1
 }
 
-# fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT.
+# nodes_cpu_s: CPU-seconds (user + system) used so far by every cairn-node of the set-up
+# (/proc/PID/stat fields 14 and 15, in clock ticks).
+nodes_cpu_s() {
+  local ticks=0 p
+  for p in "${PIDS[@]}"; do
+    ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$ticks $(getconf CLK_TCK)" | awk '{printf "%.3f\n", $1 / $2}'
+}
+
+# fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT, and the CPU-seconds
+# the nodes used during it to OUT/NAME.cpu.
 fio_job() {
   local name=$1 export=$2 qd=$3
+  local cpu0; cpu0=$(nodes_cpu_s)
   fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
       --rw=randwrite --bs=4k --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
       --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
+  echo "$cpu0 $(nodes_cpu_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpu"
 }
 
 # disk_job NAME QD: the same job straight on the disk (a file in WORKDIR, O_DIRECT).
@@ -358,6 +375,18 @@ for part in parts:
         d = f"{d:.3f}x" if unit == "x" else f"{d:+.1f}us"
         print(f"{part:5} {what:30} {cell(one, fmt):>10} {cell(two, fmt):>10} {d:>9} "
               f"{cell(med(part, 'raw', qd, i), fmt):>9} {cell(med(part, 'disk', qd, i), fmt):>9}")
+# Node CPU per I/O: both cairn-node processes (nexus node + replica node), µs of CPU per I/O.
+def cpu_per_io(name):
+    text = open(f"{out}/{name}.json").read()
+    ios = json.loads(text[text.index("{"):])["jobs"][0]["write"]["total_ios"]
+    return float(open(f"{out}/{name}.cpu").read()) / max(ios, 1) * 1e6
+for part in parts:
+    for qd in (32, 1):
+        if not os.path.exists(f"{out}/{part}-nexus1-qd{qd}-r1.cpu"):
+            continue
+        c1, c2 = (statistics.median(cpu_per_io(f"{part}-nexus{n}-qd{qd}-r{r}") for r in range(1, rounds + 1))
+                  for n in (1, 2))
+        print(f"{part:5} {'node CPU us per I/O, QD' + str(qd):30} {c1:>10.2f} {c2:>10.2f} {c2 / c1:>8.3f}x")
 PY
 fi
 if [[ " $PARTS " == *" resync "* ]]; then

@@ -29,11 +29,15 @@
 #include <stdint.h>
 #include <stddef.h>
 
-// Idle policy: spin `spin_us` after the last work, then sleep in the kernel (the default).
+// Idle policy: spin `spin_us` after the last work, then sleep in the kernel.
 #define CAIRN_IDLE_SLEEP 0
 
 // Idle policy: never sleep; for cores dedicated to the engine.
 #define CAIRN_IDLE_POLL 1
+
+// Idle policy (the default): spin only while work is expected within `spin_us`, otherwise
+// sleep in the kernel and wake in time for it.
+#define CAIRN_IDLE_ADAPTIVE 2
 
 // Success.
 #define CAIRN_OK 0
@@ -179,9 +183,11 @@ typedef struct cairn_engine_config {
   uint32_t buf_count;
   // Size of one DMA buffer in bytes (default 131072).
   uint32_t buf_size_bytes;
-  // `CAIRN_IDLE_SLEEP` or `CAIRN_IDLE_POLL`.
+  // `CAIRN_IDLE_ADAPTIVE` (default), `CAIRN_IDLE_SLEEP` or `CAIRN_IDLE_POLL`.
   uint32_t idle_policy;
-  // With `CAIRN_IDLE_SLEEP`: microseconds to spin before sleeping (default 50).
+  // With `CAIRN_IDLE_ADAPTIVE`: the most microseconds to spin for expected work (default
+  // 5); with `CAIRN_IDLE_SLEEP`: microseconds to spin before sleeping (default 50). 0 means
+  // the policy's default.
   uint32_t spin_us;
 } cairn_engine_config;
 
@@ -226,8 +232,8 @@ typedef struct cairn_volume_stats {
 extern "C" {
 #endif // __cplusplus
 
-// Fills `config` with the defaults: the first allowed CPU, 256 buffers of 128 KiB, sleep
-// after 50 µs of spinning. Returns `CAIRN_E_NULL` if `config` is NULL.
+// Fills `config` with the defaults: the first allowed CPU, 256 buffers of 128 KiB, adaptive
+// waiting with a 5 µs spin budget. Returns `CAIRN_E_NULL` if `config` is NULL.
 //
 // # Safety
 // `config` is NULL or valid for writing one `cairn_engine_config`.

@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Idle policy: spin `spin_us` after the last work, then sleep in the kernel (the default).
+/// Idle policy: spin `spin_us` after the last work, then sleep in the kernel.
 pub const CAIRN_IDLE_SLEEP: u32 = 0;
 /// Idle policy: never sleep; for cores dedicated to the engine.
 pub const CAIRN_IDLE_POLL: u32 = 1;
+/// Idle policy (the default): spin only while work is expected within `spin_us`, otherwise
+/// sleep in the kernel and wake in time for it.
+pub const CAIRN_IDLE_ADAPTIVE: u32 = 2;
 
 /// Engine configuration. Fill it with `cairn_engine_config_default` and change what you need;
 /// zero in a numeric field means "the default".
@@ -26,9 +29,11 @@ pub struct cairn_engine_config {
     pub buf_count: u32,
     /// Size of one DMA buffer in bytes (default 131072).
     pub buf_size_bytes: u32,
-    /// `CAIRN_IDLE_SLEEP` or `CAIRN_IDLE_POLL`.
+    /// `CAIRN_IDLE_ADAPTIVE` (default), `CAIRN_IDLE_SLEEP` or `CAIRN_IDLE_POLL`.
     pub idle_policy: u32,
-    /// With `CAIRN_IDLE_SLEEP`: microseconds to spin before sleeping (default 50).
+    /// With `CAIRN_IDLE_ADAPTIVE`: the most microseconds to spin for expected work (default
+    /// 5); with `CAIRN_IDLE_SLEEP`: microseconds to spin before sleeping (default 50). 0 means
+    /// the policy's default.
     pub spin_us: u32,
 }
 
@@ -97,8 +102,8 @@ pub(crate) unsafe fn out_arg<'a, T>(out: *mut *mut T, what: &str) -> FfiResult<&
     Ok(out)
 }
 
-/// Fills `config` with the defaults: the first allowed CPU, 256 buffers of 128 KiB, sleep
-/// after 50 µs of spinning. Returns `CAIRN_E_NULL` if `config` is NULL.
+/// Fills `config` with the defaults: the first allowed CPU, 256 buffers of 128 KiB, adaptive
+/// waiting with a 5 µs spin budget. Returns `CAIRN_E_NULL` if `config` is NULL.
 ///
 /// # Safety
 /// `config` is NULL or valid for writing one `cairn_engine_config`.
@@ -112,8 +117,8 @@ pub unsafe extern "C" fn cairn_engine_config_default(config: *mut cairn_engine_c
             cores: std::ptr::null(),
             buf_count: ::cairn_engine::engine::BUF_COUNT_DEFAULT,
             buf_size_bytes: ::cairn_engine::engine::BUF_SIZE_DEFAULT_BYTES,
-            idle_policy: CAIRN_IDLE_SLEEP,
-            spin_us: ::cairn_engine::reactor::SPIN_DEFAULT.as_micros() as u32,
+            idle_policy: CAIRN_IDLE_ADAPTIVE,
+            spin_us: ::cairn_engine::reactor::ADAPTIVE_SPIN_DEFAULT.as_micros() as u32,
         };
         // SAFETY: non-null and writable by the contract.
         unsafe { config.write(d) };
@@ -141,17 +146,24 @@ fn engine_config(c: &cairn_engine_config) -> FfiResult<EngineConfig> {
     if c.buf_size_bytes != 0 {
         config.buf_size_bytes = c.buf_size_bytes;
     }
+    let spin = |default: Duration| match c.spin_us {
+        0 => default,
+        us => Duration::from_micros(u64::from(us)),
+    };
     config.idle = match c.idle_policy {
-        CAIRN_IDLE_SLEEP if c.spin_us != 0 => IdlePolicy::Sleep {
-            spin: Duration::from_micros(u64::from(c.spin_us)),
+        CAIRN_IDLE_ADAPTIVE => IdlePolicy::Adaptive {
+            spin: spin(::cairn_engine::reactor::ADAPTIVE_SPIN_DEFAULT),
         },
-        CAIRN_IDLE_SLEEP => IdlePolicy::default(),
+        CAIRN_IDLE_SLEEP => IdlePolicy::Sleep {
+            spin: spin(::cairn_engine::reactor::SPIN_DEFAULT),
+        },
         CAIRN_IDLE_POLL => IdlePolicy::Poll,
         other => {
             return Err(FfiError::new(
                 CAIRN_E_INVALID,
                 format!(
-                    "config.idle_policy {other} is neither CAIRN_IDLE_SLEEP nor CAIRN_IDLE_POLL"
+                    "config.idle_policy {other} is none of CAIRN_IDLE_ADAPTIVE, CAIRN_IDLE_SLEEP, \
+                     CAIRN_IDLE_POLL"
                 ),
             ))
         }

@@ -64,12 +64,14 @@ pub enum ConfigError {
     },
 }
 
-/// What a reactor does with no work: `sleep` spins briefly then sleeps in the kernel; `poll`
-/// never sleeps (for cores dedicated to Cairn).
+/// What a reactor does with no work: `adaptive` spins only while it expects work within a few
+/// µs and otherwise sleeps in the kernel, waking in time for it; `sleep` spins 50 µs after the
+/// last work then sleeps; `poll` never sleeps (for cores dedicated to Cairn).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IdleMode {
     #[default]
+    Adaptive,
     Sleep,
     Poll,
 }
@@ -77,6 +79,7 @@ pub enum IdleMode {
 impl IdleMode {
     pub fn policy(self) -> IdlePolicy {
         match self {
+            IdleMode::Adaptive => IdlePolicy::default(),
             IdleMode::Sleep => IdlePolicy::Sleep { spin: SPIN_DEFAULT },
             IdleMode::Poll => IdlePolicy::Poll,
         }
@@ -211,7 +214,7 @@ impl Default for NodeConfig {
             nbd_socket: None,
             admin_listen: ADMIN_LISTEN_DEFAULT.into(),
             metrics_listen: METRICS_LISTEN_DEFAULT.into(),
-            idle: IdleMode::Sleep,
+            idle: IdleMode::Adaptive,
             log_format: LogFormat::Text,
             buf_count: BUF_COUNT_DEFAULT,
             huge_pages: true,
@@ -267,7 +270,7 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   nbd_socket = \"/run/cairn/nbd.sock\"
   admin_listen = \"127.0.0.1:10810\"
   metrics_listen = \"127.0.0.1:9810\"
-  idle = \"sleep\"                      # or \"poll\"
+  idle = \"adaptive\"                   # or \"sleep\", \"poll\"
   log_format = \"text\"                 # or \"json\"
   buf_count = 256
   huge_pages = true
@@ -341,7 +344,7 @@ pub struct Cli {
     /// Prometheus /metrics listener [default: 127.0.0.1:9810].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
-    /// What idle reactors do [default: sleep].
+    /// What idle reactors do [default: adaptive].
     #[arg(long, value_enum)]
     pub idle: Option<IdleMode>,
     /// Log format on stderr [default: text].

@@ -305,7 +305,7 @@ fn render_reactors(out: &mut String, reactors: &[ReactorTimes]) {
         out,
         "cairn_reactor_busy_seconds_total",
         "counter",
-        "Wall time each reactor spent in loop iterations that found work.",
+        "Wall time each reactor spent out of the kernel: work and spinning.",
     );
     for r in reactors {
         let _ = writeln!(
@@ -319,7 +319,7 @@ fn render_reactors(out: &mut String, reactors: &[ReactorTimes]) {
         out,
         "cairn_reactor_idle_seconds_total",
         "counter",
-        "Wall time each reactor spent idle (spinning or sleeping).",
+        "Wall time each reactor spent waiting in the kernel (spinning counts as busy).",
     );
     for r in reactors {
         let _ = writeln!(

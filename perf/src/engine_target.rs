@@ -313,6 +313,13 @@ impl Job {
 }
 
 impl Poller for Job {
+    /// Until it has started; then every completion it waits for wakes the reactor (a ring
+    /// completion, or one posted inside submit, which the reactor sees as pending work), so
+    /// the reactor may wait in the kernel as it would for any other client.
+    fn needs_poll(&self) -> bool {
+        self.state.is_none()
+    }
+
     fn poll(&mut self, core: &mut Core) -> PollerState {
         let mut run = match self.state.take() {
             Some(run) => run,

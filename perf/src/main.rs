@@ -62,7 +62,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
         /// Engine idle policy (poll shows what a never-sleeping reactor costs).
-        #[arg(long, value_enum, default_value = "sleep")]
+        #[arg(long, value_enum, default_value = "adaptive")]
         idle: Idle,
         /// Hold what a daemon holds while measuring: a pool formatted on --file (homed on the
         /// first reactor), a volume in it, and a queue on that volume on the last reactor,
@@ -91,7 +91,10 @@ enum Target {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Idle {
-    /// Spin for --spin-us after the last work, then sleep in the kernel.
+    /// Spin only while work is expected within --spin-us (default 5), else sleep in the kernel
+    /// and wake in time (the engine's default).
+    Adaptive,
+    /// Spin for --spin-us (default 50) after the last work, then sleep in the kernel.
     Sleep,
     /// Never sleep.
     Poll,
@@ -126,11 +129,12 @@ struct LoadArgs {
     #[arg(long, value_enum, default_value = "uring")]
     bdev: BdevKind,
     /// Engine idle policy.
-    #[arg(long, value_enum, default_value = "sleep")]
+    #[arg(long, value_enum, default_value = "adaptive")]
     idle: Idle,
-    /// Engine spin time before sleeping, in µs.
-    #[arg(long, default_value_t = 50)]
-    spin_us: u64,
+    /// Engine spin budget in µs: with --idle adaptive the most it spins for work it expects
+    /// (default 5), with --idle sleep how long it spins after the last work (default 50).
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Engine uring bdev: busy-poll completions (block devices with poll queues only).
     #[arg(long)]
     iopoll: bool,
@@ -174,12 +178,7 @@ impl LoadArgs {
     fn engine_opts(&self) -> EngineOpts {
         EngineOpts {
             bdev: self.bdev,
-            idle: match self.idle {
-                Idle::Sleep => IdlePolicy::Sleep {
-                    spin: Duration::from_micros(self.spin_us),
-                },
-                Idle::Poll => IdlePolicy::Poll,
-            },
+            idle: idle_policy(self.idle, self.spin_us),
             iopoll: self.iopoll,
             sqpoll: self.sqpoll,
             sqpoll_cpu: self.sqpoll_cpu,
@@ -190,6 +189,20 @@ impl LoadArgs {
         targets
             .iter()
             .any(|t| *t != Target::Engine || self.bdev == BdevKind::Uring)
+    }
+}
+
+/// The engine policy for `--idle` and `--spin-us`.
+fn idle_policy(idle: Idle, spin_us: Option<u64>) -> IdlePolicy {
+    let spin = |default: Duration| spin_us.map_or(default, Duration::from_micros);
+    match idle {
+        Idle::Adaptive => IdlePolicy::Adaptive {
+            spin: spin(cairn_engine::reactor::ADAPTIVE_SPIN_DEFAULT),
+        },
+        Idle::Sleep => IdlePolicy::Sleep {
+            spin: spin(cairn_engine::reactor::SPIN_DEFAULT),
+        },
+        Idle::Poll => IdlePolicy::Poll,
     }
 }
 
@@ -238,6 +251,8 @@ struct CompareOut<'a> {
     candidate_target: &'a str,
     ratio_iops: f64,
     ratio_p99: f64,
+    /// Candidate IOPS per CPU-second over the baseline's (median of the rounds' ratios).
+    ratio_cpu_efficiency: f64,
     baseline: Vec<RunResult>,
     candidate: Vec<RunResult>,
 }
@@ -270,6 +285,7 @@ fn compare(baseline: Target, candidate: Target, rounds: u32, load: &LoadArgs) ->
     };
     let ratio_iops = ratio(|r| r.iops);
     let ratio_p99 = ratio(|r| r.lat_us.p99);
+    let ratio_cpu_efficiency = ratio(|r| r.iops / r.cpu_s.max(f64::MIN_POSITIVE));
     if load.json {
         let out = CompareOut {
             workload: &w,
@@ -277,13 +293,15 @@ fn compare(baseline: Target, candidate: Target, rounds: u32, load: &LoadArgs) ->
             candidate_target: &format!("{candidate:?}").to_lowercase(),
             ratio_iops,
             ratio_p99,
+            ratio_cpu_efficiency,
             baseline: base,
             candidate: cand,
         };
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!(
-            "median ratio {candidate:?}/{baseline:?}: iops {ratio_iops:.3}  p99 {ratio_p99:.3}"
+            "median ratio {candidate:?}/{baseline:?}: iops {ratio_iops:.3}  p99 {ratio_p99:.3}  \
+             iops per cpu-s {ratio_cpu_efficiency:.3}"
         );
     }
     Ok(())
@@ -350,9 +368,7 @@ fn idle_cpu(
     let text: Vec<String> = list.iter().map(|c| c.to_string()).collect();
     let mut config =
         cairn_engine::EngineConfig::new(cairn_engine::CoreList::parse(&text.join(","))?);
-    if idle == Idle::Poll {
-        config.idle = IdlePolicy::Poll;
-    }
+    config.idle = idle_policy(idle, None);
     let engine = cairn_engine::Engine::start(config)?;
     let pool = match pool_file {
         Some(path) => Some(idle_pool::IdlePool::open(&engine, path, &list)?),

@@ -4,6 +4,7 @@
 
 use super::core_ctx::{Core, IoCtx, Locals, Msg, Peer};
 use super::owners::{Completion, OwnerId, Owners};
+use super::pace::{Pace, Step, ADAPTIVE_SPIN_DEFAULT};
 use super::ring::{self, Ring, Route};
 use super::BdevId;
 use crate::bdev::IoRequest;
@@ -29,24 +30,30 @@ pub const INBOX_BATCH_MAX: usize = 32;
 /// How a reactor behaves when it has nothing to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdlePolicy {
+    /// The default: spin only while work is expected within `spin` (see `reactor::pace`),
+    /// otherwise wait in the kernel and wake in time for it.
+    Adaptive { spin: Duration },
     /// Spin this long after the last piece of work, then sleep in the kernel.
     Sleep { spin: Duration },
     /// Never sleep: for cores dedicated to the engine.
     Poll,
 }
 
-/// Default spin before sleeping: long enough to catch the next request of a busy client,
-/// short enough that an idle engine costs nothing measurable.
+/// Default spin of `IdlePolicy::Sleep` before sleeping: long enough to catch the next request
+/// of a busy client, short enough that an idle engine costs nothing measurable.
 pub const SPIN_DEFAULT: Duration = Duration::from_micros(50);
 
 impl Default for IdlePolicy {
     fn default() -> Self {
-        IdlePolicy::Sleep { spin: SPIN_DEFAULT }
+        IdlePolicy::Adaptive {
+            spin: ADAPTIVE_SPIN_DEFAULT,
+        }
     }
 }
 
-/// Where one reactor's wall time went: loop iterations that found work count as busy, the
-/// rest (spinning and sleeping included) as idle. Written only by the reactor's own thread,
+/// Where one reactor's wall time went: time waiting in the kernel counts as idle, everything
+/// else (work and spinning alike, since a spinning core is a core taken) as busy. Written
+/// only by the reactor's own thread,
 /// so the counters are plain relaxed load+store pairs, never contended read-modify-writes;
 /// any thread may read them (for metrics), seeing values at most one iteration old.
 #[derive(Debug, Default)]
@@ -56,14 +63,18 @@ pub struct ReactorTimesCell {
 }
 
 impl ReactorTimesCell {
-    /// Adds one iteration's duration. Only the owning reactor calls this.
-    fn account(&self, busy: bool, elapsed: Duration) {
-        let counter = if busy { &self.busy_ns } else { &self.idle_ns };
-        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        counter.store(
-            counter.load(Ordering::Relaxed).wrapping_add(ns),
-            Ordering::Relaxed,
-        );
+    /// Adds one iteration's duration, `slept` of it in the kernel. Only the owning reactor
+    /// calls this.
+    fn account(&self, elapsed: Duration, slept: Duration) {
+        let add = |counter: &AtomicU64, d: Duration| {
+            let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(ns),
+                Ordering::Relaxed,
+            );
+        };
+        add(&self.busy_ns, elapsed.saturating_sub(slept));
+        add(&self.idle_ns, slept);
     }
 
     pub fn busy_ns(&self) -> u64 {
@@ -146,7 +157,14 @@ pub(crate) struct Reactor {
     queues: Vec<QueueBridge>,
     inbox: Arc<MsgRing<Msg>>,
     idle: IdlePolicy,
+    pace: Pace,
     times: Arc<ReactorTimesCell>,
+}
+
+/// What a wait in the kernel was: when it returned, and how long it took.
+struct Slept {
+    woke: Instant,
+    took: Duration,
 }
 
 /// What a reactor reports when it comes up.
@@ -216,6 +234,10 @@ impl Reactor {
             queues: Vec::new(),
             inbox,
             idle: config.idle,
+            pace: Pace::new(match config.idle {
+                IdlePolicy::Adaptive { spin } => spin,
+                _ => ADAPTIVE_SPIN_DEFAULT,
+            }),
             times,
         };
         Ok((reactor, ready))
@@ -282,20 +304,34 @@ impl Reactor {
         self.arm_doorbell(doorbell);
         let mut last_work = Instant::now();
         let mut stop_at: Option<Instant> = None;
-        // The loop's one clock read also closes the previous iteration, which is charged to
-        // busy or idle by whether it found work (its spin or sleep included).
+        // The loop's one clock read also closes the previous iteration, whose time counts as
+        // busy except what it spent waiting in the kernel.
         let mut iteration_start = last_work;
-        let mut iteration_busy = false;
+        let mut iteration_slept = Duration::ZERO;
+        // Adaptive: when the current idle gap began, and whether a wait that an event ended
+        // (so a wake-up) lengthened it.
+        let mut idle_since: Option<Instant> = None;
+        let mut gap_slept = false;
+        let mut kick_deferred = false;
         loop {
             let now = Instant::now();
             self.times.account(
-                iteration_busy,
                 now.saturating_duration_since(iteration_start),
+                std::mem::take(&mut iteration_slept),
             );
             iteration_start = now;
             self.core.io.now = now;
             let work = self.run_once(doorbell);
-            iteration_busy = work > 0;
+            // Adaptive: the first iteration after work leaves its submissions queued, since
+            // the next one, if it finds nothing, hands them to the kernel in the same
+            // io_uring_enter that waits (as a blocking io_uring loop does). Otherwise, and
+            // when it spins, the kick submits and collects completions at once.
+            let adaptive = matches!(self.idle, IdlePolicy::Adaptive { .. });
+            let defer_kick = adaptive && work > 0 && !kick_deferred;
+            kick_deferred = defer_kick;
+            if !defer_kick && (work > 0 || !adaptive) {
+                self.core.io.ring.kick();
+            }
             if self.core.stopping {
                 let deadline = *stop_at.get_or_insert(now + SHUTDOWN_DRAIN_MAX);
                 if self.drained() {
@@ -314,18 +350,40 @@ impl Reactor {
                 }
             }
             if work > 0 {
+                if let Some(since) = idle_since.take() {
+                    self.pace
+                        .gap_ended(since, now, std::mem::take(&mut gap_slept));
+                }
                 last_work = now;
                 continue;
             }
             match self.idle {
                 IdlePolicy::Poll => std::hint::spin_loop(),
+                IdlePolicy::Adaptive { .. } => {
+                    let since = *idle_since.get_or_insert(now);
+                    match self.pace.step(since, now) {
+                        Step::Spin => self.core.io.ring.kick(),
+                        Step::Sleep(wake_at) => {
+                            let until = wake_at.into_iter().chain(stop_at).min();
+                            if let Some(s) = self.sleep(until) {
+                                iteration_slept = s.took;
+                                match wake_at {
+                                    Some(at) if s.woke >= at => self.pace.woke(at, s.woke),
+                                    _ => gap_slept = true,
+                                }
+                            }
+                        }
+                    }
+                }
                 IdlePolicy::Sleep { spin } if now.duration_since(last_work) < spin => {
                     std::hint::spin_loop()
                 }
                 IdlePolicy::Sleep { .. } => {
                     // A stopping reactor wakes by its drain deadline at the latest, so what
                     // never completes cannot keep it, and the engine's stop, waiting forever.
-                    self.sleep(stop_at);
+                    if let Some(s) = self.sleep(stop_at) {
+                        iteration_slept = s.took;
+                    }
                     last_work = Instant::now();
                 }
             }
@@ -340,7 +398,6 @@ impl Reactor {
         work += self.run_pollers();
         work += self.core.poll_channels();
         work += self.core.run_timers();
-        self.core.io.ring.kick();
         work
     }
 
@@ -443,21 +500,36 @@ impl Reactor {
         pollers.chain(self.core.next_deadline()).min()
     }
 
-    fn sleep(&mut self, stop_at: Option<Instant>) {
+    /// Submits what is queued and waits in the kernel for a completion, the doorbell, the next
+    /// deadline or `until`, unless work arrived meanwhile (then it only submits). Returns what
+    /// the wait was, or None if there was none.
+    fn sleep(&mut self, until: Option<Instant>) -> Option<Slept> {
         let bell = self.inbox.doorbell();
         bell.announce_sleep();
+        let mut slept = None;
         if !self.has_pending_work() {
+            let start = Instant::now();
             let timeout = self
                 .next_deadline()
                 .into_iter()
-                .chain(stop_at)
+                .chain(until)
                 .min()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+                .map(|at| at.saturating_duration_since(start));
             if timeout != Some(Duration::ZERO) {
                 self.core.io.ring.wait(timeout);
+                let woke = Instant::now();
+                slept = Some(Slept {
+                    woke,
+                    took: woke - start,
+                });
             }
         }
         self.inbox.doorbell().announce_awake();
+        if slept.is_none() {
+            // The wait would have submitted what is queued; without it, the kick does.
+            self.core.io.ring.kick();
+        }
+        slept
     }
 
     fn drained(&self) -> bool {
@@ -485,7 +557,7 @@ impl Reactor {
         for slot in self.core.devs.iter_mut().flatten() {
             slot.channel.close(&mut self.core.io);
         }
-        tracing::debug!(core = self.core.id().get(), "reactor stopped");
+        tracing::debug!(core = self.core.id().get(), pace = ?self.pace, "reactor stopped");
     }
 }
 

@@ -10,11 +10,12 @@
 //! one core (a pool's home state) lives in that core's local slots (`Core::with_local`),
 //! reached only from the core itself, so it needs no lock.
 //!
-//! Idle policy: a reactor that found no work spins for `spin` and then sleeps in
-//! `io_uring_enter` until a completion, a doorbell or its next timer. In `Poll` mode it never
-//! sleeps.
+//! Idle policy: by default (`Adaptive`, see [`pace`]) a reactor that found no work spins only
+//! while it expects work within its spin budget, and otherwise sleeps in `io_uring_enter` until
+//! a completion, a doorbell, its next timer or the early wake-up it chose. `Sleep` spins for
+//! `spin` after the last work and then sleeps; `Poll` never sleeps.
 //!
-//! Layout: `owners` routes completions, `core_ctx` holds the core's state and I/O context
+//! Layout: `owners` routes completions, `pace` estimates when work is due, `core_ctx` holds the core's state and I/O context
 //! (devices, messages, local slots), `timers` the delayed closures, and `event_loop` the
 //! loop itself with its pollers and client-queue bridges.
 
@@ -23,6 +24,7 @@ pub mod ring;
 mod core_ctx;
 mod event_loop;
 mod owners;
+mod pace;
 mod timers;
 
 pub use core_ctx::{BdevId, Core, IoCtx};
@@ -33,3 +35,4 @@ pub use event_loop::{
 };
 pub(crate) use event_loop::{QueueEntry, QueueShared, Reactor};
 pub use owners::{Completion, OwnerId};
+pub use pace::{ADAPTIVE_SPIN_DEFAULT, EARLY_WAKE_MIN, EWMA_SHIFT, GAP_SAMPLE_MAX};
