@@ -12,7 +12,8 @@
 //! never overwrites a client write that landed on the syncing replica meanwhile; a short
 //! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
 //! continuous writes is one pass that copies exactly its fixed total; a copy that holds a
-//! waiting write past `COPY_HOLD_MAX` faults its target. The
+//! waiting write past `COPY_HOLD_MAX` faults its target; a replica added into the slot of
+//! one removed mid-rebuild is rebuilt by its own job, never joined by the old one. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
