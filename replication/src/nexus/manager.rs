@@ -939,8 +939,9 @@ impl NexusManager {
             child.enter(ChildState::Empty);
             *child.spec.lock() = None;
             shared.publish(c, (0..shared.cores.len()).map(|_| None).collect());
-            child.dirty.clear_all();
         }
+        // Outside the lock (a large map takes a while): the next `add` sets it all anyway.
+        child.dirty.clear_all();
         // A job copying to the removed replica may be asleep (rate-limited, or waiting on a
         // flush): woken, it sees its incarnation gone and ends, releasing its ranges.
         self.wake_home(&shared);

@@ -14,6 +14,10 @@
 //! flushes the target and puts it in the in-sync set. A rebuild is the same job with every
 //! block set. There is no write freeze. Ordering argument: `docs/replication.md`.
 //!
+//! A job runs for one incarnation of its target's slot (`ChildShared::state`): it acts, and
+//! joins the target to the in-sync set, only while the slot is syncing in the incarnation it
+//! was ordered for, so a job outliving a remove never touches the replica added next.
+//!
 //! Progress (bytes done of the total, and the fraction shown) only goes forward within a job
 //! and starts from zero for each one: the total is the bytes dirty when the pass starts.
 //!
