@@ -22,7 +22,8 @@
 
 use super::resync::ResyncJob;
 use super::{
-    ChildState, NexusShared, PathSetup, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX, PARENTS_MAX,
+    state_of, ChildState, NexusShared, PathSetup, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX,
+    PARENTS_MAX,
 };
 use crate::proto::{Envelope, Epoch, Message, RequestId};
 use crate::replica::{HostedReplica, PathGauge};
@@ -453,6 +454,7 @@ impl NexusChannel {
         let writes = req.op != IoOp::Read;
         let (mut targets, mut missed, mut syncing) = (0u8, 0u8, 0u8);
         let mut refresh = false;
+        let mut words = [0u64; CHILDREN_MAX];
         self.copy_blocked = false;
         if writes {
             let shared = &*self.shared;
@@ -469,7 +471,8 @@ impl NexusChannel {
             }
             for c in 0..CHILDREN_MAX {
                 let child = shared.child(c);
-                match child.state() {
+                words[c] = child.word();
+                match state_of(words[c]) {
                     ChildState::InSync => targets |= 1 << c,
                     // Syncing, but its paths are not published yet (the manager sets the
                     // state, then publishes, both under the order's lock): no resync of it
@@ -506,6 +509,15 @@ impl NexusChannel {
             self.copy_blocked = true;
             return false;
         }
+        if ranged && self.syncing_changed(syncing, &words) {
+            // A syncing child left that state (or its incarnation) between the state read
+            // and the range entry: the range may have been released early by a failed job
+            // whose copy writes are still in flight to it (`resync.rs`). Tried again, the
+            // write sees the child faulted and marks it dirty instead of writing it.
+            self.shared
+                .leave_ranges(req.offset_bytes, u64::from(req.len_bytes));
+            return false;
+        }
         let Some(slot) = self.alloc(Kind::Client, req) else {
             if ranged {
                 self.shared
@@ -528,6 +540,12 @@ impl NexusChannel {
             self.read_from_next(io, slot);
         }
         true
+    }
+
+    /// Whether a child in `syncing` no longer has the state word `words` held for it.
+    fn syncing_changed(&self, syncing: u8, words: &[u64; CHILDREN_MAX]) -> bool {
+        (0..CHILDREN_MAX)
+            .any(|c| syncing & (1 << c) != 0 && self.shared.child(c).word() != words[c])
     }
 
     /// Sends a write, flush, trim or write-zeroes to `targets` (the children in sync or

@@ -344,6 +344,16 @@ impl NexusChannel {
                     &format!("resync failed: {reason}"),
                 );
                 job.failed = Some(reason);
+                // The waiting writes go now, not once the copy I/O in flight has ended (a
+                // local source read is never timed out); the ordering argument is in
+                // docs/replication.md ("Why a copy never overwrites a newer write").
+                for h in job.held.iter_mut().filter(|h| h.live) {
+                    if let Some(bits) = &h.bits {
+                        dirty.remark(h.area, bits);
+                    }
+                    release(&shared, h.area);
+                    h.live = false;
+                }
                 return 1;
             }
             if h.bits.is_none() && word & RANGE_WRITES == 0 {
