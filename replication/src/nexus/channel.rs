@@ -469,10 +469,10 @@ impl NexusChannel {
             if shared.frozen.load(Ordering::Acquire) {
                 return false;
             }
-            for c in 0..CHILDREN_MAX {
+            for (c, word) in words.iter_mut().enumerate() {
                 let child = shared.child(c);
-                words[c] = child.word();
-                match state_of(words[c]) {
+                *word = child.word();
+                match state_of(*word) {
                     ChildState::InSync => targets |= 1 << c,
                     // Syncing, but its paths are not published yet (the manager sets the
                     // state, then publishes, both under the order's lock): no resync of it
