@@ -12,7 +12,8 @@
 //! never overwrites a client write that landed on the syncing replica meanwhile; a short
 //! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
 //! continuous writes is one pass that copies exactly its fixed total; a copy that holds a
-//! waiting write past `COPY_HOLD_MAX` faults its target. The
+//! waiting write past `COPY_HOLD_MAX` faults its target; a replica added into the slot of
+//! one removed mid-rebuild is rebuilt by its own job, never joined by the old one. The
 //! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -972,6 +973,66 @@ fn a_copy_that_holds_a_waiting_write_too_long_faults_its_target() {
         a.contents(&engine) == b.contents(&engine),
         "the replicas differ"
     );
+    drop(q);
+    m.shutdown();
+}
+
+/// A resync job ends with the syncing period it started on: a replica removed mid-rebuild,
+/// and another added into the same slot, is rebuilt by a job of its own from the first
+/// block. Review of the resync rewrite, finding 1: the job only checked that its target slot
+/// was syncing, and the home core was not woken by the remove, so a job asleep between two
+/// rate-limited ranges woke to the new replica "syncing", carried on from its cursor, and put
+/// it in sync with every block before the cursor never copied (768 blocks differed). The
+/// replicas run on an engine of their own so that their traffic does not wake the nexus's
+/// home core.
+#[test]
+fn a_replica_added_where_one_was_removed_mid_rebuild_is_rebuilt_in_full() {
+    let nexus_engine = engine();
+    let replica_engine = engine();
+    let a = Site::new(&replica_engine, "ra", false);
+    let b = Site::new(&replica_engine, "rb", false);
+    let c = Site::new(&replica_engine, "rc", false);
+    let m = manager(&nexus_engine, "rm");
+    m.create(CreateRequest {
+        name: "vol".into(),
+        replicas: vec![a.spec()],
+        options: NexusOptions {
+            rebuild_bytes_per_s: Some(2 << 20),
+            ..options()
+        },
+        epoch: None,
+        takeover: false,
+    })
+    .expect("nexus created");
+    let mut q = nexus_engine
+        .queue(&m.handle("vol").unwrap(), nexus_engine.cores()[0], 4)
+        .unwrap();
+    write_regions(&mut q, 0..SIZE / REGION, 0);
+    m.add_child("vol", b.spec()).unwrap();
+    let v = wait_for(&m, "b's rebuild past 3 MiB", |v| {
+        v.children[1].copied_bytes >= 3 << 20
+    });
+    assert_eq!(v.children[1].state, ChildState::Syncing, "{v:#?}");
+    m.remove_child("vol", &b.spec()).unwrap();
+    let v = m.add_child("vol", c.spec()).unwrap();
+    assert_eq!(v.children[1].spec, c.spec().to_string(), "{v:#?}");
+    let v = wait_for(&m, "c in sync", all_in_sync);
+    println!(
+        "c: copied {} dirty {}",
+        v.children[1].copied_bytes, v.children[1].dirty_bytes
+    );
+    assert_eq!(v.children[1].dirty_bytes, 0, "{v:#?}");
+    assert_eq!(
+        v.children[1].copied_bytes, SIZE,
+        "c's own job copied the whole volume: {v:#?}"
+    );
+    let (want, got) = (a.contents(&replica_engine), c.contents(&replica_engine));
+    let differ = want
+        .chunks(4096)
+        .zip(got.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(differ, 0, "4 KiB blocks of c differ from a");
     drop(q);
     m.shutdown();
 }

@@ -22,7 +22,8 @@
 
 use super::resync::ResyncJob;
 use super::{
-    ChildState, NexusShared, PathSetup, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX, PARENTS_MAX,
+    state_of, ChildState, NexusShared, PathSetup, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX,
+    PARENTS_MAX,
 };
 use crate::proto::{Envelope, Epoch, Message, RequestId};
 use crate::replica::{HostedReplica, PathGauge};
@@ -338,8 +339,9 @@ impl NexusChannel {
             p.tried |= bit;
         }
         match &self.paths[c] {
-            // No path on this core to a child that may still count as in sync: fault it
-            // rather than let a write be acknowledged without it.
+            // No path on this core to a child that may still count as in sync, or to a
+            // syncing one whose paths were published: fault it rather than let a write be
+            // acknowledged without it (or a syncing child join without it).
             Path::None => self.sub_done(io, slot, c, Err(SubErr::Failed)),
             Path::Local {
                 bdev,
@@ -451,6 +453,8 @@ impl NexusChannel {
     fn start(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
         let writes = req.op != IoOp::Read;
         let (mut targets, mut missed, mut syncing) = (0u8, 0u8, 0u8);
+        let mut refresh = false;
+        let mut words = [0u64; CHILDREN_MAX];
         self.copy_blocked = false;
         if writes {
             let shared = &*self.shared;
@@ -465,18 +469,35 @@ impl NexusChannel {
             if shared.frozen.load(Ordering::Acquire) {
                 return false;
             }
-            for c in 0..CHILDREN_MAX {
-                match shared.child(c).state() {
+            for (c, word) in words.iter_mut().enumerate() {
+                let child = shared.child(c);
+                *word = child.word();
+                match state_of(*word) {
                     ChildState::InSync => targets |= 1 << c,
-                    // Syncing before this core picked up its path (the manager sets the state,
-                    // then publishes): it misses this write, which its job's barrier waits
-                    // for, so the mark it leaves is copied.
-                    ChildState::Syncing if matches!(self.paths[c], Path::None) => missed |= 1 << c,
-                    ChildState::Syncing => syncing |= 1 << c,
+                    // Syncing, but its paths are not published yet (the manager sets the
+                    // state, then publishes, both under the order's lock): no resync of it
+                    // is ordered yet, so its job's barrier, sent later, waits for this write,
+                    // which misses it, and the mark it leaves is copied.
+                    ChildState::Syncing
+                        if matches!(self.paths[c], Path::None) && !child.paths_published() =>
+                    {
+                        missed |= 1 << c
+                    }
+                    // Published just now (after this core last looked): picked up below.
+                    // Should this core still have no path, `send_sub` faults the child and
+                    // its job starts again, rather than rely on a barrier the write may
+                    // have missed.
+                    ChildState::Syncing => {
+                        refresh |= matches!(self.paths[c], Path::None);
+                        syncing |= 1 << c
+                    }
                     ChildState::Empty => {}
                     ChildState::Faulted => missed |= 1 << c,
                 }
             }
+        }
+        if refresh {
+            self.refresh_paths(io);
         }
         let ranged = syncing != 0 && req.op != IoOp::Flush;
         if ranged
@@ -486,6 +507,15 @@ impl NexusChannel {
         {
             self.copy_wait_since.get_or_insert(io.now());
             self.copy_blocked = true;
+            return false;
+        }
+        if ranged && self.syncing_changed(syncing, &words) {
+            // A syncing child left that state (or its incarnation) between the state read
+            // and the range entry: the range may have been released early by a failed job
+            // whose copy writes are still in flight to it (`resync.rs`). Tried again, the
+            // write sees the child faulted and marks it dirty instead of writing it.
+            self.shared
+                .leave_ranges(req.offset_bytes, u64::from(req.len_bytes));
             return false;
         }
         let Some(slot) = self.alloc(Kind::Client, req) else {
@@ -510,6 +540,12 @@ impl NexusChannel {
             self.read_from_next(io, slot);
         }
         true
+    }
+
+    /// Whether a child in `syncing` no longer has the state word `words` held for it.
+    fn syncing_changed(&self, syncing: u8, words: &[u64; CHILDREN_MAX]) -> bool {
+        (0..CHILDREN_MAX)
+            .any(|c| syncing & (1 << c) != 0 && self.shared.child(c).word() != words[c])
     }
 
     /// Sends a write, flush, trim or write-zeroes to `targets` (the children in sync or
@@ -678,8 +714,11 @@ impl NexusChannel {
     }
 
     /// A barrier round reaches this channel: writes started from now on count in the other
-    /// era, and the round is answered once the current one has none left.
-    fn on_barrier(&mut self, round: u64) {
+    /// era, and the round is answered once the current one has none left. The paths
+    /// published before the round (the job's target's, at least) are picked up first, so
+    /// every write of the new era reaches the target.
+    fn on_barrier(&mut self, io: &mut IoCtx, round: u64) {
+        self.refresh_paths(io);
         if self.barrier.is_some() {
             self.barrier_next = Some(round);
             return;
@@ -935,9 +974,9 @@ impl NexusChannel {
 /// it started before have finished (at once if it has no channel here).
 pub(super) fn on_barrier(core: &mut Core, shared: &Arc<NexusShared>, round: u64) {
     let answered_later = shared.bdev.get().and_then(|&bdev| {
-        core.with_channel(bdev, |ch, _| {
+        core.with_channel(bdev, |ch, io| {
             let nexus = ch.as_any_mut()?.downcast_mut::<NexusChannel>()?;
-            nexus.on_barrier(round);
+            nexus.on_barrier(io, round);
             Some(())
         })?
     });

@@ -21,8 +21,8 @@
 //! full; `verify` names the children that differ from the one it trusts and can repair them.
 
 use super::{
-    ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncOrder,
-    ResyncProgress, CHILDREN_MAX, REGION_BYTES_MAX, REGION_BYTES_MIN,
+    state_of, ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncProgress,
+    CHILDREN_MAX, REGION_BYTES_MAX, REGION_BYTES_MIN,
 };
 use crate::generation::GenRecord;
 use crate::proto::{self, Envelope, Epoch, Message, RequestId, VolumeId};
@@ -499,8 +499,10 @@ impl NexusManager {
         child
             .gen_stored
             .store(o.record.generation, Ordering::SeqCst);
+        // Made syncing and published under the order's lock: no resync is ordered between.
+        let _order = shared.resync_order.lock();
         if o.record.generation == top {
-            child.set_state(ChildState::InSync);
+            child.enter(ChildState::InSync);
             if top > 0 && !o.record.clean {
                 tracing::warn!(nexus = %shared.name, child = %spec, generation = top, "the nexus that last held this replica did not close it cleanly");
             }
@@ -511,7 +513,7 @@ impl NexusManager {
                 "stale copy: data generation {} below the current {top}",
                 o.record.generation
             );
-            child.set_state(ChildState::Syncing);
+            child.enter(ChildState::Syncing);
             tracing::warn!(nexus = %shared.name, child = %spec, generation = o.record.generation, current = top, "stale replica: rebuilt in full before it serves");
         }
         shared.publish(c, o.paths);
@@ -869,9 +871,15 @@ impl NexusManager {
         child.unflushed[0].clear_all();
         child.unflushed[1].clear_all();
         *child.spec.lock() = Some(spec.clone());
-        child.needs_rebuild.store(true, Ordering::Release);
-        child.set_state(ChildState::Syncing);
-        shared.publish(c, paths);
+        {
+            // A new incarnation of the slot: a job of a replica removed from it, still
+            // winding down, can neither act on this one nor join it to the in-sync set. Made
+            // syncing and published under the order's lock: no resync is ordered between.
+            let _order = shared.resync_order.lock();
+            child.needs_rebuild.store(true, Ordering::Release);
+            child.enter(ChildState::Syncing);
+            shared.publish(c, paths);
+        }
         tracing::info!(nexus = %name, child = %spec, "replica added; full rebuild queued");
         self.kick_resync(&shared);
         Ok(view(&shared))
@@ -926,10 +934,17 @@ impl NexusManager {
             // The removed replica keeps the current generation but misses every later write.
             shared.gen_target.fetch_add(1, Ordering::SeqCst);
         }
-        child.set_state(ChildState::Empty);
-        *child.spec.lock() = None;
-        shared.publish(c, (0..shared.cores.len()).map(|_| None).collect());
+        {
+            let _order = shared.resync_order.lock();
+            child.enter(ChildState::Empty);
+            *child.spec.lock() = None;
+            shared.publish(c, (0..shared.cores.len()).map(|_| None).collect());
+        }
+        // Outside the lock (a large map takes a while): the next `add` sets it all anyway.
         child.dirty.clear_all();
+        // A job copying to the removed replica may be asleep (rate-limited, or waiting on a
+        // flush): woken, it sees its incarnation gone and ends, releasing its ranges.
+        self.wake_home(&shared);
         if generation_behind(&shared) {
             self.raise_generation(&shared);
         }
@@ -1205,7 +1220,8 @@ impl NexusManager {
             }
             for (c, (retry_at, backoff)) in retry.into_iter().enumerate() {
                 let child = shared.child(c);
-                if child.state() != ChildState::Faulted {
+                let word = child.word();
+                if state_of(word) != ChildState::Faulted {
                     continue;
                 }
                 if Instant::now() < retry_at {
@@ -1218,10 +1234,14 @@ impl NexusManager {
                 // (wait before the next attempt, the back-off after that one)
                 let (wait, after) = match self.open_at_current(&shared, &spec) {
                     Ok((paths, record)) => {
-                        if child.state() == ChildState::Faulted {
+                        // Only the faulted incarnation it found: a remove (and an add) since
+                        // made the slot another replica's. Made syncing and published under
+                        // the order's lock: no resync is ordered between.
+                        let order = shared.resync_order.lock();
+                        if child.enter_from(word, ChildState::Syncing).is_some() {
                             child.gen_stored.store(record.generation, Ordering::SeqCst);
-                            child.set_state(ChildState::Syncing);
                             shared.publish(c, paths);
+                            drop(order);
                             tracing::info!(nexus = %shared.name, child = %spec, dirty_bytes = child.dirty.count_bytes(), "faulted replica is back; resync queued");
                         }
                         // Reset: the next outage is retried quickly again.
@@ -1246,9 +1266,13 @@ impl NexusManager {
     /// Orders the next resync, if one is due, and wakes the nexus's home core: its reactor
     /// may be asleep with no I/O to do, and only its poll starts the job.
     fn kick_resync(&self, shared: &NexusShared) {
-        if !order_resync(shared) {
-            return;
+        if shared.order_resync() {
+            self.wake_home(shared);
         }
+    }
+
+    /// Wakes the nexus's home core, which runs the resync job.
+    fn wake_home(&self, shared: &NexusShared) {
         if let Err(e) = self.engine.call(shared.cores[0], |_| ()) {
             tracing::warn!(nexus = %shared.name, error = %e, "could not wake the home core for a resync");
         }
@@ -1270,23 +1294,6 @@ fn generation_behind(shared: &NexusShared) -> bool {
             let child = shared.child(c);
             child.state() == ChildState::InSync && child.gen_stored.load(Ordering::SeqCst) < target
         })
-}
-
-/// Orders a resync of the first syncing child when none is running or ordered; true when it
-/// ordered one.
-fn order_resync(shared: &NexusShared) -> bool {
-    let mut order = shared.resync_order.lock();
-    if order.is_some() || shared.resync.child.load(Ordering::Acquire) != 0 {
-        return false;
-    }
-    let Some(c) = (0..CHILDREN_MAX).find(|&c| shared.child(c).state() == ChildState::Syncing)
-    else {
-        return false;
-    };
-    let full = shared.child(c).needs_rebuild.swap(false, Ordering::AcqRel);
-    *order = Some(ResyncOrder { child: c, full });
-    shared.resync_ordered.store(true, Ordering::Release);
-    true
 }
 
 fn view(shared: &NexusShared) -> NexusView {

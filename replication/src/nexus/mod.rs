@@ -144,7 +144,15 @@ pub(crate) enum PathSetup {
 
 /// One child slot, shared by every core.
 pub(crate) struct ChildShared {
-    state: AtomicU8,
+    /// The child's state (low 8 bits, a [`ChildState`]) and the slot's incarnation (the
+    /// bits above): the incarnation rises with every [`ChildShared::enter`] (each time the
+    /// child becomes syncing, is added, placed or removed), so a resync job, which carries
+    /// the incarnation it was ordered for, never acts on a later syncing period of the slot
+    /// (one word, so the job's final compare-and-swap checks both at once).
+    state: AtomicU64,
+    /// The incarnation whose paths are published on every core ([`NexusShared::publish`]):
+    /// a syncing child is ordered a resync only once this equals its incarnation.
+    published: AtomicU64,
     spec: Mutex<Option<ChildSpec>>,
     /// Bumped when new paths are published in `paths` (or the child is removed).
     gen: AtomicU64,
@@ -172,7 +180,8 @@ pub(crate) struct ChildShared {
 impl ChildShared {
     fn new(size_bytes: u64, regions: u64, shift: u32, cores: usize) -> ChildShared {
         ChildShared {
-            state: AtomicU8::new(ChildState::Empty as u8),
+            state: AtomicU64::new(ChildState::Empty as u64),
+            published: AtomicU64::new(0),
             spec: Mutex::new(None),
             gen: AtomicU64::new(0),
             paths: Mutex::new((0..cores).map(|_| None).collect()),
@@ -191,12 +200,58 @@ impl ChildShared {
 
     #[inline]
     pub(crate) fn state(&self) -> ChildState {
-        ChildState::from_u8(self.state.load(Ordering::SeqCst))
+        state_of(self.state.load(Ordering::SeqCst))
     }
 
-    pub(crate) fn set_state(&self, s: ChildState) {
-        self.state.store(s as u8, Ordering::SeqCst);
+    /// The state word: state and incarnation ([`state_of`], [`incarnation_of`]).
+    #[inline]
+    pub(crate) fn word(&self) -> u64 {
+        self.state.load(Ordering::SeqCst)
     }
+
+    /// Puts the child in state `s` as a new incarnation of the slot; returns it.
+    pub(crate) fn enter(&self, s: ChildState) -> u64 {
+        let prev = self
+            .state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                Some(pack(incarnation_of(w) + 1, s))
+            })
+            .expect("the update always applies");
+        incarnation_of(prev) + 1
+    }
+
+    /// Puts the child, if its state word is still `from`, in state `s` as a new
+    /// incarnation; returns it, or `None` when the word changed (a fault, a remove).
+    pub(crate) fn enter_from(&self, from: u64, s: ChildState) -> Option<u64> {
+        let inc = incarnation_of(from) + 1;
+        self.state
+            .compare_exchange(from, pack(inc, s), Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| inc)
+    }
+
+    /// Whether the paths of the child's current incarnation are published on every core.
+    pub(crate) fn paths_published(&self) -> bool {
+        self.published.load(Ordering::SeqCst) == incarnation_of(self.word())
+    }
+}
+
+/// A state word from an incarnation and a state.
+#[inline]
+pub(crate) fn pack(incarnation: u64, s: ChildState) -> u64 {
+    (incarnation << 8) | s as u64
+}
+
+/// The state of a state word.
+#[inline]
+pub(crate) fn state_of(word: u64) -> ChildState {
+    ChildState::from_u8(word as u8)
+}
+
+/// The incarnation of a state word.
+#[inline]
+pub(crate) fn incarnation_of(word: u64) -> u64 {
+    word >> 8
 }
 
 /// One round of asking every core a question: whether its writes drained under the freeze
@@ -213,6 +268,9 @@ pub(crate) struct Quiesce {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ResyncOrder {
     pub(crate) child: usize,
+    /// The child's incarnation when ordered: the job runs only while the child is syncing
+    /// in it.
+    pub(crate) incarnation: u64,
     pub(crate) full: bool,
 }
 
@@ -309,6 +367,8 @@ pub struct NexusShared {
     pub(crate) flush_gen: AtomicU64,
     /// A flush that switched generations is in flight; others do not switch.
     pub(crate) flip_busy: AtomicBool,
+    /// The resync order; also the lock under which the manager makes a child syncing and
+    /// publishes its paths, so an order always sees both ([`NexusShared::order_resync`]).
     pub(crate) resync_order: Mutex<Option<ResyncOrder>>,
     /// Set with `resync_order`, so the home core looks at the mutex only when told to.
     pub(crate) resync_ordered: AtomicBool,
@@ -407,29 +467,47 @@ impl NexusShared {
     /// Takes child `c` out of the in-sync set (or aborts its resync). Everything it may
     /// have lost (writes since its last flush) joins what it missed.
     pub(crate) fn fault(&self, c: usize, reason: &str) {
+        self.fault_in(c, None, reason);
+    }
+
+    /// [`NexusShared::fault`], of incarnation `only` of the slot if given (a resync job
+    /// faults only the syncing period it ran for, never a replica added to the slot since).
+    ///
+    /// A loop: the state read and the switch to faulted are two steps, and the job's switch
+    /// from syncing to in sync may land between them; the fault is then retried on the
+    /// in-sync child, through the in-sync path (the generation raise), so a write that
+    /// failed on the target is never acknowledged while the target counts as in sync.
+    pub(crate) fn fault_in(&self, c: usize, only: Option<u64>, reason: &str) {
         let child = &self.children[c];
-        let was = child.state();
-        if was == ChildState::Empty || was == ChildState::Faulted {
-            return;
-        }
-        if was == ChildState::InSync {
-            // The in-sync set shrinks: raised before the state changes (both SeqCst), so a
-            // write that sees the child out (or fails on it) and then completes sees the new
-            // target and waits for it. A lost race below only costs one extra raise.
-            self.gen_target.fetch_add(1, Ordering::SeqCst);
-        }
-        if child
-            .state
-            .compare_exchange(
-                was as u8,
-                ChildState::Faulted as u8,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_err()
-        {
-            return;
-        }
+        let was = loop {
+            let word = child.word();
+            let was = state_of(word);
+            if was == ChildState::Empty || was == ChildState::Faulted {
+                return;
+            }
+            if only.is_some_and(|i| i != incarnation_of(word)) {
+                return;
+            }
+            if was == ChildState::InSync {
+                // The in-sync set shrinks: raised before the state changes (both SeqCst), so
+                // a write that sees the child out (or fails on it) and then completes sees
+                // the new target and waits for it. A lost race below only costs one extra
+                // raise.
+                self.gen_target.fetch_add(1, Ordering::SeqCst);
+            }
+            let faulted = pack(incarnation_of(word), ChildState::Faulted);
+            #[cfg(test)]
+            if let Some(race) = tests::FAULT_RACE.take() {
+                race(child);
+            }
+            if child
+                .state
+                .compare_exchange(word, faulted, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                break was;
+            }
+        };
         child.dirty.merge_regions(&child.unflushed[0]);
         child.dirty.merge_regions(&child.unflushed[1]);
         *child.reason.lock() = reason.to_string();
@@ -449,7 +527,8 @@ impl NexusShared {
     }
 
     /// Publishes one path set-up per core for child `c` (or none: removed) and tells every
-    /// channel to pick them up.
+    /// channel to pick them up. The manager calls it under the `resync_order` lock, right
+    /// after it set the child's state, and records the child's incarnation as published.
     pub(crate) fn publish(&self, c: usize, paths: Vec<Option<PathSetup>>) {
         if let Some(Some(PathSetup::Local(r, _))) = paths.first() {
             *self.local.lock() = Some(r.clone());
@@ -457,6 +536,36 @@ impl NexusShared {
         let child = &self.children[c];
         *child.paths.lock() = paths;
         child.gen.fetch_add(1, Ordering::AcqRel);
+        child
+            .published
+            .store(incarnation_of(child.word()), Ordering::SeqCst);
+    }
+
+    /// Orders a resync of the first syncing child whose paths are published, when none is
+    /// running or ordered; true when it ordered one. Under the `resync_order` lock, which the
+    /// manager holds while it makes a child syncing and publishes its paths: an order is
+    /// never given between the two, so the job's barrier, sent after the order, reaches
+    /// every core after the paths were published.
+    pub(crate) fn order_resync(&self) -> bool {
+        let mut order = self.resync_order.lock();
+        if order.is_some() || self.resync.child.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let Some((c, word)) = (0..CHILDREN_MAX).find_map(|c| {
+            let child = self.child(c);
+            let word = child.word();
+            (state_of(word) == ChildState::Syncing && child.paths_published()).then_some((c, word))
+        }) else {
+            return false;
+        };
+        let full = self.child(c).needs_rebuild.swap(false, Ordering::AcqRel);
+        *order = Some(ResyncOrder {
+            child: c,
+            incarnation: incarnation_of(word),
+            full,
+        });
+        self.resync_ordered.store(true, Ordering::Release);
+        true
     }
 
     pub(crate) fn epoch(&self) -> u64 {
@@ -550,11 +659,24 @@ impl NexusShared {
             // One read-modify-write both counts the write and sees a copy that holds the
             // range: single-location RMWs are totally ordered with the copier's `fetch_or`.
             if self.ranges[r].fetch_add(1, Ordering::SeqCst) & RANGE_COPYING != 0 {
-                for back in *span.start()..=r {
-                    self.ranges[back].fetch_sub(1, Ordering::SeqCst);
+                // Backs out of this range and tells the copy that a client waits (it must
+                // not hold the range too long) in one update: the mark is set only while
+                // the copying bit still is, so a copy that released the range meanwhile
+                // leaves no stray mark for the next one.
+                let back = |w: u32| {
+                    let w = w - 1;
+                    Some(if w & RANGE_COPYING != 0 {
+                        w | RANGE_WAITED
+                    } else {
+                        w
+                    })
+                };
+                self.ranges[r]
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, back)
+                    .expect("the update always applies");
+                for earlier in *span.start()..r {
+                    self.ranges[earlier].fetch_sub(1, Ordering::SeqCst);
                 }
-                // Tells the copy that a client waits: it must not hold the range too long.
-                self.ranges[r].fetch_or(RANGE_WAITED, Ordering::SeqCst);
                 return false;
             }
         }
@@ -614,5 +736,106 @@ impl Bdev for Nexus {
             self.shared.clone(),
             io,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The child state word and the resync order, without an engine: a resync is ordered
+    //! only for a syncing child whose paths are published, and carries its incarnation; a
+    //! fault that races a child's join to the in-sync set is never lost.
+
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Run once, if set, between `fault_in`'s read of the state word and its switch to
+        /// faulted: a test makes a racing change land there.
+        pub(super) static FAULT_RACE: Cell<Option<fn(&ChildShared)>> = const { Cell::new(None) };
+    }
+
+    fn shared() -> Arc<NexusShared> {
+        Arc::new(NexusShared::new(
+            "t",
+            crate::replica::volume_id_for("t"),
+            4 << 20,
+            4096,
+            NexusOptions::default(),
+            Vec::new(),
+        ))
+    }
+
+    /// Review finding 3: the manager marked a child syncing before it published its paths,
+    /// and a resync ordered in between sent its barrier before some core had a path.
+    #[test]
+    fn a_resync_is_ordered_only_once_the_syncing_childs_paths_are_published() {
+        let s = shared();
+        let inc = s.child(1).enter(ChildState::Syncing);
+        assert!(!s.order_resync(), "ordered before the paths were published");
+        s.publish(1, Vec::new());
+        assert!(s.order_resync());
+        let order = s.resync_order.lock().expect("ordered");
+        assert_eq!((order.child, order.incarnation), (1, inc));
+    }
+
+    /// Review finding 1: every syncing period of a slot is a new incarnation, and a fault
+    /// aimed at an earlier one leaves the slot alone.
+    #[test]
+    fn a_new_syncing_period_is_a_new_incarnation_that_old_faults_miss() {
+        let s = shared();
+        let first = s.child(0).enter(ChildState::Syncing);
+        s.child(0).enter(ChildState::Empty);
+        let second = s.child(0).enter(ChildState::Syncing);
+        assert!(second > first);
+        s.fault_in(0, Some(first), "an old job");
+        assert_eq!(s.child(0).word(), pack(second, ChildState::Syncing));
+        s.fault_in(0, Some(second), "its own job");
+        assert_eq!(s.child(0).state(), ChildState::Faulted);
+    }
+
+    /// Review finding 2: `fault` read "syncing", the job's switch to in sync landed, and the
+    /// fault's switch from syncing failed and was dropped: the child stayed in sync without
+    /// the write that failed on it, and no generation raise held that write's acknowledgement.
+    /// The join is made to land exactly there ([`FAULT_RACE`]).
+    #[test]
+    fn a_fault_racing_the_join_to_the_in_sync_set_is_never_lost() {
+        let s = shared();
+        let inc = s.child(0).enter(ChildState::Syncing);
+        let before = s.gen_target.load(Ordering::SeqCst);
+        FAULT_RACE.set(Some(|child: &ChildShared| {
+            let w = child.word();
+            assert_eq!(state_of(w), ChildState::Syncing);
+            let joined = pack(incarnation_of(w), ChildState::InSync);
+            child.state.store(joined, Ordering::SeqCst);
+        }));
+        s.fault(0, "a write failed on the target");
+        assert_eq!(
+            s.child(0).word(),
+            pack(inc, ChildState::Faulted),
+            "the fault was lost"
+        );
+        assert_eq!(
+            s.gen_target.load(Ordering::SeqCst),
+            before + 1,
+            "the fault of a child that joined did not raise the generation"
+        );
+    }
+
+    /// Review finding 6: a write turned back by a copy marks the range waited only while
+    /// the copy holds it, in the same update that takes its count back.
+    #[test]
+    fn a_turned_back_write_marks_only_a_range_being_copied() {
+        let s = shared();
+        s.ranges[1].fetch_or(RANGE_COPYING, Ordering::SeqCst);
+        assert!(!s.enter_ranges(AREA_BYTES - 4096, 8192));
+        assert_eq!(s.ranges[0].load(Ordering::SeqCst), 0);
+        assert_eq!(
+            s.ranges[1].load(Ordering::SeqCst),
+            RANGE_COPYING | RANGE_WAITED
+        );
+        s.ranges[1].fetch_and(!(RANGE_COPYING | RANGE_WAITED), Ordering::SeqCst);
+        assert!(s.enter_ranges(AREA_BYTES - 4096, 8192));
+        s.leave_ranges(AREA_BYTES - 4096, 8192);
+        assert!(s.ranges.iter().all(|r| r.load(Ordering::SeqCst) == 0));
     }
 }

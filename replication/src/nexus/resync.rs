@@ -14,6 +14,10 @@
 //! flushes the target and puts it in the in-sync set. A rebuild is the same job with every
 //! block set. There is no write freeze. Ordering argument: `docs/replication.md`.
 //!
+//! A job runs for one incarnation of its target's slot (`ChildShared::state`): it acts, and
+//! joins the target to the in-sync set, only while the slot is syncing in the incarnation it
+//! was ordered for, so a job outliving a remove never touches the replica added next.
+//!
 //! Progress (bytes done of the total, and the fraction shown) only goes forward within a job
 //! and starts from zero for each one: the total is the bytes dirty when the pass starts.
 //!
@@ -24,7 +28,8 @@
 use super::bitmap::{AreaBits, AREA_BYTES, BLOCK_BYTES, LEAF_WORDS};
 use super::channel::{Kind, NexusChannel, Path};
 use super::{
-    ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, RANGE_COPYING, RANGE_WAITED, RANGE_WRITES,
+    pack, ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, RANGE_COPYING, RANGE_WAITED,
+    RANGE_WRITES,
 };
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::reactor::IoCtx;
@@ -67,6 +72,9 @@ struct Held {
 
 pub(super) struct ResyncJob {
     target: usize,
+    /// The target's incarnation the job was ordered for: it acts only while the target's
+    /// state word is syncing in it (`ChildShared::state`).
+    incarnation: u64,
     full: bool,
     phase: Phase,
     barrier_round: u64,
@@ -120,7 +128,7 @@ impl NexusChannel {
             let Some(o) = order.take() else {
                 return 0;
             };
-            if shared.child(o.child).state() != ChildState::Syncing {
+            if shared.child(o.child).word() != pack(o.incarnation, ChildState::Syncing) {
                 return 0;
             }
             // Begun under the lock, so the manager never sees neither an order nor a job.
@@ -130,11 +138,15 @@ impl NexusChannel {
         let work = self.step(io);
         let job = self.job();
         let over = job.ops == 0 && (job.failed.is_some() || job.phase == Phase::FlushWait);
-        if over {
-            let job = self.resync.take().expect("present");
-            self.end(&job);
+        if !over {
+            return work;
         }
-        work
+        let job = self.resync.take().expect("present");
+        self.end(&job);
+        // Another syncing child (or this slot's next incarnation) is ordered at once rather
+        // than at the monitor's next pass; the work makes the reactor poll again to start it.
+        self.shared.order_resync();
+        work + 1
     }
 
     fn begin(&mut self, io: &mut IoCtx, order: ResyncOrder) {
@@ -163,6 +175,7 @@ impl NexusChannel {
         let now = io.now();
         self.resync = Some(ResyncJob {
             target: order.child,
+            incarnation: order.incarnation,
             full: order.full,
             phase: Phase::Barrier,
             barrier_round,
@@ -187,13 +200,24 @@ impl NexusChannel {
     fn end(&mut self, job: &ResyncJob) {
         let shared = self.shared.clone();
         let target = shared.child(job.target);
-        // Only a target still syncing joins: a fault (or a remove) after the flush wins.
-        let success = job.failed.is_none()
+        let syncing = pack(job.incarnation, ChildState::Syncing);
+        let mut failed = job.failed.clone();
+        if failed.is_none() && target.word() == syncing && target.dirty.next_area(0).is_some() {
+            // A safety net: after the barrier only a failure on the target (which faults it)
+            // sets its blocks, so a pass that leaves any set missed something. Retried
+            // rather than joined.
+            let left = target.dirty.count_bytes();
+            tracing::error!(nexus = %shared.name, child = job.target, dirty_bytes = left, "resync pass ended with blocks still dirty; retrying instead of joining");
+            failed = Some(format!("{left} bytes were still dirty after the pass"));
+        }
+        // Only the incarnation the job ran for, still syncing, joins: a fault, or a remove
+        // (and an add into the slot), after the flush wins.
+        let success = failed.is_none()
             && target
                 .state
                 .compare_exchange(
-                    ChildState::Syncing as u8,
-                    ChildState::InSync as u8,
+                    syncing,
+                    pack(job.incarnation, ChildState::InSync),
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 )
@@ -202,42 +226,38 @@ impl NexusChannel {
             // Back in sync: why it once left no longer describes it.
             target.reason.lock().clear();
         } else {
-            let reason = job
-                .failed
-                .clone()
-                .unwrap_or_else(|| "the target left the syncing state".into());
+            let reason = failed.unwrap_or_else(|| "the target left the syncing state".into());
             // Faulted before its ranges are released: a write that waited on one sees the
             // target out when it tries again, and marks it dirty instead of writing it.
-            shared.fault(job.target, &format!("resync failed: {reason}"));
+            shared.fault_in(
+                job.target,
+                Some(job.incarnation),
+                &format!("resync failed: {reason}"),
+            );
+            // Set again whatever became of the slot: a later incarnation of a faulted
+            // child must still copy them, and a removed one's map is reset by `add`.
             for h in job.held.iter().filter(|h| h.live) {
                 if let Some(bits) = &h.bits {
                     target.dirty.remark(h.area, bits);
                 }
             }
+            tracing::warn!(nexus = %shared.name, child = job.target, reason = %reason, "resync abandoned");
         }
         for h in job.held.iter().filter(|h| h.live) {
             release(&shared, h.area);
         }
         shared.resync.publish(job.done_bytes, 0);
         shared.resync.child.store(0, Ordering::Release);
-        let secs = job.started.elapsed().as_secs_f64();
-        let wait_us = target.write_wait_max_ns.load(Ordering::Relaxed) / 1000;
         if success {
             tracing::info!(
                 nexus = %shared.name,
                 child = job.target,
                 full = job.full,
                 copied_bytes = job.done_bytes,
-                seconds = secs,
-                write_wait_max_us = wait_us,
+                seconds = job.started.elapsed().as_secs_f64(),
+                write_wait_max_us = target.write_wait_max_ns.load(Ordering::Relaxed) / 1000,
                 "resync finished; child is in sync"
             );
-        } else {
-            let reason = job
-                .failed
-                .clone()
-                .unwrap_or_else(|| "the target left the syncing state".into());
-            tracing::warn!(nexus = %shared.name, child = job.target, reason = %reason, "resync abandoned");
         }
     }
 
@@ -252,7 +272,7 @@ impl NexusChannel {
             return 0;
         }
         let target = job.target;
-        if shared.child(target).state() != ChildState::Syncing {
+        if shared.child(target).word() != pack(job.incarnation, ChildState::Syncing) {
             job.failed = Some("the target left the syncing state".into());
             return 1;
         }
@@ -318,8 +338,22 @@ impl NexusChannel {
                     h.area * AREA_BYTES,
                     hold_max.as_millis()
                 );
-                shared.fault(target, &format!("resync failed: {reason}"));
+                shared.fault_in(
+                    target,
+                    Some(job.incarnation),
+                    &format!("resync failed: {reason}"),
+                );
                 job.failed = Some(reason);
+                // The waiting writes go now, not once the copy I/O in flight has ended (a
+                // local source read is never timed out); the ordering argument is in
+                // docs/replication.md ("Why a copy never overwrites a newer write").
+                for h in job.held.iter_mut().filter(|h| h.live) {
+                    if let Some(bits) = &h.bits {
+                        dirty.remark(h.area, bits);
+                    }
+                    release(&shared, h.area);
+                    h.live = false;
+                }
                 return 1;
             }
             if h.bits.is_none() && word & RANGE_WRITES == 0 {
@@ -373,10 +407,13 @@ impl NexusChannel {
                 break;
             };
             job.cursor = area + 1;
-            let word = &shared.ranges[area as usize];
-            // A waiter's mark left from a write turned back just as an earlier copy ended.
-            word.fetch_and(!RANGE_WAITED, Ordering::SeqCst);
-            let prev = word.fetch_or(RANGE_COPYING, Ordering::SeqCst);
+            // One update sets the copying bit and clears any waiter's mark (a waiter marks
+            // only a range being copied, and `release` clears both bits together).
+            let prev = shared.ranges[area as usize]
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                    Some((w & !RANGE_WAITED) | RANGE_COPYING)
+                })
+                .expect("the update always applies");
             debug_assert_eq!(prev & RANGE_COPYING, 0, "a range held twice");
             let bits = (prev & RANGE_WRITES == 0).then(|| dirty.take_area(area));
             job.issued_bytes += bits.as_ref().map_or(0, area_bytes);
