@@ -155,6 +155,9 @@ readme 'cargo run --release -p cairn-perf -- compare --baseline raw --candidate 
 readme 'cairn-perf compare --file F --size 4G --rounds 3'
 "${perf[@]}" compare --raw-wait spin --candidate volume --file "$img" --size 64M --rounds 2 \
   --rw randread --qd 32 --runtime 1
+readme 'cairn-perf compare --file F --size 4G --rounds 3 --runtime 5 --json --rw RW --qd QD'
+"${perf[@]}" compare --file "$img" --size 64M --rounds 1 --runtime 1 --json --rw randwrite --qd 1 \
+  >/dev/null
 readme 'cairn-perf idle'
 readme 'cairn-perf idle --cores 2 --seconds 10'
 "${perf[@]}" idle --cores 2 --seconds 1
@@ -167,7 +170,13 @@ readme 'cairn-perf run --target engine --bdev null --qd 128 --runtime 5'
 readme 'cargo bench -p cairn-benches --bench null_submit'
 cargo bench -q -p cairn-benches --bench null_submit -- --quick --noplot >/dev/null
 
-not_run 'perf/nbd-peers.sh' "minutes: six servers, fio, 4 GiB (ci/test.sh runs the NBD clients)"
+readme 'perf/nbd-peers.sh'
+readme 'SIZE=1G RUNTIME=5 PARTS=disk perf/nbd-peers.sh'
+if command -v fio >/dev/null && command -v qemu-nbd >/dev/null && command -v nbdkit >/dev/null; then
+  SIZE=64M RUNTIME=1 OUT="$tmp/nbd-peers" WORKDIR="$tmp/nbd-peers-work" perf/nbd-peers.sh >/dev/null
+else
+  echo "ci/readme.sh: perf/nbd-peers.sh not run: it needs fio, qemu-nbd and nbdkit"
+fi
 not_run 'perf/replication.sh' "minutes: two daemons, fio, interleaved 10 s rounds"
 not_run 'perf/local.sh' "minutes: 4 GiB comparisons; each of its modes ran above, tiny"
 not_run 'PARTS="spin volume" RUNTIME=5 perf/local.sh' "as perf/local.sh"
