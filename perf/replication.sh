@@ -32,9 +32,12 @@
 # NODE and CTL (binaries to measure, e.g. an older build for a before/after comparison; default
 # target/release/cairn-node and cairnctl, built first), WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
 # (perf/results/replication-DATE), A_CPU (0), B_CPU (1), PORT_BASE (21809), IDLE (the nodes'
-# --idle, adaptive).
+# --idle, adaptive), SCHED (other; fifo: both nodes under `chrt -f 5`, root only, sleeping
+# reactors only: separates waiting for a CPU from everything else, docs/replication.md "Stalls").
 # CPU: each fio job also records the CPU-seconds both nodes used during it (NAME.cpu), and the
-# summary gives node CPU per I/O (µs) for 1 and 2 replicas.
+# summary gives node CPU per I/O (µs) for 1 and 2 replicas; and the time the nodes' threads
+# waited on the run queue, runnable but not running (NAME.sched, /proc/PID/task/*/schedstat),
+# which the summary gives per second of the job: the stalls a busy or shared machine adds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +53,12 @@ A_CPU=${A_CPU:-0}
 B_CPU=${B_CPU:-1}
 PORT_BASE=${PORT_BASE:-21809}
 IDLE=${IDLE:-adaptive}
+SCHED=${SCHED:-other}
+case $SCHED in
+  other) WRAP=() ;;
+  fifo) WRAP=(chrt -f 5) ;;
+  *) echo "replication bench: SCHED is other or fifo, not $SCHED" >&2; exit 1 ;;
+esac
 
 for t in fio nbdinfo python3; do
   command -v "$t" >/dev/null || { echo "replication bench: $t not found (apt-get install fio libnbd-bin python3)" >&2; exit 1; }
@@ -81,7 +90,7 @@ trap cleanup EXIT
 # node NAME LOG ARGS...: starts cairn-node and waits for its ready line.
 node() {
   local name=$1; shift
-  "$NODE" --metrics-listen 127.0.0.1:0 --nbd-listen off --idle "$IDLE" "$@" >"$WORKDIR/$name.out" 2>"$WORKDIR/$name.log" &
+  "${WRAP[@]}" "$NODE" --metrics-listen 127.0.0.1:0 --nbd-listen off --idle "$IDLE" "$@" >"$WORKDIR/$name.out" 2>"$WORKDIR/$name.log" &
   PIDS+=($!)
   for _ in $(seq 600); do
     grep -q '^cairn-node ready' "$WORKDIR/$name.out" 2>/dev/null && return 0
@@ -101,15 +110,23 @@ nodes_cpu_s() {
   echo "$ticks $(getconf CLK_TCK)" | awk '{printf "%.3f\n", $1 / $2}'
 }
 
-# fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT, and the CPU-seconds
-# the nodes used during it to OUT/NAME.cpu.
+# nodes_wait_s: seconds every thread of every cairn-node of the set-up has waited on a run
+# queue so far (schedstat's second field, in ns).
+nodes_wait_s() {
+  local p
+  for p in "${PIDS[@]}"; do cat /proc/"$p"/task/*/schedstat; done | awk '{ w += $2 } END { printf "%.3f\n", w / 1e9 }'
+}
+
+# fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT, the CPU-seconds the
+# nodes used during it to OUT/NAME.cpu and the seconds they waited for a CPU to OUT/NAME.sched.
 fio_job() {
   local name=$1 export=$2 qd=$3
-  local cpu0; cpu0=$(nodes_cpu_s)
+  local cpu0 wait0; cpu0=$(nodes_cpu_s); wait0=$(nodes_wait_s)
   fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
       --rw=randwrite --bs=4k --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
       --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
   echo "$cpu0 $(nodes_cpu_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpu"
+  echo "$wait0 $(nodes_wait_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.sched"
 }
 
 # disk_job NAME QD: the same job straight on the disk (a file in WORKDIR, O_DIRECT).
@@ -387,6 +404,26 @@ for part in parts:
         c1, c2 = (statistics.median(cpu_per_io(f"{part}-nexus{n}-qd{qd}-r{r}") for r in range(1, rounds + 1))
                   for n in (1, 2))
         print(f"{part:5} {'node CPU us per I/O, QD' + str(qd):30} {c1:>10.2f} {c2:>10.2f} {c2 / c1:>8.3f}x")
+# Waiting for a CPU: ms per second of the job that the nodes' threads were runnable but not
+# running; and the share of I/Os that took 1 ms or more (in %).
+def fio_job_of(name):
+    text = open(f"{out}/{name}.json").read()
+    return json.loads(text[text.index("{"):])["jobs"][0]
+def wait_ms_per_s(name):
+    return float(open(f"{out}/{name}.sched").read()) / (fio_job_of(name)["job_runtime"] / 1e3) * 1e3
+def slow_pct(name):
+    # fio's latency_ms buckets start above its last µs bucket (1000 µs).
+    return sum(fio_job_of(name)["latency_ms"].values())
+for part in parts:
+    for qd in (32, 1):
+        if not os.path.exists(f"{out}/{part}-nexus1-qd{qd}-r1.sched"):
+            continue
+        w1, w2 = (statistics.median(wait_ms_per_s(f"{part}-nexus{n}-qd{qd}-r{r}") for r in range(1, rounds + 1))
+                  for n in (1, 2))
+        s1, s2 = (statistics.median(slow_pct(f"{part}-nexus{n}-qd{qd}-r{r}") for r in range(1, rounds + 1))
+                  for n in (1, 2))
+        print(f"{part:5} {'node run-queue wait ms/s, QD' + str(qd):30} {w1:>10.1f} {w2:>10.1f}")
+        print(f"{part:5} {'I/Os >= 1 ms %, QD' + str(qd):30} {s1:>10.3f} {s2:>10.3f}")
 PY
 fi
 if [[ " $PARTS " == *" resync "* ]]; then
