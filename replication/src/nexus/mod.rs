@@ -254,14 +254,42 @@ pub(crate) fn incarnation_of(word: u64) -> u64 {
     word >> 8
 }
 
-/// One round of asking every core a question: whether its writes drained under the freeze
+/// Rounds of asking every core a question: whether its writes drained under the freeze
 /// (`quiesce`), or whether the writes it started before the round ended (`barrier`).
+/// Control path only (once per freeze or per resync job), hence the mutex.
 #[derive(Debug, Default)]
-pub(crate) struct Quiesce {
+pub(crate) struct CoreRounds(Mutex<RoundState>);
+
+#[derive(Debug, Default)]
+struct RoundState {
     /// Numbers the rounds, so a late answer to an abandoned round is not counted.
-    pub(crate) round: u64,
+    round: u64,
     /// Cores that answered this round.
-    pub(crate) drained: usize,
+    answered: usize,
+}
+
+impl CoreRounds {
+    /// Starts a new round (abandoning any earlier one) and returns its number.
+    fn begin(&self) -> u64 {
+        let mut q = self.0.lock();
+        q.round += 1;
+        q.answered = 0;
+        q.round
+    }
+
+    /// Counts one core's answer to round `round`; an answer to an abandoned round is ignored.
+    fn answer(&self, round: u64) {
+        let mut q = self.0.lock();
+        if q.round == round {
+            q.answered += 1;
+        }
+    }
+
+    /// Whether all `cores` answered round `round`.
+    fn complete(&self, round: u64, cores: usize) -> bool {
+        let q = self.0.lock();
+        q.round == round && q.answered == cores
+    }
 }
 
 /// A resync the manager asked the home core to run.
@@ -360,9 +388,9 @@ pub struct NexusShared {
     /// The nexus's bdev, so a control message can find its channel on a core.
     pub(crate) bdev: OnceLock<BdevId>,
     /// The current quiesce round (control path: once per freeze).
-    pub(crate) quiesce: Mutex<Quiesce>,
+    pub(crate) quiesce: CoreRounds,
     /// The current write barrier round (once per resync job, [`NexusShared::barrier`]).
-    pub(crate) barrier: Mutex<Quiesce>,
+    pub(crate) barrier: CoreRounds,
     /// Flush generation: its parity picks the `unflushed` map new writes are recorded in.
     pub(crate) flush_gen: AtomicU64,
     /// A flush that switched generations is in flight; others do not switch.
@@ -432,8 +460,8 @@ impl NexusShared {
             frozen: AtomicBool::new(false),
             cores,
             bdev: OnceLock::new(),
-            quiesce: Mutex::new(Quiesce::default()),
-            barrier: Mutex::new(Quiesce::default()),
+            quiesce: CoreRounds::default(),
+            barrier: CoreRounds::default(),
             flush_gen: AtomicU64::new(0),
             flip_busy: AtomicBool::new(false),
             resync_order: Mutex::new(None),
@@ -582,23 +610,24 @@ impl NexusShared {
     /// it answers when that reaches zero.
     pub(crate) fn quiesce(
         self: &Arc<Self>,
-        mut send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
+        send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
     ) -> u64 {
         self.frozen.store(true, Ordering::SeqCst);
-        let round = {
-            let mut q = self.quiesce.lock();
-            q.round += 1;
-            q.drained = 0;
-            q.round
-        };
+        let round = self.quiesce.begin();
+        self.ask_every_core(send, move |c, shared| channel::on_quiesce(c, shared, round));
+        round
+    }
+
+    /// Delivers `ask` to this nexus's channel on every core through `send`.
+    fn ask_every_core(
+        self: &Arc<Self>,
+        mut send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
+        ask: impl Fn(&mut Core, &Arc<NexusShared>) + Copy + Send + 'static,
+    ) {
         for &core in &self.cores {
             let shared = self.clone();
-            send(
-                core,
-                Box::new(move |c: &mut Core| channel::on_quiesce(c, &shared, round)),
-            );
+            send(core, Box::new(move |c: &mut Core| ask(c, &shared)));
         }
-        round
     }
 
     /// Starts a write barrier: asks every core's channel to answer once every write it
@@ -610,36 +639,21 @@ impl NexusShared {
     /// then finished, so the dirty map the single pass copies is complete.
     pub(crate) fn barrier(
         self: &Arc<Self>,
-        mut send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
+        send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
     ) -> u64 {
-        let round = {
-            let mut q = self.barrier.lock();
-            q.round += 1;
-            q.drained = 0;
-            q.round
-        };
-        for &core in &self.cores {
-            let shared = self.clone();
-            send(
-                core,
-                Box::new(move |c: &mut Core| channel::on_barrier(c, &shared, round)),
-            );
-        }
+        let round = self.barrier.begin();
+        self.ask_every_core(send, move |c, shared| channel::on_barrier(c, shared, round));
         round
     }
 
     /// Counts one core's answer to barrier round `round`.
     pub(crate) fn barrier_passed(&self, round: u64) {
-        let mut q = self.barrier.lock();
-        if q.round == round {
-            q.drained += 1;
-        }
+        self.barrier.answer(round);
     }
 
     /// Whether every core answered barrier round `round`.
     pub(crate) fn barrier_done(&self, round: u64) -> bool {
-        let q = self.barrier.lock();
-        q.round == round && q.drained == self.cores.len()
+        self.barrier.complete(round, self.cores.len())
     }
 
     /// The copy ranges `[offset_bytes, offset_bytes + len_bytes)` touches.
@@ -694,16 +708,12 @@ impl NexusShared {
 
     /// Counts one core's answer to quiesce round `round`.
     pub(crate) fn drained(&self, round: u64) {
-        let mut q = self.quiesce.lock();
-        if q.round == round {
-            q.drained += 1;
-        }
+        self.quiesce.answer(round);
     }
 
     /// Whether every core answered quiesce round `round`: no write runs anywhere.
     pub(crate) fn quiesced(&self, round: u64) -> bool {
-        let q = self.quiesce.lock();
-        q.round == round && q.drained == self.cores.len()
+        self.quiesce.complete(round, self.cores.len())
     }
 }
 
