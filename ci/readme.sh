@@ -194,6 +194,9 @@ fi
 readme 'perf/rebuild-speed.sh'
 if command -v fio >/dev/null; then
   SIZE=64M ROUNDS=1 WORKDIR="$tmp/rebuild-speed" perf/rebuild-speed.sh >/dev/null
+  readme 'TARGET_BACKING=ram perf/rebuild-speed.sh'
+  TARGET_BACKING=ram SIZE=64M ROUNDS=1 WORKDIR="$tmp/rebuild-speed" perf/rebuild-speed.sh \
+    >/dev/null
 else
   echo "ci/readme.sh: perf/rebuild-speed.sh not run: it needs fio"
 fi

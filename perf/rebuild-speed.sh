@@ -6,6 +6,8 @@
 #   perf/rebuild-speed.sh                       # volumes in pool files, default scheduling
 #   BACKING=ram perf/rebuild-speed.sh           # RAM bdevs: no disk, only nexus, TCP, server
 #   SCHED=fifo perf/rebuild-speed.sh            # both nodes SCHED_FIFO: no wait for a CPU
+#   TARGET_BACKING=ram perf/rebuild-speed.sh    # the disk only reads (the target is in RAM),
+#                                               # as when source and target are on two nodes
 #   NODE=/path/to/cairn-node perf/rebuild-speed.sh   # another build (e.g. a deeper pipeline)
 #
 # Set-up: node a (core 0) runs a nexus over its local replica "vol"; node c (core 1) hosts a
@@ -15,7 +17,8 @@
 # (/proc/PID/task/*/schedstat): a node that waits as long as it runs is starved, one that
 # neither runs nor waits is waiting on I/O.
 #
-# Environment: BACKING (file: --replica-volume in a pool file; ram: --replica-malloc), SCHED
+# Environment: BACKING (file: --replica-volume in a pool file; ram: --replica-malloc),
+# TARGET_BACKING (the rebuilt replica's, default BACKING), SCHED
 # (other; fifo: `chrt -f 5`, root only, sleeping reactors only), IDLE (sleep; poll), SIZE (1G),
 # ROUNDS (3), NODE and CTL (default target/release/cairn-node and cairnctl, built first),
 # WORKDIR (target/rebuild-speed, removed at the end), PORT_BASE (22809).
@@ -23,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BACKING=${BACKING:-file}
+TARGET_BACKING=${TARGET_BACKING:-$BACKING}
 SCHED=${SCHED:-other}
 IDLE=${IDLE:-sleep}
 SIZE=${SIZE:-1G}
@@ -48,11 +52,16 @@ case $SCHED in
   fifo) WRAP=(chrt -f 5) ;;
   *) echo "rebuild speed: SCHED is other or fifo, not $SCHED" >&2; exit 1 ;;
 esac
-case $BACKING in
-  file) KIND=(--replica-volume "vol:$SIZE_BYTES" --pool0-size "$POOL_BYTES") ;;
-  ram) KIND=(--replica-malloc "vol:$SIZE_BYTES") ;;
-  *) echo "rebuild speed: BACKING is file or ram, not $BACKING" >&2; exit 1 ;;
-esac
+# backing KIND: the replica arguments for a file or RAM replica.
+backing() {
+  case $1 in
+    file) echo --replica-volume "vol:$SIZE_BYTES" --pool0-size "$POOL_BYTES" ;;
+    ram) echo --replica-malloc "vol:$SIZE_BYTES" ;;
+    *) echo "rebuild speed: BACKING and TARGET_BACKING are file or ram, not $1" >&2; exit 1 ;;
+  esac
+}
+KIND=$(backing "$BACKING")
+TARGET_KIND=$(backing "$TARGET_BACKING")
 
 rm -rf "$WORKDIR"; mkdir -p "$WORKDIR"
 PIDS=()
@@ -89,15 +98,15 @@ sys.exit(0 if not v.get("resync") and len(reps) == 2 and all(r["state"] == "in-s
 }
 
 node a --cores 0 --data-dir "$WORKDIR/a" --nbd-socket "$WORKDIR/a.sock" --admin-listen "$A_ADMIN" \
-     --replica-listen off "${KIND[@]}"
+     --replica-listen off $KIND
 node c --cores 1 --data-dir "$WORKDIR/c" --admin-listen "$C_ADMIN" --replica-listen "$C_REPLICA" \
-     "${KIND[@]}"
+     $TARGET_KIND
 "$CTL" node --addr "$A_ADMIN" nexus create vol --replica local >/dev/null
 "$CTL" node --addr "$A_ADMIN" export add vol --nexus >/dev/null
 fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$WORKDIR/a.sock" --rw=write --bs=1M \
     --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
 
-echo "rebuild speed: BACKING=$BACKING SCHED=$SCHED IDLE=$IDLE SIZE=$SIZE NODE=$NODE"
+echo "rebuild speed: BACKING=$BACKING TARGET_BACKING=$TARGET_BACKING SCHED=$SCHED IDLE=$IDLE SIZE=$SIZE NODE=$NODE"
 for _ in $(seq "$ROUNDS"); do
   t0=$(date +%s.%N); a0=$(sched "${PIDS[0]}"); c0=$(sched "${PIDS[1]}")
   "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
