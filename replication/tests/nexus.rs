@@ -361,7 +361,8 @@ fn a_new_replica_is_rebuilt_online_under_writes() {
 fn promote_under_writes_waits_for_them_and_loses_none() {
     // Promote freezes writes and asks every core whether its writes drained (a quiesce
     // round); writes from two cores keep coming meanwhile, and every one must succeed and
-    // reach both replicas.
+    // reach both replicas. Reads are not frozen: one in flight on a path the promote
+    // replaces is refused at the old epoch, which must neither fence the nexus nor fail.
     let engine = engine();
     let a = Site::new(&engine, "pa", false);
     let b = Site::new(&engine, "pb", false);
@@ -390,6 +391,25 @@ fn promote_under_writes_waits_for_them_and_loses_none() {
             })
         })
         .collect();
+    let readers: Vec<_> = engine
+        .cores()
+        .into_iter()
+        .map(|core| {
+            let (engine, nexus, stop) = (engine.clone(), nexus.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut q = engine.queue(&nexus, core, 8).unwrap();
+                let mut buf = vec![0u8; 64 << 10];
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let off = (reads % 256) * REGION;
+                    q.read_at(off, &mut buf)
+                        .unwrap_or_else(|e| panic!("read at {off} during promotes: {e}"));
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
     let mut epoch = first;
     for _ in 0..5 {
         let v = m
@@ -401,6 +421,9 @@ fn promote_under_writes_waits_for_them_and_loses_none() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         assert!(w.join().unwrap() > 1, "a writer ran during the promotes");
+    }
+    for r in readers {
+        assert!(r.join().unwrap() > 0, "a reader ran during the promotes");
     }
     let v = m.show("vol").unwrap();
     assert!(all_in_sync(&v), "{v:#?}");

@@ -80,10 +80,14 @@ pub(super) enum Kind {
 pub(super) enum SubErr {
     /// The child answered an errno, or its connection broke or timed out: fault it.
     Failed,
-    /// The child refused our epoch: a newer nexus owns the volume.
-    Stale,
-    /// Our path to the child was replaced or closed because it is no longer in sync; it
-    /// missed the request, and nothing more needs faulting.
+    /// The child refused the epoch of the path the request went on. A newer nexus owns the
+    /// volume when that is the nexus's current epoch and no promote runs; otherwise the
+    /// refusal is the nexus's own promote raising the fence (or one it will open above), and
+    /// only this request failed on the child.
+    Stale(u64),
+    /// Our path to the child was replaced or closed; the request did not reach the child.
+    /// Paths are replaced only while writes are quiesced (a promote) or the child is out of
+    /// sync, so a write dropped this way from an in-sync child faults it.
     Dropped,
 }
 
@@ -108,7 +112,6 @@ pub(super) struct FanOutRequest {
     /// The write barrier era it was counted in (`NexusChannel::writes_by_era`).
     pub(super) era: u8,
     pub(super) stale: bool,
-    pub(super) counted: bool,
     /// The flush generation this flush switched away from.
     pub(super) flipped: Option<u64>,
     pub(super) buf: Option<DmaBuf>,
@@ -140,7 +143,6 @@ impl FanOutRequest {
             ranged: false,
             era: 0,
             stale: false,
-            counted: false,
             flipped: None,
             buf: None,
             gauge: None,
@@ -171,7 +173,7 @@ pub(super) struct NexusChannel {
     retired: Vec<Box<dyn Conn>>,
     pub(super) slots: Vec<FanOutRequest>,
     pub(super) free: Vec<u16>,
-    /// Client requests not started yet (no free slot, writes frozen, or a copy holds the
+    /// Client requests not started yet (no free slot, I/O frozen, or a copy holds the
     /// head's range), with when each arrived.
     waiting: VecDeque<(IoRequest, Instant)>,
     /// Since when the head of `waiting` has waited on a resync copy.
@@ -185,9 +187,10 @@ pub(super) struct NexusChannel {
     timeouts: VecDeque<(Instant, u16, u32, u8)>,
     /// Replies gathered from a connection before they are acted on.
     replies: Vec<(u16, u32, Result<(), SubErr>)>,
-    /// Client writes started here and not finished: core-local, read only here.
-    writes_in_flight: u32,
-    /// A quiesce round this channel answers once `writes_in_flight` is zero.
+    /// Client requests (reads too) started here and not finished: core-local, read only
+    /// here.
+    requests_in_flight: u32,
+    /// A quiesce round this channel answers once `requests_in_flight` is zero.
     quiesce_round: Option<u64>,
     /// Writes in flight by barrier era: a barrier round switches `era` and is answered once
     /// the old era's count is zero ([`NexusShared::barrier`]).
@@ -227,7 +230,7 @@ impl NexusChannel {
             backlog: std::array::from_fn(|_| VecDeque::with_capacity(PARENTS_MAX)),
             timeouts: VecDeque::with_capacity(TIMEOUTS_MAX),
             replies: Vec::with_capacity(PARENTS_MAX),
-            writes_in_flight: 0,
+            requests_in_flight: 0,
             quiesce_round: None,
             writes_by_era: [0; 2],
             era: 0,
@@ -353,7 +356,8 @@ impl NexusChannel {
                 gauge.begin();
                 if !replica.admits(*epoch) {
                     gauge.end();
-                    self.sub_done(io, slot, c, Err(SubErr::Stale));
+                    let refused = epoch.get();
+                    self.sub_done(io, slot, c, Err(SubErr::Stale(refused)));
                     return;
                 }
                 let bdev = *bdev;
@@ -448,7 +452,7 @@ impl NexusChannel {
         true
     }
 
-    /// Starts (or fails) a client request; false when it must wait (no free slot, writes
+    /// Starts (or fails) a client request; false when it must wait (no free slot, I/O
     /// frozen, or a resync copy holds its range) and was not consumed.
     fn start(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
         let writes = req.op != IoOp::Read;
@@ -456,18 +460,23 @@ impl NexusChannel {
         let mut refresh = false;
         let mut words = [0u64; CHILDREN_MAX];
         self.copy_blocked = false;
+        // A channel sees the freeze before it answers a quiesce round (see
+        // NexusShared::quiesce), so a request started here is one the round waits for.
+        // Reads wait too: one in flight while the promote raises the replicas' fences would
+        // be refused at the old epoch on every child.
+        if self.shared.frozen.load(Ordering::Acquire) {
+            return false;
+        }
+        // After the freeze check: a promote publishes its new paths before it unfreezes, so
+        // a request that saw it unfrozen picks them up here and never goes out on a path (and
+        // an epoch) the promote replaced. (Checked the other way round, a channel could read
+        // the paths, then see the freeze lifted, and send on the old ones.)
+        self.refresh_paths(io);
         if writes {
             let shared = &*self.shared;
-            if shared.fenced.load(Ordering::Acquire)
-                || shared.in_sync_count() < shared.options.min_in_sync
-            {
+            if shared.fenced() || shared.in_sync_count() < shared.options.min_in_sync {
                 io.post(req.owner, req.tag, -libc::EIO);
                 return true;
-            }
-            // A channel sees the freeze before it answers a quiesce round (see
-            // NexusShared::quiesce), so a write started here is one the round waits for.
-            if shared.frozen.load(Ordering::Acquire) {
-                return false;
             }
             for (c, word) in words.iter_mut().enumerate() {
                 let child = shared.child(c);
@@ -527,13 +536,12 @@ impl NexusChannel {
         };
         let era = self.era;
         let p = &mut self.slots[slot as usize];
-        p.counted = writes;
         p.ranged = ranged;
         p.era = era;
         p.missed = missed;
         p.syncing = syncing;
+        self.requests_in_flight += 1;
         if writes {
-            self.writes_in_flight += 1;
             self.writes_by_era[era as usize] += 1;
             self.fan_out(io, slot, targets | syncing);
         } else {
@@ -627,13 +635,29 @@ impl NexusChannel {
                     child.dirty.mark(off, len);
                 }
                 match e {
-                    SubErr::Stale => {
-                        p.stale = true;
-                        if !shared.fenced.swap(true, Ordering::AcqRel) {
-                            tracing::error!(nexus = %shared.name, "a replica refused this nexus's epoch: a newer nexus owns the volume; writes now fail");
+                    // While frozen a promote runs: it raises the fences itself and opens
+                    // above every fence it meets, so no refusal seen meanwhile is a fence.
+                    SubErr::Stale(epoch) if !shared.frozen.load(Ordering::Acquire) => {
+                        if shared.fence(epoch) {
+                            tracing::error!(nexus = %shared.name, epoch, "a replica refused this nexus's epoch: a newer nexus owns the volume; writes now fail");
+                        }
+                        p.stale = shared.fenced();
+                        if !p.stale && is_write_like(op) && p.kind == Kind::Client {
+                            shared.fault(c, &format!("{op} refused at superseded epoch {epoch}"));
+                        }
+                    }
+                    SubErr::Stale(epoch) => {
+                        if is_write_like(op) && p.kind == Kind::Client {
+                            shared.fault(
+                                c,
+                                &format!("{op} refused at epoch {epoch} during a promote"),
+                            );
                         }
                     }
                     SubErr::Failed => shared.fault(c, &format!("{op} failed")),
+                    SubErr::Dropped if is_write_like(op) && p.kind == Kind::Client => {
+                        shared.fault(c, &format!("{op} dropped when its path was replaced"));
+                    }
                     SubErr::Dropped => {}
                 }
                 if op == IoOp::Read && p.kind == Kind::Client && !p.stale {
@@ -667,7 +691,7 @@ impl NexusChannel {
             // A syncing child's copy counts toward nothing.
             !p.stale
                 && p.ok & !p.syncing != 0
-                && !shared.fenced.load(Ordering::Acquire)
+                && !shared.fenced()
                 && shared.in_sync_count() >= shared.options.min_in_sync
         };
         if let Some(g) = p.flipped {
@@ -680,7 +704,7 @@ impl NexusChannel {
             }
             shared.flip_busy.store(false, Ordering::SeqCst);
         }
-        let (counted, ranged, era) = (p.counted, p.ranged, p.era);
+        let (ranged, era) = (p.ranged, p.era);
         let res = match (success, op) {
             (false, _) => -libc::EIO,
             (true, IoOp::Read | IoOp::Write) => p.req.len_bytes as i32,
@@ -692,12 +716,12 @@ impl NexusChannel {
         if ranged {
             shared.leave_ranges(off, len);
         }
-        if counted {
-            self.writes_in_flight -= 1;
+        self.requests_in_flight -= 1;
+        if op != IoOp::Read {
             self.writes_by_era[era as usize] -= 1;
-            self.answer_quiesce();
-            self.answer_barrier();
         }
+        self.answer_quiesce();
+        self.answer_barrier();
         if success && op != IoOp::Read && (!self.held.is_empty() || self.shared.raise_pending()) {
             // A child that missed this write may hold the same generation as the others
             // until the raise is durable: acknowledging now could let a new nexus trust it.
@@ -746,9 +770,9 @@ impl NexusChannel {
         }
     }
 
-    /// Answers the pending quiesce round once no write of this core is in flight.
+    /// Answers the pending quiesce round once no request of this core is in flight.
     fn answer_quiesce(&mut self) {
-        if self.writes_in_flight > 0 {
+        if self.requests_in_flight > 0 {
             return;
         }
         if let Some(round) = self.quiesce_round.take() {
@@ -766,7 +790,7 @@ impl NexusChannel {
         let shared = self.shared.clone();
         let mut n = 0;
         while let Some(&(need, slot, res)) = self.held.front() {
-            let fenced = shared.fenced.load(Ordering::Acquire);
+            let fenced = shared.fenced();
             if !fenced && shared.gen_durable.load(Ordering::SeqCst) < need {
                 break;
             }
@@ -785,11 +809,12 @@ impl NexusChannel {
         let Path::Remote {
             conn,
             in_flight_bytes,
-            ..
+            epoch,
         } = &mut self.paths[c]
         else {
             return 0;
         };
+        let path_epoch = epoch.get();
         let mut work = match conn.poll(io) {
             Ok(n) => n,
             Err(e) => {
@@ -838,7 +863,7 @@ impl NexusChannel {
                     Ok(())
                 }
                 Message::Error { .. } => Err(SubErr::Failed),
-                Message::StaleEpoch { .. } => Err(SubErr::Stale),
+                Message::StaleEpoch { .. } => Err(SubErr::Stale(path_epoch)),
                 other => {
                     broken = Some(format!("answered {:?} to a {}", other.opcode(), p.req.op));
                     break;
@@ -1007,7 +1032,6 @@ impl BdevChannel for NexusChannel {
     }
 
     fn submit(&mut self, io: &mut IoCtx, req: IoRequest) {
-        self.refresh_paths(io);
         if !self.waiting.is_empty() || !self.start(io, req) {
             self.waiting.push_back((req, io.now()));
         }

@@ -524,9 +524,9 @@ impl NexusManager {
     /// holds the target; then the channels may acknowledge the writes they held. Blocking;
     /// control threads only.
     pub(crate) fn raise_generation(&self, shared: &NexusShared) {
-        let _serial = shared.gen_lock.lock();
+        let _epoch = shared.epoch_lock.lock();
         for _ in 0..RAISE_ROUNDS_MAX {
-            if shared.fenced.load(Ordering::Acquire) {
+            if shared.fenced() {
                 return;
             }
             let target = shared.gen_target.load(Ordering::SeqCst);
@@ -568,7 +568,7 @@ impl NexusManager {
     ) -> Result<(), String> {
         let epoch = Epoch::new(shared.epoch()).map_err(|e| e.to_string())?;
         let stale = |current: u64| {
-            shared.fenced.store(true, Ordering::Release);
+            shared.fence(epoch.get());
             format!("fenced at epoch {current}: a newer nexus owns the volume")
         };
         match spec {
@@ -806,7 +806,7 @@ impl NexusManager {
     /// generation as closed cleanly (each flushes first). A child that cannot be marked only
     /// stays unclean; nothing depends on the mark being set.
     fn mark_clean(&self, shared: &NexusShared) {
-        if shared.fenced.load(Ordering::Acquire) || shared.raise_pending() {
+        if shared.fenced() || shared.raise_pending() {
             return;
         }
         let generation = shared.gen_durable.load(Ordering::SeqCst);
@@ -846,7 +846,10 @@ impl NexusManager {
         }
         let c = free
             .ok_or_else(|| Self::invalid(name, format!("already has {CHILDREN_MAX} replicas")))?;
-        let (paths, record) = self.open_at_current(&shared, &spec).map_err(child_err)?;
+        let (paths, record) = {
+            let _epoch = shared.epoch_lock.lock();
+            self.open_at_current(&shared, &spec).map_err(child_err)?
+        };
         if record.generation >= shared.gen_target.load(Ordering::SeqCst) {
             // A copy from elsewhere that holds a generation this nexus has not reached: a
             // generation never goes down, so the nexus's copies must go above it before the
@@ -892,17 +895,17 @@ impl NexusManager {
         shared: &NexusShared,
         spec: &ChildSpec,
     ) -> Result<(Vec<Option<PathSetup>>, GenRecord), String> {
-        match self.open_child(shared.volume_id, spec, shared.epoch(), false)? {
+        let epoch = shared.epoch();
+        match self.open_child(shared.volume_id, spec, epoch, false)? {
             Opened::Ok(o) if o.size_bytes == shared.info.size_bytes => Ok((o.paths, o.record)),
             Opened::Ok(o) => Err(format!(
                 "size {} differs from the nexus's {}",
                 o.size_bytes, shared.info.size_bytes
             )),
             Opened::Stale { current } => {
-                shared.fenced.store(true, Ordering::Release);
+                shared.fence(epoch);
                 Err(format!(
-                    "fenced at epoch {current}, above this nexus's {}: a newer nexus owns the volume",
-                    shared.epoch()
+                    "fenced at epoch {current}, above this nexus's {epoch}: a newer nexus owns the volume"
                 ))
             }
         }
@@ -959,6 +962,9 @@ impl NexusManager {
             .filter_map(|c| shared.child(c).spec.lock().clone().map(|s| (c, s)))
             .collect();
         let engine = &self.engine;
+        // Held to the end: no raise, reconnect or add talks to the replicas at the epoch
+        // this promote leaves.
+        let _epoch = shared.epoch_lock.lock();
         let round = shared.quiesce(|core, f| {
             // A core that does not answer is caught by the drain deadline below.
             let _ = engine.call(core, f);
@@ -998,8 +1004,8 @@ impl NexusManager {
                 "no replica could be opened at the new epoch",
             ));
         }
+        // Unfences too: every refused epoch was this nexus's, below the new one.
         shared.epoch.store(epoch, Ordering::Release);
-        shared.fenced.store(false, Ordering::Release);
         for (c, o) in opened {
             shared.publish(c, o.paths);
         }
@@ -1212,12 +1218,13 @@ impl NexusManager {
             .map(|e| (e.shared.clone(), e.retry))
             .collect();
         for (shared, retry) in entries {
-            if shared.fenced.load(Ordering::Acquire) {
+            if shared.fenced() {
                 continue;
             }
             if generation_behind(&shared) {
                 self.raise_generation(&shared);
             }
+            let _epoch = shared.epoch_lock.lock();
             for (c, (retry_at, backoff)) in retry.into_iter().enumerate() {
                 let child = shared.child(c);
                 let word = child.word();
@@ -1313,7 +1320,7 @@ fn view(shared: &NexusShared) -> NexusView {
         })
         .collect();
     let in_sync = shared.in_sync_count();
-    let state = if shared.fenced.load(Ordering::Acquire) {
+    let state = if shared.fenced() {
         "fenced"
     } else if in_sync < shared.options.min_in_sync {
         "below-minimum"

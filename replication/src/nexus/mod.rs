@@ -371,9 +371,12 @@ pub struct NexusShared {
     pub(crate) info: BdevInfo,
     pub(crate) options: NexusOptions,
     pub(crate) epoch: AtomicU64,
-    /// Set when a replica answered StaleEpoch: a newer nexus owns the volume; every write
-    /// fails from then on.
-    pub(crate) fenced: AtomicBool,
+    /// The highest of this nexus's epochs that a replica refused (StaleEpoch: a newer nexus
+    /// owns the volume); 0 when none was. The nexus is fenced, and every write fails, while
+    /// it is at or above `epoch` ([`NexusShared::fenced`]). Kept as an epoch rather than a
+    /// flag so that a refusal of an epoch the nexus has already left (a late answer on a path
+    /// its own promote replaced) can never fence the epoch it moved to.
+    pub(crate) fenced_epoch: AtomicU64,
     pub(crate) children: [ChildShared; CHILDREN_MAX],
     /// Per copy range ([`AREA_BYTES`]): [`RANGE_COPYING`] while a resync copies it,
     /// [`RANGE_WAITED`] once a client write waited on that copy, and ([`RANGE_WRITES`]) the
@@ -381,8 +384,8 @@ pub struct NexusShared {
     /// writes that go to a syncing child and by the resync (`docs/replication.md`, "Why a
     /// copy never overwrites a newer write").
     pub(crate) ranges: Box<[AtomicU32]>,
-    /// Set while a promote re-opens children: new writes wait in their channels. Read
-    /// (Acquire, no read-modify-write) by every write.
+    /// Set while a promote re-opens children: new requests (reads too) wait in their
+    /// channels. Read (Acquire, no read-modify-write) by every request.
     pub(crate) frozen: AtomicBool,
     pub(crate) cores: Vec<CoreId>,
     /// The nexus's bdev, so a control message can find its channel on a core.
@@ -407,8 +410,11 @@ pub struct NexusShared {
     /// The highest generation the manager has stored on every in-sync child; writes that
     /// completed when `gen_target` was above it wait in their channels (`held`).
     pub(crate) gen_durable: AtomicU64,
-    /// Serialises generation raises (the manager's control threads).
-    pub(crate) gen_lock: Mutex<()>,
+    /// Serialises what the manager's control threads do with the replicas under the
+    /// nexus's epoch (generation raises, reconnects, adds) against a promote, which changes
+    /// that epoch: a handshake at the epoch a promote is leaving would be refused, and the
+    /// refusal read as a fence.
+    pub(crate) epoch_lock: Mutex<()>,
     /// The manager's monitor thread, woken by a fault to raise the generation at once.
     pub(crate) raiser: Mutex<Option<std::thread::Thread>>,
     /// This node's replica, once a local child was opened: the manager stores generations on
@@ -452,7 +458,7 @@ impl NexusShared {
             },
             options,
             epoch: AtomicU64::new(0),
-            fenced: AtomicBool::new(false),
+            fenced_epoch: AtomicU64::new(0),
             children: std::array::from_fn(|_| ChildShared::new(size_bytes, regions, shift, n)),
             ranges: (0..size_bytes.div_ceil(AREA_BYTES))
                 .map(|_| AtomicU32::new(0))
@@ -469,7 +475,7 @@ impl NexusShared {
             resync: ResyncProgress::default(),
             gen_target: AtomicU64::new(0),
             gen_durable: AtomicU64::new(0),
-            gen_lock: Mutex::new(()),
+            epoch_lock: Mutex::new(()),
             raiser: Mutex::new(None),
             local: Mutex::new(None),
         }
@@ -600,14 +606,29 @@ impl NexusShared {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Freezes writes and asks every core's channel to answer once the writes it has in
-    /// flight have finished; `send` delivers a control message to a core. Returns the round
-    /// for [`NexusShared::quiesced`].
+    /// Whether a replica refused the nexus's current epoch: a newer nexus owns the volume.
+    pub(crate) fn fenced(&self) -> bool {
+        self.fenced_epoch.load(Ordering::Acquire) >= self.epoch()
+    }
+
+    /// A replica refused `epoch`; true when that fenced the nexus (it was not fenced before,
+    /// and `epoch` is its current one).
+    pub(crate) fn fence(&self, epoch: u64) -> bool {
+        let was = self.fenced();
+        self.fenced_epoch.fetch_max(epoch, Ordering::AcqRel);
+        !was && self.fenced()
+    }
+
+    /// Freezes client I/O and asks every core's channel to answer once the requests it has
+    /// in flight have finished; `send` delivers a control message to a core. Returns the
+    /// round for [`NexusShared::quiesced`].
     ///
     /// Why this is enough: `frozen` is stored before the messages are sent, so a channel that
-    /// handles its message sees the freeze in every write it starts afterwards (the inbox
-    /// orders them); the writes it had started are counted in its own `writes_in_flight`, and
-    /// it answers when that reaches zero.
+    /// handles its message sees the freeze in every request it starts afterwards (the inbox
+    /// orders them); the requests it had started are counted in its own
+    /// `requests_in_flight`, and it answers when that reaches zero. Reads are frozen too:
+    /// the promote raises every replica's fence, and a read still in flight on an old path
+    /// would be refused on each child in turn.
     pub(crate) fn quiesce(
         self: &Arc<Self>,
         send: impl FnMut(CoreId, Box<dyn FnOnce(&mut Core) + Send>),
