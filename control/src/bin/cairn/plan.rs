@@ -99,6 +99,12 @@ impl Plan {
             bail!("--nodes {nodes} is out of range: 1 to {NODES_MAX}");
         }
         let size_bytes = parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+        if control_listen.port() == 0 {
+            bail!(
+                "--control-listen {control_listen} needs a fixed port: the nodes are told it, \
+                 and the next run must find the same one"
+            );
+        }
         let last = u32::from(base_port) + u32::from(PORT_STRIDE) * nodes - 1;
         if base_port == 0 || last > u32::from(u16::MAX) {
             bail!(
@@ -285,6 +291,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("'lots'"), "{e}");
+        let e = plan(1, "127.0.0.1:0", 10809).unwrap_err();
+        assert!(e.to_string().contains("fixed port"), "{e}");
     }
 
     #[test]

@@ -230,7 +230,7 @@ pub fn stop(group: &mut [Proc], signals: &Signals, report: &mut StopReport) {
         && running.iter().any(|&i| group[i].exited().is_none())
     {
         if let Some(name) = signals.wait(POLL_INTERVAL) {
-            println!("cairn up: {name} again: killing what is still running");
+            println!("cairn up: {name} while stopping: killing what is still running");
             hurry = true;
         }
     }
