@@ -116,9 +116,11 @@ fn gone(pid: u32) -> bool {
 }
 
 /// A base port whose NODES blocks are all free now, and a free control port outside them.
+/// The blocks lie below Linux's ephemeral ports (32768 up), where other tests' port-0
+/// listeners and connections cannot take them between this check and cairn up's.
 fn free_ports() -> (u16, u16) {
     let span = PORT_STRIDE * NODES as u16;
-    let start = 20000 + (std::process::id() % 1000) as u16 * span;
+    let start = 20000 + (std::process::id() % 300) as u16 * span;
     let base = (0..100)
         .map(|i| start + i * span)
         .find(|&base| (base..base + span).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))
