@@ -67,8 +67,11 @@ check
 
 tmp=$(mktemp -d)
 node_pid=
+up_pid=
 cleanup() {
   [[ -n "$node_pid" ]] && kill -9 "$node_pid" 2>/dev/null
+  # cairn up's children get SIGTERM from the kernel when it dies (PR_SET_PDEATHSIG).
+  [[ -n "$up_pid" ]] && kill -9 "$up_pid" 2>/dev/null
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -77,14 +80,50 @@ bin=$PWD/target/release
 readme 'bash .ci/run'
 echo "(this script runs inside it)"
 
+# The main command: its packages are ci/test.sh's (installed before this script runs).
+readme 'apt-get update && apt-get install -y build-essential protobuf-compiler libnbd-bin qemu-utils'
+dpkg -s build-essential protobuf-compiler libnbd-bin qemu-utils >/dev/null
+echo "the main command's packages are installed"
+
+# cairn up on the README's ports, in a temp data dir: wait for its ready line, run the node
+# commands it prints against node-1, then stop it with SIGINT as Ctrl-C would.
+readme 'cargo build --release -p cairn-control -p cairn-node && target/release/cairn up'
+cargo build --release -q -p cairn-control -p cairn-node
+"$bin/cairn" up --data-dir "$tmp/up" >"$tmp/up.out" 2>&1 &
+up_pid=$!
+for _ in $(seq 600); do
+  grep -q '^cairn up: ready:' "$tmp/up.out" && break
+  kill -0 "$up_pid" 2>/dev/null || { cat "$tmp/up.out"; exit 1; }
+  sleep 0.1
+done
+grep -q '^cairn up: ready:' "$tmp/up.out" || { cat "$tmp/up.out"; echo "cairn up: not ready" >&2; exit 1; }
+cat "$tmp/up.out"
+# Its node commands for one node, as printed (cairnctl by its path, then nbdinfo).
+grep -E '^  \S*cairnctl node --addr .* (volume create|export add) pg' "$tmp/up.out" |
+  while read -r ctl rest; do
+    # shellcheck disable=SC2086 # the printed command's words
+    "$ctl" $rest
+  done
+nbdinfo nbd://127.0.0.1:10809/pg | grep -E 'export-size'
+"$bin/cairnctl" node ls
+kill -INT "$up_pid"
+rc=0
+wait "$up_pid" || rc=$?
+up_pid=
+if ((rc != 0)); then
+  cat "$tmp/up.out"
+  echo "cairn up exited $rc after SIGINT (want 0)" >&2
+  exit 1
+fi
+grep -q 'stopped cleanly' "$tmp/up.out"
+echo "cairn up stopped cleanly on SIGINT"
+
 readme 'cargo build --release -p cairn-node'
 cargo build --release -q -p cairn-node
 
-# The main command, stopped with SIGINT as Ctrl-C would, on the README's port.
-readme 'cargo run --release -p cairn-node -- --data-dir ./cairn-data --volume pg:10G'
+# A lone node, stopped with SIGINT as Ctrl-C would, on the README's port.
 readme 'target/release/cairn-node --data-dir ./cairn-data --volume pg:10G'
-cargo run --release -q -p cairn-node -- --data-dir "$tmp/cairn-data" --volume pg:10G \
-  >"$tmp/node.log" 2>&1 &
+"$bin/cairn-node" --data-dir "$tmp/cairn-data" --volume pg:10G >"$tmp/node.log" 2>&1 &
 node_pid=$!
 readme 'nbdinfo nbd://127.0.0.1:10809/pg'
 for _ in $(seq 300); do

@@ -14,8 +14,11 @@
 //! `down` in a transaction fenced by its leadership and by the record's revision, so the state
 //! is durable before anything acts on it, and a registration that raced it wins.
 //!
-//! Heartbeats write nothing: they renew the lease (in etcd, or in the embedded store's memory).
-//! When each node was last heard from is kept in this process's memory only, for display.
+//! Heartbeats renew the lease (in etcd, or in the embedded store's memory) and carry the
+//! node's pools with their free capacity; the record is rewritten (compare-and-swap on its
+//! revision, as registration does) only when that capacity changed, so an idle cluster's
+//! heartbeats write nothing. When each node was last heard from is kept in this process's
+//! memory only, for display.
 
 use crate::election::Leadership;
 use crate::store::{AnyStore, LeaseId, Store, StoreError, Txn};
@@ -91,7 +94,7 @@ pub enum MembershipError {
     StaleIncarnation { id: String, sent: u64, current: u64 },
     #[error("node '{id}' lease expired (it was marked down); register again")]
     LeaseExpired { id: String },
-    #[error("node '{id}' record kept changing under {CAS_ATTEMPTS_MAX} attempts to register it")]
+    #[error("node '{id}' record kept changing under {CAS_ATTEMPTS_MAX} attempts to write it")]
     Contended { id: String },
     #[error("stored record {key} is unreadable: {why}")]
     Corrupt { key: String, why: String },
@@ -105,14 +108,18 @@ pub struct Counters {
     pub registrations: AtomicU64,
     pub heartbeats: AtomicU64,
     pub marked_down: AtomicU64,
+    /// Node records rewritten because a heartbeat reported other pool capacity.
+    pub pool_updates: AtomicU64,
 }
 
 /// What this process last heard from a node.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Seen {
     at: Instant,
     incarnation: u64,
     lease: LeaseId,
+    /// The pools as the stored record holds them, to tell a changed report without a read.
+    pools: Vec<PoolCapacity>,
 }
 
 pub struct Membership {
@@ -234,6 +241,7 @@ impl Membership {
                     at: Instant::now(),
                     incarnation,
                     lease,
+                    pools: record.pools.clone(),
                 },
             );
             self.counters.registrations.fetch_add(1, Ordering::Relaxed);
@@ -248,15 +256,16 @@ impl Membership {
         Err(MembershipError::Contended { id: id.to_string() })
     }
 
-    /// Renews node `id`'s lease for the registration `req.incarnation`.
+    /// Renews node `id`'s lease for the registration `req.incarnation`, and records the
+    /// pools it reports when they differ from the stored ones.
     pub async fn heartbeat(
         &self,
         id: &str,
         req: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, MembershipError> {
-        let cached = self.seen.lock().expect("seen lock").get(id).copied();
-        let (incarnation, lease) = match cached {
-            Some(s) if s.incarnation == req.incarnation => (s.incarnation, s.lease),
+        let cached = self.seen.lock().expect("seen lock").get(id).cloned();
+        let (incarnation, lease, stored_pools) = match cached {
+            Some(s) if s.incarnation == req.incarnation => (s.incarnation, s.lease, s.pools),
             _ => {
                 let key = node_key(id);
                 let entry = self
@@ -265,7 +274,7 @@ impl Membership {
                     .await?
                     .ok_or_else(|| MembershipError::UnknownNode(id.to_string()))?;
                 let rec = decode_record(&key, &entry.value)?;
-                (rec.incarnation, rec.lease)
+                (rec.incarnation, rec.lease, rec.pools)
             }
         };
         if incarnation != req.incarnation {
@@ -283,18 +292,69 @@ impl Membership {
             }
             Err(e) => return Err(e.into()),
         }
+        let pools = match req.pools {
+            Some(reported) if reported != stored_pools => {
+                self.write_pools(id, incarnation, reported).await?
+            }
+            _ => stored_pools,
+        };
         self.seen.lock().expect("seen lock").insert(
             id.to_string(),
             Seen {
                 at: Instant::now(),
                 incarnation,
                 lease,
+                pools,
             },
         );
         self.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
         Ok(HeartbeatResponse {
             lease_ttl_ms: self.lease_ttl_ms(),
         })
+    }
+
+    /// Rewrites node `id`'s pools in its record of registration `incarnation`, checked on the
+    /// record's revision (a registration or a "mark down" in between makes it read again);
+    /// returns the pools the record now holds.
+    async fn write_pools(
+        &self,
+        id: &str,
+        incarnation: u64,
+        pools: Vec<PoolCapacity>,
+    ) -> Result<Vec<PoolCapacity>, MembershipError> {
+        let key = node_key(id);
+        for _ in 0..CAS_ATTEMPTS_MAX {
+            let entry = self
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| MembershipError::UnknownNode(id.to_string()))?;
+            let mut rec = decode_record(&key, &entry.value)?;
+            if rec.incarnation != incarnation {
+                return Err(MembershipError::StaleIncarnation {
+                    id: id.to_string(),
+                    sent: incarnation,
+                    current: rec.incarnation,
+                });
+            }
+            if rec.pools == pools {
+                return Ok(pools);
+            }
+            rec.pools = pools.clone();
+            let txn = Txn::default()
+                .check(&key, entry.mod_revision)
+                .put(&key, encode(&rec), None);
+            if self.store.txn(txn).await?.is_some() {
+                self.counters.pool_updates.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    id,
+                    free_bytes = rec.pools.iter().map(|p| p.free_bytes).sum::<u64>(),
+                    "pool capacity updated"
+                );
+                return Ok(pools);
+            }
+        }
+        Err(MembershipError::Contended { id: id.to_string() })
     }
 
     /// Every node record, in id order.

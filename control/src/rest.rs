@@ -231,6 +231,12 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         "Nodes this control process marked down as leader after their lease expired.",
         &[("", c.marked_down.load(Ordering::Relaxed))],
     );
+    family(
+        "cairn_control_pool_updates_total",
+        "counter",
+        "Node records rewritten because a heartbeat reported other pool capacity.",
+        &[("", c.pool_updates.load(Ordering::Relaxed))],
+    );
     Ok(out)
 }
 

@@ -1,7 +1,8 @@
 //! Guards the volume store's user-visible behaviour: thin volumes read zeros until written,
 //! snapshots are frozen points in time (copy-on-write), clones share until written, growth is
 //! online, trim frees space, and every bad request is refused with an error that names it
-//! while nothing else changes. Every test reopens the pool so persistence is always checked.
+//! while nothing else changes; the O(1) space report agrees with the full listing. Every test
+//! reopens the pool so persistence is always checked.
 
 mod common;
 
@@ -160,6 +161,12 @@ fn trim_frees_space_for_reuse_and_full_pool_says_so() {
         read(&mut q, 0, 4096),
         vec![5u8; 4096],
         "a full pool damaged existing data"
+    );
+    // What a node reports in its heartbeats agrees with the full listing.
+    let (space, info) = (pool.space(&engine).unwrap(), pool.info(&engine).unwrap());
+    assert_eq!(
+        (space.clusters, space.free_clusters, space.free_bytes()),
+        (info.clusters, 0, 0)
     );
     q.trim(0, MIB as u32).unwrap();
     q.flush().unwrap();

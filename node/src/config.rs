@@ -444,6 +444,15 @@ impl NodeConfig {
 
     /// Checks everything that can be checked without touching the system.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(Size(size)) = self.pool0_size {
+            if size < POOL0_SIZE_MIN_BYTES {
+                return Err(ConfigError::BadSpec {
+                    what: "pool0_size",
+                    spec: size.to_string(),
+                    why: format!("below the smallest pool0.img, {POOL0_SIZE_MIN_BYTES} bytes"),
+                });
+            }
+        }
         self.core_list()?;
         self.listeners()?;
         self.membership()?;
@@ -612,6 +621,15 @@ mod tests {
         let cli = Cli::parse_from(["cairn-node", "--admin-listen", "nowhere"]);
         let e = NodeConfig::load(&cli).unwrap_err();
         assert!(e.to_string().contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn a_pool0_size_below_the_minimum_is_refused() {
+        let cli = Cli::parse_from(["cairn-node", "--pool0-size", "1M"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("pool0_size '1048576'"), "{e}");
+        let cli = Cli::parse_from(["cairn-node", "--pool0-size", "64M"]);
+        assert!(NodeConfig::load(&cli).is_ok());
     }
 
     #[test]

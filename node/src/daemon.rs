@@ -202,7 +202,9 @@ fn join_cluster(
         nbd: endpoints.nbd.map(|a| a.to_string()),
         replica: replica.map(str::to_string),
     };
-    let registered = match membership.register(&addresses, pool_capacities(node)) {
+    let registered = match membership
+        .register(&addresses, pool_capacities(node).unwrap_or_default())
+    {
         Ok(r) => {
             tracing::info!(node_id = %membership.node_id, incarnation = r.incarnation, "registered with the control process");
             Some(r)

@@ -8,12 +8,15 @@
 //! control process may start in any order. After that the thread heartbeats every
 //! `heartbeat_interval_ms` (from the registration's answer); when the control process says the
 //! lease is gone (410, or 404 after its store was replaced) the node registers again at once.
+//! Each heartbeat carries the pools with their free capacity (the pools' free-cluster counts, read
+//! on their home cores with no I/O and no walk of the volumes' maps), so placement sees current free space; the control process rewrites the
+//! node's record only when the capacity changed.
 //!
 //! The thread only talks HTTP; it never touches the data path. Its requests are bounded by
 //! [`REQUEST_TIMEOUT`], so a hung control process delays heartbeats, never shutdown, by more
 //! than that.
 
-use crate::state::Node;
+use crate::state::{Node, NodeError};
 use cairn_control_api::client::{Client, ClientError};
 use cairn_control_api::{
     HeartbeatRequest, NodeAddresses, PoolCapacity, RegisterRequest, RegisterResponse,
@@ -80,9 +83,15 @@ impl Membership {
         })
     }
 
-    /// Renews the lease of registration `incarnation`.
-    pub fn heartbeat(&self, incarnation: u64) -> Result<(), MembershipError> {
-        let body = serde_json::to_vec(&HeartbeatRequest { incarnation }).expect("serializes");
+    /// Renews the lease of registration `incarnation` and reports the pools' current capacity
+    /// (the control process writes it only when it changed).
+    pub fn heartbeat(
+        &self,
+        incarnation: u64,
+        pools: Option<Vec<PoolCapacity>>,
+    ) -> Result<(), MembershipError> {
+        let req = HeartbeatRequest { incarnation, pools };
+        let body = serde_json::to_vec(&req).expect("a heartbeat serializes");
         let path = format!("/v1/nodes/{}/heartbeat", self.node_id);
         self.call(&path, &body).map(drop)
     }
@@ -101,20 +110,25 @@ impl Membership {
     }
 }
 
-/// The node's pools as the control process weighs them.
-pub fn pool_capacities(node: &Node) -> Vec<PoolCapacity> {
-    match node.list_pools() {
-        Ok(pools) => pools
-            .into_iter()
-            .map(|p| PoolCapacity {
-                name: p.name,
-                size_bytes: p.size_bytes,
-                free_bytes: p.free_bytes,
-            })
-            .collect(),
+/// The node's pools as the control process weighs them; None when they cannot be read (the
+/// node is shutting down), so that a heartbeat leaves the stored capacity as it was rather
+/// than report no pools.
+pub fn pool_capacities(node: &Node) -> Option<Vec<PoolCapacity>> {
+    match node.pool_space() {
+        Ok(pools) => Some(
+            pools
+                .into_iter()
+                .map(|(name, space)| PoolCapacity {
+                    name,
+                    size_bytes: space.size_bytes(),
+                    free_bytes: space.free_bytes(),
+                })
+                .collect(),
+        ),
+        Err(NodeError::ShuttingDown) => None,
         Err(e) => {
-            tracing::warn!(error = %e, "listing pools for the control process");
-            Vec::new()
+            tracing::warn!(error = %e, "reading the pools' capacity for the control process");
+            None
         }
     }
 }
@@ -170,8 +184,12 @@ fn run(
     let mut healthy = true;
     loop {
         let result = match &registered {
-            Some(r) => m.heartbeat(r.incarnation).map(|()| None),
-            None => m.register(addresses, pool_capacities(node)).map(Some),
+            Some(r) => m
+                .heartbeat(r.incarnation, pool_capacities(node))
+                .map(|()| None),
+            None => m
+                .register(addresses, pool_capacities(node).unwrap_or_default())
+                .map(Some),
         };
         let wait = match result {
             Ok(Some(r)) => {

@@ -21,7 +21,7 @@ use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::{Bdev, BdevError};
 use cairn_engine::frontend::nbd::{ExportOptions, ExportStatus, NbdError, NbdServer};
 use cairn_engine::volume::format::ObjectKind;
-use cairn_engine::volume::{ObjectInfo, Pool, PoolError, VOLUME_BLOCK_BYTES};
+use cairn_engine::volume::{ObjectInfo, Pool, PoolError, PoolSpace, VOLUME_BLOCK_BYTES};
 use cairn_engine::{BdevHandle, CoreId, Engine, EngineError, ReactorTimes};
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
@@ -242,6 +242,18 @@ impl Node {
             return Err(NodeError::ShuttingDown);
         }
         Ok(st)
+    }
+
+    /// Each pool's name with its size and free space (O(1) per pool, for the heartbeat).
+    pub fn pool_space(&self) -> Result<Vec<(String, PoolSpace)>, NodeError> {
+        let st = self.live()?;
+        st.pools
+            .iter()
+            .map(|p| {
+                let space = p.pool.space(&self.engine).map_err(pool_err(&p.name))?;
+                Ok((p.name.clone(), space))
+            })
+            .collect()
     }
 
     pub fn list_pools(&self) -> Result<Vec<pb::Pool>, NodeError> {

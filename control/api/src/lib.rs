@@ -101,11 +101,15 @@ pub struct RegisterResponse {
     pub heartbeat_interval_ms: u64,
 }
 
-/// `POST /v1/nodes/{id}/heartbeat`: keeps the registration `incarnation` alive.
+/// `POST /v1/nodes/{id}/heartbeat`: keeps the registration `incarnation` alive, and reports
+/// the node's pools with their current free capacity (absent: unchanged since the last report).
+/// The control process writes the node record only when they differ from what it holds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     pub incarnation: u64,
+    #[serde(default)]
+    pub pools: Option<Vec<PoolCapacity>>,
 }
 
 /// The answer to a heartbeat that kept the lease alive.
@@ -178,14 +182,30 @@ pub fn parse_register(body: &[u8]) -> Result<RegisterRequest, ApiError> {
     }
     check_name("zone", &r.zone)?;
     check_name("rack", &r.rack)?;
-    if r.pools.len() > POOLS_MAX {
+    check_pools(&r.pools)?;
+    Ok(r)
+}
+
+/// Parses and checks a heartbeat body.
+pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatRequest, ApiError> {
+    let h: HeartbeatRequest = from_json("a heartbeat", body)?;
+    if let Some(pools) = &h.pools {
+        check_pools(pools)?;
+    }
+    Ok(h)
+}
+
+/// Checks a node's pool report: at most [`POOLS_MAX`] pools, each with a valid name and no
+/// more free bytes than its size.
+fn check_pools(pools: &[PoolCapacity]) -> Result<(), ApiError> {
+    if pools.len() > POOLS_MAX {
         return Err(ApiError::Invalid {
             what: "pool count",
-            value: r.pools.len().to_string(),
+            value: pools.len().to_string(),
             why: "more than POOLS_MAX (64)",
         });
     }
-    for p in &r.pools {
+    for p in pools {
         check_name("pool name", &p.name)?;
         if p.free_bytes > p.size_bytes {
             return Err(ApiError::Invalid {
@@ -195,12 +215,7 @@ pub fn parse_register(body: &[u8]) -> Result<RegisterRequest, ApiError> {
             });
         }
     }
-    Ok(r)
-}
-
-/// Parses a heartbeat body.
-pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatRequest, ApiError> {
-    from_json("a heartbeat", body)
+    Ok(())
 }
 
 /// Checks a node id (the path segment of `/v1/nodes/{id}/…`), a zone, a rack or a pool name:
@@ -309,6 +324,27 @@ mod tests {
         }
         let err = parse_register(b"{").unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn heartbeats_carry_pools_checked_like_a_registration() {
+        let h = parse_heartbeat(br#"{"incarnation": 3}"#).unwrap();
+        assert_eq!((h.incarnation, h.pools), (3, None));
+        let h = parse_heartbeat(
+            br#"{"incarnation": 3, "pools": [{"name": "pool0", "size_bytes": 100, "free_bytes": 40}]}"#,
+        )
+        .unwrap();
+        assert_eq!(h.pools.unwrap()[0].free_bytes, 40);
+        let err = parse_heartbeat(
+            br#"{"incarnation": 3, "pools": [{"name": "pool0", "size_bytes": 1, "free_bytes": 2}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("more free than its size"), "{err}");
+        let err = parse_heartbeat(
+            br#"{"incarnation": 3, "pools": [{"name": "a/b", "size_bytes": 1, "free_bytes": 0}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("pool name 'a/b'"), "{err}");
     }
 
     #[test]

@@ -185,6 +185,26 @@ pub struct PoolInfo {
     pub objects: Vec<ObjectInfo>,
 }
 
+/// A pool's size and free space without its objects: what a node reports to the control
+/// process with every heartbeat, so reading it costs O(1) on the home core (unlike
+/// [`PoolInfo`], which walks every object's map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSpace {
+    pub cluster_size_bytes: u32,
+    pub clusters: u64,
+    pub free_clusters: u64,
+}
+
+impl PoolSpace {
+    pub fn size_bytes(&self) -> u64 {
+        self.clusters * u64::from(self.cluster_size_bytes)
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.free_clusters * u64::from(self.cluster_size_bytes)
+    }
+}
+
 /// A pool open in an engine. Control methods may be called from any thread.
 #[derive(Debug)]
 pub struct Pool {
@@ -479,6 +499,15 @@ impl Pool {
                 free_clusters: m.free_clusters(),
                 objects,
             }
+        })
+    }
+
+    /// The pool's size and free clusters, read on the home core.
+    pub fn space(&self, engine: &Engine) -> Result<PoolSpace, PoolError> {
+        self.query(engine, |h| PoolSpace {
+            cluster_size_bytes: h.meta.sb.cluster_size_bytes,
+            clusters: h.meta.sb.cluster_count,
+            free_clusters: h.meta.free_clusters(),
         })
     }
 
