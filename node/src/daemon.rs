@@ -197,6 +197,7 @@ fn join_cluster(
     let Some(membership) = config.membership()? else {
         return Ok(None);
     };
+    node.set_control(membership.clone());
     let addresses = NodeAddresses {
         admin: endpoints.admin.to_string(),
         nbd: endpoints.nbd.map(|a| a.to_string()),

@@ -21,6 +21,7 @@ use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::Bdev;
 use cairn_engine::{BdevHandle, CoreList, Engine, EngineConfig, IoQueue};
 use cairn_replication::epoch::EpochStore;
+use cairn_replication::nexus::insync::InSyncOptions;
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager, NexusView};
 use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
@@ -162,6 +163,7 @@ fn create_with(m: &NexusManager, replicas: Vec<ChildSpec>, takeover: bool) -> Ne
         options: options(),
         epoch: None,
         takeover,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created")
 }
@@ -536,6 +538,7 @@ fn rebuild_progress_only_goes_forward_and_a_readded_replica_starts_from_zero() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let nexus = m.handle("vol").unwrap();
@@ -697,6 +700,7 @@ fn a_resync_copy_never_overwrites_a_newer_client_write() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let nexus = m.handle("vol").unwrap();
@@ -924,6 +928,7 @@ fn a_copy_that_holds_a_waiting_write_too_long_faults_its_target() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let nexus = m.handle("vol").unwrap();
@@ -1002,6 +1007,7 @@ fn a_replica_added_where_one_was_removed_mid_rebuild_is_rebuilt_in_full() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let mut q = nexus_engine
