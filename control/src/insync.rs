@@ -82,7 +82,9 @@ pub enum InSyncError {
     },
     #[error("volume '{0}' has no in-sync record")]
     NotFound(String),
-    #[error("volume '{volume}' record kept changing under {CAS_ATTEMPTS_MAX} attempts to write it")]
+    #[error(
+        "volume '{volume}' record kept changing under {CAS_ATTEMPTS_MAX} attempts to write it"
+    )]
     Contended { volume: String },
     #[error("stored record {key} is unreadable: {why}")]
     Corrupt { key: String, why: String },
@@ -116,7 +118,8 @@ pub async fn read(
     let Some(entry) = store.get(&key).await? else {
         return Ok(None);
     };
-    let record: InSyncRecord = serde_json::from_slice(&entry.value).map_err(|e| corrupt(&key, e))?;
+    let record: InSyncRecord =
+        serde_json::from_slice(&entry.value).map_err(|e| corrupt(&key, e))?;
     if record.format > INSYNC_RECORD_FORMAT {
         return Err(corrupt(
             &key,
@@ -184,7 +187,11 @@ pub async fn record(
 /// Refuses a report older than the record: of a lower epoch (a newer nexus exists), or of
 /// the same epoch and a lower generation (a report the nexus gave up on that arrived late;
 /// writing it would put back a replica that the newer report took out).
-fn refuse_stale(volume: &str, rec: &InSyncRecord, report: &InSyncReport) -> Result<(), InSyncError> {
+fn refuse_stale(
+    volume: &str,
+    rec: &InSyncRecord,
+    report: &InSyncReport,
+) -> Result<(), InSyncError> {
     if report.epoch < rec.epoch {
         return Err(InSyncError::StaleEpoch {
             volume: volume.to_string(),
@@ -306,7 +313,10 @@ mod tests {
     #[test]
     fn older_reports_are_refused_naming_both() {
         let err = refuse_stale("v", &record(3, 7), &report(2, 9)).unwrap_err();
-        assert!(err.to_string().contains("epoch 2") && err.to_string().contains("epoch 3"), "{err}");
+        assert!(
+            err.to_string().contains("epoch 2") && err.to_string().contains("epoch 3"),
+            "{err}"
+        );
         let err = refuse_stale("v", &record(3, 7), &report(3, 6)).unwrap_err();
         assert!(err.to_string().contains("generation 6"), "{err}");
         assert!(refuse_stale("v", &record(3, 7), &report(3, 7)).is_ok());

@@ -65,7 +65,12 @@ fn node_ok(admin: &str, args: &[&str]) -> String {
 }
 
 fn start_node(dir: &Path, url: &str, id: &str) -> NodeProc {
-    NodeProc::start(&dir.join(id), url, id, &["--replica-volume", REPLICA_VOLUME])
+    NodeProc::start(
+        &dir.join(id),
+        url,
+        id,
+        &["--replica-volume", REPLICA_VOLUME],
+    )
 }
 
 /// The volume's in-sync record, if there is one.
@@ -150,7 +155,10 @@ impl Model {
                 .read(block * BLOCK_BYTES, BLOCK_BYTES as u32)
                 .unwrap()
                 .unwrap_or_else(|e| panic!("read of block {block}: NBD error {e}"));
-            assert!(got == want, "block {block} is not its last acknowledged write {last:?}");
+            assert!(
+                got == want,
+                "block {block} is not its last acknowledged write {last:?}"
+            );
         }
     }
 }
@@ -170,9 +178,21 @@ fn insync_end_to_end(test: &str, etcd: Option<&Etcd>) {
     node_ok(
         &a.admin,
         &[
-            "nexus", "create", VOLUME, "--replica", "local", "--replica", &b.replica,
-            "--replica", &c.replica, "--control-volume", VOLUME, "--epoch", &epoch,
-            "--io-timeout-ms", "2000",
+            "nexus",
+            "create",
+            VOLUME,
+            "--replica",
+            "local",
+            "--replica",
+            &b.replica,
+            "--replica",
+            &c.replica,
+            "--control-volume",
+            VOLUME,
+            "--epoch",
+            &epoch,
+            "--io-timeout-ms",
+            "2000",
         ],
     );
     // The create itself is recorded: the generation it stored, every replica in sync.
@@ -212,7 +232,11 @@ fn insync_end_to_end(test: &str, etcd: Option<&Etcd>) {
         .unwrap();
     nbd.stream.set_read_timeout(Some(HELD_WATCH)).unwrap();
     match nbd.recv() {
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
         other => panic!(
             "a write was answered ({other:?}) while the control process was down and b's \
              removal could not be recorded"
@@ -226,7 +250,10 @@ fn insync_end_to_end(test: &str, etcd: Option<&Etcd>) {
         .unwrap();
     let reply = nbd.recv().unwrap();
     assert_eq!(reply.cookie, cookie);
-    assert_eq!(reply.error, 0, "the held write failed instead of completing");
+    assert_eq!(
+        reply.error, 0,
+        "the held write failed instead of completing"
+    );
     model.last[block as usize] = Some(round);
     let after_b = wait_record(&control, &["a"]);
     assert_eq!(ids(&after_b["out_of_sync"]), ["b", "c"], "{after_b}");
@@ -251,18 +278,36 @@ fn insync_end_to_end(test: &str, etcd: Option<&Etcd>) {
     let (code, _, err) = node_ctl(
         &c.admin,
         &[
-            "nexus", "create", VOLUME, "--replica", "local", "--takeover", "--trusted",
-            &a_replica, "--min-generation", &g2s,
+            "nexus",
+            "create",
+            VOLUME,
+            "--replica",
+            "local",
+            "--takeover",
+            "--trusted",
+            &a_replica,
+            "--min-generation",
+            &g2s,
         ],
     );
-    assert_ne!(code, 0, "a nexus over the stale c alone was accepted with the record");
+    assert_ne!(
+        code, 0,
+        "a nexus over the stale c alone was accepted with the record"
+    );
     assert!(
         err.contains("'local' (generation") && err.contains("not trusted") && err.contains(&g2s),
         "the refusal names c, its generation and the record's: {err}"
     );
     node_ok(
         &c.admin,
-        &["nexus", "create", VOLUME, "--replica", "local", "--takeover"],
+        &[
+            "nexus",
+            "create",
+            VOLUME,
+            "--replica",
+            "local",
+            "--takeover",
+        ],
     );
 
     // (d) A report of an older nexus (a lower epoch) is refused and changes nothing; so is
@@ -293,8 +338,16 @@ fn insync_end_to_end(test: &str, etcd: Option<&Etcd>) {
         .post_json(&path, unknown.to_string().as_bytes())
         .unwrap();
     assert_eq!(r.status, 400, "{}", r.error_message());
-    assert!(r.error_message().contains("'127.0.0.1:1'"), "{}", r.error_message());
-    assert_eq!(record(&control).unwrap(), before, "a refused report changed the record");
+    assert!(
+        r.error_message().contains("'127.0.0.1:1'"),
+        "{}",
+        r.error_message()
+    );
+    assert_eq!(
+        record(&control).unwrap(),
+        before,
+        "a refused report changed the record"
+    );
     drop((b, c));
 }
 

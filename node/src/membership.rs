@@ -20,8 +20,8 @@
 use crate::state::Node;
 use cairn_control_api::client::{Client, ClientError};
 use cairn_control_api::{
-    HeartbeatRequest, InSyncReport, NodeAddresses, PoolCapacity, RegisterRequest,
-    RegisterResponse, ReplicaInSync, SyncState,
+    HeartbeatRequest, InSyncReport, NodeAddresses, PoolCapacity, RegisterRequest, RegisterResponse,
+    ReplicaInSync, SyncState,
 };
 use cairn_replication::nexus::insync::{self, InSyncRecorder, RecordError, ReplicaSync};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};

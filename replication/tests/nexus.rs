@@ -13,22 +13,27 @@
 //! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
 //! continuous writes is one pass that copies exactly its fixed total; a copy that holds a
 //! waiting write past `COPY_HOLD_MAX` faults its target; a replica added into the slot of
-//! one removed mid-rebuild is rebuilt by its own job, never joined by the old one. The
-//! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
+//! one removed mid-rebuild is rebuilt by its own job, never joined by the old one; with a
+//! recorder of the in-sync set (the control process), a write a faulted replica missed is
+//! acknowledged only once the smaller set is recorded, and a record of a newer nexus fences
+//! this one. The multi-process versions (kill -9, network namespaces) are in
+//! node/tests/replication.rs and control/tests/insync.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::Bdev;
 use cairn_engine::{BdevHandle, CoreList, Engine, EngineConfig, IoQueue};
 use cairn_replication::epoch::EpochStore;
-use cairn_replication::nexus::insync::InSyncOptions;
+use cairn_replication::nexus::insync::{
+    InSyncOptions, InSyncRecorder, InSyncReport, RecordError, ReplicaSync,
+};
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager, NexusView};
 use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 16 << 20;
@@ -484,6 +489,105 @@ fn a_write_a_faulted_replica_missed_waits_for_the_generation_raise() {
         generation(&a),
         generation(&b)
     );
+}
+
+/// A recorder of the in-sync set that answers what the test tells it to, and keeps what it
+/// accepted.
+#[derive(Debug, Default)]
+struct Recorder {
+    /// None: accept; else refuse with this.
+    refuse: Mutex<Option<RecordError>>,
+    accepted: Mutex<Vec<InSyncReport>>,
+}
+
+impl InSyncRecorder for Recorder {
+    fn record(&self, report: &InSyncReport) -> Result<(), RecordError> {
+        if let Some(e) = self.refuse.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.accepted.lock().unwrap().push(report.clone());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn last(&self) -> InSyncReport {
+        self.accepted
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a report")
+    }
+
+    fn refuse(&self, e: Option<RecordError>) {
+        *self.refuse.lock().unwrap() = e;
+    }
+}
+
+/// With a recorder (the control process), a write a faulted replica missed is acknowledged
+/// only once the recorder accepted the smaller in-sync set: while it refuses (unreachable)
+/// the write waits, neither acknowledged nor failed. A recorder that answers that a newer
+/// nexus owns the record fences this one: the held write fails. Without the rule the first
+/// write would be acknowledged while the record still named b in sync.
+#[test]
+fn a_removal_is_acknowledged_only_once_recorded_and_a_newer_record_fences() {
+    let engine = engine();
+    let a = Site::new(&engine, "ra", false);
+    let mut b = Site::new(&engine, "rb", false);
+    let mut c = Site::new(&engine, "rc", false);
+    let m = manager(&engine, "rec");
+    let recorder = Arc::new(Recorder::default());
+    m.create(CreateRequest {
+        name: "vol".into(),
+        replicas: vec![a.spec(), b.spec(), c.spec()],
+        options: options(),
+        epoch: None,
+        takeover: false,
+        insync: InSyncOptions {
+            recorder: Some(recorder.clone()),
+            ..InSyncOptions::default()
+        },
+    })
+    .expect("nexus created");
+    let created = recorder.last();
+    assert_eq!(created.in_sync_count(), 3, "{created:?}");
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    q.write_at(0, &[1u8; 4096], false).unwrap();
+
+    recorder.refuse(Some(RecordError::NotRecorded("unreachable".into())));
+    b.stop();
+    let writer = std::thread::spawn(move || {
+        let r = q.write_at(4096, &[2u8; 4096], false);
+        (q, r)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !writer.is_finished(),
+        "a write b missed was answered before its removal was recorded"
+    );
+    recorder.refuse(None);
+    let (mut q, r) = writer.join().unwrap();
+    r.expect("the held write completes once recorded");
+    let after_b = recorder.last();
+    assert!(after_b.generation > created.generation, "{after_b:?}");
+    let b_state = after_b
+        .replicas
+        .iter()
+        .find(|(addr, _)| *addr == b.endpoint)
+        .map(|(_, s)| *s);
+    assert_eq!(b_state, Some(ReplicaSync::OutOfSync), "{after_b:?}");
+    assert_eq!(after_b.in_sync_count(), 2, "{after_b:?}");
+
+    recorder.refuse(Some(RecordError::Superseded("epoch 9 above 1".into())));
+    c.stop();
+    assert!(
+        q.write_at(8192, &[3u8; 4096], false).is_err(),
+        "a write after a newer record was acknowledged"
+    );
+    wait_for(&m, "the nexus to fence itself", |v| v.state == "fenced");
 }
 
 /// Samples a running resync or rebuild every few milliseconds until every child is in sync,

@@ -277,9 +277,9 @@ fn check_replica_address(addr: &str) -> Result<(), ApiError> {
     match addr.rsplit_once(':') {
         Some((host, port))
             if !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':'))
+                && host.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':')
+                })
                 && port.parse::<u16>().is_ok_and(|p| p != 0) =>
         {
             Ok(())
@@ -456,9 +456,17 @@ mod tests {
             ("/epoch", 0.into(), "epoch '0'"),
             ("/generation", 0.into(), "generation '0'"),
             ("/node", "a b".into(), "node id 'a b'"),
-            ("/replicas/1/address", "nowhere".into(), "replica address 'nowhere'"),
+            (
+                "/replicas/1/address",
+                "nowhere".into(),
+                "replica address 'nowhere'",
+            ),
             ("/replicas/1/address", "local".into(), "listed twice"),
-            ("/replicas/0/state", "out_of_sync".into(), "at least one replica in sync"),
+            (
+                "/replicas/0/state",
+                "out_of_sync".into(),
+                "at least one replica in sync",
+            ),
             ("/replicas/0/state", "gone".into(), "unknown variant"),
         ];
         for (pointer, value, expect) in cases {

@@ -89,6 +89,7 @@ pub struct InSyncOptions {
 impl InSyncOptions {
     /// Whether `spec`, holding `generation`, may be a source of a new nexus.
     pub fn may_source(&self, spec: &ChildSpec, generation: u64) -> bool {
-        generation >= self.min_generation && (self.trusted.is_empty() || self.trusted.contains(spec))
+        generation >= self.min_generation
+            && (self.trusted.is_empty() || self.trusted.contains(spec))
     }
 }
