@@ -25,16 +25,6 @@ pub enum ReplicaSync {
     OutOfSync,
 }
 
-impl ReplicaSync {
-    /// The name the control process's API uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            ReplicaSync::InSync => "in_sync",
-            ReplicaSync::OutOfSync => "out_of_sync",
-        }
-    }
-}
-
 /// One report of a nexus's in-sync set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InSyncReport {
