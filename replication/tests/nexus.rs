@@ -15,8 +15,8 @@
 //! waiting write past `COPY_HOLD_MAX` faults its target; a replica added into the slot of
 //! one removed mid-rebuild is rebuilt by its own job, never joined by the old one; with a
 //! recorder of the in-sync set (the control process), a write a faulted replica missed is
-//! acknowledged only once the smaller set is recorded, and a record of a newer nexus fences
-//! this one. The multi-process versions (kill -9, network namespaces) are in
+//! acknowledged only once the smaller set is recorded, a record of a newer nexus fences this
+//! one, and a destroy fails (never acknowledges) the writes still waiting for a record. The multi-process versions (kill -9, network namespaces) are in
 //! node/tests/replication.rs and control/tests/insync.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
@@ -588,6 +588,47 @@ fn a_removal_is_acknowledged_only_once_recorded_and_a_newer_record_fences() {
         "a write after a newer record was acknowledged"
     );
     wait_for(&m, "the nexus to fence itself", |v| v.state == "fenced");
+}
+
+/// Destroying a nexus whose removal cannot be recorded (the control process unreachable)
+/// neither hangs nor acknowledges the held write: the destroy tries once, then the write
+/// fails with EIO. Node shutdown destroys its nexuses the same way.
+#[test]
+fn destroy_fails_writes_held_for_a_record_that_cannot_be_made() {
+    let engine = engine();
+    let a = Site::new(&engine, "da", false);
+    let mut b = Site::new(&engine, "db", false);
+    let m = manager(&engine, "des");
+    let recorder = Arc::new(Recorder::default());
+    m.create(CreateRequest {
+        name: "vol".into(),
+        replicas: vec![a.spec(), b.spec()],
+        options: options(),
+        epoch: None,
+        takeover: false,
+        insync: InSyncOptions {
+            recorder: Some(recorder.clone()),
+            ..InSyncOptions::default()
+        },
+    })
+    .expect("nexus created");
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    recorder.refuse(Some(RecordError::NotRecorded("unreachable".into())));
+    b.stop();
+    let writer = std::thread::spawn(move || q.write_at(0, &[7u8; 4096], false));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !writer.is_finished(),
+        "the write was answered before its removal was recorded"
+    );
+    m.destroy("vol")
+        .expect("destroy does not wait for the record");
+    assert!(
+        writer.join().unwrap().is_err(),
+        "a write held for an unrecorded removal was acknowledged at destroy"
+    );
 }
 
 /// Samples a running resync or rebuild every few milliseconds until every child is in sync,
