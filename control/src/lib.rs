@@ -2,6 +2,7 @@
 //!
 //! * [`store`]: the cluster state behind one trait, on etcd or an embedded redb file;
 //! * [`membership`]: node registration, leases and marking nodes down;
+//! * [`insync`]: each volume's durable in-sync set, as its nexus reports it;
 //! * [`election`]: which control process decides (a lease-backed key with compare-and-swap);
 //! * [`rest`]: the REST API (axum), its OpenAPI document and the Prometheus metrics;
 //! * [`proto`], [`units`], [`table`]: `cairnctl`'s node commands over the cairn-node admin
@@ -12,6 +13,7 @@
 //! dev-dependency, to check that both sides agree). docs/control.md has the design.
 
 pub mod election;
+pub mod insync;
 pub mod membership;
 pub mod rest;
 pub mod store;

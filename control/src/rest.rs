@@ -7,8 +7,9 @@
 //! problem and never reaches the store. Every error is `{"error": "..."}`.
 
 use crate::election::Election;
+use crate::insync::{self, InSyncError};
 use crate::membership::{Membership, MembershipError};
-use crate::store::StoreError;
+use crate::store::{AnyStore, StoreError};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, Method, StatusCode, Uri};
@@ -17,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_control_api::{self as api, ApiError, ErrorBody, LeaderView, NodeState};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The OpenAPI document served at `/openapi.json`.
@@ -30,6 +31,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/nodes/{id}"),
     ("post", "/v1/nodes/{id}/register"),
     ("post", "/v1/nodes/{id}/heartbeat"),
+    ("get", "/v1/volumes/{name}/insync"),
+    ("post", "/v1/volumes/{name}/insync"),
     ("get", "/v1/leader"),
     ("get", "/openapi.json"),
     ("get", "/metrics"),
@@ -39,6 +42,10 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub struct App {
     pub membership: Membership,
     pub election: Arc<Election>,
+    /// The store, for the records read and written by whole routes (the in-sync set).
+    pub store: Arc<AnyStore>,
+    /// In-sync reports recorded by this process, for /metrics.
+    pub insync_reports: AtomicU64,
 }
 
 type AppState = State<Arc<App>>;
@@ -50,6 +57,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/register", post(register))
         .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
+        .route(
+            "/v1/volumes/{name}/insync",
+            get(get_insync).post(report_insync),
+        )
         .route("/v1/leader", get(leader))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -83,6 +94,25 @@ impl IntoResponse for MembershipError {
             }
             MembershipError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             MembershipError::Contended { .. } | MembershipError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        error(status, self)
+    }
+}
+
+impl IntoResponse for InSyncError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            InSyncError::StaleEpoch { .. } | InSyncError::StaleGeneration { .. } => {
+                StatusCode::CONFLICT
+            }
+            InSyncError::UnknownAddress { .. } | InSyncError::SameNode { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            InSyncError::NotFound(_) => StatusCode::NOT_FOUND,
+            InSyncError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            InSyncError::Contended { .. } | InSyncError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
@@ -142,6 +172,44 @@ async fn heartbeat(State(app): AppState, Path(id): Path<String>, body: Bytes) ->
     match app.membership.heartbeat(&id, req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// The 400 for a volume name that is not a valid name, None for a good one.
+fn bad_volume_name(name: &str) -> Option<Response> {
+    api::check_name("volume name", name)
+        .err()
+        .map(|e| bad_request(&e))
+}
+
+async fn get_insync(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match insync::read(&*app.store, &name).await {
+        Ok(Some((rec, rev))) => Json(insync::view(rec, rev)).into_response(),
+        Ok(None) => InSyncError::NotFound(name).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn report_insync(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    let req = match api::parse_insync_report(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&e),
+    };
+    match insync::record(&*app.store, &name, &req).await {
+        Ok((rec, rev)) => {
+            app.insync_reports.fetch_add(1, Ordering::Relaxed);
+            Json(insync::view(rec, rev)).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(volume = %name, node = %req.node, error = %e, "in-sync report refused");
+            e.into_response()
+        }
     }
 }
 
@@ -224,6 +292,12 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         "counter",
         "Node heartbeats that renewed a lease, served by this control process.",
         &[("", c.heartbeats.load(Ordering::Relaxed))],
+    );
+    family(
+        "cairn_control_insync_reports_total",
+        "counter",
+        "Nexus in-sync reports this control process recorded in the store.",
+        &[("", app.insync_reports.load(Ordering::Relaxed))],
     );
     family(
         "cairn_control_nodes_marked_down_total",

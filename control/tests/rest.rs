@@ -20,7 +20,7 @@ fn error_of(r: &cairn_control_api::client::Response) -> String {
 fn every_documented_route_is_served() {
     let control = Control::start(&test_dir("rest-routes"), None, 0);
     for (method, path) in ROUTES {
-        let path = path.replace("{id}", "someone");
+        let path = path.replace("{id}", "someone").replace("{name}", "someone");
         let method = if *method == "get" { "GET" } else { "POST" };
         let r = control.client.request(method, &path, Some(b"{}")).unwrap();
         let body = String::from_utf8_lossy(&r.body);
@@ -38,6 +38,7 @@ fn every_documented_route_is_served() {
 fn malformed_requests_get_a_json_400_and_change_nothing() {
     let control = Control::start(&test_dir("rest-bad"), None, 0);
     let good = r#"{"addresses":{"admin":"127.0.0.1:7000"},"zone":"z","rack":"r"}"#;
+    let report = r#"{"node":"a","epoch":1,"generation":1,"replicas":[{"address":"local","state":"in_sync"}]}"#;
     let cases: &[(&str, &str, u16, &str)] = &[
         ("/v1/nodes/a/register", "{", 400, "not valid JSON"),
         ("/v1/nodes/a/register", "[]", 400, "not valid JSON"),
@@ -84,6 +85,25 @@ fn malformed_requests_get_a_json_400_and_change_nothing() {
             404,
             "node 'nobody' is not registered",
         ),
+        ("/v1/volumes/v/insync", "{", 400, "not valid JSON"),
+        (
+            "/v1/volumes/bad!v/insync",
+            report,
+            400,
+            "volume name 'bad!v'",
+        ),
+        (
+            "/v1/volumes/v/insync",
+            r#"{"node":"a","epoch":0,"generation":1,"replicas":[{"address":"local","state":"in_sync"}]}"#,
+            400,
+            "epoch '0'",
+        ),
+        (
+            "/v1/volumes/v/insync",
+            r#"{"node":"a","epoch":1,"generation":1,"replicas":[{"address":"10.9.9.9:1","state":"in_sync"}]}"#,
+            400,
+            "replica address '10.9.9.9:1' is not the replica address of any registered node",
+        ),
         ("/v1/nowhere", "{}", 404, "no route POST /v1/nowhere"),
         ("/v1/nodes", "{}", 405, "does not take POST"),
     ];
@@ -102,8 +122,10 @@ fn malformed_requests_get_a_json_400_and_change_nothing() {
         .post_json("/v1/nodes/a/register", &huge)
         .unwrap();
     assert_eq!(r.status, 413);
-    // Nothing was registered, and the process still serves.
+    // Nothing was registered or recorded, and the process still serves.
     assert_eq!(control.get("/v1/nodes"), serde_json::json!([]));
+    let r = control.client.get("/v1/volumes/v/insync").unwrap();
+    assert_eq!(r.status, 404, "{}", error_of(&r));
     let r = control
         .client
         .post_json("/v1/nodes/a/register", good.as_bytes())

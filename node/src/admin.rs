@@ -57,7 +57,8 @@ pub fn code_of(e: &NodeError) -> Code {
         NodeError::Engine(_) => Code::Internal,
         NodeError::IsReplica { .. }
         | NodeError::NexusExported { .. }
-        | NodeError::FaultInjectionOff => Code::FailedPrecondition,
+        | NodeError::FaultInjectionOff
+        | NodeError::NoControl { .. } => Code::FailedPrecondition,
         NodeError::NoSuchFault { .. } => Code::NotFound,
         NodeError::Replication(_) => Code::InvalidArgument,
         NodeError::Nexus(e) => nexus_code(e),
@@ -71,7 +72,10 @@ fn nexus_code(e: &NexusError) -> Code {
         NexusError::Invalid { .. } => Code::InvalidArgument,
         NexusError::Child { .. } => Code::Unavailable,
         NexusError::Engine { .. } => Code::Internal,
-        NexusError::TakeoverRefused { .. } => Code::FailedPrecondition,
+        NexusError::TakeoverRefused { .. } | NexusError::NoTrustedSource { .. } => {
+            Code::FailedPrecondition
+        }
+        NexusError::NotRecorded { .. } => Code::Unavailable,
     }
 }
 

@@ -165,6 +165,12 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
+    // Before the node is announced, so that no nexus create can race it: a nexus with a
+    // control volume records its in-sync set with this control process. (The configuration
+    // was checked at load; `join_cluster` reports any error.)
+    if let Ok(Some(membership)) = config.membership() {
+        node.set_control(membership);
+    }
     node.open_nbd();
     announce(&endpoints, replica.as_deref(), &node.export_names());
     let heartbeats = match join_cluster(&config, &node, &endpoints, replica.as_deref()) {

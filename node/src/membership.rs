@@ -15,12 +15,18 @@
 //! The thread only talks HTTP; it never touches the data path. Its requests are bounded by
 //! [`REQUEST_TIMEOUT`], so a hung control process delays heartbeats, never shutdown, by more
 //! than that.
+//!
+//! [`InSyncReporter`] is the other client of the control process here: a nexus created with
+//! a `control_volume` records its in-sync set through it (`POST /v1/volumes/{name}/insync`),
+//! from the nexus manager's control threads, with the same bound per request.
 
 use crate::state::{Node, NodeError};
 use cairn_control_api::client::{Client, ClientError};
 use cairn_control_api::{
-    HeartbeatRequest, NodeAddresses, PoolCapacity, RegisterRequest, RegisterResponse,
+    HeartbeatRequest, InSyncReport, NodeAddresses, PoolCapacity, RegisterRequest, RegisterResponse,
+    ReplicaInSync, SyncState,
 };
+use cairn_replication::nexus::insync::{self, InSyncRecorder, RecordError, ReplicaSync};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +113,64 @@ impl Membership {
             status: resp.status,
             message: resp.error_message(),
         })
+    }
+}
+
+/// Records one volume's in-sync set with the control process, for the nexus that keeps it.
+#[derive(Debug)]
+pub struct InSyncReporter {
+    membership: Membership,
+    volume: String,
+}
+
+impl InSyncReporter {
+    pub fn new(membership: Membership, volume: &str) -> InSyncReporter {
+        InSyncReporter {
+            membership,
+            volume: volume.to_string(),
+        }
+    }
+}
+
+impl InSyncRecorder for InSyncReporter {
+    /// 200: recorded (the control process answers after its store write returned); 409: the
+    /// record's epoch is above the nexus's, a newer nexus exists; anything else (no answer,
+    /// another status) is not recorded this time and is tried again.
+    fn record(&self, report: &insync::InSyncReport) -> Result<(), RecordError> {
+        let body = InSyncReport {
+            node: self.membership.node_id.clone(),
+            epoch: report.epoch,
+            generation: report.generation,
+            replicas: report
+                .replicas
+                .iter()
+                .map(|(address, sync)| ReplicaInSync {
+                    address: address.clone(),
+                    state: match sync {
+                        ReplicaSync::InSync => SyncState::InSync,
+                        ReplicaSync::OutOfSync => SyncState::OutOfSync,
+                    },
+                })
+                .collect(),
+        };
+        let body = serde_json::to_vec(&body).expect("a report serializes");
+        let path = format!("/v1/volumes/{}/insync", self.volume);
+        let url = self.membership.client.url();
+        match self.membership.client.post_json(&path, &body) {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) if r.status == 409 => Err(RecordError::Superseded(format!(
+                "control process {url} refused the report of volume '{}' (HTTP 409): {}",
+                self.volume,
+                r.error_message()
+            ))),
+            Ok(r) => Err(RecordError::NotRecorded(format!(
+                "control process {url} answered the report of volume '{}' with HTTP {}: {}",
+                self.volume,
+                r.status,
+                r.error_message()
+            ))),
+            Err(e) => Err(RecordError::NotRecorded(e.to_string())),
+        }
     }
 }
 

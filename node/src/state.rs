@@ -62,6 +62,11 @@ pub enum NodeError {
     NoSuchFault { name: String },
     #[error("replication: {0}")]
     Replication(String),
+    #[error(
+        "nexus '{nexus}': control_volume '{volume}' needs the node started with --control (the \
+         control process keeps the volume's in-sync record)"
+    )]
+    NoControl { nexus: String, volume: String },
     #[error(transparent)]
     Nexus(#[from] cairn_replication::nexus::manager::NexusError),
     #[error(transparent)]
@@ -139,6 +144,9 @@ pub struct Node {
     state: Mutex<State>,
     replication: OnceLock<replication::Replication>,
     fault_injection: bool,
+    /// The control process this node registered with (`--control`): where nexuses with a
+    /// `control_volume` record their in-sync sets.
+    control: OnceLock<crate::membership::Membership>,
 }
 
 impl Node {
@@ -159,7 +167,13 @@ impl Node {
             state: Mutex::new(State::default()),
             replication: OnceLock::new(),
             fault_injection,
+            control: OnceLock::new(),
         }
+    }
+
+    /// Tells the node its control process (once, when it joins the cluster).
+    pub fn set_control(&self, membership: crate::membership::Membership) {
+        drop(self.control.set(membership));
     }
 
     /// Wraps a pool device or malloc bdev in a fault bdev when fault injection is on; the

@@ -12,6 +12,7 @@ use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::Bdev;
 use cairn_engine::{CoreList, Engine, EngineConfig, IoOp, IoQueue, QueueCompletion, Request};
 use cairn_replication::epoch::EpochStore;
+use cairn_replication::nexus::insync::InSyncOptions;
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager};
 use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
@@ -142,6 +143,7 @@ fn replicated_writes_to_a_remote_replica_allocate_nothing_in_steady_state() {
             },
             epoch: None,
             takeover: false,
+            insync: InSyncOptions::default(),
         })
         .expect("nexus created");
     assert_eq!(v.state, "online");

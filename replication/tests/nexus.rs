@@ -13,21 +13,27 @@
 //! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
 //! continuous writes is one pass that copies exactly its fixed total; a copy that holds a
 //! waiting write past `COPY_HOLD_MAX` faults its target; a replica added into the slot of
-//! one removed mid-rebuild is rebuilt by its own job, never joined by the old one. The
-//! multi-process versions (kill -9, network namespaces) are in node/tests/replication.rs.
+//! one removed mid-rebuild is rebuilt by its own job, never joined by the old one; with a
+//! recorder of the in-sync set (the control process), a write a faulted replica missed is
+//! acknowledged only once the smaller set is recorded, a record of a newer nexus fences this
+//! one, and a destroy fails (never acknowledges) the writes still waiting for a record. The multi-process versions (kill -9, network namespaces) are in
+//! node/tests/replication.rs and control/tests/insync.rs.
 
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::Bdev;
 use cairn_engine::{BdevHandle, CoreList, Engine, EngineConfig, IoQueue};
 use cairn_replication::epoch::EpochStore;
+use cairn_replication::nexus::insync::{
+    InSyncOptions, InSyncRecorder, InSyncReport, RecordError, ReplicaSync,
+};
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager, NexusView};
 use cairn_replication::nexus::{ChildSpec, ChildState, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 16 << 20;
@@ -162,6 +168,7 @@ fn create_with(m: &NexusManager, replicas: Vec<ChildSpec>, takeover: bool) -> Ne
         options: options(),
         epoch: None,
         takeover,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created")
 }
@@ -507,6 +514,146 @@ fn a_write_a_faulted_replica_missed_waits_for_the_generation_raise() {
     );
 }
 
+/// A recorder of the in-sync set that answers what the test tells it to, and keeps what it
+/// accepted.
+#[derive(Debug, Default)]
+struct Recorder {
+    /// None: accept; else refuse with this.
+    refuse: Mutex<Option<RecordError>>,
+    accepted: Mutex<Vec<InSyncReport>>,
+}
+
+impl InSyncRecorder for Recorder {
+    fn record(&self, report: &InSyncReport) -> Result<(), RecordError> {
+        if let Some(e) = self.refuse.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.accepted.lock().unwrap().push(report.clone());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn last(&self) -> InSyncReport {
+        self.accepted
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a report")
+    }
+
+    fn refuse(&self, e: Option<RecordError>) {
+        *self.refuse.lock().unwrap() = e;
+    }
+}
+
+/// With a recorder (the control process), a write a faulted replica missed is acknowledged
+/// only once the recorder accepted the smaller in-sync set: while it refuses (unreachable)
+/// the write waits, neither acknowledged nor failed. A recorder that answers that a newer
+/// nexus owns the record fences this one: the held write fails. Without the rule the first
+/// write would be acknowledged while the record still named b in sync.
+#[test]
+fn a_removal_is_acknowledged_only_once_recorded_and_a_newer_record_fences() {
+    let engine = engine();
+    let a = Site::new(&engine, "ra", false);
+    let mut b = Site::new(&engine, "rb", false);
+    let mut c = Site::new(&engine, "rc", false);
+    let m = manager(&engine, "rec");
+    let recorder = Arc::new(Recorder::default());
+    m.create(CreateRequest {
+        name: "vol".into(),
+        replicas: vec![a.spec(), b.spec(), c.spec()],
+        options: options(),
+        epoch: None,
+        takeover: false,
+        insync: InSyncOptions {
+            recorder: Some(recorder.clone()),
+            ..InSyncOptions::default()
+        },
+    })
+    .expect("nexus created");
+    let created = recorder.last();
+    assert_eq!(created.in_sync_count(), 3, "{created:?}");
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    q.write_at(0, &[1u8; 4096], false).unwrap();
+
+    recorder.refuse(Some(RecordError::NotRecorded("unreachable".into())));
+    b.stop();
+    let writer = std::thread::spawn(move || {
+        let r = q.write_at(4096, &[2u8; 4096], false);
+        (q, r)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !writer.is_finished(),
+        "a write b missed was answered before its removal was recorded"
+    );
+    recorder.refuse(None);
+    let (mut q, r) = writer.join().unwrap();
+    r.expect("the held write completes once recorded");
+    let after_b = recorder.last();
+    assert!(after_b.generation > created.generation, "{after_b:?}");
+    let b_state = after_b
+        .replicas
+        .iter()
+        .find(|(addr, _)| *addr == b.endpoint)
+        .map(|(_, s)| *s);
+    assert_eq!(b_state, Some(ReplicaSync::OutOfSync), "{after_b:?}");
+    assert_eq!(after_b.in_sync_count(), 2, "{after_b:?}");
+
+    recorder.refuse(Some(RecordError::Superseded("epoch 9 above 1".into())));
+    c.stop();
+    assert!(
+        q.write_at(8192, &[3u8; 4096], false).is_err(),
+        "a write after a newer record was acknowledged"
+    );
+    wait_for(&m, "the nexus to fence itself", |v| v.state == "fenced");
+}
+
+/// Destroying a nexus whose removal cannot be recorded (the control process unreachable)
+/// neither hangs nor acknowledges the held write: the destroy tries once, then the write
+/// fails with EIO. Node shutdown destroys its nexuses the same way.
+#[test]
+fn destroy_fails_writes_held_for_a_record_that_cannot_be_made() {
+    let engine = engine();
+    let a = Site::new(&engine, "da", false);
+    let mut b = Site::new(&engine, "db", false);
+    let m = manager(&engine, "des");
+    let recorder = Arc::new(Recorder::default());
+    m.create(CreateRequest {
+        name: "vol".into(),
+        replicas: vec![a.spec(), b.spec()],
+        options: options(),
+        epoch: None,
+        takeover: false,
+        insync: InSyncOptions {
+            recorder: Some(recorder.clone()),
+            ..InSyncOptions::default()
+        },
+    })
+    .expect("nexus created");
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    recorder.refuse(Some(RecordError::NotRecorded("unreachable".into())));
+    b.stop();
+    let writer = std::thread::spawn(move || q.write_at(0, &[7u8; 4096], false));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !writer.is_finished(),
+        "the write was answered before its removal was recorded"
+    );
+    m.destroy("vol")
+        .expect("destroy does not wait for the record");
+    assert!(
+        writer.join().unwrap().is_err(),
+        "a write held for an unrecorded removal was acknowledged at destroy"
+    );
+}
+
 /// Samples a running resync or rebuild every few milliseconds until every child is in sync,
 /// asserting that within the job no figure goes back: bytes done, the total, the progress
 /// shown. Returns the samples taken, (done, total, progress).
@@ -559,6 +706,7 @@ fn rebuild_progress_only_goes_forward_and_a_readded_replica_starts_from_zero() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let nexus = m.handle("vol").unwrap();
@@ -720,6 +868,7 @@ fn a_resync_copy_never_overwrites_a_newer_client_write() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let nexus = m.handle("vol").unwrap();
@@ -947,6 +1096,7 @@ fn a_copy_that_holds_a_waiting_write_too_long_faults_its_target() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let nexus = m.handle("vol").unwrap();
@@ -1025,6 +1175,7 @@ fn a_replica_added_where_one_was_removed_mid_rebuild_is_rebuilt_in_full() {
         },
         epoch: None,
         takeover: false,
+        insync: InSyncOptions::default(),
     })
     .expect("nexus created");
     let mut q = nexus_engine

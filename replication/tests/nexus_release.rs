@@ -7,6 +7,7 @@ use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::Bdev;
 use cairn_engine::{CoreList, Engine, EngineConfig};
 use cairn_replication::epoch::EpochStore;
+use cairn_replication::nexus::insync::InSyncOptions;
 use cairn_replication::nexus::manager::{CreateRequest, NexusManager};
 use cairn_replication::nexus::{ChildSpec, NexusOptions, COPY_HOLD_MAX};
 use cairn_replication::replica::ReplicaSet;
@@ -94,6 +95,7 @@ fn destroying_a_nexus_releases_its_connections_and_threads() {
             epoch: None,
             // Every round after the first opens the replica the previous round's nexus held.
             takeover: round > 0,
+            insync: InSyncOptions::default(),
         })
         .expect("nexus created");
         let nexus = m.handle("vol").expect("nexus handle");

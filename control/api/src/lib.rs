@@ -1,7 +1,7 @@
 //! The control process's REST interface as both sides see it: the request and response bodies
-//! ([`RegisterRequest`], [`HeartbeatRequest`], [`NodeView`] …), the one parser of each request
-//! body ([`parse_register`], [`parse_heartbeat`]) and a small blocking HTTP/1.1 client
-//! ([`client`]).
+//! ([`RegisterRequest`], [`HeartbeatRequest`], [`NodeView`], [`InSyncReport`] …), the one
+//! parser of each request body ([`parse_register`], [`parse_heartbeat`],
+//! [`parse_insync_report`]) and a small blocking HTTP/1.1 client ([`client`]).
 //!
 //! It is a crate of its own so that `cairn-node` (which registers and heartbeats) and the fuzz
 //! target can use the wire types without linking the control process (axum, etcd, redb). The
@@ -26,6 +26,10 @@ pub const NAME_LEN_MAX: usize = 63;
 pub const POOLS_MAX: usize = 64;
 /// Largest request body the control process reads (bytes); larger ones get 413.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Most replicas one in-sync report may name (a nexus has at most 3 children).
+pub const REPLICAS_MAX: usize = 3;
+/// Longest replica address accepted in a report (bytes): `local` or HOST:PORT.
+pub const ADDRESS_LEN_MAX: usize = 255;
 
 /// A request the control process refuses, with what is wrong in it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,6 +172,124 @@ pub struct LeaderView {
 pub struct LeaderInfo {
     pub id: String,
     pub listen: String,
+}
+
+/// A replica's state in an in-sync report.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    /// Holds every acknowledged write and the report's generation.
+    InSync,
+    /// Faulted, being resynced or rebuilt, or not given the current generation yet.
+    OutOfSync,
+}
+
+/// One replica of a nexus in an in-sync report, by the address the nexus was given.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaInSync {
+    /// `local` (the reporting node's own replica) or HOST:PORT of a replica server.
+    pub address: String,
+    pub state: SyncState,
+}
+
+/// `POST /v1/volumes/{name}/insync`: a nexus reports its in-sync set (through its node).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InSyncReport {
+    /// The reporting node's id: what `local` means.
+    pub node: String,
+    /// The nexus's epoch; a record of a higher epoch refuses the report (409).
+    pub epoch: u64,
+    /// The data generation every in-sync replica holds durably.
+    pub generation: u64,
+    pub replicas: Vec<ReplicaInSync>,
+}
+
+/// The durable in-sync record of a volume, as `GET /v1/volumes/{name}/insync` and the answer
+/// to a report show it (the store's `insync/{name}` value).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InSyncView {
+    pub volume: String,
+    pub epoch: u64,
+    pub generation: u64,
+    /// Node ids of the replicas that hold every acknowledged write.
+    pub in_sync: Vec<String>,
+    /// Node ids of the replicas that missed writes (or were not given the generation yet).
+    pub out_of_sync: Vec<String>,
+    pub updated_unix_ms: u64,
+    /// The store revision of the record.
+    pub revision: u64,
+}
+
+/// Parses and checks an in-sync report: a valid node id, an epoch and a generation of at
+/// least 1, 1 to [`REPLICAS_MAX`] replicas with distinct addresses (`local` or HOST:PORT),
+/// at least one of them in sync.
+pub fn parse_insync_report(body: &[u8]) -> Result<InSyncReport, ApiError> {
+    let r: InSyncReport = from_json("an in-sync report", body)?;
+    check_name("node id", &r.node)?;
+    for (what, v) in [("epoch", r.epoch), ("generation", r.generation)] {
+        if v == 0 {
+            return Err(ApiError::Invalid {
+                what,
+                value: "0".into(),
+                why: "must be 1 or more",
+            });
+        }
+    }
+    if r.replicas.is_empty() || r.replicas.len() > REPLICAS_MAX {
+        return Err(ApiError::Invalid {
+            what: "replica count",
+            value: r.replicas.len().to_string(),
+            why: "a nexus has 1 to 3 replicas",
+        });
+    }
+    for (i, rep) in r.replicas.iter().enumerate() {
+        check_replica_address(&rep.address)?;
+        if r.replicas[..i].iter().any(|o| o.address == rep.address) {
+            return Err(ApiError::Invalid {
+                what: "replica address",
+                value: rep.address.clone(),
+                why: "listed twice",
+            });
+        }
+    }
+    if !r.replicas.iter().any(|rep| rep.state == SyncState::InSync) {
+        return Err(ApiError::Invalid {
+            what: "replicas",
+            value: format!("{} out of sync", r.replicas.len()),
+            why: "a report names at least one replica in sync",
+        });
+    }
+    Ok(r)
+}
+
+/// `local` or HOST:PORT (a name or an IP, a numeric port above 0), as a nexus is given its
+/// replicas.
+fn check_replica_address(addr: &str) -> Result<(), ApiError> {
+    if addr == "local" {
+        return Ok(());
+    }
+    let bad = |why| ApiError::Invalid {
+        what: "replica address",
+        value: addr.chars().take(ADDRESS_LEN_MAX + 1).collect(),
+        why,
+    };
+    if addr.len() > ADDRESS_LEN_MAX {
+        return Err(bad("longer than 255 bytes"));
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && host.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':')
+                })
+                && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+        {
+            Ok(())
+        }
+        _ => Err(bad("neither 'local' nor HOST:PORT")),
+    }
 }
 
 /// Parses and checks a registration body.
@@ -324,6 +446,55 @@ mod tests {
         }
         let err = parse_register(b"{").unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    fn report_json() -> serde_json::Value {
+        serde_json::json!({
+            "node": "n1", "epoch": 2, "generation": 5,
+            "replicas": [
+                {"address": "local", "state": "in_sync"},
+                {"address": "127.0.0.1:10820", "state": "out_of_sync"}
+            ]
+        })
+    }
+
+    #[test]
+    fn a_good_insync_report_parses() {
+        let r = parse_insync_report(report_json().to_string().as_bytes()).unwrap();
+        assert_eq!((r.epoch, r.generation), (2, 5));
+        assert_eq!(r.replicas[1].state, SyncState::OutOfSync);
+    }
+
+    #[test]
+    fn bad_insync_reports_name_the_problem() {
+        let cases: [(&str, serde_json::Value, &str); 7] = [
+            ("/epoch", 0.into(), "epoch '0'"),
+            ("/generation", 0.into(), "generation '0'"),
+            ("/node", "a b".into(), "node id 'a b'"),
+            (
+                "/replicas/1/address",
+                "nowhere".into(),
+                "replica address 'nowhere'",
+            ),
+            ("/replicas/1/address", "local".into(), "listed twice"),
+            (
+                "/replicas/0/state",
+                "out_of_sync".into(),
+                "at least one replica in sync",
+            ),
+            ("/replicas/0/state", "gone".into(), "unknown variant"),
+        ];
+        for (pointer, value, expect) in cases {
+            let mut body = report_json();
+            let (parent, field) = pointer.rsplit_once('/').unwrap();
+            body.pointer_mut(parent).unwrap()[field] = value;
+            let err = parse_insync_report(body.to_string().as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(expect), "{pointer}: {err}");
+        }
+        let mut body = report_json();
+        body["replicas"] = serde_json::json!([]);
+        let err = parse_insync_report(body.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("1 to 3 replicas"), "{err}");
     }
 
     #[test]

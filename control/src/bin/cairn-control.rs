@@ -18,6 +18,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -108,6 +109,8 @@ async fn run(cli: Cli) -> Result<()> {
     let app = Arc::new(App {
         membership: Membership::new(store.clone(), NODE_LEASE_TTL_S),
         election: election.clone(),
+        store: store.clone(),
+        insync_reports: AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let election_task = tokio::spawn(election.run(stop_rx.clone()));

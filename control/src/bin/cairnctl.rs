@@ -37,11 +37,19 @@ highest data generation are trusted; the others are rebuilt from them in full be
 serve. Replicas that another nexus opened (they carry a fence) are refused unless
 --takeover says this nexus takes them over (after that nexus's node failed).
 
+With --control-volume the nexus keeps that volume's durable in-sync record at the node's
+--control process: every removal from the in-sync set is recorded before the writes that the
+removed replica missed are acknowledged (they wait while the control process is unreachable).
+--trusted (the record's in-sync replicas) and --min-generation (its generation) limit the
+sources to the replicas the record trusts; if none qualifies the create is refused.
+
 Examples:
   cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820 --min-in-sync 2
   cairnctl node nexus create pg --replica local --replica 10.0.0.6:10820 \\
       --replica 10.0.0.7:10820 --region-size 4M --rebuild-rate 100M --epoch 8
-  cairnctl node nexus create pg --replica 10.0.0.6:10820 --replica 10.0.0.7:10820 --takeover";
+  cairnctl node nexus create pg --replica 10.0.0.6:10820 --replica 10.0.0.7:10820 --takeover
+  cairnctl node nexus create pg --replica local --replica 10.0.0.7:10820 --takeover \\
+      --control-volume pg --trusted 10.0.0.7:10820 --min-generation 12";
 
 const NEXUS_VERIFY_HELP: &str = "\
 Exit status: 0 when every region is identical on all in-sync replicas, 1 when any region
@@ -287,6 +295,19 @@ struct NexusCreate {
     /// Take over replicas that another nexus opened (they carry a fence); refused without it.
     #[arg(long)]
     takeover: bool,
+    /// Keep volume NAME's durable in-sync record: report every change of the in-sync set to
+    /// the node's --control process, and hold write acknowledgements until each removal is
+    /// recorded (refused if the node has no --control).
+    #[arg(long, value_name = "NAME")]
+    control_volume: Option<String>,
+    /// A replica the in-sync record names in sync (`local` or HOST:PORT, as given to
+    /// --replica; repeat): only these may be sources, any other is rebuilt in full.
+    #[arg(long = "trusted", value_name = "ADDR", value_parser = parse_replica)]
+    trusted: Vec<String>,
+    /// A replica holding a data generation below N is not a source either (the record's
+    /// generation) [default: 0].
+    #[arg(long, value_name = "N")]
+    min_generation: Option<u64>,
 }
 
 impl NexusCreate {
@@ -301,6 +322,9 @@ impl NexusCreate {
             rebuild_bytes_per_s: self.rebuild_bytes_per_s.unwrap_or(0),
             epoch: self.epoch.unwrap_or(0),
             takeover: self.takeover,
+            control_volume: self.control_volume.unwrap_or_default(),
+            trusted: self.trusted,
+            min_generation: self.min_generation.unwrap_or(0),
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::proto as pb;
 use cairn_engine::volume::format::ObjectKind;
 use cairn_engine::BdevHandle;
 use cairn_replication::epoch::EpochStore;
+use cairn_replication::nexus::insync::{InSyncOptions, InSyncRecorder};
 use cairn_replication::nexus::manager::{
     CreateRequest, NexusManager, NexusView, ResyncView, VerifyReport,
 };
@@ -196,14 +197,46 @@ impl Node {
             rebuild_bytes_per_s: (r.rebuild_bytes_per_s != 0).then_some(r.rebuild_bytes_per_s),
             copy_hold_max: COPY_HOLD_MAX,
         };
+        let insync = InSyncOptions {
+            trusted: r
+                .trusted
+                .iter()
+                .map(|s| parse_spec(s))
+                .collect::<Result<Vec<_>, _>>()?,
+            min_generation: r.min_generation,
+            recorder: self.recorder(&r.name, &r.control_volume)?,
+        };
         let v = self.repl()?.nexus.create(CreateRequest {
             name: r.name,
             replicas,
             options,
             epoch: (r.epoch != 0).then_some(r.epoch),
             takeover: r.takeover,
+            insync,
         })?;
         Ok(self.nexus_pb(v))
+    }
+
+    /// The recorder of a nexus that keeps `volume`'s in-sync record (none for an empty
+    /// name): the node's control process, which it must have.
+    fn recorder(
+        &self,
+        nexus: &str,
+        volume: &str,
+    ) -> Result<Option<Arc<dyn InSyncRecorder>>, NodeError> {
+        if volume.is_empty() {
+            return Ok(None);
+        }
+        cairn_control_api::check_name("control_volume", volume)
+            .map_err(|e| NodeError::Replication(format!("nexus '{nexus}': {e}")))?;
+        let membership = self.control.get().ok_or_else(|| NodeError::NoControl {
+            nexus: nexus.into(),
+            volume: volume.into(),
+        })?;
+        Ok(Some(Arc::new(crate::membership::InSyncReporter::new(
+            membership.clone(),
+            volume,
+        ))))
     }
 
     pub fn destroy_nexus(&self, name: &str) -> Result<(), NodeError> {

@@ -394,6 +394,7 @@ impl Admin {
             rebuild_bytes_per_s: 0,
             epoch: 0,
             takeover: false,
+            ..Default::default()
         }
     }
 

@@ -780,9 +780,10 @@ impl NexusChannel {
         }
     }
 
-    /// Acknowledges held writes whose generation is durable on every in-sync child, in order.
-    /// A write whose in-sync set fell below the minimum meanwhile, or whose nexus was fenced,
-    /// fails instead: the raise may not have reached a copy that holds it.
+    /// Acknowledges held writes whose generation is durable (stored on every in-sync child
+    /// and recorded), in order. A write whose in-sync set fell below the minimum meanwhile,
+    /// or whose nexus was fenced, fails instead: the raise may not have reached a copy that
+    /// holds it; so does one still waiting when the nexus is destroyed.
     fn poll_held(&mut self, io: &mut IoCtx) -> usize {
         if self.held.is_empty() {
             return 0;
@@ -791,10 +792,11 @@ impl NexusChannel {
         let mut n = 0;
         while let Some(&(need, slot, res)) = self.held.front() {
             let fenced = shared.fenced();
-            if !fenced && shared.gen_durable.load(Ordering::SeqCst) < need {
+            let durable = shared.gen_durable.load(Ordering::SeqCst) >= need;
+            if !durable && !fenced && !shared.closing.load(Ordering::Acquire) {
                 break;
             }
-            let ok = !fenced && shared.in_sync_count() >= shared.options.min_in_sync;
+            let ok = durable && !fenced && shared.in_sync_count() >= shared.options.min_in_sync;
             let req = self.slots[slot as usize].req;
             io.post(req.owner, req.tag, if ok { res } else { -libc::EIO });
             self.held.pop_front();

@@ -19,7 +19,15 @@
 //! completed meanwhile until it is durable ([`NexusManager::raise_generation`]); a child that
 //! is back in sync is given the current generation the same way. `add` rebuilds a replica in
 //! full; `verify` names the children that differ from the one it trusts and can repair them.
+//!
+//! The durable in-sync record ([`super::insync`]): a nexus created with a recorder reports
+//! its in-sync set after every raise has been stored, and the raise becomes durable (held
+//! writes are acknowledged) only once the recorder accepted it; the monitor retries a report
+//! that failed, and reports changes that need no raise (a child back in sync, a child
+//! added or removed while out of sync) on its next pass. `create` given the record's trusted
+//! replicas and generation takes its sources only among them.
 
+use super::insync::{InSyncOptions, RecordError};
 use super::{
     state_of, ChildSpec, ChildState, Nexus, NexusOptions, NexusShared, PathSetup, ResyncProgress,
     CHILDREN_MAX, REGION_BYTES_MAX, REGION_BYTES_MIN,
@@ -75,6 +83,18 @@ pub enum NexusError {
          takeover) if that is meant"
     )]
     TakeoverRefused { name: String, fences: String },
+    #[error(
+        "nexus '{name}': no replica may be a source: {replicas}; a source must be trusted by \
+         the in-sync record and hold data generation {min_generation} or above"
+    )]
+    NoTrustedSource {
+        name: String,
+        /// Each replica with its generation and whether it is trusted.
+        replicas: String,
+        min_generation: u64,
+    },
+    #[error("nexus '{name}': {why}")]
+    NotRecorded { name: String, why: String },
     #[error("nexus '{name}': {source}")]
     Engine {
         name: String,
@@ -181,6 +201,9 @@ pub struct CreateRequest {
     /// The replicas may carry fences of another nexus, which this one takes over. Without
     /// it, a replica with a fence refuses the create.
     pub takeover: bool,
+    /// The volume's durable in-sync record: which replicas may be sources, and where the
+    /// nexus reports its in-sync set.
+    pub insync: InSyncOptions,
 }
 
 /// Per child: when the monitor may next try to reconnect it, and the back-off.
@@ -391,25 +414,36 @@ impl NexusManager {
         ));
         shared.epoch.store(epoch, Ordering::Release);
         *shared.raiser.lock() = self.monitor.lock().as_ref().map(|t| t.thread().clone());
-        let top = opened
+        let top = Self::source_generation(&name, &req, &opened)?;
+        // Above every copy's, sources or not: a generation never goes down, so a copy
+        // rebuilt from the sources must never hold one above theirs.
+        let next = opened
             .iter()
             .map(|(_, o)| o.record.generation)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(top)
+            + 1;
         for (c, o) in opened {
-            self.place_opened(&shared, c, &req.replicas[c], o, top);
+            let source = o.record.generation == top
+                && req.insync.may_source(&req.replicas[c], o.record.generation);
+            self.place_opened(&shared, c, &req.replicas[c], o, top, source);
         }
-        // A generation of this nexus's own, stored on the trusted copies before it serves.
-        shared.gen_target.store(top + 1, Ordering::SeqCst);
-        self.raise_generation(&shared);
+        if let Some(r) = &req.insync.recorder {
+            drop(shared.recorder.set(r.clone()));
+        }
+        // A generation of this nexus's own, stored on the trusted copies (and recorded) before
+        // it serves.
+        shared.gen_target.store(next, Ordering::SeqCst);
+        let raised = self.raise_generation(&shared);
         if shared.raise_pending() || shared.in_sync_count() == 0 {
-            return Err(Self::invalid(
-                &name,
-                format!(
-                    "could not store data generation {} on the trusted replicas",
-                    top + 1
+            let why = raised.err().unwrap_or_default();
+            return Err(NexusError::NotRecorded {
+                name,
+                why: format!(
+                    "could not make data generation {next} durable on the trusted replicas: {why}"
                 ),
-            ));
+            });
         }
         let handle = self
             .engine
@@ -422,7 +456,7 @@ impl NexusManager {
             .bdev
             .set(handle.id())
             .expect("a new nexus's bdev is set once");
-        tracing::info!(nexus = %name, epoch, generation = top + 1, replicas = req.replicas.len(), "nexus created");
+        tracing::info!(nexus = %name, epoch, generation = next, replicas = req.replicas.len(), "nexus created");
         let now = Instant::now();
         self.nexuses.lock().insert(
             name.clone(),
@@ -483,9 +517,47 @@ impl NexusManager {
         })
     }
 
-    /// Puts an opened child of a new nexus in its slot: in sync when its generation is the
-    /// highest among the replicas (`top`), else syncing with a full rebuild queued, so that
-    /// nothing reads from it before every region has been copied from a trusted copy.
+    /// The generation of a new nexus's sources: the highest among the replicas that may be
+    /// sources (all of them, unless the in-sync record names the trusted ones and a minimum
+    /// generation). None qualifying refuses the create, naming every replica.
+    fn source_generation(
+        name: &str,
+        req: &CreateRequest,
+        opened: &[(usize, OpenedChild)],
+    ) -> Result<u64, NexusError> {
+        let trust = &req.insync;
+        if let Some(top) = opened
+            .iter()
+            .filter(|(c, o)| trust.may_source(&req.replicas[*c], o.record.generation))
+            .map(|(_, o)| o.record.generation)
+            .max()
+        {
+            return Ok(top);
+        }
+        let replicas = opened
+            .iter()
+            .map(|(c, o)| {
+                let spec = &req.replicas[*c];
+                let trusted = trust.trusted.is_empty() || trust.trusted.contains(spec);
+                format!(
+                    "'{spec}' (generation {}, {})",
+                    o.record.generation,
+                    if trusted { "trusted" } else { "not trusted" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(NexusError::NoTrustedSource {
+            name: name.into(),
+            replicas,
+            min_generation: trust.min_generation,
+        })
+    }
+
+    /// Puts an opened child of a new nexus in its slot: in sync when it is a `source` (it may
+    /// be one, and holds the sources' generation `top`), else syncing with a full rebuild
+    /// queued, so that nothing reads from it before every region has been copied from a
+    /// trusted copy.
     fn place_opened(
         &self,
         shared: &NexusShared,
@@ -493,6 +565,7 @@ impl NexusManager {
         spec: &ChildSpec,
         o: OpenedChild,
         top: u64,
+        source: bool,
     ) {
         let child = shared.child(c);
         *child.spec.lock() = Some(spec.clone());
@@ -501,7 +574,7 @@ impl NexusManager {
             .store(o.record.generation, Ordering::SeqCst);
         // Made syncing and published under the order's lock: no resync is ordered between.
         let _order = shared.resync_order.lock();
-        if o.record.generation == top {
+        if source {
             child.enter(ChildState::InSync);
             if top > 0 && !o.record.clean {
                 tracing::warn!(nexus = %shared.name, child = %spec, generation = top, "the nexus that last held this replica did not close it cleanly");
@@ -509,10 +582,17 @@ impl NexusManager {
         } else {
             child.dirty.set_all();
             child.needs_rebuild.store(true, Ordering::Release);
-            *child.reason.lock() = format!(
-                "stale copy: data generation {} below the current {top}",
-                o.record.generation
-            );
+            *child.reason.lock() = if o.record.generation < top {
+                format!(
+                    "stale copy: data generation {} below the current {top}",
+                    o.record.generation
+                )
+            } else {
+                format!(
+                    "not in sync in the volume's record (data generation {})",
+                    o.record.generation
+                )
+            };
             child.enter(ChildState::Syncing);
             tracing::warn!(nexus = %shared.name, child = %spec, generation = o.record.generation, current = top, "stale replica: rebuilt in full before it serves");
         }
@@ -521,13 +601,14 @@ impl NexusManager {
 
     /// Stores the nexus's target generation on every in-sync child that lacks it, faulting
     /// any that cannot store it (which raises the target again), until every in-sync child
-    /// holds the target; then the channels may acknowledge the writes they held. Blocking;
-    /// control threads only.
-    pub(crate) fn raise_generation(&self, shared: &NexusShared) {
+    /// holds the target; then records the in-sync set (when the nexus has a recorder), and
+    /// only then may the channels acknowledge the writes they held. Err says why the target
+    /// is not durable yet (the monitor tries again). Blocking; control threads only.
+    pub(crate) fn raise_generation(&self, shared: &NexusShared) -> Result<(), String> {
         let _epoch = shared.epoch_lock.lock();
         for _ in 0..RAISE_ROUNDS_MAX {
             if shared.fenced() {
-                return;
+                return Err("fenced: a newer nexus owns the volume".into());
             }
             let target = shared.gen_target.load(Ordering::SeqCst);
             let mut all = true;
@@ -549,12 +630,73 @@ impl NexusManager {
                     }
                 }
             }
-            if all && shared.gen_target.load(Ordering::SeqCst) == target {
-                shared.gen_durable.fetch_max(target, Ordering::SeqCst);
-                tracing::debug!(nexus = %shared.name, generation = target, "data generation durable on every in-sync replica");
-                return;
+            if !all || shared.gen_target.load(Ordering::SeqCst) != target {
+                continue;
+            }
+            self.record(shared, target)?;
+            shared.gen_durable.fetch_max(target, Ordering::SeqCst);
+            tracing::debug!(nexus = %shared.name, generation = target, "data generation durable on every in-sync replica");
+            if shared.gen_target.load(Ordering::SeqCst) == target {
+                return Ok(());
             }
         }
+        Err(format!(
+            "the in-sync set kept shrinking; data generation {} is left to the next monitor pass",
+            shared.gen_target.load(Ordering::SeqCst)
+        ))
+    }
+
+    /// Records the in-sync set at `generation` with the nexus's recorder, if it has one and
+    /// the set changed since the last report it accepted. Under `epoch_lock`, so reports leave
+    /// in the order the nexus made them. A report that names no replica in sync is not sent:
+    /// with no in-sync child no write succeeds, so the record's set still holds every
+    /// acknowledged write, and replacing it by an empty one would lose which copies those are.
+    fn record(&self, shared: &NexusShared, generation: u64) -> Result<(), String> {
+        let Some(recorder) = shared.recorder.get() else {
+            return Ok(());
+        };
+        let report = shared.report(generation);
+        if report.in_sync_count() == 0 || shared.reported.lock().as_ref() == Some(&report) {
+            return Ok(());
+        }
+        match recorder.record(&report) {
+            Ok(()) => {
+                if shared.record_failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(nexus = %shared.name, generation, "in-sync set recorded again");
+                }
+                tracing::debug!(nexus = %shared.name, generation, replicas = ?report.replicas, "in-sync set recorded");
+                *shared.reported.lock() = Some(report);
+                Ok(())
+            }
+            Err(RecordError::NotRecorded(why)) => {
+                if !shared.record_failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(nexus = %shared.name, generation, why = %why, "in-sync set not recorded; writes completed since the last change are held until it is");
+                }
+                Err(format!(
+                    "recording the in-sync set at generation {generation}: {why}"
+                ))
+            }
+            Err(RecordError::Superseded(why)) => {
+                shared.fence(report.epoch);
+                tracing::error!(nexus = %shared.name, generation, why = %why, "a newer nexus owns the volume's record; this nexus is fenced");
+                Err(format!("fenced by the in-sync record: {why}"))
+            }
+        }
+    }
+
+    /// Reports a change of the in-sync set that needed no raise (a child back in sync and
+    /// given the current generation, a child added or removed while out of sync), or retries
+    /// a report that failed.
+    fn report_changes(&self, shared: &NexusShared) {
+        if shared.recorder.get().is_none() {
+            return;
+        }
+        let _epoch = shared.epoch_lock.lock();
+        if shared.fenced() || shared.raise_pending() {
+            return;
+        }
+        // Failures are logged by `record` and retried on the next pass.
+        drop(self.record(shared, shared.gen_durable.load(Ordering::SeqCst)));
     }
 
     /// Stores generation `generation` (with the clean mark, after a flush) on one child,
@@ -787,10 +929,15 @@ impl NexusManager {
             .remove(name)
             .ok_or_else(|| NexusError::NotFound { name: name.into() })?;
         // Held acknowledgements keep the channels busy until their raise is durable, and the
-        // monitor may be stopped already (node shutdown): raise here.
+        // monitor may be stopped already (node shutdown): raise here. If it still is not
+        // durable (the recorder unreachable), the held writes fail rather than keep the
+        // channels, and so the destroy, waiting.
         if generation_behind(&entry.shared) {
-            self.raise_generation(&entry.shared);
+            if let Err(why) = self.raise_generation(&entry.shared) {
+                tracing::warn!(nexus = %name, why = %why, "destroyed with writes held for a data generation that is not durable; they fail with EIO");
+            }
         }
+        entry.shared.closing.store(true, Ordering::Release);
         self.engine
             .remove_bdev(&entry.handle)
             .map_err(|source| NexusError::Engine {
@@ -857,11 +1004,12 @@ impl NexusManager {
             shared
                 .gen_target
                 .fetch_max(record.generation + 1, Ordering::SeqCst);
-            self.raise_generation(&shared);
+            let raised = self.raise_generation(&shared);
             if shared.raise_pending() {
                 return Err(child_err(format!(
-                    "holds data generation {}, and this nexus could not rise above it",
-                    record.generation
+                    "holds data generation {}, and this nexus could not rise above it: {}",
+                    record.generation,
+                    raised.err().unwrap_or_default()
                 )));
             }
         }
@@ -949,7 +1097,9 @@ impl NexusManager {
         // flush): woken, it sees its incarnation gone and ends, releasing its ranges.
         self.wake_home(&shared);
         if generation_behind(&shared) {
-            self.raise_generation(&shared);
+            if let Err(why) = self.raise_generation(&shared) {
+                tracing::warn!(nexus = %name, child = %spec, why = %why, "removal not durable yet; writes wait for the monitor to record it");
+            }
         }
         tracing::info!(nexus = %name, child = %spec, "replica removed");
         Ok(view(&shared))
@@ -1222,7 +1372,10 @@ impl NexusManager {
                 continue;
             }
             if generation_behind(&shared) {
-                self.raise_generation(&shared);
+                // Not durable yet (a report failed): held writes wait for the next pass.
+                drop(self.raise_generation(&shared));
+            } else {
+                self.report_changes(&shared);
             }
             let _epoch = shared.epoch_lock.lock();
             for (c, (retry_at, backoff)) in retry.into_iter().enumerate() {

@@ -19,12 +19,15 @@
 //! What a nexus must never do: acknowledge a write before every in-sync child has it, write
 //! under an epoch a replica has fenced off, let a child back into the in-sync set before
 //! every block it missed has been copied, let a resync copy overwrite a newer client write, acknowledge a write a faulted child missed before
-//! every in-sync child holds a data generation above that child's (the generation raise,
-//! [`NexusShared::fault`] and `manager.rs`), or read from a child that is not in sync.
+//! every in-sync child holds a data generation above that child's and, for a nexus with a
+//! recorder, the control process has recorded the smaller in-sync set (the generation raise,
+//! [`NexusShared::fault`], `manager.rs` and [`insync`]), or read from a child that is not in
+//! sync.
 //! `docs/replication.md` gives the arguments.
 
 pub mod bitmap;
 mod channel;
+pub mod insync;
 pub mod manager;
 mod resync;
 
@@ -35,6 +38,7 @@ use bitmap::{BlockMap, RegionMap, AREA_BYTES};
 use cairn_engine::bdev::{Bdev, BdevChannel, BdevError, BdevInfo};
 use cairn_engine::reactor::{BdevId, IoCtx};
 use cairn_engine::{Core, CoreId};
+use insync::{InSyncRecorder, InSyncReport, ReplicaSync};
 use parking_lot::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -420,6 +424,17 @@ pub struct NexusShared {
     /// This node's replica, once a local child was opened: the manager stores generations on
     /// it without going through the replica set (whose lock node shutdown may not take).
     pub(crate) local: Mutex<Option<Arc<HostedReplica>>>,
+    /// Where the in-sync set is recorded durably (set once, at create): a raise is durable
+    /// only once the recorder accepted it ([`insync`]).
+    pub(crate) recorder: OnceLock<Arc<dyn InSyncRecorder>>,
+    /// The last report the recorder accepted; an unchanged set is not sent again. Under
+    /// `epoch_lock`, like every report.
+    pub(crate) reported: Mutex<Option<InSyncReport>>,
+    /// Set while the last report failed, so the failure is logged once, not per try.
+    pub(crate) record_failing: AtomicBool,
+    /// Set by `destroy` before the bdev is removed: writes held for a raise that is not
+    /// durable (the recorder unreachable) fail with EIO instead of keeping the channels busy.
+    pub(crate) closing: AtomicBool,
 }
 
 impl fmt::Debug for NexusShared {
@@ -478,6 +493,36 @@ impl NexusShared {
             epoch_lock: Mutex::new(()),
             raiser: Mutex::new(None),
             local: Mutex::new(None),
+            recorder: OnceLock::new(),
+            reported: Mutex::new(None),
+            record_failing: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// The in-sync set at `generation`, as the recorder is told it: a child is in sync when
+    /// it is in the in-sync set and holds `generation` (a child back from a resync that has
+    /// not been given it yet is still out).
+    pub(crate) fn report(&self, generation: u64) -> InSyncReport {
+        let replicas = self
+            .children
+            .iter()
+            .filter_map(|child| {
+                let spec = child.spec.lock().clone()?;
+                let in_sync = child.state() == ChildState::InSync
+                    && child.gen_stored.load(Ordering::SeqCst) >= generation;
+                let sync = if in_sync {
+                    ReplicaSync::InSync
+                } else {
+                    ReplicaSync::OutOfSync
+                };
+                Some((spec.to_string(), sync))
+            })
+            .collect();
+        InSyncReport {
+            epoch: self.epoch(),
+            generation,
+            replicas,
         }
     }
 
