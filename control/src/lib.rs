@@ -3,6 +3,8 @@
 //! * [`store`]: the cluster state behind one trait, on etcd or an embedded redb file;
 //! * [`membership`]: node registration, leases and marking nodes down;
 //! * [`election`]: which control process decides (a lease-backed key with compare-and-swap);
+//! * [`volume`]: the volume records and the commands that write them; [`placement`]: which
+//!   nodes hold a volume's replicas and where its nexus opens;
 //! * [`rest`]: the REST API (axum), its OpenAPI document and the Prometheus metrics;
 //! * [`proto`], [`units`], [`table`]: `cairnctl`'s node commands over the cairn-node admin
 //!   API, its size parser and table printer.
@@ -13,10 +15,12 @@
 
 pub mod election;
 pub mod membership;
+pub mod placement;
 pub mod rest;
 pub mod store;
 pub mod table;
 pub mod units;
+pub mod volume;
 
 /// The cairn-node admin API client, generated from `node/proto/admin.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -1,0 +1,480 @@
+//! Volumes: the durable record of each replicated volume ([`VolumeRecord`] under
+//! `/cairn/v1/volumes/{name}`), the commands that change it (create, attach, detach, snapshot,
+//! clone, grow, delete) and what inspect shows.
+//!
+//! A command only ever writes the record: one transaction fenced by the leader's term and
+//! checked on the record's revision (so two racing commands, or a deposed leader, cannot both
+//! win). Nothing here calls a node. The reconcile loop ([`crate::reconcile`]) reads the
+//! records and brings the nodes to them, so a crash of the control process between the write
+//! and the node calls is finished by whichever process leads next, exactly once: every node
+//! call it makes is idempotent by name, and every step it completes is written back to the
+//! record before the next one depends on it.
+//!
+//! The in-sync record (`/cairn/v1/insync/{name}`) belongs to the in-sync module; attach
+//! writes its initial value in the same transaction as the attach point, and inspect derives
+//! each replica's health from it. Its type here mirrors the shared contract field for field.
+
+use crate::election::Leadership;
+use crate::membership::{NodeRecord, CAS_ATTEMPTS_MAX};
+use crate::placement::{self, PlacementError};
+use crate::store::{AnyStore, Store, StoreError, Txn, KEY_ROOT};
+use crate::units::human_size;
+use cairn_control_api::{
+    AttachView, CreateVolumeRequest, LeaderInfo, NodeState, ReplicaHealth, ReplicaView,
+    SnapshotView, VolumeView,
+};
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+/// Volume records, one key per volume name.
+pub const VOLUMES_PREFIX: &str = "/cairn/v1/volumes/";
+/// In-sync records, one key per volume name (written by attach and by the nexus's reports).
+pub const INSYNC_PREFIX: &str = "/cairn/v1/insync/";
+/// The [`VolumeRecord`] format written; a record with a higher one is refused.
+pub const VOLUME_RECORD_FORMAT: u32 = 1;
+/// The [`InSyncRecord`] format written; a record with a higher one is refused.
+pub const INSYNC_RECORD_FORMAT: u32 = 1;
+
+const _: () =
+    assert!(VOLUMES_PREFIX.len() > KEY_ROOT.len() && INSYNC_PREFIX.len() > KEY_ROOT.len());
+
+/// Where a replica is in its life. A replica is `creating` from the moment placement records
+/// it until its node has the volume; `deleting` from the moment its removal is recorded until
+/// its node no longer has it (then the entry is dropped).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Creating,
+    Created,
+    Deleting,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Creating => "creating",
+            ReplicaState::Created => "created",
+            ReplicaState::Deleting => "deleting",
+        }
+    }
+}
+
+/// One replica: the volume of the same name in the first pool of `node`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    pub node: String,
+    pub state: ReplicaState,
+}
+
+/// Where the volume's nexus is (to be) open.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub node: String,
+    /// Set by the reconcile loop once the nexus is exported; None until then.
+    pub nbd_uri: Option<String>,
+}
+
+/// A snapshot of the volume: the object `{volume}@{name}` on each replica's node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The replica nodes that have it (the reconcile loop adds each as its node confirms).
+    pub nodes: Vec<String>,
+    pub created_unix_ms: u64,
+}
+
+/// What a clone was made from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Origin {
+    pub volume: String,
+    pub snapshot: String,
+}
+
+/// What the store holds about a volume, as JSON under `/cairn/v1/volumes/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub format: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    /// 1 to 3.
+    pub replicas_wanted: u32,
+    /// The zone constraint given at creation.
+    pub zone: Option<String>,
+    pub replicas: Vec<ReplicaRecord>,
+    pub attached: Option<Attachment>,
+    /// The epoch of the current or last nexus; raised by every attach and every failover.
+    pub epoch: u64,
+    pub created_unix_ms: u64,
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    #[serde(default)]
+    pub origin: Option<Origin>,
+    /// Delete is recorded: the reconcile loop removes the nexus, the snapshots and the
+    /// replicas, then the record.
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+impl VolumeRecord {
+    /// The nodes holding a replica, whatever its state.
+    pub fn replica_nodes(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.node.clone()).collect()
+    }
+
+    /// True when every replica's node has the volume.
+    pub fn all_created(&self) -> bool {
+        self.replicas
+            .iter()
+            .all(|r| r.state == ReplicaState::Created)
+    }
+}
+
+/// The durable in-sync set of a volume, as JSON under `/cairn/v1/insync/{name}` (the shared
+/// contract's `InSyncRecord`, field for field).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InSyncRecord {
+    pub format: u32,
+    pub volume: String,
+    pub epoch: u64,
+    pub generation: u64,
+    pub in_sync: Vec<String>,
+    pub out_of_sync: Vec<String>,
+    pub updated_unix_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume '{0}' does not exist")]
+    Unknown(String),
+    #[error("volume '{name}' already exists with {existing}; this request asks for {requested}")]
+    Conflict {
+        name: String,
+        existing: String,
+        requested: String,
+    },
+    #[error("volume '{name}': {source}")]
+    Placement {
+        name: String,
+        source: PlacementError,
+    },
+    #[error(
+        "volume '{name}' of {} does not fit: the largest pool of any node holds {}",
+        human_size(*size_bytes),
+        human_size(*largest_bytes)
+    )]
+    TooLarge {
+        name: String,
+        size_bytes: u64,
+        largest_bytes: u64,
+    },
+    #[error("node '{0}' is not registered")]
+    UnknownNode(String),
+    #[error("node '{node}' is down; attach volume '{name}' to an up node")]
+    NodeDown { name: String, node: String },
+    #[error("node '{node}' has no NBD listener to export volume '{name}' on")]
+    NoNbd { name: String, node: String },
+    #[error("volume '{name}' is attached to node '{node}'; {why}")]
+    Attached {
+        name: String,
+        node: String,
+        why: &'static str,
+    },
+    #[error("volume '{name}' is not ready: {why}")]
+    NotReady { name: String, why: String },
+    #[error("volume '{0}' is being deleted")]
+    Deleting(String),
+    #[error(
+        "volume '{name}' is {}; {} would shrink it (only growing is supported)",
+        human_size(*size_bytes),
+        human_size(*requested_bytes)
+    )]
+    Shrink {
+        name: String,
+        size_bytes: u64,
+        requested_bytes: u64,
+    },
+    #[error("volume '{volume}' has no snapshot '{snapshot}'")]
+    UnknownSnapshot { volume: String, snapshot: String },
+    #[error("volume '{volume}' has clones of its snapshots ({}); delete them first", clones.join(", "))]
+    HasClones { volume: String, clones: Vec<String> },
+    #[error(
+        "this control process ({this}) is not the leader; send the request to {}",
+        leader.as_ref().map_or_else(|| "the leader (none is elected right now; retry)".to_string(), |l| format!("the leader {} at {}", l.id, l.listen))
+    )]
+    NotLeader {
+        this: String,
+        leader: Option<LeaderInfo>,
+    },
+    #[error("volume '{0}' record kept changing under {CAS_ATTEMPTS_MAX} attempts to update it")]
+    Contended(String),
+    #[error("stored record {key} is unreadable: {why}")]
+    Corrupt { key: String, why: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub fn volume_key(name: &str) -> String {
+    format!("{VOLUMES_PREFIX}{name}")
+}
+
+pub fn insync_key(name: &str) -> String {
+    format!("{INSYNC_PREFIX}{name}")
+}
+
+/// The node object name of snapshot `snapshot` of volume `volume` (`@` cannot occur in either
+/// name, so no two snapshots and no volume share an object name).
+pub fn snapshot_object(volume: &str, snapshot: &str) -> String {
+    format!("{volume}@{snapshot}")
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn decode_checked<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: &[u8],
+    format_of: impl Fn(&T) -> u32,
+    newest: u32,
+) -> Result<T, VolumeError> {
+    let record: T = serde_json::from_slice(value).map_err(|e| VolumeError::Corrupt {
+        key: key.to_string(),
+        why: e.to_string(),
+    })?;
+    let format = format_of(&record);
+    if format > newest {
+        return Err(VolumeError::Corrupt {
+            key: key.to_string(),
+            why: format!("format {format} is newer than this build's {newest}"),
+        });
+    }
+    Ok(record)
+}
+
+pub fn decode_volume(key: &str, value: &[u8]) -> Result<VolumeRecord, VolumeError> {
+    decode_checked(
+        key,
+        value,
+        |r: &VolumeRecord| r.format,
+        VOLUME_RECORD_FORMAT,
+    )
+}
+
+/// The volume record `name` and its revision, or None.
+pub async fn read(
+    store: &AnyStore,
+    name: &str,
+) -> Result<Option<(VolumeRecord, u64)>, VolumeError> {
+    let key = volume_key(name);
+    match store.get(&key).await? {
+        Some(e) => Ok(Some((decode_volume(&key, &e.value)?, e.mod_revision))),
+        None => Ok(None),
+    }
+}
+
+/// Every volume record with its revision, in name order.
+pub async fn list(store: &AnyStore) -> Result<Vec<(VolumeRecord, u64)>, VolumeError> {
+    store
+        .list(VOLUMES_PREFIX)
+        .await?
+        .iter()
+        .map(|e| Ok((decode_volume(&e.key, &e.value)?, e.mod_revision)))
+        .collect()
+}
+
+/// The in-sync record of volume `name` and its revision, or None before the first attach.
+pub async fn read_insync(
+    store: &AnyStore,
+    name: &str,
+) -> Result<Option<(InSyncRecord, u64)>, VolumeError> {
+    let key = insync_key(name);
+    match store.get(&key).await? {
+        Some(e) => Ok(Some((
+            decode_checked(
+                &key,
+                &e.value,
+                |r: &InSyncRecord| r.format,
+                INSYNC_RECORD_FORMAT,
+            )?,
+            e.mod_revision,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Writes `record` as leader `term` if the record still has revision `revision` (0: absent);
+/// Some(new revision), or None when someone changed it in between.
+pub async fn write(
+    store: &AnyStore,
+    term: Leadership,
+    record: &VolumeRecord,
+    revision: u64,
+) -> Result<Option<u64>, VolumeError> {
+    let key = volume_key(&record.name);
+    let txn = term.fence(
+        Txn::default()
+            .check(&key, revision)
+            .put(&key, encode(record), None),
+    );
+    Ok(store.txn(txn).await?)
+}
+
+/// The new record for a create request: its replicas placed on `nodes` (every record, in any
+/// order), all `creating`. Refuses a size no pool can hold and a shortage of nodes.
+pub fn new_record(
+    req: &CreateVolumeRequest,
+    nodes: &[NodeRecord],
+) -> Result<VolumeRecord, VolumeError> {
+    let largest_bytes = nodes
+        .iter()
+        .flat_map(|n| n.pools.first())
+        .map(|p| p.size_bytes)
+        .max()
+        .unwrap_or(0);
+    if req.size_bytes > largest_bytes {
+        return Err(VolumeError::TooLarge {
+            name: req.name.clone(),
+            size_bytes: req.size_bytes,
+            largest_bytes,
+        });
+    }
+    let placed = placement::place(
+        nodes,
+        &placement::Request {
+            size_bytes: req.size_bytes,
+            replicas: req.replicas as usize,
+            zone: req.zone.as_deref(),
+            holders: &[],
+            seed: placement::seed_of(&req.name),
+        },
+    )
+    .map_err(|source| VolumeError::Placement {
+        name: req.name.clone(),
+        source,
+    })?;
+    Ok(VolumeRecord {
+        format: VOLUME_RECORD_FORMAT,
+        name: req.name.clone(),
+        size_bytes: req.size_bytes,
+        replicas_wanted: req.replicas,
+        zone: req.zone.clone(),
+        replicas: placed
+            .into_iter()
+            .map(|node| ReplicaRecord {
+                node,
+                state: ReplicaState::Creating,
+            })
+            .collect(),
+        attached: None,
+        epoch: 0,
+        created_unix_ms: unix_ms(),
+        snapshots: Vec::new(),
+        origin: None,
+        deleting: false,
+    })
+}
+
+/// Whether an existing record answers a create request (the same request again), or the
+/// conflict naming both.
+pub fn same_request(existing: &VolumeRecord, req: &CreateVolumeRequest) -> Result<(), VolumeError> {
+    let describe = |size: u64, replicas: u32, zone: &Option<String>| {
+        format!(
+            "size {size} bytes ({}), {replicas} replica(s){}",
+            human_size(size),
+            zone.as_ref()
+                .map(|z| format!(", zone {z}"))
+                .unwrap_or_default()
+        )
+    };
+    if existing.size_bytes == req.size_bytes
+        && existing.replicas_wanted == req.replicas
+        && existing.zone == req.zone
+    {
+        return Ok(());
+    }
+    Err(VolumeError::Conflict {
+        name: req.name.clone(),
+        existing: describe(
+            existing.size_bytes,
+            existing.replicas_wanted,
+            &existing.zone,
+        ),
+        requested: describe(req.size_bytes, req.replicas, &req.zone),
+    })
+}
+
+/// A replica's health: from the in-sync record when there is one (attach writes it), else
+/// from the replica's placement state and its node's.
+pub fn health(
+    replica: &ReplicaRecord,
+    node: Option<&NodeRecord>,
+    insync: Option<&InSyncRecord>,
+) -> ReplicaHealth {
+    let up = node.is_some_and(|n| n.state == NodeState::Up);
+    match replica.state {
+        ReplicaState::Deleting => return ReplicaHealth::Faulted,
+        ReplicaState::Creating => return ReplicaHealth::Rebuilding,
+        ReplicaState::Created => {}
+    }
+    match insync {
+        None if up => ReplicaHealth::InSync,
+        Some(s) if s.in_sync.contains(&replica.node) && up => ReplicaHealth::InSync,
+        Some(s) if !s.in_sync.contains(&replica.node) && up => ReplicaHealth::Rebuilding,
+        _ => ReplicaHealth::Faulted,
+    }
+}
+
+/// The volume as the REST API shows it (without the live rebuild progress).
+pub fn view(
+    record: &VolumeRecord,
+    nodes: &[NodeRecord],
+    insync: Option<&InSyncRecord>,
+) -> VolumeView {
+    let node_of = |id: &str| nodes.iter().find(|n| n.id == id);
+    VolumeView {
+        name: record.name.clone(),
+        size_bytes: record.size_bytes,
+        replicas_wanted: record.replicas_wanted,
+        zone: record.zone.clone(),
+        epoch: record.epoch,
+        replicas: record
+            .replicas
+            .iter()
+            .map(|r| {
+                let node = node_of(&r.node);
+                ReplicaView {
+                    node: r.node.clone(),
+                    state: health(r, node, insync),
+                    placement: r.state.as_str().to_string(),
+                    zone: node.map(|n| n.zone.clone()),
+                    rack: node.map(|n| n.rack.clone()),
+                }
+            })
+            .collect(),
+        attached: record.attached.as_ref().map(|a| AttachView {
+            node: a.node.clone(),
+            nbd_uri: a.nbd_uri.clone(),
+        }),
+        snapshots: record
+            .snapshots
+            .iter()
+            .map(|s| SnapshotView {
+                name: s.name.clone(),
+                nodes: s.nodes.clone(),
+            })
+            .collect(),
+        origin: record
+            .origin
+            .as_ref()
+            .map(|o| (o.volume.clone(), o.snapshot.clone())),
+        deleting: record.deleting,
+        created_unix_ms: record.created_unix_ms,
+        rebuild: None,
+    }
+}
