@@ -113,7 +113,7 @@ fn list_rejected(rejected: &[(String, Rejection)]) -> String {
 
 /// Why `node` cannot take a replica under `req`, or None when it can.
 pub fn rejection(node: &NodeRecord, req: &Request<'_>) -> Option<Rejection> {
-    if req.holders.iter().any(|h| *h == node.id) {
+    if req.holders.contains(&node.id) {
         return Some(Rejection::HoldsReplica);
     }
     if node.state != NodeState::Up {
@@ -205,7 +205,7 @@ fn weighted_pick<'a>(nodes: &[&'a NodeRecord], rng: &mut SplitMix64) -> &'a Node
     assert!(!nodes.is_empty(), "weighted_pick over no nodes");
     let weight = |n: &NodeRecord| u128::from(n.pools.first().map_or(0, |p| p.free_bytes)) + 1;
     let total: u128 = nodes.iter().map(|n| weight(n)).sum();
-    let mut point = u128::from(rng.next()) * total >> 64;
+    let mut point = (u128::from(rng.next()) * total) >> 64;
     for n in nodes {
         let w = weight(n);
         if point < w {

@@ -8,7 +8,9 @@
 
 use crate::election::Election;
 use crate::membership::{Membership, MembershipError};
+use crate::reconcile::NodeClients;
 use crate::store::StoreError;
+use crate::volume::{Outcome, VolumeError, Volumes};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, Method, StatusCode, Uri};
@@ -31,6 +33,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/nodes/{id}/register"),
     ("post", "/v1/nodes/{id}/heartbeat"),
     ("get", "/v1/leader"),
+    ("get", "/v1/volumes"),
+    ("post", "/v1/volumes"),
+    ("get", "/v1/volumes/{name}"),
+    ("delete", "/v1/volumes/{name}"),
+    ("post", "/v1/volumes/{name}/attach"),
+    ("post", "/v1/volumes/{name}/detach"),
+    ("post", "/v1/volumes/{name}/snapshot"),
+    ("post", "/v1/volumes/{name}/clone"),
+    ("post", "/v1/volumes/{name}/grow"),
     ("get", "/openapi.json"),
     ("get", "/metrics"),
 ];
@@ -39,6 +50,10 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub struct App {
     pub membership: Membership,
     pub election: Arc<Election>,
+    pub volumes: Volumes,
+    /// Admin API channels to the nodes (inspect's live rebuild progress; shared with the
+    /// reconcile loop).
+    pub clients: Arc<NodeClients>,
 }
 
 type AppState = State<Arc<App>>;
@@ -51,6 +66,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/nodes/{id}/register", post(register))
         .route("/v1/nodes/{id}/heartbeat", post(heartbeat))
         .route("/v1/leader", get(leader))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/attach", post(attach))
+        .route("/v1/volumes/{name}/detach", post(detach))
+        .route("/v1/volumes/{name}/snapshot", post(snapshot))
+        .route("/v1/volumes/{name}/clone", post(clone_volume))
+        .route("/v1/volumes/{name}/grow", post(grow))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .fallback(no_route)
@@ -88,6 +110,47 @@ impl IntoResponse for MembershipError {
         };
         error(status, self)
     }
+}
+
+impl IntoResponse for VolumeError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            VolumeError::Unknown(_)
+            | VolumeError::UnknownNode(_)
+            | VolumeError::UnknownSnapshot { .. } => StatusCode::NOT_FOUND,
+            VolumeError::Conflict { .. }
+            | VolumeError::Placement { .. }
+            | VolumeError::NodeDown { .. }
+            | VolumeError::NoNbd { .. }
+            | VolumeError::Attached { .. }
+            | VolumeError::NotReady { .. }
+            | VolumeError::Deleting(_)
+            | VolumeError::HasClones { .. } => StatusCode::CONFLICT,
+            VolumeError::TooLarge { .. } | VolumeError::Shrink { .. } => StatusCode::BAD_REQUEST,
+            VolumeError::NotLeader { .. } | VolumeError::Contended(_) | VolumeError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            VolumeError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, self)
+    }
+}
+
+/// The answer to a volume command: 201 when `created_status` and the command wrote a new
+/// record, else 200; the volume as inspect shows it.
+fn outcome(r: Result<Outcome, VolumeError>, created_status: bool) -> Response {
+    match r {
+        Ok(o) if o.changed && created_status => (StatusCode::CREATED, Json(o.view)).into_response(),
+        Ok(o) => Json(o.view).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The 400 for a volume name that is not a valid name, None for a good one.
+fn bad_volume_name(name: &str) -> Option<Response> {
+    api::check_name("volume name", name)
+        .err()
+        .map(|e| bad_request(&e))
 }
 
 /// The 400 for a node id that is not a valid name, None for a good one.
@@ -154,6 +217,103 @@ async fn leader(State(app): AppState) -> Response {
         })
         .into_response(),
         Err(e) => MembershipError::Store(e).into_response(),
+    }
+}
+
+async fn list_volumes(State(app): AppState) -> Response {
+    match app.volumes.list().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn create_volume(State(app): AppState, body: Bytes) -> Response {
+    match api::parse_create_volume(&body) {
+        Ok(req) => outcome(app.volumes.create(&req).await, true),
+        Err(e) => bad_request(&e),
+    }
+}
+
+/// Inspect: the record as the REST API shows it, with the attach node's resync progress when
+/// it answers within `reconcile::SHOW_TIMEOUT`.
+async fn get_volume(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    let record = match app.volumes.get(&name).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut view = match app.volumes.view_of(&record).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(a) = &record.attached {
+        if let Ok(nodes) = app.membership.records().await {
+            if let Some(n) = nodes.iter().find(|n| n.id == a.node) {
+                view.rebuild = app.clients.rebuild(n, &name).await;
+            }
+        }
+    }
+    Json(view).into_response()
+}
+
+async fn delete_volume(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    outcome(app.volumes.delete(&name).await, false)
+}
+
+async fn attach(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_attach(&body) {
+        Ok(req) => outcome(app.volumes.attach(&name, req.node.as_deref()).await, false),
+        Err(e) => bad_request(&e),
+    }
+}
+
+async fn detach(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    outcome(app.volumes.detach(&name).await, false)
+}
+
+async fn snapshot(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_snapshot(&body) {
+        Ok(req) => outcome(app.volumes.snapshot(&name, &req.name).await, false),
+        Err(e) => bad_request(&e),
+    }
+}
+
+async fn clone_volume(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_clone(&body) {
+        Ok(req) => outcome(
+            app.volumes
+                .clone_volume(&name, &req.snapshot, &req.name)
+                .await,
+            true,
+        ),
+        Err(e) => bad_request(&e),
+    }
+}
+
+async fn grow(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_grow(&body) {
+        Ok(req) => outcome(app.volumes.grow(&name, req.size_bytes).await, false),
+        Err(e) => bad_request(&e),
     }
 }
 

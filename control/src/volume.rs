@@ -478,3 +478,517 @@ pub fn view(
         rebuild: None,
     }
 }
+
+impl From<crate::membership::MembershipError> for VolumeError {
+    fn from(e: crate::membership::MembershipError) -> VolumeError {
+        match e {
+            crate::membership::MembershipError::Store(s) => VolumeError::Store(s),
+            other => VolumeError::Corrupt {
+                key: crate::membership::NODES_PREFIX.to_string(),
+                why: other.to_string(),
+            },
+        }
+    }
+}
+
+/// What a command did: whether it wrote a new record (201 on create) and the volume after it.
+pub struct Outcome {
+    pub changed: bool,
+    pub view: VolumeView,
+}
+
+/// The volume commands. Each reads the records, decides, and writes its decision in one
+/// transaction fenced by the leader's term and checked on every record it read; it retries a
+/// lost race up to [`CAS_ATTEMPTS_MAX`] times. Node calls are the reconcile loop's, woken by
+/// `kick` after every write.
+pub struct Volumes {
+    store: std::sync::Arc<AnyStore>,
+    election: std::sync::Arc<crate::election::Election>,
+    pub kick: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// What one decision writes: the volume record and, from attach, the in-sync record.
+struct Decision {
+    record: VolumeRecord,
+    insync: Option<(InSyncRecord, u64)>,
+}
+
+impl Volumes {
+    pub fn new(
+        store: std::sync::Arc<AnyStore>,
+        election: std::sync::Arc<crate::election::Election>,
+    ) -> Volumes {
+        Volumes {
+            store,
+            election,
+            kick: std::sync::Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// This process's term, or the refusal naming the leader.
+    async fn term(&self) -> Result<Leadership, VolumeError> {
+        match self.election.current() {
+            Some(t) => Ok(t),
+            None => Err(VolumeError::NotLeader {
+                this: self.election.me().id.clone(),
+                leader: self.election.leader().await?,
+            }),
+        }
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, VolumeError> {
+        Ok(crate::membership::node_records(&self.store).await?)
+    }
+
+    /// The view of `record` with the current node records and in-sync record.
+    pub async fn view_of(&self, record: &VolumeRecord) -> Result<VolumeView, VolumeError> {
+        let nodes = self.nodes().await?;
+        let insync = read_insync(&self.store, &record.name).await?;
+        Ok(view(record, &nodes, insync.as_ref().map(|(r, _)| r)))
+    }
+
+    /// Every volume, in name order.
+    pub async fn list(&self) -> Result<Vec<VolumeView>, VolumeError> {
+        let nodes = self.nodes().await?;
+        let mut out = Vec::new();
+        for (record, _) in list(&self.store).await? {
+            let insync = read_insync(&self.store, &record.name).await?;
+            out.push(view(&record, &nodes, insync.as_ref().map(|(r, _)| r)));
+        }
+        Ok(out)
+    }
+
+    /// The record of volume `name`, or [`VolumeError::Unknown`].
+    pub async fn get(&self, name: &str) -> Result<VolumeRecord, VolumeError> {
+        read(&self.store, name)
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| VolumeError::Unknown(name.to_string()))
+    }
+
+    /// Runs `decide` on the record `name` (None when absent) and the node records until its
+    /// decision is written unraced: Ok(None) from `decide` means nothing to write (the
+    /// command was already done), and the current record is answered.
+    async fn command(
+        &self,
+        name: &str,
+        decide: impl Fn(
+            Option<&VolumeRecord>,
+            &[NodeRecord],
+        ) -> Result<Option<VolumeRecord>, VolumeError>,
+    ) -> Result<Outcome, VolumeError> {
+        for _ in 0..CAS_ATTEMPTS_MAX {
+            let term = self.term().await?;
+            let current = read(&self.store, name).await?;
+            let nodes = self.nodes().await?;
+            let record = current.as_ref().map(|(r, _)| r);
+            let Some(next) = decide(record, &nodes)? else {
+                let record = record.ok_or_else(|| VolumeError::Unknown(name.to_string()))?;
+                return Ok(Outcome {
+                    changed: false,
+                    view: self.view_of(record).await?,
+                });
+            };
+            let revision = current.as_ref().map_or(0, |(_, rev)| *rev);
+            let decision = self.with_insync(&next, record).await?;
+            if self.apply(term, name, revision, &decision).await? {
+                self.kick.notify_one();
+                return Ok(Outcome {
+                    changed: true,
+                    view: self.view_of(&next).await?,
+                });
+            }
+        }
+        Err(VolumeError::Contended(name.to_string()))
+    }
+
+    /// The decision for `next`: an attach (a raised epoch with an attach point) also writes
+    /// the volume's initial in-sync record (the shared contract: the new epoch, the previous
+    /// generation, the previous in-sync set or every created replica for a new volume).
+    async fn with_insync(
+        &self,
+        next: &VolumeRecord,
+        previous: Option<&VolumeRecord>,
+    ) -> Result<Decision, VolumeError> {
+        let attaching = next.attached.is_some() && previous.is_some_and(|p| p.epoch < next.epoch);
+        if !attaching {
+            return Ok(Decision {
+                record: next.clone(),
+                insync: None,
+            });
+        }
+        let old = read_insync(&self.store, &next.name).await?;
+        let created: Vec<String> = next
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Created)
+            .map(|r| r.node.clone())
+            .collect();
+        let revision = old.as_ref().map_or(0, |(_, rev)| *rev);
+        let record = InSyncRecord {
+            format: INSYNC_RECORD_FORMAT,
+            volume: next.name.clone(),
+            epoch: next.epoch,
+            generation: old.as_ref().map_or(0, |(r, _)| r.generation),
+            in_sync: old.as_ref().map_or(created, |(r, _)| r.in_sync.clone()),
+            out_of_sync: old
+                .as_ref()
+                .map_or_else(Vec::new, |(r, _)| r.out_of_sync.clone()),
+            updated_unix_ms: unix_ms(),
+        };
+        Ok(Decision {
+            record: next.clone(),
+            insync: Some((record, revision)),
+        })
+    }
+
+    /// Writes `decision` in one fenced transaction checked on the revisions read; false when
+    /// a check failed (nothing was written).
+    async fn apply(
+        &self,
+        term: Leadership,
+        name: &str,
+        revision: u64,
+        decision: &Decision,
+    ) -> Result<bool, VolumeError> {
+        let key = volume_key(name);
+        let mut txn = term.fence(Txn::default().check(&key, revision).put(
+            &key,
+            encode(&decision.record),
+            None,
+        ));
+        if let Some((insync, rev)) = &decision.insync {
+            let ikey = insync_key(name);
+            txn = txn.check(&ikey, *rev).put(&ikey, encode(insync), None);
+        }
+        Ok(self.store.txn(txn).await?.is_some())
+    }
+
+    /// Create (idempotent by name): the same request again answers the existing volume; a
+    /// different size, replica count or zone for an existing name is a conflict naming both.
+    pub async fn create(&self, req: &CreateVolumeRequest) -> Result<Outcome, VolumeError> {
+        self.command(&req.name, |current, nodes| match current {
+            Some(r) if r.deleting => Err(VolumeError::Deleting(r.name.clone())),
+            Some(r) => same_request(r, req).map(|()| None),
+            None => new_record(req, nodes).map(Some),
+        })
+        .await
+    }
+
+    /// Attach to `node` (or the node placement prefers): a raised epoch and the attach point,
+    /// with the initial in-sync record. Attaching again to the same node is a no-op.
+    pub async fn attach(&self, name: &str, node: Option<&str>) -> Result<Outcome, VolumeError> {
+        self.command(name, |current, nodes| {
+            let r = live(name, current)?;
+            let target = match node {
+                Some(n) => n.to_string(),
+                None => placement::attach_target(nodes, &r.replica_nodes()).map_err(|source| {
+                    VolumeError::Placement {
+                        name: name.to_string(),
+                        source,
+                    }
+                })?,
+            };
+            let rec = nodes
+                .iter()
+                .find(|n| n.id == target)
+                .ok_or_else(|| VolumeError::UnknownNode(target.clone()))?;
+            if rec.state != NodeState::Up {
+                return Err(VolumeError::NodeDown {
+                    name: name.to_string(),
+                    node: target,
+                });
+            }
+            if rec.addresses.nbd.is_none() {
+                return Err(VolumeError::NoNbd {
+                    name: name.to_string(),
+                    node: target,
+                });
+            }
+            match &r.attached {
+                Some(a) if a.node == target => return Ok(None),
+                Some(a) => {
+                    return Err(VolumeError::Attached {
+                        name: name.to_string(),
+                        node: a.node.clone(),
+                        why: "detach it first",
+                    })
+                }
+                None => {}
+            }
+            if !r.all_created() {
+                return Err(VolumeError::NotReady {
+                    name: name.to_string(),
+                    why: format!("replicas still being created ({})", creating(r)),
+                });
+            }
+            let mut next = r.clone();
+            next.epoch += 1;
+            next.attached = Some(Attachment {
+                node: target,
+                nbd_uri: None,
+            });
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Detach: no attach point; the reconcile loop takes the nexus down.
+    pub async fn detach(&self, name: &str) -> Result<Outcome, VolumeError> {
+        self.command(name, |current, _| {
+            let r = live(name, current)?;
+            if r.attached.is_none() {
+                return Ok(None);
+            }
+            let mut next = r.clone();
+            next.attached = None;
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Snapshot: recorded, then taken on each replica by the reconcile loop. Refused while
+    /// attached: each replica is snapshotted on its own node, and only a detached volume's
+    /// replicas are known to be identical.
+    pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Outcome, VolumeError> {
+        self.command(name, |current, _| {
+            let r = live(name, current)?;
+            if r.snapshots.iter().any(|s| s.name == snapshot) {
+                return Ok(None);
+            }
+            if let Some(a) = &r.attached {
+                return Err(VolumeError::Attached {
+                    name: name.to_string(),
+                    node: a.node.clone(),
+                    why: "detach it first: each replica is snapshotted on its own node, and only a detached volume's replicas are identical",
+                });
+            }
+            if !r.all_created() {
+                return Err(VolumeError::NotReady {
+                    name: name.to_string(),
+                    why: format!("replicas still being created ({})", creating(r)),
+                });
+            }
+            let mut next = r.clone();
+            next.snapshots.push(SnapshotRecord {
+                name: snapshot.to_string(),
+                nodes: Vec::new(),
+                created_unix_ms: unix_ms(),
+            });
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Clone: a new volume from snapshot `snapshot` of `source`, with its replicas on the
+    /// snapshot's nodes (a clone shares the snapshot's clusters). Idempotent by the new name.
+    pub async fn clone_volume(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<Outcome, VolumeError> {
+        for _ in 0..CAS_ATTEMPTS_MAX {
+            let term = self.term().await?;
+            let (src, src_rev) = read(&self.store, source)
+                .await?
+                .ok_or_else(|| VolumeError::Unknown(source.to_string()))?;
+            let current = read(&self.store, name).await?;
+            let origin = Origin {
+                volume: source.to_string(),
+                snapshot: snapshot.to_string(),
+            };
+            if let Some((r, _)) = &current {
+                if r.origin.as_ref() == Some(&origin) {
+                    return Ok(Outcome {
+                        changed: false,
+                        view: self.view_of(r).await?,
+                    });
+                }
+                return Err(VolumeError::Conflict {
+                    name: name.to_string(),
+                    existing: r.origin.as_ref().map_or_else(
+                        || "no origin (it is not a clone)".to_string(),
+                        |o| format!("origin {}@{}", o.volume, o.snapshot),
+                    ),
+                    requested: format!("a clone of {source}@{snapshot}"),
+                });
+            }
+            let next = clone_record(&src, snapshot, name)?;
+            let key = volume_key(name);
+            let txn = term.fence(
+                Txn::default()
+                    .check(volume_key(source), src_rev)
+                    .check(&key, 0)
+                    .put(&key, encode(&next), None),
+            );
+            if self.store.txn(txn).await?.is_some() {
+                self.kick.notify_one();
+                return Ok(Outcome {
+                    changed: true,
+                    view: self.view_of(&next).await?,
+                });
+            }
+        }
+        Err(VolumeError::Contended(name.to_string()))
+    }
+
+    /// Grow: the larger size is recorded, then each replica grown. Refused while attached (an
+    /// open nexus keeps its size).
+    pub async fn grow(&self, name: &str, size_bytes: u64) -> Result<Outcome, VolumeError> {
+        self.command(name, |current, nodes| {
+            let r = live(name, current)?;
+            if size_bytes == r.size_bytes {
+                return Ok(None);
+            }
+            if size_bytes < r.size_bytes {
+                return Err(VolumeError::Shrink {
+                    name: name.to_string(),
+                    size_bytes: r.size_bytes,
+                    requested_bytes: size_bytes,
+                });
+            }
+            if let Some(a) = &r.attached {
+                return Err(VolumeError::Attached {
+                    name: name.to_string(),
+                    node: a.node.clone(),
+                    why: "detach it first: an open nexus keeps its size",
+                });
+            }
+            let largest_bytes = nodes
+                .iter()
+                .filter(|n| r.replicas.iter().any(|x| x.node == n.id))
+                .flat_map(|n| n.pools.first())
+                .map(|p| p.size_bytes)
+                .min()
+                .unwrap_or(0);
+            if size_bytes > largest_bytes {
+                return Err(VolumeError::TooLarge {
+                    name: name.to_string(),
+                    size_bytes,
+                    largest_bytes,
+                });
+            }
+            let mut next = r.clone();
+            next.size_bytes = size_bytes;
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Delete: recorded as `deleting`; the reconcile loop removes the replicas and snapshots,
+    /// then the record. Refused while attached or while clones of its snapshots exist.
+    pub async fn delete(&self, name: &str) -> Result<Outcome, VolumeError> {
+        let clones: Vec<String> = list(&self.store)
+            .await?
+            .into_iter()
+            .filter(|(r, _)| r.origin.as_ref().is_some_and(|o| o.volume == name))
+            .map(|(r, _)| r.name)
+            .collect();
+        self.command(name, |current, _| {
+            let r = current.ok_or_else(|| VolumeError::Unknown(name.to_string()))?;
+            if r.deleting {
+                return Ok(None);
+            }
+            if let Some(a) = &r.attached {
+                return Err(VolumeError::Attached {
+                    name: name.to_string(),
+                    node: a.node.clone(),
+                    why: "detach it first",
+                });
+            }
+            if !clones.is_empty() {
+                return Err(VolumeError::HasClones {
+                    volume: name.to_string(),
+                    clones: clones.clone(),
+                });
+            }
+            let mut next = r.clone();
+            next.deleting = true;
+            for replica in &mut next.replicas {
+                replica.state = ReplicaState::Deleting;
+            }
+            Ok(Some(next))
+        })
+        .await
+    }
+}
+
+/// The record, unless absent or being deleted.
+fn live<'a>(
+    name: &str,
+    current: Option<&'a VolumeRecord>,
+) -> Result<&'a VolumeRecord, VolumeError> {
+    match current {
+        None => Err(VolumeError::Unknown(name.to_string())),
+        Some(r) if r.deleting => Err(VolumeError::Deleting(name.to_string())),
+        Some(r) => Ok(r),
+    }
+}
+
+fn creating(r: &VolumeRecord) -> String {
+    r.replicas
+        .iter()
+        .filter(|x| x.state != ReplicaState::Created)
+        .map(|x| format!("{} {}", x.node, x.state.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The record of a clone `name` of `src`'s snapshot `snapshot`, which must be complete.
+fn clone_record(
+    src: &VolumeRecord,
+    snapshot: &str,
+    name: &str,
+) -> Result<VolumeRecord, VolumeError> {
+    if src.deleting {
+        return Err(VolumeError::Deleting(src.name.clone()));
+    }
+    let snap = src
+        .snapshots
+        .iter()
+        .find(|s| s.name == snapshot)
+        .ok_or_else(|| VolumeError::UnknownSnapshot {
+            volume: src.name.clone(),
+            snapshot: snapshot.to_string(),
+        })?;
+    let missing: Vec<&str> = src
+        .replicas
+        .iter()
+        .filter(|r| !snap.nodes.contains(&r.node))
+        .map(|r| r.node.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(VolumeError::NotReady {
+            name: src.name.clone(),
+            why: format!(
+                "snapshot '{snapshot}' is not yet taken on {}",
+                missing.join(", ")
+            ),
+        });
+    }
+    Ok(VolumeRecord {
+        format: VOLUME_RECORD_FORMAT,
+        name: name.to_string(),
+        size_bytes: src.size_bytes,
+        replicas_wanted: src.replicas_wanted,
+        zone: src.zone.clone(),
+        replicas: src
+            .replicas
+            .iter()
+            .map(|r| ReplicaRecord {
+                node: r.node.clone(),
+                state: ReplicaState::Creating,
+            })
+            .collect(),
+        attached: None,
+        epoch: 0,
+        created_unix_ms: unix_ms(),
+        snapshots: Vec::new(),
+        origin: Some(Origin {
+            volume: src.name.clone(),
+            snapshot: snapshot.to_string(),
+        }),
+        deleting: false,
+    })
+}

@@ -390,7 +390,7 @@ pub fn parse_grow(body: &[u8]) -> Result<GrowRequest, ApiError> {
 pub fn check_volume_size(size_bytes: u64) -> Result<(), ApiError> {
     let why = if size_bytes < VOLUME_BLOCK_BYTES {
         "below the block size (4096 bytes)"
-    } else if size_bytes % VOLUME_BLOCK_BYTES != 0 {
+    } else if !size_bytes.is_multiple_of(VOLUME_BLOCK_BYTES) {
         "not a multiple of the block size (4096 bytes)"
     } else {
         return Ok(());
