@@ -3,7 +3,9 @@
 //! distinct nodes (one per zone) and each node has the replica volume; the same create again
 //! is a no-op and another size is a conflict naming both; attach opens the nexus, and an NBD
 //! client writes through it and reads back; delete removes every replica volume from the
-//! nodes. Bad input (a shortage of eligible nodes, a size no pool holds, a malformed body, an
+//! nodes; snapshot, clone and grow reach every replica node, a volume with clones cannot be
+//! deleted and a shrink is refused; on etcd a follower serves reads and refuses writes naming
+//! the leader. Bad input (a shortage of eligible nodes, a size no pool holds, a malformed body, an
 //! unknown volume, attach to a down node) gets a clear error and leaves the state unchanged.
 //!
 //! The crash test kills the control process (`kill -9`) after a create is recorded and before
@@ -185,6 +187,51 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
         "{ls}"
     );
 
+    // Snapshot, clone and grow: recorded, then carried out on every replica node.
+    let (code, _, err) = control.ctl(&["volume", "snapshot", "v", "mon"]);
+    assert_eq!(code, 0, "{err}");
+    wait_for("the snapshot on every replica", STATE_TIMEOUT, || {
+        (inspect(&control, "v")["snapshots"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3)
+            .then_some(())
+    });
+    let (code, _, err) = control.ctl(&["volume", "clone", "v", "mon", "vc"]);
+    assert_eq!(code, 0, "{err}");
+    for n in &nodes {
+        let mut objects = node_objects(&n.admin);
+        objects.sort();
+        assert_eq!(objects, ["v", "v@mon", "vc"], "{}", n.admin);
+    }
+    let (code, _, err) = control.ctl(&["volume", "grow", "vc", "--size", "32M"]);
+    assert_eq!(code, 0, "{err}");
+    for n in &nodes {
+        wait_for("the clone to grow", STATE_TIMEOUT, || {
+            (node_object_size(&n.admin, "vc") == 32 * MIB).then_some(())
+        });
+    }
+    let (got, answer) = post(&control, "/v1/volumes/vc/grow", br#"{"size_bytes": 4096}"#);
+    assert_eq!(got, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("would shrink it"),
+        "{answer}"
+    );
+    let r = control
+        .client
+        .request("DELETE", "/v1/volumes/v", None)
+        .unwrap();
+    assert_eq!(r.status, 409, "{}", r.error_message());
+    assert!(r
+        .error_message()
+        .contains("has clones of its snapshots (vc)"));
+    let (code, _, err) = control.ctl(&["volume", "delete", "vc"]);
+    assert_eq!(code, 0, "{err}");
+
     // Attach: the nexus on n1, exported; I/O through it reads back.
     let (code, uri, err) = control.ctl(&["volume", "attach", "v", "--node", "n1"]);
     assert_eq!(code, 0, "{err}");
@@ -224,6 +271,34 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
         "{answer}"
     );
     assert_eq!(inspect(&control, "w"), before);
+
+    // A follower serves reads and refuses writes, naming the leader.
+    if let Some(etcd) = etcd {
+        let follower = Control::start(&dir.join("follower"), Some(&etcd.url), 0);
+        assert_eq!(inspect(&follower, "w")["name"], "w");
+        let (got, answer) = post(&follower, "/v1/volumes/w/detach", b"");
+        assert_eq!(got, 503, "{answer}");
+        let msg = answer["error"].as_str().unwrap();
+        assert!(
+            msg.contains("is not the leader") && msg.contains(&control.url),
+            "{msg}"
+        );
+    }
+}
+
+/// The size of object `name` on the node whose admin API is `admin`.
+fn node_object_size(admin: &str, name: &str) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+        .args(["node", "--addr", admin, "--json", "volume", "ls"])
+        .output()
+        .unwrap();
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .and_then(|v| v["size_bytes"].as_u64())
+        .unwrap_or(0)
 }
 
 #[test]
