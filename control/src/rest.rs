@@ -341,6 +341,15 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
             })
         }
     };
+    let volumes = app.volumes.list().await.map_err(|e| StoreError::Backend {
+        store: "records",
+        op: "metrics",
+        detail: e.to_string(),
+    })?;
+    let mut health = [0u64; 4];
+    for v in &volumes {
+        health[volume_health(v)] += 1;
+    }
     let up = records.iter().filter(|r| r.state == NodeState::Up).count();
     let down = records.len() - up;
     let c = &app.membership.counters;
@@ -359,6 +368,17 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         &[
             ("{state=\"up\"}", up as u64),
             ("{state=\"down\"}", down as u64),
+        ],
+    );
+    family(
+        "cairn_control_volumes",
+        "gauge",
+        "Volumes by health (healthy: every wanted replica in sync; degraded: some; unavailable: none; deleting).",
+        &[
+            ("{health=\"healthy\"}", health[0]),
+            ("{health=\"degraded\"}", health[1]),
+            ("{health=\"unavailable\"}", health[2]),
+            ("{health=\"deleting\"}", health[3]),
         ],
     );
     family(
@@ -392,6 +412,25 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         &[("", c.marked_down.load(Ordering::Relaxed))],
     );
     Ok(out)
+}
+
+/// The index of `v`'s health in the `cairn_control_volumes` series: 0 healthy, 1 degraded,
+/// 2 unavailable, 3 deleting.
+fn volume_health(v: &api::VolumeView) -> usize {
+    let in_sync = v
+        .replicas
+        .iter()
+        .filter(|r| r.state == api::ReplicaHealth::InSync)
+        .count();
+    if v.deleting {
+        3
+    } else if in_sync == 0 {
+        2
+    } else if in_sync < v.replicas_wanted as usize {
+        1
+    } else {
+        0
+    }
 }
 
 async fn no_route(method: Method, uri: Uri) -> Response {

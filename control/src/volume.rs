@@ -816,10 +816,13 @@ impl Volumes {
             }
             let next = clone_record(&src, snapshot, name)?;
             let key = volume_key(name);
+            // The source is rewritten unchanged so that its revision moves: a delete of the
+            // source that read it before this clone fails its check and sees the clone.
             let txn = term.fence(
                 Txn::default()
                     .check(volume_key(source), src_rev)
                     .check(&key, 0)
+                    .put(volume_key(source), encode(&src), None)
                     .put(&key, encode(&next), None),
             );
             if self.store.txn(txn).await?.is_some() {
@@ -877,18 +880,20 @@ impl Volumes {
     }
 
     /// Delete: recorded as `deleting`; the reconcile loop removes the replicas and snapshots,
-    /// then the record. Refused while attached or while clones of its snapshots exist.
+    /// then the record. Refused while attached or while clones of its snapshots exist. The
+    /// clones are listed after the record is read, and a clone rewrites its source's record,
+    /// so a clone made in between moves the revision and this write fails and looks again.
     pub async fn delete(&self, name: &str) -> Result<Outcome, VolumeError> {
-        let clones: Vec<String> = list(&self.store)
-            .await?
-            .into_iter()
-            .filter(|(r, _)| r.origin.as_ref().is_some_and(|o| o.volume == name))
-            .map(|(r, _)| r.name)
-            .collect();
-        self.command(name, |current, _| {
-            let r = current.ok_or_else(|| VolumeError::Unknown(name.to_string()))?;
+        for _ in 0..CAS_ATTEMPTS_MAX {
+            let term = self.term().await?;
+            let (r, revision) = read(&self.store, name)
+                .await?
+                .ok_or_else(|| VolumeError::Unknown(name.to_string()))?;
             if r.deleting {
-                return Ok(None);
+                return Ok(Outcome {
+                    changed: false,
+                    view: self.view_of(&r).await?,
+                });
             }
             if let Some(a) = &r.attached {
                 return Err(VolumeError::Attached {
@@ -897,10 +902,16 @@ impl Volumes {
                     why: "detach it first",
                 });
             }
+            let clones: Vec<String> = list(&self.store)
+                .await?
+                .into_iter()
+                .filter(|(c, _)| c.origin.as_ref().is_some_and(|o| o.volume == name))
+                .map(|(c, _)| c.name)
+                .collect();
             if !clones.is_empty() {
                 return Err(VolumeError::HasClones {
                     volume: name.to_string(),
-                    clones: clones.clone(),
+                    clones,
                 });
             }
             let mut next = r.clone();
@@ -908,9 +919,15 @@ impl Volumes {
             for replica in &mut next.replicas {
                 replica.state = ReplicaState::Deleting;
             }
-            Ok(Some(next))
-        })
-        .await
+            if write(&self.store, term, &next, revision).await?.is_some() {
+                self.kick.notify_one();
+                return Ok(Outcome {
+                    changed: true,
+                    view: self.view_of(&next).await?,
+                });
+            }
+        }
+        Err(VolumeError::Contended(name.to_string()))
     }
 }
 
@@ -991,4 +1008,150 @@ fn clone_record(
         }),
         deleting: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::NODE_RECORD_FORMAT;
+    use crate::store::LeaseId;
+    use cairn_control_api::{NodeAddresses, PoolCapacity};
+
+    const MIB: u64 = 1 << 20;
+
+    fn node(id: &str, up: bool) -> NodeRecord {
+        NodeRecord {
+            format: NODE_RECORD_FORMAT,
+            id: id.into(),
+            addresses: NodeAddresses {
+                admin: "127.0.0.1:1".into(),
+                nbd: Some("127.0.0.1:2".into()),
+                replica: Some("127.0.0.1:3".into()),
+            },
+            zone: id.into(),
+            rack: id.into(),
+            pools: vec![PoolCapacity {
+                name: "pool0".into(),
+                size_bytes: 128 * MIB,
+                free_bytes: 100 * MIB,
+            }],
+            state: if up { NodeState::Up } else { NodeState::Down },
+            incarnation: 1,
+            lease: LeaseId(1),
+            registered_unix_ms: 0,
+            down_since_unix_ms: None,
+        }
+    }
+
+    fn create(size_bytes: u64, replicas: u32) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            name: "pg".into(),
+            size_bytes,
+            replicas,
+            zone: None,
+        }
+    }
+
+    #[test]
+    fn a_new_record_is_placed_and_creating() {
+        let nodes = [node("a", true), node("b", true), node("c", false)];
+        let r = new_record(&create(16 * MIB, 2), &nodes).unwrap();
+        let mut placed = r.replica_nodes();
+        placed.sort();
+        assert_eq!(placed, ["a", "b"]);
+        assert!(r.replicas.iter().all(|x| x.state == ReplicaState::Creating));
+        assert_eq!((r.epoch, r.attached.is_none()), (0, true));
+        let err = new_record(&create(256 * MIB, 1), &nodes).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("largest pool of any node holds 128M"),
+            "{err}"
+        );
+        let err = new_record(&create(16 * MIB, 3), &nodes).unwrap_err();
+        assert!(err.to_string().contains("c: down"), "{err}");
+    }
+
+    #[test]
+    fn the_same_create_is_a_no_op_and_another_a_conflict_naming_both() {
+        let r = new_record(&create(16 * MIB, 1), &[node("a", true)]).unwrap();
+        assert!(same_request(&r, &create(16 * MIB, 1)).is_ok());
+        let err = same_request(&r, &create(32 * MIB, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("size 16777216") && err.contains("size 33554432"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn health_follows_the_in_sync_record_and_the_node() {
+        let created = |n: &str| ReplicaRecord {
+            node: n.into(),
+            state: ReplicaState::Created,
+        };
+        let (up, down) = (node("a", true), node("a", false));
+        assert_eq!(
+            health(&created("a"), Some(&up), None),
+            ReplicaHealth::InSync
+        );
+        assert_eq!(
+            health(&created("a"), Some(&down), None),
+            ReplicaHealth::Faulted
+        );
+        let insync = InSyncRecord {
+            format: INSYNC_RECORD_FORMAT,
+            volume: "pg".into(),
+            epoch: 1,
+            generation: 1,
+            in_sync: vec!["b".into()],
+            out_of_sync: vec!["a".into()],
+            updated_unix_ms: 0,
+        };
+        assert_eq!(
+            health(&created("a"), Some(&up), Some(&insync)),
+            ReplicaHealth::Rebuilding
+        );
+        assert_eq!(
+            health(&created("b"), Some(&node("b", true)), Some(&insync)),
+            ReplicaHealth::InSync
+        );
+        let creating = ReplicaRecord {
+            node: "a".into(),
+            state: ReplicaState::Creating,
+        };
+        assert_eq!(
+            health(&creating, Some(&up), None),
+            ReplicaHealth::Rebuilding
+        );
+    }
+
+    #[test]
+    fn a_clone_needs_its_snapshot_on_every_replica() {
+        let mut src =
+            new_record(&create(16 * MIB, 2), &[node("a", true), node("b", true)]).unwrap();
+        assert!(matches!(
+            clone_record(&src, "mon", "pg2"),
+            Err(VolumeError::UnknownSnapshot { .. })
+        ));
+        src.snapshots.push(SnapshotRecord {
+            name: "mon".into(),
+            nodes: vec!["a".into()],
+            created_unix_ms: 0,
+        });
+        let err = clone_record(&src, "mon", "pg2").unwrap_err().to_string();
+        assert!(err.contains("not yet taken on b"), "{err}");
+        src.snapshots[0].nodes.push("b".into());
+        let c = clone_record(&src, "mon", "pg2").unwrap();
+        assert_eq!(c.replica_nodes(), src.replica_nodes());
+        assert_eq!(c.origin.unwrap().snapshot, "mon");
+    }
+
+    #[test]
+    fn a_newer_record_format_is_refused() {
+        let mut r = new_record(&create(16 * MIB, 1), &[node("a", true)]).unwrap();
+        r.format = VOLUME_RECORD_FORMAT + 1;
+        let err = decode_volume("k", &encode(&r)).unwrap_err().to_string();
+        assert!(err.contains("newer than this build"), "{err}");
+    }
 }

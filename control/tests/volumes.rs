@@ -18,7 +18,7 @@ mod common;
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
 
-use common::{free_port, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
+use common::{free_port, metric_of, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -178,6 +178,13 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
     assert!(
         msg.contains("size 16777216") && msg.contains("size 33554432"),
         "{msg}"
+    );
+    assert_eq!(
+        metric_of(
+            &control.metrics(),
+            "cairn_control_volumes{health=\"healthy\"}"
+        ),
+        1
     );
     let (code, ls, err) = control.ctl(&["volume", "ls"]);
     assert_eq!(code, 0, "{err}");

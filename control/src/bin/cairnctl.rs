@@ -1439,6 +1439,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_rebuild_bar_shows_the_fraction_rate_and_eta() {
+        let r = RebuildView {
+            replica: "127.0.0.1:10820".into(),
+            done_bytes: 256 << 20,
+            total_bytes: 1 << 30,
+            bytes_per_s: (64 << 20) as f64,
+            eta_s: 12.0,
+        };
+        let line = progress_bar(&r);
+        assert!(
+            line.starts_with("rebuilding 127.0.0.1:10820 [########------"),
+            "{line}"
+        );
+        assert!(line.contains(" 25.0% 256M/1G 64M/s eta 12s"), "{line}");
+        let empty = RebuildView {
+            total_bytes: 0,
+            ..r
+        };
+        assert!(progress_bar(&empty).contains("  0.0%"));
+    }
+
+    #[test]
     fn the_resync_line_shows_progress_rate_and_eta() {
         let mut r = pb::Resync {
             replica: "10.0.0.6:10820".into(),
