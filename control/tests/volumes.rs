@@ -3,7 +3,7 @@
 //! distinct nodes (one per zone) and each node has the replica volume; the same create again
 //! is a no-op and another size is a conflict naming both; attach opens the nexus, and an NBD
 //! client writes through it and reads back; delete removes every replica volume from the
-//! nodes; snapshot, clone and grow reach every replica node, a volume with clones cannot be
+//! nodes, and no node deletes a replica a nexus still uses; snapshot, clone and grow reach every replica node, a volume with clones cannot be
 //! deleted and a shrink is refused; on etcd a follower serves reads and refuses writes naming
 //! the leader. Bad input (a shortage of eligible nodes, a size no pool holds, a malformed body, an
 //! unknown volume, attach to a down node) gets a clear error and leaves the state unchanged.
@@ -248,6 +248,21 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
     assert_eq!(v["epoch"], 1);
     assert_eq!(v["attached"]["node"], "n1");
     write_and_read_back(uri);
+    // A replica in use by the nexus cannot be deleted under it, on its own node (a replica
+    // connection holds it) or on the nexus node (the nexus holds it).
+    for n in &nodes {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+            .args(["node", "--addr", &n.admin, "volume", "delete", "v"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("is open"),
+            "{}: {err}",
+            n.admin
+        );
+        assert_eq!(node_objects(&n.admin), ["v", "v@mon"]);
+    }
     let (code, text, err) = control.ctl(&["volume", "inspect", "v"]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("attached: n1 nbd://"), "{text}");
