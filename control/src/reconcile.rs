@@ -325,13 +325,7 @@ impl Reconciler {
         let outcome = if record.deleting {
             delete_step(&mut next, views).await
         } else {
-            match replicas_step(&mut next, views).await {
-                Ok(()) => match snapshots_step(&mut next, views).await {
-                    Ok(()) => nexus_step(&mut next, nodes, views).await,
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            }
+            live_steps(&mut next, nodes, views).await
         };
         // What completed is recorded even when a later step failed.
         if next != *record {
@@ -377,6 +371,17 @@ impl Reconciler {
 
 fn view_of<'v, 'a>(views: &'v mut [NodeView<'a>], node: &str) -> Option<&'v mut NodeView<'a>> {
     views.iter_mut().find(|v| v.record.id == node)
+}
+
+/// A live volume's steps, in order; each records its progress in `next` as it goes.
+async fn live_steps(
+    next: &mut VolumeRecord,
+    nodes: &[NodeRecord],
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    replicas_step(next, views).await?;
+    snapshots_step(next, views).await?;
+    nexus_step(next, nodes, views).await
 }
 
 /// Delete: nexus down everywhere, then each replica's snapshots and volume.

@@ -158,7 +158,7 @@ pub enum VolumeError {
         source: PlacementError,
     },
     #[error(
-        "volume '{name}' of {} does not fit: the largest pool of any node holds {}",
+        "volume '{name}' of {} does not fit: {scope} holds {}",
         human_size(*size_bytes),
         human_size(*largest_bytes)
     )]
@@ -166,6 +166,8 @@ pub enum VolumeError {
         name: String,
         size_bytes: u64,
         largest_bytes: u64,
+        /// Which pools were measured: any node's (create) or its replica nodes' (grow).
+        scope: &'static str,
     },
     #[error("node '{0}' is not registered")]
     UnknownNode(String),
@@ -342,6 +344,7 @@ pub fn new_record(
             name: req.name.clone(),
             size_bytes: req.size_bytes,
             largest_bytes,
+            scope: "the largest pool of any node",
         });
     }
     let placed = placement::place(
@@ -870,6 +873,7 @@ impl Volumes {
                     name: name.to_string(),
                     size_bytes,
                     largest_bytes,
+                    scope: "the smallest pool of its replica nodes",
                 });
             }
             let mut next = r.clone();

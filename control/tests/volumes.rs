@@ -228,6 +228,17 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
             .contains("would shrink it"),
         "{answer}"
     );
+    let (got, answer) = post(
+        &control,
+        "/v1/volumes/vc/grow",
+        br#"{"size_bytes": 1073741824}"#,
+    );
+    assert_eq!(got, 400, "{answer}");
+    let msg = answer["error"].as_str().unwrap();
+    assert!(
+        msg.contains("the smallest pool of its replica nodes holds"),
+        "{msg}"
+    );
     let r = control
         .client
         .request("DELETE", "/v1/volumes/v", None)
