@@ -329,7 +329,7 @@ impl Reconciler {
         };
         // What completed is recorded even when a later step failed.
         if next != *record {
-            self.record(term, &next, revision).await?;
+            self.record(term, &next, revision, record.epoch).await?;
         }
         outcome.map_err(Into::into)
     }
@@ -341,8 +341,11 @@ impl Reconciler {
         term: Leadership,
         next: &VolumeRecord,
         revision: u64,
+        previous_epoch: u64,
     ) -> Result<(), VolumeError> {
-        let written = if next.deleting && next.replicas.is_empty() {
+        let written = if next.epoch != previous_epoch {
+            self.record_new_epoch(term, next, revision).await?
+        } else if next.deleting && next.replicas.is_empty() {
             let key = volume_key(&next.name);
             let txn = term.fence(
                 Txn::default()
@@ -366,6 +369,36 @@ impl Reconciler {
             tracing::debug!(volume = %next.name, "record changed during the pass");
         }
         Ok(())
+    }
+}
+
+impl Reconciler {
+    /// Writes `next` with its raised epoch and, in the same transaction, the in-sync record at
+    /// that epoch (its sets and generation unchanged): reports from the old nexus are then
+    /// refused. True when written.
+    async fn record_new_epoch(
+        &self,
+        term: Leadership,
+        next: &VolumeRecord,
+        revision: u64,
+    ) -> Result<bool, VolumeError> {
+        let key = volume_key(&next.name);
+        let mut txn = term.fence(Txn::default().check(&key, revision).put(
+            &key,
+            volume::encode(next),
+            None,
+        ));
+        if let Some((mut insync, insync_revision)) =
+            volume::read_insync(&self.store, &next.name).await?
+        {
+            insync.epoch = next.epoch;
+            insync.updated_unix_ms = volume::unix_ms();
+            let ikey = insync_key(&next.name);
+            txn = txn
+                .check(&ikey, insync_revision)
+                .put(&ikey, volume::encode(&insync), None);
+        }
+        Ok(self.store.txn(txn).await?.is_some())
     }
 }
 
@@ -561,7 +594,19 @@ async fn nexus_step(
     let Some(v) = view_of(views, &at) else {
         return Ok(());
     };
-    if !v.has.nexuses.contains_key(&name) && !replicas.is_empty() {
+    let missing = !v.has.nexuses.contains_key(&name);
+    if missing && next.attached.as_ref().is_some_and(|a| a.nbd_uri.is_some()) {
+        // The nexus was up and is gone (its node restarted): opening it again is a new term
+        // over the same replicas, so the raised epoch is recorded first, and the nexus is
+        // created at it by the next pass.
+        next.epoch += 1;
+        if let Some(a) = next.attached.as_mut() {
+            a.nbd_uri = None;
+        }
+        tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus gone; a new epoch is recorded before it is opened again");
+        return Ok(());
+    }
+    if missing && !replicas.is_empty() {
         let req = pb::CreateNexusRequest {
             name: name.clone(),
             replicas,
@@ -584,9 +629,11 @@ async fn nexus_step(
         v.made("Export", &name, res)?;
         v.has.exports.insert(name.clone());
     }
+    // Recorded when first exported, and again if the node came back at another address.
     if let (Some(a), Some(nbd)) = (next.attached.as_mut(), v.record.addresses.nbd.as_ref()) {
-        if a.nbd_uri.is_none() {
-            a.nbd_uri = Some(format!("nbd://{nbd}/{name}"));
+        let uri = format!("nbd://{nbd}/{name}");
+        if a.nbd_uri.as_deref() != Some(uri.as_str()) {
+            a.nbd_uri = Some(uri);
         }
     }
     Ok(())

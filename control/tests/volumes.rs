@@ -2,7 +2,9 @@
 //! embedded store and once on etcd: `cairnctl volume create` places three replicas on three
 //! distinct nodes (one per zone) and each node has the replica volume; the same create again
 //! is a no-op and another size is a conflict naming both; attach opens the nexus, and an NBD
-//! client writes through it and reads back; delete removes every replica volume from the
+//! client writes through it and reads back, and reads the same back after the attach node
+//! restarted (the reconcile loop records a new epoch, then re-creates the nexus there at it and
+//! records the new URI); delete removes every replica volume from the
 //! nodes, and no node deletes a replica a nexus still uses; snapshot, clone and grow reach every replica node, a volume with clones cannot be
 //! deleted and a shrink is refused; on etcd a follower serves reads and refuses writes naming
 //! the leader. Bad input (a shortage of eligible nodes, a size no pool holds, a malformed body, an
@@ -66,20 +68,49 @@ fn replica_nodes(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Writes a pattern through the NBD URI and reads it back.
-fn write_and_read_back(uri: &str) {
+/// The test's pattern: 64 KiB at each offset, different per offset.
+const PATTERN_OFFSETS: [u64; 3] = [0, 4 * MIB, 15 * MIB];
+
+fn pattern(i: usize) -> Vec<u8> {
+    (0..64 * 1024u32)
+        .map(|b| (b as u8) ^ (i as u8 * 37))
+        .collect()
+}
+
+fn nbd(uri: &str) -> nbd_client::Client {
     let rest = uri.strip_prefix("nbd://").unwrap();
     let (addr, export) = rest.split_once('/').unwrap();
     let ep = nbd_client::Endpoint::Tcp(addr.parse().unwrap());
-    let mut c = nbd_client::Client::connect(&ep, export, nbd_client::Options::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"));
-    for (i, offset) in [0u64, 4 * MIB, 15 * MIB].into_iter().enumerate() {
-        let data: Vec<u8> = (0..64 * 1024u32)
-            .map(|b| (b as u8) ^ (i as u8 * 37))
-            .collect();
-        assert_eq!(c.write(offset, &data, 0).unwrap(), 0, "write at {offset}");
+    nbd_client::Client::connect(&ep, export, nbd_client::Options::default())
+        .unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"))
+}
+
+/// Writes the pattern through the NBD URI and flushes (so it survives a crash of any node),
+/// then reads it back.
+fn write_and_read_back(uri: &str) {
+    let mut c = nbd(uri);
+    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
+        assert_eq!(
+            c.write(offset, &pattern(i), 0).unwrap(),
+            0,
+            "write at {offset}"
+        );
+    }
+    let flush = cairn_engine::frontend::nbd::proto::cmd::FLUSH;
+    assert_eq!(c.simple(flush, 0, 0, 0).unwrap(), 0, "flush");
+    read_back(uri);
+}
+
+/// Reads the pattern back through the NBD URI (a new connection).
+fn read_back(uri: &str) {
+    let mut c = nbd(uri);
+    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
         let back = c.read(offset, 64 * 1024).unwrap().expect("read succeeds");
-        assert!(back == data, "read back at {offset} differs");
+        assert!(
+            back == pattern(i),
+            "{uri}: read back at {offset} differs: first bytes {:?}",
+            &back[..8]
+        );
     }
 }
 
@@ -274,6 +305,21 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
         );
         assert_eq!(node_objects(&n.admin), ["v", "v@mon"]);
     }
+    // The attach node restarts (kill -9, new ports): the reconcile loop re-creates the
+    // nexus there from the record, exports it and records the new URI.
+    nodes[0].kill9();
+    control.wait_state("n1", "down");
+    nodes[0] = NodeProc::start(&dir.join("n1"), &control.url, "n1", &["--zone", "z1"]);
+    let uri = format!("nbd://{}/v", nodes[0].nbd);
+    wait_for("the nexus back on n1", STATE_TIMEOUT, || {
+        (inspect(&control, "v")["attached"]["nbd_uri"] == uri.as_str()).then_some(())
+    });
+    read_back(&uri);
+    assert_eq!(
+        inspect(&control, "v")["epoch"],
+        2,
+        "the re-opened nexus has a new, recorded epoch"
+    );
     let (code, text, err) = control.ctl(&["volume", "inspect", "v"]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("attached: n1 nbd://"), "{text}");
