@@ -4,6 +4,9 @@
 //! * [`membership`]: node registration, leases and marking nodes down;
 //! * [`insync`]: each volume's durable in-sync set, as its nexus reports it;
 //! * [`election`]: which control process decides (a lease-backed key with compare-and-swap);
+//! * [`volume`]: the volume records and the commands that write them; [`placement`]: which
+//!   nodes hold a volume's replicas and where its nexus opens; [`reconcile`]: the leader's
+//!   loop that brings the nodes to the records;
 //! * [`rest`]: the REST API (axum), its OpenAPI document and the Prometheus metrics;
 //! * [`proto`], [`units`], [`table`]: `cairnctl`'s node commands over the cairn-node admin
 //!   API, its size parser and table printer.
@@ -15,10 +18,13 @@
 pub mod election;
 pub mod insync;
 pub mod membership;
+pub mod placement;
+pub mod reconcile;
 pub mod rest;
 pub mod store;
 pub mod table;
 pub mod units;
+pub mod volume;
 
 /// The cairn-node admin API client, generated from `node/proto/admin.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

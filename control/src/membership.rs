@@ -359,12 +359,7 @@ impl Membership {
 
     /// Every node record, in id order.
     pub async fn records(&self) -> Result<Vec<NodeRecord>, MembershipError> {
-        self.store
-            .list(NODES_PREFIX)
-            .await?
-            .iter()
-            .map(|e| decode_record(&e.key, &e.value))
-            .collect()
+        node_records(&self.store).await
     }
 
     /// Every node as the REST API shows it.
@@ -417,6 +412,16 @@ impl Membership {
         }
         Ok(marked)
     }
+}
+
+/// Every node record in `store`, in id order (placement and the reconcile loop read them).
+pub async fn node_records(store: &AnyStore) -> Result<Vec<NodeRecord>, MembershipError> {
+    store
+        .list(NODES_PREFIX)
+        .await?
+        .iter()
+        .map(|e| decode_record(&e.key, &e.value))
+        .collect()
 }
 
 fn view(r: NodeRecord, last_heartbeat_age_ms: Option<u64>) -> NodeView {

@@ -9,7 +9,9 @@
 use crate::election::Election;
 use crate::insync::{self, InSyncError};
 use crate::membership::{Membership, MembershipError};
+use crate::reconcile::NodeClients;
 use crate::store::{AnyStore, StoreError};
+use crate::volume::{Outcome, VolumeError, Volumes};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, Method, StatusCode, Uri};
@@ -34,6 +36,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/volumes/{name}/insync"),
     ("post", "/v1/volumes/{name}/insync"),
     ("get", "/v1/leader"),
+    ("get", "/v1/volumes"),
+    ("post", "/v1/volumes"),
+    ("get", "/v1/volumes/{name}"),
+    ("delete", "/v1/volumes/{name}"),
+    ("post", "/v1/volumes/{name}/attach"),
+    ("post", "/v1/volumes/{name}/detach"),
+    ("post", "/v1/volumes/{name}/snapshot"),
+    ("post", "/v1/volumes/{name}/clone"),
+    ("post", "/v1/volumes/{name}/grow"),
     ("get", "/openapi.json"),
     ("get", "/metrics"),
 ];
@@ -46,6 +57,10 @@ pub struct App {
     pub store: Arc<AnyStore>,
     /// In-sync reports recorded by this process, for /metrics.
     pub insync_reports: AtomicU64,
+    pub volumes: Volumes,
+    /// Admin API channels to the nodes (inspect's live rebuild progress; shared with the
+    /// reconcile loop).
+    pub clients: Arc<NodeClients>,
 }
 
 type AppState = State<Arc<App>>;
@@ -62,6 +77,13 @@ pub fn router(app: Arc<App>) -> Router {
             get(get_insync).post(report_insync),
         )
         .route("/v1/leader", get(leader))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/attach", post(attach))
+        .route("/v1/volumes/{name}/detach", post(detach))
+        .route("/v1/volumes/{name}/snapshot", post(snapshot))
+        .route("/v1/volumes/{name}/clone", post(clone_volume))
+        .route("/v1/volumes/{name}/grow", post(grow))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .fallback(no_route)
@@ -120,6 +142,47 @@ impl IntoResponse for InSyncError {
     }
 }
 
+impl IntoResponse for VolumeError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            VolumeError::Unknown(_)
+            | VolumeError::UnknownNode(_)
+            | VolumeError::UnknownSnapshot { .. } => StatusCode::NOT_FOUND,
+            VolumeError::Conflict { .. }
+            | VolumeError::Placement { .. }
+            | VolumeError::NodeDown { .. }
+            | VolumeError::NoNbd { .. }
+            | VolumeError::Attached { .. }
+            | VolumeError::NotReady { .. }
+            | VolumeError::Deleting(_)
+            | VolumeError::HasClones { .. } => StatusCode::CONFLICT,
+            VolumeError::TooLarge { .. } | VolumeError::Shrink { .. } => StatusCode::BAD_REQUEST,
+            VolumeError::NotLeader { .. } | VolumeError::Contended(_) | VolumeError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            VolumeError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, self)
+    }
+}
+
+/// The answer to a volume command: 201 when `created_status` and the command wrote a new
+/// record, else 200; the volume as inspect shows it.
+fn outcome(r: Result<Outcome, VolumeError>, created_status: bool) -> Response {
+    match r {
+        Ok(o) if o.changed && created_status => (StatusCode::CREATED, Json(o.view)).into_response(),
+        Ok(o) => Json(o.view).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The 400 for a volume name that is not a valid name, None for a good one.
+fn bad_volume_name(name: &str) -> Option<Response> {
+    api::check_name("volume name", name)
+        .err()
+        .map(|e| bad_request(&e))
+}
+
 /// The 400 for a node id that is not a valid name, None for a good one.
 fn bad_node_id(id: &str) -> Option<Response> {
     api::check_name("node id", id)
@@ -175,13 +238,6 @@ async fn heartbeat(State(app): AppState, Path(id): Path<String>, body: Bytes) ->
     }
 }
 
-/// The 400 for a volume name that is not a valid name, None for a good one.
-fn bad_volume_name(name: &str) -> Option<Response> {
-    api::check_name("volume name", name)
-        .err()
-        .map(|e| bad_request(&e))
-}
-
 async fn get_insync(State(app): AppState, Path(name): Path<String>) -> Response {
     if let Some(r) = bad_volume_name(&name) {
         return r;
@@ -225,6 +281,103 @@ async fn leader(State(app): AppState) -> Response {
     }
 }
 
+async fn list_volumes(State(app): AppState) -> Response {
+    match app.volumes.list().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn create_volume(State(app): AppState, body: Bytes) -> Response {
+    match api::parse_create_volume(&body) {
+        Ok(req) => outcome(app.volumes.create(&req).await, true),
+        Err(e) => bad_request(&e),
+    }
+}
+
+/// Inspect: the record as the REST API shows it, with the attach node's resync progress when
+/// it answers within `reconcile::SHOW_TIMEOUT`.
+async fn get_volume(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    let record = match app.volumes.get(&name).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut view = match app.volumes.view_of(&record).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(a) = &record.attached {
+        if let Ok(nodes) = app.membership.records().await {
+            if let Some(n) = nodes.iter().find(|n| n.id == a.node) {
+                view.rebuild = app.clients.rebuild(n, &name).await;
+            }
+        }
+    }
+    Json(view).into_response()
+}
+
+async fn delete_volume(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    outcome(app.volumes.delete(&name).await, false)
+}
+
+async fn attach(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_attach(&body) {
+        Ok(req) => outcome(app.volumes.attach(&name, req.node.as_deref()).await, false),
+        Err(e) => bad_request(&e),
+    }
+}
+
+async fn detach(State(app): AppState, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    outcome(app.volumes.detach(&name).await, false)
+}
+
+async fn snapshot(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_snapshot(&body) {
+        Ok(req) => outcome(app.volumes.snapshot(&name, &req.name).await, false),
+        Err(e) => bad_request(&e),
+    }
+}
+
+async fn clone_volume(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_clone(&body) {
+        Ok(req) => outcome(
+            app.volumes
+                .clone_volume(&name, &req.snapshot, &req.name)
+                .await,
+            true,
+        ),
+        Err(e) => bad_request(&e),
+    }
+}
+
+async fn grow(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+    if let Some(r) = bad_volume_name(&name) {
+        return r;
+    }
+    match api::parse_grow(&body) {
+        Ok(req) => outcome(app.volumes.grow(&name, req.size_bytes).await, false),
+        Err(e) => bad_request(&e),
+    }
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
@@ -249,6 +402,15 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
             })
         }
     };
+    let volumes = app.volumes.list().await.map_err(|e| StoreError::Backend {
+        store: "records",
+        op: "metrics",
+        detail: e.to_string(),
+    })?;
+    let mut health = [0u64; 4];
+    for v in &volumes {
+        health[volume_health(v)] += 1;
+    }
     let up = records.iter().filter(|r| r.state == NodeState::Up).count();
     let down = records.len() - up;
     let c = &app.membership.counters;
@@ -267,6 +429,17 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         &[
             ("{state=\"up\"}", up as u64),
             ("{state=\"down\"}", down as u64),
+        ],
+    );
+    family(
+        "cairn_control_volumes",
+        "gauge",
+        "Volumes by health (healthy: every wanted replica in sync; degraded: some; unavailable: none; deleting).",
+        &[
+            ("{health=\"healthy\"}", health[0]),
+            ("{health=\"degraded\"}", health[1]),
+            ("{health=\"unavailable\"}", health[2]),
+            ("{health=\"deleting\"}", health[3]),
         ],
     );
     family(
@@ -312,6 +485,25 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         &[("", c.pool_updates.load(Ordering::Relaxed))],
     );
     Ok(out)
+}
+
+/// The index of `v`'s health in the `cairn_control_volumes` series: 0 healthy, 1 degraded,
+/// 2 unavailable, 3 deleting.
+fn volume_health(v: &api::VolumeView) -> usize {
+    let in_sync = v
+        .replicas
+        .iter()
+        .filter(|r| r.state == api::ReplicaHealth::InSync)
+        .count();
+    if v.deleting {
+        3
+    } else if in_sync == 0 {
+        2
+    } else if in_sync < v.replicas_wanted as usize {
+        1
+    } else {
+        0
+    }
 }
 
 async fn no_route(method: Method, uri: Uri) -> Response {

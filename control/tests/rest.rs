@@ -20,8 +20,12 @@ fn error_of(r: &cairn_control_api::client::Response) -> String {
 fn every_documented_route_is_served() {
     let control = Control::start(&test_dir("rest-routes"), None, 0);
     for (method, path) in ROUTES {
-        let path = path.replace("{id}", "someone").replace("{name}", "someone");
-        let method = if *method == "get" { "GET" } else { "POST" };
+        let path = path.replace("{id}", "someone").replace("{name}", "vol");
+        let method = match *method {
+            "get" => "GET",
+            "delete" => "DELETE",
+            _ => "POST",
+        };
         let r = control.client.request(method, &path, Some(b"{}")).unwrap();
         let body = String::from_utf8_lossy(&r.body);
         assert!(
@@ -67,6 +71,31 @@ fn malformed_requests_get_a_json_400_and_change_nothing() {
             "unknown field `x`",
         ),
         ("/v1/nodes/bad!id/register", good, 400, "node id 'bad!id'"),
+        (
+            "/v1/volumes",
+            "{",
+            400,
+            "not valid JSON for a volume creation",
+        ),
+        (
+            "/v1/volumes",
+            r#"{"name":"v","size_bytes":4096,"replicas":9}"#,
+            400,
+            "replica count '9'",
+        ),
+        (
+            "/v1/volumes/bad!name/attach",
+            "{}",
+            400,
+            "volume name 'bad!name'",
+        ),
+        (
+            "/v1/volumes/v/grow",
+            r#"{"size_bytes":1}"#,
+            400,
+            "below the block size",
+        ),
+        ("/v1/volumes/v/snapshot", "{}", 400, "missing field `name`"),
         (
             "/v1/nodes/a/heartbeat",
             "{}",
@@ -126,6 +155,7 @@ fn malformed_requests_get_a_json_400_and_change_nothing() {
     assert_eq!(control.get("/v1/nodes"), serde_json::json!([]));
     let r = control.client.get("/v1/volumes/v/insync").unwrap();
     assert_eq!(r.status, 404, "{}", error_of(&r));
+    assert_eq!(control.get("/v1/volumes"), serde_json::json!([]));
     let r = control
         .client
         .post_json("/v1/nodes/a/register", good.as_bytes())

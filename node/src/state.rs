@@ -337,7 +337,14 @@ impl Node {
         self.view(&st, name, &pool)
     }
 
+    /// Deletes a volume or snapshot; one hosted as a replica is released first, unless a
+    /// nexus or a replica connection still uses it.
     pub fn delete_volume(&self, name: &str, pool: &str) -> Result<(), NodeError> {
+        let resolved = {
+            let st = self.live()?;
+            self.find_object(&st, name, pool)?.0.name.clone()
+        };
+        self.release_replica(name, &resolved)?;
         let st = self.live()?;
         let (slot, _) = self.find_object(&st, name, pool)?;
         if let Some(export) = export_of(&st, &slot.name, name) {

@@ -1,7 +1,9 @@
 //! The control process's REST interface as both sides see it: the request and response bodies
-//! ([`RegisterRequest`], [`HeartbeatRequest`], [`NodeView`], [`InSyncReport`] …), the one
-//! parser of each request body ([`parse_register`], [`parse_heartbeat`],
-//! [`parse_insync_report`]) and a small blocking HTTP/1.1 client ([`client`]).
+//! ([`RegisterRequest`], [`HeartbeatRequest`], [`NodeView`], [`InSyncReport`],
+//! [`CreateVolumeRequest`], [`VolumeView`] …), the one parser of each request body
+//! ([`parse_register`], [`parse_heartbeat`], [`parse_insync_report`], [`parse_create_volume`],
+//! [`parse_attach`], [`parse_snapshot`], [`parse_clone`], [`parse_grow`]) and a small blocking
+//! HTTP/1.1 client ([`client`]).
 //!
 //! It is a crate of its own so that `cairn-node` (which registers and heartbeats) and the fuzz
 //! target can use the wire types without linking the control process (axum, etcd, redb). The
@@ -26,8 +28,9 @@ pub const NAME_LEN_MAX: usize = 63;
 pub const POOLS_MAX: usize = 64;
 /// Largest request body the control process reads (bytes); larger ones get 413.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
-/// Most replicas one in-sync report may name (a nexus has at most 3 children).
-pub const REPLICAS_MAX: usize = 3;
+/// Most replicas a volume may have, and one in-sync report may name (a nexus has at most 3
+/// children); more are refused with 400.
+pub const REPLICAS_MAX: u32 = 3;
 /// Longest replica address accepted in a report (bytes): `local` or HOST:PORT.
 pub const ADDRESS_LEN_MAX: usize = 255;
 
@@ -237,7 +240,7 @@ pub fn parse_insync_report(body: &[u8]) -> Result<InSyncReport, ApiError> {
             });
         }
     }
-    if r.replicas.is_empty() || r.replicas.len() > REPLICAS_MAX {
+    if r.replicas.is_empty() || r.replicas.len() > REPLICAS_MAX as usize {
         return Err(ApiError::Invalid {
             what: "replica count",
             value: r.replicas.len().to_string(),
@@ -338,6 +341,202 @@ fn check_pools(pools: &[PoolCapacity]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The block size every replicated volume's size is a multiple of (the nexus's block).
+pub const VOLUME_BLOCK_BYTES: u64 = 4096;
+
+/// `POST /v1/volumes`: create a replicated volume (idempotent by name).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    pub name: String,
+    pub size_bytes: u64,
+    /// 1 to [`REPLICAS_MAX`], each on its own node.
+    pub replicas: u32,
+    /// Only nodes of this zone hold the replicas.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/attach`: where to open the volume's nexus; with no node the
+/// control process picks one, preferring a node that holds a replica.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/snapshot`: a frozen copy of the volume on each replica.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub name: String,
+}
+
+/// `POST /v1/volumes/{name}/clone`: a new writable volume from a snapshot of this one, on the
+/// same nodes (a clone shares the snapshot's clusters, so it lives beside it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    pub snapshot: String,
+    pub name: String,
+}
+
+/// `POST /v1/volumes/{name}/grow`: the new, larger size.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrowRequest {
+    pub size_bytes: u64,
+}
+
+/// A replica's health as inspect reports it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaHealth {
+    /// Holds every acknowledged write; may serve and be a resync source.
+    InSync,
+    /// Missed writes, or its node is down: never read from until resynced.
+    Faulted,
+    /// Being created or resynced; in sync once done.
+    Rebuilding,
+}
+
+impl ReplicaHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaHealth::InSync => "in_sync",
+            ReplicaHealth::Faulted => "faulted",
+            ReplicaHealth::Rebuilding => "rebuilding",
+        }
+    }
+}
+
+/// One replica of a volume as inspect shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub node: String,
+    pub state: ReplicaHealth,
+    /// The record's placement state: `creating`, `created` or `deleting`.
+    pub placement: String,
+    pub zone: Option<String>,
+    pub rack: Option<String>,
+}
+
+/// Where a volume's nexus is open.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachView {
+    pub node: String,
+    /// `nbd://HOST:PORT/NAME` once the nexus is exported, null until then.
+    pub nbd_uri: Option<String>,
+}
+
+/// A snapshot of a volume as inspect shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotView {
+    pub name: String,
+    /// The nodes whose replica has it; complete when every replica node is listed.
+    pub nodes: Vec<String>,
+}
+
+/// A resync in progress on the volume's nexus, from the attach node's ShowNexus.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RebuildView {
+    pub replica: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub bytes_per_s: f64,
+    pub eta_s: f64,
+}
+
+/// `GET /v1/volumes/{name}` and each item of `GET /v1/volumes`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VolumeView {
+    pub name: String,
+    pub size_bytes: u64,
+    pub replicas_wanted: u32,
+    pub zone: Option<String>,
+    pub epoch: u64,
+    pub replicas: Vec<ReplicaView>,
+    pub attached: Option<AttachView>,
+    pub snapshots: Vec<SnapshotView>,
+    /// The `(volume, snapshot)` a clone was made from.
+    pub origin: Option<(String, String)>,
+    /// True once delete is recorded, until the last replica is gone.
+    pub deleting: bool,
+    pub created_unix_ms: u64,
+    /// Present while the attach node's nexus resyncs a replica (inspect only).
+    #[serde(default)]
+    pub rebuild: Option<RebuildView>,
+}
+
+/// Parses and checks a volume creation body.
+pub fn parse_create_volume(body: &[u8]) -> Result<CreateVolumeRequest, ApiError> {
+    let r: CreateVolumeRequest = from_json("a volume creation", body)?;
+    check_name("volume name", &r.name)?;
+    check_volume_size(r.size_bytes)?;
+    if r.replicas == 0 || r.replicas > REPLICAS_MAX {
+        return Err(ApiError::Invalid {
+            what: "replica count",
+            value: r.replicas.to_string(),
+            why: "must be 1 to REPLICAS_MAX (3)",
+        });
+    }
+    if let Some(z) = &r.zone {
+        check_name("zone", z)?;
+    }
+    Ok(r)
+}
+
+/// Parses an attach body (an empty body means `{}`: the control process picks the node).
+pub fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(AttachRequest::default());
+    }
+    let r: AttachRequest = from_json("an attach", body)?;
+    if let Some(n) = &r.node {
+        check_name("node id", n)?;
+    }
+    Ok(r)
+}
+
+/// Parses a snapshot body.
+pub fn parse_snapshot(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
+    let r: SnapshotRequest = from_json("a snapshot", body)?;
+    check_name("snapshot name", &r.name)?;
+    Ok(r)
+}
+
+/// Parses a clone body.
+pub fn parse_clone(body: &[u8]) -> Result<CloneRequest, ApiError> {
+    let r: CloneRequest = from_json("a clone", body)?;
+    check_name("snapshot name", &r.snapshot)?;
+    check_name("volume name", &r.name)?;
+    Ok(r)
+}
+
+/// Parses a grow body.
+pub fn parse_grow(body: &[u8]) -> Result<GrowRequest, ApiError> {
+    let r: GrowRequest = from_json("a grow", body)?;
+    check_volume_size(r.size_bytes)?;
+    Ok(r)
+}
+
+/// A volume size is a positive multiple of [`VOLUME_BLOCK_BYTES`].
+pub fn check_volume_size(size_bytes: u64) -> Result<(), ApiError> {
+    let why = if size_bytes < VOLUME_BLOCK_BYTES {
+        "below the block size (4096 bytes)"
+    } else if !size_bytes.is_multiple_of(VOLUME_BLOCK_BYTES) {
+        "not a multiple of the block size (4096 bytes)"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::Invalid {
+        what: "volume size_bytes",
+        value: size_bytes.to_string(),
+        why,
+    })
 }
 
 /// Checks a node id (the path segment of `/v1/nodes/{id}/…`), a zone, a rack or a pool name:
@@ -516,6 +715,60 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("pool name 'a/b'"), "{err}");
+    }
+
+    #[test]
+    fn volume_bodies_parse_and_bad_ones_name_the_problem() {
+        let ok = parse_create_volume(
+            br#"{"name": "pg", "size_bytes": 1048576, "replicas": 3, "zone": "z1"}"#,
+        )
+        .unwrap();
+        assert_eq!((ok.replicas, ok.zone.as_deref()), (3, Some("z1")));
+        let cases: [(&[u8], &str); 7] = [
+            (
+                br#"{"name": "pg", "size_bytes": 512, "replicas": 1}"#,
+                "below the block size",
+            ),
+            (
+                br#"{"name": "pg", "size_bytes": 5000, "replicas": 1}"#,
+                "not a multiple",
+            ),
+            (
+                br#"{"name": "pg", "size_bytes": 4096, "replicas": 4}"#,
+                "replica count '4'",
+            ),
+            (
+                br#"{"name": "pg", "size_bytes": 4096, "replicas": 0}"#,
+                "replica count '0'",
+            ),
+            (
+                br#"{"name": "a/b", "size_bytes": 4096, "replicas": 1}"#,
+                "volume name 'a/b'",
+            ),
+            (
+                br#"{"name": "pg", "size_bytes": -1, "replicas": 1}"#,
+                "not valid JSON",
+            ),
+            (
+                br#"{"name": "pg", "size_bytes": 4096, "replicas": 1, "x": 1}"#,
+                "unknown field",
+            ),
+        ];
+        for (body, expect) in cases {
+            let err = parse_create_volume(body).unwrap_err();
+            assert!(err.to_string().contains(expect), "{expect}: {err}");
+        }
+        assert_eq!(parse_attach(b"").unwrap(), AttachRequest::default());
+        assert_eq!(
+            parse_attach(br#"{"node": "n1"}"#).unwrap().node.as_deref(),
+            Some("n1")
+        );
+        assert!(parse_attach(br#"{"node": ""}"#).is_err());
+        assert!(parse_snapshot(br#"{"name": "mon"}"#).is_ok());
+        assert!(parse_clone(br#"{"snapshot": "mon", "name": "pg2"}"#).is_ok());
+        assert!(parse_clone(br#"{"snapshot": "mon"}"#).is_err());
+        assert!(parse_grow(br#"{"size_bytes": 8192}"#).is_ok());
+        assert!(parse_grow(br#"{"size_bytes": 0}"#).is_err());
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! cairn-control: the control process. See `cairn-control --help` and docs/control.md.
 //!
-//! Opens the store (the embedded one in `--data-dir`, or etcd with `--etcd`), then runs three
+//! Opens the store (the embedded one in `--data-dir`, or etcd with `--etcd`), then runs four
 //! things until SIGTERM or SIGINT: the REST API on `--listen`, the leader election, and, while
-//! this process leads, the monitor that marks nodes down when their lease expires. A start-up
+//! this process leads, the monitor that marks nodes down when their lease expires and the
+//! reconcile loop that brings the nodes to the volume records. A start-up
 //! failure (a taken port, a data directory in use, an unreachable etcd) exits 1 naming it.
 
 use anyhow::{Context, Result};
 use cairn_control::election::{stopped, Election};
 use cairn_control::membership::{Membership, MONITOR_INTERVAL, NODE_LEASE_TTL_S};
+use cairn_control::reconcile::{NodeClients, Reconciler};
 use cairn_control::rest::{router, App};
 use cairn_control::store::embedded::EmbeddedStore;
 use cairn_control::store::etcd::EtcdStore;
 use cairn_control::store::AnyStore;
+use cairn_control::volume::Volumes;
 use cairn_control_api::{LeaderInfo, CONTROL_LISTEN_DEFAULT};
 use clap::Parser;
 use std::io::IsTerminal;
@@ -30,7 +33,7 @@ const WORKER_THREADS: usize = 2;
 #[command(
     name = "cairn-control",
     version,
-    about = "Cairn's control process: cluster state, membership and (later) placement and failover",
+    about = "Cairn's control process: cluster state, membership, placement, volumes and (later) failover",
     after_help = "Examples:\n  cairn-control --data-dir ./cairn-control\n  \
                   cairn-control --data-dir ./cc --listen 0.0.0.0:10800 --etcd http://10.0.0.2:2379"
 )]
@@ -45,6 +48,10 @@ struct Cli {
     /// store; several cairn-control processes may then run, and one is leader.
     #[arg(long, value_name = "URL")]
     etcd: Option<String>,
+    /// For tests: record decisions but never act on them (no reconcile loop), so a test can
+    /// kill the process between a recorded command and the node calls.
+    #[arg(long, hide = true)]
+    no_reconcile: bool,
 }
 
 fn main() -> ExitCode {
@@ -106,14 +113,25 @@ async fn run(cli: Cli) -> Result<()> {
         listen: format!("http://{addr}"),
     };
     let election = Arc::new(Election::new(store.clone(), me.clone()));
+    let clients = Arc::new(NodeClients::default());
+    let volumes = Volumes::new(store.clone(), election.clone());
+    let reconciler = Reconciler::new(
+        store.clone(),
+        election.clone(),
+        clients.clone(),
+        volumes.kick.clone(),
+    );
     let app = Arc::new(App {
         membership: Membership::new(store.clone(), NODE_LEASE_TTL_S),
         election: election.clone(),
         store: store.clone(),
         insync_reports: AtomicU64::new(0),
+        volumes,
+        clients,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let election_task = tokio::spawn(election.run(stop_rx.clone()));
+    let reconcile_task = (!cli.no_reconcile).then(|| tokio::spawn(reconciler.run(stop_rx.clone())));
     let monitor_task = tokio::spawn(monitor(app.clone(), stop_rx));
     let line = format!(
         "cairn-control listening on http://{addr} (store: {}, id {})",
@@ -133,6 +151,9 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .context("serving the REST API")?;
     drop(monitor_task.await);
+    if let Some(t) = reconcile_task {
+        drop(t.await);
+    }
     drop(election_task.await);
     Ok(())
 }

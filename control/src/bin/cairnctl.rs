@@ -1,7 +1,7 @@
 //! cairnctl: Cairn's command line. `cairnctl node …` talks to one cairn-node's admin API
 //! (gRPC), the way SPDK's rpc.py talks to one target; `cairnctl node ls` asks the control
-//! process (REST, `--control URL`) for the cluster's nodes. Volume commands over REST come
-//! with the control plane's volumes (docs/control.md).
+//! process (REST, `--control URL`) for the cluster's nodes, and `cairnctl volume …` creates,
+//! attaches and manages replicated volumes through it (docs/control.md).
 //!
 //! Output is an aligned table by default and JSON with `--json`. An error from the node
 //! prints its status code and message (which names the object) and exits 1; so does
@@ -12,7 +12,7 @@ use cairn_control::proto::{self as pb, node_admin_client::NodeAdminClient};
 use cairn_control::table::Table;
 use cairn_control::units::{human_size, parse_size};
 use cairn_control_api::client::Client as ControlClient;
-use cairn_control_api::{NodeView, CONTROL_URL_DEFAULT};
+use cairn_control_api::{NodeView, RebuildView, ReplicaHealth, VolumeView, CONTROL_URL_DEFAULT};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,6 +20,15 @@ use tonic::transport::Channel;
 
 /// How long one request to the control process may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `volume create`, `attach`, `clone` and `delete` wait for the reconcile loop to
+/// carry the command out before they fail (the command stays recorded and is finished later).
+const CONTROL_WAIT: Duration = Duration::from_secs(60);
+/// How often those waits ask again.
+const CONTROL_POLL: Duration = Duration::from_millis(200);
+/// How often `volume inspect --watch` redraws.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Characters of the rebuild progress bar.
+const PROGRESS_BAR_WIDTH: usize = 30;
 /// How long cairnctl waits to connect to the node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one admin call may take (pool operations are durable when they return).
@@ -58,6 +67,19 @@ replica the nexus trusts, and those that differ) or the check fails. With --repa
 replicas that differ leave the in-sync set and have those regions rewritten from the source
 (watch `nexus show`). Run it on a quiet volume.";
 
+const VOLUME_HELP: &str = "\
+Examples:
+  cairnctl volume create pg --size 10G --replicas 3
+  cairnctl volume attach pg --node n1        # prints nbd://HOST:PORT/pg
+  cairnctl volume inspect pg --json
+  cairnctl volume inspect pg --watch         # a progress bar while a replica rebuilds
+  cairnctl volume detach pg
+  cairnctl volume snapshot pg monday
+  cairnctl volume clone pg monday pg-test
+  cairnctl volume grow pg --size 20G
+  cairnctl volume delete pg-test
+  cairnctl volume ls --control http://10.0.0.2:10800";
+
 const AFTER_HELP: &str = "\
 Examples:
   cairnctl node pool ls
@@ -89,6 +111,73 @@ struct Cli {
 enum Top {
     /// Low-level commands to one cairn-node over its admin API.
     Node(NodeArgs),
+    /// Replicated volumes, placed and kept by the control process (over its REST API).
+    Volume(ClusterVolumeArgs),
+}
+
+#[derive(Args)]
+#[command(after_help = VOLUME_HELP)]
+struct ClusterVolumeArgs {
+    /// The control process.
+    #[arg(long, global = true, value_name = "URL", default_value = CONTROL_URL_DEFAULT)]
+    control: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: ClusterVolumeCmd,
+}
+
+#[derive(Subcommand)]
+enum ClusterVolumeCmd {
+    /// Create a replicated volume (the same command again is a no-op); waits until every
+    /// replica exists.
+    Create {
+        name: String,
+        /// Like 10G; a multiple of 4096 bytes.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// 1 to 3, each on its own node.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Only nodes of this zone hold replicas.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    /// Every volume with its replicas and attach point.
+    Ls,
+    /// One volume: replicas and their health, the attach point, the epoch.
+    Inspect {
+        name: String,
+        /// Follow a rebuild with a progress bar until every replica is in sync.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Open the volume's nexus on a node and print its NBD URI.
+    Attach {
+        name: String,
+        /// The node (default: an up node holding a replica).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Close the volume's nexus.
+    Detach { name: String },
+    /// Snapshot a detached volume on each replica.
+    Snapshot { name: String, snapshot: String },
+    /// A new volume from a snapshot, on the same nodes.
+    Clone {
+        name: String,
+        snapshot: String,
+        new_name: String,
+    },
+    /// Grow a detached volume.
+    Grow {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a detached volume, its replicas and snapshots; waits until they are gone.
+    Delete { name: String },
 }
 
 #[derive(Args)]
@@ -377,7 +466,18 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let Top::Node(args) = Cli::parse().cmd;
+    let args = match Cli::parse().cmd {
+        Top::Node(args) => args,
+        Top::Volume(args) => {
+            return match cluster_volume(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cairnctl: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -467,6 +567,322 @@ fn node_ls(control: &str, json: bool) -> Result<()> {
     let nodes: Vec<NodeView> = serde_json::from_slice(&resp.body)
         .with_context(|| format!("control process {control} answered GET /v1/nodes with"))?;
     emit(json, &nodes, || nodes_table(&nodes))
+}
+
+/// The control process's REST API as `cairnctl volume` uses it.
+struct Control {
+    client: ControlClient,
+    url: String,
+}
+
+impl Control {
+    fn new(url: &str) -> Result<Control> {
+        Ok(Control {
+            client: ControlClient::new(url, CONTROL_TIMEOUT)?,
+            url: url.to_string(),
+        })
+    }
+
+    /// Sends the request; Ok(None) for 404, the error message for any other non-2xx.
+    fn call(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Option<Vec<u8>>> {
+        let resp = self
+            .client
+            .request(method, path, body)
+            .with_context(|| format!("cannot reach the control process at {}", self.url))?;
+        match resp.status {
+            200..=299 => Ok(Some(resp.body)),
+            404 if method == "GET" => Ok(None),
+            status => anyhow::bail!("HTTP {status}: {}", resp.error_message()),
+        }
+    }
+
+    fn volume(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<VolumeView> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let raw = self
+            .call(method, path, body.as_deref())?
+            .ok_or_else(|| anyhow::anyhow!("{path}: not found"))?;
+        serde_json::from_slice(&raw)
+            .with_context(|| format!("control process answered {method} {path} with"))
+    }
+
+    fn inspect(&self, name: &str) -> Result<Option<VolumeView>> {
+        match self.call("GET", &format!("/v1/volumes/{name}"), None)? {
+            Some(raw) => Ok(Some(serde_json::from_slice(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Polls inspect until `done` holds, or fails after [`CONTROL_WAIT`] naming `what`.
+    fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(Option<&VolumeView>) -> bool,
+    ) -> Result<Option<VolumeView>> {
+        let start = std::time::Instant::now();
+        loop {
+            let v = self.inspect(name)?;
+            if done(v.as_ref()) {
+                return Ok(v);
+            }
+            if start.elapsed() > CONTROL_WAIT {
+                anyhow::bail!(
+                    "volume '{name}': {what} did not happen within {CONTROL_WAIT:?}; `cairnctl volume inspect {name}` shows where it is"
+                );
+            }
+            std::thread::sleep(CONTROL_POLL);
+        }
+    }
+}
+
+/// `cairnctl volume …`: a command over REST, then (create, attach, delete) a wait until the
+/// reconcile loop has carried it out.
+fn cluster_volume(args: &ClusterVolumeArgs) -> Result<()> {
+    let c = Control::new(&args.control)?;
+    let json = args.json;
+    let path = |name: &str, op: &str| format!("/v1/volumes/{name}{op}");
+    match &args.cmd {
+        ClusterVolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            zone,
+        } => {
+            let body = serde_json::json!({"name": name, "size_bytes": size, "replicas": replicas, "zone": zone});
+            c.volume("POST", "/v1/volumes", Some(body))?;
+            let v = c.wait(name, "creating every replica", |v| {
+                v.is_some_and(|v| v.replicas.iter().all(|r| r.placement == "created"))
+            })?;
+            let v = v.expect("waited for it");
+            emit(json, &v, || volumes_table(std::slice::from_ref(&v)))
+        }
+        ClusterVolumeCmd::Ls => {
+            let raw = c.call("GET", "/v1/volumes", None)?.unwrap_or_default();
+            let list: Vec<VolumeView> = serde_json::from_slice(&raw)?;
+            emit(json, &list, || volumes_table(&list))
+        }
+        ClusterVolumeCmd::Inspect { name, watch } => {
+            let v = c
+                .inspect(name)?
+                .ok_or_else(|| anyhow::anyhow!("volume '{name}' does not exist"))?;
+            if *watch {
+                return watch_rebuild(&c, name);
+            }
+            emit(json, &v, || inspect_text(&v))
+        }
+        ClusterVolumeCmd::Attach { name, node } => {
+            c.volume(
+                "POST",
+                &path(name, "/attach"),
+                Some(serde_json::json!({"node": node})),
+            )?;
+            let v = c.wait(name, "exporting the nexus", |v| {
+                v.is_some_and(|v| v.attached.as_ref().is_some_and(|a| a.nbd_uri.is_some()))
+            })?;
+            let v = v.expect("waited for it");
+            let uri = v
+                .attached
+                .as_ref()
+                .and_then(|a| a.nbd_uri.clone())
+                .unwrap_or_default();
+            emit(json, &v, || format!("{uri}\n"))
+        }
+        ClusterVolumeCmd::Detach { name } => {
+            let v = c.volume("POST", &path(name, "/detach"), None)?;
+            emit(json, &v, || format!("volume {name} detached\n"))
+        }
+        ClusterVolumeCmd::Snapshot { name, snapshot } => {
+            let v = c.volume(
+                "POST",
+                &path(name, "/snapshot"),
+                Some(serde_json::json!({"name": snapshot})),
+            )?;
+            emit(json, &v, || {
+                format!("snapshot {name}@{snapshot} recorded\n")
+            })
+        }
+        ClusterVolumeCmd::Clone {
+            name,
+            snapshot,
+            new_name,
+        } => {
+            let body = serde_json::json!({"snapshot": snapshot, "name": new_name});
+            c.volume("POST", &path(name, "/clone"), Some(body))?;
+            let v = c.wait(new_name, "creating every replica", |v| {
+                v.is_some_and(|v| v.replicas.iter().all(|r| r.placement == "created"))
+            })?;
+            let v = v.expect("waited for it");
+            emit(json, &v, || volumes_table(std::slice::from_ref(&v)))
+        }
+        ClusterVolumeCmd::Grow { name, size } => {
+            let v = c.volume(
+                "POST",
+                &path(name, "/grow"),
+                Some(serde_json::json!({"size_bytes": size})),
+            )?;
+            emit(json, &v, || volumes_table(std::slice::from_ref(&v)))
+        }
+        ClusterVolumeCmd::Delete { name } => {
+            c.volume("DELETE", &path(name, ""), None)?;
+            c.wait(name, "removing every replica", |v| v.is_none())?;
+            done(json, &format!("volume {name} deleted"))
+        }
+    }
+}
+
+fn volumes_table(volumes: &[VolumeView]) -> String {
+    let mut t = Table::new(&[
+        "NAME",
+        ">SIZE",
+        ">REPLICAS",
+        "NODES",
+        "HEALTH",
+        "ATTACHED",
+        ">EPOCH",
+    ]);
+    for v in volumes {
+        let in_sync = v
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaHealth::InSync)
+            .count();
+        t.row(vec![
+            v.name.clone(),
+            human_size(v.size_bytes),
+            v.replicas_wanted.to_string(),
+            v.replicas
+                .iter()
+                .map(|r| r.node.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            if v.deleting {
+                "deleting".into()
+            } else {
+                format!("{in_sync}/{} in sync", v.replicas.len())
+            },
+            v.attached
+                .as_ref()
+                .map_or_else(|| "-".into(), |a| a.node.clone()),
+            v.epoch.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+fn inspect_text(v: &VolumeView) -> String {
+    let mut s = format!(
+        "volume {}: {} ({} bytes), {} replica(s){}, epoch {}{}\n",
+        v.name,
+        human_size(v.size_bytes),
+        v.size_bytes,
+        v.replicas_wanted,
+        v.zone
+            .as_ref()
+            .map(|z| format!(" in zone {z}"))
+            .unwrap_or_default(),
+        v.epoch,
+        if v.deleting { ", being deleted" } else { "" }
+    );
+    match &v.attached {
+        Some(a) => {
+            s += &format!(
+                "attached: {} {}\n",
+                a.node,
+                a.nbd_uri.as_deref().unwrap_or("(nexus not exported yet)")
+            )
+        }
+        None => s += "attached: -\n",
+    }
+    if let Some((vol, snap)) = &v.origin {
+        s += &format!("clone of: {vol}@{snap}\n");
+    }
+    let mut t = Table::new(&["NODE", "STATE", "PLACEMENT", "ZONE", "RACK"]);
+    for r in &v.replicas {
+        let or_dash = |a: &Option<String>| a.clone().unwrap_or_else(|| "-".into());
+        t.row(vec![
+            r.node.clone(),
+            r.state.as_str().into(),
+            r.placement.clone(),
+            or_dash(&r.zone),
+            or_dash(&r.rack),
+        ]);
+    }
+    s += &t.render();
+    for snap in &v.snapshots {
+        s += &format!("snapshot {}: on {}\n", snap.name, snap.nodes.join(", "));
+    }
+    if let Some(r) = &v.rebuild {
+        s += &format!("{}\n", progress_bar(r));
+    }
+    s
+}
+
+/// One line: a bar, the percentage, bytes done of total, the rate and the time left.
+fn progress_bar(r: &RebuildView) -> String {
+    let frac = if r.total_bytes == 0 {
+        0.0
+    } else {
+        (r.done_bytes as f64 / r.total_bytes as f64).clamp(0.0, 1.0)
+    };
+    let filled = (frac * PROGRESS_BAR_WIDTH as f64).round() as usize;
+    format!(
+        "rebuilding {} [{}{}] {:5.1}% {}/{} {}/s eta {:.0}s",
+        r.replica,
+        "#".repeat(filled),
+        "-".repeat(PROGRESS_BAR_WIDTH - filled),
+        frac * 100.0,
+        human_size(r.done_bytes),
+        human_size(r.total_bytes),
+        human_size(r.bytes_per_s as u64),
+        r.eta_s
+    )
+}
+
+/// `inspect --watch`: a progress bar per poll while a replica rebuilds; returns once every
+/// replica is in sync (or the volume is gone).
+fn watch_rebuild(c: &Control, name: &str) -> Result<()> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let Some(v) = c.inspect(name)? else {
+            anyhow::bail!("volume '{name}' does not exist");
+        };
+        let line = match &v.rebuild {
+            Some(r) => progress_bar(r),
+            None => {
+                let states: Vec<String> = v
+                    .replicas
+                    .iter()
+                    .map(|r| format!("{} {}", r.node, r.state.as_str()))
+                    .collect();
+                states.join(", ")
+            }
+        };
+        out(&format!(
+            "{}{line}{}",
+            if tty { "\r\x1b[K" } else { "" },
+            if tty { "" } else { "\n" }
+        ));
+        if v.rebuild.is_none() && v.replicas.iter().all(|r| r.state == ReplicaHealth::InSync) {
+            out(if tty {
+                "\nevery replica is in sync\n"
+            } else {
+                "every replica is in sync\n"
+            });
+            return Ok(());
+        }
+        std::thread::sleep(WATCH_INTERVAL);
+    }
 }
 
 fn nodes_table(nodes: &[NodeView]) -> String {
@@ -1045,6 +1461,28 @@ fn verify_text(r: &pb::VerifyNexusResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rebuild_bar_shows_the_fraction_rate_and_eta() {
+        let r = RebuildView {
+            replica: "127.0.0.1:10820".into(),
+            done_bytes: 256 << 20,
+            total_bytes: 1 << 30,
+            bytes_per_s: (64 << 20) as f64,
+            eta_s: 12.0,
+        };
+        let line = progress_bar(&r);
+        assert!(
+            line.starts_with("rebuilding 127.0.0.1:10820 [########------"),
+            "{line}"
+        );
+        assert!(line.contains(" 25.0% 256M/1G 64M/s eta 12s"), "{line}");
+        let empty = RebuildView {
+            total_bytes: 0,
+            ..r
+        };
+        assert!(progress_bar(&empty).contains("  0.0%"));
+    }
 
     #[test]
     fn the_resync_line_shows_progress_rate_and_eta() {

@@ -167,11 +167,17 @@ pub struct Control {
 impl Control {
     /// Starts cairn-control on `data_dir`, on `etcd` when given, listening on `port`.
     pub fn start(data_dir: &Path, etcd: Option<&str>, port: u16) -> Control {
+        Control::start_with(data_dir, etcd, port, &[])
+    }
+
+    /// [`Control::start`] with `extra` flags.
+    pub fn start_with(data_dir: &Path, etcd: Option<&str>, port: u16, extra: &[&str]) -> Control {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-control"));
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"));
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra);
         if let Some(url) = etcd {
             cmd.args(["--etcd", url]);
         }

@@ -37,6 +37,9 @@ pub const EPOCHS_DIR: &str = "epochs";
 pub(super) struct Replication {
     nexus: Arc<NexusManager>,
     server: Mutex<Option<ReplicaServer>>,
+    /// The replicas this node hosts (shared with the server and the nexus manager), so a
+    /// volume being deleted can stop being one.
+    replicas: Arc<ReplicaSet>,
 }
 
 fn parse_spec(s: &str) -> Result<ChildSpec, NodeError> {
@@ -72,10 +75,11 @@ impl Node {
             ),
         };
         let endpoint = server.as_ref().map(|s| s.endpoint().to_string());
-        let nexus = NexusManager::start(self.engine.clone(), transport, replicas);
+        let nexus = NexusManager::start(self.engine.clone(), transport, replicas.clone());
         let r = Replication {
             nexus,
             server: Mutex::new(server),
+            replicas,
         };
         if self.replication.set(r).is_err() {
             return Err(NodeError::Replication("already started".into()));
@@ -340,6 +344,47 @@ impl Node {
             f.fail_writes(r.fail_errno);
         }
         tracing::warn!(target_name = %r.name, latency_us = r.latency_us, fail_errno = r.fail_errno, heal = r.heal, "fault injection changed");
+        Ok(())
+    }
+
+    /// Stops hosting the volume `name` of pool `pool` as a replica, so that it can be deleted
+    /// (a hosted replica stays open after its last connection or local nexus goes away).
+    /// Refused, as an open volume, while a nexus or a replica connection still holds it: the
+    /// replica set's entry is then the only other reference. Takes the replica set's lock and
+    /// releases it before the state lock (the lock order above).
+    pub(super) fn release_replica(&self, name: &str, pool: &str) -> Result<(), NodeError> {
+        let Some(r) = self.replication.get() else {
+            return Ok(());
+        };
+        let id = volume_id_for(name);
+        let Some(hosted) = r.replicas.hosted().into_iter().find(|h| h.volume_id == id) else {
+            return Ok(());
+        };
+        // This clone and the set's own entry; any more is a connection or a nexus.
+        if Arc::strong_count(&hosted) > 2 {
+            return Err(pool_err(pool)(
+                cairn_engine::volume::PoolError::VolumeOpen { name: name.into() },
+            ));
+        }
+        r.replicas.forget(&id);
+        drop(hosted);
+        let mut st = self.live()?;
+        let Some(i) = st
+            .replicas
+            .iter()
+            .position(|s| s.name == name && s.pool == pool)
+        else {
+            return Ok(());
+        };
+        let slot = st.replicas.remove(i);
+        if let Err(e) = self.flush(&slot.handle) {
+            tracing::warn!(replica = %name, error = %e, "flushing a released replica failed");
+        }
+        let p = super::pool_slot(&st, pool)?;
+        p.pool
+            .close_volume(&self.engine, &slot.handle)
+            .map_err(pool_err(pool))?;
+        tracing::info!(replica = %name, pool = %pool, "replica released");
         Ok(())
     }
 

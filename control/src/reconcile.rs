@@ -1,0 +1,687 @@
+//! The reconcile loop: brings the nodes to what the volume records say. Only the leader runs
+//! it, every [`RECONCILE_INTERVAL`] and whenever a command wrote a record.
+//!
+//! Each pass lists what every `up` node has (volumes and snapshots, nexuses, exports) through
+//! the node admin API, compares it with every volume record and makes the calls that close the
+//! gap. Every call is idempotent by name (an object that already exists counts as made, one
+//! already gone as removed), and a step's result is written back to the record (fenced by the
+//! leader's term, checked on the record's revision) before a later step depends on it. So a
+//! crash of the control process at any point leaves records that the next pass, in this
+//! process after a restart or in the next leader, finishes exactly once: a replica recorded
+//! `creating` whose volume the node already made is marked `created`, never made twice, and
+//! no node is ever given a replica that is not in a record.
+//!
+//! Per volume, in order:
+//! * delete recorded: take the nexus down, delete the snapshots and the replica volumes on
+//!   each node, drop each replica entry once its node confirms, then the record and its
+//!   in-sync record;
+//! * replicas: create each `creating` one (`CreateVolume`, or `CreateClone` for a clone),
+//!   grow each smaller than the record, delete each `deleting` one;
+//! * snapshots: take each recorded snapshot on each replica that lacks it;
+//! * nexus: destroy a nexus on any node but the attach node (detach, or a nexus of an older
+//!   epoch), then create the nexus on the attach node (the recorded epoch, `takeover`, "local"
+//!   for its own replica and the other nodes' replica addresses), export it over NBD and record
+//!   the NBD URI.
+//!
+//! A node that is down or unreachable is skipped; its part is finished when it is back.
+
+use crate::election::{stopped, Election, Leadership};
+use crate::insync::{self, InSyncRecord};
+use crate::membership::{node_records, NodeRecord};
+use crate::proto::{self as pb, node_admin_client::NodeAdminClient};
+use crate::store::{AnyStore, Store, Txn};
+use crate::volume::{self, snapshot_object, volume_key, ReplicaState, VolumeError, VolumeRecord};
+use cairn_control_api::{NodeState, RebuildView};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+/// How often the leader compares the nodes with the records when nothing wakes it sooner.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long connecting to a node's admin API may take; a node that does not answer in this
+/// time is skipped for the pass.
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one node admin call may take (pool operations are durable when they return).
+pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long inspect waits for the attach node's resync progress before showing none.
+pub const SHOW_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Admin API channels to the nodes, one per admin address, made on first use.
+#[derive(Default)]
+pub struct NodeClients {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl NodeClients {
+    /// A client of the node admin API at `admin` (`IP:PORT`, from the node's record).
+    pub fn client(&self, admin: &str) -> Result<NodeAdminClient<Channel>, String> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get(admin) {
+            return Ok(NodeAdminClient::new(c.clone()));
+        }
+        let channel = Endpoint::from_shared(format!("http://{admin}"))
+            .map_err(|e| format!("admin address {admin}: {e}"))?
+            .connect_timeout(NODE_CONNECT_TIMEOUT)
+            .timeout(NODE_CALL_TIMEOUT)
+            .connect_lazy();
+        channels.insert(admin.to_string(), channel.clone());
+        Ok(NodeAdminClient::new(channel))
+    }
+
+    /// The resync in progress on volume `name`'s nexus at `node`, if the node answers.
+    pub async fn rebuild(&self, node: &NodeRecord, name: &str) -> Option<RebuildView> {
+        let mut c = self.client(&node.addresses.admin).ok()?;
+        let show = c.show_nexus(pb::ShowNexusRequest { name: name.into() });
+        let nexus = tokio::time::timeout(SHOW_TIMEOUT, show)
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        let r = nexus.resync?;
+        Some(RebuildView {
+            replica: r.replica,
+            done_bytes: r.done_bytes,
+            total_bytes: r.total_bytes,
+            bytes_per_s: r.bytes_per_s,
+            eta_s: r.eta_s,
+        })
+    }
+}
+
+/// A node call that failed, naming the node, the call and the object.
+#[derive(Debug, thiserror::Error)]
+#[error("node '{node}': {call} '{object}': {status}")]
+pub struct NodeCallError {
+    node: String,
+    call: &'static str,
+    object: String,
+    status: Box<tonic::Status>,
+}
+
+/// What one node has, as listed at the start of a pass.
+#[derive(Default)]
+struct Observed {
+    /// Volumes and snapshots by name, with their size.
+    objects: HashMap<String, u64>,
+    /// Nexuses by name, with their epoch.
+    nexuses: HashMap<String, u64>,
+    exports: HashSet<String>,
+}
+
+pub struct Reconciler {
+    store: Arc<AnyStore>,
+    election: Arc<Election>,
+    clients: Arc<NodeClients>,
+    kick: Arc<Notify>,
+}
+
+/// One node's part of a pass: its record, its admin client and what it has.
+struct NodeView<'a> {
+    record: &'a NodeRecord,
+    client: NodeAdminClient<Channel>,
+    has: Observed,
+}
+
+impl NodeView<'_> {
+    fn pool(&self) -> String {
+        self.record
+            .pools
+            .first()
+            .map(|p| p.name.clone())
+            .unwrap_or_default()
+    }
+
+    fn err(&self, call: &'static str, object: &str, status: tonic::Status) -> NodeCallError {
+        NodeCallError {
+            node: self.record.id.clone(),
+            call,
+            object: object.to_string(),
+            status: Box::new(status),
+        }
+    }
+
+    /// `r` as success when the call made what exists already (`AlreadyExists`).
+    fn made<T>(
+        &self,
+        call: &'static str,
+        object: &str,
+        r: Result<T, tonic::Status>,
+    ) -> Result<(), NodeCallError> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+            Err(s) => Err(self.err(call, object, s)),
+        }
+    }
+
+    /// `r` as success when the call removed what is gone already (`NotFound`).
+    fn gone<T>(
+        &self,
+        call: &'static str,
+        object: &str,
+        r: Result<T, tonic::Status>,
+    ) -> Result<(), NodeCallError> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(self.err(call, object, s)),
+        }
+    }
+
+    async fn delete_object(&mut self, name: &str) -> Result<(), NodeCallError> {
+        if !self.has.objects.contains_key(name) {
+            return Ok(());
+        }
+        let req = pb::DeleteVolumeRequest {
+            name: name.into(),
+            pool: self.pool(),
+        };
+        let r = self.client.delete_volume(req).await;
+        self.gone("DeleteVolume", name, r)?;
+        self.has.objects.remove(name);
+        Ok(())
+    }
+
+    /// Unexports and destroys the nexus `name`, if this node has it.
+    async fn take_down_nexus(&mut self, name: &str) -> Result<(), NodeCallError> {
+        if self.has.exports.contains(name) {
+            let r = self
+                .client
+                .unexport(pb::UnexportRequest {
+                    export_name: name.into(),
+                })
+                .await;
+            self.gone("Unexport", name, r)?;
+            self.has.exports.remove(name);
+        }
+        if self.has.nexuses.contains_key(name) {
+            let r = self
+                .client
+                .destroy_nexus(pb::DestroyNexusRequest { name: name.into() })
+                .await;
+            self.gone("DestroyNexus", name, r)?;
+            self.has.nexuses.remove(name);
+        }
+        Ok(())
+    }
+}
+
+impl Reconciler {
+    pub fn new(
+        store: Arc<AnyStore>,
+        election: Arc<Election>,
+        clients: Arc<NodeClients>,
+        kick: Arc<Notify>,
+    ) -> Reconciler {
+        Reconciler {
+            store,
+            election,
+            clients,
+            kick,
+        }
+    }
+
+    /// Runs passes while this process leads, until `stop`.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.kick.notified() => {}
+                () = stopped(&mut stop) => return,
+            }
+            let Some(term) = self.election.current() else {
+                continue;
+            };
+            if let Err(e) = self.pass(term).await {
+                tracing::warn!(error = %e, "reconcile pass");
+            }
+        }
+    }
+
+    /// One pass over every volume record.
+    pub async fn pass(&self, term: Leadership) -> Result<(), VolumeError> {
+        let volumes = volume::list(&self.store).await?;
+        if volumes.is_empty() {
+            return Ok(());
+        }
+        let nodes = node_records(&self.store).await?;
+        let mut views = Vec::new();
+        for n in nodes.iter().filter(|n| n.state == NodeState::Up) {
+            match self.observe(n).await {
+                Ok(v) => views.push(v),
+                Err(e) => tracing::debug!(error = %e, "node skipped this pass"),
+            }
+        }
+        for (record, revision) in volumes {
+            if let Err(e) = self
+                .volume(term, &nodes, &mut views, &record, revision)
+                .await
+            {
+                tracing::warn!(volume = %record.name, error = %e, "reconciling");
+            }
+        }
+        Ok(())
+    }
+
+    async fn observe<'a>(&self, n: &'a NodeRecord) -> Result<NodeView<'a>, NodeCallError> {
+        let err = |call, status| NodeCallError {
+            node: n.id.clone(),
+            call,
+            object: String::new(),
+            status: Box::new(status),
+        };
+        let mut client = self
+            .clients
+            .client(&n.addresses.admin)
+            .map_err(|s| err("connect", tonic::Status::invalid_argument(s)))?;
+        let volumes = client
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .map_err(|s| err("ListVolumes", s))?
+            .into_inner()
+            .volumes;
+        let nexuses = client
+            .list_nexuses(pb::ListNexusesRequest {})
+            .await
+            .map_err(|s| err("ListNexuses", s))?
+            .into_inner()
+            .nexuses;
+        let exports = client
+            .list_exports(pb::ListExportsRequest {})
+            .await
+            .map_err(|s| err("ListExports", s))?
+            .into_inner()
+            .exports;
+        Ok(NodeView {
+            record: n,
+            client,
+            has: Observed {
+                objects: volumes
+                    .into_iter()
+                    .map(|v| (v.name, v.size_bytes))
+                    .collect(),
+                nexuses: nexuses.into_iter().map(|x| (x.name, x.epoch)).collect(),
+                exports: exports.into_iter().map(|e| e.name).collect(),
+            },
+        })
+    }
+
+    /// Brings the nodes to one volume's record; writes back what it completed.
+    async fn volume(
+        &self,
+        term: Leadership,
+        nodes: &[NodeRecord],
+        views: &mut [NodeView<'_>],
+        record: &VolumeRecord,
+        revision: u64,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut next = record.clone();
+        let outcome = if record.deleting {
+            delete_step(&mut next, views).await
+        } else {
+            let insync = volume::read_insync(&self.store, &record.name).await?;
+            live_steps(&mut next, insync.map(|(r, _)| r).as_ref(), nodes, views).await
+        };
+        // What completed is recorded even when a later step failed.
+        if next != *record {
+            self.record(term, &next, revision, record.epoch).await?;
+        }
+        outcome.map_err(Into::into)
+    }
+
+    /// Writes the progress `next`; a volume being deleted that has no replica left is
+    /// removed, with its in-sync record.
+    async fn record(
+        &self,
+        term: Leadership,
+        next: &VolumeRecord,
+        revision: u64,
+        previous_epoch: u64,
+    ) -> Result<(), VolumeError> {
+        let written = if next.epoch != previous_epoch {
+            self.record_new_epoch(term, next, revision).await?
+        } else if next.deleting && next.replicas.is_empty() {
+            let key = volume_key(&next.name);
+            let txn = term.fence(
+                Txn::default()
+                    .check(&key, revision)
+                    .delete(&key)
+                    .delete(insync::key(&next.name)),
+            );
+            let done = self.store.txn(txn).await?.is_some();
+            if done {
+                tracing::info!(volume = %next.name, "volume deleted");
+            }
+            done
+        } else {
+            volume::write(&self.store, term, next, revision)
+                .await?
+                .is_some()
+        };
+        if !written {
+            // Someone changed the record since this pass read it; the next pass starts over
+            // from the new record and the nodes' state, so nothing is lost.
+            tracing::debug!(volume = %next.name, "record changed during the pass");
+        }
+        Ok(())
+    }
+}
+
+impl Reconciler {
+    /// Writes `next` with its raised epoch and, in the same transaction, the in-sync record at
+    /// that epoch (its sets and generation unchanged): reports from the old nexus are then
+    /// refused. True when written.
+    async fn record_new_epoch(
+        &self,
+        term: Leadership,
+        next: &VolumeRecord,
+        revision: u64,
+    ) -> Result<bool, VolumeError> {
+        let key = volume_key(&next.name);
+        let mut txn = term.fence(Txn::default().check(&key, revision).put(
+            &key,
+            volume::encode(next),
+            None,
+        ));
+        if let Some((mut insync, insync_revision)) =
+            volume::read_insync(&self.store, &next.name).await?
+        {
+            insync.epoch = next.epoch;
+            insync.updated_unix_ms = volume::unix_ms();
+            let ikey = insync::key(&next.name);
+            txn = txn
+                .check(&ikey, insync_revision)
+                .put(&ikey, volume::encode(&insync), None);
+        }
+        Ok(self.store.txn(txn).await?.is_some())
+    }
+}
+
+fn view_of<'v, 'a>(views: &'v mut [NodeView<'a>], node: &str) -> Option<&'v mut NodeView<'a>> {
+    views.iter_mut().find(|v| v.record.id == node)
+}
+
+/// A live volume's steps, in order; each records its progress in `next` as it goes.
+async fn live_steps(
+    next: &mut VolumeRecord,
+    insync: Option<&InSyncRecord>,
+    nodes: &[NodeRecord],
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    replicas_step(next, views).await?;
+    snapshots_step(next, views).await?;
+    nexus_step(next, insync, nodes, views).await
+}
+
+/// Delete: nexus down everywhere, then each replica's snapshots and volume.
+async fn delete_step(
+    next: &mut VolumeRecord,
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    for v in views.iter_mut() {
+        v.take_down_nexus(&next.name).await?;
+    }
+    let snapshots: Vec<String> = next
+        .snapshots
+        .iter()
+        .map(|s| snapshot_object(&next.name, &s.name))
+        .collect();
+    let mut removed = Vec::new();
+    for r in &next.replicas {
+        let Some(v) = view_of(views, &r.node) else {
+            continue;
+        };
+        // A clone's volume depends on the snapshot, so the volume goes first.
+        v.delete_object(&next.name).await?;
+        for s in &snapshots {
+            v.delete_object(s).await?;
+        }
+        removed.push(r.node.clone());
+    }
+    next.replicas.retain(|r| !removed.contains(&r.node));
+    Ok(())
+}
+
+/// Creates, grows and deletes replicas as recorded.
+async fn replicas_step(
+    next: &mut VolumeRecord,
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    let name = next.name.clone();
+    let mut dropped = Vec::new();
+    for r in &mut next.replicas {
+        let Some(v) = view_of(views, &r.node) else {
+            continue;
+        };
+        match r.state {
+            ReplicaState::Creating => {
+                if !v.has.objects.contains_key(&name) {
+                    create_replica(v, &name, next.size_bytes, next.origin.as_ref()).await?;
+                }
+                r.state = ReplicaState::Created;
+                tracing::info!(volume = %name, node = %r.node, "replica created");
+            }
+            ReplicaState::Created => {
+                if v.has
+                    .objects
+                    .get(&name)
+                    .is_some_and(|s| *s < next.size_bytes)
+                {
+                    let req = pb::GrowVolumeRequest {
+                        name: name.clone(),
+                        size_bytes: next.size_bytes,
+                        pool: v.pool(),
+                    };
+                    let res = v.client.grow_volume(req).await;
+                    v.made("GrowVolume", &name, res)?;
+                }
+            }
+            ReplicaState::Deleting => {
+                v.take_down_nexus(&name).await?;
+                v.delete_object(&name).await?;
+                dropped.push(r.node.clone());
+            }
+        }
+    }
+    next.replicas.retain(|r| !dropped.contains(&r.node));
+    Ok(())
+}
+
+async fn create_replica(
+    v: &mut NodeView<'_>,
+    name: &str,
+    size_bytes: u64,
+    origin: Option<&volume::Origin>,
+) -> Result<(), NodeCallError> {
+    let pool = v.pool();
+    let res = match origin {
+        Some(o) => v
+            .client
+            .create_clone(pb::CreateCloneRequest {
+                snapshot: snapshot_object(&o.volume, &o.snapshot),
+                name: name.into(),
+                pool,
+            })
+            .await
+            .map(drop),
+        None => v
+            .client
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.into(),
+                size_bytes,
+                pool,
+                labels: Vec::new(),
+            })
+            .await
+            .map(drop),
+    };
+    v.made(
+        if origin.is_some() {
+            "CreateClone"
+        } else {
+            "CreateVolume"
+        },
+        name,
+        res,
+    )?;
+    v.has.objects.insert(name.to_string(), size_bytes);
+    Ok(())
+}
+
+/// Takes each recorded snapshot on each created replica that lacks it.
+async fn snapshots_step(
+    next: &mut VolumeRecord,
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    let name = next.name.clone();
+    let created: Vec<String> = next
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created)
+        .map(|r| r.node.clone())
+        .collect();
+    for s in &mut next.snapshots {
+        let object = snapshot_object(&name, &s.name);
+        let missing: Vec<&String> = created.iter().filter(|n| !s.nodes.contains(n)).collect();
+        for node in missing {
+            let Some(v) = view_of(views, node) else {
+                continue;
+            };
+            if !v.has.objects.contains_key(&object) {
+                let req = pb::CreateSnapshotRequest {
+                    volume: name.clone(),
+                    name: object.clone(),
+                    pool: v.pool(),
+                };
+                let res = v.client.create_snapshot(req).await;
+                v.made("CreateSnapshot", &object, res)?;
+            }
+            s.nodes.push(node.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Nexus down wherever it should not be; up, exported and recorded where it should.
+async fn nexus_step(
+    next: &mut VolumeRecord,
+    insync: Option<&InSyncRecord>,
+    nodes: &[NodeRecord],
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    let name = next.name.clone();
+    let at = next.attached.as_ref().map(|a| a.node.clone());
+    for v in views.iter_mut() {
+        let stale = match v.has.nexuses.get(&name) {
+            None => false,
+            Some(epoch) => at.as_deref() != Some(v.record.id.as_str()) || *epoch < next.epoch,
+        };
+        if stale {
+            v.take_down_nexus(&name).await?;
+            tracing::info!(volume = %name, node = %v.record.id, "nexus taken down");
+        }
+    }
+    let Some(at) = at else {
+        return Ok(());
+    };
+    if !next.all_created() {
+        return Ok(());
+    }
+    let replicas = nexus_replicas(next, nodes, &at);
+    let Some(v) = view_of(views, &at) else {
+        return Ok(());
+    };
+    let missing = !v.has.nexuses.contains_key(&name);
+    if missing && next.attached.as_ref().is_some_and(|a| a.nbd_uri.is_some()) {
+        // The nexus was up and is gone (its node restarted): opening it again is a new term
+        // over the same replicas, so the raised epoch is recorded first, and the nexus is
+        // created at it by the next pass.
+        next.epoch += 1;
+        if let Some(a) = next.attached.as_mut() {
+            a.nbd_uri = None;
+        }
+        tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus gone; a new epoch is recorded before it is opened again");
+        return Ok(());
+    }
+    if missing && !replicas.is_empty() {
+        // The nexus takes its sources only among the replicas the record names in sync, at
+        // the record's generation or above, and records its own changes there: a copy that
+        // missed an acknowledged write is never read (docs/control.md, "The durable in-sync
+        // set"). With no record yet (a volume never attached), every replica is new and equal.
+        let trusted = insync.map_or_else(Vec::new, |i| {
+            nexus_replicas_of(next, nodes, &at, |node| i.in_sync.iter().any(|n| n == node))
+        });
+        if insync.is_some() && trusted.is_empty() {
+            // An empty list would let the node trust the highest generation it is given:
+            // exactly the stale copy the record is there to refuse. Wait for an in-sync one.
+            tracing::warn!(volume = %name, node = %at, in_sync = ?insync.map(|i| &i.in_sync), "no replica the record names in sync is up; the nexus waits for one");
+            return Ok(());
+        }
+        let req = pb::CreateNexusRequest {
+            name: name.clone(),
+            replicas,
+            epoch: next.epoch,
+            takeover: true,
+            control_volume: name.clone(),
+            trusted,
+            min_generation: insync.map_or(0, |i| i.generation),
+            ..Default::default()
+        };
+        let res = v.client.create_nexus(req).await;
+        v.made("CreateNexus", &name, res)?;
+        v.has.nexuses.insert(name.clone(), next.epoch);
+        tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus created");
+    }
+    if !v.has.exports.contains(&name) {
+        let req = pb::ExportRequest {
+            name: name.clone(),
+            nexus: true,
+            ..Default::default()
+        };
+        let res = v.client.export(req).await;
+        v.made("Export", &name, res)?;
+        v.has.exports.insert(name.clone());
+    }
+    // Recorded when first exported, and again if the node came back at another address.
+    if let (Some(a), Some(nbd)) = (next.attached.as_mut(), v.record.addresses.nbd.as_ref()) {
+        let uri = format!("nbd://{nbd}/{name}");
+        if a.nbd_uri.as_deref() != Some(uri.as_str()) {
+            a.nbd_uri = Some(uri);
+        }
+    }
+    Ok(())
+}
+
+/// The nexus's replica list on node `at`: "local" for its own replica, the replica address of
+/// every other up node holding a created replica.
+fn nexus_replicas(record: &VolumeRecord, nodes: &[NodeRecord], at: &str) -> Vec<String> {
+    nexus_replicas_of(record, nodes, at, |_| true)
+}
+
+/// [`nexus_replicas`] of the replica nodes `keep` accepts.
+fn nexus_replicas_of(
+    record: &VolumeRecord,
+    nodes: &[NodeRecord],
+    at: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    record
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created && keep(&r.node))
+        .filter_map(|r| {
+            if r.node == at {
+                return Some("local".to_string());
+            }
+            nodes
+                .iter()
+                .find(|n| n.id == r.node && n.state == NodeState::Up)
+                .and_then(|n| n.addresses.replica.clone())
+        })
+        .collect()
+}
