@@ -45,6 +45,8 @@ pub struct ReplicaServer {
     engine: Arc<Engine>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// For the handshake threads still running at shutdown.
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for ReplicaServer {
@@ -60,6 +62,9 @@ struct Shared {
     replicas: Arc<ReplicaSet>,
     stop: Arc<AtomicBool>,
     handshakes: AtomicUsize,
+    /// The handshake threads started and not yet joined: shutdown joins them, since each
+    /// holds the engine (and may hand a connection to a reactor) until it ends.
+    handshake_threads: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     next_core: AtomicUsize,
 }
 
@@ -79,14 +84,16 @@ impl ReplicaServer {
             replicas,
             stop: stop.clone(),
             handshakes: AtomicUsize::new(0),
+            handshake_threads: parking_lot::Mutex::new(Vec::new()),
             next_core: AtomicUsize::new(0),
         });
+        let accepting = shared.clone();
         let thread = std::thread::Builder::new()
             .name("cairn-replica-accept".into())
             .spawn(move || {
-                while !shared.stop.load(Ordering::Acquire) {
+                while !accepting.stop.load(Ordering::Acquire) {
                     match acceptor.accept(ACCEPT_POLL) {
-                        Ok(Some(link)) => admit(&shared, link),
+                        Ok(Some(link)) => admit(&accepting, link),
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "replica server accept failed");
@@ -101,6 +108,7 @@ impl ReplicaServer {
             engine,
             stop,
             thread: Some(thread),
+            shared,
         })
     }
 
@@ -118,6 +126,14 @@ impl ReplicaServer {
         self.stop.store(true, Ordering::Release);
         let Some(t) = self.thread.take() else { return };
         drop(t.join());
+        // No new handshake starts now; the running ones end within their bounds (the frame
+        // timeout, or a fence drain's FENCE_DRAIN_MAX), and a connection one hands over sees
+        // `stop` like the others. Without this join, one still running keeps the engine
+        // shared past the node's shutdown.
+        let threads = std::mem::take(&mut *self.shared.handshake_threads.lock());
+        for t in threads {
+            drop(t.join());
+        }
         // An idle connection's reactor sleeps until a completion or a message: wake each one
         // so its connections see `stop` and close now, not at the next request. A stopped
         // engine has closed them already.
@@ -145,18 +161,23 @@ fn admit(shared: &Arc<Shared>, link: Box<dyn Link>) {
         );
         return;
     }
-    let shared = shared.clone();
+    let handshaking = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("cairn-replica-open".into())
         .spawn(move || {
             let peer = link.peer().to_string();
-            if let Err(why) = handshake(&shared, link) {
+            if let Err(why) = handshake(&handshaking, link) {
                 tracing::warn!(peer = %peer, error = %why, "replica open refused");
             }
-            shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+            handshaking.handshakes.fetch_sub(1, Ordering::AcqRel);
         });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "spawning a replica handshake thread failed");
+    match spawned {
+        Ok(t) => {
+            let mut threads = shared.handshake_threads.lock();
+            threads.retain(|t| !t.is_finished());
+            threads.push(t);
+        }
+        Err(e) => tracing::error!(error = %e, "spawning a replica handshake thread failed"),
     }
 }
 
