@@ -77,6 +77,37 @@ cleanup() {
 trap cleanup EXIT
 bin=$PWD/target/release
 
+# Starts `cairn up ARGS` in the background, its output in OUT, and waits for its ready line.
+up_start() {
+  local out=$1
+  shift
+  "$bin/cairn" up "$@" >"$out" 2>&1 &
+  up_pid=$!
+  for _ in $(seq 600); do
+    grep -q '^cairn up: ready:' "$out" && return 0
+    kill -0 "$up_pid" 2>/dev/null || { cat "$out"; exit 1; }
+    sleep 0.1
+  done
+  cat "$out"
+  echo "cairn up $*: not ready" >&2
+  exit 1
+}
+
+# Stops it with SIGINT, as Ctrl-C would: it must exit 0, every child stopped cleanly.
+up_stop() {
+  local out=$1 rc=0
+  kill -INT "$up_pid"
+  wait "$up_pid" || rc=$?
+  up_pid=
+  if ((rc != 0)); then
+    cat "$out"
+    echo "cairn up exited $rc after SIGINT (want 0)" >&2
+    exit 1
+  fi
+  grep -q 'stopped cleanly' "$out"
+  echo "cairn up stopped cleanly on SIGINT"
+}
+
 readme 'bash .ci/run'
 echo "(this script runs inside it)"
 
@@ -89,14 +120,7 @@ echo "the main command's packages are installed"
 # commands it prints against node-1, then stop it with SIGINT as Ctrl-C would.
 readme 'cargo build --release -p cairn-control -p cairn-node && target/release/cairn up'
 cargo build --release -q -p cairn-control -p cairn-node
-"$bin/cairn" up --data-dir "$tmp/up" >"$tmp/up.out" 2>&1 &
-up_pid=$!
-for _ in $(seq 600); do
-  grep -q '^cairn up: ready:' "$tmp/up.out" && break
-  kill -0 "$up_pid" 2>/dev/null || { cat "$tmp/up.out"; exit 1; }
-  sleep 0.1
-done
-grep -q '^cairn up: ready:' "$tmp/up.out" || { cat "$tmp/up.out"; echo "cairn up: not ready" >&2; exit 1; }
+up_start "$tmp/up.out" --data-dir "$tmp/up"
 cat "$tmp/up.out"
 # Its node commands for one node, as printed (cairnctl by its path, then nbdinfo).
 grep -E '^  \S*cairnctl node --addr .* (volume create|export add) pg' "$tmp/up.out" |
@@ -106,29 +130,12 @@ grep -E '^  \S*cairnctl node --addr .* (volume create|export add) pg' "$tmp/up.o
   done
 nbdinfo nbd://127.0.0.1:10809/pg | grep -E 'export-size'
 "$bin/cairnctl" node ls
-kill -INT "$up_pid"
-rc=0
-wait "$up_pid" || rc=$?
-up_pid=
-if ((rc != 0)); then
-  cat "$tmp/up.out"
-  echo "cairn up exited $rc after SIGINT (want 0)" >&2
-  exit 1
-fi
-grep -q 'stopped cleanly' "$tmp/up.out"
-echo "cairn up stopped cleanly on SIGINT"
+up_stop "$tmp/up.out"
 
 # Three nodes, a 3-replica volume placed by the control process, attached on node-1, reached
 # over NBD (a temp data dir and a small volume; the commands as the README shows them).
 readme 'target/release/cairn up --nodes 3 &'
-"$bin/cairn" up --nodes 3 --size 1G --data-dir "$tmp/up3" >"$tmp/up3.out" 2>&1 &
-up_pid=$!
-for _ in $(seq 600); do
-  grep -q '^cairn up: ready:' "$tmp/up3.out" && break
-  kill -0 "$up_pid" 2>/dev/null || { cat "$tmp/up3.out"; exit 1; }
-  sleep 0.1
-done
-grep -q '^cairn up: ready:' "$tmp/up3.out" || { cat "$tmp/up3.out"; echo "cairn up --nodes 3: not ready" >&2; exit 1; }
+up_start "$tmp/up3.out" --nodes 3 --size 1G --data-dir "$tmp/up3"
 readme 'target/release/cairnctl volume create demo --size 1G --replicas 3'
 "$bin/cairnctl" volume create demo --size 64M --replicas 3
 readme 'target/release/cairnctl volume attach demo --node node-1'
@@ -145,15 +152,7 @@ assert v["attached"]["node"] == "node-1", v
 print("inspect: 3 replicas on 3 nodes,", states, "attached on node-1")'
 readme 'nbdinfo nbd://127.0.0.1:10809/demo'
 nbdinfo nbd://127.0.0.1:10809/demo | grep -E 'export-size'
-kill -INT "$up_pid"
-rc=0
-wait "$up_pid" || rc=$?
-up_pid=
-if ((rc != 0)); then
-  cat "$tmp/up3.out"
-  echo "cairn up --nodes 3 exited $rc after SIGINT (want 0)" >&2
-  exit 1
-fi
+up_stop "$tmp/up3.out"
 
 readme 'cargo build --release -p cairn-node'
 cargo build --release -q -p cairn-node
