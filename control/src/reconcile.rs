@@ -475,7 +475,7 @@ async fn live_steps(
         let at = next.attached.as_ref().map(|a| a.node.clone());
         if let Some(v) = at.and_then(|at| view_of(views, &at)) {
             if v.has.nexuses.get(&next.name) == Some(&next.epoch) {
-                rereplicate::nexus_members(next, nodes, v, counters).await?;
+                rereplicate::nexus_members(next, insync, nodes, v, counters).await?;
             }
         }
         rereplicate::retire_lost(next, insync);

@@ -89,11 +89,13 @@ pub fn replace_lost(
     Ok(lost.len())
 }
 
-/// Gives the attach node's nexus every created replica it lacks and takes the lost ones out
-/// of it, while the record has a lost replica. `at` is the attach node's view, its nexus at
-/// the record's epoch.
+/// Gives the attach node's nexus each created replica it never had (in neither set of the
+/// in-sync record: a replacement) and takes the lost ones out of it, while the record has a
+/// lost replica. `at` is the attach node's view, its nexus at the record's epoch. A replica
+/// the nexus already knows is left to it, even if its node came back at another address.
 pub(crate) async fn nexus_members(
     next: &VolumeRecord,
+    insync: Option<&InSyncRecord>,
     nodes: &[NodeRecord],
     at: &mut crate::reconcile::NodeView<'_>,
     counters: &Counters,
@@ -130,7 +132,9 @@ pub(crate) async fn nexus_members(
         let up = nodes
             .iter()
             .any(|n| n.id == r.node && n.state == NodeState::Up);
-        if r.state == ReplicaState::Created && up && !has(&addr) {
+        let known =
+            insync.is_some_and(|i| i.in_sync.contains(&r.node) || i.out_of_sync.contains(&r.node));
+        if r.state == ReplicaState::Created && up && !known && !has(&addr) {
             let req = pb::AddReplicaRequest {
                 nexus: name.clone(),
                 replica: addr.clone(),
