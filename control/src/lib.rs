@@ -20,6 +20,7 @@ pub mod insync;
 pub mod membership;
 pub mod placement;
 pub mod reconcile;
+pub mod rereplicate;
 pub mod rest;
 pub mod store;
 pub mod table;

@@ -12,6 +12,10 @@
 //! no node is ever given a replica that is not in a record.
 //!
 //! Per volume, in order:
+//! * re-replication (rereplicate.rs): a replica whose node is down past the grace is marked
+//!   lost and a replacement placed, recorded alone before any node call; after the nexus
+//!   step, the nexus is given the replacement and loses the lost one, and once the
+//!   replacement is in sync the lost one becomes `deleting`;
 //! * delete recorded: take the nexus down, delete the snapshots and the replica volumes on
 //!   each node, drop each replica entry once its node confirms, then the record and its
 //!   in-sync record;
@@ -29,10 +33,12 @@ use crate::election::{stopped, Election, Leadership};
 use crate::insync::{self, InSyncRecord};
 use crate::membership::{node_records, NodeRecord};
 use crate::proto::{self as pb, node_admin_client::NodeAdminClient};
+use crate::rereplicate::{self, Counters};
 use crate::store::{AnyStore, Store, Txn};
 use crate::volume::{self, snapshot_object, volume_key, ReplicaState, VolumeError, VolumeRecord};
 use cairn_control_api::{NodeState, RebuildView};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -116,12 +122,15 @@ pub struct Reconciler {
     election: Arc<Election>,
     clients: Arc<NodeClients>,
     kick: Arc<Notify>,
+    /// `--replica-grace`, in milliseconds.
+    grace_ms: u64,
+    counters: Arc<Counters>,
 }
 
 /// One node's part of a pass: its record, its admin client and what it has.
-struct NodeView<'a> {
-    record: &'a NodeRecord,
-    client: NodeAdminClient<Channel>,
+pub(crate) struct NodeView<'a> {
+    pub(crate) record: &'a NodeRecord,
+    pub(crate) client: NodeAdminClient<Channel>,
     has: Observed,
 }
 
@@ -134,7 +143,12 @@ impl NodeView<'_> {
             .unwrap_or_default()
     }
 
-    fn err(&self, call: &'static str, object: &str, status: tonic::Status) -> NodeCallError {
+    pub(crate) fn err(
+        &self,
+        call: &'static str,
+        object: &str,
+        status: tonic::Status,
+    ) -> NodeCallError {
         NodeCallError {
             node: self.record.id.clone(),
             call,
@@ -144,7 +158,7 @@ impl NodeView<'_> {
     }
 
     /// `r` as success when the call made what exists already (`AlreadyExists`).
-    fn made<T>(
+    pub(crate) fn made<T>(
         &self,
         call: &'static str,
         object: &str,
@@ -158,7 +172,7 @@ impl NodeView<'_> {
     }
 
     /// `r` as success when the call removed what is gone already (`NotFound`).
-    fn gone<T>(
+    pub(crate) fn gone<T>(
         &self,
         call: &'static str,
         object: &str,
@@ -215,12 +229,16 @@ impl Reconciler {
         election: Arc<Election>,
         clients: Arc<NodeClients>,
         kick: Arc<Notify>,
+        grace: Duration,
+        counters: Arc<Counters>,
     ) -> Reconciler {
         Reconciler {
             store,
             election,
             clients,
             kick,
+            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            counters,
         }
     }
 
@@ -320,12 +338,16 @@ impl Reconciler {
         record: &VolumeRecord,
         revision: u64,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if !record.deleting && self.replace_lost(term, nodes, record, revision).await? {
+            return Ok(());
+        }
         let mut next = record.clone();
         let outcome = if record.deleting {
             delete_step(&mut next, views).await
         } else {
             let insync = volume::read_insync(&self.store, &record.name).await?;
-            live_steps(&mut next, insync.map(|(r, _)| r).as_ref(), nodes, views).await
+            let insync = insync.map(|(r, _)| r);
+            live_steps(&mut next, insync.as_ref(), nodes, views, &self.counters).await
         };
         // What completed is recorded even when a later step failed.
         if next != *record {
@@ -373,6 +395,38 @@ impl Reconciler {
 }
 
 impl Reconciler {
+    /// Records the replacement of each replica whose node has been down longer than the
+    /// grace, before any node call for it. True when written: the next pass acts on it.
+    async fn replace_lost(
+        &self,
+        term: Leadership,
+        nodes: &[NodeRecord],
+        record: &VolumeRecord,
+        revision: u64,
+    ) -> Result<bool, VolumeError> {
+        let mut next = record.clone();
+        match rereplicate::replace_lost(&mut next, nodes, self.grace_ms, volume::unix_ms()) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                let written = volume::write(&self.store, term, &next, revision)
+                    .await?
+                    .is_some();
+                if written {
+                    self.counters
+                        .replaced
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::info!(volume = %next.name, replicas = ?next.replicas, "lost replica(s) replaced in the record");
+                    self.kick.notify_one();
+                }
+                Ok(written)
+            }
+            Err(e) => {
+                tracing::warn!(volume = %record.name, error = %e, "a replica's node is down past the grace, and no node can take its replacement");
+                Ok(false)
+            }
+        }
+    }
+
     /// Writes `next` with its raised epoch and, in the same transaction, the in-sync record at
     /// that epoch (its sets and generation unchanged): reports from the old nexus are then
     /// refused. True when written.
@@ -412,10 +466,21 @@ async fn live_steps(
     insync: Option<&InSyncRecord>,
     nodes: &[NodeRecord],
     views: &mut [NodeView<'_>],
+    counters: &Counters,
 ) -> Result<(), NodeCallError> {
     replicas_step(next, views).await?;
     snapshots_step(next, views).await?;
-    nexus_step(next, insync, nodes, views).await
+    nexus_step(next, insync, nodes, views).await?;
+    if next.replicas.iter().any(|r| r.state == ReplicaState::Lost) {
+        let at = next.attached.as_ref().map(|a| a.node.clone());
+        if let Some(v) = at.and_then(|at| view_of(views, &at)) {
+            if v.has.nexuses.get(&next.name) == Some(&next.epoch) {
+                rereplicate::nexus_members(next, insync, nodes, v, counters).await?;
+            }
+        }
+        rereplicate::retire_lost(next, insync);
+    }
+    Ok(())
 }
 
 /// Delete: nexus down everywhere, then each replica's snapshots and volume.
@@ -481,6 +546,8 @@ async fn replicas_step(
                     v.made("GrowVolume", &name, res)?;
                 }
             }
+            // Kept, untouched, until its replacement is in sync (rereplicate.rs).
+            ReplicaState::Lost => {}
             ReplicaState::Deleting => {
                 v.take_down_nexus(&name).await?;
                 v.delete_object(&name).await?;

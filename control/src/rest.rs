@@ -61,6 +61,8 @@ pub struct App {
     /// Admin API channels to the nodes (inspect's live rebuild progress; shared with the
     /// reconcile loop).
     pub clients: Arc<NodeClients>,
+    /// Re-replication figures (shared with the reconcile loop), for /metrics.
+    pub rereplication: Arc<crate::rereplicate::Counters>,
 }
 
 type AppState = State<Arc<App>>;
@@ -483,6 +485,19 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         "counter",
         "Node records rewritten because a heartbeat reported other pool capacity.",
         &[("", c.pool_updates.load(Ordering::Relaxed))],
+    );
+    let r = &app.rereplication;
+    family(
+        "cairn_control_replicas_replaced_total",
+        "counter",
+        "Replicas whose node was down past --replica-grace, replaced by a new one by this control process.",
+        &[("", r.replaced.load(Ordering::Relaxed))],
+    );
+    family(
+        "cairn_control_rebuild_bytes",
+        "gauge",
+        "Bytes the running (or last) full rebuild of a replacement replica had copied, as last seen.",
+        &[("", r.rebuild_bytes.load(Ordering::Relaxed))],
     );
     Ok(out)
 }

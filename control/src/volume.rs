@@ -43,6 +43,9 @@ const _: () =
 pub enum ReplicaState {
     Creating,
     Created,
+    /// Its node was down longer than the replica grace and a replacement is recorded: no
+    /// longer part of the nexus, its data kept until the replacement is in sync.
+    Lost,
     Deleting,
 }
 
@@ -51,6 +54,7 @@ impl ReplicaState {
         match self {
             ReplicaState::Creating => "creating",
             ReplicaState::Created => "created",
+            ReplicaState::Lost => "lost",
             ReplicaState::Deleting => "deleting",
         }
     }
@@ -118,11 +122,12 @@ impl VolumeRecord {
         self.replicas.iter().map(|r| r.node.clone()).collect()
     }
 
-    /// True when every replica's node has the volume.
+    /// True when every replica that is to serve (neither lost nor being deleted) has its
+    /// node's volume.
     pub fn all_created(&self) -> bool {
         self.replicas
             .iter()
-            .all(|r| r.state == ReplicaState::Created)
+            .all(|r| r.state != ReplicaState::Creating)
     }
 }
 
@@ -395,7 +400,7 @@ pub fn health(
 ) -> ReplicaHealth {
     let up = node.is_some_and(|n| n.state == NodeState::Up);
     match replica.state {
-        ReplicaState::Deleting => return ReplicaHealth::Faulted,
+        ReplicaState::Lost | ReplicaState::Deleting => return ReplicaHealth::Faulted,
         ReplicaState::Creating => return ReplicaHealth::Rebuilding,
         ReplicaState::Created => {}
     }
@@ -924,7 +929,7 @@ fn live<'a>(
 fn creating(r: &VolumeRecord) -> String {
     r.replicas
         .iter()
-        .filter(|x| x.state != ReplicaState::Created)
+        .filter(|x| x.state == ReplicaState::Creating)
         .map(|x| format!("{} {}", x.node, x.state.as_str()))
         .collect::<Vec<_>>()
         .join(", ")

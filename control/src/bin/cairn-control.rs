@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use cairn_control::election::{stopped, Election};
 use cairn_control::membership::{Membership, MONITOR_INTERVAL, NODE_LEASE_TTL_S};
 use cairn_control::reconcile::{NodeClients, Reconciler};
+use cairn_control::rereplicate::{Counters, REPLICA_GRACE_DEFAULT_S};
 use cairn_control::rest::{router, App};
 use cairn_control::store::embedded::EmbeddedStore;
 use cairn_control::store::etcd::EtcdStore;
@@ -52,6 +53,10 @@ struct Cli {
     /// kill the process between a recorded command and the node calls.
     #[arg(long, hide = true)]
     no_reconcile: bool,
+    /// How long a replica's node may be down before the replica is replaced by a new one on
+    /// another node (a node back sooner is resynced instead).
+    #[arg(long, value_name = "SECONDS", default_value_t = REPLICA_GRACE_DEFAULT_S)]
+    replica_grace: u64,
 }
 
 fn main() -> ExitCode {
@@ -115,11 +120,14 @@ async fn run(cli: Cli) -> Result<()> {
     let election = Arc::new(Election::new(store.clone(), me.clone()));
     let clients = Arc::new(NodeClients::default());
     let volumes = Volumes::new(store.clone(), election.clone());
+    let rereplication = Arc::new(Counters::default());
     let reconciler = Reconciler::new(
         store.clone(),
         election.clone(),
         clients.clone(),
         volumes.kick.clone(),
+        std::time::Duration::from_secs(cli.replica_grace),
+        rereplication.clone(),
     );
     let app = Arc::new(App {
         membership: Membership::new(store.clone(), NODE_LEASE_TTL_S),
@@ -128,6 +136,7 @@ async fn run(cli: Cli) -> Result<()> {
         insync_reports: AtomicU64::new(0),
         volumes,
         clients,
+        rereplication,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let election_task = tokio::spawn(election.run(stop_rx.clone()));

@@ -1,0 +1,319 @@
+//! Re-replication: a replica whose node has been down longer than the replica grace is
+//! replaced by a new one on another node, so the volume gets back its replica count.
+//!
+//! Each step is a record first, then node calls, like every reconcile step
+//! (docs/control.md, "Re-replication"):
+//! 1. [`replace_lost`]: the lost replica is marked `lost` and a new `creating` replica placed
+//!    (placement, excluding every node in the record), in one fenced, revision-checked write,
+//!    before any node call;
+//! 2. the reconcile loop's replicas step creates the new replica's volume;
+//! 3. [`nexus_members`]: if the volume is attached, the nexus is given the new replica
+//!    (`AddReplica`: the nexus rebuilds it online, in full) and loses the lost one
+//!    (`RemoveReplica`);
+//! 4. [`retire_lost`]: once the in-sync record names every created replica in sync (the new
+//!    one rebuilt), each `lost` replica becomes `deleting`: the replicas step deletes its
+//!    volume when its node is back, then drops the entry.
+//!
+//! A node back within the grace keeps its replica, which the nexus resyncs as before.
+
+use crate::insync::InSyncRecord;
+use crate::membership::NodeRecord;
+use crate::placement::{self, PlacementError};
+use crate::proto as pb;
+use crate::reconcile::NodeCallError;
+use crate::volume::{ReplicaRecord, ReplicaState, VolumeRecord};
+use cairn_control_api::NodeState;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// `--replica-grace` when not given: how long a replica's node may stay down before the
+/// replica is replaced. Long enough for a node restart, which resyncs only what it missed.
+pub const REPLICA_GRACE_DEFAULT_S: u64 = 60;
+
+/// Re-replication figures for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    /// Replicas recorded as replaced by this control process.
+    pub replaced: AtomicU64,
+    /// Bytes the running (or last) full rebuild of a replacement had copied, as last seen.
+    pub rebuild_bytes: AtomicU64,
+}
+
+/// Marks each created replica whose node has been down longer than `grace_ms` `lost` and
+/// places as many new `creating` replicas. The attach node's replica is left to failover,
+/// which moves the nexus first; it is replaced once it is an ordinary replica. Returns how many were replaced; `next` is
+/// unchanged when none was, or when placement finds too few nodes (the error says why).
+pub fn replace_lost(
+    next: &mut VolumeRecord,
+    nodes: &[NodeRecord],
+    grace_ms: u64,
+    now_ms: u64,
+) -> Result<usize, PlacementError> {
+    let at = next.attached.as_ref().map(|a| a.node.clone());
+    let lost: Vec<usize> = next
+        .replicas
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.state == ReplicaState::Created && at.as_ref() != Some(&r.node))
+        .filter(|(_, r)| {
+            nodes.iter().any(|n| {
+                n.id == r.node
+                    && n.state == NodeState::Down
+                    && n.down_since_unix_ms
+                        .is_some_and(|t| now_ms.saturating_sub(t) > grace_ms)
+            })
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if lost.is_empty() {
+        return Ok(0);
+    }
+    let holders = next.replica_nodes();
+    let placed = placement::place(
+        nodes,
+        &placement::Request {
+            size_bytes: next.size_bytes,
+            replicas: lost.len(),
+            zone: next.zone.as_deref(),
+            holders: &holders,
+            seed: placement::seed_of(&next.name) ^ next.epoch,
+        },
+    )?;
+    for i in &lost {
+        next.replicas[*i].state = ReplicaState::Lost;
+    }
+    next.replicas
+        .extend(placed.into_iter().map(|node| ReplicaRecord {
+            node,
+            state: ReplicaState::Creating,
+        }));
+    Ok(lost.len())
+}
+
+/// Gives the attach node's nexus each created replica it never had (in neither set of the
+/// in-sync record: a replacement) and takes the lost ones out of it, while the record has a
+/// lost replica. `at` is the attach node's view, its nexus at the record's epoch. A replica
+/// the nexus already knows is left to it, even if its node came back at another address.
+pub(crate) async fn nexus_members(
+    next: &VolumeRecord,
+    insync: Option<&InSyncRecord>,
+    nodes: &[NodeRecord],
+    at: &mut crate::reconcile::NodeView<'_>,
+    counters: &Counters,
+) -> Result<(), NodeCallError> {
+    let name = next.name.clone();
+    let r = at
+        .client
+        .show_nexus(pb::ShowNexusRequest { name: name.clone() })
+        .await;
+    let nexus = match r {
+        Ok(n) => n.into_inner(),
+        Err(s) => return Err(at.err("ShowNexus", &name, s)),
+    };
+    if let Some(job) = nexus.resync.as_ref().filter(|j| j.full) {
+        counters
+            .rebuild_bytes
+            .store(job.done_bytes, Ordering::Relaxed);
+    }
+    let has = |addr: &str| nexus.replicas.iter().any(|r| r.address == addr);
+    let address = |node: &str| {
+        nodes
+            .iter()
+            .find(|n| n.id == node)
+            .and_then(|n| n.addresses.replica.clone())
+    };
+    let at_id = at.record.id.clone();
+    for r in &next.replicas {
+        if r.node == at_id {
+            continue;
+        }
+        let Some(addr) = address(&r.node) else {
+            continue;
+        };
+        let up = nodes
+            .iter()
+            .any(|n| n.id == r.node && n.state == NodeState::Up);
+        let known =
+            insync.is_some_and(|i| i.in_sync.contains(&r.node) || i.out_of_sync.contains(&r.node));
+        if r.state == ReplicaState::Created && up && !known && !has(&addr) {
+            let req = pb::AddReplicaRequest {
+                nexus: name.clone(),
+                replica: addr.clone(),
+            };
+            let res = at.client.add_replica(req).await;
+            at.made("AddReplica", &name, res)?;
+            tracing::info!(volume = %name, node = %r.node, replica = %addr, "replacement replica added to the nexus; it rebuilds online");
+        } else if r.state == ReplicaState::Lost && has(&addr) {
+            let req = pb::RemoveReplicaRequest {
+                nexus: name.clone(),
+                replica: addr.clone(),
+            };
+            let res = at.client.remove_replica(req).await;
+            at.gone("RemoveReplica", &name, res)?;
+            tracing::info!(volume = %name, node = %r.node, replica = %addr, "lost replica removed from the nexus");
+        }
+    }
+    Ok(())
+}
+
+/// Turns each lost replica into a deleting one once the replacement holds the data: no
+/// replica is still being created, and the in-sync record (if the volume was ever attached)
+/// names every created replica in sync. True when `next` changed.
+pub fn retire_lost(next: &mut VolumeRecord, insync: Option<&InSyncRecord>) -> bool {
+    if !next.replicas.iter().any(|r| r.state == ReplicaState::Lost) || !next.all_created() {
+        return false;
+    }
+    let rebuilt = next
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created)
+        .all(|r| insync.is_none_or(|i| i.in_sync.contains(&r.node)));
+    if !rebuilt {
+        return false;
+    }
+    for r in &mut next.replicas {
+        if r.state == ReplicaState::Lost {
+            r.state = ReplicaState::Deleting;
+            tracing::info!(volume = %next.name, node = %r.node, "replacement in sync; the lost replica is deleted when its node is back");
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::insync::INSYNC_RECORD_FORMAT;
+    use crate::membership::NODE_RECORD_FORMAT;
+    use crate::store::LeaseId;
+    use crate::volume::Attachment;
+    use cairn_control_api::{NodeAddresses, PoolCapacity};
+
+    const MIB: u64 = 1 << 20;
+    const GRACE_MS: u64 = 1000;
+
+    fn node(id: &str, down_since_unix_ms: Option<u64>) -> NodeRecord {
+        NodeRecord {
+            format: NODE_RECORD_FORMAT,
+            id: id.into(),
+            addresses: NodeAddresses {
+                admin: "127.0.0.1:1".into(),
+                nbd: None,
+                replica: Some(format!("{id}:3")),
+            },
+            zone: "z".into(),
+            rack: id.into(),
+            pools: vec![PoolCapacity {
+                name: "pool0".into(),
+                size_bytes: 128 * MIB,
+                free_bytes: 100 * MIB,
+            }],
+            state: if down_since_unix_ms.is_some() {
+                NodeState::Down
+            } else {
+                NodeState::Up
+            },
+            incarnation: 1,
+            lease: LeaseId(1),
+            registered_unix_ms: 0,
+            down_since_unix_ms,
+        }
+    }
+
+    fn record() -> VolumeRecord {
+        let created = |n: &str| ReplicaRecord {
+            node: n.into(),
+            state: ReplicaState::Created,
+        };
+        VolumeRecord {
+            format: 1,
+            name: "pg".into(),
+            size_bytes: 16 * MIB,
+            replicas_wanted: 2,
+            zone: None,
+            replicas: vec![created("a"), created("b")],
+            attached: Some(Attachment {
+                node: "a".into(),
+                nbd_uri: None,
+            }),
+            epoch: 1,
+            created_unix_ms: 0,
+            snapshots: Vec::new(),
+            origin: None,
+            deleting: false,
+        }
+    }
+
+    fn states(r: &VolumeRecord) -> Vec<(String, &'static str)> {
+        r.replicas
+            .iter()
+            .map(|x| (x.node.clone(), x.state.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_replica_down_past_the_grace_is_lost_and_replaced_elsewhere() {
+        let now = 10_000;
+        // b down for less than the grace: nothing yet.
+        let mut r = record();
+        let within = [
+            node("a", None),
+            node("b", Some(now - GRACE_MS)),
+            node("c", None),
+        ];
+        assert_eq!(replace_lost(&mut r, &within, GRACE_MS, now).unwrap(), 0);
+        assert_eq!(r, record());
+        let past = [
+            node("a", None),
+            node("b", Some(now - GRACE_MS - 1)),
+            node("c", None),
+        ];
+        assert_eq!(replace_lost(&mut r, &past, GRACE_MS, now).unwrap(), 1);
+        assert_eq!(
+            states(&r),
+            [
+                ("a".into(), "created"),
+                ("b".into(), "lost"),
+                ("c".into(), "creating")
+            ]
+        );
+        // Recorded once: a lost replica is not replaced again.
+        assert_eq!(replace_lost(&mut r, &past, GRACE_MS, now).unwrap(), 0);
+    }
+
+    #[test]
+    fn no_node_left_changes_nothing_and_the_attach_node_is_left_to_failover() {
+        let now = 10_000;
+        let mut r = record();
+        let nodes = [node("a", None), node("b", Some(0))];
+        assert!(replace_lost(&mut r, &nodes, GRACE_MS, now).is_err());
+        assert_eq!(r, record());
+        let nodes = [node("a", Some(0)), node("b", None), node("c", None)];
+        assert_eq!(replace_lost(&mut r, &nodes, GRACE_MS, now).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_lost_replica_is_deleted_only_once_the_replacement_is_in_sync() {
+        let mut r = record();
+        r.replicas[1].state = ReplicaState::Lost;
+        r.replicas.push(ReplicaRecord {
+            node: "c".into(),
+            state: ReplicaState::Creating,
+        });
+        let mut insync = InSyncRecord {
+            format: INSYNC_RECORD_FORMAT,
+            volume: "pg".into(),
+            epoch: 1,
+            generation: 1,
+            in_sync: vec!["a".into()],
+            out_of_sync: vec!["b".into()],
+            updated_unix_ms: 0,
+        };
+        assert!(!retire_lost(&mut r, Some(&insync)), "c is still creating");
+        r.replicas[2].state = ReplicaState::Created;
+        assert!(!retire_lost(&mut r, Some(&insync)), "c is not rebuilt yet");
+        insync.in_sync.push("c".into());
+        assert!(retire_lost(&mut r, Some(&insync)));
+        assert_eq!(r.replicas[1].state, ReplicaState::Deleting);
+        assert!(!retire_lost(&mut r, Some(&insync)));
+    }
+}
