@@ -121,11 +121,13 @@ async fn run(cli: Cli) -> Result<()> {
         clients.clone(),
         volumes.kick.clone(),
     );
+    let failovers = reconciler.failovers();
     let app = Arc::new(App {
         membership: Membership::new(store.clone(), NODE_LEASE_TTL_S),
         election: election.clone(),
         store: store.clone(),
         insync_reports: AtomicU64::new(0),
+        failovers,
         volumes,
         clients,
     });
