@@ -53,6 +53,9 @@ impl Cluster {
             c.nodes.push(None);
             c.restart(i);
         }
+        for id in NODES {
+            c.control.wait_state(id, "up");
+        }
         let (code, _, err) = c.control.ctl(&[
             "volume",
             "create",
