@@ -56,17 +56,13 @@ impl Cluster {
         for id in NODES {
             c.control.wait_state(id, "up");
         }
-        let (code, _, err) = c.control.ctl(&[
-            "volume",
-            "create",
-            "v",
-            "--size",
-            "16M",
-            "--replicas",
-            "3",
-        ]);
+        let (code, _, err) =
+            c.control
+                .ctl(&["volume", "create", "v", "--size", "16M", "--replicas", "3"]);
         assert_eq!(code, 0, "{err}");
-        let (code, _, err) = c.control.ctl(&["volume", "attach", "v", "--node", "node-a"]);
+        let (code, _, err) = c
+            .control
+            .ctl(&["volume", "attach", "v", "--node", "node-a"]);
         assert_eq!(code, 0, "{err}");
         c
     }
@@ -96,7 +92,10 @@ impl Cluster {
     fn attached(&self) -> Option<(String, String)> {
         let v = self.inspect();
         let a = &v["attached"];
-        Some((a["node"].as_str()?.to_string(), a["nbd_uri"].as_str()?.to_string()))
+        Some((
+            a["node"].as_str()?.to_string(),
+            a["nbd_uri"].as_str()?.to_string(),
+        ))
     }
 
     fn control_log(&self) -> String {
@@ -125,7 +124,12 @@ fn fill_of(n: u64) -> u8 {
 
 /// Writes blocks `from..` through `uri` in a thread until `stop` or an error; each write
 /// acknowledged with its flush goes into `model`.
-fn writer(uri: String, from: u64, model: Model, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+fn writer(
+    uri: String,
+    from: u64,
+    model: Model,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut c = nbd(&uri).unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"));
         let mut n = from;
@@ -163,7 +167,10 @@ fn check(uri: &str, model: &Model) {
 fn wait_failover(c: &Cluster, never_c: bool) -> (String, String) {
     wait_for("the failover off node-a", STATE_TIMEOUT, || {
         let v = c.inspect();
-        let node = v["attached"]["node"].as_str().unwrap_or_default().to_string();
+        let node = v["attached"]["node"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(
             !(never_c && node == "node-c"),
             "the stale replica's node was made the attach point: {v}"
@@ -243,7 +250,11 @@ fn leave_c_behind(c: &mut Cluster, model: &Model) -> u64 {
     let n = w.join().unwrap();
     let s = c.insync();
     assert!(
-        !s["in_sync"].as_array().unwrap().iter().any(|n| n == "node-c"),
+        !s["in_sync"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "node-c"),
         "{s}"
     );
     n
@@ -274,18 +285,26 @@ fn no_in_sync_replica_up(test: &str, etcd: Option<&Etcd>) {
     c.restart(2);
     c.control.wait_state("node-a", "down");
     c.control.wait_state("node-c", "up");
-    wait_for("the leader's warning that the volume waits", STATE_TIMEOUT, || {
-        c.control_log()
-            .contains("no replica the record names in sync is up; the volume waits for one")
-            .then_some(())
-    });
+    let stays = |c: &Cluster| {
+        let v = c.inspect();
+        assert_eq!(
+            v["attached"]["node"], "node-a",
+            "only the stale replica's node is up: the volume must wait, not move: {v}"
+        );
+    };
+    wait_for(
+        "the leader's warning that the volume waits",
+        STATE_TIMEOUT,
+        || {
+            stays(&c);
+            c.control_log()
+                .contains("no replica the record names in sync is up; the volume waits for one")
+                .then_some(())
+        },
+    );
     // Two more reconcile passes at least (500 ms each) and still no attach on node-c.
     std::thread::sleep(Duration::from_secs(2));
-    let v = c.inspect();
-    assert_eq!(
-        v["attached"]["node"], "node-a",
-        "only the stale replica's node is up: the volume must wait, not move: {v}"
-    );
+    stays(&c);
     assert_eq!(
         metric_of(&c.control.metrics(), "cairn_control_failovers_total"),
         0
