@@ -57,6 +57,10 @@ case $STORE in
       >"$WORKDIR/etcd.log" 2>&1 &
     pids+=($!)
     store_args=(--etcd "http://127.0.0.1:$((PORT_BASE + 50))")
+    for _ in $(seq 1 600); do
+      curl -sf "http://127.0.0.1:$((PORT_BASE + 50))/health" | grep -q true && break
+      sleep 0.1
+    done
     ;;
   *) echo "failover: STORE is embedded or etcd, not $STORE" >&2; exit 1 ;;
 esac
