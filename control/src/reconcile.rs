@@ -22,6 +22,9 @@
 //! * replicas: create each `creating` one (`CreateVolume`, or `CreateClone` for a clone),
 //!   grow each smaller than the record, delete each `deleting` one;
 //! * snapshots: take each recorded snapshot on each replica that lacks it;
+//! * failover: when the attach node's record is `down`, a new attach point is recorded on an
+//!   `up` node the in-sync record names in sync (never any other), with a raised epoch, before
+//!   any node is touched (docs/control.md, "Failover");
 //! * nexus: destroy a nexus on any node but the attach node (detach, or a nexus of an older
 //!   epoch), then create the nexus on the attach node (the recorded epoch, `takeover`, "local"
 //!   for its own replica and the other nodes' replica addresses), export it over NBD and record
@@ -38,7 +41,7 @@ use crate::store::{AnyStore, Store, Txn};
 use crate::volume::{self, snapshot_object, volume_key, ReplicaState, VolumeError, VolumeRecord};
 use cairn_control_api::{NodeState, RebuildView};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -125,6 +128,8 @@ pub struct Reconciler {
     /// `--replica-grace`, in milliseconds.
     grace_ms: u64,
     counters: Arc<Counters>,
+    /// Failovers this process recorded as leader, for /metrics.
+    failovers: Arc<AtomicU64>,
 }
 
 /// One node's part of a pass: its record, its admin client and what it has.
@@ -239,7 +244,13 @@ impl Reconciler {
             kick,
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
             counters,
+            failovers: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The count of failovers this process recorded (shared with /metrics).
+    pub fn failovers(&self) -> Arc<AtomicU64> {
+        self.failovers.clone()
     }
 
     /// Runs passes while this process leads, until `stop`.
@@ -350,21 +361,26 @@ impl Reconciler {
             live_steps(&mut next, insync.as_ref(), nodes, views, &self.counters).await
         };
         // What completed is recorded even when a later step failed.
-        if next != *record {
-            self.record(term, &next, revision, record.epoch).await?;
+        if next != *record && self.record(term, &next, revision, record.epoch).await? {
+            let from = record.attached.as_ref().map(|a| a.node.as_str());
+            let to = next.attached.as_ref().map(|a| a.node.as_str());
+            if from.is_some() && to.is_some() && from != to {
+                self.failovers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(volume = %next.name, from = ?from, to = ?to, epoch = next.epoch, "failover recorded");
+            }
         }
         outcome.map_err(Into::into)
     }
 
     /// Writes the progress `next`; a volume being deleted that has no replica left is
-    /// removed, with its in-sync record.
+    /// removed, with its in-sync record. True when written.
     async fn record(
         &self,
         term: Leadership,
         next: &VolumeRecord,
         revision: u64,
         previous_epoch: u64,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<bool, VolumeError> {
         let written = if next.epoch != previous_epoch {
             self.record_new_epoch(term, next, revision).await?
         } else if next.deleting && next.replicas.is_empty() {
@@ -390,7 +406,7 @@ impl Reconciler {
             // from the new record and the nodes' state, so nothing is lost.
             tracing::debug!(volume = %next.name, "record changed during the pass");
         }
-        Ok(())
+        Ok(written)
     }
 }
 
@@ -470,17 +486,94 @@ async fn live_steps(
 ) -> Result<(), NodeCallError> {
     replicas_step(next, views).await?;
     snapshots_step(next, views).await?;
+    if failover_step(next, insync, nodes) {
+        // The new attach point and epoch are recorded before any node is touched; the next
+        // pass opens the nexus there.
+        return Ok(());
+    }
     nexus_step(next, insync, nodes, views).await?;
-    if next.replicas.iter().any(|r| r.state == ReplicaState::Lost) {
+    // The running nexus is given a replica it does not have: a replacement (re-replication),
+    // or a replica whose node was down when this nexus opened (a failover, a restart) and is
+    // back; and loses a lost one. Neither set of the in-sync record names a replica the nexus
+    // never had, since the nexus reports all of its children.
+    let missing = |r: &crate::volume::ReplicaRecord| {
+        r.state == ReplicaState::Created
+            && nodes
+                .iter()
+                .any(|n| n.id == r.node && n.state == NodeState::Up)
+            && insync
+                .is_some_and(|i| !i.in_sync.contains(&r.node) && !i.out_of_sync.contains(&r.node))
+    };
+    let lost = next.replicas.iter().any(|r| r.state == ReplicaState::Lost);
+    if lost || next.replicas.iter().any(missing) {
         let at = next.attached.as_ref().map(|a| a.node.clone());
         if let Some(v) = at.and_then(|at| view_of(views, &at)) {
             if v.has.nexuses.get(&next.name) == Some(&next.epoch) {
                 rereplicate::nexus_members(next, insync, nodes, v, counters).await?;
             }
         }
+    }
+    if lost {
         rereplicate::retire_lost(next, insync);
     }
     Ok(())
+}
+
+/// When the attach node's record is `down`: the new attach point, on an `up` node holding a
+/// created replica that the in-sync record names in sync, with the epoch raised and no NBD
+/// URI yet. True when `next` now records a failover. With no such node up the volume stays
+/// where it is (and inspect shows it unavailable) until one is.
+fn failover_step(
+    next: &mut VolumeRecord,
+    insync: Option<&InSyncRecord>,
+    nodes: &[NodeRecord],
+) -> bool {
+    let Some(at) = next.attached.as_ref().map(|a| a.node.clone()) else {
+        return false;
+    };
+    let down = nodes
+        .iter()
+        .any(|n| n.id == at && n.state == NodeState::Down);
+    if !down {
+        return false;
+    }
+    let Some(insync) = insync else {
+        // Attach writes the in-sync record with the attach point, so an attached volume
+        // without one is a record this version did not write: nothing is trusted.
+        tracing::warn!(volume = %next.name, node = %at, "attach node down and no in-sync record; no failover");
+        return false;
+    };
+    let Some(to) = failover_target(next, insync, nodes) else {
+        tracing::warn!(volume = %next.name, node = %at, in_sync = ?insync.in_sync, "attach node down and no replica the record names in sync is up; the volume waits for one");
+        return false;
+    };
+    tracing::info!(volume = %next.name, from = %at, to = %to, epoch = next.epoch + 1, "attach node down; failing over");
+    next.epoch += 1;
+    next.attached = Some(volume::Attachment {
+        node: to,
+        nbd_uri: None,
+    });
+    true
+}
+
+/// The first replica node, in record order, that is `up`, holds a created replica and is named
+/// in sync by `insync`: only such a copy has every acknowledged write.
+fn failover_target(
+    record: &VolumeRecord,
+    insync: &InSyncRecord,
+    nodes: &[NodeRecord],
+) -> Option<String> {
+    record
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created)
+        .filter(|r| insync.in_sync.contains(&r.node))
+        .find(|r| {
+            nodes
+                .iter()
+                .any(|n| n.id == r.node && n.state == NodeState::Up)
+        })
+        .map(|r| r.node.clone())
 }
 
 /// Delete: nexus down everywhere, then each replica's snapshots and volume.

@@ -57,6 +57,8 @@ pub struct App {
     pub store: Arc<AnyStore>,
     /// In-sync reports recorded by this process, for /metrics.
     pub insync_reports: AtomicU64,
+    /// Failovers the reconcile loop recorded in this process, for /metrics.
+    pub failovers: Arc<AtomicU64>,
     pub volumes: Volumes,
     /// Admin API channels to the nodes (inspect's live rebuild progress; shared with the
     /// reconcile loop).
@@ -473,6 +475,12 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         "counter",
         "Nexus in-sync reports this control process recorded in the store.",
         &[("", app.insync_reports.load(Ordering::Relaxed))],
+    );
+    family(
+        "cairn_control_failovers_total",
+        "counter",
+        "Volumes moved to a new attach node (a replica the in-sync record names in sync) by this control process as leader, after their attach node was marked down.",
+        &[("", app.failovers.load(Ordering::Relaxed))],
     );
     family(
         "cairn_control_nodes_marked_down_total",

@@ -129,11 +129,13 @@ async fn run(cli: Cli) -> Result<()> {
         std::time::Duration::from_secs(cli.replica_grace),
         rereplication.clone(),
     );
+    let failovers = reconciler.failovers();
     let app = Arc::new(App {
         membership: Membership::new(store.clone(), NODE_LEASE_TTL_S),
         election: election.clone(),
         store: store.clone(),
         insync_reports: AtomicU64::new(0),
+        failovers,
         volumes,
         clients,
         rereplication,
