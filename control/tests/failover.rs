@@ -265,13 +265,34 @@ fn stale_replica_trap(test: &str, etcd: Option<&Etcd>) {
     let model = Model::default();
     leave_c_behind(&mut c, &model);
     // node-c comes back stale before node-a dies: it is up, holds a replica, and must not be
-    // chosen.
+    // chosen. (It registers again only once its old lease expired: a restart at new ports
+    // while its record is still up is refused as a duplicate id.)
+    c.control.wait_state("node-c", "down");
     c.restart(2);
     c.control.wait_state("node-c", "up");
     c.kill(0);
     let (node, _) = wait_failover(&c, true);
     assert_eq!(node, "node-b");
     let uri = first_write(&c, BLOCKS - 1, 0xee, &model);
+    check(&uri, &model);
+    // node-c is resynced from node-b (the new nexus trusts only node-b and rebuilds node-c),
+    // and only then named in sync again; verify then finds the copies equal.
+    wait_for("node-c back in sync", STATE_TIMEOUT, || {
+        let r = c.insync();
+        let in_sync = r["in_sync"].as_array()?;
+        in_sync.iter().any(|n| n == "node-c").then_some(())
+    });
+    let admin = &c.nodes[1].as_ref().expect("node-b runs").admin;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+        .args(["node", "--addr", admin, "--json", "nexus", "verify", "v"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "verify after node-c's resync: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     check(&uri, &model);
 }
 
