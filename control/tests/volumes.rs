@@ -305,14 +305,22 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
         );
         assert_eq!(node_objects(&n.admin), ["v", "v@mon"]);
     }
-    // The attach node restarts (kill -9, new ports): the reconcile loop re-creates the
-    // nexus there from the record, exports it and records the new URI.
+    // The attach node restarts (kill -9, new ports). Either it registers again before the
+    // reconcile loop sees it down, and the loop re-creates the nexus there from the record;
+    // or the loop fails the volume over to another in-sync replica first (control/tests/
+    // failover.rs covers that move). Both serve the same data at a new, recorded epoch.
+    let old_uri = uri;
     nodes[0].kill9();
     control.wait_state("n1", "down");
     nodes[0] = NodeProc::start(&dir.join("n1"), &control.url, "n1", &["--zone", "z1"]);
-    let uri = format!("nbd://{}/v", nodes[0].nbd);
-    wait_for("the nexus back on n1", STATE_TIMEOUT, || {
-        (inspect(&control, "v")["attached"]["nbd_uri"] == uri.as_str()).then_some(())
+    let served = |v: &Value| {
+        let node = v["attached"]["node"].as_str()?;
+        let at = ["n1", "n2", "n3"].iter().position(|id| *id == node)?;
+        let uri = format!("nbd://{}/v", nodes[at].nbd);
+        (v["attached"]["nbd_uri"] == uri.as_str()).then(|| (node.to_owned(), uri))
+    };
+    let (node, uri) = wait_for("the nexus served again", STATE_TIMEOUT, || {
+        served(&inspect(&control, "v")).filter(|(_, uri)| *uri != old_uri)
     });
     read_back(&uri);
     assert_eq!(
@@ -322,7 +330,7 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
     );
     let (code, text, err) = control.ctl(&["volume", "inspect", "v"]);
     assert_eq!(code, 0, "{err}");
-    assert!(text.contains("attached: n1 nbd://"), "{text}");
+    assert!(text.contains(&format!("attached: {node} nbd://")), "{text}");
 
     // Detach and delete: every replica volume leaves the nodes, then the record.
     let (code, _, err) = control.ctl(&["volume", "detach", "v"]);
