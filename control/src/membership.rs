@@ -438,3 +438,42 @@ fn view(r: NodeRecord, last_heartbeat_age_ms: Option<u64>) -> NodeView {
         down_since_unix_ms: r.down_since_unix_ms,
     }
 }
+
+/// Node records for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// An up node `id` in `zone` and `rack` with one pool of `size_bytes`, `free_bytes` free,
+    /// and every address set (the replica address names the node).
+    pub fn node(id: &str, zone: &str, rack: &str, size_bytes: u64, free_bytes: u64) -> NodeRecord {
+        NodeRecord {
+            format: NODE_RECORD_FORMAT,
+            id: id.into(),
+            addresses: NodeAddresses {
+                admin: "127.0.0.1:1".into(),
+                nbd: Some("127.0.0.1:2".into()),
+                replica: Some(format!("{id}:3")),
+            },
+            zone: zone.into(),
+            rack: rack.into(),
+            pools: vec![PoolCapacity {
+                name: "pool0".into(),
+                size_bytes,
+                free_bytes,
+            }],
+            state: NodeState::Up,
+            incarnation: 1,
+            lease: LeaseId(1),
+            registered_unix_ms: 0,
+            down_since_unix_ms: None,
+        }
+    }
+
+    /// `node` marked down since `since_unix_ms`.
+    pub fn down(mut node: NodeRecord, since_unix_ms: u64) -> NodeRecord {
+        node.state = NodeState::Down;
+        node.down_since_unix_ms = Some(since_unix_ms);
+        node
+    }
+}

@@ -258,35 +258,18 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::NODE_RECORD_FORMAT;
-    use crate::store::LeaseId;
-    use cairn_control_api::{NodeAddresses, PoolCapacity};
+    use crate::membership::testing;
     use proptest::prelude::*;
     use std::collections::HashSet;
 
     const GIB: u64 = 1 << 30;
 
     fn node(id: &str, zone: &str, rack: &str, free_bytes: u64, up: bool) -> NodeRecord {
-        NodeRecord {
-            format: NODE_RECORD_FORMAT,
-            id: id.into(),
-            addresses: NodeAddresses {
-                admin: "127.0.0.1:1".into(),
-                nbd: Some("127.0.0.1:2".into()),
-                replica: Some("127.0.0.1:3".into()),
-            },
-            zone: zone.into(),
-            rack: rack.into(),
-            pools: vec![PoolCapacity {
-                name: "pool0".into(),
-                size_bytes: free_bytes.max(10 * GIB),
-                free_bytes,
-            }],
-            state: if up { NodeState::Up } else { NodeState::Down },
-            incarnation: 1,
-            lease: LeaseId(1),
-            registered_unix_ms: 0,
-            down_since_unix_ms: None,
+        let n = testing::node(id, zone, rack, free_bytes.max(10 * GIB), free_bytes);
+        if up {
+            n
+        } else {
+            testing::down(n, 0)
         }
     }
 

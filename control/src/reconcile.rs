@@ -552,28 +552,42 @@ fn failover_step(
     next.attached = Some(volume::Attachment {
         node: to,
         nbd_uri: None,
+        failover_to: None,
     });
     true
 }
 
-/// The first replica node, in record order, that is `up`, holds a created replica and is named
-/// in sync by `insync`: only such a copy has every acknowledged write.
+/// The failover hint if it qualifies, else the first replica node in record order that does:
+/// `up`, holding a created replica, and named in sync by `insync` (only such a copy has every
+/// acknowledged write, so a hint never overrides that rule).
 fn failover_target(
     record: &VolumeRecord,
     insync: &InSyncRecord,
     nodes: &[NodeRecord],
 ) -> Option<String> {
-    record
-        .replicas
-        .iter()
-        .filter(|r| r.state == ReplicaState::Created)
-        .filter(|r| insync.in_sync.contains(&r.node))
-        .find(|r| {
-            nodes
+    let qualifies = |node: &str| {
+        record
+            .replicas
+            .iter()
+            .any(|r| r.node == node && r.state == ReplicaState::Created)
+            && insync.in_sync.iter().any(|n| n == node)
+            && nodes
                 .iter()
-                .any(|n| n.id == r.node && n.state == NodeState::Up)
+                .any(|n| n.id == node && n.state == NodeState::Up)
+    };
+    let hint = record
+        .attached
+        .as_ref()
+        .and_then(|a| a.failover_to.as_deref());
+    hint.filter(|h| qualifies(h))
+        .or_else(|| {
+            record
+                .replicas
+                .iter()
+                .map(|r| r.node.as_str())
+                .find(|n| qualifies(n))
         })
-        .map(|r| r.node.clone())
+        .map(str::to_string)
 }
 
 /// Delete: nexus down everywhere, then each replica's snapshots and volume.
@@ -844,4 +858,113 @@ fn nexus_replicas_of(
                 .and_then(|n| n.addresses.replica.clone())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::insync::INSYNC_RECORD_FORMAT;
+    use crate::membership::testing;
+    use crate::volume::{Attachment, ReplicaRecord};
+
+    const MIB: u64 = 1 << 20;
+
+    fn record(replicas: &[&str], at: &str, hint: Option<&str>) -> VolumeRecord {
+        VolumeRecord {
+            format: 1,
+            name: "pg".into(),
+            size_bytes: 16 * MIB,
+            replicas_wanted: replicas.len() as u32,
+            zone: None,
+            replicas: replicas
+                .iter()
+                .map(|n| ReplicaRecord {
+                    node: (*n).into(),
+                    state: ReplicaState::Created,
+                })
+                .collect(),
+            attached: Some(Attachment {
+                node: at.into(),
+                nbd_uri: Some("nbd://127.0.0.1:2/pg".into()),
+                failover_to: hint.map(str::to_string),
+            }),
+            epoch: 3,
+            created_unix_ms: 0,
+            snapshots: Vec::new(),
+            origin: None,
+            deleting: false,
+        }
+    }
+
+    fn insync(in_sync: &[&str], out_of_sync: &[&str]) -> InSyncRecord {
+        InSyncRecord {
+            format: INSYNC_RECORD_FORMAT,
+            volume: "pg".into(),
+            epoch: 3,
+            generation: 7,
+            in_sync: in_sync.iter().map(|n| (*n).into()).collect(),
+            out_of_sync: out_of_sync.iter().map(|n| (*n).into()).collect(),
+            updated_unix_ms: 0,
+        }
+    }
+
+    fn nodes(down: &[&str]) -> Vec<NodeRecord> {
+        ["a", "b", "c"]
+            .into_iter()
+            .map(|id| {
+                let n = testing::node(id, id, id, 128 * MIB, 100 * MIB);
+                if down.contains(&id) {
+                    testing::down(n, 0)
+                } else {
+                    n
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn failover_takes_the_hint_only_when_it_is_in_sync_and_up() {
+        let all = insync(&["a", "b", "c"], &[]);
+        let cases = [
+            // No hint: the first qualifying replica in record order.
+            (None, &all, &["a"][..], Some("b")),
+            // A qualifying hint wins over record order.
+            (Some("c"), &all, &["a"], Some("c")),
+            // A hint that is down, or out of sync, yields to record order: never a stale copy.
+            (Some("c"), &all, &["a", "c"], Some("b")),
+            (Some("c"), &insync(&["a", "b"], &["c"]), &["a"], Some("b")),
+            // Nothing qualifies: the volume waits.
+            (Some("c"), &insync(&["a"], &["b", "c"]), &["a"], None),
+        ];
+        for (hint, insync, down, want) in cases {
+            let r = record(&["a", "b", "c"], "a", hint);
+            assert_eq!(
+                failover_target(&r, insync, &nodes(down)).as_deref(),
+                want,
+                "hint {hint:?}, down {down:?}, in sync {:?}",
+                insync.in_sync
+            );
+        }
+    }
+
+    #[test]
+    fn failover_records_a_new_epoch_and_drops_the_used_hint() {
+        let mut r = record(&["a", "b", "c"], "a", Some("c"));
+        assert!(!failover_step(
+            &mut r,
+            Some(&insync(&["a", "b", "c"], &[])),
+            &nodes(&[])
+        ));
+        assert!(failover_step(
+            &mut r,
+            Some(&insync(&["a", "b", "c"], &[])),
+            &nodes(&["a"])
+        ));
+        assert_eq!(r.epoch, 4);
+        let at = r.attached.unwrap();
+        assert_eq!(
+            (at.node.as_str(), at.nbd_uri, at.failover_to),
+            ("c", None, None)
+        );
+    }
 }

@@ -183,39 +183,17 @@ pub fn retire_lost(next: &mut VolumeRecord, insync: Option<&InSyncRecord>) -> bo
 mod tests {
     use super::*;
     use crate::insync::INSYNC_RECORD_FORMAT;
-    use crate::membership::NODE_RECORD_FORMAT;
-    use crate::store::LeaseId;
+    use crate::membership::testing;
     use crate::volume::Attachment;
-    use cairn_control_api::{NodeAddresses, PoolCapacity};
 
     const MIB: u64 = 1 << 20;
     const GRACE_MS: u64 = 1000;
 
     fn node(id: &str, down_since_unix_ms: Option<u64>) -> NodeRecord {
-        NodeRecord {
-            format: NODE_RECORD_FORMAT,
-            id: id.into(),
-            addresses: NodeAddresses {
-                admin: "127.0.0.1:1".into(),
-                nbd: None,
-                replica: Some(format!("{id}:3")),
-            },
-            zone: "z".into(),
-            rack: id.into(),
-            pools: vec![PoolCapacity {
-                name: "pool0".into(),
-                size_bytes: 128 * MIB,
-                free_bytes: 100 * MIB,
-            }],
-            state: if down_since_unix_ms.is_some() {
-                NodeState::Down
-            } else {
-                NodeState::Up
-            },
-            incarnation: 1,
-            lease: LeaseId(1),
-            registered_unix_ms: 0,
-            down_since_unix_ms,
+        let n = testing::node(id, "z", id, 128 * MIB, 100 * MIB);
+        match down_since_unix_ms {
+            Some(t) => testing::down(n, t),
+            None => n,
         }
     }
 
@@ -234,6 +212,7 @@ mod tests {
             attached: Some(Attachment {
                 node: "a".into(),
                 nbd_uri: None,
+                failover_to: None,
             }),
             epoch: 1,
             created_unix_ms: 0,

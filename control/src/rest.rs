@@ -158,6 +158,7 @@ impl IntoResponse for VolumeError {
             | VolumeError::NoNbd { .. }
             | VolumeError::Attached { .. }
             | VolumeError::NotReady { .. }
+            | VolumeError::BadHint { .. }
             | VolumeError::Deleting(_)
             | VolumeError::HasClones { .. } => StatusCode::CONFLICT,
             VolumeError::TooLarge { .. } | VolumeError::Shrink { .. } => StatusCode::BAD_REQUEST,
@@ -335,7 +336,12 @@ async fn attach(State(app): AppState, Path(name): Path<String>, body: Bytes) -> 
         return r;
     }
     match api::parse_attach(&body) {
-        Ok(req) => outcome(app.volumes.attach(&name, req.node.as_deref()).await, false),
+        Ok(req) => outcome(
+            app.volumes
+                .attach(&name, req.node.as_deref(), req.failover_to.as_deref())
+                .await,
+            false,
+        ),
         Err(e) => bad_request(&e),
     }
 }

@@ -73,6 +73,9 @@ pub struct Attachment {
     pub node: String,
     /// Set by the reconcile loop once the nexus is exported; None until then.
     pub nbd_uri: Option<String>,
+    /// The failover hint given at attach: the replica node failover tries first.
+    #[serde(default)]
+    pub failover_to: Option<String>,
 }
 
 /// A snapshot of the volume: the object `{volume}@{name}` on each replica's node.
@@ -172,6 +175,12 @@ pub enum VolumeError {
     },
     #[error("volume '{name}' is not ready: {why}")]
     NotReady { name: String, why: String },
+    #[error("failover hint '{node}' for volume '{name}' {why}")]
+    BadHint {
+        name: String,
+        node: String,
+        why: &'static str,
+    },
     #[error("volume '{0}' is being deleted")]
     Deleting(String),
     #[error(
@@ -442,6 +451,7 @@ pub fn view(
         attached: record.attached.as_ref().map(|a| AttachView {
             node: a.node.clone(),
             nbd_uri: a.nbd_uri.clone(),
+            failover_to: a.failover_to.clone(),
         }),
         snapshots: record
             .snapshots
@@ -658,8 +668,15 @@ impl Volumes {
     }
 
     /// Attach to `node` (or the node placement prefers): a raised epoch and the attach point,
-    /// with the initial in-sync record. Attaching again to the same node is a no-op.
-    pub async fn attach(&self, name: &str, node: Option<&str>) -> Result<Outcome, VolumeError> {
+    /// with the initial in-sync record, and the failover hint `failover_to` (a replica node
+    /// other than the attach node). Attaching again to the same node is a no-op, or only
+    /// records a new hint.
+    pub async fn attach(
+        &self,
+        name: &str,
+        node: Option<&str>,
+        failover_to: Option<&str>,
+    ) -> Result<Outcome, VolumeError> {
         self.command(name, |current, nodes| {
             let r = live(name, current)?;
             let target = match node {
@@ -687,8 +704,32 @@ impl Volumes {
                     node: target,
                 });
             }
+            if let Some(hint) = failover_to {
+                let why = if hint == target {
+                    Some("is the attach node itself; name another replica node")
+                } else if !r.replica_nodes().iter().any(|n| n == hint) {
+                    Some("holds no replica of it; name one of its replica nodes")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(VolumeError::BadHint {
+                        name: name.to_string(),
+                        node: hint.to_string(),
+                        why,
+                    });
+                }
+            }
+            let failover_to = failover_to.map(str::to_string);
             match &r.attached {
-                Some(a) if a.node == target => return Ok(None),
+                Some(a) if a.node == target && a.failover_to == failover_to => return Ok(None),
+                Some(a) if a.node == target => {
+                    let mut next = r.clone();
+                    if let Some(at) = next.attached.as_mut() {
+                        at.failover_to = failover_to;
+                    }
+                    return Ok(Some(next));
+                }
                 Some(a) => {
                     return Err(VolumeError::Attached {
                         name: name.to_string(),
@@ -709,6 +750,7 @@ impl Volumes {
             next.attached = Some(Attachment {
                 node: target,
                 nbd_uri: None,
+                failover_to,
             });
             Ok(Some(next))
         })
@@ -996,33 +1038,16 @@ fn clone_record(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::NODE_RECORD_FORMAT;
-    use crate::store::LeaseId;
-    use cairn_control_api::{NodeAddresses, PoolCapacity};
+    use crate::membership::testing;
 
     const MIB: u64 = 1 << 20;
 
     fn node(id: &str, up: bool) -> NodeRecord {
-        NodeRecord {
-            format: NODE_RECORD_FORMAT,
-            id: id.into(),
-            addresses: NodeAddresses {
-                admin: "127.0.0.1:1".into(),
-                nbd: Some("127.0.0.1:2".into()),
-                replica: Some("127.0.0.1:3".into()),
-            },
-            zone: id.into(),
-            rack: id.into(),
-            pools: vec![PoolCapacity {
-                name: "pool0".into(),
-                size_bytes: 128 * MIB,
-                free_bytes: 100 * MIB,
-            }],
-            state: if up { NodeState::Up } else { NodeState::Down },
-            incarnation: 1,
-            lease: LeaseId(1),
-            registered_unix_ms: 0,
-            down_since_unix_ms: None,
+        let n = testing::node(id, id, id, 128 * MIB, 100 * MIB);
+        if up {
+            n
+        } else {
+            testing::down(n, 0)
         }
     }
 

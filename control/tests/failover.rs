@@ -1,14 +1,15 @@
 //! Guards automatic failover with real processes on loopback, on the embedded store and on
-//! etcd. Three nodes (node-a, node-b, node-c) hold a 3-replica volume attached to node-a:
+//! etcd. Three nodes (node-a, node-b, node-c) hold a 3-replica volume attached to node-a with
+//! the failover hint node-c:
 //!
 //! * failover: an NBD writer flushes after every write and keeps a model of the acknowledged
 //!   ones; node-a is killed (`kill -9`) mid-writes; the reconcile loop records a new attach
-//!   point with a raised epoch, opens the nexus there, and every acknowledged write reads back
+//!   point with a raised epoch on node-c (the hint), opens the nexus there, and every acknowledged write reads back
 //!   through it, and so do writes made after it (the time from the kill to the first write on
 //!   the new nexus is printed, not asserted);
 //! * the stale-replica trap: node-c dies and writes go on until the in-sync record names it out
 //!   of sync; node-a dies; the new nexus comes up on node-b, never on node-c, and every block
-//!   reads back as the model says;
+//!   reads back as the model says (the stale hint is passed over);
 //! * no in-sync replica up: node-c dies and falls out of sync, then node-b and node-a die and
 //!   node-c comes back: the only up replica is the stale one, so the volume waits (the leader
 //!   says so in a warning) and node-c never serves it.
@@ -60,9 +61,15 @@ impl Cluster {
             c.control
                 .ctl(&["volume", "create", "v", "--size", "16M", "--replicas", "3"]);
         assert_eq!(code, 0, "{err}");
-        let (code, _, err) = c
-            .control
-            .ctl(&["volume", "attach", "v", "--node", "node-a"]);
+        let (code, _, err) = c.control.ctl(&[
+            "volume",
+            "attach",
+            "v",
+            "--node",
+            "node-a",
+            "--failover-to",
+            "node-c",
+        ]);
         assert_eq!(code, 0, "{err}");
         c
     }
@@ -199,6 +206,9 @@ fn failover(test: &str, etcd: Option<&Etcd>) {
     let mut c = Cluster::start(test, etcd);
     let (node, uri) = wait_for("the nexus on node-a", STATE_TIMEOUT, || c.attached());
     assert_eq!(node, "node-a");
+    let (code, text, err) = c.control.ctl(&["volume", "inspect", "v"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("failover to: node-c first"), "{text}");
     let model = Model::default();
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(uri.clone(), 0, model.clone(), stop.clone());
@@ -210,7 +220,10 @@ fn failover(test: &str, etcd: Option<&Etcd>) {
     let written = w.join().unwrap();
     let acked = model.lock().unwrap().len();
     let (node, _) = wait_failover(&c, false);
-    assert_ne!(node, "node-a");
+    assert_eq!(
+        node, "node-c",
+        "the failover hint, in sync and up, is taken"
+    );
     let uri = first_write(&c, BLOCKS - 1, 0xee, &model);
     println!(
         "{test}: failover from node-a to {node}: first acknowledged write {:?} after the kill ({acked} writes acknowledged before it)",
@@ -218,6 +231,10 @@ fn failover(test: &str, etcd: Option<&Etcd>) {
     );
     let v = c.inspect();
     assert_eq!(v["epoch"], 2, "the failover recorded a raised epoch: {v}");
+    assert!(
+        v["attached"]["failover_to"].is_null(),
+        "the hint is used once: {v}"
+    );
     assert_eq!(c.insync()["epoch"], 2, "and the in-sync record's: {v}");
     assert_eq!(
         metric_of(&c.control.metrics(), "cairn_control_failovers_total"),
@@ -272,7 +289,10 @@ fn stale_replica_trap(test: &str, etcd: Option<&Etcd>) {
     c.control.wait_state("node-c", "up");
     c.kill(0);
     let (node, _) = wait_failover(&c, true);
-    assert_eq!(node, "node-b");
+    assert_eq!(
+        node, "node-b",
+        "the hint (node-c) is stale, so it is passed over"
+    );
     let uri = first_write(&c, BLOCKS - 1, 0xee, &model);
     check(&uri, &model);
     // node-c is resynced from node-b (the new nexus trusts only node-b and rebuilds node-c),

@@ -366,6 +366,10 @@ pub struct CreateVolumeRequest {
 pub struct AttachRequest {
     #[serde(default)]
     pub node: Option<String>,
+    /// The failover hint: if the attach node is lost, the nexus moves to this replica node
+    /// when it holds an in-sync replica and is up (else to the first such replica).
+    #[serde(default)]
+    pub failover_to: Option<String>,
 }
 
 /// `POST /v1/volumes/{name}/snapshot`: a frozen copy of the volume on each replica.
@@ -430,6 +434,9 @@ pub struct AttachView {
     pub node: String,
     /// `nbd://HOST:PORT/NAME` once the nexus is exported, null until then.
     pub nbd_uri: Option<String>,
+    /// The failover hint given at attach, if any.
+    #[serde(default)]
+    pub failover_to: Option<String>,
 }
 
 /// A snapshot of a volume as inspect shows it.
@@ -495,8 +502,19 @@ pub fn parse_attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
         return Ok(AttachRequest::default());
     }
     let r: AttachRequest = from_json("an attach", body)?;
-    if let Some(n) = &r.node {
+    for n in r.node.iter().chain(&r.failover_to) {
         check_name("node id", n)?;
+    }
+    if let Some(hint) = r
+        .failover_to
+        .as_ref()
+        .filter(|h| r.node.as_ref() == Some(*h))
+    {
+        return Err(ApiError::Invalid {
+            what: "failover_to",
+            value: hint.clone(),
+            why: "is the attach node itself; name another replica node",
+        });
     }
     Ok(r)
 }
@@ -764,6 +782,11 @@ mod tests {
             Some("n1")
         );
         assert!(parse_attach(br#"{"node": ""}"#).is_err());
+        let hinted = parse_attach(br#"{"node": "n1", "failover_to": "n2"}"#).unwrap();
+        assert_eq!(hinted.failover_to.as_deref(), Some("n2"));
+        let err = parse_attach(br#"{"node": "n1", "failover_to": "n1"}"#).unwrap_err();
+        assert!(err.to_string().contains("attach node itself"), "{err}");
+        assert!(parse_attach(br#"{"failover_to": "a/b"}"#).is_err());
         assert!(parse_snapshot(br#"{"name": "mon"}"#).is_ok());
         assert!(parse_clone(br#"{"snapshot": "mon", "name": "pg2"}"#).is_ok());
         assert!(parse_clone(br#"{"snapshot": "mon"}"#).is_err());

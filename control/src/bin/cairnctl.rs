@@ -159,6 +159,10 @@ enum ClusterVolumeCmd {
         /// The node (default: an up node holding a replica).
         #[arg(long)]
         node: Option<String>,
+        /// If the attach node is lost, fail over to this replica node first (when it is up
+        /// and in sync; else to the first replica node that is).
+        #[arg(long, value_name = "NODE")]
+        failover_to: Option<String>,
     },
     /// Close the volume's nexus.
     Detach { name: String },
@@ -680,11 +684,15 @@ fn cluster_volume(args: &ClusterVolumeArgs) -> Result<()> {
             }
             emit(json, &v, || inspect_text(&v))
         }
-        ClusterVolumeCmd::Attach { name, node } => {
+        ClusterVolumeCmd::Attach {
+            name,
+            node,
+            failover_to,
+        } => {
             c.volume(
                 "POST",
                 &path(name, "/attach"),
-                Some(serde_json::json!({"node": node})),
+                Some(serde_json::json!({"node": node, "failover_to": failover_to})),
             )?;
             let v = c.wait(name, "exporting the nexus", |v| {
                 v.is_some_and(|v| v.attached.as_ref().is_some_and(|a| a.nbd_uri.is_some()))
@@ -799,7 +807,10 @@ fn inspect_text(v: &VolumeView) -> String {
                 "attached: {} {}\n",
                 a.node,
                 a.nbd_uri.as_deref().unwrap_or("(nexus not exported yet)")
-            )
+            );
+            if let Some(hint) = &a.failover_to {
+                s += &format!("failover to: {hint} first\n");
+            }
         }
         None => s += "attached: -\n",
     }
