@@ -157,15 +157,27 @@ impl Cluster {
 
     /// `kill -9` of the leader; waits until another process leads (the client's next command
     /// would wait as long), then starts the killed one again on its port as a follower.
-    /// Returns the new leader's index.
-    fn kill_leader(&mut self, at: &str) -> usize {
+    /// Prints how far the dead leader had carried out volume `name`'s record. Returns the new
+    /// leader's index.
+    fn kill_leader(&mut self, at: &str, name: &str) -> usize {
         let old = self.leader();
         self.controls[old].as_mut().unwrap().kill9();
         self.controls[old] = None;
         let start = Instant::now();
+        let left = self
+            .read(&format!("/v1/volumes/{name}"))
+            .map_or_else(|| "unread".to_string(), |(_, v)| progress(&v));
+        let held: Vec<String> = self
+            .nodes
+            .iter()
+            .zip(NODES)
+            .map(|(n, id)| format!("{id}: {:?}", node_objects(&n.admin)))
+            .collect();
         let new = self.leader();
         println!(
-            "kill {at}: c{old} killed, c{new} led {:?} later (leader lease 2 s)",
+            "kill {at}: c{old} killed with {name} recorded at {left}, the nodes holding {}; \
+             c{new} led {:?} after the kill (leader lease 2 s)",
+            held.join(", "),
             start.elapsed()
         );
         assert_ne!(new, old, "a surviving process takes over");
@@ -177,6 +189,32 @@ impl Cluster {
         let at = NODES.iter().position(|n| *n == id).unwrap();
         &self.nodes[at].admin
     }
+}
+
+/// A volume's progress as recorded: each replica's placement, the snapshots' nodes, the NBD
+/// URI (or whether the record is gone).
+fn progress(v: &Value) -> String {
+    if v["name"].is_null() {
+        return "no record".to_string();
+    }
+    let replicas: Vec<String> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}:{}", r["node"].as_str().unwrap(), r["placement"]))
+        .collect();
+    let snapshots: Vec<String> = v["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}@{}", s["name"], s["nodes"]))
+        .collect();
+    format!(
+        "replicas [{}] snapshots [{}] nbd_uri {}",
+        replicas.join(" "),
+        snapshots.join(" "),
+        v["attached"]["nbd_uri"]
+    )
 }
 
 fn all_created(v: &Value) -> bool {
@@ -285,7 +323,7 @@ fn the_control_leader_is_killed_during_volume_work() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    c.kill_leader("mid-create");
+    c.kill_leader("mid-create", "a");
     let again = c.ok("POST", "/v1/volumes", create_a);
     assert_eq!(
         replica_nodes(&again),
@@ -299,7 +337,7 @@ fn the_control_leader_is_killed_during_volume_work() {
     // Kill 2: right after the attach is accepted.
     let attach = r#"{"node": "n1"}"#;
     c.ok("POST", "/v1/volumes/a/attach", attach);
-    c.kill_leader("mid-attach");
+    c.kill_leader("mid-attach", "a");
     c.ok("POST", "/v1/volumes/a/attach", attach);
     let v = c.wait_volume("a", "the NBD URI recorded", |v| {
         v["attached"]["nbd_uri"].is_string()
@@ -312,7 +350,7 @@ fn the_control_leader_is_killed_during_volume_work() {
     let snapshot = r#"{"name": "s1"}"#;
     c.ok("POST", "/v1/volumes/b/snapshot", snapshot);
     write_round(&uri, 1);
-    c.kill_leader("mid-snapshot");
+    c.kill_leader("mid-snapshot", "b");
     c.ok("POST", "/v1/volumes/b/snapshot", snapshot);
     c.wait_volume("b", "the snapshot on each replica", |v| {
         v["snapshots"][0]["nodes"].as_array().unwrap().len() == 2
@@ -321,7 +359,7 @@ fn the_control_leader_is_killed_during_volume_work() {
     // Kill 4: right after the clone of that snapshot is accepted.
     let clone = r#"{"snapshot": "s1", "name": "c"}"#;
     c.ok("POST", "/v1/volumes/b/clone", clone);
-    c.kill_leader("mid-clone");
+    c.kill_leader("mid-clone", "c");
     c.ok("POST", "/v1/volumes/b/clone", clone);
     write_round(&uri, 2);
     c.wait_volume("c", "every replica created", all_created);
@@ -333,7 +371,7 @@ fn the_control_leader_is_killed_during_volume_work() {
     c.ok("POST", "/v1/volumes", create_d);
     c.wait_volume("d", "every replica created", all_created);
     c.ok("DELETE", "/v1/volumes/d", "");
-    c.kill_leader("mid-delete");
+    c.kill_leader("mid-delete", "d");
     c.ok("POST", "/v1/volumes/c/grow", grow);
     let (status, v) = c.command("DELETE", "/v1/volumes/d", None);
     assert!(status == 200 || status == 404, "delete again: {status} {v}");
