@@ -287,6 +287,13 @@ impl Reconciler {
             }
         }
         for (record, revision) in volumes {
+            // A leader deposed during the pass stops at the next volume: its record writes
+            // would fail on the fence, and its node calls would act on records read before
+            // (docs/control.md, "A leader that stalls instead of dying").
+            if self.election.current() != Some(term) {
+                tracing::info!("no longer the leader; the pass stops");
+                return Ok(());
+            }
             if let Err(e) = self
                 .volume(term, &nodes, &mut views, &record, revision)
                 .await

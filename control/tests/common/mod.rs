@@ -1,14 +1,17 @@
 //! Processes for the control plane's tests: an etcd on free loopback ports in a temp dir,
-//! cairn-control and cairn-node started as real processes, and small HTTP helpers. Every child
-//! is killed when its handle drops, so a failing test leaves nothing running.
+//! cairn-control and cairn-node started as real processes, a TCP relay in front of several
+//! control processes, and small HTTP and node admin helpers. Every child is killed when its
+//! handle drops, so a failing test leaves nothing running.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 use cairn_control_api::client::Client;
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a process may take to start (a loaded 2-core CI machine is slow, never wrong).
@@ -327,4 +330,120 @@ pub fn metric_of(text: &str, series: &str) -> u64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+/// What `cairnctl node --addr ADMIN --json WHAT ls` lists on a node, by name (`volume`:
+/// replica volumes and snapshots; `nexus`; `export`).
+pub fn node_names(admin: &str, what: &str) -> Vec<String> {
+    let out = Command::new(cairnctl())
+        .args(["node", "--addr", admin, "--json", what, "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} ls on {admin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The volume objects (replica volumes and snapshots) on the node whose admin API is `admin`,
+/// in name order.
+pub fn node_objects(admin: &str) -> Vec<String> {
+    node_names(admin, "volume")
+}
+
+/// The size of object `name` on the node whose admin API is `admin`, 0 when it is absent.
+pub fn node_object_size(admin: &str, name: &str) -> u64 {
+    let out = Command::new(cairnctl())
+        .args(["node", "--addr", admin, "--json", "volume", "ls"])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .and_then(|v| v["size_bytes"].as_u64())
+        .unwrap_or(0)
+}
+
+/// How long the relay waits to connect to one control process before trying the next.
+const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A TCP relay in front of several control processes, as a load balancer or a virtual IP
+/// would be in a cluster: each connection goes to the first of the backends that accepts it.
+/// A node takes one `--control` URL; pointed here, it keeps registering, heartbeating and
+/// reporting while any control process lives, whichever of them leads.
+pub struct Relay {
+    pub url: String,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Relays to the control processes on `ports` (loopback), tried in order per connection.
+    pub fn start(ports: &[u16]) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let backends: Vec<SocketAddr> = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let backends = backends.clone();
+                std::thread::spawn(move || relay_one(client, &backends));
+            }
+        });
+        Relay {
+            url: format!("http://{addr}"),
+            addr,
+            stop,
+        }
+    }
+}
+
+/// Copies one connection both ways to the first backend that accepts; with none, drops it
+/// (the client sees the connection closed, as with a dead control process).
+fn relay_one(client: TcpStream, backends: &[SocketAddr]) {
+    let Some(server) = backends
+        .iter()
+        .find_map(|b| TcpStream::connect_timeout(b, RELAY_CONNECT_TIMEOUT).ok())
+    else {
+        return;
+    };
+    let (Ok(mut client_r), Ok(mut server_r)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let (mut client_w, mut server_w) = (client, server);
+    let up = std::thread::spawn(move || {
+        drop(std::io::copy(&mut client_r, &mut server_w));
+        drop(server_w.shutdown(Shutdown::Write));
+    });
+    drop(std::io::copy(&mut server_r, &mut client_w));
+    drop(client_w.shutdown(Shutdown::Write));
+    drop(up.join());
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept loop so it sees the stop.
+        drop(TcpStream::connect(self.addr));
+    }
 }
