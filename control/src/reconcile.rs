@@ -15,7 +15,9 @@
 //! * re-replication (rereplicate.rs): a replica whose node is down past the grace is marked
 //!   lost and a replacement placed, recorded alone before any node call; after the nexus
 //!   step, the nexus is given the replacement and loses the lost one, and once the
-//!   replacement is in sync the lost one becomes `deleting`;
+//!   replacement is in sync the lost one becomes `deleting`; a `deleting` entry whose node is
+//!   down past `--replica-forget` is dropped, and the orphan step deletes the volume's objects
+//!   on any up node the record does not name (that copy, should its node come back);
 //! * delete recorded: take the nexus down, delete the snapshots and the replica volumes on
 //!   each node, drop each replica entry once its node confirms, then the record and its
 //!   in-sync record;
@@ -31,6 +33,9 @@
 //!   the NBD URI.
 //!
 //! A node that is down or unreachable is skipped; its part is finished when it is back.
+//!
+//! Before the volumes, a pass adds to the rebuild byte counter what each listed nexus's full
+//! rebuilds copied since the last pass (`Counters::count_rebuilds`).
 
 use crate::election::{stopped, Election, Leadership};
 use crate::insync::{self, InSyncRecord};
@@ -117,6 +122,8 @@ struct Observed {
     objects: HashMap<String, u64>,
     /// Nexuses by name, with their epoch.
     nexuses: HashMap<String, u64>,
+    /// Nexuses by name, with the bytes their full rebuilds have copied (a counter per nexus).
+    rebuilt_bytes: HashMap<String, u64>,
     exports: HashSet<String>,
 }
 
@@ -127,6 +134,8 @@ pub struct Reconciler {
     kick: Arc<Notify>,
     /// `--replica-grace`, in milliseconds.
     grace_ms: u64,
+    /// `--replica-forget`, in milliseconds.
+    forget_ms: u64,
     counters: Arc<Counters>,
     /// Failovers this process recorded as leader, for /metrics.
     failovers: Arc<AtomicU64>,
@@ -235,6 +244,7 @@ impl Reconciler {
         clients: Arc<NodeClients>,
         kick: Arc<Notify>,
         grace: Duration,
+        forget: Duration,
         counters: Arc<Counters>,
     ) -> Reconciler {
         Reconciler {
@@ -243,6 +253,7 @@ impl Reconciler {
             clients,
             kick,
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            forget_ms: u64::try_from(forget.as_millis()).unwrap_or(u64::MAX),
             counters,
             failovers: Arc::new(AtomicU64::new(0)),
         }
@@ -286,6 +297,22 @@ impl Reconciler {
                 Err(e) => tracing::debug!(error = %e, "node skipped this pass"),
             }
         }
+        let epochs: HashMap<&str, u64> = volumes
+            .iter()
+            .map(|(r, _)| (r.name.as_str(), r.epoch))
+            .collect();
+        let seen = views.iter().flat_map(|v| {
+            v.has
+                .nexuses
+                .iter()
+                .map(move |(name, epoch)| rereplicate::NexusSeen {
+                    volume: name,
+                    node: &v.record.id,
+                    epoch: *epoch,
+                    rebuilt_bytes: v.has.rebuilt_bytes.get(name).copied().unwrap_or(0),
+                })
+        });
+        self.counters.count_rebuilds(&epochs, seen);
         for (record, revision) in volumes {
             // A leader deposed during the pass stops at the next volume: its record writes
             // would fail on the fence, and its node calls would act on records read before
@@ -341,7 +368,11 @@ impl Reconciler {
                     .into_iter()
                     .map(|v| (v.name, v.size_bytes))
                     .collect(),
-                nexuses: nexuses.into_iter().map(|x| (x.name, x.epoch)).collect(),
+                nexuses: nexuses.iter().map(|x| (x.name.clone(), x.epoch)).collect(),
+                rebuilt_bytes: nexuses
+                    .into_iter()
+                    .map(|x| (x.name, x.rebuilt_bytes))
+                    .collect(),
                 exports: exports.into_iter().map(|e| e.name).collect(),
             },
         })
@@ -365,7 +396,7 @@ impl Reconciler {
         } else {
             let insync = volume::read_insync(&self.store, &record.name).await?;
             let insync = insync.map(|(r, _)| r);
-            live_steps(&mut next, insync.as_ref(), nodes, views, &self.counters).await
+            live_steps(&mut next, insync.as_ref(), nodes, views, self.forget_ms).await
         };
         // What completed is recorded even when a later step failed.
         if next != *record && self.record(term, &next, revision, record.epoch).await? {
@@ -489,9 +520,10 @@ async fn live_steps(
     insync: Option<&InSyncRecord>,
     nodes: &[NodeRecord],
     views: &mut [NodeView<'_>],
-    counters: &Counters,
+    forget_ms: u64,
 ) -> Result<(), NodeCallError> {
     replicas_step(next, views).await?;
+    rereplicate::forget_unreachable(next, nodes, forget_ms, volume::unix_ms());
     snapshots_step(next, views).await?;
     if failover_step(next, insync, nodes) {
         // The new attach point and epoch are recorded before any node is touched; the next
@@ -516,12 +548,35 @@ async fn live_steps(
         let at = next.attached.as_ref().map(|a| a.node.clone());
         if let Some(v) = at.and_then(|at| view_of(views, &at)) {
             if v.has.nexuses.get(&next.name) == Some(&next.epoch) {
-                rereplicate::nexus_members(next, insync, nodes, v, counters).await?;
+                rereplicate::nexus_members(next, insync, nodes, v).await?;
             }
         }
     }
     if lost {
         rereplicate::retire_lost(next, insync);
+    }
+    orphans_step(next, views).await
+}
+
+/// Deletes the volume's objects (its volume, then its snapshots) on each up node that its
+/// record does not name: the copy of a replaced replica whose entry was forgotten while its
+/// node was down (`--replica-forget`). Nothing uses such a copy: a nexus is given only the
+/// record's created replicas, and takes sources only among the in-sync record's.
+async fn orphans_step(
+    next: &VolumeRecord,
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    let holders = next.replica_nodes();
+    for v in views.iter_mut() {
+        if holders.contains(&v.record.id) || !v.has.objects.contains_key(&next.name) {
+            continue;
+        }
+        tracing::info!(volume = %next.name, node = %v.record.id, "deleting an orphan copy the record does not name");
+        v.delete_object(&next.name).await?;
+        for s in &next.snapshots {
+            v.delete_object(&snapshot_object(&next.name, &s.name))
+                .await?;
+        }
     }
     Ok(())
 }

@@ -23,19 +23,72 @@ use crate::proto as pb;
 use crate::reconcile::NodeCallError;
 use crate::volume::{ReplicaRecord, ReplicaState, VolumeRecord};
 use cairn_control_api::NodeState;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// `--replica-grace` when not given: how long a replica's node may stay down before the
 /// replica is replaced. Long enough for a node restart, which resyncs only what it missed.
 pub const REPLICA_GRACE_DEFAULT_S: u64 = 60;
+
+/// `--replica-forget` when not given: how long the node of a replaced replica (`deleting`)
+/// may stay down before its entry leaves the record. The entry only waits to delete a copy
+/// nothing uses any more; a node back later has that copy deleted as an orphan.
+pub const REPLICA_FORGET_DEFAULT_S: u64 = 24 * 3600;
 
 /// Re-replication figures for `/metrics`.
 #[derive(Default)]
 pub struct Counters {
     /// Replicas recorded as replaced by this control process.
     pub replaced: AtomicU64,
-    /// Bytes the running (or last) full rebuild of a replacement had copied, as last seen.
+    /// Bytes copied by the full rebuilds of the nexuses this process has seen as leader
+    /// (a replacement's rebuild, or a replica a new nexus did not trust): a counter.
     pub rebuild_bytes: AtomicU64,
+    /// Each nexus's own rebuilt-bytes counter as last seen, by (volume, node, epoch); only
+    /// entries at a volume's recorded epoch are kept, so it holds about one per volume.
+    seen: Mutex<HashMap<(String, String, u64), u64>>,
+}
+
+/// One nexus as a reconcile pass listed it on its node.
+pub(crate) struct NexusSeen<'a> {
+    pub(crate) volume: &'a str,
+    pub(crate) node: &'a str,
+    pub(crate) epoch: u64,
+    /// The nexus's count of bytes its full rebuilds copied since it was created.
+    pub(crate) rebuilt_bytes: u64,
+}
+
+impl Counters {
+    /// Adds to [`Counters::rebuild_bytes`] what each nexus at its volume's recorded epoch
+    /// (`epochs`) has rebuilt since a pass last saw it. A nexus counts from 0 when created, so
+    /// one seen for the first time (a new epoch, another node, or this process just became
+    /// leader) adds its whole count, and one whose count went down was created again: its
+    /// whole count too. A nexus below its volume's epoch is fenced and about to be taken
+    /// down, and is not counted: its entry is dropped with those of deleted volumes, which
+    /// keeps the map to the live nexuses.
+    pub(crate) fn count_rebuilds<'a>(
+        &self,
+        epochs: &HashMap<&str, u64>,
+        seen: impl Iterator<Item = NexusSeen<'a>>,
+    ) {
+        let mut last = self.seen.lock().expect("rebuild counters lock");
+        for n in seen {
+            if epochs.get(n.volume).is_none_or(|e| n.epoch < *e) {
+                continue;
+            }
+            let key = (n.volume.to_string(), n.node.to_string(), n.epoch);
+            let before = last.insert(key, n.rebuilt_bytes).unwrap_or(0);
+            let added = if n.rebuilt_bytes >= before {
+                n.rebuilt_bytes - before
+            } else {
+                n.rebuilt_bytes
+            };
+            self.rebuild_bytes.fetch_add(added, Ordering::Relaxed);
+        }
+        last.retain(|(volume, _, epoch), _| {
+            epochs.get(volume.as_str()).is_some_and(|e| epoch >= e)
+        });
+    }
 }
 
 /// Marks each created replica whose node has been down longer than `grace_ms` `lost` and
@@ -98,7 +151,6 @@ pub(crate) async fn nexus_members(
     insync: Option<&InSyncRecord>,
     nodes: &[NodeRecord],
     at: &mut crate::reconcile::NodeView<'_>,
-    counters: &Counters,
 ) -> Result<(), NodeCallError> {
     let name = next.name.clone();
     let r = at
@@ -109,11 +161,6 @@ pub(crate) async fn nexus_members(
         Ok(n) => n.into_inner(),
         Err(s) => return Err(at.err("ShowNexus", &name, s)),
     };
-    if let Some(job) = nexus.resync.as_ref().filter(|j| j.full) {
-        counters
-            .rebuild_bytes
-            .store(job.done_bytes, Ordering::Relaxed);
-    }
     let has = |addr: &str| nexus.replicas.iter().any(|r| r.address == addr);
     let address = |node: &str| {
         nodes
@@ -153,6 +200,36 @@ pub(crate) async fn nexus_members(
         }
     }
     Ok(())
+}
+
+/// Drops each `deleting` entry whose node has been down longer than `forget_ms`: its replica
+/// was replaced and is out of the in-sync record, so only its cleanup waited on the node.
+/// Should the node come back, the reconcile loop deletes the copy as an orphan (a volume's
+/// object on a node its record does not name). True when `next` changed.
+pub fn forget_unreachable(
+    next: &mut VolumeRecord,
+    nodes: &[NodeRecord],
+    forget_ms: u64,
+    now_ms: u64,
+) -> bool {
+    let gone = |node: &str| {
+        nodes.iter().any(|n| {
+            n.id == node
+                && n.state == NodeState::Down
+                && n.down_since_unix_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) > forget_ms)
+        })
+    };
+    let before = next.replicas.len();
+    let name = next.name.clone();
+    next.replicas.retain(|r| {
+        let forget = r.state == ReplicaState::Deleting && gone(&r.node);
+        if forget {
+            tracing::info!(volume = %name, node = %r.node, "the replaced replica's node is down past --replica-forget; its entry is dropped, and its copy is deleted as an orphan if the node comes back");
+        }
+        !forget
+    });
+    next.replicas.len() != before
 }
 
 /// Turns each lost replica into a deleting one once the replacement holds the data: no
@@ -268,6 +345,68 @@ mod tests {
         assert_eq!(r, record());
         let nodes = [node("a", Some(0)), node("b", None), node("c", None)];
         assert_eq!(replace_lost(&mut r, &nodes, GRACE_MS, now).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_deleting_entry_is_forgotten_only_past_the_bound_and_only_when_deleting() {
+        let now = 100_000;
+        let forget = 10_000;
+        let mut r = record();
+        r.replicas[1].state = ReplicaState::Deleting;
+        r.replicas.push(ReplicaRecord {
+            node: "c".into(),
+            state: ReplicaState::Lost,
+        });
+        let nodes = |b, c| [node("a", None), node("b", b), node("c", c)];
+        let within = nodes(Some(now - forget), Some(0));
+        assert!(!forget_unreachable(&mut r, &within, forget, now));
+        assert_eq!(
+            r.replicas.len(),
+            3,
+            "b within the bound, c lost, not deleting"
+        );
+        let past = nodes(Some(now - forget - 1), Some(0));
+        assert!(forget_unreachable(&mut r, &past, forget, now));
+        assert_eq!(
+            states(&r),
+            [("a".into(), "created"), ("c".into(), "lost")],
+            "only the deleting entry past the bound goes"
+        );
+        assert!(!forget_unreachable(&mut r, &past, forget, now));
+    }
+
+    #[test]
+    fn rebuild_bytes_count_each_nexus_increase_once_and_restart_with_a_new_nexus() {
+        let c = Counters::default();
+        let seen = |node: &'static str, epoch, rebuilt_bytes| NexusSeen {
+            volume: "pg",
+            node,
+            epoch,
+            rebuilt_bytes,
+        };
+        let total = || c.rebuild_bytes.load(Ordering::Relaxed);
+        let epochs = HashMap::from([("pg", 2)]);
+        // First sight of a nexus counts what it rebuilt before any pass saw it.
+        c.count_rebuilds(&epochs, [seen("a", 2, 100)].into_iter());
+        assert_eq!(total(), 100);
+        c.count_rebuilds(&epochs, [seen("a", 2, 100)].into_iter());
+        assert_eq!(total(), 100, "seen again unchanged: nothing added");
+        c.count_rebuilds(&epochs, [seen("a", 2, 250)].into_iter());
+        assert_eq!(total(), 250, "only the increase");
+        // A fenced nexus of an older epoch is not counted.
+        c.count_rebuilds(&epochs, [seen("b", 1, 999), seen("a", 2, 250)].into_iter());
+        assert_eq!(total(), 250);
+        // Failover: a new nexus elsewhere at a new epoch starts from 0.
+        let epochs = HashMap::from([("pg", 3)]);
+        c.count_rebuilds(&epochs, [seen("a", 2, 300), seen("b", 3, 40)].into_iter());
+        assert_eq!(total(), 290);
+        // The same node and epoch with a lower count: a nexus created again, counted whole.
+        c.count_rebuilds(&epochs, [seen("b", 3, 10)].into_iter());
+        assert_eq!(total(), 300);
+        // Only live entries stay: the old epoch's and a deleted volume's go.
+        assert_eq!(c.seen.lock().unwrap().len(), 1);
+        c.count_rebuilds(&HashMap::new(), std::iter::empty());
+        assert!(c.seen.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -508,9 +508,9 @@ async fn metrics_text(app: &App) -> Result<String, StoreError> {
         &[("", r.replaced.load(Ordering::Relaxed))],
     );
     family(
-        "cairn_control_rebuild_bytes",
-        "gauge",
-        "Bytes the running (or last) full rebuild of a replacement replica had copied, as last seen.",
+        "cairn_control_rebuild_bytes_total",
+        "counter",
+        "Bytes copied by the full rebuilds (replacement replicas, replicas a new nexus did not trust) of the nexuses this control process saw as leader.",
         &[("", r.rebuild_bytes.load(Ordering::Relaxed))],
     );
     Ok(out)

@@ -1,11 +1,17 @@
 //! Guards re-replication end to end with real processes on loopback, once on the embedded
-//! store and once on etcd: four nodes, a 2-replica volume attached on one of its replica
-//! nodes, data written through NBD and flushed; the other replica node is killed (`kill -9`).
-//! After `--replica-grace` the record marks its replica `lost` and places a new one on the
-//! fourth node; the nexus rebuilds it online and the in-sync record lists it; the lost replica
-//! then becomes `deleting`, the volume has its two in-sync replicas again, `nexus verify`
-//! finds both copies identical and the data reads back. When the killed node comes back, its
-//! stale replica volume is deleted and the lost entry leaves the record.
+//! store and once on etcd, with 2 and with 3 replicas: four nodes, a volume attached on one
+//! of its replica nodes, data written through NBD and flushed; another replica node is killed
+//! (`kill -9`). After `--replica-grace` the record marks its replica `lost` and places a new
+//! one on the fourth node; the nexus rebuilds it online while the other replicas stay in sync,
+//! and the in-sync record lists it; the lost replica then becomes `deleting`, the volume has
+//! as many created, in-sync replicas on distinct nodes as it wants again, `nexus verify` finds
+//! every copy identical and the data reads back. `cairn_control_rebuild_bytes_total` counts
+//! the rebuild (a full rebuild copies the whole volume, so at least its size), even though it
+//! may end between two reconcile passes (it once read 0 then). With 2 replicas the killed
+//! node comes back while its entry is `deleting`: its stale replica volume is deleted and the
+//! entry leaves the record. With 3 it stays down past `--replica-forget`: the entry leaves
+//! the record while the node is down, and when the node comes back later its copy is deleted
+//! as an orphan and never joins the nexus.
 
 mod common;
 
@@ -17,8 +23,12 @@ use serde_json::Value;
 use std::process::Command;
 
 const MIB: u64 = 1 << 20;
+/// The test volume's size.
+const SIZE_BYTES: u64 = 16 * MIB;
 /// The test's `--replica-grace`, in seconds.
 const GRACE_S: &str = "2";
+/// The test's `--replica-forget`, in seconds.
+const FORGET_S: &str = "3";
 /// The test's pattern: 64 KiB at each offset, different per offset.
 const PATTERN_OFFSETS: [u64; 3] = [0, 4 * MIB, 15 * MIB];
 
@@ -67,13 +77,19 @@ fn in_sync(control: &Control) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn rereplication(test: &str, etcd: Option<&Etcd>) {
+/// `comes_back_soon`: the killed node returns while its entry is still `deleting`; else only
+/// after `--replica-forget` dropped the entry.
+fn rereplication(test: &str, etcd: Option<&Etcd>, replicas: usize, comes_back_soon: bool) {
     let dir = test_dir(test);
+    let mut flags = vec!["--replica-grace", GRACE_S];
+    if !comes_back_soon {
+        flags.extend(["--replica-forget", FORGET_S]);
+    }
     let control = Control::start_with(
         &dir.join("control"),
         etcd.map(|e| e.url.as_str()),
         0,
-        &["--replica-grace", GRACE_S],
+        &flags,
     );
     let mut nodes: Vec<NodeProc> = (1..=4)
         .map(|i| {
@@ -91,12 +107,20 @@ fn rereplication(test: &str, etcd: Option<&Etcd>) {
     wait_for("leadership", STATE_TIMEOUT, || {
         control.is_leader().then_some(())
     });
-    let (code, _, err) =
-        control.ctl(&["volume", "create", "v", "--size", "16M", "--replicas", "2"]);
+    let count = replicas.to_string();
+    let (code, _, err) = control.ctl(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        &SIZE_BYTES.to_string(),
+        "--replicas",
+        &count,
+    ]);
     assert_eq!(code, 0, "{err}");
     let v = control.get("/v1/volumes/v");
     let holders: Vec<String> = placements(&v).into_iter().map(|(n, _)| n).collect();
-    assert_eq!(holders.len(), 2, "{v}");
+    assert_eq!(holders.len(), replicas, "{v}");
     let index = |id: &str| id[1..].parse::<usize>().unwrap() - 1;
     let (at, lost) = (holders[0].clone(), holders[1].clone());
     let spare = (1..=4)
@@ -129,34 +153,105 @@ fn rereplication(test: &str, etcd: Option<&Etcd>) {
     nodes[index(&lost)].kill9();
     control.wait_state(&lost, "down");
     wait_for("the replacement in sync", STATE_TIMEOUT, || {
+        // The lost entry is `deleting` (with the short --replica-forget it may be gone).
         let p = placements(&control.get("/v1/volumes/v"));
-        let done = p.contains(&(lost.clone(), "deleting".into()))
-            && p.contains(&(spare.clone(), "created".into()));
-        done.then_some(())
+        let retired = p.iter().all(|(n, state)| n != &lost || state == "deleting")
+            && (!comes_back_soon || p.contains(&(lost.clone(), "deleting".into())));
+        (retired && p.contains(&(spare.clone(), "created".into()))).then_some(())
     });
-    let listed = in_sync(&control);
-    assert!(
-        listed.contains(&at) && listed.contains(&spare) && !listed.contains(&lost),
-        "in-sync record: {listed:?}"
-    );
+    // Every replica but the lost one stayed (or came back) in sync, and the replacement too.
+    let mut wanted: Vec<String> = holders.iter().filter(|n| **n != lost).cloned().collect();
+    wanted.push(spare.clone());
+    let mut listed = in_sync(&control);
+    listed.sort();
+    wanted.sort();
+    assert_eq!(listed, wanted, "in-sync record");
     let v = control.get("/v1/volumes/v");
+    let mut created: Vec<String> = placements(&v)
+        .into_iter()
+        .filter(|(_, p)| p == "created")
+        .map(|(n, _)| n)
+        .collect();
+    created.sort();
+    assert_eq!(created, wanted, "created replicas on distinct nodes: {v}");
     let serving: Vec<&Value> = v["replicas"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|r| r["state"] == "in_sync")
         .collect();
-    assert_eq!(serving.len(), 2, "the replica count is restored: {v}");
+    assert_eq!(
+        serving.len(),
+        replicas,
+        "the replica count is restored: {v}"
+    );
+    let checked = verify(&nodes[index(&at)].admin);
+    assert_eq!(
+        checked["replicas"].as_array().map(Vec::len),
+        Some(replicas),
+        "{checked}"
+    );
+    read_back(&uri);
+    let metrics = control.metrics();
+    assert_eq!(
+        metric_of(&metrics, "cairn_control_replicas_replaced_total"),
+        1
+    );
+    // The replacement's rebuild copied the whole volume (a full rebuild marks every block
+    // dirty); an abandoned and restarted one copies more, never less.
+    let rebuilt = metric_of(&metrics, "cairn_control_rebuild_bytes_total");
+    println!("rebuild bytes counted: {rebuilt} (volume size {SIZE_BYTES})");
+    assert!(
+        rebuilt >= SIZE_BYTES,
+        "cairn_control_rebuild_bytes_total {rebuilt} < the volume's {SIZE_BYTES} bytes"
+    );
+
+    let has_lost = || {
+        placements(&control.get("/v1/volumes/v"))
+            .iter()
+            .any(|(n, _)| n == &lost)
+    };
+    if !comes_back_soon {
+        // Away for good, as far as the record can tell: the entry goes while it is down.
+        wait_for("the deleting entry forgotten", STATE_TIMEOUT, || {
+            (!has_lost()).then_some(())
+        });
+        assert_eq!(control.get(&format!("/v1/nodes/{lost}"))["state"], "down");
+    }
+    // The lost node comes back: its stale replica volume is deleted, and it is not in the
+    // record (any longer).
+    let i = index(&lost);
+    nodes[i] = NodeProc::start(
+        &dir.join(&lost),
+        &control.url,
+        &lost,
+        &["--zone", &format!("z{}", i + 1)],
+    );
+    control.wait_state(&lost, "up");
+    wait_for("the stale replica deleted", STATE_TIMEOUT, || {
+        (!has_lost() && node_objects(&nodes[i].admin).is_empty()).then_some(())
+    });
+    assert_eq!(node_objects(&nodes[index(&spare)].admin), ["v"]);
+    // The stale copy never came back into use: the nexus still has exactly the record's
+    // replicas, all equal, and the record does not name the returned node.
+    let checked = verify(&nodes[index(&at)].admin);
+    let returned = control.get(&format!("/v1/nodes/{lost}"))["addresses"]["replica"].clone();
+    let used: Vec<&Value> = checked["replicas"].as_array().unwrap().iter().collect();
+    assert_eq!(used.len(), replicas, "{checked}");
+    assert!(
+        !checked.to_string().contains(returned.as_str().unwrap()),
+        "the returned node's copy is in the nexus: {checked}"
+    );
+    assert!(!has_lost());
+    assert!(!in_sync(&control).contains(&lost));
+    read_back(&uri);
+}
+
+/// `nexus verify` of volume v on the node whose admin API is `admin`; fails unless every
+/// copy is identical.
+fn verify(admin: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
-        .args([
-            "node",
-            "--addr",
-            &nodes[index(&at)].admin,
-            "--json",
-            "nexus",
-            "verify",
-            "v",
-        ])
+        .args(["node", "--addr", admin, "--json", "nexus", "verify", "v"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -167,41 +262,16 @@ fn rereplication(test: &str, etcd: Option<&Etcd>) {
     );
     let verify: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        verify["replicas"].as_array().map(Vec::len),
-        Some(2),
+        verify["mismatched_regions"].as_array().map_or(0, Vec::len),
+        0,
         "{verify}"
     );
-    read_back(&uri);
-    let metrics = control.metrics();
-    assert_eq!(
-        metric_of(&metrics, "cairn_control_replicas_replaced_total"),
-        1
-    );
-    println!(
-        "rebuild bytes last seen: {}",
-        metric_of(&metrics, "cairn_control_rebuild_bytes")
-    );
-
-    // The lost node comes back: its stale replica volume is deleted, the entry dropped.
-    let i = index(&lost);
-    nodes[i] = NodeProc::start(
-        &dir.join(&lost),
-        &control.url,
-        &lost,
-        &["--zone", &format!("z{}", i + 1)],
-    );
-    wait_for("the stale replica deleted", STATE_TIMEOUT, || {
-        let p = placements(&control.get("/v1/volumes/v"));
-        (!p.iter().any(|(n, _)| n == &lost)).then_some(())
-    });
-    assert!(node_objects(&nodes[i].admin).is_empty());
-    assert_eq!(node_objects(&nodes[index(&spare)].admin), ["v"]);
-    read_back(&uri);
+    verify
 }
 
 #[test]
 fn rereplication_on_the_embedded_store() {
-    rereplication("rereplicate-embedded", None);
+    rereplication("rereplicate-embedded", None, 2, true);
 }
 
 #[test]
@@ -210,5 +280,19 @@ fn rereplication_on_etcd() {
     let Some(etcd) = Etcd::start(&dir) else {
         return;
     };
-    rereplication("rereplicate-etcd", Some(&etcd));
+    rereplication("rereplicate-etcd", Some(&etcd), 2, true);
+}
+
+#[test]
+fn rereplication_of_three_replicas_on_the_embedded_store() {
+    rereplication("rereplicate3-embedded", None, 3, false);
+}
+
+#[test]
+fn rereplication_of_three_replicas_on_etcd() {
+    let dir = test_dir("rereplicate3-etcd-store");
+    let Some(etcd) = Etcd::start(&dir) else {
+        return;
+    };
+    rereplication("rereplicate3-etcd", Some(&etcd), 3, false);
 }

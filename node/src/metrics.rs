@@ -518,6 +518,7 @@ mod tests {
                 write_wait_max_us: 1500,
             }),
             generation: 3,
+            rebuilt_bytes: 1 << 20,
         };
         let text = render(&[e], &[r], &[nexus]);
         for family in [

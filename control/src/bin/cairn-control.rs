@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use cairn_control::election::{stopped, Election};
 use cairn_control::membership::{Membership, MONITOR_INTERVAL, NODE_LEASE_TTL_S};
 use cairn_control::reconcile::{NodeClients, Reconciler};
-use cairn_control::rereplicate::{Counters, REPLICA_GRACE_DEFAULT_S};
+use cairn_control::rereplicate::{Counters, REPLICA_FORGET_DEFAULT_S, REPLICA_GRACE_DEFAULT_S};
 use cairn_control::rest::{router, App};
 use cairn_control::store::embedded::EmbeddedStore;
 use cairn_control::store::etcd::EtcdStore;
@@ -57,6 +57,11 @@ struct Cli {
     /// another node (a node back sooner is resynced instead).
     #[arg(long, value_name = "SECONDS", default_value_t = REPLICA_GRACE_DEFAULT_S)]
     replica_grace: u64,
+    /// How long the node of a replaced replica may stay down before the replica's `deleting`
+    /// entry is dropped from the record (should the node come back later, its copy is deleted
+    /// as an orphan).
+    #[arg(long, value_name = "SECONDS", default_value_t = REPLICA_FORGET_DEFAULT_S)]
+    replica_forget: u64,
 }
 
 fn main() -> ExitCode {
@@ -127,6 +132,7 @@ async fn run(cli: Cli) -> Result<()> {
         clients.clone(),
         volumes.kick.clone(),
         std::time::Duration::from_secs(cli.replica_grace),
+        std::time::Duration::from_secs(cli.replica_forget),
         rereplication.clone(),
     );
     let failovers = reconciler.failovers();

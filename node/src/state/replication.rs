@@ -472,5 +472,6 @@ fn nexus_view(v: NexusView, export_name: String) -> pb::Nexus {
         ),
         export_name,
         generation: v.generation,
+        rebuilt_bytes: v.rebuilt_bytes,
     }
 }

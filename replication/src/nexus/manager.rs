@@ -160,6 +160,8 @@ pub struct NexusView {
     pub resync: Option<ResyncView>,
     /// The data generation every in-sync child holds durably.
     pub generation: u64,
+    /// Bytes every full rebuild of this nexus has copied since it was created (never reset).
+    pub rebuilt_bytes: u64,
 }
 
 /// One region whose copies differ, as `verify` reports it.
@@ -1530,5 +1532,6 @@ fn view(shared: &NexusShared) -> NexusView {
         children,
         resync,
         generation: shared.gen_durable.load(Ordering::Acquire),
+        rebuilt_bytes: p.rebuilt_bytes.load(Ordering::Relaxed),
     }
 }

@@ -306,8 +306,9 @@ pub(crate) struct ResyncOrder {
     pub(crate) full: bool,
 }
 
-/// Progress of the running resync, for show. Every field is reset when a job starts and
-/// only goes forward within it (the rule is in docs/replication.md, "Progress").
+/// Progress of the running resync, for show. Every field but `rebuilt_bytes` is reset when a
+/// job starts and only goes forward within it (the rule is in docs/replication.md,
+/// "Progress").
 #[derive(Debug, Default)]
 pub(crate) struct ResyncProgress {
     /// Child index + 1, or 0 when none runs.
@@ -320,6 +321,9 @@ pub(crate) struct ResyncProgress {
     /// The highest `done_bytes / total_bytes` this job has reached, in parts per million.
     pub(crate) progress_ppm: AtomicU64,
     pub(crate) elapsed_ms: AtomicU64,
+    /// Bytes every full rebuild of this nexus has copied, over its whole life: never reset,
+    /// so the control process can count rebuilds quicker than its passes (its increase).
+    pub(crate) rebuilt_bytes: AtomicU64,
 }
 
 impl ResyncProgress {

@@ -521,6 +521,12 @@ impl NexusChannel {
             }
             Kind::ResyncWrite { .. } => {
                 job.done_bytes += len;
+                if job.full {
+                    shared
+                        .resync
+                        .rebuilt_bytes
+                        .fetch_add(len, Ordering::Relaxed);
+                }
                 let child = shared.child(target);
                 child.copied_bytes.fetch_add(len, Ordering::Relaxed);
                 // Volatile on the target until the job's flush: a crash of the target before
