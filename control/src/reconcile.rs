@@ -525,9 +525,9 @@ async fn live_steps(
     replicas_step(next, views).await?;
     rereplicate::forget_unreachable(next, nodes, forget_ms, volume::unix_ms());
     snapshots_step(next, views).await?;
-    if failover_step(next, insync, nodes) {
-        // The new attach point and epoch are recorded before any node is touched; the next
-        // pass opens the nexus there.
+    if failover_step(next, insync, nodes) || rebuild_step(next, insync, nodes) {
+        // The new attach point (or rebuild nexus) and epoch are recorded before any node is
+        // touched; the next pass opens the nexus there.
         return Ok(());
     }
     nexus_step(next, insync, nodes, views).await?;
@@ -545,7 +545,7 @@ async fn live_steps(
     };
     let lost = next.replicas.iter().any(|r| r.state == ReplicaState::Lost);
     if lost || next.replicas.iter().any(missing) {
-        let at = next.attached.as_ref().map(|a| a.node.clone());
+        let at = next.nexus_node().map(str::to_string);
         if let Some(v) = at.and_then(|at| view_of(views, &at)) {
             if v.has.nexuses.get(&next.name) == Some(&next.epoch) {
                 rereplicate::nexus_members(next, insync, nodes, v).await?;
@@ -615,6 +615,46 @@ fn failover_step(
         node: to,
         nbd_uri: None,
         failover_to: None,
+    });
+    true
+}
+
+/// Re-replication of a detached volume (docs/control.md, "Re-replication"): while it has a
+/// lost replica and an in-sync record (it held data once), a rebuild nexus is kept on the node
+/// failover would pick, at a raised epoch recorded before it opens; one whose node is down
+/// moves the same way. It goes (the nexus step takes it down) once the lost replica is retired
+/// or an attach replaces it. True when a new epoch was set: the caller records it first.
+fn rebuild_step(
+    next: &mut VolumeRecord,
+    insync: Option<&InSyncRecord>,
+    nodes: &[NodeRecord],
+) -> bool {
+    let needed = next.attached.is_none()
+        && next.all_created()
+        && next.replicas.iter().any(|r| r.state == ReplicaState::Lost);
+    let Some(insync) = insync.filter(|_| needed) else {
+        if let Some(r) = next.rebuild.take() {
+            tracing::info!(volume = %next.name, node = %r.node, "the rebuild nexus is no longer needed");
+        }
+        return false;
+    };
+    let up = |node: &str| {
+        nodes
+            .iter()
+            .any(|n| n.id == node && n.state == NodeState::Up)
+    };
+    if next.rebuild.as_ref().is_some_and(|r| up(&r.node)) {
+        return false;
+    }
+    let Some(to) = failover_target(next, insync, nodes) else {
+        tracing::warn!(volume = %next.name, in_sync = ?insync.in_sync, "a replacement needs a rebuild and no replica the record names in sync is up; it waits for one");
+        return false;
+    };
+    tracing::info!(volume = %next.name, node = %to, epoch = next.epoch + 1, "detached volume with a replacement to rebuild; a rebuild nexus is recorded");
+    next.epoch += 1;
+    next.rebuild = Some(volume::RebuildNexus {
+        node: to,
+        opened: false,
     });
     true
 }
@@ -811,7 +851,7 @@ async fn nexus_step(
     views: &mut [NodeView<'_>],
 ) -> Result<(), NodeCallError> {
     let name = next.name.clone();
-    let at = next.attached.as_ref().map(|a| a.node.clone());
+    let at = next.nexus_node().map(str::to_string);
     for v in views.iter_mut() {
         let stale = match v.has.nexuses.get(&name) {
             None => false,
@@ -833,13 +873,21 @@ async fn nexus_step(
         return Ok(());
     };
     let missing = !v.has.nexuses.contains_key(&name);
-    if missing && next.attached.as_ref().is_some_and(|a| a.nbd_uri.is_some()) {
+    let was_open = match (&next.attached, &next.rebuild) {
+        (Some(a), _) => a.nbd_uri.is_some(),
+        (None, Some(r)) => r.opened,
+        (None, None) => false,
+    };
+    if missing && was_open {
         // The nexus was up and is gone (its node restarted): opening it again is a new term
         // over the same replicas, so the raised epoch is recorded first, and the nexus is
         // created at it by the next pass.
         next.epoch += 1;
         if let Some(a) = next.attached.as_mut() {
             a.nbd_uri = None;
+        }
+        if let Some(r) = next.rebuild.as_mut() {
+            r.opened = false;
         }
         tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus gone; a new epoch is recorded before it is opened again");
         return Ok(());
@@ -872,6 +920,13 @@ async fn nexus_step(
         v.made("CreateNexus", &name, res)?;
         v.has.nexuses.insert(name.clone(), next.epoch);
         tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus created");
+    }
+    if next.attached.is_none() {
+        // A rebuild nexus is not exported: it only copies to the replacement.
+        if let Some(r) = next.rebuild.as_mut() {
+            r.opened |= v.has.nexuses.contains_key(&name);
+        }
+        return Ok(());
     }
     if !v.has.exports.contains(&name) {
         let req = pb::ExportRequest {
@@ -950,6 +1005,7 @@ mod tests {
                 nbd_uri: Some("nbd://127.0.0.1:2/pg".into()),
                 failover_to: hint.map(str::to_string),
             }),
+            rebuild: None,
             epoch: 3,
             created_unix_ms: 0,
             snapshots: Vec::new(),

@@ -291,6 +291,7 @@ mod tests {
                 nbd_uri: None,
                 failover_to: None,
             }),
+            rebuild: None,
             epoch: 1,
             created_unix_ms: 0,
             snapshots: Vec::new(),

@@ -314,9 +314,9 @@ async fn get_volume(State(app): AppState, Path(name): Path<String>) -> Response 
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    if let Some(a) = &record.attached {
+    if let Some(at) = record.nexus_node() {
         if let Ok(nodes) = app.membership.records().await {
-            if let Some(n) = nodes.iter().find(|n| n.id == a.node) {
+            if let Some(n) = nodes.iter().find(|n| n.id == at) {
                 view.rebuild = app.clients.rebuild(n, &name).await;
             }
         }

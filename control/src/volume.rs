@@ -78,6 +78,17 @@ pub struct Attachment {
     pub failover_to: Option<String>,
 }
 
+/// The rebuild nexus of a detached volume: while a replacement replica is rebuilt and the
+/// volume is not attached, the reconcile loop holds an unexported nexus on a node with an
+/// in-sync replica (docs/control.md, "Re-replication"). An attach replaces it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RebuildNexus {
+    pub node: String,
+    /// Set once the nexus was seen open at the record's epoch: missing after that, it was lost
+    /// with its node's restart and is opened again at a new epoch.
+    pub opened: bool,
+}
+
 /// A snapshot of the volume: the object `{volume}@{name}` on each replica's node.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotRecord {
@@ -106,6 +117,9 @@ pub struct VolumeRecord {
     pub zone: Option<String>,
     pub replicas: Vec<ReplicaRecord>,
     pub attached: Option<Attachment>,
+    /// The rebuild nexus while the volume is detached and a replacement is rebuilt.
+    #[serde(default)]
+    pub rebuild: Option<RebuildNexus>,
     /// The epoch of the current or last nexus; raised by every attach and every failover.
     pub epoch: u64,
     pub created_unix_ms: u64,
@@ -121,6 +135,15 @@ pub struct VolumeRecord {
 
 impl VolumeRecord {
     /// The nodes holding a replica, whatever its state.
+    /// The node whose nexus serves the volume (its attach node) or rebuilds it (its rebuild
+    /// nexus), if any.
+    pub fn nexus_node(&self) -> Option<&str> {
+        self.attached
+            .as_ref()
+            .map(|a| a.node.as_str())
+            .or_else(|| self.rebuild.as_ref().map(|r| r.node.as_str()))
+    }
+
     pub fn replica_nodes(&self) -> Vec<String> {
         self.replicas.iter().map(|r| r.node.clone()).collect()
     }
@@ -211,6 +234,18 @@ pub enum VolumeError {
     Corrupt { key: String, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Refuses a command that needs every replica to hold the data (snapshot, grow) while a lost
+/// replica's replacement is still being rebuilt.
+fn rebuilt_first(name: &str, r: &VolumeRecord) -> Result<(), VolumeError> {
+    if r.replicas.iter().any(|x| x.state == ReplicaState::Lost) {
+        return Err(VolumeError::NotReady {
+            name: name.to_string(),
+            why: "a replacement replica is being rebuilt; retry once inspect shows every replica in sync".into(),
+        });
+    }
+    Ok(())
 }
 
 pub fn volume_key(name: &str) -> String {
@@ -363,6 +398,7 @@ pub fn new_record(
             })
             .collect(),
         attached: None,
+        rebuild: None,
         epoch: 0,
         created_unix_ms: unix_ms(),
         snapshots: Vec::new(),
@@ -752,6 +788,9 @@ impl Volumes {
                 nbd_uri: None,
                 failover_to,
             });
+            // The attach's nexus takes over a rebuild nexus's work (it is given the
+            // replacement too); the raised epoch fences the rebuild nexus.
+            next.rebuild = None;
             Ok(Some(next))
         })
         .await
@@ -787,6 +826,7 @@ impl Volumes {
                     why: "detach it first: each replica is snapshotted on its own node, and only a detached volume's replicas are identical",
                 });
             }
+            rebuilt_first(name, r)?;
             if !r.all_created() {
                 return Err(VolumeError::NotReady {
                     name: name.to_string(),
@@ -882,6 +922,7 @@ impl Volumes {
                     why: "detach it first: an open nexus keeps its size",
                 });
             }
+            rebuilt_first(name, r)?;
             let largest_bytes = nodes
                 .iter()
                 .filter(|n| r.replicas.iter().any(|x| x.node == n.id))
@@ -1024,6 +1065,7 @@ fn clone_record(
             })
             .collect(),
         attached: None,
+        rebuild: None,
         epoch: 0,
         created_unix_ms: unix_ms(),
         snapshots: Vec::new(),

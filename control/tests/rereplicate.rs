@@ -11,14 +11,19 @@
 //! node comes back while its entry is `deleting`: its stale replica volume is deleted and the
 //! entry leaves the record. With 3 it stays down past `--replica-forget`: the entry leaves
 //! the record while the node is down, and when the node comes back later its copy is deleted
-//! as an orphan and never joins the nexus.
+//! as an orphan and never joins the nexus. With 3 the volume is also detached before the kill:
+//! the reconcile loop rebuilds the replacement through an unexported rebuild nexus at a new
+//! epoch, retires the lost replica and takes the rebuild nexus down; the next attach finds
+//! every replica in sync.
 
 mod common;
 
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
 
-use common::{metric_of, node_objects, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
+use common::{
+    metric_of, node_names, node_objects, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT,
+};
 use serde_json::Value;
 use std::process::Command;
 
@@ -78,8 +83,15 @@ fn in_sync(control: &Control) -> Vec<String> {
 }
 
 /// `comes_back_soon`: the killed node returns while its entry is still `deleting`; else only
-/// after `--replica-forget` dropped the entry.
-fn rereplication(test: &str, etcd: Option<&Etcd>, replicas: usize, comes_back_soon: bool) {
+/// after `--replica-forget` dropped the entry. `detached`: the replica is lost while the
+/// volume is detached.
+fn rereplication(
+    test: &str,
+    etcd: Option<&Etcd>,
+    replicas: usize,
+    comes_back_soon: bool,
+    detached: bool,
+) {
     let dir = test_dir(test);
     let mut flags = vec!["--replica-grace", GRACE_S];
     if !comes_back_soon {
@@ -135,7 +147,7 @@ fn rereplication(test: &str, etcd: Option<&Etcd>, replicas: usize, comes_back_so
     });
     let (code, uri, err) = control.ctl(&["volume", "attach", "v", "--node", &at]);
     assert_eq!(code, 0, "{err}");
-    let uri = uri.trim().to_string();
+    let mut uri = uri.trim().to_string();
     {
         let mut c = nbd(&uri);
         for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
@@ -149,6 +161,15 @@ fn rereplication(test: &str, etcd: Option<&Etcd>, replicas: usize, comes_back_so
         assert_eq!(c.simple(flush, 0, 0, 0).unwrap(), 0, "flush");
     }
 
+    if detached {
+        let (code, _, err) = control.ctl(&["volume", "detach", "v"]);
+        assert_eq!(code, 0, "{err}");
+        wait_for("the nexus taken down", STATE_TIMEOUT, || {
+            node_names(&nodes[index(&at)].admin, "nexus")
+                .is_empty()
+                .then_some(())
+        });
+    }
     // The other replica node dies; past the grace it is replaced on the spare node.
     nodes[index(&lost)].kill9();
     control.wait_state(&lost, "down");
@@ -185,6 +206,21 @@ fn rereplication(test: &str, etcd: Option<&Etcd>, replicas: usize, comes_back_so
         replicas,
         "the replica count is restored: {v}"
     );
+    if detached {
+        // The rebuild nexus did it, and is gone once the lost replica is retired.
+        assert!(v["attached"].is_null(), "{v}");
+        wait_for("the rebuild nexus taken down", STATE_TIMEOUT, || {
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index(&lost))
+                .all(|(_, n)| node_names(&n.admin, "nexus").is_empty())
+                .then_some(())
+        });
+        let (code, again, err) = control.ctl(&["volume", "attach", "v", "--node", &at]);
+        assert_eq!(code, 0, "{err}");
+        uri = again.trim().to_string();
+    }
     let checked = verify(&nodes[index(&at)].admin);
     assert_eq!(
         checked["replicas"].as_array().map(Vec::len),
@@ -271,7 +307,7 @@ fn verify(admin: &str) -> Value {
 
 #[test]
 fn rereplication_on_the_embedded_store() {
-    rereplication("rereplicate-embedded", None, 2, true);
+    rereplication("rereplicate-embedded", None, 2, true, false);
 }
 
 #[test]
@@ -280,19 +316,19 @@ fn rereplication_on_etcd() {
     let Some(etcd) = Etcd::start(&dir) else {
         return;
     };
-    rereplication("rereplicate-etcd", Some(&etcd), 2, true);
+    rereplication("rereplicate-etcd", Some(&etcd), 2, true, false);
 }
 
 #[test]
-fn rereplication_of_three_replicas_on_the_embedded_store() {
-    rereplication("rereplicate3-embedded", None, 3, false);
+fn rereplication_of_three_detached_replicas_on_the_embedded_store() {
+    rereplication("rereplicate3-embedded", None, 3, false, true);
 }
 
 #[test]
-fn rereplication_of_three_replicas_on_etcd() {
+fn rereplication_of_three_detached_replicas_on_etcd() {
     let dir = test_dir("rereplicate3-etcd-store");
     let Some(etcd) = Etcd::start(&dir) else {
         return;
     };
-    rereplication("rereplicate3-etcd", Some(&etcd), 3, false);
+    rereplication("rereplicate3-etcd", Some(&etcd), 3, false, true);
 }
