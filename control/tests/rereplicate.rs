@@ -12,7 +12,7 @@ mod common;
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
 
-use common::{metric_of, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
+use common::{metric_of, node_objects, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
 use serde_json::Value;
 use std::process::Command;
 
@@ -42,25 +42,6 @@ fn read_back(uri: &str) {
         let back = c.read(offset, 64 * 1024).unwrap().expect("read succeeds");
         assert!(back == pattern(i), "{uri}: read back at {offset} differs");
     }
-}
-
-/// The volume objects on the node whose admin API is `admin`.
-fn node_objects(admin: &str) -> Vec<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
-        .args(["node", "--addr", admin, "--json", "volume", "ls"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// (node, placement state) of each replica in the volume's view.

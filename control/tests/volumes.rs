@@ -20,31 +20,14 @@ mod common;
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
 
-use common::{free_port, metric_of, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
+use common::{
+    free_port, metric_of, node_objects, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
 const MIB: u64 = 1 << 20;
-
-/// The volume objects (replica volumes and snapshots) on the node whose admin API is `admin`.
-fn node_objects(admin: &str) -> Vec<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
-        .args(["node", "--addr", admin, "--json", "volume", "ls"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// POSTs `body` to `path`; returns (status, JSON answer).
 fn post(control: &Control, path: &str, body: &[u8]) -> (u16, Value) {
