@@ -45,6 +45,10 @@ pub const NODE_LEASE_TTL_S: u64 = 2;
 pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// How often the leader looks for expired node leases.
 pub const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// Most node records one "mark down" transaction writes (each is a check and a put; etcd's
+/// default `--max-txn-ops` is 128). More expired nodes than this are marked in several
+/// transactions, in id order.
+pub const MARK_DOWN_PER_TXN_MAX: usize = 32;
 /// Compare-and-swap attempts of one registration before it answers 503 (each loss means
 /// another writer changed the record in between; more than a few means something is wrong).
 pub const CAS_ATTEMPTS_MAX: u32 = 8;
@@ -379,6 +383,13 @@ impl Membership {
     }
 
     /// Marks down, as leader `term`, every `up` node whose lease key is gone; returns how many.
+    ///
+    /// The nodes found expired in one look are marked in one transaction (up to
+    /// [`MARK_DOWN_PER_TXN_MAX`]), so no reader ever sees some of them down and the others
+    /// still up: nodes that died together (a rack, or every node while the control process
+    /// was down) are down together, and a failover never picks a node whose lease was already
+    /// seen gone. A registration that races the write moves its record's revision and fails
+    /// the whole transaction; the next round looks again.
     pub async fn mark_expired(&self, term: Leadership) -> Result<usize, MembershipError> {
         let records = self.store.list(NODES_PREFIX).await?;
         let alive: HashSet<(String, u64)> = self
@@ -391,7 +402,7 @@ impl Membership {
                 decode::<LeaseRecord>(&e.key, &e.value).map(|l| (id, l.incarnation))
             })
             .collect::<Result<_, _>>()?;
-        let mut marked = 0;
+        let mut expired = Vec::new();
         for entry in records {
             let mut rec = decode_record(&entry.key, &entry.value)?;
             if rec.state != NodeState::Up || alive.contains(&(rec.id.clone(), rec.incarnation)) {
@@ -399,13 +410,21 @@ impl Membership {
             }
             rec.state = NodeState::Down;
             rec.down_since_unix_ms = Some(unix_ms());
-            let txn = term.fence(Txn::default().check(&entry.key, entry.mod_revision).put(
-                &entry.key,
-                encode(&rec),
-                None,
-            ));
-            if self.store.txn(txn).await?.is_some() {
-                marked += 1;
+            expired.push((entry, rec));
+        }
+        let mut marked = 0;
+        for batch in expired.chunks(MARK_DOWN_PER_TXN_MAX) {
+            let mut txn = Txn::default();
+            for (entry, rec) in batch {
+                txn = txn
+                    .check(&entry.key, entry.mod_revision)
+                    .put(&entry.key, encode(rec), None);
+            }
+            if self.store.txn(term.fence(txn)).await?.is_none() {
+                continue;
+            }
+            marked += batch.len();
+            for (_, rec) in batch {
                 self.counters.marked_down.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(id = %rec.id, incarnation = rec.incarnation, "node lease expired; marked down");
             }

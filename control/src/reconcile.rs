@@ -60,6 +60,12 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one node admin call may take (pool operations are durable when they return).
 pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long listing what one node has (the start of every pass) may take in all; a node that
+/// does not answer in this time (hung, or cut off with its connection still open) is skipped
+/// for the pass. Far below [`NODE_CALL_TIMEOUT`]: every pass lists every up node before it
+/// acts on any volume, so one hung node would otherwise hold up every volume's reconcile,
+/// failovers included, for the whole call timeout.
+pub const NODE_LIST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long inspect waits for the attach node's resync progress before showing none.
 pub const SHOW_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -292,9 +298,12 @@ impl Reconciler {
         let nodes = node_records(&self.store).await?;
         let mut views = Vec::new();
         for n in nodes.iter().filter(|n| n.state == NodeState::Up) {
-            match self.observe(n).await {
-                Ok(v) => views.push(v),
-                Err(e) => tracing::debug!(error = %e, "node skipped this pass"),
+            match tokio::time::timeout(NODE_LIST_TIMEOUT, self.observe(n)).await {
+                Ok(Ok(v)) => views.push(v),
+                Ok(Err(e)) => tracing::debug!(error = %e, "node skipped this pass"),
+                Err(_) => {
+                    tracing::warn!(node = %n.id, timeout = ?NODE_LIST_TIMEOUT, "node did not list its objects in time; skipped this pass")
+                }
             }
         }
         let epochs: HashMap<&str, u64> = volumes

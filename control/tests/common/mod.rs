@@ -153,6 +153,49 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// How many keys under `prefix` etcd holds (its JSON gateway, `/v3/kv/range`).
+    pub fn count(&self, prefix: &str) -> u64 {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let body = format!(
+            r#"{{"key": "{}", "range_end": "{}", "count_only": true}}"#,
+            base64(prefix.as_bytes()),
+            base64(&end)
+        );
+        let client = Client::new(&self.url, HTTP_TIMEOUT).unwrap();
+        let r = client.post_json("/v3/kv/range", body.as_bytes()).unwrap();
+        assert_eq!(r.status, 200, "etcd range {prefix}: {}", r.error_message());
+        let answer: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        // proto3 JSON leaves a zero count out, and writes an int64 as a string.
+        answer["count"]
+            .as_str()
+            .map_or(0, |c| c.parse().expect("a count"))
+    }
+}
+
+/// Standard base64 with padding, as etcd's JSON gateway takes keys.
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(TABLE[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         drop(self.child.kill());
@@ -242,6 +285,19 @@ impl Control {
         self.child.wait().unwrap();
     }
 
+    /// Stops the process with SIGTERM (a clean stop) and waits for it.
+    pub fn terminate(&mut self) {
+        signal(&self.child, "TERM");
+        self.child.wait().unwrap();
+    }
+
+    /// Waits until this process leads.
+    pub fn wait_leader(&self) {
+        wait_for("leadership", STATE_TIMEOUT, || {
+            self.is_leader().then_some(())
+        });
+    }
+
     /// Runs `cairnctl ARGS… --control URL`; returns (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(cairnctl())
@@ -311,6 +367,105 @@ impl NodeProc {
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Freezes the process (SIGSTOP): its sockets stay open, and every call to it hangs.
+    pub fn freeze(&self) {
+        signal(&self.child, "STOP");
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&self) {
+        signal(&self.child, "CONT");
+    }
+
+    /// Stops the process with SIGTERM (a clean stop) and waits for it.
+    pub fn terminate(&mut self) {
+        signal(&self.child, "TERM");
+        self.child.wait().unwrap();
+    }
+}
+
+/// Sends signal `name` (as `kill -NAME` spells it) to `child`.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {}", child.id());
+}
+
+/// The volume objects (replica volumes and snapshots) on the node whose admin API is `admin`.
+pub fn node_objects(admin: &str) -> Vec<String> {
+    node_names(admin, "volume")
+}
+
+/// The nexuses on the node whose admin API is `admin`.
+pub fn node_nexuses(admin: &str) -> Vec<String> {
+    node_names(admin, "nexus")
+}
+
+/// The names `cairnctl node --addr ADMIN --json WHAT ls` lists.
+fn node_names(admin: &str, what: &str) -> Vec<String> {
+    let out = Command::new(cairnctl())
+        .args(["node", "--addr", admin, "--json", what, "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} ls on {admin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Heartbeats sent on a node's behalf (the registration it holds) to a control process's
+/// URL, every 200 ms until dropped; errors are ignored (the control process may be down).
+/// With the node frozen, this is a node whose membership thread lives while its admin API
+/// hangs: it stays `up`, so the control process keeps choosing it and its calls hang.
+pub struct HeartbeatsFor {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeartbeatsFor {
+    pub fn start(control: &Control, id: &str) -> HeartbeatsFor {
+        let incarnation = control.node(id).expect("node registered")["incarnation"]
+            .as_u64()
+            .unwrap();
+        let client = Client::new(&control.url, Duration::from_secs(1)).unwrap();
+        let path = format!("/v1/nodes/{id}/heartbeat");
+        let body = format!(r#"{{"incarnation": {incarnation}}}"#);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                drop(client.post_json(&path, body.as_bytes()));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        HeartbeatsFor {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HeartbeatsFor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            drop(t.join());
+        }
     }
 }
 
