@@ -22,7 +22,8 @@ mod common;
 mod nbd_client;
 
 use common::{
-    metric_of, node_names, node_objects, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT,
+    metric_of, node_nexuses, node_objects, test_dir, wait_for, Control, Etcd, NodeProc,
+    STATE_TIMEOUT,
 };
 use serde_json::Value;
 use std::process::Command;
@@ -165,7 +166,7 @@ fn rereplication(
         let (code, _, err) = control.ctl(&["volume", "detach", "v"]);
         assert_eq!(code, 0, "{err}");
         wait_for("the nexus taken down", STATE_TIMEOUT, || {
-            node_names(&nodes[index(&at)].admin, "nexus")
+            node_nexuses(&nodes[index(&at)].admin)
                 .is_empty()
                 .then_some(())
         });
@@ -214,7 +215,7 @@ fn rereplication(
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| *i != index(&lost))
-                .all(|(_, n)| node_names(&n.admin, "nexus").is_empty())
+                .all(|(_, n)| node_nexuses(&n.admin).is_empty())
                 .then_some(())
         });
         let (code, again, err) = control.ctl(&["volume", "attach", "v", "--node", &at]);

@@ -396,36 +396,9 @@ pub fn signal(child: &Child, name: &str) {
     assert!(status.success(), "kill -{name} {}", child.id());
 }
 
-/// The volume objects (replica volumes and snapshots) on the node whose admin API is `admin`.
-pub fn node_objects(admin: &str) -> Vec<String> {
-    node_names(admin, "volume")
-}
-
 /// The nexuses on the node whose admin API is `admin`.
 pub fn node_nexuses(admin: &str) -> Vec<String> {
     node_names(admin, "nexus")
-}
-
-/// The names `cairnctl node --addr ADMIN --json WHAT ls` lists.
-fn node_names(admin: &str, what: &str) -> Vec<String> {
-    let out = Command::new(cairnctl())
-        .args(["node", "--addr", admin, "--json", what, "ls"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{what} ls on {admin}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut names: Vec<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Heartbeats sent on a node's behalf (the registration it holds) to a control process's
