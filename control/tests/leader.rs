@@ -23,6 +23,10 @@ mod common;
 
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
+#[path = "common/pattern.rs"]
+mod pattern;
+
+use pattern::nbd;
 
 use cairn_control_api::client::Client;
 use common::{
@@ -232,14 +236,6 @@ fn replica_nodes(v: &Value) -> Vec<String> {
         .iter()
         .map(|r| r["node"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn nbd(uri: &str) -> nbd_client::Client {
-    let rest = uri.strip_prefix("nbd://").unwrap();
-    let (addr, export) = rest.split_once('/').unwrap();
-    let ep = nbd_client::Endpoint::Tcp(addr.parse().unwrap());
-    nbd_client::Client::connect(&ep, export, nbd_client::Options::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"))
 }
 
 /// 64 KiB per round, at a different offset and with a different fill each round.

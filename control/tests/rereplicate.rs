@@ -20,6 +20,10 @@ mod common;
 
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
+#[path = "common/pattern.rs"]
+mod pattern;
+
+use pattern::{read_back, write_pattern};
 
 use common::{
     metric_of, node_nexuses, node_objects, test_dir, wait_for, Control, Etcd, NodeProc,
@@ -35,31 +39,6 @@ const SIZE_BYTES: u64 = 16 * MIB;
 const GRACE_S: &str = "2";
 /// The test's `--replica-forget`, in seconds.
 const FORGET_S: &str = "3";
-/// The test's pattern: 64 KiB at each offset, different per offset.
-const PATTERN_OFFSETS: [u64; 3] = [0, 4 * MIB, 15 * MIB];
-
-fn pattern(i: usize) -> Vec<u8> {
-    (0..64 * 1024u32)
-        .map(|b| (b as u8) ^ (i as u8 * 41))
-        .collect()
-}
-
-fn nbd(uri: &str) -> nbd_client::Client {
-    let rest = uri.strip_prefix("nbd://").unwrap();
-    let (addr, export) = rest.split_once('/').unwrap();
-    let ep = nbd_client::Endpoint::Tcp(addr.parse().unwrap());
-    nbd_client::Client::connect(&ep, export, nbd_client::Options::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"))
-}
-
-fn read_back(uri: &str) {
-    let mut c = nbd(uri);
-    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
-        let back = c.read(offset, 64 * 1024).unwrap().expect("read succeeds");
-        assert!(back == pattern(i), "{uri}: read back at {offset} differs");
-    }
-}
-
 /// (node, placement state) of each replica in the volume's view.
 fn placements(v: &Value) -> Vec<(String, String)> {
     v["replicas"]
@@ -149,18 +128,7 @@ fn rereplication(
     let (code, uri, err) = control.ctl(&["volume", "attach", "v", "--node", &at]);
     assert_eq!(code, 0, "{err}");
     let mut uri = uri.trim().to_string();
-    {
-        let mut c = nbd(&uri);
-        for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
-            assert_eq!(
-                c.write(offset, &pattern(i), 0).unwrap(),
-                0,
-                "write at {offset}"
-            );
-        }
-        let flush = cairn_engine::frontend::nbd::proto::cmd::FLUSH;
-        assert_eq!(c.simple(flush, 0, 0, 0).unwrap(), 0, "flush");
-    }
+    write_pattern(&uri);
 
     if detached {
         let (code, _, err) = control.ctl(&["volume", "detach", "v"]);

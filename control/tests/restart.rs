@@ -34,6 +34,10 @@ mod common;
 
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
+#[path = "common/pattern.rs"]
+mod pattern;
+
+use pattern::{read_back, write_pattern};
 
 use common::{
     free_port, node_nexuses, node_objects, test_dir, wait_for, Control, Etcd, HeartbeatsFor,
@@ -43,9 +47,6 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
-const MIB: u64 = 1 << 20;
-/// The test's pattern: 64 KiB at each offset, different per offset.
-const PATTERN_OFFSETS: [u64; 3] = [0, 4 * MIB, 15 * MIB];
 
 struct Cluster {
     dir: PathBuf,
@@ -181,47 +182,6 @@ fn attached(v: &Value) -> Option<(String, String)> {
         a["node"].as_str()?.to_string(),
         a["nbd_uri"].as_str()?.to_string(),
     ))
-}
-
-fn pattern(i: usize) -> Vec<u8> {
-    (0..64 * 1024u32)
-        .map(|b| (b as u8) ^ (i as u8 * 53))
-        .collect()
-}
-
-fn nbd(uri: &str) -> nbd_client::Client {
-    let rest = uri.strip_prefix("nbd://").unwrap();
-    let (addr, export) = rest.split_once('/').unwrap();
-    let ep = nbd_client::Endpoint::Tcp(addr.parse().unwrap());
-    nbd_client::Client::connect(&ep, export, nbd_client::Options::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"))
-}
-
-/// Writes the pattern through `uri` and flushes: every byte of it is acknowledged.
-fn write_pattern(uri: &str) {
-    let mut c = nbd(uri);
-    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
-        assert_eq!(
-            c.write(offset, &pattern(i), 0).unwrap(),
-            0,
-            "write at {offset}"
-        );
-    }
-    let flush = cairn_engine::frontend::nbd::proto::cmd::FLUSH;
-    assert_eq!(c.simple(flush, 0, 0, 0).unwrap(), 0, "flush");
-}
-
-/// Reads the pattern back through `uri` (a new connection).
-fn read_back(uri: &str) {
-    let mut c = nbd(uri);
-    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
-        let back = c.read(offset, 64 * 1024).unwrap().expect("read succeeds");
-        assert!(
-            back == pattern(i),
-            "{uri}: read back at {offset} differs: first bytes {:?}",
-            &back[..8]
-        );
-    }
 }
 
 fn crash_mid_create(c: &mut Cluster) {

@@ -19,6 +19,10 @@ mod common;
 
 #[path = "../../engine/tests/common/nbd_client.rs"]
 mod nbd_client;
+#[path = "common/pattern.rs"]
+mod pattern;
+
+use pattern::{read_back, write_pattern};
 
 use common::{
     free_port, metric_of, node_object_size, node_objects, test_dir, wait_for, Control, Etcd,
@@ -50,52 +54,6 @@ fn replica_nodes(v: &Value) -> Vec<String> {
         .iter()
         .map(|r| r["node"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// The test's pattern: 64 KiB at each offset, different per offset.
-const PATTERN_OFFSETS: [u64; 3] = [0, 4 * MIB, 15 * MIB];
-
-fn pattern(i: usize) -> Vec<u8> {
-    (0..64 * 1024u32)
-        .map(|b| (b as u8) ^ (i as u8 * 37))
-        .collect()
-}
-
-fn nbd(uri: &str) -> nbd_client::Client {
-    let rest = uri.strip_prefix("nbd://").unwrap();
-    let (addr, export) = rest.split_once('/').unwrap();
-    let ep = nbd_client::Endpoint::Tcp(addr.parse().unwrap());
-    nbd_client::Client::connect(&ep, export, nbd_client::Options::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {uri}: {e}"))
-}
-
-/// Writes the pattern through the NBD URI and flushes (so it survives a crash of any node),
-/// then reads it back.
-fn write_and_read_back(uri: &str) {
-    let mut c = nbd(uri);
-    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
-        assert_eq!(
-            c.write(offset, &pattern(i), 0).unwrap(),
-            0,
-            "write at {offset}"
-        );
-    }
-    let flush = cairn_engine::frontend::nbd::proto::cmd::FLUSH;
-    assert_eq!(c.simple(flush, 0, 0, 0).unwrap(), 0, "flush");
-    read_back(uri);
-}
-
-/// Reads the pattern back through the NBD URI (a new connection).
-fn read_back(uri: &str) {
-    let mut c = nbd(uri);
-    for (i, offset) in PATTERN_OFFSETS.into_iter().enumerate() {
-        let back = c.read(offset, 64 * 1024).unwrap().expect("read succeeds");
-        assert!(
-            back == pattern(i),
-            "{uri}: read back at {offset} differs: first bytes {:?}",
-            &back[..8]
-        );
-    }
 }
 
 fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
@@ -273,7 +231,8 @@ fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
     let v = inspect(&control, "v");
     assert_eq!(v["epoch"], 1);
     assert_eq!(v["attached"]["node"], "n1");
-    write_and_read_back(uri);
+    write_pattern(uri);
+    read_back(uri);
     // A replica in use by the nexus cannot be deleted under it, on its own node (a replica
     // connection holds it) or on the nexus node (the nexus holds it).
     for n in &nodes {
