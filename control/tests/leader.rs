@@ -30,8 +30,8 @@ use pattern::nbd;
 
 use cairn_control_api::client::Client;
 use common::{
-    free_port, metric_of, node_names, node_object_size, node_objects, test_dir, wait_for, Control,
-    Etcd, NodeProc, Relay, STATE_TIMEOUT,
+    free_port, metric_of, node_names, node_object_size, node_objects, replica_nodes, test_dir,
+    wait_for, Control, Etcd, NodeProc, Relay, STATE_TIMEOUT,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -227,15 +227,6 @@ fn all_created(v: &Value) -> bool {
         .unwrap()
         .iter()
         .all(|r| r["placement"] == "created")
-}
-
-fn replica_nodes(v: &Value) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// 64 KiB per round, at a different offset and with a different fill each round.

@@ -26,7 +26,7 @@ mod pattern;
 use pattern::{read_back, write_pattern};
 
 use common::{
-    metric_of, node_nexuses, node_objects, test_dir, wait_for, Control, Etcd, NodeProc,
+    metric_of, node_nexuses, node_objects, placements, test_dir, wait_for, Control, Etcd, NodeProc,
     STATE_TIMEOUT,
 };
 use serde_json::Value;
@@ -39,21 +39,6 @@ const SIZE_BYTES: u64 = 16 * MIB;
 const GRACE_S: &str = "2";
 /// The test's `--replica-forget`, in seconds.
 const FORGET_S: &str = "3";
-/// (node, placement state) of each replica in the volume's view.
-fn placements(v: &Value) -> Vec<(String, String)> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["node"].as_str().unwrap().to_string(),
-                r["placement"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 fn in_sync(control: &Control) -> Vec<String> {
     let r = control.get("/v1/volumes/v/insync");
     r["in_sync"]

@@ -40,8 +40,8 @@ mod pattern;
 use pattern::{read_back, write_pattern};
 
 use common::{
-    free_port, node_nexuses, node_objects, test_dir, wait_for, Control, Etcd, HeartbeatsFor,
-    NodeProc, STATE_TIMEOUT,
+    free_port, node_nexuses, node_objects, placements, replica_nodes, test_dir, wait_for, Control,
+    Etcd, HeartbeatsFor, NodeProc, STATE_TIMEOUT,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -150,28 +150,6 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|s| s.as_str().unwrap().to_string())
-        .collect()
-}
-
-fn replica_nodes(v: &Value) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// Each replica's (node, placement), in record order.
-fn placements(v: &Value) -> Vec<(String, String)> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let field = |f: &str| r[f].as_str().unwrap().to_string();
-            (field("node"), field("placement"))
-        })
         .collect()
 }
 

@@ -25,8 +25,8 @@ mod pattern;
 use pattern::{read_back, write_pattern};
 
 use common::{
-    free_port, metric_of, node_object_size, node_objects, test_dir, wait_for, Control, Etcd,
-    NodeProc, STATE_TIMEOUT,
+    free_port, metric_of, node_object_size, node_objects, replica_nodes, test_dir, wait_for,
+    Control, Etcd, NodeProc, STATE_TIMEOUT,
 };
 use serde_json::{json, Value};
 use std::path::Path;
@@ -45,15 +45,6 @@ fn post(control: &Control, path: &str, body: &[u8]) -> (u16, Value) {
 
 fn inspect(control: &Control, name: &str) -> Value {
     control.get(&format!("/v1/volumes/{name}"))
-}
-
-fn replica_nodes(v: &Value) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
 }
 
 fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {

@@ -575,3 +575,21 @@ impl Drop for Relay {
         drop(TcpStream::connect(self.addr));
     }
 }
+
+/// The replica nodes of a volume view (`GET /v1/volumes/{name}`), in record order.
+pub fn replica_nodes(v: &serde_json::Value) -> Vec<String> {
+    placements(v).into_iter().map(|(node, _)| node).collect()
+}
+
+/// Each replica's (node, placement state) in a volume view, in record order.
+pub fn placements(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let field = |f: &str| r[f].as_str().unwrap().to_string();
+            (field("node"), field("placement"))
+        })
+        .collect()
+}
