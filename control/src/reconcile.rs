@@ -832,7 +832,10 @@ async fn snapshots_step(
         .collect();
     for s in &mut next.snapshots {
         let object = snapshot_object(&name, &s.name);
-        let missing: Vec<&String> = created.iter().filter(|n| !s.nodes.contains(n)).collect();
+        let missing: Vec<&String> = created
+            .iter()
+            .filter(|n| s.belongs_on(n) && !s.nodes.contains(n))
+            .collect();
         for node in missing {
             let Some(v) = view_of(views, node) else {
                 continue;

@@ -96,6 +96,21 @@ pub struct SnapshotRecord {
     /// The replica nodes that have it (the reconcile loop adds each as its node confirms).
     pub nodes: Vec<String>,
     pub created_unix_ms: u64,
+    /// The replica nodes it is to be taken on: the created replicas when it was recorded. A
+    /// replica placed later (a replacement) never gets it, since its copy of the volume is
+    /// not the snapshot's point in time. None in records written before this field: every
+    /// created replica.
+    #[serde(default)]
+    pub on: Option<Vec<String>>,
+}
+
+impl SnapshotRecord {
+    /// Whether the snapshot is to be taken on (or is held by) `node`.
+    pub fn belongs_on(&self, node: &str) -> bool {
+        self.on
+            .as_ref()
+            .is_none_or(|on| on.iter().any(|n| n == node))
+    }
 }
 
 /// What a clone was made from.
@@ -834,10 +849,17 @@ impl Volumes {
                 });
             }
             let mut next = r.clone();
+            let on = r
+                .replicas
+                .iter()
+                .filter(|x| x.state == ReplicaState::Created)
+                .map(|x| x.node.clone())
+                .collect();
             next.snapshots.push(SnapshotRecord {
                 name: snapshot.to_string(),
                 nodes: Vec::new(),
                 created_unix_ms: unix_ms(),
+                on: Some(on),
             });
             Ok(Some(next))
         })
@@ -1035,8 +1057,13 @@ fn clone_record(
             volume: src.name.clone(),
             snapshot: snapshot.to_string(),
         })?;
-    let missing: Vec<&str> = src
+    // The clone's replicas are the source's created replicas that hold the snapshot.
+    let holders: Vec<&ReplicaRecord> = src
         .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created && snap.belongs_on(&r.node))
+        .collect();
+    let missing: Vec<&str> = holders
         .iter()
         .filter(|r| !snap.nodes.contains(&r.node))
         .map(|r| r.node.as_str())
@@ -1050,14 +1077,24 @@ fn clone_record(
             ),
         });
     }
+    if holders.len() < src.replicas_wanted as usize {
+        return Err(VolumeError::NotReady {
+            name: src.name.clone(),
+            why: format!(
+                "snapshot '{snapshot}' is held by {} of its {} replicas (a replica was replaced \
+                 since it was taken); a clone needs it on every replica",
+                holders.len(),
+                src.replicas_wanted
+            ),
+        });
+    }
     Ok(VolumeRecord {
         format: VOLUME_RECORD_FORMAT,
         name: name.to_string(),
         size_bytes: src.size_bytes,
         replicas_wanted: src.replicas_wanted,
         zone: src.zone.clone(),
-        replicas: src
-            .replicas
+        replicas: holders
             .iter()
             .map(|r| ReplicaRecord {
                 node: r.node.clone(),
@@ -1180,6 +1217,9 @@ mod tests {
     fn a_clone_needs_its_snapshot_on_every_replica() {
         let mut src =
             new_record(&create(16 * MIB, 2), &[node("a", true), node("b", true)]).unwrap();
+        for r in &mut src.replicas {
+            r.state = ReplicaState::Created;
+        }
         assert!(matches!(
             clone_record(&src, "mon", "pg2"),
             Err(VolumeError::UnknownSnapshot { .. })
@@ -1188,6 +1228,7 @@ mod tests {
             name: "mon".into(),
             nodes: vec!["a".into()],
             created_unix_ms: 0,
+            on: None,
         });
         let err = clone_record(&src, "mon", "pg2").unwrap_err().to_string();
         assert!(err.contains("not yet taken on b"), "{err}");
@@ -1195,6 +1236,18 @@ mod tests {
         let c = clone_record(&src, "mon", "pg2").unwrap();
         assert_eq!(c.replica_nodes(), src.replica_nodes());
         assert_eq!(c.origin.unwrap().snapshot, "mon");
+        // b is replaced by c after the snapshot: c never holds it (its copy is not the
+        // snapshot's point in time), so a clone is refused naming the shortfall instead of
+        // being placed on a copy without it.
+        src.snapshots[0].on = Some(vec!["a".into(), "b".into()]);
+        src.replicas[1].state = ReplicaState::Lost;
+        src.replicas.push(ReplicaRecord {
+            node: "c".into(),
+            state: ReplicaState::Created,
+        });
+        assert!(!src.snapshots[0].belongs_on("c"));
+        let err = clone_record(&src, "mon", "pg3").unwrap_err().to_string();
+        assert!(err.contains("held by 1 of its 2 replicas"), "{err}");
     }
 
     #[test]

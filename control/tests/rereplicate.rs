@@ -123,6 +123,13 @@ fn rereplication(
                 .is_empty()
                 .then_some(())
         });
+        // A snapshot of every replica, taken before one is lost.
+        let (code, _, err) = control.ctl(&["volume", "snapshot", "v", "s"]);
+        assert_eq!(code, 0, "{err}");
+        wait_for("the snapshot on every replica", STATE_TIMEOUT, || {
+            let v = control.get("/v1/volumes/v");
+            (v["snapshots"][0]["nodes"].as_array()?.len() == replicas).then_some(())
+        });
     }
     // The other replica node dies; past the grace it is replaced on the spare node.
     nodes[index(&lost)].kill9();
@@ -161,6 +168,17 @@ fn rereplication(
         "the replica count is restored: {v}"
     );
     if detached {
+        // The replacement's copy is not the snapshot's point in time: it never gets the
+        // snapshot, and a clone, which needs it on every replica, is refused naming why.
+        let on: Vec<&Value> = v["snapshots"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect();
+        assert!(!on.iter().any(|n| **n == spare.as_str()), "{v}");
+        let (code, _, err) = control.ctl(&["volume", "clone", "v", "s", "vc"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("is held by 2 of its 3 replicas"), "{err}");
         // The rebuild nexus did it, and is gone once the lost replica is retired.
         assert!(v["attached"].is_null(), "{v}");
         wait_for("the rebuild nexus taken down", STATE_TIMEOUT, || {
