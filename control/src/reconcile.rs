@@ -561,6 +561,7 @@ async fn live_steps(
             }
         }
     }
+    rereplicate::mark_filled(next, insync);
     if lost {
         rereplicate::retire_lost(next, insync);
     }
@@ -628,19 +629,18 @@ fn failover_step(
     true
 }
 
-/// Re-replication of a detached volume (docs/control.md, "Re-replication"): while it has a
-/// lost replica and an in-sync record (it held data once), a rebuild nexus is kept on the node
-/// failover would pick, at a raised epoch recorded before it opens; one whose node is down
-/// moves the same way. It goes (the nexus step takes it down) once the lost replica is retired
-/// or an attach replaces it. True when a new epoch was set: the caller records it first.
+/// Re-replication of a detached volume (docs/control.md, "Re-replication"): while a
+/// replacement is to be rebuilt ([`VolumeRecord::rebuilding`]: a lost replica's, or a
+/// clone's) and the volume has an in-sync record (it holds data), a rebuild nexus is kept on
+/// the node failover would pick, at a raised epoch recorded before it opens; one whose node
+/// is down moves the same way. It goes (the nexus step takes it down) once every replacement
+/// is named in sync or an attach replaces it. True when a new epoch was set: the caller records it first.
 fn rebuild_step(
     next: &mut VolumeRecord,
     insync: Option<&InSyncRecord>,
     nodes: &[NodeRecord],
 ) -> bool {
-    let needed = next.attached.is_none()
-        && next.all_created()
-        && next.replicas.iter().any(|r| r.state == ReplicaState::Lost);
+    let needed = next.attached.is_none() && next.all_created() && next.rebuilding();
     let Some(insync) = insync.filter(|_| needed) else {
         if let Some(r) = next.rebuild.take() {
             tracing::info!(volume = %next.name, node = %r.node, "the rebuild nexus is no longer needed");
@@ -744,7 +744,9 @@ async fn replicas_step(
         match r.state {
             ReplicaState::Creating => {
                 if !v.has.objects.contains_key(&name) {
-                    create_replica(v, &name, next.size_bytes, next.origin.as_ref()).await?;
+                    // A replacement is made empty and rebuilt: its node lacks the snapshot.
+                    let origin = next.origin.as_ref().filter(|_| !r.replacement);
+                    create_replica(v, &name, next.size_bytes, origin).await?;
                 }
                 r.state = ReplicaState::Created;
                 tracing::info!(volume = %name, node = %r.node, "replica created");
@@ -1008,8 +1010,8 @@ mod tests {
             replicas: replicas
                 .iter()
                 .map(|n| ReplicaRecord {
-                    node: (*n).into(),
                     state: ReplicaState::Created,
+                    ..ReplicaRecord::creating(*n)
                 })
                 .collect(),
             attached: Some(Attachment {

@@ -135,10 +135,7 @@ pub fn replace_lost(
         next.replicas[*i].state = ReplicaState::Lost;
     }
     next.replicas
-        .extend(placed.into_iter().map(|node| ReplicaRecord {
-            node,
-            state: ReplicaState::Creating,
-        }));
+        .extend(placed.into_iter().map(ReplicaRecord::replacement));
     Ok(lost.len())
 }
 
@@ -232,9 +229,32 @@ pub fn forget_unreachable(
     next.replicas.len() != before
 }
 
+/// Clears the replacement flag of each created replacement that holds the data: the in-sync
+/// record names it in sync (its rebuild is done), or there is no record and the volume is no
+/// clone, so it never held data and the empty replacement holds what the others do. A
+/// clone's data is on the replicas made from its snapshot, which its in-sync record names
+/// from creation; without one (a record older than that) its replacement waits for a nexus
+/// to rebuild it. True when `next` changed.
+pub fn mark_filled(next: &mut VolumeRecord, insync: Option<&InSyncRecord>) -> bool {
+    let mut changed = false;
+    for r in &mut next.replicas {
+        let filled = match insync {
+            Some(i) => i.in_sync.contains(&r.node),
+            None => next.origin.is_none(),
+        };
+        if r.replacement && r.state == ReplicaState::Created && filled {
+            r.replacement = false;
+            changed = true;
+            tracing::info!(volume = %next.name, node = %r.node, "replacement replica holds the volume's data");
+        }
+    }
+    changed
+}
+
 /// Turns each lost replica into a deleting one once the replacement holds the data: no
-/// replica is still being created, and the in-sync record (if the volume was ever attached)
-/// names every created replica in sync. True when `next` changed.
+/// replica is still being created, and every created replica is in sync (no replacement is
+/// left to fill, [`mark_filled`], and the in-sync record, if the volume was ever attached,
+/// names it). True when `next` changed.
 pub fn retire_lost(next: &mut VolumeRecord, insync: Option<&InSyncRecord>) -> bool {
     if !next.replicas.iter().any(|r| r.state == ReplicaState::Lost) || !next.all_created() {
         return false;
@@ -243,7 +263,7 @@ pub fn retire_lost(next: &mut VolumeRecord, insync: Option<&InSyncRecord>) -> bo
         .replicas
         .iter()
         .filter(|r| r.state == ReplicaState::Created)
-        .all(|r| insync.is_none_or(|i| i.in_sync.contains(&r.node)));
+        .all(|r| !r.replacement && insync.is_none_or(|i| i.in_sync.contains(&r.node)));
     if !rebuilt {
         return false;
     }
@@ -276,8 +296,8 @@ mod tests {
 
     fn record() -> VolumeRecord {
         let created = |n: &str| ReplicaRecord {
-            node: n.into(),
             state: ReplicaState::Created,
+            ..ReplicaRecord::creating(n)
         };
         VolumeRecord {
             format: 1,
@@ -333,6 +353,10 @@ mod tests {
                 ("c".into(), "creating")
             ]
         );
+        assert!(
+            r.replicas[2].replacement,
+            "made empty and rebuilt, never from a snapshot"
+        );
         // Recorded once: a lost replica is not replaced again.
         assert_eq!(replace_lost(&mut r, &past, GRACE_MS, now).unwrap(), 0);
     }
@@ -355,8 +379,8 @@ mod tests {
         let mut r = record();
         r.replicas[1].state = ReplicaState::Deleting;
         r.replicas.push(ReplicaRecord {
-            node: "c".into(),
             state: ReplicaState::Lost,
+            ..ReplicaRecord::creating("c")
         });
         let nodes = |b, c| [node("a", None), node("b", b), node("c", c)];
         let within = nodes(Some(now - forget), Some(0));
@@ -414,10 +438,7 @@ mod tests {
     fn the_lost_replica_is_deleted_only_once_the_replacement_is_in_sync() {
         let mut r = record();
         r.replicas[1].state = ReplicaState::Lost;
-        r.replicas.push(ReplicaRecord {
-            node: "c".into(),
-            state: ReplicaState::Creating,
-        });
+        r.replicas.push(ReplicaRecord::replacement("c"));
         let mut insync = InSyncRecord {
             format: INSYNC_RECORD_FORMAT,
             volume: "pg".into(),
@@ -429,10 +450,39 @@ mod tests {
         };
         assert!(!retire_lost(&mut r, Some(&insync)), "c is still creating");
         r.replicas[2].state = ReplicaState::Created;
+        assert!(!mark_filled(&mut r, Some(&insync)));
         assert!(!retire_lost(&mut r, Some(&insync)), "c is not rebuilt yet");
+        assert!(r.rebuilding());
         insync.in_sync.push("c".into());
+        assert!(
+            !retire_lost(&mut r, Some(&insync)),
+            "its flag is cleared first"
+        );
+        assert!(mark_filled(&mut r, Some(&insync)));
         assert!(retire_lost(&mut r, Some(&insync)));
         assert_eq!(r.replicas[1].state, ReplicaState::Deleting);
+        assert!(!r.rebuilding());
         assert!(!retire_lost(&mut r, Some(&insync)));
+    }
+
+    #[test]
+    fn a_replacement_without_an_in_sync_record_holds_the_data_only_if_no_clone() {
+        let mut r = record();
+        r.replicas[1].state = ReplicaState::Lost;
+        let mut c = ReplicaRecord::replacement("c");
+        c.state = ReplicaState::Created;
+        r.replicas.push(c);
+        // A clone's data is on the replicas made from its snapshot: an empty replacement
+        // never stands for it, and the lost copy is kept.
+        let mut clone = r.clone();
+        clone.origin = Some(crate::volume::Origin {
+            volume: "src".into(),
+            snapshot: "s".into(),
+        });
+        assert!(!mark_filled(&mut clone, None));
+        assert!(!retire_lost(&mut clone, None));
+        // A volume never attached never held data: the empty replacement holds the same.
+        assert!(mark_filled(&mut r, None));
+        assert!(retire_lost(&mut r, None));
     }
 }

@@ -65,6 +65,32 @@ impl ReplicaState {
 pub struct ReplicaRecord {
     pub node: String,
     pub state: ReplicaState,
+    /// Placed to hold data that other replicas hold: a replacement for a lost replica, or a
+    /// clone's replica on a node without the snapshot. It is created empty (never from a
+    /// snapshot, which its node does not have) and rebuilt in full from the replicas the
+    /// in-sync record names; the reconcile loop clears the flag once the record names it in
+    /// sync. Until then the volume takes no snapshot and is not grown.
+    #[serde(default)]
+    pub replacement: bool,
+}
+
+impl ReplicaRecord {
+    /// A replica to be created: from the volume's origin when it has one, else empty.
+    pub fn creating(node: impl Into<String>) -> Self {
+        ReplicaRecord {
+            node: node.into(),
+            state: ReplicaState::Creating,
+            replacement: false,
+        }
+    }
+
+    /// A replica to be created empty and rebuilt from the in-sync replicas.
+    pub fn replacement(node: impl Into<String>) -> Self {
+        ReplicaRecord {
+            replacement: true,
+            ..ReplicaRecord::creating(node)
+        }
+    }
 }
 
 /// Where the volume's nexus is (to be) open.
@@ -163,6 +189,16 @@ impl VolumeRecord {
         self.replicas.iter().map(|r| r.node.clone()).collect()
     }
 
+    /// True while a replacement is to be rebuilt: a lost replica waits for its replacement,
+    /// or a replacement (of a lost replica, or a clone's) is not yet named in sync.
+    pub fn rebuilding(&self) -> bool {
+        self.replicas.iter().any(|r| {
+            r.state == ReplicaState::Lost
+                || (r.replacement
+                    && matches!(r.state, ReplicaState::Creating | ReplicaState::Created))
+        })
+    }
+
     /// True when every replica that is to serve (neither lost nor being deleted) has its
     /// node's volume.
     pub fn all_created(&self) -> bool {
@@ -251,10 +287,10 @@ pub enum VolumeError {
     Store(#[from] StoreError),
 }
 
-/// Refuses a command that needs every replica to hold the data (snapshot, grow) while a lost
-/// replica's replacement is still being rebuilt.
+/// Refuses a command that needs every replica to hold the data (snapshot, grow) while a
+/// replacement (for a lost replica, or a clone's) is still being rebuilt.
 fn rebuilt_first(name: &str, r: &VolumeRecord) -> Result<(), VolumeError> {
-    if r.replicas.iter().any(|x| x.state == ReplicaState::Lost) {
+    if r.rebuilding() {
         return Err(VolumeError::NotReady {
             name: name.to_string(),
             why: "a replacement replica is being rebuilt; retry once inspect shows every replica in sync".into(),
@@ -405,13 +441,7 @@ pub fn new_record(
         size_bytes: req.size_bytes,
         replicas_wanted: req.replicas,
         zone: req.zone.clone(),
-        replicas: placed
-            .into_iter()
-            .map(|node| ReplicaRecord {
-                node,
-                state: ReplicaState::Creating,
-            })
-            .collect(),
+        replicas: placed.into_iter().map(ReplicaRecord::creating).collect(),
         attached: None,
         rebuild: None,
         epoch: 0,
@@ -664,7 +694,7 @@ impl Volumes {
         let created: Vec<String> = next
             .replicas
             .iter()
-            .filter(|r| r.state == ReplicaState::Created)
+            .filter(|r| r.state == ReplicaState::Created && !r.replacement)
             .map(|r| r.node.clone())
             .collect();
         let revision = old.as_ref().map_or(0, |(_, rev)| *rev);
@@ -900,16 +930,27 @@ impl Volumes {
                     requested: format!("a clone of {source}@{snapshot}"),
                 });
             }
-            let next = clone_record(&src, snapshot, name)?;
+            let nodes = self.nodes().await?;
+            let next = clone_record(&src, snapshot, name, &nodes)?;
             let key = volume_key(name);
+            // The clone's data is the snapshot's on the replicas made from it: the in-sync
+            // record says so from the start, so that a replica made empty (a replacement,
+            // now or later) is rebuilt from them and never counted as holding the data.
+            let ikey = insync::key(name);
+            let irev = read_insync(&self.store, name)
+                .await?
+                .map_or(0, |(_, rev)| rev);
+            let insync = clone_insync(&next);
             // The source is rewritten unchanged so that its revision moves: a delete of the
             // source that read it before this clone fails its check and sees the clone.
             let txn = term.fence(
                 Txn::default()
                     .check(volume_key(source), src_rev)
                     .check(&key, 0)
+                    .check(&ikey, irev)
                     .put(volume_key(source), encode(&src), None)
-                    .put(&key, encode(&next), None),
+                    .put(&key, encode(&next), None)
+                    .put(&ikey, encode(&insync), None),
             );
             if self.store.txn(txn).await?.is_some() {
                 self.kick.notify_one();
@@ -1040,11 +1081,35 @@ fn creating(r: &VolumeRecord) -> String {
         .join(", ")
 }
 
-/// The record of a clone `name` of `src`'s snapshot `snapshot`, which must be complete.
+/// A new clone's in-sync record: its replicas made from the snapshot hold its data, at
+/// generation 0, and its replacements are to be rebuilt from them.
+fn clone_insync(clone: &VolumeRecord) -> InSyncRecord {
+    InSyncRecord {
+        format: insync::INSYNC_RECORD_FORMAT,
+        volume: clone.name.clone(),
+        epoch: clone.epoch,
+        generation: 0,
+        in_sync: clone
+            .replicas
+            .iter()
+            .filter(|r| !r.replacement)
+            .map(|r| r.node.clone())
+            .collect(),
+        out_of_sync: Vec::new(),
+        updated_unix_ms: unix_ms(),
+    }
+}
+
+/// The record of a clone `name` of `src`'s snapshot `snapshot`, which must be taken on every
+/// replica it is for. The clone's replicas are made from the snapshot on the source's
+/// created replicas that hold it; when fewer hold it than the replica count (a replica was
+/// replaced since it was taken), the rest are placed on other nodes (`nodes`) as
+/// replacements, created empty and rebuilt from the first ones.
 fn clone_record(
     src: &VolumeRecord,
     snapshot: &str,
     name: &str,
+    nodes: &[NodeRecord],
 ) -> Result<VolumeRecord, VolumeError> {
     if src.deleting {
         return Err(VolumeError::Deleting(src.name.clone()));
@@ -1057,16 +1122,16 @@ fn clone_record(
             volume: src.name.clone(),
             snapshot: snapshot.to_string(),
         })?;
-    // The clone's replicas are the source's created replicas that hold the snapshot.
-    let holders: Vec<&ReplicaRecord> = src
+    let holders: Vec<String> = src
         .replicas
         .iter()
         .filter(|r| r.state == ReplicaState::Created && snap.belongs_on(&r.node))
+        .map(|r| r.node.clone())
         .collect();
     let missing: Vec<&str> = holders
         .iter()
-        .filter(|r| !snap.nodes.contains(&r.node))
-        .map(|r| r.node.as_str())
+        .filter(|n| !snap.nodes.contains(n))
+        .map(String::as_str)
         .collect();
     if !missing.is_empty() {
         return Err(VolumeError::NotReady {
@@ -1077,17 +1142,34 @@ fn clone_record(
             ),
         });
     }
-    if holders.len() < src.replicas_wanted as usize {
+    if holders.is_empty() {
         return Err(VolumeError::NotReady {
             name: src.name.clone(),
             why: format!(
-                "snapshot '{snapshot}' is held by {} of its {} replicas (a replica was replaced \
-                 since it was taken); a clone needs it on every replica",
-                holders.len(),
-                src.replicas_wanted
+                "no replica of it holds snapshot '{snapshot}' any more (each replica it was \
+                 taken on was replaced)"
             ),
         });
     }
+    let more = (src.replicas_wanted as usize).saturating_sub(holders.len());
+    let placed = if more == 0 {
+        Vec::new()
+    } else {
+        placement::place(
+            nodes,
+            &placement::Request {
+                size_bytes: src.size_bytes,
+                replicas: more,
+                zone: src.zone.as_deref(),
+                holders: &holders,
+                seed: placement::seed_of(name),
+            },
+        )
+        .map_err(|source| VolumeError::Placement {
+            name: name.to_string(),
+            source,
+        })?
+    };
     Ok(VolumeRecord {
         format: VOLUME_RECORD_FORMAT,
         name: name.to_string(),
@@ -1095,11 +1177,9 @@ fn clone_record(
         replicas_wanted: src.replicas_wanted,
         zone: src.zone.clone(),
         replicas: holders
-            .iter()
-            .map(|r| ReplicaRecord {
-                node: r.node.clone(),
-                state: ReplicaState::Creating,
-            })
+            .into_iter()
+            .map(ReplicaRecord::creating)
+            .chain(placed.into_iter().map(ReplicaRecord::replacement))
             .collect(),
         attached: None,
         rebuild: None,
@@ -1174,8 +1254,8 @@ mod tests {
     #[test]
     fn health_follows_the_in_sync_record_and_the_node() {
         let created = |n: &str| ReplicaRecord {
-            node: n.into(),
             state: ReplicaState::Created,
+            ..ReplicaRecord::creating(n)
         };
         let (up, down) = (node("a", true), node("a", false));
         assert_eq!(
@@ -1203,10 +1283,7 @@ mod tests {
             health(&created("b"), Some(&node("b", true)), Some(&insync)),
             ReplicaHealth::InSync
         );
-        let creating = ReplicaRecord {
-            node: "a".into(),
-            state: ReplicaState::Creating,
-        };
+        let creating = ReplicaRecord::creating("a");
         assert_eq!(
             health(&creating, Some(&up), None),
             ReplicaHealth::Rebuilding
@@ -1214,14 +1291,14 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_needs_its_snapshot_on_every_replica() {
-        let mut src =
-            new_record(&create(16 * MIB, 2), &[node("a", true), node("b", true)]).unwrap();
+    fn a_clone_is_made_where_its_snapshot_is_and_rebuilt_elsewhere() {
+        let nodes = [node("a", true), node("b", true), node("c", true)];
+        let mut src = new_record(&create(16 * MIB, 2), &nodes[..2]).unwrap();
         for r in &mut src.replicas {
             r.state = ReplicaState::Created;
         }
         assert!(matches!(
-            clone_record(&src, "mon", "pg2"),
+            clone_record(&src, "mon", "pg2", &nodes),
             Err(VolumeError::UnknownSnapshot { .. })
         ));
         src.snapshots.push(SnapshotRecord {
@@ -1230,24 +1307,47 @@ mod tests {
             created_unix_ms: 0,
             on: None,
         });
-        let err = clone_record(&src, "mon", "pg2").unwrap_err().to_string();
+        let err = clone_record(&src, "mon", "pg2", &nodes)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not yet taken on b"), "{err}");
         src.snapshots[0].nodes.push("b".into());
-        let c = clone_record(&src, "mon", "pg2").unwrap();
+        let c = clone_record(&src, "mon", "pg2", &nodes).unwrap();
         assert_eq!(c.replica_nodes(), src.replica_nodes());
+        assert!(c.replicas.iter().all(|r| !r.replacement));
+        assert_eq!(clone_insync(&c).in_sync, src.replica_nodes());
         assert_eq!(c.origin.unwrap().snapshot, "mon");
         // b is replaced by c after the snapshot: c never holds it (its copy is not the
-        // snapshot's point in time), so a clone is refused naming the shortfall instead of
-        // being placed on a copy without it.
+        // snapshot's point in time). A clone is made from a's copy, and its second replica
+        // is a replacement, on a node other than a, rebuilt from a.
         src.snapshots[0].on = Some(vec!["a".into(), "b".into()]);
         src.replicas[1].state = ReplicaState::Lost;
-        src.replicas.push(ReplicaRecord {
-            node: "c".into(),
-            state: ReplicaState::Created,
-        });
+        let mut c_replica = ReplicaRecord::replacement("c");
+        c_replica.state = ReplicaState::Created;
+        src.replicas.push(c_replica);
         assert!(!src.snapshots[0].belongs_on("c"));
-        let err = clone_record(&src, "mon", "pg3").unwrap_err().to_string();
-        assert!(err.contains("held by 1 of its 2 replicas"), "{err}");
+        let c = clone_record(&src, "mon", "pg3", &nodes).unwrap();
+        assert_eq!(c.replicas.len(), 2);
+        assert_eq!(
+            (c.replicas[0].node.as_str(), c.replicas[0].replacement),
+            ("a", false)
+        );
+        assert!(c.replicas[1].replacement && c.replicas[1].node != "a");
+        assert_eq!(clone_insync(&c).in_sync, vec!["a".to_string()]);
+        // No node left for the replacement: refused naming the shortage.
+        let err = clone_record(&src, "mon", "pg3", &nodes[..1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need 1 eligible node"), "{err}");
+        // No copy of the snapshot left at all.
+        src.replicas[0].state = ReplicaState::Lost;
+        let err = clone_record(&src, "mon", "pg3", &nodes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no replica of it holds snapshot 'mon'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,7 +22,6 @@ mod nbd_client;
 use common::{metric_of, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,9 +35,10 @@ const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 type Model = Arc<Mutex<BTreeMap<u64, u8>>>;
 
 struct Cluster {
-    dir: std::path::PathBuf,
     control: Control,
     nodes: Vec<Option<NodeProc>>,
+    /// Last: removed after the processes were killed.
+    dir: common::TestDir,
 }
 
 impl Cluster {
@@ -354,7 +354,7 @@ fn no_in_sync_replica_up(test: &str, etcd: Option<&Etcd>) {
 
 fn with_etcd(test: &str, body: fn(&str, Option<&Etcd>)) {
     let dir = test_dir(&format!("{test}-store"));
-    let Some(etcd) = Etcd::start(Path::new(&dir)) else {
+    let Some(etcd) = Etcd::start(&dir) else {
         return;
     };
     body(test, Some(&etcd));

@@ -268,7 +268,7 @@ fn the_control_leader_is_killed_during_volume_work() {
     let ports = [free_port(), free_port(), free_port()];
     let relay = Relay::start(&ports);
     let mut c = Cluster {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         etcd: etcd.url.clone(),
         ports,
         controls: (0..CONTROLS).map(|_| None).collect(),

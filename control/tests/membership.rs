@@ -4,14 +4,16 @@
 //! up; the restarted node is up again; a node that claims a live node's id from other
 //! addresses is refused with both addresses in its error and exits 1. On etcd, killing the
 //! leading control process hands leadership to the other, which then does the leader's job
-//! (marking nodes down) with no duplicated records. On the embedded store, a restarted
+//! (marking nodes down) with no duplicated records, and a node given both processes'
+//! URLs keeps its lease through the survivor. On the embedded store, a restarted
 //! cairn-control keeps the records (and a dead node stays down), and a second cairn-control
 //! on the same data directory is refused.
 
 mod common;
 
+use cairn_control::membership::NODE_LEASE_TTL_S;
 use common::{free_port, metric_of, test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn membership_end_to_end(test: &str, etcd: Option<&Etcd>) {
     let dir = test_dir(test);
@@ -145,6 +147,10 @@ fn the_leader_is_taken_over_when_it_dies() {
     let mut n1 = NodeProc::start(&dir.join("n1"), &c2.url, "n1", &[]);
     c2.wait_state("n1", "up");
     assert_eq!(metric_of(&c2.metrics(), "cairn_control_leader"), 0);
+    // n2 names both processes, c1 first: when c1 dies its heartbeats go to c2.
+    let both = format!("{},{}", c1.url, c2.url);
+    let _n2 = NodeProc::start(&dir.join("n2"), &both, "n2", &[]);
+    c2.wait_state("n2", "up");
 
     c1.kill9();
     let start = Instant::now();
@@ -157,13 +163,22 @@ fn the_leader_is_taken_over_when_it_dies() {
     );
     assert_eq!(c2.get("/v1/leader")["leader"]["listen"], c2.url.as_str());
     let nodes = c2.get("/v1/nodes");
-    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
     c2.wait_state("n1", "up");
+    // Two leases after c2 leads (it marks expired leases down): n2 kept its first
+    // registration alive through c2, so it is up with incarnation 1.
+    std::thread::sleep(Duration::from_secs(2 * NODE_LEASE_TTL_S));
+    let n2 = c2.node("n2").unwrap();
+    assert_eq!(
+        (n2["state"].as_str(), n2["incarnation"].as_u64()),
+        (Some("up"), Some(1)),
+        "{n2}"
+    );
     // The new leader does the leader's job.
     n1.kill9();
     c2.wait_state("n1", "down");
     assert_eq!(metric_of(&c2.metrics(), "cairn_control_leader"), 1);
-    assert_eq!(c2.get("/v1/nodes").as_array().unwrap().len(), 1);
+    assert_eq!(c2.get("/v1/nodes").as_array().unwrap().len(), 2);
 }
 
 #[test]

@@ -14,7 +14,9 @@
 //! as an orphan and never joins the nexus. With 3 the volume is also detached before the kill:
 //! the reconcile loop rebuilds the replacement through an unexported rebuild nexus at a new
 //! epoch, retires the lost replica and takes the rebuild nexus down; the next attach finds
-//! every replica in sync.
+//! every replica in sync. `clones_of_lost_replicas` guards clones: their replacements (and
+//! a clone's replicas on nodes without the snapshot) are made empty and rebuilt from the
+//! replicas made from the snapshot, never from a snapshot their node lacks.
 
 mod common;
 
@@ -26,8 +28,8 @@ mod pattern;
 use pattern::{read_back, write_pattern};
 
 use common::{
-    metric_of, node_nexuses, node_objects, placements, test_dir, wait_for, Control, Etcd, NodeProc,
-    STATE_TIMEOUT,
+    metric_of, node_nexuses, node_objects, placements, test_dir, wait_for, zoned_nodes, Control,
+    Etcd, NodeProc, STATE_TIMEOUT,
 };
 use serde_json::Value;
 use std::process::Command;
@@ -40,11 +42,35 @@ const GRACE_S: &str = "2";
 /// The test's `--replica-forget`, in seconds.
 const FORGET_S: &str = "3";
 fn in_sync(control: &Control) -> Vec<String> {
-    let r = control.get("/v1/volumes/v/insync");
+    in_sync_of(control, "v")
+}
+
+/// The nodes the in-sync record of `volume` names in sync, sorted.
+fn in_sync_of(control: &Control, volume: &str) -> Vec<String> {
+    let r = control.get(&format!("/v1/volumes/{volume}/insync"));
     r["in_sync"]
         .as_array()
-        .map(|a| a.iter().map(|n| n.as_str().unwrap().to_string()).collect())
+        .map(|a| {
+            let mut nodes: Vec<String> =
+                a.iter().map(|n| n.as_str().unwrap().to_string()).collect();
+            nodes.sort();
+            nodes
+        })
         .unwrap_or_default()
+}
+
+/// Creates volume v of [`SIZE_BYTES`] with `replicas` replicas.
+fn create_v(control: &Control, replicas: usize) {
+    let (code, _, err) = control.ctl(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        &SIZE_BYTES.to_string(),
+        "--replicas",
+        &replicas.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
 }
 
 /// `comes_back_soon`: the killed node returns while its entry is still `deleting`; else only
@@ -68,33 +94,8 @@ fn rereplication(
         0,
         &flags,
     );
-    let mut nodes: Vec<NodeProc> = (1..=4)
-        .map(|i| {
-            NodeProc::start(
-                &dir.join(format!("n{i}")),
-                &control.url,
-                &format!("n{i}"),
-                &["--zone", &format!("z{i}")],
-            )
-        })
-        .collect();
-    for i in 1..=4 {
-        control.wait_state(&format!("n{i}"), "up");
-    }
-    wait_for("leadership", STATE_TIMEOUT, || {
-        control.is_leader().then_some(())
-    });
-    let count = replicas.to_string();
-    let (code, _, err) = control.ctl(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        &SIZE_BYTES.to_string(),
-        "--replicas",
-        &count,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let mut nodes = zoned_nodes(&dir, &control, 4);
+    create_v(&control, replicas);
     let v = control.get("/v1/volumes/v");
     let holders: Vec<String> = placements(&v).into_iter().map(|(n, _)| n).collect();
     assert_eq!(holders.len(), replicas, "{v}");
@@ -144,8 +145,7 @@ fn rereplication(
     // Every replica but the lost one stayed (or came back) in sync, and the replacement too.
     let mut wanted: Vec<String> = holders.iter().filter(|n| **n != lost).cloned().collect();
     wanted.push(spare.clone());
-    let mut listed = in_sync(&control);
-    listed.sort();
+    let listed = in_sync(&control);
     wanted.sort();
     assert_eq!(listed, wanted, "in-sync record");
     let v = control.get("/v1/volumes/v");
@@ -169,16 +169,13 @@ fn rereplication(
     );
     if detached {
         // The replacement's copy is not the snapshot's point in time: it never gets the
-        // snapshot, and a clone, which needs it on every replica, is refused naming why.
+        // snapshot (clones of it: `clones_of_lost_replicas`).
         let on: Vec<&Value> = v["snapshots"][0]["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .collect();
         assert!(!on.iter().any(|n| **n == spare.as_str()), "{v}");
-        let (code, _, err) = control.ctl(&["volume", "clone", "v", "s", "vc"]);
-        assert_ne!(code, 0);
-        assert!(err.contains("is held by 2 of its 3 replicas"), "{err}");
         // The rebuild nexus did it, and is gone once the lost replica is retired.
         assert!(v["attached"].is_null(), "{v}");
         wait_for("the rebuild nexus taken down", STATE_TIMEOUT, || {
@@ -258,8 +255,12 @@ fn rereplication(
 /// `nexus verify` of volume v on the node whose admin API is `admin`; fails unless every
 /// copy is identical.
 fn verify(admin: &str) -> Value {
+    verify_volume(admin, "v")
+}
+
+fn verify_volume(admin: &str, volume: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
-        .args(["node", "--addr", admin, "--json", "nexus", "verify", "v"])
+        .args(["node", "--addr", admin, "--json", "nexus", "verify", volume])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -275,6 +276,114 @@ fn verify(admin: &str) -> Value {
         "{verify}"
     );
     verify
+}
+
+/// Clones and replacements: a clone's replicas are made from the snapshot where it is, and a
+/// replica placed elsewhere (the replacement of a clone's lost replica, or a clone's replica
+/// on a node without the snapshot) is made empty and rebuilt from them. Three nodes; volume
+/// v with 2 replicas (a, b) holds the pattern, is detached and snapshotted (s) on a and b,
+/// and cloned (vc) on a and b. b is killed: past the grace, v's and vc's replicas on b are
+/// replaced on c and rebuilt there by rebuild nexuses, though c has no snapshot. Then vc2, a
+/// clone of s taken now that only a holds it, gets a's copy and a replacement on c. Each clone,
+/// attached on c, reads the pattern back and `nexus verify` finds its copies identical.
+fn clones_of_lost_replicas(test: &str, etcd: Option<&Etcd>) {
+    let dir = test_dir(test);
+    let control = Control::start_with(
+        &dir.join("control"),
+        etcd.map(|e| e.url.as_str()),
+        0,
+        &["--replica-grace", GRACE_S],
+    );
+    let mut nodes = zoned_nodes(&dir, &control, 3);
+    create_v(&control, 2);
+    let created = |volume: &str, count: usize| {
+        wait_for(
+            &format!("{volume}'s replicas created"),
+            STATE_TIMEOUT,
+            || {
+                let p = placements(&control.get(&format!("/v1/volumes/{volume}")));
+                (p.iter().filter(|(_, s)| s == "created").count() == count).then_some(p)
+            },
+        )
+    };
+    let holders: Vec<String> = created("v", 2).into_iter().map(|(n, _)| n).collect();
+    let (a, b) = (holders[0].clone(), holders[1].clone());
+    let c = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| !holders.iter().any(|h| h == n))
+        .unwrap()
+        .to_string();
+    let index = |id: &str| id[1..].parse::<usize>().unwrap() - 1;
+    let (code, uri, err) = control.ctl(&["volume", "attach", "v", "--node", &a]);
+    assert_eq!(code, 0, "{err}");
+    write_pattern(uri.trim());
+    for cmd in [
+        &["volume", "detach", "v"][..],
+        &["volume", "snapshot", "v", "s"],
+    ] {
+        let (code, _, err) = control.ctl(cmd);
+        assert_eq!(code, 0, "{err}");
+    }
+    wait_for("the snapshot on a and b", STATE_TIMEOUT, || {
+        let v = control.get("/v1/volumes/v");
+        (v["snapshots"][0]["nodes"].as_array()?.len() == 2).then_some(())
+    });
+    let (code, _, err) = control.ctl(&["volume", "clone", "v", "s", "vc"]);
+    assert_eq!(code, 0, "{err}");
+    created("vc", 2);
+    assert_eq!(in_sync_of(&control, "vc"), sorted(&[&a, &b]), "made from s");
+
+    nodes[index(&b)].kill9();
+    control.wait_state(&b, "down");
+    let rebuilt_on_c = |volume: &str| {
+        wait_for(
+            &format!("{volume}'s replacement on c in sync"),
+            STATE_TIMEOUT,
+            || (in_sync_of(&control, volume) == sorted(&[&a, &c])).then_some(()),
+        );
+        let p = placements(&control.get(&format!("/v1/volumes/{volume}")));
+        assert!(p.contains(&(c.clone(), "created".into())), "{p:?}");
+    };
+    rebuilt_on_c("v");
+    rebuilt_on_c("vc");
+    // s is on a only now: vc2 gets a's copy and a replacement on c.
+    let (code, _, err) = control.ctl(&["volume", "clone", "v", "s", "vc2"]);
+    assert_eq!(code, 0, "{err}");
+    rebuilt_on_c("vc2");
+    assert!(!node_objects(&nodes[index(&c)].admin)
+        .iter()
+        .any(|o| o.contains('@')));
+    for clone in ["vc", "vc2"] {
+        let (code, uri, err) = control.ctl(&["volume", "attach", clone, "--node", &c]);
+        assert_eq!(code, 0, "{err}");
+        read_back(uri.trim());
+        let checked = verify_volume(&nodes[index(&c)].admin, clone);
+        assert_eq!(
+            checked["replicas"].as_array().map(Vec::len),
+            Some(2),
+            "{checked}"
+        );
+    }
+}
+
+fn sorted(nodes: &[&String]) -> Vec<String> {
+    let mut v: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn clones_of_lost_replicas_on_the_embedded_store() {
+    clones_of_lost_replicas("rereplicate-clones-embedded", None);
+}
+
+#[test]
+fn clones_of_lost_replicas_on_etcd() {
+    let dir = test_dir("rereplicate-clones-etcd-store");
+    let Some(etcd) = Etcd::start(&dir) else {
+        return;
+    };
+    clones_of_lost_replicas("rereplicate-clones-etcd", Some(&etcd));
 }
 
 #[test]

@@ -18,7 +18,8 @@ fn error_of(r: &cairn_control_api::client::Response) -> String {
 
 #[test]
 fn every_documented_route_is_served() {
-    let control = Control::start(&test_dir("rest-routes"), None, 0);
+    let dir = test_dir("rest-routes");
+    let control = Control::start(&dir, None, 0);
     for (method, path) in ROUTES {
         let path = path.replace("{id}", "someone").replace("{name}", "vol");
         let method = match *method {
@@ -40,7 +41,8 @@ fn every_documented_route_is_served() {
 
 #[test]
 fn malformed_requests_get_a_json_400_and_change_nothing() {
-    let control = Control::start(&test_dir("rest-bad"), None, 0);
+    let dir = test_dir("rest-bad");
+    let control = Control::start(&dir, None, 0);
     let good = r#"{"addresses":{"admin":"127.0.0.1:7000"},"zone":"z","rack":"r"}"#;
     let report = r#"{"node":"a","epoch":1,"generation":1,"replicas":[{"address":"local","state":"in_sync"}]}"#;
     let cases: &[(&str, &str, u16, &str)] = &[

@@ -41,20 +41,20 @@ use pattern::{read_back, write_pattern};
 
 use common::{
     free_port, node_nexuses, node_objects, placements, replica_nodes, test_dir, wait_for, Control,
-    Etcd, HeartbeatsFor, NodeProc, STATE_TIMEOUT,
+    Etcd, HeartbeatsFor, NodeProc, TestDir, STATE_TIMEOUT,
 };
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 
 struct Cluster {
-    dir: PathBuf,
     etcd: Option<String>,
     /// cairn-control's port, kept across its restarts (the nodes know it by its URL).
     port: u16,
     control: Control,
     nodes: Vec<Option<NodeProc>>,
+    /// Last: removed after the processes were killed.
+    dir: TestDir,
 }
 
 impl Cluster {
@@ -414,7 +414,7 @@ fn crashes_and_restarts_on_the_embedded_store() {
 #[test]
 fn crashes_and_restarts_on_etcd() {
     let dir = test_dir("restart-etcd-store");
-    let Some(etcd) = Etcd::start(Path::new(&dir)) else {
+    let Some(etcd) = Etcd::start(&dir) else {
         return;
     };
     restarts("restart-etcd", Some(&etcd));

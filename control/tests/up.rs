@@ -165,7 +165,8 @@ fn cairnctl_node(admin: &str, args: &[&str]) -> String {
 #[test]
 fn up_stop_restart_and_a_dead_child() {
     common::cairn_node();
-    let dir = test_dir("up").join("data");
+    let top = test_dir("up");
+    let dir = top.join("data");
     let (control_port, base_port) = free_ports();
     let control = cairn_control_api::client::Client::new(
         &format!("http://127.0.0.1:{control_port}"),

@@ -26,7 +26,7 @@ use pattern::{read_back, write_pattern};
 
 use common::{
     free_port, metric_of, node_object_size, node_objects, replica_nodes, test_dir, wait_for,
-    Control, Etcd, NodeProc, STATE_TIMEOUT,
+    zoned_nodes, Control, Etcd, NodeProc, STATE_TIMEOUT,
 };
 use serde_json::{json, Value};
 use std::path::Path;
@@ -50,23 +50,7 @@ fn inspect(control: &Control, name: &str) -> Value {
 fn volumes_end_to_end(test: &str, etcd: Option<&Etcd>) {
     let dir = test_dir(test);
     let control = Control::start(&dir.join("control"), etcd.map(|e| e.url.as_str()), 0);
-    let mut nodes: Vec<NodeProc> = ["1", "2", "3"]
-        .iter()
-        .map(|i| {
-            NodeProc::start(
-                &dir.join(format!("n{i}")),
-                &control.url,
-                &format!("n{i}"),
-                &["--zone", &format!("z{i}")],
-            )
-        })
-        .collect();
-    for i in 1..=3 {
-        control.wait_state(&format!("n{i}"), "up");
-    }
-    wait_for("leadership", STATE_TIMEOUT, || {
-        control.is_leader().then_some(())
-    });
+    let mut nodes = zoned_nodes(&dir, &control, 3);
 
     // Bad input first: each is refused with a clear error and records nothing.
     let bad: [(&[u8], u16, &str); 5] = [

@@ -185,8 +185,9 @@ pub struct NodeConfig {
     pub buf_count: u32,
     /// Use 2 MiB huge pages for buffers when the system has them.
     pub huge_pages: bool,
-    /// The control process to register with and heartbeat (`http://HOST:PORT`); none: the
-    /// node runs alone, driven by `cairnctl node …`.
+    /// The control process to register with and heartbeat (`http://HOST:PORT`), or several,
+    /// comma-separated (the processes of one cluster: one that cannot be reached is passed
+    /// over for the next); none: the node runs alone, driven by `cairnctl node …`.
     pub control: Option<String>,
     /// This node's id in the cluster (default: the host name). Required to be unique: a
     /// second live node with the same id at other addresses is refused.
@@ -351,7 +352,9 @@ pub struct Cli {
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Register with the control process at URL and keep a lease alive (http://HOST:PORT).
-    #[arg(long, value_name = "URL")]
+    /// Several, comma-separated, for a cluster of control processes on etcd: requests go to
+    /// the one that answered last, and to the next when it cannot be reached.
+    #[arg(long, value_name = "URL[,URL…]")]
     pub control: Option<String>,
     /// This node's id in the cluster [default: the host name].
     #[arg(long, value_name = "NAME")]
@@ -475,15 +478,14 @@ impl NodeConfig {
                     why: e.to_string(),
                 })
         };
-        let client =
-            cairn_control_api::client::Client::new(url, crate::membership::REQUEST_TIMEOUT)
-                .map_err(|e| ConfigError::BadSpec {
-                    what: "control",
-                    spec: url.clone(),
-                    why: e.to_string(),
-                })?;
+        let controls = crate::membership::Controls::new(url, crate::membership::REQUEST_TIMEOUT)
+            .map_err(|e| ConfigError::BadSpec {
+                what: "control",
+                spec: url.clone(),
+                why: e.to_string(),
+            })?;
         Ok(Some(crate::membership::Membership {
-            client,
+            controls,
             node_id: name("node id", &self.node_id)?,
             zone: name("zone", &self.zone)?,
             rack: name("rack", &self.rack)?,
@@ -676,7 +678,7 @@ mod tests {
             (m.node_id.as_str(), m.zone.as_str(), m.rack.as_str()),
             ("n2", "z1", "r9")
         );
-        assert_eq!(m.client.url(), "http://127.0.0.1:10800");
+        assert_eq!(m.controls.url(), "http://127.0.0.1:10800");
         let alone = NodeConfig::load(&Cli::parse_from(["cairn-node"])).unwrap();
         assert!(alone.membership().unwrap().is_none());
         let cli = Cli::parse_from([
@@ -691,5 +693,19 @@ mod tests {
         let cli = Cli::parse_from(["cairn-node", "--control", "https://x:1"]);
         let e = NodeConfig::load(&cli).unwrap_err();
         assert!(e.to_string().contains("https://x:1"), "{e}");
+        let cli = Cli::parse_from([
+            "cairn-node",
+            "--control",
+            "http://127.0.0.1:1, http://127.0.0.1:2",
+        ]);
+        let m = NodeConfig::load(&cli)
+            .unwrap()
+            .membership()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.controls.url(), "http://127.0.0.1:1");
+        let cli = Cli::parse_from(["cairn-node", "--control", "http://127.0.0.1:1,,"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(e.to_string().contains("control URL ''"), "{e}");
     }
 }

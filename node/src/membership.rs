@@ -1,6 +1,14 @@
 //! The node's side of membership: registering with the control process (`--control URL`) and
 //! keeping its lease alive with heartbeats, on one thread of its own.
 //!
+//! `--control` may name several control processes (`URL,URL,…`: every process of an etcd
+//! cluster serves registrations, heartbeats and in-sync reports, leader or not, since each is
+//! a compare-and-swap in the store). [`Controls`] sends each request to the process that
+//! answered last and passes one it cannot reach, or that answers 5xx, over for the next in
+//! order, so the death of one control process does not stop a node's heartbeats. Every
+//! request here may be repeated: a registration of the same addresses answers the same
+//! record, a heartbeat renews the same lease, a report is checked on its epoch.
+//!
 //! The first registration runs at start, before the node is reported ready to the control
 //! plane: a refusal (the node id is held by a live node at other addresses, or the request is
 //! malformed) stops the node with the control process's message, which names both addresses.
@@ -21,12 +29,13 @@
 //! from the nexus manager's control threads, with the same bound per request.
 
 use crate::state::{Node, NodeError};
-use cairn_control_api::client::{Client, ClientError};
+use cairn_control_api::client::{Client, ClientError, Response};
 use cairn_control_api::{
     HeartbeatRequest, InSyncReport, NodeAddresses, PoolCapacity, RegisterRequest, RegisterResponse,
     ReplicaInSync, SyncState,
 };
 use cairn_replication::nexus::insync::{self, InSyncRecorder, RecordError, ReplicaSync};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +46,61 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to wait between tries while the control process is unreachable or refuses us.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
+/// The control processes of `--control`, in the order given, and the one that answered last.
+#[derive(Clone, Debug)]
+pub struct Controls {
+    clients: Arc<[Client]>,
+    current: Arc<AtomicUsize>,
+}
+
+impl Controls {
+    /// The control processes of `urls`, comma-separated (each `http://HOST:PORT`); an empty
+    /// entry or a bad URL is an error naming it.
+    pub fn new(urls: &str, timeout: Duration) -> Result<Controls, ClientError> {
+        let clients = urls
+            .split(',')
+            .map(|url| Client::new(url.trim(), timeout))
+            .collect::<Result<Vec<Client>, ClientError>>()?;
+        Ok(Controls {
+            clients: clients.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The URL of the control process requests go to first.
+    pub fn url(&self) -> &str {
+        self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()].url()
+    }
+
+    /// POSTs `body` to the control process that answered last, then to each other one in
+    /// turn while the answer is no answer or a 5xx. Returns the URL that gave the answer
+    /// returned (the last one tried when none answered well).
+    pub fn post_json(&self, path: &str, body: &[u8]) -> (&str, Result<Response, ClientError>) {
+        let first = self.current.load(Ordering::Relaxed);
+        let n = self.clients.len();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let client = &self.clients[i];
+            let res = client.post_json(path, body);
+            let failed = res.as_ref().map_or(true, |r| r.status >= 500);
+            if failed && k + 1 < n {
+                tracing::debug!(url = %client.url(), "control process not reached or failing; trying the next");
+                continue;
+            }
+            if !failed && k > 0 {
+                self.current.store(i, Ordering::Relaxed);
+                tracing::warn!(url = %client.url(), "control process reached after the one before it failed; using it from now on");
+            }
+            return (client.url(), res);
+        }
+        unreachable!("Controls::new makes at least one client")
+    }
+}
+
 /// Who this node is to the control process (from `--control`, `--node-id`, `--zone`, `--rack`).
 #[derive(Clone, Debug)]
 pub struct Membership {
-    pub client: Client,
+    pub controls: Controls,
     pub node_id: String,
     pub zone: String,
     pub rack: String,
@@ -81,9 +141,9 @@ impl Membership {
         };
         let body = serde_json::to_vec(&req).expect("a registration serializes");
         let path = format!("/v1/nodes/{}/register", self.node_id);
-        let resp = self.call(&path, &body)?;
+        let (url, resp) = self.call(&path, &body)?;
         serde_json::from_slice(&resp).map_err(|e| MembershipError::BadAnswer {
-            url: self.client.url().to_string(),
+            url,
             what: "a registration answer",
             why: e.to_string(),
         })
@@ -102,13 +162,15 @@ impl Membership {
         self.call(&path, &body).map(drop)
     }
 
-    fn call(&self, path: &str, body: &[u8]) -> Result<Vec<u8>, MembershipError> {
-        let resp = self.client.post_json(path, body)?;
+    /// The body of a 200 answer and the URL that gave it.
+    fn call(&self, path: &str, body: &[u8]) -> Result<(String, Vec<u8>), MembershipError> {
+        let (url, resp) = self.controls.post_json(path, body);
+        let resp = resp?;
         if resp.status == 200 {
-            return Ok(resp.body);
+            return Ok((url.to_string(), resp.body));
         }
         Err(MembershipError::Refused {
-            url: self.client.url().to_string(),
+            url: url.to_string(),
             id: self.node_id.clone(),
             status: resp.status,
             message: resp.error_message(),
@@ -155,8 +217,8 @@ impl InSyncRecorder for InSyncReporter {
         };
         let body = serde_json::to_vec(&body).expect("a report serializes");
         let path = format!("/v1/volumes/{}/insync", self.volume);
-        let url = self.membership.client.url();
-        match self.membership.client.post_json(&path, &body) {
+        let (url, res) = self.membership.controls.post_json(&path, &body);
+        match res {
             Ok(r) if r.status == 200 => Ok(()),
             Ok(r) if r.status == 409 => Err(RecordError::Superseded(format!(
                 "control process {url} refused the report of volume '{}' (HTTP 409): {}",
@@ -293,4 +355,47 @@ fn interval(registered: &Option<RegisterResponse>) -> Duration {
     registered.as_ref().map_or(RETRY_INTERVAL, |r| {
         Duration::from_millis(r.heartbeat_interval_ms)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// A control process that answers one request with 200 and `{}`.
+    fn answers_once() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            drop(s.read(&mut buf));
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+        });
+        url
+    }
+
+    #[test]
+    fn a_control_process_that_cannot_be_reached_is_passed_over_for_the_next() {
+        let gone = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let live = answers_once();
+        let c = Controls::new(&format!("{gone},{live}"), REQUEST_TIMEOUT).unwrap();
+        assert_eq!(c.url(), gone);
+        let (url, res) = c.post_json("/v1/x", b"{}");
+        assert_eq!((url, res.unwrap().status), (live.as_str(), 200));
+        assert_eq!(
+            c.url(),
+            live,
+            "the one that answered is tried first from now on"
+        );
+        // None answers: the error of the last one tried.
+        let (url, res) = c.post_json("/v1/x", b"{}");
+        assert_eq!(url, gone);
+        assert!(res.is_err());
+    }
 }

@@ -21,12 +21,36 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A fresh directory for one test.
-pub fn test_dir(test: &str) -> PathBuf {
+/// A fresh directory for one test, removed when the test passes (kept for a look when it
+/// fails). Declared before the processes that use it, it drops after they were killed.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            drop(std::fs::remove_dir_all(&self.0));
+        }
+    }
+}
+
+pub fn test_dir(test: &str) -> TestDir {
     let dir = std::env::temp_dir().join(format!("cairn-control-{test}-{}", std::process::id()));
     drop(std::fs::remove_dir_all(&dir));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TestDir(dir)
 }
 
 /// A port nobody listens on right now.
@@ -342,6 +366,28 @@ pub struct NodeProc {
     pub admin: String,
     pub replica: String,
     pub nbd: String,
+}
+
+/// Starts nodes n1..=n{count} with zones z1..=z{count} against `control`, and waits until
+/// each is up and `control` leads.
+pub fn zoned_nodes(dir: &Path, control: &Control, count: usize) -> Vec<NodeProc> {
+    let nodes: Vec<NodeProc> = (1..=count)
+        .map(|i| {
+            NodeProc::start(
+                &dir.join(format!("n{i}")),
+                &control.url,
+                &format!("n{i}"),
+                &["--zone", &format!("z{i}")],
+            )
+        })
+        .collect();
+    for i in 1..=count {
+        control.wait_state(&format!("n{i}"), "up");
+    }
+    wait_for("leadership", STATE_TIMEOUT, || {
+        control.is_leader().then_some(())
+    });
+    nodes
 }
 
 impl NodeProc {
