@@ -6,6 +6,7 @@ use super::proto::{tx_flag, PAYLOAD_MAX_BYTES};
 use crate::bdev::Bdev;
 use crate::core_list::CoreId;
 use crate::engine::{BdevHandle, Engine, EngineError};
+use crate::owner_only;
 use crate::reactor::BdevId;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
@@ -497,7 +498,10 @@ fn accept_failed(e: &std::io::Error) {
     std::thread::sleep(ACCEPT_POLL);
 }
 
-/// Binds a unix socket, replacing a stale socket file but never a live server's.
+/// Binds a unix socket, replacing a stale socket file but never a live server's, and makes it
+/// owner-only ([`owner_only::SOCKET_MODE`]): connecting to a unix socket needs write
+/// permission on it, so another local user cannot reach the exports through it. The mode is
+/// set before the listener accepts anyone (the server starts accepting only after this).
 fn bind_unix(path: &PathBuf) -> Result<UnixListener, NbdError> {
     let bind_err = |source| NbdError::Bind {
         addr: path.display().to_string(),
@@ -512,7 +516,9 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, NbdError> {
         }
         std::fs::remove_file(path).map_err(bind_err)?;
     }
-    UnixListener::bind(path).map_err(bind_err)
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    owner_only::set_created(path, owner_only::SOCKET_MODE).map_err(bind_err)?;
+    Ok(listener)
 }
 
 /// A running NBD server. Dropping it without [`NbdServer::shutdown`] also shuts it down.
