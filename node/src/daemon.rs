@@ -136,15 +136,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     // the unix socket alone.
     let nbd = match (listeners.nbd, &config.nbd_socket) {
         (None, None) => None,
-        (tcp, unix) => Some(NbdServer::start(
-            engine.clone(),
-            NbdConfig {
-                tcp,
-                unix: unix.clone(),
-                start_paused: true,
-                ..NbdConfig::default()
-            },
-        )?),
+        (tcp, unix) => Some(NbdServer::start(engine.clone(), nbd_config(&config, tcp, unix))?),
     };
     let endpoints = Endpoints {
         nbd: nbd.as_ref().and_then(NbdServer::tcp_addr),
@@ -231,6 +223,23 @@ fn join_cluster(
     Heartbeats::start(membership, node.clone(), addresses, registered)
         .map(Some)
         .map_err(DaemonError::Heartbeat)
+}
+
+/// The NBD server's settings: the listeners, and the limits the config overrides.
+fn nbd_config(config: &NodeConfig, tcp: Option<SocketAddr>, unix: &Option<PathBuf>) -> NbdConfig {
+    let defaults = NbdConfig::default();
+    NbdConfig {
+        tcp,
+        unix: unix.clone(),
+        start_paused: true,
+        connections_max: config
+            .nbd_connections_max
+            .map_or(defaults.connections_max, |n| n as usize),
+        reply_budget_bytes: config
+            .nbd_reply_budget
+            .map_or(defaults.reply_budget_bytes, |s| s.0 as usize),
+        ..defaults
+    }
 }
 
 fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
