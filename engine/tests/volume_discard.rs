@@ -77,15 +77,22 @@ fn deleting_volumes_and_snapshots_punches_their_data_out_of_the_pool_file() {
     let home = engine.cores()[0];
     let base: Arc<dyn Bdev> =
         Arc::new(UringBdev::open("base", file.path(), UringOptions::default()).unwrap());
-    assert!(base.info().can_trim, "a file bdev discards by punching holes");
+    assert!(
+        base.info().can_trim,
+        "a file bdev discards by punching holes"
+    );
     let pool = Pool::create(&engine, "p", base, home, MIB as u32).unwrap();
     let free = pool.space(&engine).unwrap().free_clusters;
 
     let secret = pattern("volume");
-    pool.create_volume(&engine, "v", DATA_BYTES, vec![]).unwrap();
+    pool.create_volume(&engine, "v", DATA_BYTES, vec![])
+        .unwrap();
     write_volume(&engine, &pool, "v", &secret);
     let written = blocks(file.path());
-    assert!(file_holds(file.path(), &secret), "the pattern reached the file");
+    assert!(
+        file_holds(file.path(), &secret),
+        "the pattern reached the file"
+    );
     pool.delete(&engine, "v").unwrap();
     wait_free(&engine, &pool, free);
     let after = blocks(file.path());
@@ -102,11 +109,15 @@ fn deleting_volumes_and_snapshots_punches_their_data_out_of_the_pool_file() {
     // A snapshot's own clusters: written before it, overwritten after (copy-on-write), so
     // deleting the snapshot frees the only copy of the old data.
     let old = pattern("snapshot");
-    pool.create_volume(&engine, "w", DATA_BYTES, vec![]).unwrap();
+    pool.create_volume(&engine, "w", DATA_BYTES, vec![])
+        .unwrap();
     write_volume(&engine, &pool, "w", &old);
     pool.snapshot(&engine, "w", "s").unwrap();
     write_volume(&engine, &pool, "w", &pattern("current"));
-    assert!(file_holds(file.path(), &old), "the snapshot holds the old data");
+    assert!(
+        file_holds(file.path(), &old),
+        "the snapshot holds the old data"
+    );
     let in_use = pool.space(&engine).unwrap().free_clusters;
     pool.delete(&engine, "s").unwrap();
     wait_free(&engine, &pool, in_use + DATA_BYTES / MIB);

@@ -136,7 +136,10 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     // the unix socket alone.
     let nbd = match (listeners.nbd, &config.nbd_socket) {
         (None, None) => None,
-        (tcp, unix) => Some(NbdServer::start(engine.clone(), nbd_config(&config, tcp, unix))?),
+        (tcp, unix) => Some(NbdServer::start(
+            engine.clone(),
+            nbd_config(&config, tcp, unix),
+        )?),
     };
     let endpoints = Endpoints {
         nbd: nbd.as_ref().and_then(NbdServer::tcp_addr),

@@ -73,7 +73,10 @@ const NON_READER_SETTLE: Duration = Duration::from_secs(5);
 const REFUSAL_LOG_LINES_MAX: usize = 12;
 
 fn exporting_node(extra: &[&str]) -> Config {
-    let mut args = vec!["--volume".to_string(), format!("{EXPORT}:{}M", EXPORT_BYTES / MIB)];
+    let mut args = vec![
+        "--volume".to_string(),
+        format!("{EXPORT}:{}M", EXPORT_BYTES / MIB),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     Config {
         extra_args: args,
@@ -95,7 +98,13 @@ fn mode_of(path: &Path) -> u32 {
 
 /// Every directory under (and including) `dir` must be 0700 and everything else 0600.
 fn assert_owner_only(dir: &Path) -> usize {
-    assert_eq!(mode_of(dir), 0o700, "{} mode {:o}", dir.display(), mode_of(dir));
+    assert_eq!(
+        mode_of(dir),
+        0o700,
+        "{} mode {:o}",
+        dir.display(),
+        mode_of(dir)
+    );
     let mut seen = 1;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -139,7 +148,12 @@ fn files_and_sockets_are_owner_only_whatever_the_umask() {
     // Files an older version left open to everyone are narrowed at the next start.
     node.kill9();
     let pool = data.join("pool0.img");
-    let epoch = std::fs::read_dir(&epochs).unwrap().next().unwrap().unwrap().path();
+    let epoch = std::fs::read_dir(&epochs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     for path in [&data, &epochs, &pool, &epoch] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -152,7 +166,10 @@ fn files_and_sockets_are_owner_only_whatever_the_umask() {
             .any(|l| l.contains("restricted to its owner") && l.contains(&*path.to_string_lossy()));
         assert!(named, "no warning names {}:\n{log}", path.display());
     }
-    assert!(log.contains("old_mode=\"755\"") || log.contains("old_mode=755"), "{log}");
+    assert!(
+        log.contains("old_mode=\"755\"") || log.contains("old_mode=755"),
+        "{log}"
+    );
 }
 
 /// A socket that sends one byte of negotiation every [`TRICKLE_EVERY`] until `stop`, and
@@ -179,7 +196,8 @@ fn silent(addr: SocketAddr, stop: Arc<AtomicBool>) {
             std::thread::sleep(Duration::from_millis(200));
             continue;
         };
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut b = [0u8; 64];
         while !stop.load(Ordering::Relaxed) {
             match s.read(&mut b) {
@@ -225,7 +243,8 @@ fn slowloris_on_nbd_and_silent_replica_sockets_lock_nobody_out() {
     std::thread::sleep(ATTACK_SETTLE);
 
     let started = Instant::now();
-    let mut client = connect_export(nbd).expect("a legitimate NBD client gets in during the attack");
+    let mut client =
+        connect_export(nbd).expect("a legitimate NBD client gets in during the attack");
     let took = started.elapsed();
     let block = client.read(0, 4096).unwrap().expect("the client is served");
     assert_eq!(block.len(), 4096);
@@ -237,10 +256,8 @@ fn slowloris_on_nbd_and_silent_replica_sockets_lock_nobody_out() {
 
     let started = Instant::now();
     let mut admin = nexus_node.admin();
-    let created = admin.try_create_nexus(&cluster::Admin::create_request(
-        &[target.replica()],
-        1000,
-    ));
+    let created =
+        admin.try_create_nexus(&cluster::Admin::create_request(&[target.replica()], 1000));
     let took = started.elapsed();
     let nexus = created.unwrap_or_else(|s| {
         panic!("nexus create failed under {SILENT_REPLICA_SOCKETS} silent replica sockets: {s}")
@@ -287,7 +304,11 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
     let nbd = target.ready.nbd;
     let mut good = connect_export(nbd).unwrap();
     let data: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
-    assert_eq!(good.write(0, &data, 0).unwrap(), 0, "the good client writes");
+    assert_eq!(
+        good.write(0, &data, 0).unwrap(),
+        0,
+        "the good client writes"
+    );
     let before = rss_bytes(target.pid());
 
     let mut hostile = Vec::with_capacity(NON_READERS);
@@ -314,7 +335,10 @@ fn clients_that_never_read_replies_hold_bounded_memory() {
         RSS_GROWTH_MAX_BYTES / MIB
     );
 
-    let read = good.read(0, MIB as u32).unwrap().expect("the good client is served");
+    let read = good
+        .read(0, MIB as u32)
+        .unwrap()
+        .expect("the good client is served");
     assert_eq!(read, data, "the good client reads what it wrote");
     let mut late = connect_export(nbd).expect("a new client connects during the attack");
     let read = late.read(0, 4096).unwrap().expect("a new client is served");

@@ -364,10 +364,18 @@ mod tests {
         let _other = a.admit("10.0.0.2:1", make()).unwrap();
         assert_eq!(cancels.load(Ordering::Relaxed), 0);
         let _third = a.admit("10.0.0.1:3", make()).unwrap();
-        assert_eq!(cancels.load(Ordering::Relaxed), 1, "the oldest of 10.0.0.1 evicted");
+        assert_eq!(
+            cancels.load(Ordering::Relaxed),
+            1,
+            "the oldest of 10.0.0.1 evicted"
+        );
         assert_eq!(a.negotiating(), 3);
         drop(first);
-        assert_eq!(a.negotiating(), 3, "an evicted ticket was no longer counted");
+        assert_eq!(
+            a.negotiating(),
+            3,
+            "an evicted ticket was no longer counted"
+        );
     }
 
     #[test]
@@ -382,7 +390,10 @@ mod tests {
         assert_eq!(cancels.load(Ordering::Relaxed), 1);
         assert_eq!(a.negotiating(), 4);
         let st = a.state.lock();
-        assert!(st.entries[&0].cancelled, "the oldest of the biggest source went");
+        assert!(
+            st.entries[&0].cancelled,
+            "the oldest of the biggest source went"
+        );
         drop(st);
         drop(tickets);
         assert_eq!(a.negotiating(), 1);

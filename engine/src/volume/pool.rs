@@ -54,8 +54,9 @@ pub const HOME_OPS_MAX: usize = 256;
 
 /// Discards of freed clusters one pool has in flight at once.
 pub const DISCARDS_IN_FLIGHT_MAX: usize = 8;
-/// Longest run of freed clusters one discard request covers.
+/// Longest run of freed clusters one discard request covers (a request's length is a u32).
 pub const DISCARD_RUN_MAX_BYTES: u64 = 1 << 30;
+const _: () = assert!(DISCARD_RUN_MAX_BYTES <= u32::MAX as u64);
 
 /// Barriers that can wait behind a running one without allocating (each commit that frees
 /// clusters queues one; more grow the queue).
@@ -200,9 +201,10 @@ enum Op {
 
 /// Clusters freed by one commit, being discarded before they are released for reuse.
 struct Discard {
+    /// Sorted, so adjacent clusters merge into one run.
     clusters: Vec<PhysCluster>,
-    /// Runs still to issue: base offset and length.
-    runs: Vec<(u64, u32)>,
+    /// Index in `clusters` of the first cluster whose run is not yet issued.
+    next: usize,
     pending: usize,
 }
 
@@ -369,6 +371,7 @@ pub(crate) struct Home {
     barrier: Option<(u32, AfterBarrier)>,
     barrier_queue: VecDeque<AfterBarrier>,
     /// Freed clusters being discarded, oldest first; only the front batch has I/O in flight.
+    /// Holds as many batches as barriers can queue without allocating.
     discards: VecDeque<Discard>,
     /// Open volumes: their bdev id and the state their channels share. Weak: the volume's
     /// bdev owns that state and holds this pool, so a strong reference here would be a cycle
@@ -412,7 +415,7 @@ impl Home {
             active_slot,
             barrier: None,
             barrier_queue: VecDeque::with_capacity(BARRIERS_QUEUED_PREALLOC),
-            discards: VecDeque::new(),
+            discards: VecDeque::with_capacity(BARRIERS_QUEUED_PREALLOC),
             open: HashMap::new(),
             cores,
             closing: false,
@@ -1148,15 +1151,16 @@ fn start_discard(
     h: &mut Home,
     core: &mut Core,
     shared: &Arc<PoolShared>,
-    clusters: Vec<PhysCluster>,
+    mut clusters: Vec<PhysCluster>,
 ) {
     if !shared.base_bdev.info().can_trim {
         return h.meta.release(&clusters);
     }
-    let runs = discard_runs(&shared.sb, &clusters);
+    // In place and allocation-free, like the rest of a commit.
+    clusters.sort_unstable_by_key(|c| c.get());
     h.discards.push_back(Discard {
         clusters,
-        runs,
+        next: 0,
         pending: 0,
     });
     if h.discards.len() == 1 {
@@ -1164,34 +1168,28 @@ fn start_discard(
     }
 }
 
-/// The base ranges of `clusters`: adjacent clusters merged, each at most
-/// [`DISCARD_RUN_MAX_BYTES`], in reverse order (issued by popping).
-fn discard_runs(sb: &Superblock, clusters: &[PhysCluster]) -> Vec<(u64, u32)> {
-    let cluster_bytes = u64::from(sb.cluster_size_bytes);
-    let mut sorted = clusters.to_vec();
-    sorted.sort_unstable_by_key(|c| c.get());
-    let mut runs: Vec<(u64, u32)> = Vec::new();
-    for c in sorted {
-        let at = sb.cluster_offset(c);
-        match runs.last_mut() {
-            Some((start, len))
-                if *start + u64::from(*len) == at
-                    && u64::from(*len) + cluster_bytes <= DISCARD_RUN_MAX_BYTES =>
-            {
-                *len += sb.cluster_size_bytes;
-            }
-            _ => runs.push((at, sb.cluster_size_bytes)),
-        }
+/// The next run of `d` to discard: its base offset and length, adjacent clusters merged up
+/// to [`DISCARD_RUN_MAX_BYTES`]. None when every run is issued.
+fn next_discard_run(sb: &Superblock, d: &mut Discard) -> Option<(u64, u32)> {
+    let first = *d.clusters.get(d.next)?;
+    let run_max = (DISCARD_RUN_MAX_BYTES / u64::from(sb.cluster_size_bytes)).max(1);
+    let mut count = 1;
+    while d.next + (count as usize) < d.clusters.len()
+        && count < run_max
+        && d.clusters[d.next + count as usize].get() == first.get() + count
+    {
+        count += 1;
     }
-    runs.reverse();
-    runs
+    d.next += count as usize;
+    let len = count * u64::from(sb.cluster_size_bytes);
+    Some((sb.cluster_offset(first), len as u32))
 }
 
 /// Issues the front batch's runs up to [`DISCARDS_IN_FLIGHT_MAX`]; releases each batch whose
 /// runs have all completed and moves on to the next.
 fn issue_discards(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     while let Some(d) = h.discards.front_mut() {
-        if d.runs.is_empty() && d.pending == 0 {
+        if d.next == d.clusters.len() && d.pending == 0 {
             let done = h.discards.pop_front().expect("front exists");
             h.meta.release(&done.clusters);
             continue;
@@ -1199,7 +1197,7 @@ fn issue_discards(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
         if d.pending >= DISCARDS_IN_FLIGHT_MAX {
             return;
         }
-        let Some((at, len)) = d.runs.pop() else {
+        let Some((at, len)) = next_discard_run(&shared.sb, d) else {
             return;
         };
         d.pending += 1;

@@ -10,9 +10,9 @@ use super::{
     TX_QUEUE_BYTES_MAX,
 };
 use crate::proto::{self, Envelope, Header, Message, HEADER_BYTES};
+use cairn_engine::frontend::admission::Cancel;
 use cairn_engine::reactor::ring::Route;
 use cairn_engine::reactor::{IoCtx, OwnerId};
-use cairn_engine::frontend::admission::Cancel;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -151,7 +151,9 @@ impl Link for TcpLink {
             .stream
             .try_clone()
             .map_err(io_err(&self.peer, "duplicate"))?;
-        Ok(Box::new(move || drop(dup.shutdown(std::net::Shutdown::Both))))
+        Ok(Box::new(move || {
+            drop(dup.shutdown(std::net::Shutdown::Both))
+        }))
     }
 
     fn attach(self: Box<Self>, io: &mut IoCtx) -> Result<Box<dyn Conn>, TransportError> {
