@@ -319,14 +319,14 @@ fn spawn(
     };
     if let Some(mask) = config.umask {
         use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and calls only umask,
-        // which is async-signal-safe and touches no memory.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::umask(mask as libc::mode_t);
-                Ok(())
-            })
+        let set_umask = move || {
+            // SAFETY: umask only sets the calling (child) process's file creation mask.
+            unsafe { libc::umask(mask as libc::mode_t) };
+            Ok(())
         };
+        // SAFETY: the hook runs in the forked child before exec and calls only umask, which is
+        // async-signal-safe, takes no lock and allocates nothing.
+        unsafe { cmd.pre_exec(set_umask) };
     }
     let mut child = cmd
         .args(config.args(data_dir))
