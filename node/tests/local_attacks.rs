@@ -218,6 +218,8 @@ fn refusal_lines(log: &str) -> usize {
                 || l.contains("negotiation evicted")
                 || l.contains("cut off at its deadline")
                 || l.contains("connections refused,")
+                || l.contains("replica open refused")
+                || l.contains("NBD negotiation failed")
         })
         .count()
 }

@@ -210,7 +210,16 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
     // The peer has spoken (or failed to): what follows is this server's own work, and the
     // link may go to a reactor, where no eviction may reach it.
     drop(ticket);
-    let (header, payload) = first.map_err(|e| e.to_string())?;
+    let (header, payload) = match first {
+        Ok(frame) => frame,
+        // A peer that left or stayed silent (evicted, or past its deadline, which the
+        // admission log already reports, rate-limited) is not worth a line each.
+        Err(e @ (TransportError::Io { .. } | TransportError::Closed { .. })) => {
+            tracing::debug!(peer = link.peer(), error = %e, "replica peer sent no first frame");
+            return Ok(());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;
     let takeover = match msg {
         Message::Open { takeover } => takeover,
