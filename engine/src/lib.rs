@@ -34,7 +34,8 @@
 //!     polled, blocking and async waits.
 //! * [`sys`]: the operating-system calls every Cairn process shares (CPU affinity, process
 //!   CPU time, `poll`, the doorbell eventfd, file locks, device geometry, randomness, free
-//!   space), each written once.
+//!   space), each written once; [`owner_only`]: the modes of the files and sockets Cairn
+//!   creates (0700 directories, 0600 files and sockets) and their repair at start.
 //! * [`volume`]: the thin-provisioned volume store (pools, volumes, snapshots, clones) on one
 //!   bdev, consistent after a crash at any instant: [`volume::format`] (the on-disk bytes,
 //!   version-guarded), [`volume::cluster`] (virtual and physical cluster indices as distinct
@@ -60,6 +61,7 @@ pub mod dma;
 pub mod engine;
 pub mod frontend;
 pub mod msg;
+pub mod owner_only;
 pub mod reactor;
 pub mod sys;
 pub mod units;

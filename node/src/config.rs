@@ -177,6 +177,13 @@ pub struct NodeConfig {
     pub nbd_listen: String,
     /// Additional NBD unix-socket listener.
     pub nbd_socket: Option<PathBuf>,
+    /// Negotiated NBD connections at once (default `CONNECTIONS_MAX_DEFAULT`, 1024); more
+    /// are disconnected at accept.
+    pub nbd_connections_max: Option<u32>,
+    /// Read data all NBD connections together may hold in unsent replies beyond each one's
+    /// 2 MiB floor (default `REPLY_BUDGET_BYTES_DEFAULT`, 256 MiB); at the limit clients that
+    /// do not read their replies stop being read.
+    pub nbd_reply_budget: Option<Size>,
     pub admin_listen: String,
     pub metrics_listen: String,
     pub idle: IdleMode,
@@ -213,6 +220,8 @@ impl Default for NodeConfig {
             fault_injection: false,
             nbd_listen: NBD_LISTEN_DEFAULT.into(),
             nbd_socket: None,
+            nbd_connections_max: None,
+            nbd_reply_budget: None,
             admin_listen: ADMIN_LISTEN_DEFAULT.into(),
             metrics_listen: METRICS_LISTEN_DEFAULT.into(),
             idle: IdleMode::Adaptive,
@@ -269,6 +278,8 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   fault_injection = false
   nbd_listen = \"127.0.0.1:10809\"      # \"off\": no TCP listener (NBD is off unless nbd_socket is set)
   nbd_socket = \"/run/cairn/nbd.sock\"
+  nbd_connections_max = 1024          # negotiated NBD connections at once
+  nbd_reply_budget = \"256M\"          # unsent read replies of all NBD clients, beyond 2 MiB each
   admin_listen = \"127.0.0.1:10810\"
   metrics_listen = \"127.0.0.1:9810\"
   idle = \"adaptive\"                   # or \"sleep\", \"poll\"
@@ -339,6 +350,13 @@ pub struct Cli {
     /// Also listen for NBD on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
+    /// Negotiated NBD connections at once; more are disconnected at accept [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub nbd_connections_max: Option<u32>,
+    /// Read data all NBD clients together may hold in unsent replies beyond 2 MiB each; at
+    /// the limit, clients that do not read their replies stop being read [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub nbd_reply_budget: Option<u64>,
     /// gRPC admin listener [default: 127.0.0.1:10810].
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<String>,
@@ -439,6 +457,12 @@ impl NodeConfig {
         }
         if cli.nbd_socket.is_some() {
             self.nbd_socket = cli.nbd_socket.clone();
+        }
+        if cli.nbd_connections_max.is_some() {
+            self.nbd_connections_max = cli.nbd_connections_max;
+        }
+        if let Some(bytes) = cli.nbd_reply_budget {
+            self.nbd_reply_budget = Some(Size(bytes));
         }
         self.pools.extend(cli.pools.iter().cloned());
         self.volumes.extend(cli.volumes.iter().cloned());

@@ -24,9 +24,11 @@ use cairn_engine::bdev::fault::FaultControl;
 use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::bdev::BdevError;
 use cairn_engine::frontend::nbd::{NbdConfig, NbdError, NbdServer};
+use cairn_engine::owner_only;
 use cairn_engine::volume::{Pool, PoolError, CLUSTER_DEFAULT_BYTES};
 use cairn_engine::{CoreId, Engine, EngineConfig, EngineError};
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +71,11 @@ pub enum DaemonError {
     NoRoom { path: String, free_bytes: u64 },
     #[error("pool {path}: {source}")]
     PoolDevice { path: String, source: BdevError },
+    #[error("pool file {path}: restricting its mode to the owner: {source}")]
+    PoolMode {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("pool {path}: {source}")]
     Pool { path: String, source: PoolError },
     #[error("{flag} {name}: {source}")]
@@ -116,7 +123,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     let admin = bind("admin", listeners.admin)?;
     let metrics = bind("metrics", listeners.metrics)?;
     let runtime = runtime(cores.as_slice())?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
+    owner_only::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
     })?;
@@ -131,12 +138,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
         (None, None) => None,
         (tcp, unix) => Some(NbdServer::start(
             engine.clone(),
-            NbdConfig {
-                tcp,
-                unix: unix.clone(),
-                start_paused: true,
-                ..NbdConfig::default()
-            },
+            nbd_config(&config, tcp, unix),
         )?),
     };
     let endpoints = Endpoints {
@@ -224,6 +226,23 @@ fn join_cluster(
     Heartbeats::start(membership, node.clone(), addresses, registered)
         .map(Some)
         .map_err(DaemonError::Heartbeat)
+}
+
+/// The NBD server's settings: the listeners, and the limits the config overrides.
+fn nbd_config(config: &NodeConfig, tcp: Option<SocketAddr>, unix: &Option<PathBuf>) -> NbdConfig {
+    let defaults = NbdConfig::default();
+    NbdConfig {
+        tcp,
+        unix: unix.clone(),
+        start_paused: true,
+        connections_max: config
+            .nbd_connections_max
+            .map_or(defaults.connections_max, |n| n as usize),
+        reply_budget_bytes: config
+            .nbd_reply_budget
+            .map_or(defaults.reply_budget_bytes, |s| s.0 as usize),
+        ..defaults
+    }
 }
 
 fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
@@ -385,7 +404,17 @@ fn ensure_volume(
     }
 }
 
+/// Opens a pool's device exclusively. A pool in a regular file is made owner-only first
+/// (a device node's mode is the system's to manage, and stays).
 fn open_locked(name: &str, path: &Path) -> Result<Arc<UringBdev>, DaemonError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        owner_only::enforce(path, owner_only::FILE_MODE).map_err(|source| {
+            DaemonError::PoolMode {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+    }
     let options = UringOptions {
         exclusive: true,
         ..UringOptions::default()
@@ -435,7 +464,12 @@ fn open_pool0(node: &Node, config: &NodeConfig, home: CoreId) -> Result<OpenedPo
         drop(stale);
         std::fs::remove_file(&tmp).map_err(dir_err)?;
     }
-    let f = std::fs::File::create_new(&tmp).map_err(dir_err)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(owner_only::FILE_MODE)
+        .open(&tmp)
+        .map_err(dir_err)?;
     f.set_len(size).map_err(dir_err)?;
     drop(f);
     let (base, fault) = node.faultable("pool0", open_locked("pool0", &tmp)?);

@@ -12,8 +12,10 @@
 //! directory.
 
 use crate::proto::{Epoch, VolumeId};
+use cairn_engine::owner_only;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub const EPOCH_FILE_MAGIC: u32 = u32::from_le_bytes(*b"CRNE");
@@ -78,9 +80,18 @@ pub fn decode(b: &[u8]) -> Result<Epoch, String> {
 }
 
 impl EpochStore {
-    /// Opens (creating) the directory.
+    /// Opens (creating) the directory, owner-only: the directory and every file in it are
+    /// narrowed to [`owner_only::DIR_MODE`] and [`owner_only::FILE_MODE`], since a fence that
+    /// another user can read the layout of or replace is no fence.
     pub fn open(dir: &Path) -> Result<EpochStore, EpochError> {
-        fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        owner_only::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        for entry in fs::read_dir(dir).map_err(io(dir, "list"))? {
+            let path = entry.map_err(io(dir, "list"))?.path();
+            if path.is_file() {
+                owner_only::enforce(&path, owner_only::FILE_MODE)
+                    .map_err(io(&path, "restrict mode"))?;
+            }
+        }
         Ok(EpochStore {
             dir: dir.to_path_buf(),
         })
@@ -119,7 +130,13 @@ impl EpochStore {
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
-        let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(owner_only::FILE_MODE)
+            .open(&tmp)
+            .map_err(io(&tmp, "create"))?;
         f.write_all(bytes).map_err(io(&tmp, "write"))?;
         f.sync_all().map_err(io(&tmp, "fsync"))?;
         fs::rename(&tmp, path).map_err(io(path, "rename"))?;

@@ -3,7 +3,13 @@
 //! submitting its requests to the replica's volume on that core.
 //!
 //! Limits and what happens at them:
-//! * [`HANDSHAKES_MAX`] handshakes at once; more connections are closed at once (logged).
+//! * [`HANDSHAKES_MAX`] handshakes at once, [`HANDSHAKES_PER_SOURCE_MAX`] from one source
+//!   address, and [`HANDSHAKE_TIMEOUT`] for the first frame to arrive whole, enforced by the
+//!   shared admission policy (`cairn_engine::frontend::admission`): a newcomer at a limit
+//!   evicts the oldest handshake of its own source, or of the source holding the most, so
+//!   silent sockets on the replica port cannot make a nexus's `Open` fail. Refusals are
+//!   logged rate-limited. Once the first frame is in, the handshake is the server's own work
+//!   (a fence drain, an fsync), bounded by its own limits and no longer subject to eviction.
 //! * [`SERVER_OPS_MAX`] requests of one connection in flight, and the core's DMA buffers:
 //!   at either limit the connection stops reading, and TCP pushes back on the nexus.
 //! * Reads and writes larger than one DMA buffer ([`Engine`]'s `buf_size_bytes`, 128 KiB by
@@ -23,6 +29,7 @@ use crate::replica::{Acceptance, HostedReplica, PathGauge, RecordUpdate, Replica
 use crate::transport::{Conn, Link, Transport, TransportError, HANDSHAKE_TIMEOUT};
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::dma::DmaBuf;
+use cairn_engine::frontend::admission::{Admission, AdmissionLimits, Ticket};
 use cairn_engine::reactor::{Core, OwnerId, Poller, PollerState};
 use cairn_engine::Engine;
 use std::collections::VecDeque;
@@ -33,8 +40,13 @@ use std::time::Duration;
 
 /// Requests one connection may have in flight at the volume.
 pub const SERVER_OPS_MAX: usize = 128;
-/// Handshakes running at once.
-pub const HANDSHAKES_MAX: usize = 16;
+/// Handshakes waiting for their first frame at once; a newcomer at the limit evicts the
+/// oldest of the source holding the most.
+pub const HANDSHAKES_MAX: usize = 64;
+/// Handshakes one source address may have waiting for their first frame; a newcomer at the
+/// limit evicts that source's oldest. A node opening many volumes at once opens them in a few
+/// milliseconds each, far below this.
+pub const HANDSHAKES_PER_SOURCE_MAX: usize = 16;
 /// How often the accept loop checks for shutdown.
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
 
@@ -61,7 +73,8 @@ struct Shared {
     engine: Arc<Engine>,
     replicas: Arc<ReplicaSet>,
     stop: Arc<AtomicBool>,
-    handshakes: AtomicUsize,
+    /// The first frame's deadline and the handshake limits.
+    admission: Arc<Admission>,
     /// The handshake threads started and not yet joined: shutdown joins them, since each
     /// holds the engine (and may hand a connection to a reactor) until it ends.
     handshake_threads: parking_lot::Mutex<Vec<JoinHandle<()>>>,
@@ -83,7 +96,14 @@ impl ReplicaServer {
             engine: engine.clone(),
             replicas,
             stop: stop.clone(),
-            handshakes: AtomicUsize::new(0),
+            admission: Admission::new(
+                "replica",
+                AdmissionLimits {
+                    negotiating_max: HANDSHAKES_MAX,
+                    per_source_max: HANDSHAKES_PER_SOURCE_MAX,
+                    deadline: HANDSHAKE_TIMEOUT,
+                },
+            ),
             handshake_threads: parking_lot::Mutex::new(Vec::new()),
             next_core: AtomicUsize::new(0),
         });
@@ -92,6 +112,7 @@ impl ReplicaServer {
             .name("cairn-replica-accept".into())
             .spawn(move || {
                 while !accepting.stop.load(Ordering::Acquire) {
+                    accepting.admission.sweep();
                     match acceptor.accept(ACCEPT_POLL) {
                         Ok(Some(link)) => admit(&accepting, link),
                         Ok(None) => {}
@@ -126,6 +147,7 @@ impl ReplicaServer {
         self.stop.store(true, Ordering::Release);
         let Some(t) = self.thread.take() else { return };
         drop(t.join());
+        self.shared.admission.cancel_all();
         // No new handshake starts now; the running ones end within their bounds (the frame
         // timeout, or a fence drain's FENCE_DRAIN_MAX), and a connection one hands over sees
         // `stop` like the others. Without this join, one still running keeps the engine
@@ -152,24 +174,24 @@ impl Drop for ReplicaServer {
 }
 
 fn admit(shared: &Arc<Shared>, link: Box<dyn Link>) {
-    if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= HANDSHAKES_MAX {
-        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(
-            peer = link.peer(),
-            limit = HANDSHAKES_MAX,
-            "too many replica handshakes; connection closed"
-        );
+    let cancel = match link.canceller() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(peer = link.peer(), error = %e, "replica peer gone before its handshake");
+            return;
+        }
+    };
+    let Some(ticket) = shared.admission.admit(link.peer(), cancel) else {
         return;
-    }
+    };
     let handshaking = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("cairn-replica-open".into())
         .spawn(move || {
             let peer = link.peer().to_string();
-            if let Err(why) = handshake(&handshaking, link) {
+            if let Err(why) = handshake(&handshaking, link, ticket) {
                 tracing::warn!(peer = %peer, error = %why, "replica open refused");
             }
-            handshaking.handshakes.fetch_sub(1, Ordering::AcqRel);
         });
     match spawned {
         Ok(t) => {
@@ -183,10 +205,21 @@ fn admit(shared: &Arc<Shared>, link: Box<dyn Link>) {
 
 /// Runs `Open`: finds the replica, applies the epoch rules, answers, and hands the connection
 /// to a reactor. Returns why a connection was refused.
-fn handshake(shared: &Shared, mut link: Box<dyn Link>) -> Result<(), String> {
-    let (header, payload) = link
-        .recv_frame(HANDSHAKE_TIMEOUT)
-        .map_err(|e| e.to_string())?;
+fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result<(), String> {
+    let first = link.recv_frame(HANDSHAKE_TIMEOUT);
+    // The peer has spoken (or failed to): what follows is this server's own work, and the
+    // link may go to a reactor, where no eviction may reach it.
+    drop(ticket);
+    let (header, payload) = match first {
+        Ok(frame) => frame,
+        // A peer that left or stayed silent (evicted, or past its deadline, which the
+        // admission log already reports, rate-limited) is not worth a line each.
+        Err(e @ (TransportError::Io { .. } | TransportError::Closed { .. })) => {
+            tracing::debug!(peer = link.peer(), error = %e, "replica peer sent no first frame");
+            return Ok(());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;
     let takeover = match msg {
         Message::Open { takeover } => takeover,

@@ -24,6 +24,13 @@
 //!   their free is durable and a barrier has passed, so a late write can never land in a cluster
 //!   that another volume now owns; snapshots mark clusters shared and then wait for a barrier, so
 //!   no write in flight can change a snapshot after it is taken.
+//! * **Discard**: after that barrier, and before the clusters become allocatable, every run of
+//!   freed clusters is discarded on the base device (a hole punched in a file, a discard on a
+//!   device), at most [`DISCARDS_IN_FLIGHT_MAX`] at once: a deleted volume's or snapshot's
+//!   data does not stay readable in the pool file, and the space goes back to the file
+//!   system. It runs on the home core between commits, never on a volume's I/O path. A
+//!   failed discard is logged and the clusters are released anyway: a new owner zeroes a
+//!   cluster before mapping it, so correctness never depends on the discard.
 
 use super::cluster::{PhysCluster, VirtCluster};
 use super::format::{Checkpoint, Superblock, META_BLOCK_BYTES};
@@ -44,6 +51,12 @@ pub const HOME_WAITERS_PREALLOC: usize = 1024;
 /// Home I/Os in flight at once (zeroing, copying, committing): the home owner's queue size.
 /// More would overflow the owner's completion queue, so it is an assertion.
 pub const HOME_OPS_MAX: usize = 256;
+
+/// Discards of freed clusters one pool has in flight at once.
+pub const DISCARDS_IN_FLIGHT_MAX: usize = 8;
+/// Longest run of freed clusters one discard request covers (a request's length is a u32).
+pub const DISCARD_RUN_MAX_BYTES: u64 = 1 << 30;
+const _: () = assert!(DISCARD_RUN_MAX_BYTES <= u32::MAX as u64);
 
 /// Barriers that can wait behind a running one without allocating (each commit that frees
 /// clusters queues one; more grow the queue).
@@ -182,6 +195,17 @@ enum Op {
     },
     /// One step of the commit in progress.
     Commit,
+    /// One run of the discard batch at the front of `Home::discards`.
+    Discard,
+}
+
+/// Clusters freed by one commit, being discarded before they are released for reuse.
+struct Discard {
+    /// Sorted, so adjacent clusters merge into one run.
+    clusters: Vec<PhysCluster>,
+    /// Index in `clusters` of the first cluster whose run is not yet issued.
+    next: usize,
+    pending: usize,
 }
 
 struct Commit {
@@ -346,6 +370,9 @@ pub(crate) struct Home {
     active_slot: usize,
     barrier: Option<(u32, AfterBarrier)>,
     barrier_queue: VecDeque<AfterBarrier>,
+    /// Freed clusters being discarded, oldest first; only the front batch has I/O in flight.
+    /// Holds as many batches as barriers can queue without allocating.
+    discards: VecDeque<Discard>,
     /// Open volumes: their bdev id and the state their channels share. Weak: the volume's
     /// bdev owns that state and holds this pool, so a strong reference here would be a cycle
     /// that keeps the base device (its file and lock) alive after the engine stops.
@@ -388,6 +415,7 @@ impl Home {
             active_slot,
             barrier: None,
             barrier_queue: VecDeque::with_capacity(BARRIERS_QUEUED_PREALLOC),
+            discards: VecDeque::with_capacity(BARRIERS_QUEUED_PREALLOC),
             open: HashMap::new(),
             cores,
             closing: false,
@@ -420,7 +448,10 @@ impl Home {
     }
 
     fn busy(&self) -> bool {
-        self.ops.iter().any(Option::is_some) || self.commit.is_some() || self.barrier.is_some()
+        self.ops.iter().any(Option::is_some)
+            || self.commit.is_some()
+            || self.barrier.is_some()
+            || !self.discards.is_empty()
     }
 }
 
@@ -747,6 +778,10 @@ fn on_complete(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, tag: u32
         Op::Commit => {
             h.unpark(tag);
             commit_step_done(h, core, shared, res);
+        }
+        Op::Discard => {
+            h.unpark(tag);
+            discard_done(h, core, shared, res);
         }
     }
 }
@@ -1088,7 +1123,7 @@ pub(crate) fn barrier_ack(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared
 fn barrier_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     let (_, then) = h.barrier.take().expect("barrier in progress");
     match then {
-        AfterBarrier::Release(clusters) => h.meta.release(&clusters),
+        AfterBarrier::Release(clusters) => start_discard(h, core, shared, clusters),
         AfterBarrier::Snapshot {
             volume,
             name,
@@ -1108,6 +1143,91 @@ fn barrier_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     if let Some(next) = h.barrier_queue.pop_front() {
         start_barrier(h, core, shared, next);
     }
+}
+
+/// Discards `clusters` (freed, durable, past a barrier) on the base device, then releases
+/// them; a base device that cannot discard releases them at once.
+fn start_discard(
+    h: &mut Home,
+    core: &mut Core,
+    shared: &Arc<PoolShared>,
+    mut clusters: Vec<PhysCluster>,
+) {
+    if !shared.base_bdev.info().can_trim {
+        return h.meta.release(&clusters);
+    }
+    // In place and allocation-free, like the rest of a commit.
+    clusters.sort_unstable_by_key(|c| c.get());
+    h.discards.push_back(Discard {
+        clusters,
+        next: 0,
+        pending: 0,
+    });
+    if h.discards.len() == 1 {
+        issue_discards(h, core, shared);
+    }
+}
+
+/// The next run of `d` to discard: its base offset and length, adjacent clusters merged up
+/// to [`DISCARD_RUN_MAX_BYTES`]. None when every run is issued.
+fn next_discard_run(sb: &Superblock, d: &mut Discard) -> Option<(u64, u32)> {
+    let first = *d.clusters.get(d.next)?;
+    let run_max = (DISCARD_RUN_MAX_BYTES / u64::from(sb.cluster_size_bytes)).max(1);
+    let mut count = 1;
+    while d.next + (count as usize) < d.clusters.len()
+        && count < run_max
+        && d.clusters[d.next + count as usize].get() == first.get() + count
+    {
+        count += 1;
+    }
+    d.next += count as usize;
+    let len = count * u64::from(sb.cluster_size_bytes);
+    Some((sb.cluster_offset(first), len as u32))
+}
+
+/// Issues the front batch's runs up to [`DISCARDS_IN_FLIGHT_MAX`]; releases each batch whose
+/// runs have all completed and moves on to the next.
+fn issue_discards(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
+    while let Some(d) = h.discards.front_mut() {
+        if d.next == d.clusters.len() && d.pending == 0 {
+            let done = h.discards.pop_front().expect("front exists");
+            h.meta.release(&done.clusters);
+            continue;
+        }
+        if d.pending >= DISCARDS_IN_FLIGHT_MAX {
+            return;
+        }
+        let Some((at, len)) = next_discard_run(&shared.sb, d) else {
+            return;
+        };
+        d.pending += 1;
+        let own = owner(h, core);
+        let tag = h.park(Op::Discard);
+        if let Err(res) = shared.submit(core, home_req(own, tag, IoOp::Trim, at, len, None)) {
+            h.unpark(tag);
+            note_discard_error(shared, res);
+            h.discards.front_mut().expect("front exists").pending -= 1;
+        }
+    }
+}
+
+fn discard_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res: i32) {
+    if res < 0 {
+        note_discard_error(shared, res);
+    }
+    h.discards
+        .front_mut()
+        .expect("a discard completed with no batch in progress")
+        .pending -= 1;
+    issue_discards(h, core, shared);
+}
+
+fn note_discard_error(shared: &PoolShared, res: i32) {
+    tracing::warn!(
+        pool = %shared.name,
+        error = %std::io::Error::from_raw_os_error(-res),
+        "discarding freed clusters failed: their old data stays on the device until reused"
+    );
 }
 
 /// Control: snapshot `volume` as `name`, durable when the reply arrives.

@@ -9,6 +9,7 @@ use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::volume::{self, Pool, CLUSTER_DEFAULT_BYTES};
 use cairn_engine::{CoreId, CoreList, Engine, EngineConfig};
 use clap::{Parser, Subcommand};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -124,7 +125,11 @@ fn first_core() -> Result<CoreId> {
 fn create(path: &Path, size: Option<u64>, cluster: u64) -> Result<()> {
     if !path.exists() {
         let size = size.context("--size is needed to create a new pool file")?;
-        let f = std::fs::File::create_new(path)
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(cairn_engine::owner_only::FILE_MODE)
+            .open(path)
             .with_context(|| format!("creating {}", path.display()))?;
         f.set_len(size)?;
     } else if size.is_some() {

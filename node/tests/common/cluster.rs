@@ -68,6 +68,10 @@ pub struct Config {
     pub netns: Option<String>,
     /// Size of the replica volume (and so of a nexus over it), in whole MiB.
     pub volume_bytes: u64,
+    /// The daemon's umask (inherited from the test process when None).
+    pub umask: Option<u32>,
+    /// More flags, appended after the harness's own (a later flag overrides an earlier one).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for Config {
@@ -79,6 +83,8 @@ impl Default for Config {
             admin_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             netns: None,
             volume_bytes: VOLUME_BYTES,
+            umask: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -117,6 +123,7 @@ impl Config {
         if self.fault_injection {
             a.push("--fault-injection".into());
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
@@ -238,6 +245,11 @@ impl Daemon {
         Admin::connect(&self.name, self.ready.admin)
     }
 
+    /// The directory holding its pool and epoch files.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
     /// The daemon's process id (for reading its `/proc/PID/stat`).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -305,6 +317,17 @@ fn spawn(
             c
         }
     };
+    if let Some(mask) = config.umask {
+        use std::os::unix::process::CommandExt;
+        let set_umask = move || {
+            // SAFETY: umask only sets the calling (child) process's file creation mask.
+            unsafe { libc::umask(mask as libc::mode_t) };
+            Ok(())
+        };
+        // SAFETY: the hook runs in the forked child before exec and calls only umask, which is
+        // async-signal-safe, takes no lock and allocates nothing.
+        unsafe { cmd.pre_exec(set_umask) };
+    }
     let mut child = cmd
         .args(config.args(data_dir))
         .env("RUST_LOG", "info")

@@ -18,6 +18,7 @@
 pub mod tcp;
 
 use crate::proto::{Envelope, Header, Message, ProtoError, HEADER_BYTES, PAYLOAD_MAX_BYTES};
+use cairn_engine::frontend::admission::Cancel;
 use cairn_engine::reactor::IoCtx;
 use std::time::Duration;
 
@@ -80,6 +81,11 @@ pub trait Link: Send {
 
     /// The peer's endpoint, for messages.
     fn peer(&self) -> &str;
+
+    /// What cuts this link's handshake short from another thread (its deadline passed, or a
+    /// newer peer evicted it): the blocked receive or send fails at once. It acts on a
+    /// duplicate of the connection, so it never closes what this link still uses.
+    fn canceller(&self) -> Result<Cancel, TransportError>;
 
     /// Moves the connection onto the calling reactor.
     fn attach(self: Box<Self>, io: &mut IoCtx) -> Result<Box<dyn Conn>, TransportError>;

@@ -10,6 +10,7 @@ use super::{
     TX_QUEUE_BYTES_MAX,
 };
 use crate::proto::{self, Envelope, Header, Message, HEADER_BYTES};
+use cairn_engine::frontend::admission::Cancel;
 use cairn_engine::reactor::ring::Route;
 use cairn_engine::reactor::{IoCtx, OwnerId};
 use std::io::{Read, Write};
@@ -143,6 +144,16 @@ impl Link for TcpLink {
 
     fn peer(&self) -> &str {
         &self.peer
+    }
+
+    fn canceller(&self) -> Result<Cancel, TransportError> {
+        let dup = self
+            .stream
+            .try_clone()
+            .map_err(io_err(&self.peer, "duplicate"))?;
+        Ok(Box::new(move || {
+            drop(dup.shutdown(std::net::Shutdown::Both))
+        }))
     }
 
     fn attach(self: Box<Self>, io: &mut IoCtx) -> Result<Box<dyn Conn>, TransportError> {

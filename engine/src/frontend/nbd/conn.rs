@@ -10,6 +10,10 @@
 //! * [`SLOTS_MAX`] requests in flight: parsing stops until a reply has been sent.
 //! * [`CHUNKS_MAX`] bdev requests in flight and the core's DMA pool: issuing waits.
 //! * [`REPLY_BYTES_MAX`] bytes of read data held for replies: new reads wait.
+//! * Reply data beyond [`REPLY_FLOOR_BYTES`] comes from the server's global reply budget
+//!   (`NbdConfig::reply_budget_bytes`); when it is spent, a read that needs more waits,
+//!   retried every [`BUDGET_RETRY`], until other connections' replies have been sent. Small
+//!   reads stay within the floor and never touch the shared budget.
 //!
 //! DMA buffers are held only while a bdev request is in flight: write data is copied in from
 //! the receive buffer once a whole chunk has arrived, and read data is copied out into the
@@ -44,6 +48,12 @@ pub const CHUNKS_MAX: usize = 128;
 /// Read data one connection may hold in replies not yet sent: one largest read plus room for
 /// a full queue of small ones. At the limit new reads wait.
 pub const REPLY_BYTES_MAX: usize = PAYLOAD_MAX_BYTES as usize + (8 << 20);
+/// Read data one connection may always hold in replies without drawing on the server's
+/// global reply budget, so a client reading a few MiB at a time is served even while
+/// non-reading clients have spent the budget (and pays no shared atomic for it).
+pub const REPLY_FLOOR_BYTES: usize = 2 << 20;
+/// How often a read waiting for the global reply budget looks again (a timer, not a spin).
+pub const BUDGET_RETRY: Duration = Duration::from_millis(20);
 /// Largest refused write whose payload is still read (and discarded) so that the error reply
 /// follows the whole request. A write claiming more is not answered: the connection closes.
 pub const OVERSIZED_WRITE_SKIP_MAX_BYTES: u32 = 2 * PAYLOAD_MAX_BYTES;
@@ -205,6 +215,11 @@ pub(crate) struct ExportConn {
     /// Bytes of `tx.front()` already sent.
     tx_sent: usize,
     reply_bytes: usize,
+    /// Bytes of the server's global reply budget this connection holds: always
+    /// `reply_bytes - REPLY_FLOOR_BYTES` or more, handed back as replies are sent.
+    reply_granted: usize,
+    /// When the retry timer for a read waiting on the global budget fires, if one is set.
+    budget_retry_at: Option<Instant>,
     iov: Box<[libc::iovec; IOV_BATCH_MAX]>,
     msg: Box<libc::msghdr>,
     extents: Vec<Extent>,
@@ -266,6 +281,8 @@ impl ExportConn {
             tx: VecDeque::with_capacity(SLOTS_MAX),
             tx_sent: 0,
             reply_bytes: 0,
+            reply_granted: 0,
+            budget_retry_at: None,
             iov: Box::new([iov; IOV_BATCH_MAX]),
             msg: Box::new(msg),
             extents: Vec::with_capacity(BLOCK_STATUS_EXTENTS_MAX),
@@ -407,6 +424,11 @@ impl ExportConn {
         let slot = &mut self.slots[s as usize];
         self.reply_bytes -= slot.reserved;
         slot.reserved = 0;
+        let keep = self.reply_bytes.saturating_sub(REPLY_FLOOR_BYTES);
+        if self.reply_granted > keep {
+            self.server.return_reply_budget(self.reply_granted - keep);
+            self.reply_granted = keep;
+        }
         slot.data_len = 0;
         if slot.data.capacity() > SLOT_DATA_KEEP_BYTES {
             slot.data = Vec::new();
@@ -461,7 +483,7 @@ impl ExportConn {
         };
         if req.kind == cmd::READ {
             let want = (req.len_bytes as usize).min(PAYLOAD_MAX_BYTES as usize);
-            if self.reply_bytes + want > REPLY_BYTES_MAX {
+            if self.reply_bytes + want > REPLY_BYTES_MAX || !self.reply_room(core, want) {
                 return false;
             }
         }
@@ -469,6 +491,27 @@ impl ExportConn {
         let s = self.free_slots.pop().expect("checked non-empty");
         self.start_request(core, s, req);
         true
+    }
+
+    /// Whether `want` more bytes of reply data fit this connection's floor and grant, taking
+    /// what is missing from the global budget. When the budget is short, arms a retry timer
+    /// (nothing else would wake this connection: it has stopped reading).
+    fn reply_room(&mut self, core: &mut Core, want: usize) -> bool {
+        let need = self.reply_bytes + want;
+        let have = REPLY_FLOOR_BYTES + self.reply_granted;
+        if need <= have {
+            return true;
+        }
+        if self.server.take_reply_budget(need - have) {
+            self.reply_granted += need - have;
+            return true;
+        }
+        let now = core.now();
+        if self.budget_retry_at.is_none_or(|at| at <= now) {
+            self.budget_retry_at = Some(now + BUDGET_RETRY);
+            core.after(BUDGET_RETRY, |_| ());
+        }
+        false
     }
 
     fn start_request(&mut self, core: &mut Core, s: u16, req: Request) {
@@ -925,6 +968,7 @@ impl Poller for ExportConn {
 
 impl Drop for ExportConn {
     fn drop(&mut self) {
+        self.server.return_reply_budget(self.reply_granted);
         self.export.connections.fetch_sub(1, Ordering::Relaxed);
         self.server.connections.fetch_sub(1, Ordering::Relaxed);
     }

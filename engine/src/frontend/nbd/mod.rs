@@ -2,8 +2,9 @@
 //!
 //! * [`proto`]: wire constants and the one place that encodes and decodes NBD messages.
 //! * [`handshake`]: option haggling on a blocking socket, on a short-lived thread per client
-//!   (bounded by [`NbdConfig::handshakes_max`] and a timeout), so a slow or hostile client in
-//!   negotiation never occupies a reactor.
+//!   (bounded by [`NbdConfig::handshakes_max`], a per-source limit and a whole-negotiation
+//!   deadline, enforced by [`super::admission`]), so a slow or hostile client in negotiation
+//!   never occupies a reactor nor keeps other clients out.
 //! * [`conn`]: one negotiated connection, a poller on one reactor. Requests are parsed from a
 //!   per-connection receive buffer, split into bdev-sized chunks, and replied to in completion
 //!   order (never serialised per connection).

@@ -6,12 +6,14 @@ use super::proto::{tx_flag, PAYLOAD_MAX_BYTES};
 use crate::bdev::Bdev;
 use crate::core_list::CoreId;
 use crate::engine::{BdevHandle, Engine, EngineError};
+use crate::frontend::admission::{Admission, AdmissionLimits, Cancel, Ticket};
+use crate::owner_only;
 use crate::reactor::BdevId;
-use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, HashSet};
+use parking_lot::RwLock;
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -19,11 +21,27 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Longest a client may take over negotiation before it is disconnected.
+/// Longest a client may take over its whole negotiation (not per read) before it is
+/// disconnected: a real client needs milliseconds, and a deadline per read would let a
+/// client sending one byte every few seconds hold its slot for ever.
 pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
-/// Clients negotiating at once; a client beyond this is disconnected at once (and logged), so a
-/// flood of idle sockets cannot exhaust threads.
+/// Clients negotiating at once (one thread each). A newcomer at the limit evicts the oldest
+/// negotiation of the source holding the most (see [`crate::frontend::admission`]).
 pub const HANDSHAKES_MAX_DEFAULT: usize = 64;
+/// Clients one source address may have negotiating at once; a newcomer at the limit evicts
+/// that source's oldest negotiation. A quarter of the global limit: a host that mounts a few
+/// exports at once never needs more, and three other sources always keep room.
+pub const HANDSHAKES_PER_SOURCE_MAX_DEFAULT: usize = 16;
+/// Negotiated connections at once, over all exports; a client beyond is disconnected at
+/// accept (logged, rate-limited). Each costs a thread-free poller, a 512 KiB receive region
+/// mapped on demand and up to [`super::conn::REPLY_FLOOR_BYTES`] of reply memory.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Read data all connections together may hold in replies beyond each one's
+/// [`super::conn::REPLY_FLOOR_BYTES`]. At the limit a connection whose next read needs more waits
+/// (it stops parsing, so TCP pushes back on its client) until another connection's replies
+/// are sent: a client that pipelines large reads and never reads the replies holds at most
+/// what the budget gave it, never memory in proportion to what it asks for.
+pub const REPLY_BUDGET_BYTES_DEFAULT: usize = 256 << 20;
 /// Upper bounds (µs) of the latency histogram buckets kept per export; the last is +Inf.
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
     25,
@@ -49,8 +67,16 @@ pub struct NbdConfig {
     pub tcp: Option<SocketAddr>,
     /// Unix-socket listener; a stale socket file is replaced, a live one is an error.
     pub unix: Option<PathBuf>,
+    /// Deadline of a whole negotiation ([`HANDSHAKE_TIMEOUT_DEFAULT`]).
     pub handshake_timeout: Duration,
+    /// [`HANDSHAKES_MAX_DEFAULT`].
     pub handshakes_max: usize,
+    /// [`HANDSHAKES_PER_SOURCE_MAX_DEFAULT`].
+    pub handshakes_per_source_max: usize,
+    /// [`CONNECTIONS_MAX_DEFAULT`].
+    pub connections_max: usize,
+    /// [`REPLY_BUDGET_BYTES_DEFAULT`].
+    pub reply_budget_bytes: usize,
     /// Bind the listeners but accept nobody until [`NbdServer::resume`]: a daemon binds first
     /// (so a taken port fails before any pool is touched), registers its exports, then opens
     /// the door. Clients that connect meanwhile wait in the listen backlog.
@@ -64,6 +90,9 @@ impl Default for NbdConfig {
             unix: None,
             handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
             handshakes_max: HANDSHAKES_MAX_DEFAULT,
+            handshakes_per_source_max: HANDSHAKES_PER_SOURCE_MAX_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            reply_budget_bytes: REPLY_BUDGET_BYTES_DEFAULT,
             start_paused: false,
         }
     }
@@ -275,10 +304,13 @@ pub(crate) struct ServerShared {
     paused: AtomicBool,
     /// Negotiated connections alive, on any core.
     pub(crate) connections: AtomicU32,
+    /// Reply bytes of [`NbdConfig::reply_budget_bytes`] no connection holds. Touched only by
+    /// connections reading beyond their floor, so small I/O never shares this cache line.
+    pub(crate) reply_budget_free: AtomicUsize,
+    /// Handshake threads running (a stopping server waits for them).
     handshakes: AtomicUsize,
-    /// Sockets in negotiation, so a stopping server can cut them short instead of waiting
-    /// for their timeout. An fd leaves the set (under the lock) before anything closes it.
-    negotiating: Mutex<HashSet<RawFd>>,
+    /// The negotiations' deadline and limits; a stopping server cuts them all short.
+    admission: Arc<Admission>,
     next_core: AtomicUsize,
     cores: Vec<CoreId>,
 }
@@ -296,6 +328,20 @@ impl Exports for ServerShared {
 }
 
 impl ServerShared {
+    /// Takes `bytes` from the global reply budget; false (taking nothing) when it has less.
+    pub(crate) fn take_reply_budget(&self, bytes: usize) -> bool {
+        self.reply_budget_free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |free| {
+                free.checked_sub(bytes)
+            })
+            .is_ok()
+    }
+
+    /// Gives `bytes` back to the global reply budget.
+    pub(crate) fn return_reply_budget(&self, bytes: usize) {
+        self.reply_budget_free.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     /// Sends every reactor an empty message so connections notice a flag set from outside.
     fn wake_reactors(&self) {
         for core in &self.cores {
@@ -317,12 +363,13 @@ impl ServerShared {
     }
 
     /// Negotiates with one client and hands the connection to a reactor.
-    fn serve_client<S>(self: &Arc<Self>, mut stream: S, peer: &str)
+    fn serve_client<S>(self: &Arc<Self>, mut stream: S, ticket: Ticket, peer: &str)
     where
         S: Read + Write + AsRawFd + Into<OwnedFd>,
     {
         let result = handshake::negotiate(&mut stream, &**self);
-        self.negotiating.lock().remove(&stream.as_raw_fd());
+        // Before the socket goes to a reactor: no deadline or eviction may reach it there.
+        drop(ticket);
         let negotiated = match result {
             Ok(Some(n)) => n,
             Ok(None) => return,
@@ -342,6 +389,10 @@ impl ServerShared {
             return;
         };
         if export.closed.load(Ordering::Relaxed) || self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.connections.load(Ordering::Relaxed) as usize >= self.config.connections_max {
+            self.admission.refuse(peer);
             return;
         }
         let fd: OwnedFd = stream.into();
@@ -366,36 +417,34 @@ impl ServerShared {
         }
     }
 
-    /// Starts a handshake thread for an accepted client, unless too many are negotiating.
-    fn accept<S>(self: &Arc<Self>, stream: S, peer: String)
+    /// Starts a handshake thread for an accepted client, unless the connection cap is
+    /// reached; [`Admission`] applies the negotiation limits (evicting an older negotiation
+    /// rather than refusing the newcomer).
+    fn accept<S>(self: &Arc<Self>, stream: S, cancel: Cancel, peer: String)
     where
         S: Read + Write + AsRawFd + Into<OwnedFd> + Send + 'static,
     {
         if self.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let busy = self.handshakes.fetch_add(1, Ordering::AcqRel);
-        if busy >= self.config.handshakes_max {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!(
-                peer,
-                limit = self.config.handshakes_max,
-                "too many clients negotiating; disconnecting one"
-            );
+        let connected = self.connections.load(Ordering::Relaxed) as usize;
+        if connected + self.admission.negotiating() >= self.config.connections_max {
+            self.admission.refuse(&peer);
             return;
         }
-        let fd = stream.as_raw_fd();
-        self.negotiating.lock().insert(fd);
+        let Some(ticket) = self.admission.admit(&peer, cancel) else {
+            return;
+        };
+        self.handshakes.fetch_add(1, Ordering::AcqRel);
         let shared = self.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
             .spawn(move || {
-                shared.serve_client(stream, &peer);
+                shared.serve_client(stream, ticket, &peer);
                 shared.handshakes.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
-            // The closure, and the stream in it, were dropped: forget the fd first.
-            self.negotiating.lock().remove(&fd);
+            // The closure, with the stream and the ticket, was dropped.
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(error = %e, "could not start an NBD handshake thread");
         }
@@ -437,6 +486,10 @@ trait Listener: AsRawFd + Send + 'static {
 
     /// Prepares an accepted socket for negotiation; fails only when the client is already gone.
     fn prepare(stream: &Self::Stream, timeout: Duration) -> std::io::Result<()>;
+
+    /// What cuts the negotiation short: a shutdown through a duplicate of the socket, which
+    /// keeps the socket (and so the fd number) alive until the admission entry is gone.
+    fn canceller(stream: &Self::Stream) -> std::io::Result<Cancel>;
 }
 
 impl Listener for TcpListener {
@@ -452,6 +505,11 @@ impl Listener for TcpListener {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))
     }
+
+    fn canceller(stream: &TcpStream) -> std::io::Result<Cancel> {
+        let dup = stream.try_clone()?;
+        Ok(Box::new(move || drop(dup.shutdown(Shutdown::Both))))
+    }
 }
 
 impl Listener for UnixListener {
@@ -466,10 +524,16 @@ impl Listener for UnixListener {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))
     }
+
+    fn canceller(stream: &UnixStream) -> std::io::Result<Cancel> {
+        let dup = stream.try_clone()?;
+        Ok(Box::new(move || drop(dup.shutdown(Shutdown::Both))))
+    }
 }
 
 fn accept_loop<L: Listener>(shared: Arc<ServerShared>, listener: L) {
     while !shared.stopping.load(Ordering::Relaxed) {
+        shared.admission.sweep();
         if shared.paused.load(Ordering::Acquire) {
             std::thread::sleep(PAUSED_POLL);
             continue;
@@ -484,8 +548,10 @@ fn accept_loop<L: Listener>(shared: Arc<ServerShared>, listener: L) {
                 continue;
             }
         };
-        match L::prepare(&stream, shared.config.handshake_timeout) {
-            Ok(()) => shared.accept(stream, peer),
+        let prepared = L::prepare(&stream, shared.config.handshake_timeout)
+            .and_then(|()| L::canceller(&stream));
+        match prepared {
+            Ok(cancel) => shared.accept(stream, cancel, peer),
             Err(e) => tracing::debug!(peer, error = %e, "NBD client gone before negotiation"),
         }
     }
@@ -497,7 +563,10 @@ fn accept_failed(e: &std::io::Error) {
     std::thread::sleep(ACCEPT_POLL);
 }
 
-/// Binds a unix socket, replacing a stale socket file but never a live server's.
+/// Binds a unix socket, replacing a stale socket file but never a live server's, and makes it
+/// owner-only ([`owner_only::SOCKET_MODE`]): connecting to a unix socket needs write
+/// permission on it, so another local user cannot reach the exports through it. The mode is
+/// set before the listener accepts anyone (the server starts accepting only after this).
 fn bind_unix(path: &PathBuf) -> Result<UnixListener, NbdError> {
     let bind_err = |source| NbdError::Bind {
         addr: path.display().to_string(),
@@ -512,7 +581,9 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, NbdError> {
         }
         std::fs::remove_file(path).map_err(bind_err)?;
     }
-    UnixListener::bind(path).map_err(bind_err)
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    owner_only::set_created(path, owner_only::SOCKET_MODE).map_err(bind_err)?;
+    Ok(listener)
 }
 
 /// A running NBD server. Dropping it without [`NbdServer::shutdown`] also shuts it down.
@@ -546,6 +617,15 @@ impl NbdServer {
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let cores = engine.cores();
         let paused = config.start_paused;
+        let admission = Admission::new(
+            "NBD",
+            AdmissionLimits {
+                negotiating_max: config.handshakes_max,
+                per_source_max: config.handshakes_per_source_max,
+                deadline: config.handshake_timeout,
+            },
+        );
+        let reply_budget = config.reply_budget_bytes;
         let shared = Arc::new(ServerShared {
             engine,
             config,
@@ -553,8 +633,9 @@ impl NbdServer {
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(paused),
             connections: AtomicU32::new(0),
+            reply_budget_free: AtomicUsize::new(reply_budget),
             handshakes: AtomicUsize::new(0),
-            negotiating: Mutex::new(HashSet::new()),
+            admission,
             next_core: AtomicUsize::new(0),
             cores,
         });
@@ -661,11 +742,7 @@ impl NbdServer {
         for l in self.listeners.drain(..) {
             let _ = l.join();
         }
-        for fd in shared.negotiating.lock().iter() {
-            // SAFETY: every fd in the set is an open socket owned by a handshake thread, which
-            // removes it under this lock before closing it; shutdown only ends its I/O.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-        }
+        shared.admission.cancel_all();
         let limit = shared.config.handshake_timeout + CLOSE_SLACK;
         if !shared.wait_until(limit, || shared.handshakes.load(Ordering::Acquire) == 0) {
             tracing::warn!("NBD handshakes still running at shutdown");
