@@ -1209,8 +1209,8 @@ pub(crate) struct Found {
 /// back to older metadata that would silently lose flushed writes.
 ///
 /// A fall back that does happen (both copies of the newest header damaged) leaves a trace: a
-/// damaged copy whose seq field is above the chosen one, or a slot whose copies are all
-/// damaged. It is reported in [`Found::lost_seq`], and the caller says so loudly.
+/// slot left with damaged copies and no valid one (see [`lost_seq`]). It is reported in
+/// [`Found::lost_seq`], and the caller says so loudly.
 pub(crate) fn newest_checkpoint(
     sb: &Superblock,
     mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, PoolError>,
