@@ -46,7 +46,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn mutated_checkpoints_never_panic(flips in proptest::collection::vec((0usize..600, any::<u8>()), 1..8), cut in 0usize..5000) {
+    fn mutated_checkpoints_never_panic(flips in proptest::collection::vec((0usize..8192, any::<u8>()), 1..8), cut in 0usize..9000) {
         let (sb, mut bytes) = sample();
         for (at, x) in flips {
             let at = at % bytes.len();

@@ -73,3 +73,60 @@ fn bad_input_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("above zero"));
     std::fs::remove_file(&path).unwrap();
 }
+
+/// The checkpoint header bit flip (issue 16): one copy of the newest header with a flipped
+/// magic is reported and exits 1, while the newest seq still wins; both copies flipped is a
+/// rollback, reported with the seq it loses (`lost_seq` in the JSON) and exit 1. Before, the
+/// pool fell back to the older checkpoint and check exited 0.
+#[test]
+fn check_reports_a_damaged_header_copy_and_a_rollback() {
+    use cairn_engine::volume::format::Superblock;
+    use std::os::unix::fs::FileExt;
+    let path = std::env::temp_dir().join(format!("cairn-pool-flip-{}.img", std::process::id()));
+    ok(&tool(&path, &["create", "--size", "64M"]));
+    ok(&tool(&path, &["volume-create", "pg", "16M"]));
+    let clean: serde_json::Value =
+        serde_json::from_str(ok(&tool(&path, &["check", "--json"])).trim()).unwrap();
+    let (seq, slot) = (
+        clean["seq"].as_u64().unwrap(),
+        clean["slot"].as_u64().unwrap(),
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut sb = vec![0u8; 4096];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    let sb = Superblock::decode(&sb).unwrap();
+    let flip_magic = |at: u64| {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x04], at).unwrap();
+    };
+    let check = || {
+        let out = tool(&path, &["check", "--json"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        v
+    };
+    let [first, second] = sb.header_offsets(slot as usize);
+    flip_magic(first);
+    let v = check();
+    assert_eq!(
+        (v["seq"].as_u64(), v["lost_seq"].as_u64()),
+        (Some(seq), None),
+        "{v}"
+    );
+    assert!(v["problems"].to_string().contains("bad magic"), "{v}");
+    flip_magic(second);
+    let v = check();
+    assert_eq!(
+        (v["seq"].as_u64(), v["lost_seq"].as_u64()),
+        (Some(seq - 1), Some(seq)),
+        "{v}"
+    );
+    assert!(v["problems"].to_string().contains("ROLLBACK"), "{v}");
+    std::fs::remove_file(&path).unwrap();
+}

@@ -507,6 +507,72 @@ fn a_malformed_frame_closes_only_that_connection() {
     w.check(&mut nbd).unwrap();
 }
 
+/// The epoch lock-out (issue 16): an Open with TAKEOVER at epoch u64::MAX once became the
+/// replica's fence, after which a promote computed u64::MAX + 1, wrapped to 0 ("epoch 0 is
+/// not a valid epoch"), and create, destroy and unexport all failed for good. Now an Open
+/// above `EPOCH_MAX` (u64::MAX, and EPOCH_MAX + 1) is refused when it is decoded: the
+/// connection closes, no fence moves, the nexus keeps writing with the replica in sync, and
+/// promote, unexport, destroy and a new takeover all work afterwards.
+#[test]
+fn an_open_above_the_epoch_maximum_is_refused_and_the_volume_stays_usable() {
+    use cairn_replication::proto::{self, Envelope, Epoch, Message, RequestId, EPOCH_MAX};
+    let dir = WorkDir::new("repl-epoch-max");
+    let a = Daemon::start(&dir, "a", nexus_node());
+    let b = Daemon::start(&dir, "b", Config::replica(LOCALHOST));
+    let b_addr = b.replica();
+    let replicas = ["local".to_string(), b_addr.clone()];
+    let mut admin = a.admin();
+    let v = admin.create_nexus(&replicas, 10_000);
+    admin.export_nexus();
+    let mut writer = Writer::start(Workload::new(0x5eed_0016), a.nbd());
+    writer.wait_bytes(MIB);
+
+    for absurd in [u64::MAX, EPOCH_MAX + 1] {
+        let env = Envelope {
+            volume_id: cairn_replication::replica::volume_id_for(VOLUME),
+            epoch: Epoch::new(v.epoch).unwrap(),
+            request_id: RequestId::new(1),
+        };
+        let mut frame = Vec::new();
+        proto::encode_into(&env, &Message::Open { takeover: true }, &mut frame);
+        // The encoder refuses such an epoch; an attacker writes the bytes itself.
+        frame[24..32].copy_from_slice(&absurd.to_le_bytes());
+        let header: &[u8; proto::HEADER_BYTES] = frame[..proto::HEADER_BYTES].try_into().unwrap();
+        let crc = proto::frame_crc(header, &frame[proto::HEADER_BYTES..]);
+        frame[56..60].copy_from_slice(&crc.to_le_bytes());
+        assert_closed_after(
+            connect_raw(&b_addr),
+            &frame,
+            &format!("Open at epoch {absurd}"),
+        );
+        let progress = writer.bytes() + MIB;
+        writer.wait_bytes(progress);
+        let now = admin.show();
+        assert_eq!(
+            (
+                now.state.as_str(),
+                now.epoch,
+                replica(&now, &b_addr).state.as_str()
+            ),
+            ("online", v.epoch, "in-sync"),
+            "after an Open at epoch {absurd}: {now:#?}"
+        );
+    }
+    let (w, mut nbd) = writer.stop();
+    w.check(&mut nbd).unwrap();
+    drop(nbd);
+
+    let promoted = admin.promote();
+    assert_eq!(promoted.epoch, v.epoch + 1, "{promoted:#?}");
+    admin.unexport(VOLUME);
+    admin.destroy_nexus();
+    let again = admin.take_over(&replicas, 10_000);
+    assert!(again.epoch > promoted.epoch, "{again:#?}");
+    admin.export_nexus();
+    let mut nbd = a.nbd();
+    w.check(&mut nbd).unwrap();
+}
+
 /// The stale-copy trap (issue 13): C is killed, writes go on through A (A and B take them),
 /// then A dies. A new nexus over B and C, taking the volume over, must trust B (the higher
 /// data generation) and rebuild C before anything is read from it. With B's disk failing

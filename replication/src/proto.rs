@@ -111,6 +111,8 @@ pub enum ProtoError {
     NilVolumeId,
     #[error("epoch 0 is not a valid epoch (epochs start at 1)")]
     ZeroEpoch,
+    #[error("epoch {epoch} is above the maximum epoch {EPOCH_MAX}")]
+    EpochAboveMax { epoch: u64 },
     #[error("header announces {header_bytes} payload bytes but {given_bytes} were given")]
     PayloadLengthMismatch {
         header_bytes: u32,
@@ -186,16 +188,28 @@ impl fmt::Debug for VolumeId {
     }
 }
 
+/// The highest valid epoch. A nexus raises the epoch by one per create, promote or
+/// takeover, so 2^48 is more than a million takeovers a second for eight years; far below
+/// `u64::MAX`, so `epoch + 1` on any valid epoch never wraps, and an Open that names an
+/// absurd epoch (u64::MAX, which once wrapped a promote to 0 and locked the volume) is
+/// refused when it is decoded, before any fence moves.
+pub const EPOCH_MAX: u64 = 1 << 48;
+
 /// A nexus generation. Replicas refuse anything below the highest epoch they have accepted,
-/// so a new nexus (always a higher epoch) fences off a stale one. Epochs start at 1.
+/// so a new nexus (always a higher epoch) fences off a stale one. Epochs run from 1 to
+/// [`EPOCH_MAX`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Epoch(u64);
 
 impl Epoch {
-    /// The one constructor; 0 is refused so that "no epoch yet" is never confused with one.
+    /// The one constructor; 0 is refused so that "no epoch yet" is never confused with one,
+    /// and anything above [`EPOCH_MAX`] so that no arithmetic on an epoch can wrap.
     pub fn new(epoch: u64) -> Result<Self, ProtoError> {
         if epoch == 0 {
             return Err(ProtoError::ZeroEpoch);
+        }
+        if epoch > EPOCH_MAX {
+            return Err(ProtoError::EpochAboveMax { epoch });
         }
         Ok(Self(epoch))
     }
@@ -203,7 +217,15 @@ impl Epoch {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// The epoch after this one, or an error naming [`EPOCH_MAX`] once it is reached.
+    pub fn next(self) -> Result<Self, ProtoError> {
+        // Cannot wrap: self.0 <= EPOCH_MAX < u64::MAX.
+        Epoch::new(self.0 + 1)
+    }
 }
+
+const _: () = assert!(EPOCH_MAX < u64::MAX / 2, "epoch + 1 must never wrap");
 
 /// Chosen by the sender of a request and echoed in its reply; any value is valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -292,10 +292,11 @@ impl ReplicaSet {
                     name: r.name.clone(),
                 });
             }
-        } else if !r.drain_below(epoch.get() + 1) {
+        } else if !r.drain_below(epoch.next().map_or(u64::MAX, Epoch::get)) {
             // The same nexus reconnecting (after it faulted this replica): requests of its
             // old connections may still be running here, and must land before the resync
-            // that follows this Open copies their regions.
+            // that follows this Open copies their regions. At EPOCH_MAX there is no next
+            // epoch, and every path (all at or below it) drains.
             return Err(ReplicaError::Busy {
                 name: r.name.clone(),
             });

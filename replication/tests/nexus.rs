@@ -321,6 +321,62 @@ fn a_newer_nexus_fences_the_older_one() {
     new.shutdown();
 }
 
+/// Epochs cannot wrap (issue 16): a nexus at `EPOCH_MAX` cannot promote, and says so with
+/// the value and the maximum instead of wrapping to epoch 0; it keeps serving at its epoch.
+/// A takeover above every fence at `EPOCH_MAX` is refused the same way.
+#[test]
+fn a_promote_past_the_epoch_maximum_is_refused_and_the_nexus_keeps_serving() {
+    use cairn_replication::proto::EPOCH_MAX;
+    let engine = engine();
+    let a = Site::new(&engine, "ma", false);
+    let b = Site::new(&engine, "mb", false);
+    let m = manager(&engine, "max");
+    let v = m
+        .create(CreateRequest {
+            name: "vol".into(),
+            replicas: vec![a.spec(), b.spec()],
+            options: options(),
+            epoch: Some(EPOCH_MAX),
+            takeover: false,
+            insync: InSyncOptions::default(),
+        })
+        .expect("a nexus at the maximum epoch");
+    assert_eq!(v.epoch, EPOCH_MAX);
+    let e = m.promote("vol").unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "{} is above the maximum epoch {EPOCH_MAX}",
+            EPOCH_MAX + 1
+        )),
+        "{e}"
+    );
+    let mut q = engine
+        .queue(&m.handle("vol").unwrap(), engine.cores()[0], 4)
+        .unwrap();
+    q.write_at(0, &[7u8; 4096], false).unwrap();
+    let mut back = [0u8; 4096];
+    q.read_at(0, &mut back).unwrap();
+    assert_eq!(back, [7u8; 4096]);
+    drop(q);
+
+    let other = manager(&engine, "max-other");
+    let refused = other
+        .create(CreateRequest {
+            name: "vol".into(),
+            replicas: vec![a.spec(), b.spec()],
+            options: options(),
+            epoch: None,
+            takeover: true,
+            insync: InSyncOptions::default(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("maximum epoch"), "{refused}");
+    assert_eq!(m.show("vol").unwrap().state, "online");
+    m.shutdown();
+    other.shutdown();
+}
+
 #[test]
 fn a_new_replica_is_rebuilt_online_under_writes() {
     let engine = engine();

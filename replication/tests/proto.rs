@@ -342,6 +342,12 @@ fn non_canonical_headers_are_refused() {
     );
     assert_eq!(edit(8, &[0; 16]), ProtoError::NilVolumeId);
     assert_eq!(edit(24, &0u64.to_le_bytes()), ProtoError::ZeroEpoch);
+    for epoch in [proto::EPOCH_MAX + 1, u64::MAX] {
+        assert_eq!(
+            edit(24, &epoch.to_le_bytes()),
+            ProtoError::EpochAboveMax { epoch }
+        );
+    }
     assert_eq!(
         edit(40, &512u64.to_le_bytes()),
         ProtoError::FieldNotZero {
@@ -493,6 +499,29 @@ fn newtypes_refuse_invalid_values() {
     assert_eq!(VolumeId::new([0; 16]).unwrap_err(), ProtoError::NilVolumeId);
     assert_eq!(Epoch::new(0).unwrap_err(), ProtoError::ZeroEpoch);
     assert!(Epoch::new(1).unwrap() < Epoch::new(2).unwrap());
+    // Epochs are bounded, and "the next epoch" is checked: at the maximum it is an error that
+    // names the value and the maximum, never a wrap to 0 (issue 16's u64::MAX lock-out).
+    let max = Epoch::new(proto::EPOCH_MAX).unwrap();
+    assert_eq!(
+        Epoch::new(proto::EPOCH_MAX - 1).unwrap().next().unwrap(),
+        max
+    );
+    let e = max.next().unwrap_err();
+    assert_eq!(
+        e,
+        ProtoError::EpochAboveMax {
+            epoch: proto::EPOCH_MAX + 1
+        }
+    );
+    assert!(
+        e.to_string().contains(&format!(
+            "{} is above the maximum epoch {}",
+            proto::EPOCH_MAX + 1,
+            proto::EPOCH_MAX
+        )),
+        "{e}"
+    );
+    assert!(Epoch::new(u64::MAX).is_err());
     let id = VolumeId::new([0x11; 16]).unwrap();
     assert_eq!(id.to_string(), "11111111-1111-1111-1111-111111111111");
 }
@@ -531,7 +560,7 @@ impl Sample {
         let sector = u64::from(SECTOR_BYTES);
         let offset_bytes = self.offset_sectors * sector;
         let len_bytes = self.len_sectors * sector;
-        let epoch = Epoch::new(self.value.max(1)).unwrap();
+        let epoch = Epoch::new(self.value.clamp(1, proto::EPOCH_MAX)).unwrap();
         match self.kind {
             0 => Message::Open {
                 takeover: self.value % 2 == 1,
@@ -605,7 +634,7 @@ fn sample() -> impl Strategy<Value = Sample> {
 }
 
 fn envelope_strategy() -> impl Strategy<Value = Envelope> {
-    (any::<[u8; 16]>(), 1..=u64::MAX, any::<u64>()).prop_map(|(mut uuid, epoch, id)| {
+    (any::<[u8; 16]>(), 1..=proto::EPOCH_MAX, any::<u64>()).prop_map(|(mut uuid, epoch, id)| {
         uuid[0] |= 1;
         Envelope {
             volume_id: VolumeId::new(uuid).unwrap(),

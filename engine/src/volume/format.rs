@@ -1,5 +1,9 @@
 //! On-disk format of a pool: the superblock and the two metadata checkpoint slots.
 //!
+//! Each slot holds one checkpoint: its header block, written twice (the slot's first and
+//! last blocks, [`Superblock::header_offsets`]), and its payload in the blocks between. Two
+//! copies of the header mean that one damaged block never hides a committed checkpoint.
+//!
 //! This file is the one place that encodes and decodes them; `docs/formats.md` draws every
 //! byte. Everything is little-endian and fixed-width, every structure carries a magic, the
 //! format version and a crc32c, and decoding checks all three before trusting a single field.
@@ -12,14 +16,22 @@ use std::fmt;
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"CAIRNPL\0";
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"CAIRNCK\0";
-/// Version of the whole pool format. Pools from a newer version are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the whole pool format. Pools from a newer version are refused, and so are
+/// version 1 pools (one header copy per slot, payload in the header's block): see
+/// [`FormatError::OldVersion`].
+pub const FORMAT_VERSION: u32 = 2;
 /// Metadata is read and written in units of this many bytes.
 pub const META_BLOCK_BYTES: u64 = 4096;
 /// Bytes of the superblock that carry data; the crc covers `0..SUPERBLOCK_CRC_OFFSET`.
 pub const SUPERBLOCK_CRC_OFFSET: usize = 88;
-/// Size of the checkpoint header at the start of each slot.
+/// Size of the checkpoint header at the start of its header block; the rest of the block is
+/// zero.
 pub const CHECKPOINT_HEADER_BYTES: usize = 64;
+/// Copies of each checkpoint's header block in its slot.
+pub const HEADER_COPIES: usize = 2;
+/// Where a checkpoint's payload starts, in its encoding and in its slot: the block after the
+/// header block, so a damaged header block never takes payload bytes with it.
+pub const CHECKPOINT_PAYLOAD_OFFSET: usize = META_BLOCK_BYTES as usize;
 /// Longest volume or snapshot name, and longest label key or value.
 pub const NAME_MAX_BYTES: usize = 255;
 /// Most labels on one volume.
@@ -46,6 +58,10 @@ pub enum FormatError {
     NewerVersion { what: &'static str, found: u32 },
     #[error("{what}: format version {found} is not supported")]
     BadVersion { what: &'static str, found: u32 },
+    #[error(
+        "{what}: format version {found} is older than this build's {FORMAT_VERSION}, which writes every checkpoint header twice and lays slots out differently; this build does not convert pools in place: copy the volumes off with the release that wrote the pool, then recreate it"
+    )]
+    OldVersion { what: &'static str, found: u32 },
     #[error("{what}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Checksum {
         what: &'static str,
@@ -96,6 +112,7 @@ impl Superblock {
         let approx_clusters = bdev_size_bytes / cluster;
         let slot_bytes = slot_bytes_for(approx_clusters);
         let meta_end = META_BLOCK_BYTES + 2 * slot_bytes;
+        const _: () = assert!(HEADER_COPIES == 2, "a slot holds its first and last block");
         let data_offset_bytes = meta_end.next_multiple_of(cluster);
         if bdev_size_bytes < data_offset_bytes + cluster {
             return Err(invalid(format!(
@@ -185,6 +202,18 @@ impl Superblock {
         Ok(sb)
     }
 
+    /// Where the copies of slot `slot`'s header block go: its first and its last block, as far
+    /// apart as the slot allows.
+    pub fn header_offsets(&self, slot: usize) -> [u64; HEADER_COPIES] {
+        let at = self.slot_offsets[slot];
+        [at, at + self.slot_bytes - META_BLOCK_BYTES]
+    }
+
+    /// Where slot `slot`'s payload starts: the block after its first header copy.
+    pub fn payload_offset(&self, slot: usize) -> u64 {
+        self.slot_offsets[slot] + CHECKPOINT_PAYLOAD_OFFSET as u64
+    }
+
     /// Byte offset on the base device of physical cluster `cluster`.
     pub fn cluster_offset(&self, cluster: PhysCluster) -> u64 {
         debug_assert!(cluster.get() < self.cluster_count);
@@ -192,20 +221,25 @@ impl Superblock {
     }
 }
 
-/// Size of one checkpoint slot for a pool of `clusters` data clusters: room for objects,
-/// [`REFS_PER_CLUSTER`] references per cluster and the bitmap.
+/// Size of one checkpoint slot for a pool of `clusters` data clusters: the two header
+/// blocks, and payload room for objects, [`REFS_PER_CLUSTER`] references per cluster and the
+/// bitmap.
 fn slot_bytes_for(clusters: u64) -> u64 {
     let objects = SLOT_OBJECT_BYTES;
     let refs = clusters * REFS_PER_CLUSTER * 16;
     let bitmap = clusters.div_ceil(8) + 8;
-    (CHECKPOINT_HEADER_BYTES as u64 + 32 + objects + refs + bitmap)
-        .next_multiple_of(META_BLOCK_BYTES)
+    HEADER_COPIES as u64 * META_BLOCK_BYTES
+        + (32 + objects + refs + bitmap).next_multiple_of(META_BLOCK_BYTES)
 }
+
+/// The last format version whose pools this build refuses as too old.
+const OLD_VERSION_MAX: u32 = 1;
 
 fn check_version(what: &'static str, found: u32) -> Result<(), FormatError> {
     match found {
         FORMAT_VERSION => Ok(()),
         v if v > FORMAT_VERSION => Err(FormatError::NewerVersion { what, found }),
+        1..=OLD_VERSION_MAX => Err(FormatError::OldVersion { what, found }),
         _ => Err(FormatError::BadVersion { what, found }),
     }
 }
@@ -261,9 +295,10 @@ pub fn object_bytes(name: &str, labels: &[(String, String)], mappings: u64) -> u
     OBJECT_FIXED_BYTES + name.len() as u64 + labels + 16 * mappings
 }
 
-/// Payload bytes of a checkpoint besides its objects.
+/// Bytes of a slot a checkpoint fills besides its objects: both header blocks, and the
+/// payload's fixed fields and bitmap.
 pub fn checkpoint_fixed_bytes(clusters: u64) -> u64 {
-    CHECKPOINT_HEADER_BYTES as u64 + 16 + 8 + 4 + 8 + clusters.div_ceil(8)
+    HEADER_COPIES as u64 * META_BLOCK_BYTES + 16 + 8 + 4 + 8 + clusters.div_ceil(8)
 }
 
 /// The one encoder of a checkpoint: writes it field by field into caller memory (a slot's
@@ -289,7 +324,7 @@ impl<'a> CheckpointWriter<'a> {
     ) -> CheckpointWriter<'a> {
         let mut w = CheckpointWriter {
             out,
-            at: CHECKPOINT_HEADER_BYTES,
+            at: CHECKPOINT_PAYLOAD_OFFSET,
             fits: true,
         };
         w.put(pool_uuid);
@@ -356,22 +391,24 @@ impl<'a> CheckpointWriter<'a> {
         }
     }
 
-    /// Writes the header and zero-fills the last block: returns the checkpoint's length in
-    /// whole metadata blocks, or None when it did not fit in `out`.
+    /// Writes the header block and zero-fills the payload's last block: returns the
+    /// checkpoint's length (header block and payload) in whole metadata blocks, or None when
+    /// it did not fit in `out` with a block to spare for the header's second copy (`out` is
+    /// a slot's worth).
     pub fn finish(self, seq: u64) -> Option<usize> {
         let end = self.at.next_multiple_of(META_BLOCK_BYTES as usize);
-        if !self.fits || end > self.out.len() {
+        if !self.fits || end + META_BLOCK_BYTES as usize > self.out.len() {
             return None;
         }
         let b = self.out;
-        let payload_len = self.at - CHECKPOINT_HEADER_BYTES;
+        let payload_len = self.at - CHECKPOINT_PAYLOAD_OFFSET;
         b[self.at..end].fill(0);
-        b[..CHECKPOINT_HEADER_BYTES].fill(0);
+        b[..CHECKPOINT_PAYLOAD_OFFSET].fill(0);
         b[0..8].copy_from_slice(&CHECKPOINT_MAGIC);
         put_u32(b, 8, FORMAT_VERSION);
         put_u64(b, 16, seq);
         put_u64(b, 24, payload_len as u64);
-        let payload_crc = crc32c::crc32c(&b[CHECKPOINT_HEADER_BYTES..self.at]);
+        let payload_crc = crc32c::crc32c(&b[CHECKPOINT_PAYLOAD_OFFSET..self.at]);
         put_u32(b, 32, payload_crc);
         let header_crc = crc32c::crc32c(&b[..CHECKPOINT_HEADER_BYTES]);
         put_u32(b, 12, header_crc);
@@ -380,7 +417,8 @@ impl<'a> CheckpointWriter<'a> {
 }
 
 impl Checkpoint {
-    /// Encodes into whole metadata blocks, or None if it would not fit in `slot_bytes`.
+    /// Encodes into whole metadata blocks (the header block, then the payload), or None if it
+    /// would not fit in a slot of `slot_bytes` beside the header's second copy.
     pub fn encode(&self, slot_bytes: u64) -> Option<Vec<u8>> {
         let mut b = vec![0u8; usize::try_from(slot_bytes).ok()?];
         let mut w = CheckpointWriter::new(
@@ -411,7 +449,8 @@ impl Checkpoint {
         Some(b)
     }
 
-    /// Length of the payload announced by a valid header, so a reader knows how much to read.
+    /// The sequence number and payload length announced by a valid header, so a reader knows
+    /// which copy is newest and how much to read.
     pub fn decode_header(b: &[u8]) -> Result<(u64, u64), FormatError> {
         const WHAT: &str = "metadata checkpoint header";
         if b.len() < CHECKPOINT_HEADER_BYTES {
@@ -441,14 +480,14 @@ impl Checkpoint {
     pub fn decode(b: &[u8]) -> Result<Checkpoint, FormatError> {
         const WHAT: &str = "metadata checkpoint";
         let (seq, len) = Checkpoint::decode_header(b)?;
-        let end = CHECKPOINT_HEADER_BYTES as u64 + len;
+        let end = (CHECKPOINT_PAYLOAD_OFFSET as u64).saturating_add(len);
         if end > b.len() as u64 {
             return Err(FormatError::Truncated {
                 what: WHAT,
                 at: b.len(),
             });
         }
-        let p = &b[CHECKPOINT_HEADER_BYTES..end as usize];
+        let p = &b[CHECKPOINT_PAYLOAD_OFFSET..end as usize];
         let stored = get_u32(b, 32);
         let computed = crc32c::crc32c(p);
         if stored != computed {
@@ -483,6 +522,45 @@ impl Checkpoint {
             objects,
             bitmap,
         })
+    }
+}
+
+/// What one copy of a checkpoint header block holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderCopy {
+    Valid {
+        seq: u64,
+        payload_bytes: u64,
+    },
+    /// All zeros: never written, or cleared before a failed commit was retried.
+    Blank,
+    /// Anything else (a flipped bit, a torn write, stray bytes): the sequence number its seq
+    /// field holds, untrusted, and why the copy is unusable.
+    Damaged {
+        raw_seq: u64,
+        error: FormatError,
+    },
+}
+
+impl HeaderCopy {
+    /// Classifies a header block: only a copy that passes every check of
+    /// [`Checkpoint::decode_header`] is valid.
+    pub fn classify(b: &[u8]) -> HeaderCopy {
+        match Checkpoint::decode_header(b) {
+            Ok((seq, payload_bytes)) => HeaderCopy::Valid { seq, payload_bytes },
+            Err(_)
+                if b.len() >= CHECKPOINT_HEADER_BYTES
+                    && b[..CHECKPOINT_HEADER_BYTES].iter().all(|&x| x == 0) =>
+            {
+                HeaderCopy::Blank
+            }
+            Err(error) => HeaderCopy::Damaged {
+                raw_seq: b
+                    .get(16..24)
+                    .map_or(0, |s| u64::from_le_bytes(s.try_into().expect("8 bytes"))),
+                error,
+            },
+        }
     }
 }
 
@@ -644,7 +722,7 @@ mod tests {
         let c = sample();
         let b = c.encode(1 << 20).unwrap();
         assert_eq!(Checkpoint::decode(&b).unwrap(), c);
-        for at in [3, 20, CHECKPOINT_HEADER_BYTES + 5] {
+        for at in [3, 20, CHECKPOINT_PAYLOAD_OFFSET + 5] {
             let mut bad = b.clone();
             bad[at] ^= 0x40;
             assert!(
@@ -678,11 +756,11 @@ mod tests {
             crc32c::crc32c(&sample().encode(1 << 20).unwrap()),
         );
         assert_eq!(
-            fingerprint.0, 1,
+            fingerprint.0, 2,
             "bump the expected fingerprint with the version"
         );
-        assert_eq!(fingerprint.5, 4096);
-        assert_eq!(fingerprint.6, 1_690_342_261, "checkpoint encoding changed");
+        assert_eq!(fingerprint.5, 8192);
+        assert_eq!(fingerprint.6, 233_286_296, "checkpoint encoding changed");
         let layout = Superblock::layout(4 << 30, 4096, 1 << 20, [7; 16]).unwrap();
         assert_eq!(
             (
@@ -690,7 +768,7 @@ mod tests {
                 layout.data_offset_bytes,
                 layout.cluster_count
             ),
-            (528_384, 2 << 20, 4094)
+            (536_576, 2 << 20, 4094)
         );
         // The whole block's crc would not do: a crc over data followed by its own crc is the
         // same for every input. The stored crc covers every field; the rest must stay zero.
@@ -707,8 +785,8 @@ mod tests {
         );
     }
 
-    /// crc32c of bytes `0..SUPERBLOCK_CRC_OFFSET` of [`sample_superblock`] at FORMAT_VERSION 1.
-    const SUPERBLOCK_FIELDS_CRC: u32 = 2_674_654_835;
+    /// crc32c of bytes `0..SUPERBLOCK_CRC_OFFSET` of [`sample_superblock`] at FORMAT_VERSION 2.
+    const SUPERBLOCK_FIELDS_CRC: u32 = 287_654_976;
 
     /// A real geometry (decode checks that the fields agree) with a distinct value in each
     /// field, so moving, widening or dropping any field changes its encoding.

@@ -236,6 +236,47 @@ fn write_sync(q: &mut crate::engine::IoQueue, offset: u64, data: &[u8]) -> Resul
         })
 }
 
+/// Says at open what the metadata slots hold besides the chosen checkpoint: a rollback past
+/// a newer commit as an error naming its seq, a damaged header copy as a warning.
+fn report_found(pool: &str, found: &pool::Found) {
+    let seq = found.checkpoint.seq;
+    if let Some(lost) = found.lost_seq {
+        tracing::error!(
+            pool,
+            opened_seq = seq,
+            lost_seq = lost,
+            damaged = %found.damaged.join("; "),
+            "pool metadata ROLLED BACK: checkpoint seq {lost} left a trace but no valid header; opened seq {seq}, so writes flushed after seq {seq} may be lost"
+        );
+    } else if !found.damaged.is_empty() {
+        tracing::warn!(pool, seq, damaged = %found.damaged.join("; "), "damaged metadata header copy; nothing was lost");
+    }
+}
+
+/// Rewrites the chosen slot's header copies that do not hold its header (one was damaged,
+/// or a crash fell between the two writes), so that the checkpoint the pool now serves has
+/// two valid copies again before any more damage can strike.
+fn repair_header_copies(
+    q: &mut crate::engine::IoQueue,
+    pool: &str,
+    found: &pool::Found,
+) -> Result<(), PoolError> {
+    for &at in &found.repair {
+        tracing::warn!(
+            pool,
+            slot = found.slot,
+            offset_bytes = at,
+            seq = found.checkpoint.seq,
+            "rewriting a metadata header copy"
+        );
+        write_sync(q, at, &found.header_block)?;
+    }
+    q.flush().map_err(|error| PoolError::Io {
+        what: format!("pool '{pool}': flushing repaired metadata header copies"),
+        error,
+    })
+}
+
 impl Pool {
     /// Formats `base` as an empty pool and opens it. Everything on the device is lost.
     pub fn create(
@@ -259,12 +300,14 @@ impl Pool {
             .to_checkpoint(1)
             .encode(sb.slot_bytes)
             .expect("an empty pool's metadata fits");
-        write_sync(&mut q, sb.slot_offsets[0], &first)?;
-        write_sync(
-            &mut q,
-            sb.slot_offsets[1],
-            &vec![0u8; META_BLOCK_BYTES as usize],
-        )?;
+        let (header, payload) = first.split_at(format::CHECKPOINT_PAYLOAD_OFFSET);
+        write_sync(&mut q, sb.payload_offset(0), payload)?;
+        for at in sb.header_offsets(0) {
+            write_sync(&mut q, at, header)?;
+        }
+        for at in sb.header_offsets(1) {
+            write_sync(&mut q, at, &vec![0u8; META_BLOCK_BYTES as usize])?;
+        }
         q.flush().map_err(|error| PoolError::Io {
             what: "flushing the new pool".into(),
             error,
@@ -309,7 +352,12 @@ impl Pool {
                 ),
             }));
         }
-        let (ckpt, slot) = pool::newest_checkpoint(&sb, |off, len| read_sync(&mut q, off, len))?;
+        let found = pool::newest_checkpoint(&sb, |off, len| read_sync(&mut q, off, len))?;
+        report_found(name, &found);
+        if found.lost_seq.is_none() && !found.repair.is_empty() {
+            repair_header_copies(&mut q, name, &found)?;
+        }
+        let (ckpt, slot) = (found.checkpoint, found.slot);
         drop(q);
         let meta = Meta::from_checkpoint(sb.clone(), &ckpt)?;
         tracing::info!(
@@ -579,6 +627,9 @@ impl Pool {
 pub struct CheckReport {
     pub seq: u64,
     pub slot: usize,
+    /// A newer commit whose trace is on disk but which could not be read: opening the pool
+    /// would roll back past it. Also listed in `problems`.
+    pub lost_seq: Option<u64>,
     pub volumes: usize,
     pub snapshots: usize,
     pub clusters: u64,
@@ -600,11 +651,26 @@ pub fn check_file(path: &std::path::Path) -> Result<CheckReport, PoolError> {
         Ok(b)
     };
     let sb = Superblock::decode(&read(0, META_BLOCK_BYTES as usize)?)?;
-    let (c, slot): (Checkpoint, usize) = pool::newest_checkpoint(&sb, read)?;
-    let problems = meta::check_checkpoint(&sb, &c).err().unwrap_or_default();
+    let found = pool::newest_checkpoint(&sb, read)?;
+    let (c, slot): (Checkpoint, usize) = (found.checkpoint, found.slot);
+    let mut problems = Vec::new();
+    if let Some(lost) = found.lost_seq {
+        problems.push(format!(
+            "ROLLBACK: checkpoint seq {lost} left a trace but no valid header; the newest readable is seq {}, so writes flushed after it may be lost",
+            c.seq
+        ));
+    }
+    problems.extend(
+        found
+            .damaged
+            .iter()
+            .map(|d| format!("damaged metadata header {d}")),
+    );
+    problems.extend(meta::check_checkpoint(&sb, &c).err().unwrap_or_default());
     Ok(CheckReport {
         seq: c.seq,
         slot,
+        lost_seq: found.lost_seq,
         volumes: c
             .objects
             .iter()

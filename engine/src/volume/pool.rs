@@ -17,8 +17,9 @@
 //! * **Copy-on-write**: a write to a shared cluster makes home copy it to a new cluster in
 //!   buffer-sized chunks, then publish the new entry (dropping one reference to the old).
 //! * **Commit** (every FLUSH): flush the base device, so data and zeroed clusters are durable;
-//!   if metadata changed, write a checkpoint to the inactive slot and flush again. Only then is
-//!   the FLUSH acknowledged. Flushes arriving during a commit wait for the next one.
+//!   if metadata changed, write a checkpoint's payload to the inactive slot, flush, write both
+//!   copies of its header block, and flush again. Only then is the FLUSH acknowledged. Flushes
+//!   arriving during a commit wait for the next one.
 //! * **Barrier**: a round of messages to every core's channels of every open volume, answered
 //!   once each has finished the base I/O it had in flight. Freed clusters are reused only after
 //!   their free is durable and a barrier has passed, so a late write can never land in a cluster
@@ -229,9 +230,10 @@ struct Commit {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum CommitStage {
-    /// Only after a commit failed once its header may have been written: the inactive slot's
-    /// header is overwritten with zeros (made durable by the next stage's flush), so that a
-    /// crash while its body is rewritten cannot leave a valid header over a torn body.
+    /// Only after a commit failed once its header may have been written: both copies of the
+    /// inactive slot's header are overwritten with zeros (made durable by the next stage's
+    /// flush), so that a crash while its body is rewritten cannot leave a valid header over a
+    /// torn body.
     ClearHeader,
     /// Data written before the flush, and freshly zeroed clusters, become durable.
     FlushData,
@@ -239,7 +241,10 @@ enum CommitStage {
     WriteBody,
     /// ...and are made durable before the header block that validates them is written,
     FlushBody,
-    /// so a valid header always describes a complete payload (see `newest_checkpoint`).
+    /// so a valid header always describes a complete payload (see `newest_checkpoint`). Both
+    /// copies go at once: the slot being written holds no checkpoint anyone needs (the newest
+    /// lives in the other slot until this commit's last flush), so a crash that tears both
+    /// loses nothing, and once the flush below completes both are durable.
     WriteHeader,
     FlushCheckpoint,
 }
@@ -906,23 +911,31 @@ fn start_commit(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>) {
     let Some(zero) = zero_block else {
         return commit_issue(h, core, shared, IoOp::Flush, 0, 0, None);
     };
-    let at = shared.sb.slot_offsets[1 - h.active_slot];
-    tracing::warn!(pool = %shared.name, slot = 1 - h.active_slot, "retrying a failed commit: clearing the slot's header first");
-    // SAFETY: the commit keeps the zero block (stored just below) until this stage completes,
-    // and nothing writes it.
-    let buf = unsafe { zero.io_buf(0, META_BLOCK_BYTES as u32) };
+    let slot = 1 - h.active_slot;
+    tracing::warn!(pool = %shared.name, slot, "retrying a failed commit: clearing the slot's header copies first");
+    // SAFETY: the commit keeps the zero block (stored just below) until this stage
+    // completes, and nothing writes it; both writes read the same zeros.
+    let bufs = shared
+        .sb
+        .header_offsets(slot)
+        .map(|at| (at, unsafe { zero.io_buf(0, META_BLOCK_BYTES as u32) }));
     let c = h.commit.as_mut().expect("just set");
     c.stage = CommitStage::ClearHeader;
     c.zero_block = Some(zero);
-    commit_issue(
-        h,
-        core,
-        shared,
-        IoOp::Write,
-        at,
-        META_BLOCK_BYTES as u32,
-        Some(buf),
-    );
+    // A hold while both writes are issued (see commit_step_done).
+    c.pending += 1;
+    for (at, buf) in bufs {
+        commit_issue(
+            h,
+            core,
+            shared,
+            IoOp::Write,
+            at,
+            META_BLOCK_BYTES as u32,
+            Some(buf),
+        );
+    }
+    commit_step_done(h, core, shared, 0);
 }
 
 fn commit_issue(
@@ -970,15 +983,23 @@ fn commit_step_done(h: &mut Home, core: &mut Core, shared: &Arc<PoolShared>, res
     let Some((len, slot, _)) = c.write else {
         unreachable!("only a commit with a checkpoint gets past FlushData")
     };
+    // A hold on the stage while it issues several writes: one refused at submission completes
+    // inline, and must not end the stage (or the commit) before the rest are issued.
+    c.pending += 1;
     let (base_ptr, at) = (h.staging.base(), shared.sb.slot_offsets[slot]);
     match next {
         CommitStage::WriteBody => write_span(h, core, shared, base_ptr, at, META_BLOCK_BYTES, len),
-        CommitStage::WriteHeader => write_span(h, core, shared, base_ptr, at, 0, META_BLOCK_BYTES),
+        CommitStage::WriteHeader => {
+            for copy_at in shared.sb.header_offsets(slot) {
+                write_span(h, core, shared, base_ptr, copy_at, 0, META_BLOCK_BYTES);
+            }
+        }
         CommitStage::FlushData | CommitStage::FlushBody | CommitStage::FlushCheckpoint => {
             commit_issue(h, core, shared, IoOp::Flush, 0, 0, None)
         }
         CommitStage::ClearHeader => unreachable!("never re-entered"),
     }
+    commit_step_done(h, core, shared, 0);
 }
 
 /// Encodes the metadata into the staging memory when it changed since the last commit: its
@@ -1279,47 +1300,145 @@ pub(crate) fn close(h: &mut Home) {
     h.closing = true;
 }
 
+/// What [`newest_checkpoint`] found: the checkpoint to open, and everything on disk that
+/// disagrees with it.
+#[derive(Debug)]
+pub(crate) struct Found {
+    pub(crate) checkpoint: Checkpoint,
+    pub(crate) slot: usize,
+    /// The chosen checkpoint's header block, for repairing its other copy.
+    pub(crate) header_block: Vec<u8>,
+    /// Offsets of the chosen slot's header copies that do not hold this header (blank,
+    /// damaged, or stale from a commit a crash cut short): open rewrites them.
+    pub(crate) repair: Vec<u64>,
+    /// Every damaged header copy, naming its slot, copy and error.
+    pub(crate) damaged: Vec<String>,
+    /// The sequence number of a newer commit whose trace is on disk but that could not be
+    /// opened: the pool is being rolled back past it.
+    pub(crate) lost_seq: Option<u64>,
+}
+
 /// Reads the newest checkpoint of a pool, given the superblock and a reader of the device.
 ///
-/// A commit writes a checkpoint's header block last, after its other blocks are durable, so a
-/// slot whose header is valid holds a complete checkpoint unless something damaged it later.
-/// The rules follow: a slot without a valid header (empty, or a header write torn by a crash)
-/// is skipped; the valid header with the highest sequence number wins; and if that
-/// checkpoint's payload fails its checks, the pool is refused rather than rolled back to older
-/// metadata that would silently lose flushed writes.
+/// A commit writes a checkpoint's payload first and makes it durable before it writes the two
+/// copies of the header block that validate it, so a slot with a valid header copy holds a
+/// complete checkpoint unless something damaged it later. The rules follow: a header copy
+/// that does not decode is skipped; the valid copy with the highest sequence number wins, so
+/// one damaged copy of the newest header falls back to its twin, never to an older commit;
+/// and if that checkpoint's payload fails its checks, the pool is refused rather than rolled
+/// back to older metadata that would silently lose flushed writes.
+///
+/// A fall back that does happen (both copies of the newest header damaged) leaves a trace: a
+/// slot left with damaged copies and no valid one (see [`lost_seq`]). It is reported in
+/// [`Found::lost_seq`], and the caller says so loudly.
 pub(crate) fn newest_checkpoint(
     sb: &Superblock,
     mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, PoolError>,
-) -> Result<(Checkpoint, usize), PoolError> {
-    use super::format::{FormatError, CHECKPOINT_HEADER_BYTES};
-    let mut headers = Vec::new();
-    let mut why = Vec::new();
-    for (slot, &offset) in sb.slot_offsets.iter().enumerate() {
-        let head = read(offset, META_BLOCK_BYTES as usize)?;
-        match Checkpoint::decode_header(&head) {
-            Ok((seq, len)) => headers.push((seq, len, slot)),
-            Err(FormatError::Magic { .. }) => why.push(format!("slot {slot}: empty")),
-            Err(e) => {
-                tracing::warn!(slot, error = %e, "metadata slot header unusable (a commit interrupted by a crash leaves one)");
-                why.push(format!("slot {slot}: {e}"));
-            }
+) -> Result<Found, PoolError> {
+    use super::format::{HeaderCopy, CHECKPOINT_PAYLOAD_OFFSET};
+    let mut copies = Vec::with_capacity(2 * super::format::HEADER_COPIES);
+    for slot in 0..sb.slot_offsets.len() {
+        for (copy, at) in sb.header_offsets(slot).into_iter().enumerate() {
+            let block = read(at, META_BLOCK_BYTES as usize)?;
+            copies.push((slot, copy, at, HeaderCopy::classify(&block), block));
         }
     }
-    let Some(&(seq, len, slot)) = headers.iter().max_by_key(|(seq, _, _)| *seq) else {
+    let describe = |slot: usize, copy: usize, h: &HeaderCopy| match h {
+        HeaderCopy::Valid { seq, .. } => format!("slot {slot} copy {copy}: seq {seq}"),
+        HeaderCopy::Blank => format!("slot {slot} copy {copy}: empty"),
+        HeaderCopy::Damaged { error, .. } => format!("slot {slot} copy {copy}: {error}"),
+    };
+    let newest = copies
+        .iter()
+        .filter_map(|(slot, _, _, h, block)| match h {
+            HeaderCopy::Valid { seq, payload_bytes } => Some((*seq, *payload_bytes, *slot, block)),
+            _ => None,
+        })
+        .max_by_key(|(seq, _, _, _)| *seq);
+    let Some((seq, len, slot, block)) = newest else {
+        let detail = copies
+            .iter()
+            .map(|(s, c, _, h, _)| describe(*s, *c, h))
+            .collect::<Vec<_>>();
         return Err(PoolError::NoCheckpoint {
-            detail: why.join("; "),
+            detail: detail.join("; "),
         });
     };
-    let total = (CHECKPOINT_HEADER_BYTES as u64)
-        .saturating_add(len)
-        .next_multiple_of(META_BLOCK_BYTES);
-    if total > sb.slot_bytes {
+    let header_block = block.clone();
+    let payload_blocks = len.next_multiple_of(META_BLOCK_BYTES);
+    if payload_blocks > sb.slot_bytes - super::format::HEADER_COPIES as u64 * META_BLOCK_BYTES {
         return Err(PoolError::NoCheckpoint {
             detail: format!("slot {slot} (seq {seq}) claims {len} bytes, more than its slot"),
         });
     }
-    let all = read(sb.slot_offsets[slot], total as usize)?;
-    Checkpoint::decode(&all).map(|c| (c, slot)).map_err(|e| PoolError::NoCheckpoint {
+    let mut all = header_block.clone();
+    all.extend(read(sb.payload_offset(slot), payload_blocks as usize)?);
+    debug_assert_eq!(
+        all.len(),
+        CHECKPOINT_PAYLOAD_OFFSET + payload_blocks as usize
+    );
+    let checkpoint = Checkpoint::decode(&all).map_err(|e| PoolError::NoCheckpoint {
         detail: format!("newest checkpoint, slot {slot} (seq {seq}), is damaged: {e}; refusing to fall back to older metadata"),
+    })?;
+    let damaged = copies
+        .iter()
+        .filter(|(_, _, _, h, _)| matches!(h, HeaderCopy::Damaged { .. }))
+        .map(|(s, c, _, h, _)| describe(*s, *c, h))
+        .collect();
+    let repair = copies
+        .iter()
+        .filter(|(s, _, _, _, b)| *s == slot && **b != header_block)
+        .map(|(_, _, at, _, _)| *at)
+        .collect();
+    Ok(Found {
+        lost_seq: lost_seq(
+            &copies
+                .iter()
+                .map(|(s, _, _, h, _)| (*s, h))
+                .collect::<Vec<_>>(),
+            seq,
+        ),
+        checkpoint,
+        slot,
+        header_block,
+        repair,
+        damaged,
     })
+}
+
+/// The newest commit that damaged header copies show was lost when the checkpoint of
+/// sequence `chosen` was opened, given every (slot, copy).
+///
+/// A slot with a valid copy holds no lost commit: a commit is acknowledged only once both
+/// copies are written, so a slot whose surviving copy is older was never fully committed
+/// again, and the chosen slot's damaged copies belong to the checkpoint its valid copy
+/// decodes (its payload is that one's). A slot whose copies are all damaged held a commit
+/// that is gone: the seq its copies name when that is above `chosen`, none when they name
+/// `chosen - 1` (it held the previous commit), and otherwise, its seq field damaged too,
+/// `chosen + 1` cannot be ruled out.
+fn lost_seq(copies: &[(usize, &super::format::HeaderCopy)], chosen: u64) -> Option<u64> {
+    use super::format::HeaderCopy;
+    let slots = copies.iter().map(|(s, _)| *s).max().map_or(0, |m| m + 1);
+    (0..slots)
+        .filter_map(|slot| {
+            let mine = copies.iter().filter(|(s, _)| *s == slot).map(|(_, h)| *h);
+            if mine.clone().any(|h| matches!(h, HeaderCopy::Valid { .. })) {
+                return None;
+            }
+            let raw: Vec<u64> = mine
+                .filter_map(|h| match h {
+                    HeaderCopy::Damaged { raw_seq, .. } => Some(*raw_seq),
+                    _ => None,
+                })
+                .collect();
+            let newest = raw.iter().copied().max()?;
+            if newest > chosen {
+                Some(newest)
+            } else if raw.contains(&chosen.saturating_sub(1)) {
+                None
+            } else {
+                Some(chosen.saturating_add(1))
+            }
+        })
+        .max()
 }

@@ -81,7 +81,7 @@ fn check(path: &Path, json: bool) -> Result<()> {
     let r = volume::check_file(path).with_context(|| format!("checking {}", path.display()))?;
     if json {
         let v = serde_json::json!({
-            "ok": r.problems.is_empty(), "seq": r.seq, "slot": r.slot, "volumes": r.volumes,
+            "ok": r.problems.is_empty(), "seq": r.seq, "slot": r.slot, "lost_seq": r.lost_seq, "volumes": r.volumes,
             "snapshots": r.snapshots, "clusters": r.clusters, "allocated_clusters": r.allocated_clusters,
             "problems": r.problems,
         });

@@ -485,6 +485,40 @@ impl Admin {
             .into_inner()
     }
 
+    /// PromoteNexus [`VOLUME`]: re-opens its replicas at the next epoch.
+    pub fn promote(&mut self) -> pb::Nexus {
+        let req = pb::PromoteNexusRequest {
+            name: VOLUME.into(),
+        };
+        let node = &self.node;
+        self.rt
+            .block_on(self.client.promote_nexus(req))
+            .unwrap_or_else(|s| panic!("node {node}: PromoteNexus: {s}"))
+            .into_inner()
+    }
+
+    /// Unexports the NBD export `name`.
+    pub fn unexport(&mut self, name: &str) {
+        let req = pb::UnexportRequest {
+            export_name: name.into(),
+        };
+        let node = &self.node;
+        self.rt
+            .block_on(self.client.unexport(req))
+            .unwrap_or_else(|s| panic!("node {node}: Unexport {name}: {s}"));
+    }
+
+    /// DestroyNexus [`VOLUME`].
+    pub fn destroy_nexus(&mut self) {
+        let req = pb::DestroyNexusRequest {
+            name: VOLUME.into(),
+        };
+        let node = &self.node;
+        self.rt
+            .block_on(self.client.destroy_nexus(req))
+            .unwrap_or_else(|s| panic!("node {node}: DestroyNexus: {s}"));
+    }
+
     pub fn add_replica(&mut self, replica: &str) -> pb::Nexus {
         let req = pb::AddReplicaRequest {
             nexus: VOLUME.into(),

@@ -772,13 +772,24 @@ impl NexusManager {
             }
             match raise {
                 None => return Ok((epoch, opened)),
-                Some(current) => epoch = current + 1,
+                Some(current) => epoch = Self::epoch_after(name, current)?,
             }
         }
         Err(Self::invalid(
             name,
             format!("replica epochs kept rising; gave up at {epoch}"),
         ))
+    }
+
+    /// The epoch above `current`, checked: past [`proto::EPOCH_MAX`] the volume's nexus cannot move
+    /// on, and says so instead of wrapping to 0.
+    fn epoch_after(name: &str, current: u64) -> Result<u64, NexusError> {
+        Epoch::new(current)
+            .and_then(Epoch::next)
+            .map(Epoch::get)
+            .map_err(|e| {
+                Self::invalid(name, format!("cannot raise the epoch above {current}: {e}"))
+            })
     }
 
     /// Opens one child at `epoch`: one path per engine core. With `takeover`, the first
@@ -1144,7 +1155,7 @@ impl NexusManager {
             &shared.name,
             shared.volume_id,
             specs,
-            shared.epoch() + 1,
+            Self::epoch_after(&shared.name, shared.epoch())?,
             |c, _, why| {
                 shared.fault(c, &format!("re-opening for promote: {why}"));
                 Ok(())
