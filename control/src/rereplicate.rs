@@ -297,6 +297,8 @@ mod tests {
             snapshots: Vec::new(),
             origin: None,
             deleting: false,
+            published: None,
+            fs_type: None,
         }
     }
 
