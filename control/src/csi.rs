@@ -226,7 +226,10 @@ fn params(p: &HashMap<String, String>) -> Result<Params, Status> {
 fn zones_to_try(req: Option<&csi::TopologyRequirement>) -> Vec<Option<String>> {
     let zones = |list: &[csi::Topology]| -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for z in list.iter().filter_map(|t| t.segments.get(TOPOLOGY_ZONE_KEY)) {
+        for z in list
+            .iter()
+            .filter_map(|t| t.segments.get(TOPOLOGY_ZONE_KEY))
+        {
             if !out.contains(z) {
                 out.push(z.clone());
             }
@@ -256,7 +259,8 @@ fn zones_to_try(req: Option<&csi::TopologyRequirement>) -> Vec<Option<String>> {
 /// A snapshot id (`VOLUME@SNAPSHOT`) split, or None when it cannot name one.
 fn split_snapshot_id(id: &str) -> Option<(&str, &str)> {
     let (volume, snapshot) = id.split_once('@')?;
-    (valid_id(volume) && api::check_name("snapshot", snapshot).is_ok()).then_some((volume, snapshot))
+    (valid_id(volume) && api::check_name("snapshot", snapshot).is_ok())
+        .then_some((volume, snapshot))
 }
 
 /// The id a list token says to start after; ABORTED for a token this service did not issue.
@@ -319,6 +323,18 @@ fn bytes_i64(bytes: u64) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
+/// INVALID_ARGUMENT unless a clone of `src` asks for its replica count (a clone's replicas
+/// are its source's, sharing the snapshot's clusters).
+fn same_replicas(src: &VolumeRecord, p: &Params) -> Result<(), Status> {
+    if src.replicas_wanted != p.replicas {
+        return Err(invalid(format!(
+            "a clone has its source's replica count: '{}' has {}, the request asks for {}",
+            src.name, src.replicas_wanted, p.replicas
+        )));
+    }
+    Ok(())
+}
+
 /// The CSI content source a volume was made from: a clone made from a volume (its hidden
 /// snapshot is named after the clone) is a volume source, any other clone a snapshot source.
 fn content_source(r: &VolumeRecord) -> Option<csi::VolumeContentSource> {
@@ -338,7 +354,8 @@ fn content_source(r: &VolumeRecord) -> Option<csi::VolumeContentSource> {
 
 /// The CSI description of a volume record: its replica nodes as its topology.
 fn csi_volume(r: &VolumeRecord, nodes: &[NodeRecord]) -> csi::Volume {
-    let mut context = HashMap::from([(CONTEXT_REPLICAS.to_string(), r.replicas_wanted.to_string())]);
+    let mut context =
+        HashMap::from([(CONTEXT_REPLICAS.to_string(), r.replicas_wanted.to_string())]);
     if let Some(fs) = &r.fs_type {
         context.insert(PARAM_FS_TYPE.to_string(), fs.clone());
     }
@@ -480,6 +497,7 @@ impl Csi {
         name: &str,
         source: &csi::VolumeContentSource,
         (required_bytes, limit): (u64, u64),
+        p: &Params,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         use csi::volume_content_source::Type;
         let (volume, snapshot) = match &source.r#type {
@@ -492,6 +510,7 @@ impl Csi {
             Some(Type::Volume(v)) => {
                 required("volume_content_source.volume.volume_id", &v.volume_id)?;
                 let src = self.existing(&v.volume_id).await?;
+                same_replicas(&src, p)?;
                 self.app
                     .volumes
                     .snapshot(&src.name, name)
@@ -508,6 +527,7 @@ impl Csi {
             None => return Err(invalid("volume_content_source names no snapshot or volume")),
         };
         let src = self.existing(volume).await?;
+        same_replicas(&src, p)?;
         if limit != 0 && src.size_bytes > limit {
             return Err(Status::out_of_range(format!(
                 "source volume '{volume}' is {} bytes, above limit_bytes {limit}",
@@ -516,17 +536,13 @@ impl Csi {
         }
         self.app
             .volumes
-            .clone_volume(volume, snapshot, name)
+            .clone_with(volume, snapshot, name, p.fs_type.as_deref())
             .await
             .map_err(status_of)?;
         let size = round_up(required_bytes);
         if size > src.size_bytes {
             self.created(name).await?;
-            self.app
-                .volumes
-                .grow(name, size)
-                .await
-                .map_err(status_of)?;
+            self.app.volumes.grow(name, size).await.map_err(status_of)?;
         }
         self.created(name).await
     }
@@ -630,7 +646,7 @@ impl controller_server::Controller for Csi {
             ))),
             Ok(r) => self.create_again(&r, &req, range, &p).await,
             Err(VolumeError::Unknown(_)) => match &req.volume_content_source {
-                Some(source) => self.create_from(&req.name, source, range).await,
+                Some(source) => self.create_from(&req.name, source, range, &p).await,
                 None => self.create_new(&req, size_bytes, &p).await,
             },
             Err(e) => Err(status_of(e)),
@@ -689,7 +705,9 @@ impl controller_server::Controller for Csi {
         let r = self.existing(&req.volume_id).await?;
         let node = req.node_id.as_str();
         if !self.nodes().await?.iter().any(|n| n.id == node) {
-            return Err(Status::not_found(format!("node '{node}' is not registered")));
+            return Err(Status::not_found(format!(
+                "node '{node}' is not registered"
+            )));
         }
         self.app
             .volumes
@@ -878,7 +896,9 @@ impl controller_server::Controller for Csi {
             .map_err(status_of)?;
         if let Some((other, _)) = others.iter().find(|(r, _)| {
             r.name != req.source_volume_id
-                && r.snapshots.iter().any(|s| s.name == req.name && !s.deleting)
+                && r.snapshots
+                    .iter()
+                    .any(|s| s.name == req.name && !s.deleting)
         }) {
             return Err(Status::already_exists(format!(
                 "snapshot '{}' exists of another volume, '{}'",
@@ -919,7 +939,9 @@ impl controller_server::Controller for Csi {
             return Ok(Response::new(csi::DeleteSnapshotResponse {}));
         };
         match self.app.volumes.delete_snapshot(volume, snapshot).await {
-            Ok(_) | Err(VolumeError::Unknown(_)) => Ok(Response::new(csi::DeleteSnapshotResponse {})),
+            Ok(_) | Err(VolumeError::Unknown(_)) => {
+                Ok(Response::new(csi::DeleteSnapshotResponse {}))
+            }
             Err(e) => Err(status_of(e)),
         }
     }
@@ -975,10 +997,12 @@ impl controller_server::Controller for Csi {
         let r = self.existing(&req.volume_id).await?;
         // Block access needs nothing on the node; a filesystem (or an unknown use) is grown
         // there by NodeExpandVolume.
-        let node_expansion_required = !req
-            .volume_capability
-            .as_ref()
-            .is_some_and(|c| matches!(c.access_type, Some(csi::volume_capability::AccessType::Block(_))));
+        let node_expansion_required = !req.volume_capability.as_ref().is_some_and(|c| {
+            matches!(
+                c.access_type,
+                Some(csi::volume_capability::AccessType::Block(_))
+            )
+        });
         if size <= r.size_bytes {
             return Ok(Response::new(csi::ControllerExpandVolumeResponse {
                 capacity_bytes: bytes_i64(r.size_bytes),
@@ -1004,7 +1028,10 @@ mod tests {
     fn sizes_round_up_to_blocks_and_a_range_without_one_is_out_of_range() {
         assert_eq!(size_for(1, 0).unwrap(), VOLUME_BLOCK_BYTES);
         assert_eq!(size_for(0, 0).unwrap(), SIZE_DEFAULT_BYTES);
-        assert_eq!(size_for(0, 3 * VOLUME_BLOCK_BYTES + 1).unwrap(), 3 * VOLUME_BLOCK_BYTES);
+        assert_eq!(
+            size_for(0, 3 * VOLUME_BLOCK_BYTES + 1).unwrap(),
+            3 * VOLUME_BLOCK_BYTES
+        );
         assert_eq!(size_for(1000, 2000).unwrap_err().code(), Code::OutOfRange);
         assert_eq!(size_for(0, 100).unwrap_err().code(), Code::OutOfRange);
     }
@@ -1020,7 +1047,10 @@ mod tests {
         assert_eq!((last, next.as_str()), (vec![4], ""));
         assert_eq!(page(&ids, "", 0).unwrap().0.len(), 5);
         assert_eq!(page(&ids, "bogus", 2).unwrap_err().code(), Code::Aborted);
-        assert_eq!(page(&ids, "", -1).unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(
+            page(&ids, "", -1).unwrap_err().code(),
+            Code::InvalidArgument
+        );
     }
 
     #[test]

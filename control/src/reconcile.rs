@@ -858,7 +858,8 @@ async fn snapshots_step(
         }
     }
     // A deleted snapshot's entry goes once no node holds it any more.
-    next.snapshots.retain(|s| !(s.deleting && s.nodes.is_empty()));
+    next.snapshots
+        .retain(|s| !(s.deleting && s.nodes.is_empty()));
     Ok(())
 }
 

@@ -768,9 +768,7 @@ impl Volumes {
                 return Ok(Some(next));
             }
             if let Some(h) = holder.filter(|h| *h != node) {
-                let up = nodes
-                    .iter()
-                    .any(|n| n.id == h && n.state == NodeState::Up);
+                let up = nodes.iter().any(|n| n.id == h && n.state == NodeState::Up);
                 if up {
                     return Err(VolumeError::Attached {
                         name: name.to_string(),
@@ -822,7 +820,11 @@ impl Volumes {
     /// Deletes snapshot `snapshot` of `name`: recorded as deleting, then removed from each
     /// node by the reconcile loop. Refused while a clone made from it exists (the clone shares
     /// its clusters). Idempotent: an unknown or already deleting snapshot is a no-op.
-    pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<Outcome, VolumeError> {
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<Outcome, VolumeError> {
         for _ in 0..CAS_ATTEMPTS_MAX {
             let term = self.term().await?;
             let (r, revision) = read(&self.store, name)
@@ -1017,6 +1019,17 @@ impl Volumes {
         snapshot: &str,
         name: &str,
     ) -> Result<Outcome, VolumeError> {
+        self.clone_with(source, snapshot, name, None).await
+    }
+
+    /// [`Volumes::clone_volume`], recording the filesystem a CSI CreateVolume asked for.
+    pub async fn clone_with(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        fs_type: Option<&str>,
+    ) -> Result<Outcome, VolumeError> {
         for _ in 0..CAS_ATTEMPTS_MAX {
             let term = self.term().await?;
             let (src, src_rev) = read(&self.store, source)
@@ -1043,7 +1056,8 @@ impl Volumes {
                     requested: format!("a clone of {source}@{snapshot}"),
                 });
             }
-            let next = clone_record(&src, snapshot, name)?;
+            let mut next = clone_record(&src, snapshot, name)?;
+            next.fs_type = fs_type.map(str::to_string);
             let key = volume_key(name);
             // The source is rewritten unchanged so that its revision moves: a delete of the
             // source that read it before this clone fails its check and sees the clone.

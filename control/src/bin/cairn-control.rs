@@ -196,7 +196,10 @@ fn start_csi(
 ) -> Result<tokio::task::JoinHandle<Result<()>>> {
     let path = cairn_csi::endpoint_path(endpoint)?;
     let incoming = cairn_csi::bind(&path)?;
-    let line = format!("cairn-control serving CSI ({}) on {endpoint}", cairn_csi::DRIVER_NAME);
+    let line = format!(
+        "cairn-control serving CSI ({}) on {endpoint}",
+        cairn_csi::DRIVER_NAME
+    );
     tracing::info!("{line}");
     println!("{line}");
     Ok(tokio::spawn(async move {
