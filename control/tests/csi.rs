@@ -12,6 +12,8 @@
 //! * snapshot, restore from the snapshot and clone from a volume carry the data; expand grows;
 //! * ListVolumes and ListSnapshots page with max_entries 2 over at least 5 objects, filter,
 //!   and answer a foreign token with ABORTED; GetCapacity bounds a volume by its replicas;
+//! * on etcd, a follower control process answers reads and refuses a mutating RPC with
+//!   UNAVAILABLE naming the leader;
 //! * publish to a second node is FAILED_PRECONDITION while the first is up, and succeeds at
 //!   once with a raised epoch (fencing the old nexus) after the first was killed with
 //!   `kill -9` and its lease expired. This fails if publish waits for anything else, or if
@@ -628,10 +630,40 @@ async fn conformance(test: &str, etcd: Option<&Etcd>) {
         }
     }
 
+    if let Some(etcd) = etcd {
+        follower_refuses(&dir, etcd).await;
+    }
     publish_fencing(&control, &mut c, &mut nodes).await;
     drop(nodes);
     drop(control);
     drop(std::fs::remove_dir_all(&dir));
+}
+
+/// A second control process on the same etcd follows: it answers reads, and refuses a
+/// mutating RPC with UNAVAILABLE naming the leader.
+async fn follower_refuses(dir: &Path, etcd: &Etcd) {
+    let sock = dir.join("csi-follower.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let follower = Control::start_with(
+        &dir.join("follower"),
+        Some(&etcd.url),
+        0,
+        &["--csi-endpoint", &endpoint],
+    );
+    assert!(!follower.is_leader());
+    let mut c = ControllerClient::new(cairn_csi::connect(&sock).await.unwrap());
+    let listed = c
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!listed.entries.is_empty());
+    let err = c
+        .create_volume(create_req("pvc-follower", 4 * MIB, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("not the leader"), "{err:?}");
 }
 
 /// Publish to another node: refused while the published node is up; once it was killed and
