@@ -7,6 +7,8 @@
 //! * [`volume`]: the volume records and the commands that write them; [`placement`]: which
 //!   nodes hold a volume's replicas and where its nexus opens; [`reconcile`]: the leader's
 //!   loop that brings the nodes to the records;
+//! * [`csi`]: the CSI Identity and Controller services (`--csi-endpoint`), over the same
+//!   volume commands;
 //! * [`rest`]: the REST API (axum), its OpenAPI document and the Prometheus metrics;
 //! * [`proto`], [`units`], [`table`]: `cairnctl`'s node commands over the cairn-node admin
 //!   API, its size parser and table printer.
@@ -15,6 +17,7 @@
 //! admin API only, so this crate must never depend on the engine (tests may, as a
 //! dev-dependency, to check that both sides agree). docs/control.md has the design.
 
+pub mod csi;
 pub mod election;
 pub mod insync;
 pub mod membership;

@@ -23,7 +23,8 @@
 //!   in-sync record;
 //! * replicas: create each `creating` one (`CreateVolume`, or `CreateClone` for a clone),
 //!   grow each smaller than the record, delete each `deleting` one;
-//! * snapshots: take each recorded snapshot on each replica that lacks it;
+//! * snapshots: take each recorded snapshot on each replica that lacks it; delete a snapshot
+//!   whose deletion is recorded on each node that holds it, then drop its entry;
 //! * failover: when the attach node's record is `down`, a new attach point is recorded on an
 //!   `up` node the in-sync record names in sync (never any other), with a raised epoch, before
 //!   any node is touched (docs/control.md, "Failover");
@@ -834,6 +835,10 @@ async fn snapshots_step(
         .collect();
     for s in &mut next.snapshots {
         let object = snapshot_object(&name, &s.name);
+        if s.deleting {
+            delete_snapshot(&object, s, views).await?;
+            continue;
+        }
         let missing: Vec<&String> = created
             .iter()
             .filter(|n| s.belongs_on(n) && !s.nodes.contains(n))
@@ -854,6 +859,28 @@ async fn snapshots_step(
             s.nodes.push(node.clone());
         }
     }
+    // A deleted snapshot's entry goes once no node holds it any more.
+    next.snapshots
+        .retain(|s| !(s.deleting && s.nodes.is_empty()));
+    Ok(())
+}
+
+/// A snapshot whose deletion is recorded: deleted on each up node that holds it, and each
+/// node dropped from the entry as it confirms (a down node keeps its place until it is back).
+async fn delete_snapshot(
+    object: &str,
+    s: &mut volume::SnapshotRecord,
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    let mut removed = Vec::new();
+    for node in &s.nodes {
+        let Some(v) = view_of(views, node) else {
+            continue;
+        };
+        v.delete_object(object).await?;
+        removed.push(node.clone());
+    }
+    s.nodes.retain(|n| !removed.contains(n));
     Ok(())
 }
 
@@ -1025,6 +1052,8 @@ mod tests {
             snapshots: Vec::new(),
             origin: None,
             deleting: false,
+            published: None,
+            fs_type: None,
         }
     }
 

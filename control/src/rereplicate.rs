@@ -317,6 +317,8 @@ mod tests {
             snapshots: Vec::new(),
             origin: None,
             deleting: false,
+            published: None,
+            fs_type: None,
         }
     }
 

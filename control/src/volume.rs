@@ -128,6 +128,10 @@ pub struct SnapshotRecord {
     /// created replica.
     #[serde(default)]
     pub on: Option<Vec<String>>,
+    /// Its deletion is recorded: the reconcile loop deletes it on each node in `nodes`, drops
+    /// each node as it confirms, then the entry. It is no longer listed or cloned from.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 impl SnapshotRecord {
@@ -172,6 +176,16 @@ pub struct VolumeRecord {
     /// replicas, then the record.
     #[serde(default)]
     pub deleting: bool,
+    /// The node a CSI ControllerPublishVolume published it to: the node its consumer runs on,
+    /// which stays the same when a failover moves the nexus elsewhere. Publishing to another
+    /// node is refused while this node is up, and allowed once it is down (docs/csi.md,
+    /// "Publish and fencing"). Detach and unpublish clear it.
+    #[serde(default)]
+    pub published: Option<String>,
+    /// The filesystem a CSI CreateVolume asked for (`fsType`), kept so that every answer about
+    /// the volume gives the same volume context.
+    #[serde(default)]
+    pub fs_type: Option<String>,
 }
 
 impl VolumeRecord {
@@ -449,6 +463,8 @@ pub fn new_record(
         snapshots: Vec::new(),
         origin: None,
         deleting: false,
+        published: None,
+        fs_type: None,
     })
 }
 
@@ -740,12 +756,147 @@ impl Volumes {
     /// Create (idempotent by name): the same request again answers the existing volume; a
     /// different size, replica count or zone for an existing name is a conflict naming both.
     pub async fn create(&self, req: &CreateVolumeRequest) -> Result<Outcome, VolumeError> {
+        self.create_with(req, None).await
+    }
+
+    /// [`Volumes::create`], recording the filesystem a CSI CreateVolume asked for (the CSI
+    /// service compares it itself on a repeated create).
+    pub async fn create_with(
+        &self,
+        req: &CreateVolumeRequest,
+        fs_type: Option<&str>,
+    ) -> Result<Outcome, VolumeError> {
         self.command(&req.name, |current, nodes| match current {
             Some(r) if r.deleting => Err(VolumeError::Deleting(r.name.clone())),
             Some(r) => same_request(r, req).map(|()| None),
-            None => new_record(req, nodes).map(Some),
+            None => new_record(req, nodes).map(|mut r| {
+                r.fs_type = fs_type.map(str::to_string);
+                Some(r)
+            }),
         })
         .await
+    }
+
+    /// CSI ControllerPublishVolume: the volume attached to `node` and recorded as published
+    /// there. Refused while it is published (or, without a CSI publish, attached) to another
+    /// node that is up. Once that node is down (its lease expired and the monitor marked it),
+    /// the attach moves to `node` at once with a raised epoch: the epoch fences the old
+    /// nexus, wherever it is (the dead node's, or one a failover opened meanwhile), since every
+    /// replica refuses a nexus of a lower epoch once the new one has opened it.
+    pub async fn publish(&self, name: &str, node: &str) -> Result<Outcome, VolumeError> {
+        self.command(name, |current, nodes| {
+            let r = live(name, current)?;
+            attachable(name, nodes, node)?;
+            let at = r.attached.as_ref().map(|a| a.node.as_str());
+            let holder = r.published.as_deref().or(at);
+            if at == Some(node) {
+                if r.published.as_deref() == Some(node) {
+                    return Ok(None);
+                }
+                let mut next = r.clone();
+                next.published = Some(node.to_string());
+                return Ok(Some(next));
+            }
+            if let Some(h) = holder.filter(|h| *h != node) {
+                let up = nodes.iter().any(|n| n.id == h && n.state == NodeState::Up);
+                if up {
+                    return Err(VolumeError::Attached {
+                        name: name.to_string(),
+                        node: h.to_string(),
+                        why: "that node is up; unpublish it there first",
+                    });
+                }
+            }
+            if !r.all_created() {
+                return Err(VolumeError::NotReady {
+                    name: name.to_string(),
+                    why: format!("replicas still being created ({})", creating(r)),
+                });
+            }
+            let mut next = r.clone();
+            next.epoch += 1;
+            next.attached = Some(Attachment {
+                node: node.to_string(),
+                nbd_uri: None,
+                failover_to: None,
+            });
+            next.rebuild = None;
+            next.published = Some(node.to_string());
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// CSI ControllerUnpublishVolume: detached if it is published (or attached) to `node`, or
+    /// to any node when `node` is None; a no-op when it is published elsewhere or not at all.
+    pub async fn unpublish(&self, name: &str, node: Option<&str>) -> Result<Outcome, VolumeError> {
+        self.command(name, |current, _| {
+            let r = live(name, current)?;
+            let at = r.attached.as_ref().map(|a| a.node.as_str());
+            let Some(holder) = r.published.as_deref().or(at) else {
+                return Ok(None);
+            };
+            if node.is_some_and(|n| n != holder) {
+                return Ok(None);
+            }
+            let mut next = r.clone();
+            next.attached = None;
+            next.published = None;
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Deletes snapshot `snapshot` of `name`: recorded as deleting, then removed from each
+    /// node by the reconcile loop. Refused while a clone made from it exists (the clone shares
+    /// its clusters). Idempotent: an unknown or already deleting snapshot is a no-op.
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<Outcome, VolumeError> {
+        for _ in 0..CAS_ATTEMPTS_MAX {
+            let term = self.term().await?;
+            let (r, revision) = read(&self.store, name)
+                .await?
+                .ok_or_else(|| VolumeError::Unknown(name.to_string()))?;
+            let Some(i) = r
+                .snapshots
+                .iter()
+                .position(|s| s.name == snapshot && !s.deleting)
+            else {
+                return Ok(Outcome {
+                    changed: false,
+                    view: self.view_of(&r).await?,
+                });
+            };
+            let clones: Vec<String> = list(&self.store)
+                .await?
+                .into_iter()
+                .filter(|(c, _)| {
+                    c.origin
+                        .as_ref()
+                        .is_some_and(|o| o.volume == name && o.snapshot == snapshot)
+                })
+                .map(|(c, _)| c.name)
+                .collect();
+            if !clones.is_empty() {
+                return Err(VolumeError::HasClones {
+                    volume: format!("{name}@{snapshot}"),
+                    clones,
+                });
+            }
+            let mut next = r.clone();
+            next.snapshots[i].deleting = true;
+            if write(&self.store, term, &next, revision).await?.is_some() {
+                self.kick.notify_one();
+                return Ok(Outcome {
+                    changed: true,
+                    view: self.view_of(&next).await?,
+                });
+            }
+        }
+        Err(VolumeError::Contended(name.to_string()))
     }
 
     /// Attach to `node` (or the node placement prefers): a raised epoch and the attach point,
@@ -769,22 +920,7 @@ impl Volumes {
                     }
                 })?,
             };
-            let rec = nodes
-                .iter()
-                .find(|n| n.id == target)
-                .ok_or_else(|| VolumeError::UnknownNode(target.clone()))?;
-            if rec.state != NodeState::Up {
-                return Err(VolumeError::NodeDown {
-                    name: name.to_string(),
-                    node: target,
-                });
-            }
-            if rec.addresses.nbd.is_none() {
-                return Err(VolumeError::NoNbd {
-                    name: name.to_string(),
-                    node: target,
-                });
-            }
+            attachable(name, nodes, &target)?;
             if let Some(hint) = failover_to {
                 let why = if hint == target {
                     Some("is the attach node itself; name another replica node")
@@ -845,11 +981,12 @@ impl Volumes {
     pub async fn detach(&self, name: &str) -> Result<Outcome, VolumeError> {
         self.command(name, |current, _| {
             let r = live(name, current)?;
-            if r.attached.is_none() {
+            if r.attached.is_none() && r.published.is_none() {
                 return Ok(None);
             }
             let mut next = r.clone();
             next.attached = None;
+            next.published = None;
             Ok(Some(next))
         })
         .await
@@ -861,8 +998,15 @@ impl Volumes {
     pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Outcome, VolumeError> {
         self.command(name, |current, _| {
             let r = live(name, current)?;
-            if r.snapshots.iter().any(|s| s.name == snapshot) {
-                return Ok(None);
+            match r.snapshots.iter().find(|s| s.name == snapshot) {
+                Some(s) if s.deleting => {
+                    return Err(VolumeError::NotReady {
+                        name: name.to_string(),
+                        why: format!("snapshot '{snapshot}' is being deleted; retry once it is gone"),
+                    })
+                }
+                Some(_) => return Ok(None),
+                None => {}
             }
             if let Some(a) = &r.attached {
                 return Err(VolumeError::Attached {
@@ -890,6 +1034,7 @@ impl Volumes {
                 nodes: Vec::new(),
                 created_unix_ms: unix_ms(),
                 on: Some(on),
+                deleting: false,
             });
             Ok(Some(next))
         })
@@ -903,6 +1048,17 @@ impl Volumes {
         source: &str,
         snapshot: &str,
         name: &str,
+    ) -> Result<Outcome, VolumeError> {
+        self.clone_with(source, snapshot, name, None).await
+    }
+
+    /// [`Volumes::clone_volume`], recording the filesystem a CSI CreateVolume asked for.
+    pub async fn clone_with(
+        &self,
+        source: &str,
+        snapshot: &str,
+        name: &str,
+        fs_type: Option<&str>,
     ) -> Result<Outcome, VolumeError> {
         for _ in 0..CAS_ATTEMPTS_MAX {
             let term = self.term().await?;
@@ -931,7 +1087,8 @@ impl Volumes {
                 });
             }
             let nodes = self.nodes().await?;
-            let next = clone_record(&src, snapshot, name, &nodes)?;
+            let mut next = clone_record(&src, snapshot, name, &nodes)?;
+            next.fs_type = fs_type.map(str::to_string);
             let key = volume_key(name);
             // The clone's data is the snapshot's on the replicas made from it: the in-sync
             // record says so from the start, so that a replica made empty (a replacement,
@@ -1060,6 +1217,28 @@ impl Volumes {
     }
 }
 
+/// Refuses an attach of `name` to `node` unless the node is registered, up and has an NBD
+/// listener to export the nexus on.
+fn attachable(name: &str, nodes: &[NodeRecord], node: &str) -> Result<(), VolumeError> {
+    let rec = nodes
+        .iter()
+        .find(|n| n.id == node)
+        .ok_or_else(|| VolumeError::UnknownNode(node.to_string()))?;
+    if rec.state != NodeState::Up {
+        return Err(VolumeError::NodeDown {
+            name: name.to_string(),
+            node: node.to_string(),
+        });
+    }
+    if rec.addresses.nbd.is_none() {
+        return Err(VolumeError::NoNbd {
+            name: name.to_string(),
+            node: node.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The record, unless absent or being deleted.
 fn live<'a>(
     name: &str,
@@ -1117,7 +1296,7 @@ fn clone_record(
     let snap = src
         .snapshots
         .iter()
-        .find(|s| s.name == snapshot)
+        .find(|s| s.name == snapshot && !s.deleting)
         .ok_or_else(|| VolumeError::UnknownSnapshot {
             volume: src.name.clone(),
             snapshot: snapshot.to_string(),
@@ -1191,6 +1370,8 @@ fn clone_record(
             snapshot: snapshot.to_string(),
         }),
         deleting: false,
+        published: None,
+        fs_type: None,
     })
 }
 
@@ -1306,6 +1487,7 @@ mod tests {
             nodes: vec!["a".into()],
             created_unix_ms: 0,
             on: None,
+            deleting: false,
         });
         let err = clone_record(&src, "mon", "pg2", &nodes)
             .unwrap_err()

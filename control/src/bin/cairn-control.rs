@@ -3,7 +3,8 @@
 //! Opens the store (the embedded one in `--data-dir`, or etcd with `--etcd`), then runs four
 //! things until SIGTERM or SIGINT: the REST API on `--listen`, the leader election, and, while
 //! this process leads, the monitor that marks nodes down when their lease expires and the
-//! reconcile loop that brings the nodes to the volume records. A start-up
+//! reconcile loop that brings the nodes to the volume records; with `--csi-endpoint`, the CSI
+//! Identity and Controller services on that unix socket too. A start-up
 //! failure (a taken port, a data directory in use, an unreachable etcd) exits 1 naming it.
 
 use anyhow::{Context, Result};
@@ -62,6 +63,10 @@ struct Cli {
     /// as an orphan).
     #[arg(long, value_name = "SECONDS", default_value_t = REPLICA_FORGET_DEFAULT_S)]
     replica_forget: u64,
+    /// Serve the CSI Identity and Controller services (driver csi.cairn.io) on this unix
+    /// socket; a stale socket file is replaced, and the socket is made mode 0600.
+    #[arg(long, value_name = "unix:///PATH")]
+    csi_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +152,10 @@ async fn run(cli: Cli) -> Result<()> {
         rereplication,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let csi_task = match &cli.csi_endpoint {
+        Some(endpoint) => Some(start_csi(endpoint, app.clone(), stop_rx.clone())?),
+        None => None,
+    };
     let election_task = tokio::spawn(election.run(stop_rx.clone()));
     let reconcile_task = (!cli.no_reconcile).then(|| tokio::spawn(reconciler.run(stop_rx.clone())));
     let monitor_task = tokio::spawn(monitor(app.clone(), stop_rx));
@@ -172,7 +181,35 @@ async fn run(cli: Cli) -> Result<()> {
         drop(t.await);
     }
     drop(election_task.await);
+    if let Some(t) = csi_task {
+        t.await.context("the CSI server task")??;
+    }
     Ok(())
+}
+
+/// Binds the CSI endpoint and serves Identity and Controller on it until `stop`; the task
+/// removes the socket file when it ends.
+fn start_csi(
+    endpoint: &str,
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let path = cairn_csi::endpoint_path(endpoint)?;
+    let incoming = cairn_csi::bind(&path)?;
+    let line = format!(
+        "cairn-control serving CSI ({}) on {endpoint}",
+        cairn_csi::DRIVER_NAME
+    );
+    tracing::info!("{line}");
+    println!("{line}");
+    Ok(tokio::spawn(async move {
+        let served = cairn_control::csi::serve(app, incoming, async move {
+            stopped(&mut stop).await;
+        })
+        .await;
+        drop(std::fs::remove_file(&path));
+        served.with_context(|| format!("serving CSI on {}", path.display()))
+    }))
 }
 
 /// Marks nodes down while this process leads.
