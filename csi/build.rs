@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/csi.proto"], &[std::path::Path::new("proto"), &well_known])?;
+        .compile_protos(
+            &["proto/csi.proto"],
+            &[std::path::Path::new("proto"), &well_known],
+        )?;
     Ok(())
 }

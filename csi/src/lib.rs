@@ -122,7 +122,12 @@ mod tests {
             endpoint_path("unix:///run/csi/csi.sock").unwrap(),
             PathBuf::from("/run/csi/csi.sock")
         );
-        for bad in ["/run/csi.sock", "unix://run/csi.sock", "unix:///", "tcp://x:1"] {
+        for bad in [
+            "/run/csi.sock",
+            "unix://run/csi.sock",
+            "unix:///",
+            "tcp://x:1",
+        ] {
             assert!(endpoint_path(bad).is_err(), "{bad}");
         }
     }
