@@ -203,6 +203,8 @@ pub struct NodeConfig {
     pub zone: Option<String>,
     /// Failure domain: the rack (default: the host name).
     pub rack: Option<String>,
+    /// Serve the CSI Identity and Node services on this unix socket (`unix:///PATH`).
+    pub csi_endpoint: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -232,6 +234,7 @@ impl Default for NodeConfig {
             node_id: None,
             zone: None,
             rack: None,
+            csi_endpoint: None,
         }
     }
 }
@@ -383,6 +386,10 @@ pub struct Cli {
     /// Failure domain rack [default: the host name].
     #[arg(long, value_name = "RACK")]
     pub rack: Option<String>,
+    /// Serve the CSI Identity and Node services (kubelet's side of Kubernetes storage) on
+    /// this unix socket; stages need root, nbdfuse (libnbd-bin), losetup and mkfs.
+    #[arg(long, value_name = "unix:///PATH")]
+    pub csi_endpoint: Option<String>,
 }
 
 /// The listeners, parsed.
@@ -447,6 +454,7 @@ impl NodeConfig {
             (&mut self.node_id, &cli.node_id),
             (&mut self.zone, &cli.zone),
             (&mut self.rack, &cli.rack),
+            (&mut self.csi_endpoint, &cli.csi_endpoint),
         ] {
             if from.is_some() {
                 to.clone_from(from);
@@ -483,24 +491,47 @@ impl NodeConfig {
         self.core_list()?;
         self.listeners()?;
         self.membership()?;
+        self.csi()?;
         self.check_names()
+    }
+
+    /// The node's own name for `what` (`node id`, `zone`, `rack`): the configured one, else
+    /// the host name; checked as a cluster name.
+    fn cluster_name(&self, what: &'static str, v: &Option<String>) -> Result<String, ConfigError> {
+        let v = v.clone().unwrap_or_else(cairn_control_api::hostname);
+        cairn_control_api::check_name(what, &v)
+            .map(|()| v.clone())
+            .map_err(|e| ConfigError::BadSpec {
+                what,
+                spec: v,
+                why: e.to_string(),
+            })
+    }
+
+    /// The CSI node plugin's socket and identity, or None when `csi_endpoint` is not set.
+    pub fn csi(&self) -> Result<Option<(PathBuf, crate::csi::CsiNodeConfig)>, ConfigError> {
+        let Some(endpoint) = &self.csi_endpoint else {
+            return Ok(None);
+        };
+        let socket = cairn_csi::endpoint_path(endpoint).map_err(|e| ConfigError::BadSpec {
+            what: "csi_endpoint",
+            spec: endpoint.clone(),
+            why: e.to_string(),
+        })?;
+        Ok(Some((
+            socket,
+            crate::csi::CsiNodeConfig {
+                node_id: self.cluster_name("node id", &self.node_id)?,
+                zone: self.cluster_name("zone", &self.zone)?,
+                state_dir: self.data_dir.join("csi"),
+            },
+        )))
     }
 
     /// What to register with the control process, or None when `control` is not set.
     pub fn membership(&self) -> Result<Option<crate::membership::Membership>, ConfigError> {
         let Some(url) = &self.control else {
             return Ok(None);
-        };
-        let host = cairn_control_api::hostname();
-        let name = |what: &'static str, v: &Option<String>| {
-            let v = v.clone().unwrap_or_else(|| host.clone());
-            cairn_control_api::check_name(what, &v)
-                .map(|()| v.clone())
-                .map_err(|e| ConfigError::BadSpec {
-                    what,
-                    spec: v,
-                    why: e.to_string(),
-                })
         };
         let controls = crate::membership::Controls::new(url, crate::membership::REQUEST_TIMEOUT)
             .map_err(|e| ConfigError::BadSpec {
@@ -510,9 +541,9 @@ impl NodeConfig {
             })?;
         Ok(Some(crate::membership::Membership {
             controls,
-            node_id: name("node id", &self.node_id)?,
-            zone: name("zone", &self.zone)?,
-            rack: name("rack", &self.rack)?,
+            node_id: self.cluster_name("node id", &self.node_id)?,
+            zone: self.cluster_name("zone", &self.zone)?,
+            rack: self.cluster_name("rack", &self.rack)?,
         }))
     }
 

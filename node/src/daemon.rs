@@ -103,6 +103,8 @@ pub enum DaemonError {
     Control(#[from] crate::membership::MembershipError),
     #[error("starting the heartbeat thread: {0}")]
     Heartbeat(std::io::Error),
+    #[error(transparent)]
+    Csi(#[from] cairn_csi::EndpointError),
     #[error("shutdown was not clean (see the log)")]
     UncleanShutdown,
 }
@@ -173,6 +175,22 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     if let Ok(Some(membership)) = config.membership() {
         node.set_control(membership);
     }
+    // The CSI socket is bound before the node is announced, so a ready node serves kubelet.
+    let csi = config.csi().map_err(DaemonError::from).and_then(|c| {
+        c.map(|(socket, c)| {
+            let incoming = cairn_csi::bind(&socket)?;
+            Ok((incoming, crate::csi::CsiNode::new(c)))
+        })
+        .transpose()
+    });
+    let csi = match csi {
+        Ok(c) => c,
+        Err(e) => {
+            drop(_guard);
+            teardown(node, runtime);
+            return Err(e);
+        }
+    };
     node.open_nbd();
     announce(&endpoints, replica.as_deref(), &node.export_names());
     let heartbeats = match join_cluster(&config, &node, &endpoints, replica.as_deref()) {
@@ -183,7 +201,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
-    runtime.block_on(serve(node.clone(), admin, metrics, signals));
+    runtime.block_on(serve(node.clone(), admin, metrics, csi, signals));
     drop(heartbeats);
     drop(_guard);
     if teardown(node, runtime) {
@@ -566,11 +584,18 @@ impl Signals {
     }
 }
 
-/// Serves admin and metrics until a signal, then stops both.
+/// The CSI node plugin and the socket it serves on.
+type CsiServe = (
+    tokio_stream::wrappers::UnixListenerStream,
+    crate::csi::CsiNode,
+);
+
+/// Serves admin, metrics and CSI (when configured) until a signal, then stops them.
 async fn serve(
     node: Arc<Node>,
     admin: std::net::TcpListener,
     metrics: std::net::TcpListener,
+    csi: Option<CsiServe>,
     signals: Signals,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -591,6 +616,15 @@ async fn serve(
             ),
     );
     let metrics_task = tokio::spawn(crate::metrics::serve(metrics, node, stopped()));
+    let csi_task = csi.map(|(incoming, plugin)| {
+        let (identity, node) = plugin.into_services();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(identity)
+                .add_service(node)
+                .serve_with_incoming_shutdown(incoming, stopped()),
+        )
+    });
     let signal = signals.recv().await;
     tracing::info!(signal, "shutting down");
     stop_tx.send_replace(true);
@@ -607,6 +641,15 @@ async fn serve(
         }
     }
     drop(metrics_task.await);
+    if let Some(t) = csi_task {
+        // A stage runs on a blocking thread and finishes on its own; the server only waits
+        // for calls in flight.
+        match tokio::time::timeout(ADMIN_DRAIN_TIMEOUT, t).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "CSI server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "CSI server task failed"),
+            _ => {}
+        }
+    }
 }
 
 /// The shutdown order after the listeners are closed; true when everything closed cleanly.

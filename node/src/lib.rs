@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod membership;
 pub mod metrics;

@@ -157,13 +157,22 @@ impl Server {
     /// Starts the target server with `exports` on a new work directory and waits until it
     /// answers an NBD handshake on its unix socket (and TCP port, when it has one).
     pub fn start(test: &str, exports: &[ExportSpec]) -> Server {
+        Server::start_with(test, exports, &[])
+    }
+
+    /// [`Server::start`] with `args` added to cairn-node's command line (cairn-node only).
+    pub fn start_with(test: &str, exports: &[ExportSpec], args: &[&str]) -> Server {
         let target = Target::from_env();
         let dir = WorkDir::new(test);
         let socket = socket_path(&dir, test);
         let _ = std::fs::remove_file(&socket);
         let log = dir.join("server.log");
         let (cmd, tcp_port) = match target {
-            Target::Cairn => cairn_command(&dir, &socket, exports),
+            Target::Cairn => {
+                let (mut cmd, port) = cairn_command(&dir, &socket, exports);
+                cmd.args(args);
+                (cmd, port)
+            }
             Target::QemuNbd | Target::Nbdkit => file_server_command(target, &dir, &socket, exports),
         };
         let child = spawn_logged(cmd, &log);

@@ -1,0 +1,960 @@
+//! The CSI node plugin (`cairn-node --csi-endpoint unix:///PATH`): Identity and Node, as
+//! kubelet calls them to put a published volume on this machine (docs/csi.md, "Node").
+//!
+//! NodeStage connects to the volume's NBD export (the `nbdUri` that ControllerPublish
+//! answered) through `nbdfuse`, which shows the export as one file, attaches a loop device with
+//! 4 KiB sectors to that file (libnbd refuses requests below the export's block size), makes a
+//! filesystem only when the device has none, and mounts it at the staging path; for block
+//! access the loop device itself is the staged device. The kernel's own NBD client is used
+//! nowhere: machines without the `nbd` module (this project's CI among them) still stage.
+//! NodePublish bind-mounts the staging path (or the loop device, for block access) onto the
+//! target path, read-only when asked.
+//!
+//! What a stage made (the URI, the loop device, nbdfuse's pid, the staging path, the access
+//! type) is written to `DATA_DIR/csi/VOLUME/stage.json` before the call answers, so that
+//! NodeUnstage after a restart of cairn-node still takes everything down. nbdfuse runs in its
+//! own process group: a signal to cairn-node (Ctrl-C, a restart) does not cut the volume from
+//! under a running application; only NodeUnstage does.
+//!
+//! Every RPC is idempotent: a second stage of the same volume at the same path with the same
+//! URI answers OK, an unstage or unpublish of something already gone answers OK. Calls for
+//! one volume are serialised; a call that finds another in progress for the same volume gets
+//! ABORTED, as the spec asks, and the CO retries. The tools (nbdfuse, losetup, blkid, mkfs,
+//! mount, umount, fusermount3, resize2fs, xfs_growfs) run on blocking threads, never on the
+//! runtime's.
+
+use cairn_csi::v1;
+use cairn_csi::v1::identity_server::{Identity, IdentityServer};
+use cairn_csi::v1::node_server::{Node, NodeServer};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::{Code, Request, Response, Status};
+
+/// How long nbdfuse may take to connect and show the export's file.
+pub const NBDFUSE_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The filesystem made when neither the capability nor the volume context names one.
+pub const DEFAULT_FS_TYPE: &str = "ext4";
+/// The filesystems NodeStage makes and grows.
+pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
+/// The loop device's logical sector size: the volumes' block size.
+const LOOP_SECTOR_BYTES: &str = "4096";
+/// The name of the export's file inside nbdfuse's mount point.
+const NBD_FILE: &str = "nbd";
+
+/// A failed step: the gRPC status code and the message the CO sees (a [`Status`] is made only
+/// at the RPC's edge).
+#[derive(Debug)]
+struct Fail {
+    code: Code,
+    message: String,
+}
+
+impl Fail {
+    fn new(code: Code, message: impl Into<String>) -> Fail {
+        Fail {
+            code,
+            message: message.into(),
+        }
+    }
+    fn internal(m: impl Into<String>) -> Fail {
+        Fail::new(Code::Internal, m)
+    }
+    fn invalid_argument(m: impl Into<String>) -> Fail {
+        Fail::new(Code::InvalidArgument, m)
+    }
+    fn aborted(m: impl Into<String>) -> Fail {
+        Fail::new(Code::Aborted, m)
+    }
+    fn already_exists(m: impl Into<String>) -> Fail {
+        Fail::new(Code::AlreadyExists, m)
+    }
+    fn failed_precondition(m: impl Into<String>) -> Fail {
+        Fail::new(Code::FailedPrecondition, m)
+    }
+    fn not_found(m: impl Into<String>) -> Fail {
+        Fail::new(Code::NotFound, m)
+    }
+    fn unavailable(m: impl Into<String>) -> Fail {
+        Fail::new(Code::Unavailable, m)
+    }
+}
+
+impl From<Fail> for Status {
+    fn from(f: Fail) -> Status {
+        Status::new(f.code, f.message)
+    }
+}
+
+/// Who this node is to a CO: its id and its zone, as the control process knows it.
+#[derive(Clone, Debug)]
+pub struct CsiNodeConfig {
+    pub node_id: String,
+    pub zone: String,
+    /// Where stage records live (`DATA_DIR/csi`).
+    pub state_dir: PathBuf,
+}
+
+/// What NodeStage made for one volume: everything NodeUnstage takes down.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Stage {
+    uri: String,
+    staging_path: PathBuf,
+    /// The loop device over nbdfuse's file.
+    device: String,
+    nbdfuse_pid: u32,
+    block: bool,
+    fs_type: Option<String>,
+}
+
+/// The Identity and Node services of this node.
+#[derive(Clone)]
+pub struct CsiNode {
+    config: Arc<CsiNodeConfig>,
+    /// Volumes with a call in progress.
+    busy: Arc<Mutex<HashSet<String>>>,
+    /// The nbdfuse children this process started, reaped at unstage (a child left running is
+    /// not a zombie until it exits; one started by an earlier process is found by its pid).
+    children: Arc<Mutex<HashMap<String, Child>>>,
+}
+
+/// Holds a volume's place in [`CsiNode::busy`] for one call.
+struct Busy {
+    set: Arc<Mutex<HashSet<String>>>,
+    volume: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.set.lock().expect("busy set").remove(&self.volume);
+    }
+}
+
+impl CsiNode {
+    pub fn new(config: CsiNodeConfig) -> CsiNode {
+        CsiNode {
+            config: Arc::new(config),
+            busy: Arc::default(),
+            children: Arc::default(),
+        }
+    }
+
+    /// The Identity and Node gRPC services.
+    pub fn into_services(self) -> (IdentityServer<CsiNode>, NodeServer<CsiNode>) {
+        (IdentityServer::new(self.clone()), NodeServer::new(self))
+    }
+
+    fn claim(&self, volume: &str) -> Result<Busy, Fail> {
+        if !self
+            .busy
+            .lock()
+            .expect("busy set")
+            .insert(volume.to_string())
+        {
+            return Err(Fail::aborted(format!(
+                "an operation on volume '{volume}' is in progress; retry"
+            )));
+        }
+        Ok(Busy {
+            set: self.busy.clone(),
+            volume: volume.to_string(),
+        })
+    }
+
+    fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.config.state_dir.join(volume)
+    }
+
+    fn read_stage(&self, volume: &str) -> Result<Option<Stage>, Fail> {
+        let path = self.volume_dir(volume).join("stage.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                Fail::internal(format!(
+                    "stage record {} is unreadable: {e}",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Fail::internal(format!("reading {}: {e}", path.display()))),
+        }
+    }
+
+    fn write_stage(&self, volume: &str, stage: &Stage) -> Result<(), Fail> {
+        let dir = self.volume_dir(volume);
+        let tmp = dir.join("stage.json.tmp");
+        let body = serde_json::to_vec_pretty(stage).expect("a stage record serializes");
+        std::fs::write(&tmp, body)
+            .and_then(|()| std::fs::rename(&tmp, dir.join("stage.json")))
+            .map_err(|e| {
+                Fail::internal(format!(
+                    "writing the stage record in {}: {e}",
+                    dir.display()
+                ))
+            })
+    }
+
+    /// Stages `volume` (on a blocking thread).
+    fn stage(&self, volume: &str, uri: &str, staging: &Path, access: &Access) -> Result<(), Fail> {
+        if let Some(s) = self.read_stage(volume)? {
+            if s.staging_path != staging {
+                return Err(Fail::already_exists(format!(
+                    "volume '{volume}' is staged at {}, not {}",
+                    s.staging_path.display(),
+                    staging.display()
+                )));
+            }
+            if s.uri == uri && s.block == access.block() && stage_alive(&s) {
+                return Ok(());
+            }
+            // Staged from another attach point (the volume failed over and came back), or
+            // half taken down: taken down, then staged afresh.
+            tracing::info!(volume, old = %s.uri, new = %uri, "restaging");
+            self.unstage_all(volume, &s)?;
+        }
+        let dir = self.volume_dir(volume);
+        let fuse = dir.join("fuse");
+        std::fs::create_dir_all(&fuse)
+            .map_err(|e| Fail::internal(format!("creating {}: {e}", fuse.display())))?;
+        let log = dir.join("nbdfuse.log");
+        let child = start_nbdfuse(&fuse, uri, &log)?;
+        let pid = child.id();
+        self.children
+            .lock()
+            .expect("children")
+            .insert(volume.to_string(), child);
+        let file = fuse.join(NBD_FILE);
+        let device = match run(
+            "losetup",
+            &["-f", "--show", "-b", LOOP_SECTOR_BYTES, path_str(&file)?],
+        ) {
+            Ok(out) => out.trim().to_string(),
+            Err(e) => {
+                stop_nbdfuse(&fuse, pid);
+                if let Some(mut c) = self.children.lock().expect("children").remove(volume) {
+                    drop(c.wait());
+                }
+                return Err(e);
+            }
+        };
+        let mut stage = Stage {
+            uri: uri.to_string(),
+            staging_path: staging.to_path_buf(),
+            device,
+            nbdfuse_pid: pid,
+            block: access.block(),
+            fs_type: None,
+        };
+        // Recorded before anything is mounted: an unstage after a crash here finds the device.
+        self.write_stage(volume, &stage)?;
+        if let Access::Mount { fs_type, flags } = access {
+            let made = existing_fs(&stage.device)?;
+            let fs = match made {
+                Some(f) => {
+                    if f != *fs_type {
+                        tracing::warn!(volume, found = %f, asked = %fs_type, "the volume already holds a filesystem of another type; mounting what is there");
+                    }
+                    f
+                }
+                None => {
+                    make_fs(fs_type, &stage.device)?;
+                    fs_type.clone()
+                }
+            };
+            std::fs::create_dir_all(staging)
+                .map_err(|e| Fail::internal(format!("creating {}: {e}", staging.display())))?;
+            let mut args = vec!["-t", fs.as_str()];
+            let opts = flags.join(",");
+            if !opts.is_empty() {
+                args.extend(["-o", opts.as_str()]);
+            }
+            args.extend([stage.device.as_str(), path_str(staging)?]);
+            run("mount", &args)?;
+            stage.fs_type = Some(fs);
+            self.write_stage(volume, &stage)?;
+        }
+        tracing::info!(volume, uri, device = %stage.device, staging = %staging.display(), "staged");
+        Ok(())
+    }
+
+    /// Takes down everything `stage` made, in reverse, and forgets it.
+    fn unstage_all(&self, volume: &str, stage: &Stage) -> Result<(), Fail> {
+        if !stage.block && is_mountpoint(&stage.staging_path) {
+            umount(&stage.staging_path)?;
+        }
+        if Path::new(&stage.device).exists() && loop_backs(&stage.device, volume) {
+            run("losetup", &["-d", &stage.device])?;
+        }
+        let dir = self.volume_dir(volume);
+        let child = self.children.lock().expect("children").remove(volume);
+        stop_nbdfuse(&dir.join("fuse"), stage.nbdfuse_pid);
+        if let Some(mut c) = child {
+            drop(c.wait());
+        }
+        std::fs::remove_dir_all(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| Fail::internal(format!("removing {}: {e}", dir.display())))?;
+        tracing::info!(volume, "unstaged");
+        Ok(())
+    }
+}
+
+/// The access type a capability asks for.
+#[derive(Clone, Debug)]
+enum Access {
+    Block,
+    Mount { fs_type: String, flags: Vec<String> },
+}
+
+impl Access {
+    fn block(&self) -> bool {
+        matches!(self, Access::Block)
+    }
+
+    /// From a request's capability (required) and volume context (its `fsType`).
+    fn of(
+        cap: Option<&v1::VolumeCapability>,
+        context: &HashMap<String, String>,
+    ) -> Result<Access, Fail> {
+        let cap = cap.ok_or_else(|| Fail::invalid_argument("volume_capability is required"))?;
+        check_access_mode(cap)?;
+        match &cap.access_type {
+            Some(v1::volume_capability::AccessType::Block(_)) => Ok(Access::Block),
+            Some(v1::volume_capability::AccessType::Mount(m)) => {
+                let fs_type = if !m.fs_type.is_empty() {
+                    m.fs_type.clone()
+                } else {
+                    context
+                        .get(cairn_csi::PARAM_FS_TYPE)
+                        .cloned()
+                        .unwrap_or_else(|| DEFAULT_FS_TYPE.to_string())
+                };
+                if !FS_TYPES.contains(&fs_type.as_str()) {
+                    return Err(Fail::invalid_argument(format!(
+                        "fs_type '{fs_type}' is not supported (one of {})",
+                        FS_TYPES.join(", ")
+                    )));
+                }
+                if let Some(bad) = m.mount_flags.iter().find(|f| !safe_mount_flag(f)) {
+                    return Err(Fail::invalid_argument(format!(
+                        "mount flag '{bad}' is not allowed (letters, digits and ._=-/ only)"
+                    )));
+                }
+                Ok(Access::Mount {
+                    fs_type,
+                    flags: m.mount_flags.clone(),
+                })
+            }
+            None => Err(Fail::invalid_argument(
+                "volume_capability has neither block nor mount access",
+            )),
+        }
+    }
+}
+
+fn safe_mount_flag(f: &str) -> bool {
+    !f.is_empty()
+        && f.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._=-/".contains(c))
+}
+
+/// A volume is written by one node at a time (the nexus is single-writer): only single-node
+/// modes are served.
+fn check_access_mode(cap: &v1::VolumeCapability) -> Result<(), Fail> {
+    use v1::volume_capability::access_mode::Mode;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode())
+        .ok_or_else(|| Fail::invalid_argument("volume_capability.access_mode is required"))?;
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => Ok(()),
+        other => Err(Fail::invalid_argument(format!(
+            "access mode {} is not supported: a Cairn volume is served on one node",
+            other.as_str_name()
+        ))),
+    }
+}
+
+/// A volume id names a directory here: it must be a Cairn name.
+fn check_volume_id(volume: &str) -> Result<(), Fail> {
+    if volume.is_empty() {
+        return Err(Fail::invalid_argument("volume_id is required"));
+    }
+    cairn_control_api::check_name("volume id", volume)
+        .map_err(|e| Fail::invalid_argument(e.to_string()))
+}
+
+fn required_path(what: &str, p: &str) -> Result<PathBuf, Fail> {
+    if p.is_empty() {
+        return Err(Fail::invalid_argument(format!("{what} is required")));
+    }
+    let path = PathBuf::from(p);
+    if !path.is_absolute() {
+        return Err(Fail::invalid_argument(format!(
+            "{what} '{p}' is not an absolute path"
+        )));
+    }
+    Ok(path)
+}
+
+fn path_str(p: &Path) -> Result<&str, Fail> {
+    p.to_str()
+        .ok_or_else(|| Fail::invalid_argument(format!("path {} is not UTF-8", p.display())))
+}
+
+/// Runs `tool args`; its stdout, or INTERNAL naming the tool, the arguments and its stderr.
+fn run(tool: &str, args: &[&str]) -> Result<String, Fail> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Fail::internal(format!("running {tool}: {e} (is it installed?)")))?;
+    if !out.status.success() {
+        return Err(Fail::internal(format!(
+            "{tool} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts `nbdfuse FUSE/nbd URI` in its own process group and waits for the file.
+fn start_nbdfuse(fuse: &Path, uri: &str, log: &Path) -> Result<Child, Fail> {
+    use std::os::unix::process::CommandExt;
+    let log_file = std::fs::File::create(log)
+        .map_err(|e| Fail::internal(format!("creating {}: {e}", log.display())))?;
+    let err_file = log_file
+        .try_clone()
+        .map_err(|e| Fail::internal(format!("{}: {e}", log.display())))?;
+    let file = fuse.join(NBD_FILE);
+    let mut child = Command::new("nbdfuse")
+        .arg(&file)
+        .arg(uri)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Fail::internal(format!("running nbdfuse: {e} (is libnbd-bin installed?)")))?;
+    let deadline = Instant::now() + NBDFUSE_START_TIMEOUT;
+    while !file.is_file() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Fail::unavailable(format!(
+                "nbdfuse {uri} exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            )));
+        }
+        if Instant::now() > deadline {
+            drop(child.kill());
+            drop(child.wait());
+            drop(run("fusermount3", &["-uz", &fuse.to_string_lossy()]));
+            return Err(Fail::unavailable(format!(
+                "nbdfuse {uri} did not connect within {NBDFUSE_START_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+/// Unmounts nbdfuse's mount point (nbdfuse then exits) and kills the process if it is still
+/// nbdfuse and still running.
+fn stop_nbdfuse(fuse: &Path, pid: u32) {
+    if is_mountpoint(fuse) {
+        let f = fuse.to_string_lossy();
+        if run("fusermount3", &["-u", &f]).is_err() {
+            drop(run("fusermount3", &["-uz", &f]));
+        }
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if cmdline.starts_with(b"nbdfuse\0") {
+        // SAFETY: kill(2) with a pid read from our own record and checked to be nbdfuse; no
+        // memory is involved.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+}
+
+/// True when `device` is a loop device over this volume's nbdfuse file.
+fn loop_backs(device: &str, volume: &str) -> bool {
+    run("losetup", &["-n", "-O", "BACK-FILE", device])
+        .map(|out| out.contains(&format!("/{volume}/fuse/{NBD_FILE}")))
+        .unwrap_or(false)
+}
+
+/// True when everything the stage made is still there.
+fn stage_alive(s: &Stage) -> bool {
+    Path::new(&s.device).exists()
+        && Path::new(&format!("/proc/{}", s.nbdfuse_pid)).exists()
+        && (s.block || is_mountpoint(&s.staging_path))
+}
+
+/// The filesystem type on `device`, or None when it holds none.
+fn existing_fs(device: &str) -> Result<Option<String>, Fail> {
+    let out = Command::new("blkid")
+        .args(["-p", "-s", "TYPE", "-o", "value", device])
+        .output()
+        .map_err(|e| Fail::internal(format!("running blkid: {e}")))?;
+    match out.status.code() {
+        Some(0) => Ok(Some(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )),
+        // blkid: 2 = nothing found.
+        Some(2) => Ok(None),
+        _ => Err(Fail::internal(format!(
+            "blkid -p {device} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
+fn make_fs(fs_type: &str, device: &str) -> Result<(), Fail> {
+    match fs_type {
+        "ext4" => run("mkfs.ext4", &["-q", "-F", "-b", "4096", device]).map(drop),
+        "xfs" => run("mkfs.xfs", &["-q", device]).map(drop),
+        other => Err(Fail::invalid_argument(format!(
+            "fs_type '{other}' is not supported"
+        ))),
+    }
+}
+
+/// True when `path` is a mount point (listed in /proc/self/mountinfo).
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mountinfo(m) == want)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn umount(path: &Path) -> Result<(), Fail> {
+    run("umount", &[path_str(path)?]).map(drop)
+}
+
+/// The size of block device `device` in bytes.
+fn device_bytes(device: &str) -> Result<u64, Fail> {
+    run("blockdev", &["--getsize64", device])?
+        .trim()
+        .parse()
+        .map_err(|e| Fail::internal(format!("blockdev --getsize64 {device}: {e}")))
+}
+
+/// Runs `f` on a blocking thread; a panic there is INTERNAL.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Fail> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("the call's thread failed: {e}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for CsiNode {
+    async fn get_plugin_info(
+        &self,
+        _: Request<v1::GetPluginInfoRequest>,
+    ) -> Result<Response<v1::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(v1::GetPluginInfoResponse {
+            name: cairn_csi::DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: HashMap::new(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<v1::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<v1::GetPluginCapabilitiesResponse>, Status> {
+        use v1::plugin_capability::{service, Service, Type};
+        Ok(Response::new(v1::GetPluginCapabilitiesResponse {
+            capabilities: vec![v1::PluginCapability {
+                r#type: Some(Type::Service(Service {
+                    r#type: service::Type::VolumeAccessibilityConstraints as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _: Request<v1::ProbeRequest>,
+    ) -> Result<Response<v1::ProbeResponse>, Status> {
+        Ok(Response::new(v1::ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for CsiNode {
+    async fn node_stage_volume(
+        &self,
+        request: Request<v1::NodeStageVolumeRequest>,
+    ) -> Result<Response<v1::NodeStageVolumeResponse>, Status> {
+        let r = request.into_inner();
+        check_volume_id(&r.volume_id)?;
+        let staging = required_path("staging_target_path", &r.staging_target_path)?;
+        let access = Access::of(r.volume_capability.as_ref(), &r.volume_context)?;
+        let uri = r
+            .publish_context
+            .get(cairn_csi::PUBLISH_CONTEXT_NBD_URI)
+            .filter(|u| u.starts_with("nbd://"))
+            .cloned()
+            .ok_or_else(|| {
+                Fail::invalid_argument(format!(
+                    "publish_context.{} (the nbd:// URI ControllerPublishVolume answers) is required",
+                    cairn_csi::PUBLISH_CONTEXT_NBD_URI
+                ))
+            })?;
+        let busy = self.claim(&r.volume_id)?;
+        let me = self.clone();
+        blocking(move || {
+            let _busy = busy;
+            me.stage(&r.volume_id, &uri, &staging, &access)
+        })
+        .await?;
+        Ok(Response::new(v1::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<v1::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<v1::NodeUnstageVolumeResponse>, Status> {
+        let r = request.into_inner();
+        check_volume_id(&r.volume_id)?;
+        let staging = required_path("staging_target_path", &r.staging_target_path)?;
+        let busy = self.claim(&r.volume_id)?;
+        let me = self.clone();
+        blocking(move || {
+            let _busy = busy;
+            match me.read_stage(&r.volume_id)? {
+                Some(s) if s.staging_path == staging => me.unstage_all(&r.volume_id, &s),
+                Some(s) => Err(Fail::failed_precondition(format!(
+                    "volume '{}' is staged at {}, not {}",
+                    r.volume_id,
+                    s.staging_path.display(),
+                    staging.display()
+                ))),
+                None => Ok(()),
+            }
+        })
+        .await?;
+        Ok(Response::new(v1::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<v1::NodePublishVolumeRequest>,
+    ) -> Result<Response<v1::NodePublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        check_volume_id(&r.volume_id)?;
+        let target = required_path("target_path", &r.target_path)?;
+        let staging = required_path("staging_target_path", &r.staging_target_path)?;
+        let access = Access::of(r.volume_capability.as_ref(), &r.volume_context)?;
+        let busy = self.claim(&r.volume_id)?;
+        let me = self.clone();
+        blocking(move || {
+            let _busy = busy;
+            let s = me.read_stage(&r.volume_id)?.ok_or_else(|| {
+                Fail::failed_precondition(format!(
+                    "volume '{}' is not staged on this node",
+                    r.volume_id
+                ))
+            })?;
+            if s.staging_path != staging || s.block != access.block() {
+                return Err(Fail::failed_precondition(format!(
+                    "volume '{}' is staged at {} for {} access, not at {} for {}",
+                    r.volume_id,
+                    s.staging_path.display(),
+                    if s.block { "block" } else { "mount" },
+                    staging.display(),
+                    if access.block() { "block" } else { "mount" }
+                )));
+            }
+            if is_mountpoint(&target) {
+                return Ok(());
+            }
+            let source = if s.block {
+                // The target is a file the device is bound onto.
+                if let Some(dir) = target.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        Fail::internal(format!("creating {}: {e}", dir.display()))
+                    })?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&target)
+                    .map_err(|e| Fail::internal(format!("creating {}: {e}", target.display())))?;
+                s.device.clone()
+            } else {
+                std::fs::create_dir_all(&target).map_err(|e| {
+                    Fail::internal(format!("creating {}: {e}", target.display()))
+                })?;
+                path_str(&s.staging_path)?.to_string()
+            };
+            run("mount", &["--bind", &source, path_str(&target)?])?;
+            if r.readonly {
+                run("mount", &["-o", "remount,bind,ro", path_str(&target)?])?;
+            }
+            tracing::info!(volume = %r.volume_id, target = %target.display(), readonly = r.readonly, "published");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(v1::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<v1::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<v1::NodeUnpublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        check_volume_id(&r.volume_id)?;
+        let target = required_path("target_path", &r.target_path)?;
+        let busy = self.claim(&r.volume_id)?;
+        blocking(move || {
+            let _busy = busy;
+            if is_mountpoint(&target) {
+                umount(&target)?;
+            }
+            let gone = if target.is_dir() {
+                std::fs::remove_dir(&target)
+            } else {
+                std::fs::remove_file(&target)
+            };
+            match gone {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Fail::internal(format!(
+                    "removing {}: {e}",
+                    target.display()
+                ))),
+                _ => Ok(()),
+            }
+        })
+        .await?;
+        Ok(Response::new(v1::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<v1::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<v1::NodeGetVolumeStatsResponse>, Status> {
+        let r = request.into_inner();
+        check_volume_id(&r.volume_id)?;
+        let path = required_path("volume_path", &r.volume_path)?;
+        let me = self.clone();
+        let usage = blocking(move || {
+            let s = me.read_stage(&r.volume_id)?.ok_or_else(|| {
+                Fail::not_found(format!(
+                    "volume '{}' is not staged on this node",
+                    r.volume_id
+                ))
+            })?;
+            if !path.exists() {
+                return Err(Fail::not_found(format!(
+                    "volume path {} does not exist",
+                    path.display()
+                )));
+            }
+            if s.block {
+                let total = device_bytes(&s.device)?;
+                return Ok(vec![usage(v1::volume_usage::Unit::Bytes, total, total, 0)]);
+            }
+            let st = statvfs(&path)?;
+            let frsize = st.f_frsize;
+            Ok(vec![
+                usage(
+                    v1::volume_usage::Unit::Bytes,
+                    st.f_blocks * frsize,
+                    st.f_bavail * frsize,
+                    (st.f_blocks - st.f_bfree) * frsize,
+                ),
+                usage(
+                    v1::volume_usage::Unit::Inodes,
+                    st.f_files,
+                    st.f_favail,
+                    st.f_files - st.f_ffree,
+                ),
+            ])
+        })
+        .await?;
+        Ok(Response::new(v1::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: None,
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<v1::NodeExpandVolumeRequest>,
+    ) -> Result<Response<v1::NodeExpandVolumeResponse>, Status> {
+        let r = request.into_inner();
+        check_volume_id(&r.volume_id)?;
+        required_path("volume_path", &r.volume_path)?;
+        let busy = self.claim(&r.volume_id)?;
+        let me = self.clone();
+        let bytes = blocking(move || {
+            let _busy = busy;
+            let s = me.read_stage(&r.volume_id)?.ok_or_else(|| {
+                Fail::not_found(format!(
+                    "volume '{}' is not staged on this node",
+                    r.volume_id
+                ))
+            })?;
+            // The loop device learns a larger file size (nbdfuse shows the export's size as
+            // negotiated, which a stage after an offline grow has).
+            run("losetup", &["-c", &s.device])?;
+            match s.fs_type.as_deref() {
+                Some("ext4") => run("resize2fs", &[&s.device]).map(drop)?,
+                Some("xfs") => run("xfs_growfs", &[path_str(&s.staging_path)?]).map(drop)?,
+                _ => {}
+            }
+            device_bytes(&s.device)
+        })
+        .await?;
+        Ok(Response::new(v1::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<v1::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<v1::NodeGetCapabilitiesResponse>, Status> {
+        use v1::node_service_capability::{rpc, Rpc, Type};
+        let cap = |t: rpc::Type| v1::NodeServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        };
+        Ok(Response::new(v1::NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                cap(rpc::Type::StageUnstageVolume),
+                cap(rpc::Type::GetVolumeStats),
+                cap(rpc::Type::ExpandVolume),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<v1::NodeGetInfoRequest>,
+    ) -> Result<Response<v1::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(v1::NodeGetInfoResponse {
+            node_id: self.config.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(v1::Topology {
+                segments: HashMap::from([
+                    (
+                        cairn_csi::TOPOLOGY_ZONE_KEY.into(),
+                        self.config.zone.clone(),
+                    ),
+                    (
+                        cairn_csi::TOPOLOGY_NODE_KEY.into(),
+                        self.config.node_id.clone(),
+                    ),
+                ]),
+            }),
+        }))
+    }
+}
+
+fn usage(unit: v1::volume_usage::Unit, total: u64, available: u64, used: u64) -> v1::VolumeUsage {
+    let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    v1::VolumeUsage {
+        available: i(available),
+        total: i(total),
+        used: i(used),
+        unit: unit as i32,
+    }
+}
+
+fn statvfs(path: &Path) -> Result<libc::statvfs, Fail> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Fail::invalid_argument(format!("{} holds a NUL", path.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer of the right type, which
+    // statvfs(3) fills when it returns 0.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(Fail::internal(format!(
+            "statvfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(access: v1::volume_capability::AccessType, mode: i32) -> v1::VolumeCapability {
+        v1::VolumeCapability {
+            access_type: Some(access),
+            access_mode: Some(v1::volume_capability::AccessMode { mode }),
+        }
+    }
+
+    #[test]
+    fn capabilities_are_checked_before_anything_is_run() {
+        use v1::volume_capability::{access_mode::Mode, AccessType, MountVolume};
+        let ctx = HashMap::new();
+        let mount = |fs: &str, flags: &[&str]| {
+            AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                volume_mount_group: String::new(),
+            })
+        };
+        let w = Mode::SingleNodeWriter as i32;
+        assert!(matches!(
+            Access::of(Some(&cap(mount("", &[]), w)), &ctx).unwrap(),
+            Access::Mount { fs_type, .. } if fs_type == DEFAULT_FS_TYPE
+        ));
+        let xfs = HashMap::from([(cairn_csi::PARAM_FS_TYPE.to_string(), "xfs".to_string())]);
+        assert!(matches!(
+            Access::of(Some(&cap(mount("", &[]), w)), &xfs).unwrap(),
+            Access::Mount { fs_type, .. } if fs_type == "xfs"
+        ));
+        let e = Access::of(Some(&cap(mount("ntfs", &[]), w)), &ctx).unwrap_err();
+        assert!(e.message.contains("'ntfs'"), "{e:?}");
+        let e = Access::of(Some(&cap(mount("ext4", &["ro,x y"]), w)), &ctx).unwrap_err();
+        assert!(e.message.contains("'ro,x y'"), "{e:?}");
+        let many = Mode::MultiNodeMultiWriter as i32;
+        let e = Access::of(Some(&cap(mount("ext4", &[]), many)), &ctx).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        assert!(Access::of(None, &ctx).is_err());
+        assert!(check_volume_id("../x").is_err());
+        assert!(required_path("target_path", "rel/dir").is_err());
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+    }
+}
