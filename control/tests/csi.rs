@@ -634,9 +634,6 @@ async fn conformance(test: &str, etcd: Option<&Etcd>) {
         follower_refuses(&dir, etcd).await;
     }
     publish_fencing(&control, &mut c, &mut nodes).await;
-    drop(nodes);
-    drop(control);
-    drop(std::fs::remove_dir_all(&dir));
 }
 
 /// A second control process on the same etcd follows: it answers reads, and refuses a
@@ -722,6 +719,4 @@ fn csi_on_etcd() {
         return;
     };
     run("csi-etcd", Some(&etcd));
-    drop(etcd);
-    drop(std::fs::remove_dir_all(Path::new(&dir)));
 }
