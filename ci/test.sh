@@ -12,8 +12,9 @@ step() { printf '\n==> %s\n' "$*"; }
 # nbdinfo/nbdcopy/nbdfuse (libnbd-bin; bookworm has no separate nbdfuse package), fio (its nbd
 # engine), fusermount3 (fuse3) and mkfs.ext4/e2fsck (e2fsprogs). The control plane's store and
 # membership tests (control/tests/) start their own etcd (etcd-server), and the etcd-client
-# crate's build script compiles etcd's protos with protoc (protobuf-compiler).
-PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd qemu-utils libnbd-bin fio fuse3 e2fsprogs etcd-server protobuf-compiler)
+# crate's build script compiles etcd's protos with protoc (protobuf-compiler). The check of the
+# Kubernetes manifests (ci/deploy_check.py) parses them with python3-yaml.
+PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd python3-yaml qemu-utils libnbd-bin fio fuse3 e2fsprogs etcd-server protobuf-compiler)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -54,6 +55,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace --release 2>&1 | tee target/ci-test.log
 grep -q "test result:" target/ci-test.log
+
+step "deploy/: the Kubernetes manifests agree with the driver's name, parameters and flags"
+/usr/bin/python3 ci/deploy_check.py target/release
 
 step "C ABI: C example under valgrind, NBD client against nbdkit, Python ctypes example"
 bash ci/cabi.sh
