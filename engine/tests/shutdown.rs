@@ -37,14 +37,23 @@ fn slow_engine(inner: Arc<MallocBdev>) -> (Engine, IoQueue) {
     (engine, q)
 }
 
-/// Adds a fault bdev with `LATENCY` over `inner` and opens a queue to it.
+/// Adds a fault bdev with `LATENCY` over `inner` and opens a queue to it. A queue dropped just
+/// before gives its buffers back on its core, after the drop returns: the pool may be short
+/// for a moment, so an exhausted pool is waited out, for up to `STOP_LIMIT`.
 fn slow_queue(engine: &Engine, inner: Arc<MallocBdev>) -> IoQueue {
     let bdev = FaultBdev::new("sd-f", inner);
     bdev.control().set_latency(LATENCY);
     let handle = engine.add_bdev(Arc::new(bdev)).expect("add bdev");
-    engine
-        .queue(&handle, engine.cores()[0], DEPTH)
-        .expect("queue")
+    let deadline = std::time::Instant::now() + STOP_LIMIT;
+    loop {
+        match engine.queue(&handle, engine.cores()[0], DEPTH) {
+            Ok(q) => return q,
+            Err(EngineError::PoolExhausted { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("binding a queue: {e}"),
+        }
+    }
 }
 
 fn expected(i: u64) -> Vec<u8> {
