@@ -13,8 +13,9 @@ step() { printf '\n==> %s\n' "$*"; }
 # engine), fusermount3 (fuse3) and mkfs.ext4/e2fsck (e2fsprogs). The control plane's store and
 # membership tests (control/tests/) start their own etcd (etcd-server), and the etcd-client
 # crate's build script compiles etcd's protos with protoc (protobuf-compiler). The check of the
-# Kubernetes manifests (ci/deploy_check.py) parses them with python3-yaml.
-PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd python3-yaml qemu-utils libnbd-bin fio fuse3 e2fsprogs etcd-server protobuf-compiler)
+# Kubernetes manifests (ci/deploy_check.py) parses them with python3-yaml. The end-to-end
+# story (ci/e2e-pg.sh) runs PostgreSQL (postgresql) on a CSI-staged volume.
+PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd python3-yaml qemu-utils libnbd-bin fio fuse3 e2fsprogs etcd-server protobuf-compiler postgresql)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -58,6 +59,9 @@ grep -q "test result:" target/ci-test.log
 
 step "deploy/: the Kubernetes manifests agree with the driver's name, parameters and flags"
 /usr/bin/python3 ci/deploy_check.py target/release
+
+step "end to end: PostgreSQL on a 3-replica volume through CSI survives the kill and the partition of its node (ci/e2e-pg.sh)"
+bash ci/e2e-pg.sh
 
 step "C ABI: C example under valgrind, NBD client against nbdkit, Python ctypes example"
 bash ci/cabi.sh

@@ -5,7 +5,10 @@
 //!
 //! Output is an aligned table by default and JSON with `--json`. An error from the node
 //! prints its status code and message (which names the object) and exits 1; so does
-//! `nexus verify` when the replicas differ, after printing what it compared.
+//! `nexus verify` when the replicas differ, after printing what it compared. `cairnctl csi …`
+//! makes one CSI call to a plugin's socket (csi.rs).
+
+mod csi;
 
 use anyhow::{Context, Result};
 use cairn_control::proto::{self as pb, node_admin_client::NodeAdminClient};
@@ -113,6 +116,8 @@ enum Top {
     Node(NodeArgs),
     /// Replicated volumes, placed and kept by the control process (over its REST API).
     Volume(ClusterVolumeArgs),
+    /// One CSI call to a plugin's socket, as kubelet and the CSI sidecars make them.
+    Csi(csi::CsiArgs),
 }
 
 #[derive(Args)]
@@ -481,7 +486,14 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Top::Csi(args) => return block_on(csi::run(args)),
     };
+    block_on(node(args))
+}
+
+/// Runs a gRPC command on a one-thread runtime; an error prints the status code and message
+/// (or the error chain) and exits 1.
+fn block_on(command: impl std::future::Future<Output = Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -492,7 +504,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(node(args)) {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
