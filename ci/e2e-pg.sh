@@ -10,8 +10,8 @@
 # side logs every committed transaction. Then node a dies: kill -9 of its cairn-node, its
 # nbdfuse and PostgreSQL, and its link goes down. As for a rescheduled pod: ControllerPublish
 # to node b (refused while a's lease lives, accepted once it expired), NodeStage, NodePublish,
-# PostgreSQL started there. Checks: PostgreSQL recovers; pgbench_history holds at least every
-# commit the client saw; after a clean stop `pg_checksums --check` passes. Prints the outage,
+# PostgreSQL started there. Checks: PostgreSQL recovers; pgbench_history holds, for each
+# pgbench client, at least every commit that client saw acknowledged; after a clean stop `pg_checksums --check` passes. Prints the outage,
 # from the kill until PostgreSQL on b accepts a write. Then node a comes back (link up, its
 # cairn-node restarted): kubelet's unpublish and unstage of the dead pod's mount run on a, and
 # the volume has three in-sync replicas again.
@@ -197,10 +197,29 @@ kill_scenario() {
   pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$from/mnt/pgdata" >"$W/initdb.log"
   start_pg "$from"
   pg "$PGBIN/pgbench" -h "$W/$from/sock" -U postgres -i -s 2 -q postgres >"$W/pgbench-init.log" 2>&1
+  # pgbench's TPC-B-like transaction, with each history row tagged by its client: a client's
+  # commits are acknowledged one after another, so a lost acknowledged commit shows as that
+  # client having fewer rows than acknowledgements, whatever other clients left in flight.
+  psql_on "$from" -c "alter table pgbench_history add column client int" postgres
   mkdir -p "$W/pgbench" && chown postgres "$W/pgbench"
   rm -f "$W/pgbench/log."*
+  cat >"$W/pgbench/tpcb-client.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime, client) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP, :client_id);
+END;
+SQL
+  chown postgres "$W/pgbench/tpcb-client.sql"
   (cd "$W/pgbench" && pg "$PGBIN/pgbench" -h "$W/$from/sock" -U postgres -c 4 -j 2 \
-    -T "$PGBENCH_SECONDS" -l --log-prefix="$W/pgbench/log" postgres >"$W/pgbench.out" 2>&1) &
+    -f "$W/pgbench/tpcb-client.sql" -T "$PGBENCH_SECONDS" -l --log-prefix="$W/pgbench/log" \
+    postgres >"$W/pgbench.out" 2>&1) &
   local bench=$!
   sleep "$KILL_AFTER_S"
 
@@ -233,6 +252,17 @@ kill_scenario() {
   local rows
   rows=$(psql_on "$to" -c "select count(*) from pgbench_history" postgres)
   log "kill: $committed transactions committed before node $from died; pgbench_history has $rows"
+  # Per client: rows >= the commits that client saw acknowledged (the log's first field).
+  psql_on "$to" -F ' ' -c "select client, count(*) from pgbench_history group by client" postgres \
+    >"$W/rows-per-client"
+  cat "$W/pgbench/log"* | /usr/bin/python3 -c '
+import collections, sys
+acked = collections.Counter(line.split()[0] for line in sys.stdin if line.strip())
+rows = dict(l.split() for l in open(sys.argv[1]) if l.strip())
+lost = {c: (n, int(rows.get(c, 0))) for c, n in acked.items() if int(rows.get(c, 0)) < n}
+if lost:
+    sys.exit("e2e-pg: LOST COMMITS per client (acknowledged, rows): %s" % lost)
+' "$W/rows-per-client"
   log "outage: $outage s from kill -9 of node $from until PostgreSQL on node $to accepted a write"
   [ -n "${OUTAGE_FILE:-}" ] && echo "$outage" >>"$OUTAGE_FILE"
   [ "$committed" -gt 0 ] || { echo "e2e-pg: pgbench committed nothing before the kill" >&2; return 1; }
@@ -325,6 +355,17 @@ partition_scenario() {
   wait_until 120 in_sync_is "$v" 3 || { curl -s "$CONTROL/v1/volumes/$v/insync" >&2; return 1; }
   verify "$v" "$to"
   log "partition: node $from's replica is resynced; three in-sync replicas, and nexus verify finds them equal"
+  # The raw bytes, not PostgreSQL's view (its buffers and a checkpoint could hide a landed
+  # page): the marker is nowhere on the volume, WAL included. verify showed every replica
+  # equal, so reading through $to's device reads them all.
+  local dev
+  dev=$(/usr/bin/python3 -c "import json; print(json.load(open('$W/$to/data/csi/$v/stage.json'))['device'])")
+  grep -a -q "on-$to" "$dev" || { echo "e2e-pg: $to's own committed row is not in $dev: the scan sees nothing" >&2; return 1; }
+  if grep -a -q after-partition "$dev"; then
+    echo "e2e-pg: the fenced node's marker is on the volume ($dev)" >&2
+    return 1
+  fi
+  log "partition: the marker is nowhere in the volume's bytes"
   csi_node "$to" node-unpublish "$v" --target "$W/$to/mnt"
   csi_node "$to" node-unstage "$v" --staging "$W/$to/staging"
   csi_control controller-unpublish "$v" --node "$to"

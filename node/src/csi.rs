@@ -206,14 +206,23 @@ impl CsiNode {
                     staging.display()
                 )));
             }
-            if s.uri == uri && s.block == access.block() && stage_alive(&s) {
+            if s.uri == uri && s.block == access.block() && self.stage_alive(volume, &s) {
                 return Ok(());
+            }
+            // A pod's bind mount of the old filesystem would go on using a dead device while
+            // the new stage mounts a second copy: the CO must unpublish first.
+            if let Some(target) = published_elsewhere(&s) {
+                return Err(Fail::failed_precondition(format!(
+                    "volume '{volume}' is to be staged again (from {uri}) but its old stage is \
+                     still published at {target}; unpublish it first"
+                )));
             }
             // Staged from another attach point (the volume failed over and came back), or
             // half taken down: taken down, then staged afresh.
             tracing::info!(volume, old = %s.uri, new = %uri, "restaging");
             self.unstage_all(volume, &s)?;
         }
+        path_str(staging)?;
         let dir = self.volume_dir(volume);
         let fuse = dir.join("fuse");
         std::fs::create_dir_all(&fuse)
@@ -226,29 +235,45 @@ impl CsiNode {
             .expect("children")
             .insert(volume.to_string(), child);
         let file = fuse.join(NBD_FILE);
-        let device = match run(
-            "losetup",
-            &["-f", "--show", "-b", LOOP_SECTOR_BYTES, path_str(&file)?],
-        ) {
-            Ok(out) => out.trim().to_string(),
-            Err(e) => {
-                stop_nbdfuse(&fuse, pid);
-                if let Some(mut c) = self.children.lock().expect("children").remove(volume) {
-                    drop(c.wait());
-                }
-                return Err(e);
-            }
-        };
         let mut stage = Stage {
             uri: uri.to_string(),
             staging_path: staging.to_path_buf(),
-            device,
+            device: String::new(),
             nbdfuse_pid: pid,
             block: access.block(),
             fs_type: None,
         };
+        // A failure from here on takes down what was made: the CO treats these errors as
+        // final and would never unstage, leaving the loop device and nbdfuse connected.
+        let made = run(
+            "losetup",
+            &["-f", "--show", "-b", LOOP_SECTOR_BYTES, path_str(&file)?],
+        )
+        .and_then(|out| {
+            stage.device = out.trim().to_string();
+            self.finish_stage(volume, &mut stage, staging, access)
+        });
+        if let Err(e) = made {
+            if let Err(cleanup) = self.unstage_all(volume, &stage) {
+                tracing::error!(volume, error = %cleanup.message, "taking down a failed stage");
+            }
+            return Err(e);
+        }
+        tracing::info!(volume, uri, device = %stage.device, staging = %staging.display(), "staged");
+        Ok(())
+    }
+
+    /// The part of a stage after the loop device exists: the record, then the filesystem
+    /// and its mount.
+    fn finish_stage(
+        &self,
+        volume: &str,
+        stage: &mut Stage,
+        staging: &Path,
+        access: &Access,
+    ) -> Result<(), Fail> {
         // Recorded before anything is mounted: an unstage after a crash here finds the device.
-        self.write_stage(volume, &stage)?;
+        self.write_stage(volume, stage)?;
         if let Access::Mount { fs_type, flags } = access {
             let made = existing_fs(&stage.device)?;
             let fs = match made {
@@ -273,10 +298,24 @@ impl CsiNode {
             args.extend([stage.device.as_str(), path_str(staging)?]);
             run("mount", &args)?;
             stage.fs_type = Some(fs);
-            self.write_stage(volume, &stage)?;
+            self.write_stage(volume, stage)?;
         }
-        tracing::info!(volume, uri, device = %stage.device, staging = %staging.display(), "staged");
         Ok(())
+    }
+
+    /// This volume's nbdfuse file.
+    fn nbd_file(&self, volume: &str) -> PathBuf {
+        self.volume_dir(volume).join("fuse").join(NBD_FILE)
+    }
+
+    /// True when everything the stage made is still there and still this volume's: the
+    /// loop device backs this volume's nbdfuse file and the pid is its nbdfuse (a record
+    /// that outlived a reboot names a device and a pid that may now be someone else's).
+    fn stage_alive(&self, volume: &str, s: &Stage) -> bool {
+        let file = self.nbd_file(volume);
+        loop_backs(&s.device, &file)
+            && is_nbdfuse_of(s.nbdfuse_pid, &file)
+            && (s.block || is_mountpoint(&s.staging_path))
     }
 
     /// Takes down everything `stage` made, in reverse, and forgets it.
@@ -284,12 +323,13 @@ impl CsiNode {
         if !stage.block && is_mountpoint(&stage.staging_path) {
             umount(&stage.staging_path)?;
         }
-        if Path::new(&stage.device).exists() && loop_backs(&stage.device, volume) {
+        let file = self.nbd_file(volume);
+        if loop_backs(&stage.device, &file) {
             run("losetup", &["-d", &stage.device])?;
         }
         let dir = self.volume_dir(volume);
         let child = self.children.lock().expect("children").remove(volume);
-        stop_nbdfuse(&dir.join("fuse"), stage.nbdfuse_pid);
+        stop_nbdfuse(&file, stage.nbdfuse_pid);
         if let Some(mut c) = child {
             drop(c.wait());
         }
@@ -471,35 +511,51 @@ fn start_nbdfuse(fuse: &Path, uri: &str, log: &Path) -> Result<Child, Fail> {
     Ok(child)
 }
 
-/// Unmounts nbdfuse's mount point (nbdfuse then exits) and kills the process if it is still
-/// nbdfuse and still running.
-fn stop_nbdfuse(fuse: &Path, pid: u32) {
-    if is_mountpoint(fuse) {
+/// Unmounts nbdfuse's mount point (nbdfuse then exits) and kills the process `pid` if it is
+/// still the nbdfuse of `file` (never a process that merely reuses the pid).
+fn stop_nbdfuse(file: &Path, pid: u32) {
+    if let Some(fuse) = file.parent().filter(|f| is_mountpoint(f)) {
         let f = fuse.to_string_lossy();
         if run("fusermount3", &["-u", &f]).is_err() {
             drop(run("fusermount3", &["-uz", &f]));
         }
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if cmdline.starts_with(b"nbdfuse\0") {
-        // SAFETY: kill(2) with a pid read from our own record and checked to be nbdfuse; no
+    if is_nbdfuse_of(pid, file) {
+        // SAFETY: kill(2) with a pid checked just above to be the nbdfuse of this volume; no
         // memory is involved.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     }
 }
 
-/// True when `device` is a loop device over this volume's nbdfuse file.
-fn loop_backs(device: &str, volume: &str) -> bool {
-    run("losetup", &["-n", "-O", "BACK-FILE", device])
-        .map(|out| out.contains(&format!("/{volume}/fuse/{NBD_FILE}")))
-        .unwrap_or(false)
+/// True when process `pid` is `nbdfuse FILE …`.
+fn is_nbdfuse_of(pid: u32, file: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut args = cmdline.split(|b| *b == 0);
+    args.next() == Some(b"nbdfuse".as_slice())
+        && args.next() == Some(file.as_os_str().as_encoded_bytes())
 }
 
-/// True when everything the stage made is still there.
-fn stage_alive(s: &Stage) -> bool {
-    Path::new(&s.device).exists()
-        && Path::new(&format!("/proc/{}", s.nbdfuse_pid)).exists()
-        && (s.block || is_mountpoint(&s.staging_path))
+/// True when `device` is a loop device whose backing file is `file`.
+fn loop_backs(device: &str, file: &Path) -> bool {
+    !device.is_empty()
+        && Path::new(device).exists()
+        && run("losetup", &["-n", "-O", "BACK-FILE", device])
+            .is_ok_and(|out| Path::new(out.trim()) == file)
+}
+
+/// A mount point other than the staging path whose source is the stage's loop device (a
+/// publish of its filesystem), if any.
+fn published_elsewhere(s: &Stage) -> Option<String> {
+    if s.block || s.device.is_empty() {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let staging = s.staging_path.to_string_lossy();
+    info.lines().find_map(|l| {
+        let point = unescape_mountinfo(l.split(' ').nth(4)?);
+        let source = l.split(" - ").nth(1)?.split(' ').nth(1)?;
+        (source == s.device && point != staging).then_some(point)
+    })
 }
 
 /// The filesystem type on `device`, or None when it holds none.
@@ -512,8 +568,8 @@ fn existing_fs(device: &str) -> Result<Option<String>, Fail> {
         Some(0) => Ok(Some(
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
         )),
-        // blkid: 2 = nothing found.
-        Some(2) => Ok(None),
+        // blkid: 2 = nothing found, unless it says why it could not look.
+        Some(2) if out.stderr.iter().all(u8::is_ascii_whitespace) => Ok(None),
         _ => Err(Fail::internal(format!(
             "blkid -p {device} failed ({}): {}",
             out.status,
@@ -541,6 +597,33 @@ fn is_mountpoint(path: &Path) -> bool {
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .any(|m| unescape_mountinfo(m) == want)
+}
+
+/// The mountinfo line of mount point `path`, if it is one.
+fn mountinfo_line(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines()
+        .rev()
+        .find(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| unescape_mountinfo(m) == want)
+        })
+        .map(str::to_string)
+}
+
+/// The source (device) of mount point `path`.
+fn mount_source(path: &Path) -> Option<String> {
+    let l = mountinfo_line(path)?;
+    Some(l.split(" - ").nth(1)?.split(' ').nth(1)?.to_string())
+}
+
+/// Whether mount point `path` is mounted read-only (its per-mount options).
+fn mount_is_readonly(path: &Path) -> Option<bool> {
+    let l = mountinfo_line(path)?;
+    let opts = l.split(' ').nth(5)?;
+    Some(opts.split(',').any(|o| o == "ro"))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -695,6 +778,21 @@ impl Node for CsiNode {
                 )));
             }
             if is_mountpoint(&target) {
+                if !s.block && mount_source(&target).as_deref() != Some(s.device.as_str()) {
+                    return Err(Fail::already_exists(format!(
+                        "{} is a mount point of something other than volume '{}'",
+                        target.display(),
+                        r.volume_id
+                    )));
+                }
+                if mount_is_readonly(&target) != Some(r.readonly) {
+                    return Err(Fail::already_exists(format!(
+                        "volume '{}' is published at {} {}",
+                        r.volume_id,
+                        target.display(),
+                        if r.readonly { "read-write" } else { "read-only" }
+                    )));
+                }
                 return Ok(());
             }
             let source = if s.block {
@@ -719,7 +817,11 @@ impl Node for CsiNode {
             };
             run("mount", &["--bind", &source, path_str(&target)?])?;
             if r.readonly {
-                run("mount", &["-o", "remount,bind,ro", path_str(&target)?])?;
+                if let Err(e) = run("mount", &["-o", "remount,bind,ro", path_str(&target)?]) {
+                    // Never left read-write where read-only was asked for.
+                    drop(umount(&target));
+                    return Err(e);
+                }
             }
             tracing::info!(volume = %r.volume_id, target = %target.display(), readonly = r.readonly, "published");
             Ok(())

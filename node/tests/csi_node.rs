@@ -256,6 +256,24 @@ async fn lifecycle(sock: &Path, uri: &str, root: &Path) {
             .unwrap();
     }
     assert!(mounted(&target));
+    // The same target asked read-only: refused, never left read-write.
+    assert_eq!(
+        code(
+            node.node_publish_volume(publish_req(&staging, &target, mount_cap(false), true))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    // Staged again from another URI while its filesystem is published: the CO must
+    // unpublish first (the pod's mount would keep a dead device).
+    let other = uri.replace("127.0.0.1", "localhost");
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage_req(&other, &staging, mount_cap(false)))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
     std::fs::write(target.join("hello"), b"kept across stages").unwrap();
     let st = node
         .node_get_volume_stats(stats(&target))
@@ -347,4 +365,19 @@ async fn lifecycle(sock: &Path, uri: &str, root: &Path) {
     node.node_unstage_volume(unstage_req(&staging))
         .await
         .unwrap();
+
+    // A stage that fails after its loop device exists (the mount refuses an option) takes
+    // down what it made: the CO treats the error as final and would never unstage.
+    let mut r = stage_req(uri, &staging, mount_cap(false));
+    if let Some(v1::volume_capability::AccessType::Mount(m)) = r
+        .volume_capability
+        .as_mut()
+        .and_then(|c| c.access_type.as_mut())
+    {
+        m.mount_flags = vec!["nosuchoption".into()];
+    }
+    assert_eq!(code(node.node_stage_volume(r).await), Code::Internal);
+    assert!(!mounted(&staging));
+    let loops = common::run_ok("losetup", &["-a"]);
+    assert!(!loops.contains(&format!("/{VOL}/fuse/nbd")), "{loops}");
 }
