@@ -364,17 +364,38 @@ mod tests {
     use std::net::TcpListener;
 
     /// A control process that answers one request with 200 and `{}`.
+    /// It reads the whole request first: closing a socket with unread
+    /// bytes sends a reset, which the client may see before the answer.
     fn answers_once() -> String {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
             let mut buf = [0u8; 4096];
-            drop(s.read(&mut buf));
-            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            while !whole_request(&req) {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
                 .unwrap();
         });
         url
+    }
+
+    /// Whether `req` holds a request's headers and its whole body.
+    fn whole_request(req: &[u8]) -> bool {
+        let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
+        let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+        let body: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        req.len() >= end + 4 + body
     }
 
     #[test]
