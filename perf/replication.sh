@@ -12,8 +12,11 @@
 #     "vol", and a plain export "raw" of the same kind of backing (no nexus) for reference.
 #   B (the replica node): reactor on core B_CPU (1), replica server on 127.0.0.1, replica
 #     "vol".
-#   fio is not pinned: on a 2-core machine client, nexus and replica share the cores, which
-#   is the set-up the targets are stated for.
+#   fio is not pinned by default: on a 2-core machine client, nexus and replica then share
+#   the cores, and the 1-replica baseline gets B's idle core for fio while the 2-replica run
+#   does not. FIO_CPU=A_CPU pins fio beside the nexus instead, the layout of two machines:
+#   machine A (core A_CPU) runs the application and the nexus, machine B (core B_CPU) only the
+#   replica, so neither case gets a core that a real deployment would not have.
 # Parts: `ram` backs both replicas with RAM bdevs (--replica-malloc), so only replication's own
 # cost shows; `file` backs them with volumes in pool files in WORKDIR (--replica-volume).
 # Before measuring, one sequential write fills both replicas and raw: RAM bdevs fault their
@@ -31,7 +34,8 @@
 # or the arguments),
 # NODE and CTL (binaries to measure, e.g. an older build for a before/after comparison; default
 # target/release/cairn-node and cairnctl, built first), WORKDIR (target/replication-bench, removed at the end unless KEEP=1), OUT
-# (perf/results/replication-DATE), A_CPU (0), B_CPU (1), PORT_BASE (21809), IDLE (the nodes'
+# (perf/results/replication-DATE), A_CPU (0), B_CPU (1), FIO_CPU (unset: fio unpinned; a core
+# list pins fio with taskset), PORT_BASE (21809), IDLE (the nodes'
 # --idle, adaptive), SCHED (other; fifo: both nodes under `chrt -f 5`, root only, sleeping
 # reactors only: separates waiting for a CPU from everything else, docs/replication.md "Stalls").
 # CPU: each fio job also records the CPU-seconds both nodes used during it (NAME.cpu), and the
@@ -51,6 +55,8 @@ WORKDIR=${WORKDIR:-$PWD/target/replication-bench}
 OUT=${OUT:-perf/results/replication-$(date +%Y-%m-%d)}
 A_CPU=${A_CPU:-0}
 B_CPU=${B_CPU:-1}
+FIO_PIN=()
+[ -n "${FIO_CPU:-}" ] && FIO_PIN=(taskset -c "$FIO_CPU")
 PORT_BASE=${PORT_BASE:-21809}
 IDLE=${IDLE:-adaptive}
 SCHED=${SCHED:-other}
@@ -122,7 +128,7 @@ nodes_wait_s() {
 fio_job() {
   local name=$1 export=$2 qd=$3
   local cpu0 wait0; cpu0=$(nodes_cpu_s); wait0=$(nodes_wait_s)
-  fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
+  "${FIO_PIN[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
       --rw=randwrite --bs=4k --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
       --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
   echo "$cpu0 $(nodes_cpu_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpu"
