@@ -15,8 +15,8 @@
 //! bind-mounts the staging path (or the device, for block access) onto the target path,
 //! read-only when asked.
 //!
-//! What a stage made (the URI, the transport and its device and pid, the loop device's backing
-//! identity, the boot id, the staging path, the access type) is written to
+//! What a stage made (the URI, the transport and its device and pid, the loop device's disk
+//! sequence number, the boot id, the staging path, the access type) is written to
 //! `DATA_DIR/csi/VOLUME/stage.json` before the call answers, so that NodeUnstage after a
 //! restart of cairn-node, or after nbdfuse died, still takes everything down. A device or pid
 //! recorded in another boot is never touched. nbdfuse runs in its own process group: a signal
@@ -155,23 +155,18 @@ enum Transport {
     /// `pid` read just after the connect (the connecting process's), which a later connect of
     /// the same device by anyone else changes.
     KernelNbd { device: String, pid: u32 },
-    /// nbdfuse shows the export as a file; `loop_device` is attached to it. `backing` is the
-    /// loop device's backing identity as the kernel reports it (LOOP_GET_STATUS64), which,
-    /// unlike the backing file's path, survives nbdfuse's death.
+    /// nbdfuse shows the export as a file; `loop_device` is attached to it. `diskseq` is the
+    /// loop device's disk sequence number just after the attach (sysfs `diskseq`, Linux 5.15
+    /// and later; None before): the kernel gives every attach a new one, so in the same boot
+    /// it names this attach and no other. It outlives nbdfuse's death, which the backing file
+    /// does not: once nbdfuse's mount is gone the backing file reads `/nbd`, and the backing
+    /// inode (LOOP_GET_STATUS64) becomes unreadable (ENOTCONN) once FUSE's attribute cache
+    /// expires.
     Nbdfuse {
         loop_device: String,
         pid: u32,
-        backing: Option<LoopBacking>,
+        diskseq: Option<u64>,
     },
-}
-
-/// A loop device's backing file as the kernel knows it: the file system's device number and
-/// the inode.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct LoopBacking {
-    /// `MAJOR:MINOR` of the backing file's file system.
-    dev: String,
-    inode: u64,
 }
 
 impl Stage {
@@ -368,16 +363,9 @@ fn connected_device(output: &str) -> Option<String> {
     })
 }
 
-/// The sysfs directory of kernel NBD device `device` (`/dev/nbdN`).
-fn nbd_sysfs(device: &str) -> Option<PathBuf> {
-    let name = device.strip_prefix("/dev/")?;
-    name.starts_with("nbd")
-        .then(|| Path::new("/sys/block").join(name))
-}
-
 /// The pid that connected kernel NBD device `device`, or None when it is not connected.
 fn nbd_pid(device: &str) -> Option<u32> {
-    let pid = std::fs::read_to_string(nbd_sysfs(device)?.join("pid")).ok()?;
+    let pid = std::fs::read_to_string(block_sysfs(device, "nbd")?.join("pid")).ok()?;
     pid.trim().parse().ok()
 }
 
@@ -600,7 +588,7 @@ impl CsiNode {
             transport: Transport::Nbdfuse {
                 loop_device: String::new(),
                 pid: 0,
-                backing: None,
+                diskseq: None,
             },
         };
         match via {
@@ -622,7 +610,7 @@ impl CsiNode {
                 stage.transport = Transport::Nbdfuse {
                     loop_device: String::new(),
                     pid,
-                    backing: None,
+                    diskseq: None,
                 };
             }
         }
@@ -641,12 +629,12 @@ impl CsiNode {
         Ok(())
     }
 
-    /// For nbdfuse, attaches the loop device to its file and records the loop device's
-    /// backing identity; nothing for the kernel's device.
+    /// For nbdfuse, attaches the loop device to its file and records its disk sequence
+    /// number; nothing for the kernel's device.
     fn attach_loop(&self, volume: &str, stage: &mut Stage) -> Result<(), Fail> {
         let Transport::Nbdfuse {
             loop_device,
-            backing,
+            diskseq,
             ..
         } = &mut stage.transport
         else {
@@ -658,15 +646,14 @@ impl CsiNode {
             &["-f", "--show", "-b", SECTOR_BYTES, path_str(&file)?],
         )?;
         *loop_device = out.trim().to_string();
-        let info = loop_info(loop_device)?;
-        if Path::new(&info.file) != file {
+        let backing = loop_backing_file(loop_device);
+        if backing.as_deref().map(Path::new) != Some(file.as_path()) {
             return Err(Fail::internal(format!(
-                "loop device {loop_device} was attached to {} but is backed by {}",
-                file.display(),
-                info.file
+                "loop device {loop_device} was attached to {} but is backed by {backing:?}",
+                file.display()
             )));
         }
-        *backing = Some(info.backing);
+        *diskseq = loop_diskseq(loop_device);
         Ok(())
     }
 
@@ -729,7 +716,7 @@ impl CsiNode {
                 loop_device, pid, ..
             } => {
                 let file = self.nbd_file(volume);
-                loop_info(loop_device).is_ok_and(|i| Path::new(&i.file) == file)
+                loop_backing_file(loop_device).is_some_and(|b| Path::new(&b) == file)
                     && is_nbdfuse_of(*pid, &file)
             }
         }
@@ -752,10 +739,10 @@ impl CsiNode {
             Transport::Nbdfuse {
                 loop_device,
                 pid,
-                backing,
+                diskseq,
             } => {
                 let file = self.nbd_file(volume);
-                if loop_is_ours(loop_device, &file, backing.as_ref(), this_boot) {
+                if loop_is_ours(loop_device, &file, *diskseq, this_boot) {
                     run("losetup", &["-d", loop_device])?;
                 }
                 let child = self.children.lock().expect("children").remove(volume);
@@ -969,59 +956,36 @@ fn is_nbdfuse_of(pid: u32, file: &Path) -> bool {
         && args.next() == Some(file.as_os_str().as_encoded_bytes())
 }
 
-/// A loop device's backing file, as `losetup` reads it from the kernel.
-#[derive(Debug, PartialEq, Eq)]
-struct LoopInfo {
-    backing: LoopBacking,
-    /// The backing file's path as the kernel last resolved it: once nbdfuse has died it no
-    /// longer names the nbdfuse file (it reads `/nbd`), which is why `backing` is recorded.
-    file: String,
+/// The sysfs directory of block device `device` (`/dev/NAME`) when its name starts with
+/// `kind` (`loop`, `nbd`).
+fn block_sysfs(device: &str, kind: &str) -> Option<PathBuf> {
+    let name = device.strip_prefix("/dev/")?;
+    (name.starts_with(kind) && !name.contains('/')).then(|| Path::new("/sys/block").join(name))
 }
 
-/// The backing file of loop device `device`; INTERNAL when it is not an attached loop device.
-fn loop_info(device: &str) -> Result<LoopInfo, Fail> {
-    if device.is_empty() || !Path::new(device).exists() {
-        return Err(Fail::internal(format!(
-            "loop device '{device}' does not exist"
-        )));
-    }
-    let out = run(
-        "losetup",
-        &["-n", "--raw", "-O", "BACK-MAJ:MIN,BACK-INO,BACK-FILE", device],
-    )?;
-    parse_loop_info(&out).ok_or_else(|| {
-        Fail::internal(format!(
-            "losetup {device}: unexpected output '{}'",
-            out.trim()
-        ))
-    })
+/// The backing file of loop device `device` as the kernel shows it (sysfs
+/// `loop/backing_file`), or None when it is not an attached loop device.
+fn loop_backing_file(device: &str) -> Option<String> {
+    let f = std::fs::read_to_string(block_sysfs(device, "loop")?.join("loop/backing_file")).ok()?;
+    Some(f.trim_end_matches('\n').to_string())
 }
 
-/// One `losetup --raw -O BACK-MAJ:MIN,BACK-INO,BACK-FILE` line (`--raw` escapes blanks in
-/// the path as `\x20`).
-fn parse_loop_info(out: &str) -> Option<LoopInfo> {
-    let mut f = out.trim().splitn(3, ' ');
-    let dev = f.next()?.to_string();
-    let inode = f.next()?.parse().ok()?;
-    let file = f.next()?.replace("\\x20", " ");
-    (dev.contains(':') && !file.is_empty()).then_some(LoopInfo {
-        backing: LoopBacking { dev, inode },
-        file,
-    })
+/// The disk sequence number of loop device `device` (sysfs `diskseq`).
+fn loop_diskseq(device: &str) -> Option<u64> {
+    let seq = std::fs::read_to_string(block_sysfs(device, "loop")?.join("diskseq")).ok()?;
+    seq.trim().parse().ok()
 }
 
 /// True when loop device `device` is this stage's: its backing file is this volume's nbdfuse
-/// `file`, or (in the boot that recorded it) its backing identity is the one `recorded` and
-/// its backing path no longer exists (nbdfuse died; a live nbdfuse of another volume would
-/// show its own file's path). Never true for another volume's loop device.
-fn loop_is_ours(device: &str, file: &Path, recorded: Option<&LoopBacking>, this_boot: bool) -> bool {
-    let Ok(info) = loop_info(device) else {
+/// `file`, or (in the boot that recorded it) its disk sequence number is the one `recorded`
+/// at the attach, whatever its backing file now reads (nbdfuse died). Never true for another
+/// attach, this volume's or another's.
+fn loop_is_ours(device: &str, file: &Path, recorded: Option<u64>, this_boot: bool) -> bool {
+    let Some(backing) = loop_backing_file(device) else {
         return false;
     };
-    Path::new(&info.file) == file
-        || (this_boot
-            && recorded == Some(&info.backing)
-            && !Path::new(&info.file).exists())
+    Path::new(&backing) == file
+        || (this_boot && recorded.is_some() && loop_diskseq(device) == recorded)
 }
 
 /// A mount point other than the staging path whose source is the stage's loop device (a
@@ -1623,25 +1587,17 @@ mod tests {
         assert_eq!(connected_device("Negotiation: ..size = 128MB\n"), None);
         assert_eq!(connected_device("Connected /dev/nbd\n"), None);
         assert_eq!(connected_device("Connected /dev/sda\n"), None);
-        assert_eq!(nbd_sysfs("/dev/nbd4"), Some(PathBuf::from("/sys/block/nbd4")));
-        assert_eq!(nbd_sysfs("/dev/loop4"), None);
         assert_eq!(
-            parse_loop_info("0:57 2 /var/lib/cairn/csi/pv\\x201/fuse/nbd\n"),
-            Some(LoopInfo {
-                backing: LoopBacking {
-                    dev: "0:57".into(),
-                    inode: 2
-                },
-                file: "/var/lib/cairn/csi/pv 1/fuse/nbd".into()
-            })
+            block_sysfs("/dev/nbd4", "nbd"),
+            Some(PathBuf::from("/sys/block/nbd4"))
         );
-        // What losetup shows once nbdfuse has died.
         assert_eq!(
-            parse_loop_info("0:57 2 /nbd").map(|i| i.file),
-            Some("/nbd".to_string())
+            block_sysfs("/dev/loop4", "loop"),
+            Some(PathBuf::from("/sys/block/loop4"))
         );
-        assert_eq!(parse_loop_info(""), None);
-        assert_eq!(parse_loop_info("0:57 x /nbd"), None);
+        assert_eq!(block_sysfs("/dev/loop4", "nbd"), None);
+        assert_eq!(block_sysfs("/dev/nbd4/../sda", "nbd"), None);
+        assert_eq!(block_sysfs("nbd4", "nbd"), None);
     }
 
     #[test]
