@@ -144,13 +144,17 @@ CONTROL_PID=$!
 disown
 wait_until 60 curl -sf "$CONTROL/v1/leader" || { tail -20 "$W/control.log" >&2; exit 1; }
 
+# Stages go through nbdfuse and a loop device (--csi-nbd fuse) even where the kernel has NBD:
+# a node's death here is the kill -9 of its cairn-node and its nbdfuse, the same on every
+# machine.
 start_node() {
   local n=$1 ip=${IP[$1]}
   mkdir -p "$W/$n"
   nsenter --net="/run/netns/${NS[$n]}" "$BIN/cairn-node" --data-dir "$W/$n/data" --pool0-size 2G \
     --control "$CONTROL" --node-id "$n" --zone "z-$n" \
     --nbd-listen "$ip:10809" --admin-listen "$ip:10810" --replica-listen "$ip:10820" \
-    --metrics-listen "$ip:9810" --csi-endpoint "unix://$W/$n.sock" >>"$W/$n/node.log" 2>&1 &
+    --metrics-listen "$ip:9810" --csi-endpoint "unix://$W/$n.sock" --csi-nbd fuse \
+    >>"$W/$n/node.log" 2>&1 &
   PID[$n]=$!
   disown
 }
@@ -184,18 +188,26 @@ verify() {
 
 psql_on() { local n=$1; shift; pg "$PGBIN/psql" -h "$W/$n/sock" -U postgres -X -q -tA "$@"; }
 
+# Both scenarios begin alike, through CSI calls only: volume $1 (3 replicas) is created,
+# published, staged and published on node $2, and PostgreSQL starts on a new cluster
+# (`initdb -k`: data checksums) in the published mount.
+pg_on_new_volume() {
+  local v=$1 n=$2
+  csi_control create-volume "$v" --size 512M --replicas 3 >/dev/null
+  local uri
+  uri=$(csi_control controller-publish "$v" --node "$n")
+  stage_and_publish "$v" "$n" "$uri"
+  mkdir "$W/$n/mnt/pgdata"
+  chown postgres "$W/$n/mnt/pgdata"
+  chmod 700 "$W/$n/mnt/pgdata"
+  pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$n/mnt/pgdata" >"$W/initdb.log"
+  start_pg "$n"
+}
+
 # One kill scenario on volume $1: PostgreSQL on node $2, which dies; it comes back on $3.
 kill_scenario() {
   local v=$1 from=$2 to=$3
-  csi_control create-volume "$v" --size 512M --replicas 3 >/dev/null
-  local uri
-  uri=$(csi_control controller-publish "$v" --node "$from")
-  stage_and_publish "$v" "$from" "$uri"
-  mkdir "$W/$from/mnt/pgdata"
-  chown postgres "$W/$from/mnt/pgdata"
-  chmod 700 "$W/$from/mnt/pgdata"
-  pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$from/mnt/pgdata" >"$W/initdb.log"
-  start_pg "$from"
+  pg_on_new_volume "$v" "$from"
   pg "$PGBIN/pgbench" -h "$W/$from/sock" -U postgres -i -s 2 -q postgres >"$W/pgbench-init.log" 2>&1
   # pgbench's TPC-B-like transaction, with each history row tagged by its client: a client's
   # commits are acknowledged one after another, so a lost acknowledged commit shows as that
@@ -295,15 +307,7 @@ if lost:
 # new epoch, so it can neither finish that write nor, once the link is back, land it.
 partition_scenario() {
   local v=$1 from=$2 to=$3
-  csi_control create-volume "$v" --size 512M --replicas 3 >/dev/null
-  local uri
-  uri=$(csi_control controller-publish "$v" --node "$from")
-  stage_and_publish "$v" "$from" "$uri"
-  mkdir "$W/$from/mnt/pgdata"
-  chown postgres "$W/$from/mnt/pgdata"
-  chmod 700 "$W/$from/mnt/pgdata"
-  pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$from/mnt/pgdata" >"$W/initdb.log"
-  start_pg "$from"
+  pg_on_new_volume "$v" "$from"
   psql_on "$from" -c "create table marker(x text); insert into marker values ('before')" postgres
 
   ip link set "$TAG$from" down

@@ -250,7 +250,9 @@ fn choose_via(mode: CsiNbd, probe: KernelProbe) -> Result<Via, Fail> {
                 ));
             }
             if !probe.client {
-                missing.push(format!("{NBD_CLIENT} is not installed (apt-get install nbd-client)"));
+                missing.push(format!(
+                    "{NBD_CLIENT} is not installed (apt-get install nbd-client)"
+                ));
             }
             Err(Fail::failed_precondition(format!(
                 "--csi-nbd kernel asks for the kernel's NBD device, but {}",
@@ -300,7 +302,9 @@ impl NbdTarget {
                 return Err(bad("names no host"));
             }
             let port = match port {
-                Some(p) => p.parse().map_err(|_| bad("has a port that is not a number"))?,
+                Some(p) => p
+                    .parse()
+                    .map_err(|_| bad("has a port that is not a number"))?,
                 None => NBD_DEFAULT_PORT,
             };
             return Ok(NbdTarget::Tcp {
@@ -402,7 +406,11 @@ fn connect_kernel_nbd(target: &NbdTarget, uri: &str, log: &Path) -> Result<(Stri
         .stdout(log_file)
         .stderr(err_file)
         .spawn()
-        .map_err(|e| Fail::internal(format!("running {NBD_CLIENT}: {e} (is nbd-client installed?)")))?;
+        .map_err(|e| {
+            Fail::internal(format!(
+                "running {NBD_CLIENT}: {e} (is nbd-client installed?)"
+            ))
+        })?;
     let deadline = Instant::now() + NBD_CLIENT_TIMEOUT;
     let status = loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -579,23 +587,11 @@ impl CsiNode {
         let dir = self.volume_dir(volume);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Fail::internal(format!("creating {}: {e}", dir.display())))?;
-        let mut stage = Stage {
-            uri: uri.to_string(),
-            staging_path: staging.to_path_buf(),
-            block: access.block(),
-            fs_type: None,
-            boot_id: boot_id(),
-            transport: Transport::Nbdfuse {
-                loop_device: String::new(),
-                pid: 0,
-                diskseq: None,
-            },
-        };
-        match via {
+        let transport = match via {
             Via::KernelNbd => {
                 let (device, pid) = connect_kernel_nbd(target, uri, &dir.join("nbd-client.log"))
                     .inspect_err(|_| drop(std::fs::remove_dir_all(&dir)))?;
-                stage.transport = Transport::KernelNbd { device, pid };
+                Transport::KernelNbd { device, pid }
             }
             Via::Nbdfuse => {
                 let fuse = dir.join("fuse");
@@ -607,13 +603,21 @@ impl CsiNode {
                     .lock()
                     .expect("children")
                     .insert(volume.to_string(), child);
-                stage.transport = Transport::Nbdfuse {
+                Transport::Nbdfuse {
                     loop_device: String::new(),
                     pid,
                     diskseq: None,
-                };
+                }
             }
-        }
+        };
+        let mut stage = Stage {
+            uri: uri.to_string(),
+            staging_path: staging.to_path_buf(),
+            block: access.block(),
+            fs_type: None,
+            boot_id: boot_id(),
+            transport,
+        };
         // A failure from here on takes down what was made: the CO treats these errors as
         // final and would never unstage, leaving the device and its connection behind.
         let made = self
@@ -1540,10 +1544,20 @@ mod tests {
         let tcp = NbdTarget::parse("nbd://10.0.0.2:10900/pvc-1").unwrap();
         assert_eq!(
             tcp.nbd_client_args(Some("/dev/nbd3")),
-            ["-N", "pvc-1", "-b", "4096", "10.0.0.2", "10900", "/dev/nbd3"]
+            [
+                "-N",
+                "pvc-1",
+                "-b",
+                "4096",
+                "10.0.0.2",
+                "10900",
+                "/dev/nbd3"
+            ]
         );
         assert_eq!(
-            NbdTarget::parse("nbd://node-a/v").unwrap().nbd_client_args(None),
+            NbdTarget::parse("nbd://node-a/v")
+                .unwrap()
+                .nbd_client_args(None),
             ["-N", "v", "-b", "4096", "node-a", "10809"]
         );
         assert_eq!(
@@ -1557,7 +1571,15 @@ mod tests {
         let unix = NbdTarget::parse("nbd+unix:///pv1?socket=/run/cairn/nbd.sock").unwrap();
         assert_eq!(
             unix.nbd_client_args(Some("/dev/nbd0")),
-            ["-unix", "-N", "pv1", "-b", "4096", "/run/cairn/nbd.sock", "/dev/nbd0"]
+            [
+                "-unix",
+                "-N",
+                "pv1",
+                "-b",
+                "4096",
+                "/run/cairn/nbd.sock",
+                "/dev/nbd0"
+            ]
         );
         for bad in [
             "nbds://h/v",
@@ -1582,7 +1604,8 @@ mod tests {
 
     #[test]
     fn tool_output_is_parsed() {
-        let netlink = "Negotiation: ..size = 128MB\nbs=4096, sz=134217728 bytes\nConnected /dev/nbd12\n";
+        let netlink =
+            "Negotiation: ..size = 128MB\nbs=4096, sz=134217728 bytes\nConnected /dev/nbd12\n";
         assert_eq!(connected_device(netlink).as_deref(), Some("/dev/nbd12"));
         assert_eq!(connected_device("Negotiation: ..size = 128MB\n"), None);
         assert_eq!(connected_device("Connected /dev/nbd\n"), None);

@@ -130,10 +130,8 @@ fn stage_requirements() -> bool {
 
 /// A cairn-node serving `VOL` with the CSI node plugin on a socket, `--csi-nbd nbd`.
 fn start_node(test: &str, nbd: &str) -> (Server, PathBuf) {
-    let sock = std::env::temp_dir().join(format!(
-        "cairn-csi-node-{}-{nbd}.sock",
-        std::process::id()
-    ));
+    let sock =
+        std::env::temp_dir().join(format!("cairn-csi-node-{}-{nbd}.sock", std::process::id()));
     let endpoint = format!("unix://{}", sock.display());
     let s = Server::start_with(
         test,
@@ -189,7 +187,12 @@ fn the_kernel_nbd_path_stages_where_the_kernel_has_nbd_and_fails_cleanly_elsewhe
     ) {
         rt.block_on(lifecycle(&sock, &uri, &root));
     } else if !Path::new("/sys/module/nbd").exists() {
-        rt.block_on(kernel_stage_refused(&sock, &uri, &root, &s.dir.join("data/csi")));
+        rt.block_on(kernel_stage_refused(
+            &sock,
+            &uri,
+            &root,
+            &s.dir.join("data/csi"),
+        ));
     }
     drop(std::fs::remove_file(&sock));
 }
@@ -238,7 +241,10 @@ async fn nbdfuse_killed(sock: &Path, uri: &str, root: &Path, state: &Path) {
     // Dead once its command line is gone (a zombie until cairn-node reaps it at unstage).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
-        assert!(std::time::Instant::now() < deadline, "nbdfuse {pid} outlived kill -9");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse {pid} outlived kill -9"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // nbdfuse's dead mount stays while the loop device holds its file; a lazy unmount (what
@@ -263,7 +269,9 @@ async fn nbdfuse_killed(sock: &Path, uri: &str, root: &Path, state: &Path) {
     assert!(!state.join(VOL).exists());
     let after = loop_devices();
     assert!(
-        !after.lines().any(|l| l.split_whitespace().next() == Some(device.as_str())),
+        !after
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(device.as_str())),
         "{device} is still attached after the unstage: {after}"
     );
     assert!(!after.contains(&format!("/{VOL}/fuse/nbd")), "{after}");
