@@ -86,11 +86,15 @@ cleanup() {
   for p in "${PID[@]}" "${CONTROL_PID:-}" "${ETCD_PID:-}"; do
     [ -n "$p" ] && kill -9 "$p" 2>/dev/null
   done
+  # The loop devices are listed before the mounts go: once nbdfuse's mount is lazily
+  # unmounted, a loop device's backing file reads /nbd, no longer a path under $W.
+  local loops
+  loops=$(losetup -n -O NAME,BACK-FILE | awk -v w="$W/" 'index($2, w) == 1 {print $1}')
   pkill -9 -f "nbdfuse $W/" 2>/dev/null
   for m in $(grep -o " $W/[^ ]*" /proc/self/mountinfo | sort -r); do
     umount -l "$m" 2>/dev/null
   done
-  for l in $(losetup -n -O NAME,BACK-FILE | awk -v w="$W/" 'index($2, w) == 1 {print $1}'); do
+  for l in $loops; do
     losetup -d "$l" 2>/dev/null
   done
   for n in "${NODES[@]}"; do
