@@ -185,8 +185,14 @@ start_pg() {
 }
 
 # The test's own check, not a step of the flow: every replica of volume $1 holds the same
-# bytes (nexus verify on the node $2 that serves it; exit 1 on any difference).
+# bytes (nexus verify on the node $2 that serves it; exit 1 on any difference). Verify reads
+# each region from one replica after another, so it needs a quiet volume: the filesystem is
+# still mounted on $2, and ext4 commits its journal up to 5 s after a change (the atime
+# updates of pg_checksums' reads among them); `sync` makes that commit land first, else the
+# last replica read can show a journal region the others did not have yet (seen: regions in
+# the journal, in the middle of the volume, differing on the last replica only).
 verify() {
+  sync
   ctl node --addr "${IP[$2]}:10810" nexus verify "$1" >"$W/verify.log" || { cat "$W/verify.log" >&2; return 1; }
 }
 
@@ -365,9 +371,10 @@ partition_scenario() {
   log "partition: node $from's replica is resynced; three in-sync replicas, and nexus verify finds them equal"
   # The raw bytes, not PostgreSQL's view (its buffers and a checkpoint could hide a landed
   # page): the marker is nowhere on the volume, WAL included. verify showed every replica
-  # equal, so reading through $to's device reads them all.
+  # equal, so reading through $to's device (the staging mount's source) reads them all.
   local dev
-  dev=$(/usr/bin/python3 -c "import json; print(json.load(open('$W/$to/data/csi/$v/stage.json'))['device'])")
+  dev=$(findmnt -n -o SOURCE --target "$W/$to/staging")
+  [ -b "$dev" ] || { echo "e2e-pg: the staging mount on $to has no block device: '$dev'" >&2; return 1; }
   grep -a -q "on-$to" "$dev" || { echo "e2e-pg: $to's own committed row is not in $dev: the scan sees nothing" >&2; return 1; }
   if grep -a -q after-partition "$dev"; then
     echo "e2e-pg: the fenced node's marker is on the volume ($dev)" >&2
