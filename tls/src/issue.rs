@@ -1,0 +1,345 @@
+//! A cluster CA and the certificates it issues (`cairnctl cert init`, `cairnctl cert issue`,
+//! `cairn up`).
+//!
+//! Layout of a certificate directory `DIR`:
+//! * `DIR/ca-cert.pem` and `DIR/ca-key.pem` (0600): the CA, made once by [`init_ca`].
+//! * `DIR/ROLE-NAME/` (0700), one per identity, made by [`issue`]: `ca-cert.pem`, `cert.pem`,
+//!   `key.pem` (0600), which are what `--tls-ca`, `--tls-cert` and `--tls-key` take. The same
+//!   directory also serves GnuTLS clients and servers (nbdinfo, nbdcopy, qemu's
+//!   `tls-creds-x509`), which look for `client-cert.pem`/`client-key.pem` or
+//!   `server-cert.pem`/`server-key.pem`: those are hard links to the same two files.
+//!
+//! Keys are ECDSA P-256. Every certificate is valid from a day before it is made; the CA for
+//! [`CA_VALID_DAYS`], an identity for [`CERT_VALID_DAYS`]. An identity's certificate carries
+//! both TLS uses (server and client), since a node is both: it serves replicas and opens
+//! them. The CA's key never leaves `DIR`; keep `DIR` on the machine that issues.
+
+use crate::{Identity, TlsError, CA_CERT_FILE, CERT_FILE, KEY_FILE};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// The CA's private key, beside its certificate.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// How long the CA is valid: ten years.
+pub const CA_VALID_DAYS: i64 = 3650;
+/// How long an identity's certificate is valid: two years.
+pub const CERT_VALID_DAYS: i64 = 730;
+/// The CA's subject common name.
+const CA_COMMON_NAME: &str = "Cairn cluster CA";
+/// Bytes of the CA's public key (after the point's format byte) shown in its name.
+const CA_NAME_KEY_BYTES: usize = 8;
+/// Longest name an identity may have (it becomes a directory name).
+pub const NAME_MAX: usize = 64;
+
+fn issue_err(what: impl std::fmt::Display) -> TlsError {
+    TlsError::Issue(what.to_string())
+}
+
+fn io_err<'a>(what: &str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TlsError + 'a {
+    let what = what.to_string();
+    move |e| issue_err(format!("{what} '{}': {e}", path.display()))
+}
+
+/// The date `days` from today, as a certificate validity bound.
+macro_rules! day {
+    ($days:expr) => {{
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let (y, m, d) = civil_from_days(now / 86_400 + $days);
+        rcgen::date_time_ymd(y as i32, m as u8, d as u8)
+    }};
+}
+
+/// Proleptic Gregorian year, month and day of a day count from 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Writes `contents` to a new file with `mode`, refusing to replace one.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io_err("creating", path))?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err("writing", path))
+}
+
+/// The CA's parameters: the same for one key every time, so that its certificate can be
+/// rebuilt from its key to sign with (the issued certificate names the CA's subject and key,
+/// both unchanged). The subject carries a fingerprint of the key, so two clusters' CAs never
+/// share a name.
+fn ca_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(issue_err)?;
+    let mut dn = DistinguishedName::new();
+    let point = key.public_key_raw();
+    let fingerprint: String = point
+        .iter()
+        .skip(1)
+        .take(CA_NAME_KEY_BYTES)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(
+        DnType::CommonName,
+        format!("{CA_COMMON_NAME} {fingerprint}"),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = day!(-1);
+    params.not_after = day!(CA_VALID_DAYS);
+    Ok(params)
+}
+
+/// Creates a CA in `dir` (made 0700 if absent). Refuses a directory that already holds one.
+pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("creating", dir))?;
+    let cert_path = dir.join(CA_CERT_FILE);
+    if cert_path.exists() {
+        return Err(issue_err(format!(
+            "'{}' already holds a CA ({CA_CERT_FILE}); issue certificates from it, or choose another directory",
+            dir.display()
+        )));
+    }
+    let key = KeyPair::generate().map_err(issue_err)?;
+    let cert = ca_params(&key)?.self_signed(&key).map_err(issue_err)?;
+    write_new(
+        &dir.join(CA_KEY_FILE),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_new(&cert_path, cert.pem().as_bytes(), 0o644)
+}
+
+/// Checks a name that becomes part of a common name and a directory name.
+fn check_name(name: &str) -> Result<(), TlsError> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(issue_err(format!(
+            "name {name:?}: use 1 to {NAME_MAX} letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// The directory [`issue`] writes `identity`'s files into.
+pub fn identity_dir(dir: &Path, identity: &Identity) -> PathBuf {
+    dir.join(identity.common_name().replacen(':', "-", 1))
+}
+
+/// Issues a certificate for `identity`, valid for the addresses `ips` and host names `dns`
+/// (what peers dial to reach it; a client-only identity may have none), signed by the CA in
+/// `dir`. Returns the identity's directory. Refuses to replace an identity already issued.
+pub fn issue(
+    dir: &Path,
+    identity: &Identity,
+    ips: &[IpAddr],
+    dns: &[String],
+) -> Result<PathBuf, TlsError> {
+    let (Identity::Node(name) | Identity::Control(name) | Identity::Admin(name)) = identity;
+    check_name(name)?;
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
+        .map_err(io_err("reading the CA key", &ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .map_err(|e| issue_err(format!("CA key '{}': {e}", ca_key_path.display())))?;
+    let ca_pem = std::fs::read(dir.join(CA_CERT_FILE)).map_err(io_err(
+        "reading the CA certificate",
+        &dir.join(CA_CERT_FILE),
+    ))?;
+    let ca = ca_params(&ca_key)?
+        .self_signed(&ca_key)
+        .map_err(issue_err)?;
+
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(issue_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.common_name());
+    params.distinguished_name = dn;
+    params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+    for name in dns {
+        let name = rcgen::Ia5String::try_from(name.as_str())
+            .map_err(|e| issue_err(format!("host name {name:?}: {e}")))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = day!(-1);
+    params.not_after = day!(CERT_VALID_DAYS);
+    let key = KeyPair::generate().map_err(issue_err)?;
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(issue_err)?;
+
+    let out = identity_dir(dir, identity);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&out)
+        .map_err(io_err("creating (already issued?)", &out))?;
+    write_new(&out.join(CA_CERT_FILE), &ca_pem, 0o644)?;
+    write_new(&out.join(CERT_FILE), cert.pem().as_bytes(), 0o644)?;
+    write_new(&out.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    for (link, target) in [
+        ("client-cert.pem", CERT_FILE),
+        ("client-key.pem", KEY_FILE),
+        ("server-cert.pem", CERT_FILE),
+        ("server-key.pem", KEY_FILE),
+    ] {
+        std::fs::hard_link(out.join(target), out.join(link))
+            .map_err(io_err("linking", &out.join(link)))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Tls, TlsFiles};
+    use rustls::pki_types::pem::PemObject;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cairn-tls-{name}-{}", std::process::id()));
+        drop(std::fs::remove_dir_all(&d));
+        d
+    }
+
+    #[test]
+    fn dates_follow_the_calendar() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_793), (2026, 12, 6));
+    }
+
+    #[test]
+    fn an_issued_certificate_loads_and_names_its_identity() {
+        let dir = tempdir("issue");
+        init_ca(&dir).unwrap();
+        assert!(init_ca(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("already holds a CA"));
+        let node = Identity::Node("n1".into());
+        let out = issue(&dir, &node, &["127.0.0.1".parse().unwrap()], &[]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join(CA_KEY_FILE)), 0o600);
+        assert_eq!(mode(&out.join(KEY_FILE)), 0o600);
+        assert_eq!(mode(&out), 0o700);
+        let tls = Tls::load(&TlsFiles::in_dir(&out)).unwrap();
+        assert_eq!(tls.identity(), &node);
+        assert!(issue(&dir, &node, &[], &[]).is_err(), "issued twice");
+        assert!(issue(&dir, &Identity::Admin("../x".into()), &[], &[]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Runs one handshake over a socket pair: `Ok(server's view of the client)` or the
+    /// server's error.
+    fn handshake(
+        server: std::sync::Arc<rustls::ServerConfig>,
+        client: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Option<Identity>, String> {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let client_side = std::thread::spawn(move || {
+            let name = crate::server_name("127.0.0.1:1").unwrap();
+            let mut c = rustls::ClientConnection::new(client, name).unwrap();
+            while c.is_handshaking() {
+                if c.complete_io(&mut b).is_err() {
+                    return;
+                }
+            }
+            // Stay until the server hangs up, so its last handshake bytes find a reader.
+            let mut sink = Vec::new();
+            drop(std::io::Read::read_to_end(
+                &mut rustls::Stream::new(&mut c, &mut b),
+                &mut sink,
+            ));
+        });
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        let result = loop {
+            if !s.is_handshaking() {
+                break Ok(Identity::of_peer(s.peer_certificates()));
+            }
+            if let Err(e) = s.complete_io(&mut a) {
+                break Err(e.to_string());
+            }
+        };
+        drop(a);
+        client_side.join().unwrap();
+        result
+    }
+
+    #[test]
+    fn only_a_peer_certified_by_the_cluster_ca_completes_a_handshake() {
+        let dir = tempdir("mutual");
+        let other = tempdir("other-ca");
+        init_ca(&dir).unwrap();
+        init_ca(&other).unwrap();
+        let ip = ["127.0.0.1".parse().unwrap()];
+        let load = |d: &Path, id: Identity| {
+            Tls::load(&TlsFiles::in_dir(&issue(d, &id, &ip, &[]).unwrap())).unwrap()
+        };
+        let server = load(&dir, Identity::Node("a".into()));
+        let client = load(&dir, Identity::Node("b".into()));
+        let stranger_dir = issue(&other, &Identity::Node("b".into()), &ip, &[]).unwrap();
+        let pem = |f: &str| std::fs::read(stranger_dir.join(f)).unwrap();
+        let stranger = rustls::ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(client.client_config_roots())
+            .with_client_auth_cert(
+                rustls::pki_types::CertificateDer::pem_slice_iter(&pem(CERT_FILE))
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem(KEY_FILE)).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            handshake(server.server_config(), client.client_config()),
+            Ok(Some(Identity::Node("b".into())))
+        );
+        let refused = handshake(server.server_config(), std::sync::Arc::new(stranger)).unwrap_err();
+        assert!(refused.contains("UnknownIssuer"), "{refused}");
+        let anonymous = rustls::ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(client.client_config_roots())
+            .with_no_client_auth();
+        let refused =
+            handshake(server.server_config(), std::sync::Arc::new(anonymous)).unwrap_err();
+        assert!(refused.contains("no certificates"), "{refused}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
+    }
+}
