@@ -330,7 +330,7 @@ fn start_replication(
                 source: Box::new(source),
             })?;
     }
-    node.start_replication(&config.data_dir, listen)
+    node.start_replication(&config.data_dir, listen, None)
         .map_err(|e| DaemonError::Node(Box::new(e)))
 }
 

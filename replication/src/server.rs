@@ -26,12 +26,13 @@
 
 use crate::proto::{Envelope, Epoch, Message, Opcode, RequestId};
 use crate::replica::{Acceptance, HostedReplica, PathGauge, RecordUpdate, ReplicaSet};
-use crate::transport::{Conn, Link, Transport, TransportError, HANDSHAKE_TIMEOUT};
+use crate::transport::{Conn, Link, PeerIdentity, Transport, TransportError, HANDSHAKE_TIMEOUT};
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::dma::DmaBuf;
 use cairn_engine::frontend::admission::{Admission, AdmissionLimits, Ticket};
 use cairn_engine::reactor::{Core, OwnerId, Poller, PollerState};
 use cairn_engine::Engine;
+use cairn_tls::Identity;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -221,6 +222,19 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
         Err(e) => return Err(e.to_string()),
     };
     let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;
+    // Authorisation: over TLS only a node may open a replica or set its generation (the
+    // handshake has already refused any certificate not from the cluster CA). A plain link is
+    // a deployment without TLS, where the node's listener rule allowed it.
+    let identity = link.identity();
+    if !matches!(
+        identity,
+        PeerIdentity::Unauthenticated | PeerIdentity::Certified(Identity::Node(_))
+    ) {
+        let mut out = Vec::new();
+        crate::proto::encode_into(&header.envelope, &error_msg(libc::EACCES), &mut out);
+        drop(link.send_frame(&out));
+        return Err(format!("the peer is {identity}, not a node"));
+    }
     let takeover = match msg {
         Message::Open { takeover } => takeover,
         Message::SetGeneration { generation, clean } => {
@@ -238,12 +252,20 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
         Ok(r) => r,
         Err(e) => {
             reply(&mut link, error_msg(e.errno()))?;
-            return Err(e.to_string());
+            return Err(format!("{e} (peer {identity})"));
         }
     };
     match shared.replicas.accept(&replica, env.epoch, takeover) {
         Ok(Acceptance::Accepted(epoch)) => {
             reply(&mut link, open_ok(&replica, epoch))?;
+            tracing::info!(
+                peer = link.peer(),
+                identity = %identity,
+                replica = %replica.name,
+                epoch = epoch.get(),
+                takeover,
+                "replica opened"
+            );
         }
         Ok(Acceptance::Stale { current }) => {
             reply(&mut link, Message::StaleEpoch { current })?;
@@ -253,7 +275,7 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
                 "takes over but does not rise above"
             };
             return Err(format!(
-                "replica '{}': epoch {} {why} its fence {}",
+                "replica '{}': epoch {} {why} its fence {} (peer {identity})",
                 replica.name,
                 env.epoch.get(),
                 current.get()
@@ -261,7 +283,7 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
         }
         Err(e) => {
             reply(&mut link, error_msg(e.errno()))?;
-            return Err(e.to_string());
+            return Err(format!("{e} (peer {identity})"));
         }
     }
     let cores = shared.engine.cores();

@@ -24,7 +24,9 @@ use cairn_replication::proto::VolumeId;
 use cairn_replication::replica::{volume_id_for, ReplicaSet};
 use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
+use cairn_replication::transport::TlsTransport;
 use cairn_replication::transport::Transport;
+use cairn_tls::Tls;
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,12 +49,13 @@ fn parse_spec(s: &str) -> Result<ChildSpec, NodeError> {
 }
 
 impl Node {
-    /// Starts the replica server (unless `listen` is `None`) and the nexus manager. Returns
-    /// the replica server's bound address.
+    /// Starts the replica server (unless `listen` is `None`) and the nexus manager, both over
+    /// mutual TLS when `tls` is given. Returns the replica server's bound address.
     pub fn start_replication(
         self: &Arc<Self>,
         data_dir: &Path,
         listen: Option<SocketAddr>,
+        tls: Option<Tls>,
     ) -> Result<Option<String>, NodeError> {
         let epochs = EpochStore::open(&data_dir.join(EPOCHS_DIR))
             .map_err(|e| NodeError::Replication(e.to_string()))?;
@@ -61,7 +64,10 @@ impl Node {
             epochs,
             Box::new(move |id| weak.upgrade()?.resolve_replica(id)),
         ));
-        let transport: Arc<dyn Transport> = Arc::new(TcpTransport);
+        let transport: Arc<dyn Transport> = match tls {
+            Some(tls) => Arc::new(TlsTransport::new(tls)),
+            None => Arc::new(TcpTransport),
+        };
         let server = match listen {
             None => None,
             Some(addr) => Some(

@@ -16,6 +16,9 @@
 //! `PAYLOAD_MAX_BYTES`.
 
 pub mod tcp;
+pub mod tls;
+
+pub use tls::{PeerIdentity, TlsTransport};
 
 use crate::proto::{Envelope, Header, Message, ProtoError, HEADER_BYTES, PAYLOAD_MAX_BYTES};
 use cairn_engine::frontend::admission::Cancel;
@@ -49,9 +52,13 @@ pub enum TransportError {
     BadEndpoint { endpoint: String, why: String },
     #[error("connection to '{endpoint}' closed")]
     Closed { endpoint: String },
+    #[error("endpoint '{endpoint}': TLS: {why}")]
+    Tls { endpoint: String, why: String },
+    #[error("endpoint '{endpoint}' refused: {why}")]
+    Refused { endpoint: String, why: String },
 }
 
-/// A connection factory: TCP today, RDMA later.
+/// A connection factory: TCP (plain or TLS) today, RDMA later.
 pub trait Transport: Send + Sync + 'static {
     /// Connects to a replica server; blocking, bounded by `timeout`.
     fn connect(&self, endpoint: &str, timeout: Duration) -> Result<Box<dyn Link>, TransportError>;
@@ -81,6 +88,10 @@ pub trait Link: Send {
 
     /// The peer's endpoint, for messages.
     fn peer(&self) -> &str;
+
+    /// Who the peer is: what its TLS certificate names, once the handshake is done (a server
+    /// link's handshake runs inside its first `recv_frame`).
+    fn identity(&self) -> PeerIdentity;
 
     /// What cuts this link's handshake short from another thread (its deadline passed, or a
     /// newer peer evicted it): the blocked receive or send fails at once. It acts on a

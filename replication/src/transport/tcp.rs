@@ -1,10 +1,15 @@
 //! The TCP transport: blocking connect/accept/handshake on control threads, then the socket
 //! driven by one reactor's io_uring (one receive and one send in flight at a time).
 //!
+//! With TLS ([`super::tls`]), the same sockets carry rustls records: the link's blocking
+//! exchange goes through the session, and the reactor's receive lands in the session's
+//! ciphertext buffer, from which [`TlsPipe::pump`] moves plaintext into the frame buffer.
+//!
 //! Sockets get TCP_NODELAY: a replicated write waits for its replies, so Nagle's delay would
 //! land on every acknowledgement. Small frames are batched instead by the connection itself:
 //! everything queued while a send is in flight leaves in the next single send.
 
+use super::tls::{self, PeerIdentity, Pumped, TlsPipe};
 use super::{
     Acceptor, Backpressure, Conn, Link, RxFrame, Transport, TransportError, FRAME_RX_BYTES,
     TX_QUEUE_BYTES_MAX,
@@ -13,9 +18,11 @@ use crate::proto::{self, Envelope, Header, Message, HEADER_BYTES};
 use cairn_engine::frontend::admission::Cancel;
 use cairn_engine::reactor::ring::Route;
 use cairn_engine::reactor::{IoCtx, OwnerId};
+use rustls::{Connection, ServerConfig, ServerConnection};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TAG_RECV: u32 = 0;
@@ -47,33 +54,50 @@ fn io_err(endpoint: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// Connects to `endpoint` within `timeout`.
+pub(super) fn connect_stream(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<TcpStream, TransportError> {
+    let addr = resolve(endpoint)?;
+    TcpStream::connect_timeout(&addr, timeout).map_err(io_err(endpoint, "connect"))
+}
+
+/// Listens at `endpoint`; with `tls`, every accepted link is a TLS server session.
+pub(super) fn listen(
+    endpoint: &str,
+    tls: Option<Arc<ServerConfig>>,
+) -> Result<Box<dyn Acceptor>, TransportError> {
+    let addr = resolve(endpoint)?;
+    let listener = TcpListener::bind(addr).map_err(io_err(endpoint, "bind"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err(endpoint, "set_nonblocking"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(io_err(endpoint, "local_addr"))?;
+    Ok(Box::new(TcpAcceptor {
+        listener,
+        endpoint: bound.to_string(),
+        tls,
+    }))
+}
+
 impl Transport for TcpTransport {
     fn connect(&self, endpoint: &str, timeout: Duration) -> Result<Box<dyn Link>, TransportError> {
-        let addr = resolve(endpoint)?;
-        let stream =
-            TcpStream::connect_timeout(&addr, timeout).map_err(io_err(endpoint, "connect"))?;
-        TcpLink::boxed(stream, endpoint.to_string())
+        let stream = connect_stream(endpoint, timeout)?;
+        Ok(Box::new(TcpLink::new(stream, endpoint.to_string(), None)?))
     }
 
     fn listen(&self, endpoint: &str) -> Result<Box<dyn Acceptor>, TransportError> {
-        let addr = resolve(endpoint)?;
-        let listener = TcpListener::bind(addr).map_err(io_err(endpoint, "bind"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err(endpoint, "set_nonblocking"))?;
-        let bound = listener
-            .local_addr()
-            .map_err(io_err(endpoint, "local_addr"))?;
-        Ok(Box::new(TcpAcceptor {
-            listener,
-            endpoint: bound.to_string(),
-        }))
+        listen(endpoint, None)
     }
 }
 
 struct TcpAcceptor {
     listener: TcpListener,
     endpoint: String,
+    tls: Option<Arc<ServerConfig>>,
 }
 
 impl Acceptor for TcpAcceptor {
@@ -88,7 +112,20 @@ impl Acceptor for TcpAcceptor {
                 stream
                     .set_nonblocking(false)
                     .map_err(io_err(&self.endpoint, "set_blocking"))?;
-                Ok(Some(TcpLink::boxed(stream, peer.to_string())?))
+                let session = match &self.tls {
+                    Some(config) => Some(Box::new(Connection::from(
+                        ServerConnection::new(config.clone()).map_err(|e| TransportError::Tls {
+                            endpoint: peer.to_string(),
+                            why: e.to_string(),
+                        })?,
+                    ))),
+                    None => None,
+                };
+                Ok(Some(Box::new(TcpLink::new(
+                    stream,
+                    peer.to_string(),
+                    session,
+                )?)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(io_err(&self.endpoint, "accept")(e)),
@@ -100,17 +137,50 @@ impl Acceptor for TcpAcceptor {
     }
 }
 
-struct TcpLink {
+pub(super) struct TcpLink {
     stream: TcpStream,
     peer: String,
+    /// The TLS session, when the transport is [`super::tls::TlsTransport`].
+    session: Option<Box<Connection>>,
 }
 
 impl TcpLink {
-    fn boxed(stream: TcpStream, peer: String) -> Result<Box<dyn Link>, TransportError> {
+    pub(super) fn new(
+        stream: TcpStream,
+        peer: String,
+        session: Option<Box<Connection>>,
+    ) -> Result<TcpLink, TransportError> {
         stream
             .set_nodelay(true)
             .map_err(io_err(&peer, "TCP_NODELAY"))?;
-        Ok(Box::new(TcpLink { stream, peer }))
+        Ok(TcpLink {
+            stream,
+            peer,
+            session,
+        })
+    }
+
+    /// Runs the TLS handshake to its end by `deadline` (a client does this in `connect`).
+    pub(super) fn finish_handshake(&mut self, deadline: Instant) -> Result<(), TransportError> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        while session.is_handshaking() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io_err(&self.peer, "TLS handshake")(
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .and_then(|()| self.stream.set_write_timeout(Some(left)))
+                .map_err(io_err(&self.peer, "set timeout"))?;
+            session
+                .complete_io(&mut self.stream)
+                .map_err(io_err(&self.peer, "TLS handshake"))?;
+        }
+        Ok(())
     }
 }
 
@@ -118,7 +188,10 @@ impl Link for TcpLink {
     fn send_frame(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         self.stream
             .set_write_timeout(Some(super::HANDSHAKE_TIMEOUT))
-            .and_then(|()| self.stream.write_all(frame))
+            .and_then(|()| match self.session.as_mut() {
+                Some(session) => tls::write_through(session, &mut self.stream, frame),
+                None => self.stream.write_all(frame),
+            })
             .map_err(io_err(&self.peer, "send"))
     }
 
@@ -146,6 +219,13 @@ impl Link for TcpLink {
         &self.peer
     }
 
+    fn identity(&self) -> PeerIdentity {
+        match &self.session {
+            Some(session) if !session.is_handshaking() => tls::identity_of(session),
+            Some(_) | None => PeerIdentity::Unauthenticated,
+        }
+    }
+
     fn canceller(&self) -> Result<Cancel, TransportError> {
         let dup = self
             .stream
@@ -161,7 +241,7 @@ impl Link for TcpLink {
             .set_read_timeout(None)
             .and_then(|()| self.stream.set_write_timeout(None))
             .map_err(io_err(&self.peer, "clear timeouts"))?;
-        Ok(Box::new(TcpConn {
+        let mut conn = TcpConn {
             owner: io.register_owner(4),
             stream: self.stream,
             peer: self.peer,
@@ -175,7 +255,11 @@ impl Link for TcpLink {
             send_in_flight: false,
             closed: false,
             released: false,
-        }))
+            tls: self.session.map(|s| Box::new(TlsPipe::new(*s))),
+        };
+        // Plaintext the session already decrypted during the handshake's reads.
+        conn.pump_tls(io)?;
+        Ok(Box::new(conn))
     }
 }
 
@@ -195,7 +279,11 @@ impl TcpLink {
             self.stream
                 .set_read_timeout(Some(left))
                 .map_err(io_err(&self.peer, "set timeout"))?;
-            match self.stream.read(buf) {
+            let read = match self.session.as_mut() {
+                Some(session) => tls::read_through(session, &mut self.stream, buf),
+                None => self.stream.read(buf),
+            };
+            match read {
                 Ok(0) => {
                     return Err(TransportError::Closed {
                         endpoint: self.peer.clone(),
@@ -227,6 +315,8 @@ struct TcpConn {
     send_in_flight: bool,
     closed: bool,
     released: bool,
+    /// The TLS session: the ring receives ciphertext into it and sends what it seals.
+    tls: Option<Box<TlsPipe>>,
 }
 
 impl TcpConn {
@@ -241,10 +331,8 @@ impl TcpConn {
         io_err(&self.peer, what)(std::io::Error::from_raw_os_error(errno))
     }
 
-    fn arm_recv(&mut self, io: &mut IoCtx) {
-        if self.closed || self.recv_in_flight {
-            return;
-        }
+    /// Moves what is left in `rx` to its front once little room is left behind it.
+    fn compact_rx(&mut self) {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
@@ -253,22 +341,63 @@ impl TcpConn {
             self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
-        let room = FRAME_RX_BYTES - self.rx_end;
-        if room == 0 {
+    }
+
+    /// With TLS: moves decrypted plaintext into `rx`. A TLS error or the peer's close closes
+    /// the connection.
+    fn pump_tls(&mut self, io: &mut IoCtx) -> Result<(), TransportError> {
+        if self.tls.is_none() {
+            // Plain: `rx` may be the target of the receive in flight; never move it here.
+            return Ok(());
+        }
+        // TLS: the ring receives into the session's buffer, so `rx` may move at any time.
+        self.compact_rx();
+        let Some(pipe) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        match pipe.pump(&mut self.rx, &mut self.rx_end) {
+            Ok(Pumped::Open) => Ok(()),
+            Ok(Pumped::PeerClosed) => {
+                self.close(io);
+                Err(self.closed_err())
+            }
+            Err(why) => {
+                self.close(io);
+                Err(TransportError::Tls {
+                    endpoint: self.peer.clone(),
+                    why,
+                })
+            }
+        }
+    }
+
+    fn arm_recv(&mut self, io: &mut IoCtx) {
+        if self.closed || self.recv_in_flight {
+            return;
+        }
+        self.compact_rx();
+        // Plain: straight into the frame buffer. TLS: into the session's ciphertext buffer.
+        let room = match self.tls.as_mut() {
+            Some(pipe) => pipe.recv_room(),
+            None => &mut self.rx[self.rx_end..],
+        };
+        if room.is_empty() {
             // The caller has not consumed what arrived: TCP's window pushes back on the peer.
             return;
         }
-        let ptr = self.rx[self.rx_end..].as_mut_ptr();
+        let (ptr, len) = (room.as_mut_ptr(), room.len());
         let entry = io_uring::opcode::Recv::new(
             io_uring::types::Fd(self.stream.as_raw_fd()),
             ptr,
-            room as u32,
+            len as u32,
         )
         .build()
         .user_data(self.route(TAG_RECV));
-        // SAFETY: the receive writes into `rx[rx_end..]`, a heap buffer this connection owns
-        // and never resizes; while `recv_in_flight` nothing else writes it, and the buffer is
-        // leaked rather than freed if the connection is dropped with the receive in flight.
+        // SAFETY: the receive writes into the free tail of `rx` or of the TLS session's
+        // `crx`, heap buffers this connection owns and never resizes; while `recv_in_flight`
+        // nothing else writes them (compaction and `pump` run only between receives), and
+        // both are leaked rather than freed if the connection is dropped with the receive in
+        // flight.
         unsafe { io.ring().push_io(entry) };
         self.recv_in_flight = true;
     }
@@ -302,7 +431,13 @@ impl TcpConn {
         if tag == TAG_RECV {
             self.recv_in_flight = false;
             match res {
-                n if n > 0 => self.rx_end += n as usize,
+                n if n > 0 => match self.tls.as_mut() {
+                    Some(pipe) => {
+                        pipe.received(n as usize);
+                        self.pump_tls(io)?;
+                    }
+                    None => self.rx_end += n as usize,
+                },
                 0 if self.closed => {}
                 0 => {
                     self.close(io);
@@ -350,9 +485,12 @@ impl Conn for TcpConn {
         Ok(work)
     }
 
-    fn recv(&mut self, _io: &mut IoCtx) -> Option<Result<RxFrame<'_>, TransportError>> {
+    fn recv(&mut self, io: &mut IoCtx) -> Option<Result<RxFrame<'_>, TransportError>> {
         if self.closed {
             return None;
+        }
+        if let Err(e) = self.pump_tls(io) {
+            return Some(Err(e));
         }
         // The one frame decoder the tests and the fuzzer check, called once per frame. A bad
         // header is refused as soon as it has arrived, before its payload. The fields are
@@ -394,10 +532,23 @@ impl Conn for TcpConn {
     }
 
     fn flush(&mut self, io: &mut IoCtx) {
-        if self.closed || self.send_in_flight || self.tx_fill.is_empty() {
+        if self.closed || self.send_in_flight {
             return;
         }
-        std::mem::swap(&mut self.tx_fill, &mut self.tx_send);
+        match self.tls.as_mut() {
+            Some(pipe) => {
+                if self.tx_fill.is_empty() && !pipe.wants_write() {
+                    return;
+                }
+                if let Err(e) = pipe.seal(&mut self.tx_fill, &mut self.tx_send) {
+                    tracing::warn!(peer = %self.peer, error = %e, "sealing TLS records failed");
+                    self.close(io);
+                    return;
+                }
+            }
+            None if self.tx_fill.is_empty() => return,
+            None => std::mem::swap(&mut self.tx_fill, &mut self.tx_send),
+        }
         self.tx_sent = 0;
         self.start_send(io);
     }
@@ -442,6 +593,9 @@ impl Drop for TcpConn {
             // memory under an in-flight operation (only on engine teardown).
             std::mem::forget(std::mem::take(&mut self.rx));
             std::mem::forget(std::mem::take(&mut self.tx_send));
+            if let Some(pipe) = self.tls.as_mut() {
+                std::mem::forget(std::mem::take(&mut pipe.crx));
+            }
         }
     }
 }
