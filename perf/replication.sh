@@ -29,6 +29,11 @@
 # part, on a file in WORKDIR with fio's io_uring engine and O_DIRECT: the disk's own figure.
 # Part `resync` (issue 13's targets; `run_resync` below says what it measures) puts resync
 # and rebuild under a paced client load and reports their stalls, time and bytes copied.
+# Part `tls` (issue 16's target: 2 replicas with TLS >= 0.9x of without) measures the same
+# 2-replica jobs as `ram` on two pairs of nodes started side by side, one plain and one with
+# mutual TLS on every link (certificates from `cairnctl cert`), rounds interleaved: RAM
+# replicas, so that only the links' cost shows. Idle nodes sleep, so the pair not measured
+# costs nothing.
 #
 # Environment: SIZE (1G), RUNTIME seconds per job (10), ROUNDS (3), PARTS ("ram file resync",
 # or the arguments),
@@ -49,7 +54,7 @@ cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-3}
-PARTS=${PARTS:-ram file resync}
+PARTS=${PARTS:-ram file resync tls}
 [ $# -gt 0 ] && PARTS="$*"
 
 WORKDIR=${WORKDIR:-$PWD/target/replication-bench}
@@ -125,17 +130,21 @@ nodes_wait_s() {
   for p in "${PIDS[@]}"; do cat /proc/"$p"/task/*/schedstat; done | awk '{ w += $2 } END { printf "%.3f\n", w / 1e9 }'
 }
 
+# The node whose nexus is measured (its admin address, replica peer, NBD socket and index
+# in PIDS): node a, except in part `tls` (use_pair).
+NX_ADMIN=$A_ADMIN NX_PEER=$B_REPLICA NX_SOCK=$SOCK NX_PID=0 CTL_TLS=()
+
 # fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT, the CPU-seconds the
-# nodes used during it to OUT/NAME.cpu (the attach node's alone, PIDS[0], to OUT/NAME.cpua) and
-# the seconds they waited for a CPU to OUT/NAME.sched.
+# nodes used during it to OUT/NAME.cpu (the attach node's alone to OUT/NAME.cpua) and the
+# seconds they waited for a CPU to OUT/NAME.sched.
 fio_job() {
-  local name=$1 export=$2 qd=$3
-  local cpu0 cpua0 wait0; cpu0=$(nodes_cpu_s); cpua0=$(nodes_cpu_s "${PIDS[0]}"); wait0=$(nodes_wait_s)
-  "${FIO_PIN[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
+  local name=$1 export=$2 qd=$3 attach=${PIDS[$NX_PID]}
+  local cpu0 cpua0 wait0; cpu0=$(nodes_cpu_s); cpua0=$(nodes_cpu_s "$attach"); wait0=$(nodes_wait_s)
+  "${FIO_PIN[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$NX_SOCK" \
       --rw=randwrite --bs=4k --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
       --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
   echo "$cpu0 $(nodes_cpu_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpu"
-  echo "$cpua0 $(nodes_cpu_s "${PIDS[0]}")" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpua"
+  echo "$cpua0 $(nodes_cpu_s "$attach")" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpua"
   echo "$wait0 $(nodes_wait_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.sched"
 }
 
@@ -148,22 +157,22 @@ disk_job() {
 
 nexus_up() {
   local replicas=("--replica" "local")
-  [ "$1" = 2 ] && replicas+=("--replica" "$B_REPLICA")
+  [ "$1" = 2 ] && replicas+=("--replica" "$NX_PEER")
   # Every round re-creates the nexus over replicas the previous one opened: a takeover. A
   # replica the previous nexus left out (b after a 1-replica round) holds an older data
   # generation and is rebuilt first; measure only once every replica is in sync.
-  "$CTL" node --addr "$A_ADMIN" nexus create vol "${replicas[@]}" --takeover >/dev/null
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus create vol "${replicas[@]}" --takeover >/dev/null
   for _ in $(seq 1200); do
-    "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online && break
+    "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus show vol | grep -q online && break
     sleep 0.1
   done
-  "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online
-  "$CTL" node --addr "$A_ADMIN" export add vol --nexus >/dev/null
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus show vol | grep -q online
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" export add vol --nexus >/dev/null
 }
 
 nexus_down() {
-  "$CTL" node --addr "$A_ADMIN" export remove vol >/dev/null
-  "$CTL" node --addr "$A_ADMIN" nexus destroy vol >/dev/null
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" export remove vol >/dev/null
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus destroy vol >/dev/null
 }
 
 run_part() {
@@ -185,7 +194,7 @@ run_part() {
       --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
   fio --name=fill --ioengine=nbd --uri="nbd+unix:///raw?socket=$SOCK" --rw=write --bs=1M \
       --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
-  "$CTL" node --addr "$A_ADMIN" nexus show vol | grep -q online
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus show vol | grep -q online
   nexus_down
   if [ "$part" = file ]; then
     fio --name=fill --ioengine=io_uring --direct=1 --filename="$WORKDIR/disk.img" --rw=write \
@@ -202,6 +211,62 @@ run_part() {
       done
     done
   done
+  for p in "${PIDS[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+
+# --- Part `tls`: the cost of mutual TLS on the replica links ---------------------------------
+T_ADMIN=127.0.0.1:$((PORT_BASE + 6))
+T_REPLICA=127.0.0.1:$((PORT_BASE + 7))
+TB_ADMIN=127.0.0.1:$((PORT_BASE + 8))
+
+# use_pair plain|tls: measure through node a (plain) or node at (TLS).
+use_pair() {
+  if [ "$1" = tls ]; then
+    NX_ADMIN=$T_ADMIN NX_PEER=$T_REPLICA NX_SOCK=$WORKDIR/at.sock NX_PID=2
+    CTL_TLS=(--tls-dir "$WORKDIR/certs/admin-bench")
+  else
+    NX_ADMIN=$A_ADMIN NX_PEER=$B_REPLICA NX_SOCK=$SOCK NX_PID=0 CTL_TLS=()
+  fi
+}
+
+run_tls() {
+  rm -rf "$WORKDIR"; mkdir -p "$WORKDIR"
+  "$CTL" cert init "$WORKDIR/certs" >/dev/null
+  for n in at bt; do
+    "$CTL" cert issue "$WORKDIR/certs" --node "$n" --addr 127.0.0.1 >/dev/null
+  done
+  "$CTL" cert issue "$WORKDIR/certs" --admin bench >/dev/null
+  tls_of() { echo --tls-ca "$WORKDIR/certs/node-$1/ca-cert.pem" --tls-cert "$WORKDIR/certs/node-$1/cert.pem" --tls-key "$WORKDIR/certs/node-$1/key.pem"; }
+  local ram=(--replica-malloc "vol:$SIZE_BYTES")
+  node a --cores "$A_CPU" --data-dir "$WORKDIR/a" --nbd-socket "$SOCK" --admin-listen "$A_ADMIN" \
+       --replica-listen off "${ram[@]}"
+  node b --cores "$B_CPU" --data-dir "$WORKDIR/b" --admin-listen "$B_ADMIN" \
+       --replica-listen "$B_REPLICA" "${ram[@]}"
+  # shellcheck disable=SC2046
+  node at --cores "$A_CPU" --data-dir "$WORKDIR/at" --nbd-socket "$WORKDIR/at.sock" \
+       --admin-listen "$T_ADMIN" --replica-listen off "${ram[@]}" $(tls_of at)
+  # shellcheck disable=SC2046
+  node bt --cores "$B_CPU" --data-dir "$WORKDIR/bt" --admin-listen "$TB_ADMIN" \
+       --replica-listen "$T_REPLICA" "${ram[@]}" $(tls_of bt)
+  for pair in plain tls; do
+    use_pair "$pair"
+    nexus_up 2
+    fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$NX_SOCK" --rw=write --bs=1M \
+        --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
+    nexus_down
+  done
+  for round in $(seq "$ROUNDS"); do
+    for qd in 32 1; do
+      for pair in plain tls; do
+        use_pair "$pair"
+        nexus_up 2
+        fio_job "tls-$pair-qd$qd-r$round" vol "$qd"
+        nexus_down
+      done
+    done
+  done
+  use_pair plain
   for p in "${PIDS[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
   PIDS=()
 }
@@ -345,15 +410,15 @@ run_resync() {
        --replica-listen "$C_REPLICA" --replica-volume "vol:$SIZE_BYTES" --pool0-size "$POOL_BYTES"
   load_start resync-rebuild-load vol
   sleep 2
-  "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
+  "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus add vol "$C_REPLICA" >/dev/null
   wait_sync 3 "$OUT/resync-rebuild-load-sync.json"
   load_stop
 
   local a_pid=${PIDS[0]} c_pid=${PIDS[-1]} t0 a0 c0
   t0=$(now); a0=$(sched "$a_pid"); c0=$(sched "$c_pid")
   for _ in $(seq "$QUIET_REBUILDS"); do
-    "$CTL" node --addr "$A_ADMIN" nexus remove vol "$C_REPLICA" >/dev/null
-    "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
+    "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus remove vol "$C_REPLICA" >/dev/null
+    "$CTL" node --addr "$NX_ADMIN" "${CTL_TLS[@]}" nexus add vol "$C_REPLICA" >/dev/null
     wait_sync 3 "$OUT/resync-rebuild-quiet-sync.json"
   done
   echo "{\"wall_s\": $(minus "$(now)" "$t0"), \"a\": [$a0], \"a_end\": [$(sched "$a_pid")], \
@@ -366,11 +431,15 @@ run_resync() {
 
 for part in $PARTS; do
   echo "== $part"
-  if [ "$part" = resync ]; then run_resync; else run_part "$part"; fi
+  case $part in
+    resync) run_resync ;;
+    tls) run_tls ;;
+    *) run_part "$part" ;;
+  esac
 done
 
 : >"$OUT/summary.txt"
-ROUND_PARTS=$(printf '%s\n' $PARTS | grep -vx resync | tr '\n' ' ' || true)
+ROUND_PARTS=$(printf '%s\n' $PARTS | grep -vxE 'resync|tls' | tr '\n' ' ' || true)
 if [ -n "$ROUND_PARTS" ]; then
 python3 - "$OUT" "$ROUNDS" "$ROUND_PARTS" <<'PY' | tee "$OUT/summary.txt"
 import json, os, statistics, sys
@@ -507,6 +576,24 @@ json.dump(rows, open(f"{out}/resync.json", "w"), indent=1)
 print(f"resync part, volume {size} B")
 for k, v in rows.items():
     print(f"  {k:52} {v}")
+PY
+fi
+if [[ " $PARTS " == *" tls "* ]]; then
+python3 - "$OUT" "$ROUNDS" <<'PY' | tee -a "$OUT/summary.txt"
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+def job(name):
+    text = open(f"{out}/{name}.json").read()
+    j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000.0, j["clat_ns"]["percentile"]["99.000000"] / 1000.0
+print("tls part: 2 replicas (RAM), plain links vs mutual TLS on every link, medians of", rounds, "rounds")
+print(f"{'':34} {'plain':>10} {'TLS':>10} {'TLS/plain':>10}")
+rows = [("4K randwrite QD32 IOPS", 32, 0), ("4K randwrite QD1 clat p50 us", 1, 1), ("4K randwrite QD1 clat p99 us", 1, 2)]
+for what, qd, i in rows:
+    plain = [job(f"tls-plain-qd{qd}-r{r}")[i] for r in range(1, rounds + 1)]
+    tls = [job(f"tls-tls-qd{qd}-r{r}")[i] for r in range(1, rounds + 1)]
+    ratio = statistics.median(t / p for t, p in zip(tls, plain))
+    print(f"{what:34} {statistics.median(plain):>10.1f} {statistics.median(tls):>10.1f} {ratio:>9.3f}x")
 PY
 fi
 echo "results: $OUT"
