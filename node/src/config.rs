@@ -265,8 +265,14 @@ Examples:
   # RAM-backed export for benchmarks (compare with nbdkit memory), polling on core 1:
   cairn-node --cores 1 --idle poll --malloc bench:4G --nbd-socket /tmp/cairn.sock
 
-  # Settings from a file, one flag overriding it:
+  # Settings from a file (its tls_* keys set: an address beyond loopback needs TLS or
+  # --insecure), one flag overriding it:
   cairn-node --config /etc/cairn/node.toml --admin-listen 0.0.0.0:10810
+
+  # Mutual TLS on every link (docs/security.md): a cluster CA, a certificate per node:
+  cairnctl cert init ./ca && cairnctl cert issue ./ca --node n1 --addr 10.0.0.5
+  cairn-node --node-id n1 --admin-listen 10.0.0.5:10810 --tls-ca ./ca/node-n1/ca-cert.pem \
+             --tls-cert ./ca/node-n1/cert.pem --tls-key ./ca/node-n1/key.pem
 
   # Then, from another shell:
   cairnctl node volume ls
