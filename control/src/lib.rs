@@ -10,6 +10,7 @@
 //! * [`csi`]: the CSI Identity and Controller services (`--csi-endpoint`), over the same
 //!   volume commands;
 //! * [`rest`]: the REST API (axum), its OpenAPI document and the Prometheus metrics;
+//!   [`https`]: its listener, plain or mutual TLS;
 //! * [`proto`], [`units`], [`table`]: `cairnctl`'s node commands over the cairn-node admin
 //!   API, its size parser and table printer.
 //!
@@ -19,6 +20,7 @@
 
 pub mod csi;
 pub mod election;
+pub mod https;
 pub mod insync;
 pub mod membership;
 pub mod placement;

@@ -70,21 +70,47 @@ pub const NODE_LIST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long inspect waits for the attach node's resync progress before showing none.
 pub const SHOW_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Admin API channels to the nodes, one per admin address, made on first use.
+/// Admin API channels to the nodes, one per admin address, made on first use; over mutual
+/// TLS when the control process has a certificate.
 #[derive(Default)]
 pub struct NodeClients {
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// The admin client's TLS: the cluster CA to verify the node by, and this process's
+/// certificate to present.
+pub fn client_tls(tls: &cairn_tls::Tls) -> tonic::transport::ClientTlsConfig {
+    let pem = tls.pem();
+    tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&pem.ca))
+        .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
 }
 
 impl NodeClients {
+    /// Clients that reach the nodes over `tls` when given, plain TCP otherwise.
+    pub fn new(tls: Option<&cairn_tls::Tls>) -> NodeClients {
+        NodeClients {
+            channels: Mutex::default(),
+            tls: tls.map(client_tls),
+        }
+    }
+
     /// A client of the node admin API at `admin` (`IP:PORT`, from the node's record).
     pub fn client(&self, admin: &str) -> Result<NodeAdminClient<Channel>, String> {
         let mut channels = self.channels.lock().expect("channels lock");
         if let Some(c) = channels.get(admin) {
             return Ok(NodeAdminClient::new(c.clone()));
         }
-        let channel = Endpoint::from_shared(format!("http://{admin}"))
-            .map_err(|e| format!("admin address {admin}: {e}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{admin}"))
+            .map_err(|e| format!("admin address {admin}: {e}"))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("admin address {admin}: TLS: {e}"))?;
+        }
+        let channel = endpoint
             .connect_timeout(NODE_CONNECT_TIMEOUT)
             .timeout(NODE_CALL_TIMEOUT)
             .connect_lazy();

@@ -5,6 +5,12 @@
 //! Request bodies are read as bytes and parsed by `cairn_control_api`'s parsers, the same
 //! code the fuzz target drives, so a malformed body is a 400 with a JSON error naming the
 //! problem and never reaches the store. Every error is `{"error": "..."}`.
+//!
+//! Every request passes [`authorise`] first: it logs the caller (`peer=admin:ops`, from the
+//! client certificate under TLS; reads and heartbeats at debug, other mutations at info) and,
+//! under TLS, admits `admin:` and `control:` identities to every route and `node:ID` only to
+//! what nodes call ([`node_may`]); anything else is a 403 naming the identity
+//! (docs/security.md).
 
 use crate::election::Election;
 use crate::insync::{self, InSyncError};
@@ -13,7 +19,7 @@ use crate::reconcile::NodeClients;
 use crate::store::{AnyStore, StoreError};
 use crate::volume::{Outcome, VolumeError, Volumes};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -93,7 +99,63 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::max(api::BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(authorise))
         .with_state(app)
+}
+
+/// Whether node `id` may call `method` on `path`: its own registration and heartbeats, the
+/// in-sync records its nexuses keep, and who leads.
+pub fn node_may(id: &str, method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("POST", ["", "v1", "nodes", node, "register" | "heartbeat"]) => *node == id,
+        ("GET" | "POST", ["", "v1", "volumes", _, "insync"]) | ("GET", ["", "v1", "leader"]) => {
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Logs each request with its caller and, under TLS, refuses what the caller's identity may
+/// not do.
+async fn authorise(req: Request, next: axum::middleware::Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<crate::https::Peer>>()
+        .map(|c| c.0.clone());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let quiet = method == Method::GET || path.ends_with("/heartbeat");
+    let (who, addr) = match &peer {
+        Some(p) if p.tls => (
+            p.identity
+                .as_ref()
+                .map_or_else(|| "unnamed".to_string(), ToString::to_string),
+            p.addr.to_string(),
+        ),
+        Some(p) => ("plain".to_string(), p.addr.to_string()),
+        None => ("plain".to_string(), "-".to_string()),
+    };
+    if let Some(p) = peer.as_ref().filter(|p| p.tls) {
+        let allowed = match &p.identity {
+            Some(cairn_tls::Identity::Admin(_) | cairn_tls::Identity::Control(_)) => true,
+            Some(cairn_tls::Identity::Node(id)) => node_may(id, &method, &path),
+            None => false,
+        };
+        if !allowed {
+            tracing::warn!(peer = %who, addr, %method, path, "REST request refused");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("{who} may not {method} {path}"),
+            );
+        }
+    }
+    if quiet {
+        tracing::debug!(peer = %who, addr, %method, path, "REST request");
+    } else {
+        tracing::info!(peer = %who, addr, %method, path, "REST request");
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, message: impl ToString) -> Response {

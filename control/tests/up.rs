@@ -4,7 +4,10 @@
 //! stops every child and exits 0; a second run on the directory finds the same node ids up,
 //! once each, and a volume created through a node's admin API before the restart is still
 //! there; and a child killed behind its back makes `cairn up` stop the rest and exit non-zero,
-//! naming it. Each check asserts what happened (exit codes, messages, processes gone), never
+//! naming it. Every link runs mutual TLS under the CA `cairn up` made: cairnctl with the
+//! admin certificate works, without one it is refused in the handshake, with a node's it is
+//! refused the admin API (PERMISSION_DENIED naming the node), and the logs name each caller's
+//! identity. Each check asserts what happened (exit codes, messages, processes gone), never
 //! how long it took.
 
 mod common;
@@ -148,12 +151,22 @@ fn assert_all_up(control: &cairn_control_api::client::Client, base_port: u16) {
     }
 }
 
-fn cairnctl_node(admin: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
-        .args(["node", "--addr", admin])
-        .args(args)
-        .output()
-        .unwrap();
+/// Runs cairnctl with the certificate directory `tls` (none: no TLS flag, from a directory
+/// with no `cairn-data`).
+fn cairnctl(tls: Option<&Path>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairnctl"));
+    cmd.current_dir(std::env::temp_dir())
+        .env_remove("CAIRN_TLS_DIR");
+    if let Some(dir) = tls {
+        cmd.arg("--tls-dir").arg(dir);
+    }
+    cmd.args(args).output().unwrap()
+}
+
+fn cairnctl_node(dir: &Path, admin: &str, args: &[&str]) -> String {
+    let mut all = vec!["node", "--addr", admin];
+    all.extend_from_slice(args);
+    let out = cairnctl(Some(&dir.join("tls/admin-cairn")), &all);
     assert!(
         out.status.success(),
         "cairnctl node {args:?}: {}",
@@ -168,17 +181,75 @@ fn up_stop_restart_and_a_dead_child() {
     let top = test_dir("up");
     let dir = top.join("data");
     let (control_port, base_port) = free_ports();
-    let control = cairn_control_api::client::Client::new(
-        &format!("http://127.0.0.1:{control_port}"),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let control_url = format!("https://127.0.0.1:{control_port}");
     let node1_admin = format!("127.0.0.1:{}", base_port + 1);
 
     // First run: three nodes up, as the control process reports them.
     let mut up = Up::start(&dir, "first", control_port, base_port);
     let pids = up.wait_ready();
+    let admin_tls =
+        cairn_tls::Tls::load(&cairn_tls::TlsFiles::in_dir(&dir.join("tls/admin-cairn"))).unwrap();
+    let control = cairn_control_api::client::Client::new(&control_url, Duration::from_secs(10))
+        .unwrap()
+        .with_tls(Some(admin_tls.client_config()))
+        .unwrap();
     assert_all_up(&control, base_port);
+
+    // TLS: no certificate is refused in the handshake, a node's certificate is refused the
+    // admin API, and each caller's identity is logged.
+    let out = cairnctl(None, &["node", "--addr", &node1_admin, "pool", "ls"]);
+    assert!(
+        !out.status.success(),
+        "plain cairnctl reached a TLS admin API"
+    );
+    let out = cairnctl(
+        Some(&dir.join("tls/node-node-2")),
+        &["node", "--addr", &node1_admin, "pool", "ls"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("PermissionDenied")
+            && stderr.contains("node:node-2"),
+        "{stderr}"
+    );
+    let other = top.join("other-ca");
+    cairn_tls::issue::init_ca(&other).unwrap();
+    let stranger = cairn_tls::issue::issue(
+        &other,
+        &cairn_tls::Identity::Admin("cairn".into()),
+        &[],
+        &[],
+    )
+    .unwrap();
+    let out = cairnctl(
+        Some(&stranger),
+        &["node", "--addr", &node1_admin, "pool", "ls"],
+    );
+    assert!(
+        !out.status.success(),
+        "another CA's certificate reached the admin API"
+    );
+    let out = cairnctl(
+        Some(&dir.join("tls/admin-cairn")),
+        &["node", "ls", "--control", &control_url],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = cairn_control_api::client::Client::new(
+        &format!("http://127.0.0.1:{control_port}"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        plain.get("/v1/nodes").map_or(true, |r| r.status != 200),
+        "plain HTTP answered by a TLS REST API"
+    );
+    let control_log = std::fs::read_to_string(dir.join("logs/control.log")).unwrap();
+    assert!(control_log.contains("peer=node:node-1"), "{control_log}");
     let summary = up.output();
     for want in [
         "volume create demo --size 1G --replicas 3",
@@ -203,7 +274,12 @@ fn up_stop_restart_and_a_dead_child() {
     );
 
     // A volume made through node-1's admin API.
-    cairnctl_node(&node1_admin, &["volume", "create", "demo", "64M"]);
+    cairnctl_node(&dir, &node1_admin, &["volume", "create", "demo", "64M"]);
+    let node_log = std::fs::read_to_string(dir.join("logs/node-1.log")).unwrap();
+    assert!(
+        node_log.contains("peer=admin:cairn") && node_log.contains("CreateVolume"),
+        "{node_log}"
+    );
 
     // Ctrl-C: every child stops, cairn up exits 0.
     up.signal("INT");
@@ -218,7 +294,7 @@ fn up_stop_restart_and_a_dead_child() {
     let mut up = Up::start(&dir, "second", control_port, base_port);
     let pids = up.wait_ready();
     assert_all_up(&control, base_port);
-    let volumes = cairnctl_node(&node1_admin, &["volume", "ls"]);
+    let volumes = cairnctl_node(&dir, &node1_admin, &["volume", "ls"]);
     assert!(
         volumes.lines().any(|l| l.starts_with("demo ")),
         "the volume did not survive the restart:\n{volumes}"

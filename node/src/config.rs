@@ -56,6 +56,8 @@ pub enum ConfigError {
     BadCores { cores: String, why: String },
     #[error("{what} '{value}' is not an address like 127.0.0.1:10809")]
     BadAddr { what: &'static str, value: String },
+    #[error(transparent)]
+    Tls(#[from] cairn_tls::TlsError),
     #[error("'{name}' is named twice (by {first} and {second}); names must be unique")]
     DuplicateName {
         name: String,
@@ -207,6 +209,15 @@ pub struct NodeConfig {
     pub csi_endpoint: Option<String>,
     /// How NodeStage connects to a volume: `auto`, `kernel` or `fuse`.
     pub csi_nbd: crate::csi::CsiNbd,
+    /// The cluster CA's certificate (PEM); with `tls_cert` and `tls_key`, every TCP link of
+    /// this node is mutual TLS (docs/security.md).
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), naming `node:ID`.
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Accept listeners beyond loopback without TLS (unauthenticated peers).
+    pub insecure: bool,
 }
 
 impl Default for NodeConfig {
@@ -238,6 +249,10 @@ impl Default for NodeConfig {
             rack: None,
             csi_endpoint: None,
             csi_nbd: crate::csi::CsiNbd::Auto,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            insecure: false,
         }
     }
 }
@@ -250,8 +265,14 @@ Examples:
   # RAM-backed export for benchmarks (compare with nbdkit memory), polling on core 1:
   cairn-node --cores 1 --idle poll --malloc bench:4G --nbd-socket /tmp/cairn.sock
 
-  # Settings from a file, one flag overriding it:
+  # Settings from a file (its tls_* keys set: an address beyond loopback needs TLS or
+  # --insecure), one flag overriding it:
   cairn-node --config /etc/cairn/node.toml --admin-listen 0.0.0.0:10810
+
+  # Mutual TLS on every link (docs/security.md): a cluster CA, a certificate per node:
+  cairnctl cert init ./ca && cairnctl cert issue ./ca --node n1 --addr 10.0.0.5
+  cairn-node --node-id n1 --admin-listen 10.0.0.5:10810 --tls-ca ./ca/node-n1/ca-cert.pem \
+             --tls-cert ./ca/node-n1/cert.pem --tls-key ./ca/node-n1/key.pem
 
   # Then, from another shell:
   cairnctl node volume ls
@@ -298,6 +319,10 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   rack = \"r7\"
   csi_endpoint = \"unix:///run/cairn/csi.sock\"
   csi_nbd = \"auto\"                  # or \"kernel\", \"fuse\": how a CSI stage reaches a volume
+  tls_ca = \"/etc/cairn/tls/ca-cert.pem\"   # mutual TLS on every TCP link (docs/security.md)
+  tls_cert = \"/etc/cairn/tls/cert.pem\"
+  tls_key = \"/etc/cairn/tls/key.pem\"
+  insecure = false                    # true: listeners beyond loopback without TLS
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -345,14 +370,16 @@ pub struct Cli {
     /// are lost at exit).
     #[arg(long = "replica-malloc", value_name = "NAME:SIZE")]
     pub replica_mallocs: Vec<NamedSize>,
-    /// Replica server listener, or `off` [default: 127.0.0.1:10820].
+    /// Replica server listener, or `off` [default: 127.0.0.1:10820]. Beyond loopback it
+    /// needs TLS (--tls-*) or --insecure.
     #[arg(long, value_name = "ADDR:PORT")]
     pub replica_listen: Option<String>,
     /// Wrap pool devices and malloc bdevs in fault bdevs controlled over the admin API
     /// (SetFault; `cairnctl node fault set`). A test instrument.
     #[arg(long)]
     pub fault_injection: bool,
-    /// NBD TCP listener, or `off` [default: 127.0.0.1:10809].
+    /// NBD TCP listener, or `off` [default: 127.0.0.1:10809]. Beyond loopback it needs TLS
+    /// (--tls-*) or --insecure.
     #[arg(long, value_name = "ADDR:PORT")]
     pub nbd_listen: Option<String>,
     /// Also listen for NBD on this unix socket.
@@ -365,10 +392,12 @@ pub struct Cli {
     /// the limit, clients that do not read their replies stop being read [default: 256M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub nbd_reply_budget: Option<u64>,
-    /// gRPC admin listener [default: 127.0.0.1:10810].
+    /// gRPC admin listener [default: 127.0.0.1:10810]. Beyond loopback it needs TLS
+    /// (--tls-*) or --insecure.
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin_listen: Option<String>,
-    /// Prometheus /metrics listener [default: 127.0.0.1:9810].
+    /// Prometheus /metrics listener [default: 127.0.0.1:9810]. Plain HTTP, read-only
+    /// counters: exempt from the TLS rule (docs/security.md).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
     /// What idle reactors do [default: adaptive].
@@ -400,6 +429,21 @@ pub struct Cli {
     /// has one (`auto`) [default: auto].
     #[arg(long, value_enum)]
     pub csi_nbd: Option<crate::csi::CsiNbd>,
+    /// The cluster CA's certificate (PEM). With --tls-cert and --tls-key (all three or none),
+    /// the admin API, the replica server and the control link are mutual TLS: a peer without
+    /// a certificate from this CA is refused in the handshake.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), naming node:ID (`cairnctl cert issue`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Listen beyond loopback without TLS, accepting unauthenticated peers (refused at start
+    /// otherwise).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// The listeners, parsed.
@@ -471,6 +515,16 @@ impl NodeConfig {
                 to.clone_from(from);
             }
         }
+        self.insecure |= cli.insecure;
+        for (to, from) in [
+            (&mut self.tls_ca, &cli.tls_ca),
+            (&mut self.tls_cert, &cli.tls_cert),
+            (&mut self.tls_key, &cli.tls_key),
+        ] {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        }
         if let Some(size) = cli.pool0_size {
             self.pool0_size = Some(Size(size));
         }
@@ -501,6 +555,7 @@ impl NodeConfig {
         }
         self.core_list()?;
         self.listeners()?;
+        self.tls_files()?;
         self.membership()?;
         self.csi()?;
         self.check_names()
@@ -589,6 +644,33 @@ impl NodeConfig {
             admin: parse("admin_listen", &self.admin_listen)?,
             metrics: parse("metrics_listen", &self.metrics_listen)?,
         })
+    }
+
+    /// The TLS files, when configured (all three or none).
+    pub fn tls_files(&self) -> Result<Option<cairn_tls::TlsFiles>, ConfigError> {
+        Ok(cairn_tls::TlsFiles::from_flags(
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )?)
+    }
+
+    /// The listener rule (docs/security.md): every TCP listener that carries a protocol of
+    /// Cairn's (admin, replica, NBD) beyond loopback needs TLS or `insecure`. Metrics is
+    /// exempt: read-only counters for a Prometheus that scrapes plain HTTP.
+    pub fn check_listeners(&self, tls: bool) -> Result<(), ConfigError> {
+        let l = self.listeners()?;
+        let tcp = [
+            ("--admin-listen", Some(l.admin)),
+            ("--replica-listen", l.replica),
+            ("--nbd-listen", l.nbd),
+        ];
+        for (flag, addr) in tcp {
+            if let Some(addr) = addr {
+                cairn_tls::check_listener(flag, &addr.to_string(), tls, self.insecure)?;
+            }
+        }
+        Ok(())
     }
 
     /// Pool names (file stems), volume names and malloc names must each be unique, and an
@@ -719,6 +801,35 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_come_all_or_none_and_listeners_beyond_loopback_need_tls() {
+        let cli = Cli::parse_from(["cairn-node", "--tls-ca", "ca.pem"]);
+        let e = NodeConfig::load(&cli).unwrap_err();
+        assert!(
+            e.to_string().contains("--tls-cert and --tls-key missing"),
+            "{e}"
+        );
+        let c =
+            NodeConfig::from_toml("tls_ca = \"a\"\ntls_cert = \"b\"\ntls_key = \"c\"\n").unwrap();
+        assert!(c.tls_files().unwrap().is_some());
+        let cli = Cli::parse_from(["cairn-node", "--admin-listen", "0.0.0.0:10810"]);
+        let c = NodeConfig::load(&cli).unwrap();
+        let e = c.check_listeners(false).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--admin-listen 0.0.0.0:10810 listens beyond this machine without TLS"),
+            "{e}"
+        );
+        assert!(c.check_listeners(true).is_ok());
+        let cli = Cli::parse_from(["cairn-node", "--admin-listen", "0.0.0.0:1", "--insecure"]);
+        assert!(NodeConfig::load(&cli)
+            .unwrap()
+            .check_listeners(false)
+            .is_ok());
+        let c = NodeConfig::load(&Cli::parse_from(["cairn-node"])).unwrap();
+        assert!(c.check_listeners(false).is_ok(), "loopback defaults");
+    }
+
+    #[test]
     fn nbd_can_be_turned_off() {
         let cli = Cli::parse_from(["cairn-node", "--nbd-listen", "off"]);
         assert_eq!(
@@ -757,9 +868,9 @@ mod tests {
         ]);
         let e = NodeConfig::load(&cli).unwrap_err();
         assert!(e.to_string().contains("node id 'a/b'"), "{e}");
-        let cli = Cli::parse_from(["cairn-node", "--control", "https://x:1"]);
+        let cli = Cli::parse_from(["cairn-node", "--control", "ftp://x:1"]);
         let e = NodeConfig::load(&cli).unwrap_err();
-        assert!(e.to_string().contains("https://x:1"), "{e}");
+        assert!(e.to_string().contains("ftp://x:1"), "{e}");
         let cli = Cli::parse_from([
             "cairn-node",
             "--control",

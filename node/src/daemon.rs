@@ -105,6 +105,10 @@ pub enum DaemonError {
     Heartbeat(std::io::Error),
     #[error(transparent)]
     Csi(#[from] cairn_csi::EndpointError),
+    #[error(transparent)]
+    Tls(#[from] cairn_tls::TlsError),
+    #[error(transparent)]
+    ControlUrl(#[from] cairn_control_api::client::ClientError),
     #[error("shutdown was not clean (see the log)")]
     UncleanShutdown,
 }
@@ -121,6 +125,11 @@ pub struct Endpoints {
 /// Runs a node with `config` until SIGTERM or SIGINT, then shuts it down.
 pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     let listeners = config.listeners()?;
+    let tls = config
+        .tls_files()?
+        .map(|files| cairn_tls::Tls::load(&files))
+        .transpose()?;
+    config.check_listeners(tls.is_some())?;
     let cores = config.core_list()?;
     let admin = bind("admin", listeners.admin)?;
     let metrics = bind("metrics", listeners.metrics)?;
@@ -150,6 +159,10 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
         metrics: local_addr(&metrics, "metrics", listeners.metrics)?,
     };
     let node = Arc::new(Node::new(engine, nbd, config.fault_injection));
+    if let Some(tls) = tls {
+        tracing::info!(identity = %tls.identity(), "mutual TLS on the admin API, the replica links and the control link");
+        node.set_tls(tls);
+    }
     let replica = match populate(&node, &config)
         .and_then(|()| start_replication(&node, &config, listeners.replica))
     {
@@ -172,7 +185,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
     // Before the node is announced, so that no nexus create can race it: a nexus with a
     // control volume records its in-sync set with this control process. (The configuration
     // was checked at load; `join_cluster` reports any error.)
-    if let Ok(Some(membership)) = config.membership() {
+    if let Ok(Some(membership)) = membership(&config, &node) {
         node.set_control(membership);
     }
     // The CSI socket is bound before the node is announced, so a ready node serves kubelet.
@@ -220,7 +233,7 @@ fn join_cluster(
     endpoints: &Endpoints,
     replica: Option<&str>,
 ) -> Result<Option<Heartbeats>, DaemonError> {
-    let Some(membership) = config.membership()? else {
+    let Some(membership) = membership(config, node)? else {
         return Ok(None);
     };
     let addresses = NodeAddresses {
@@ -244,6 +257,18 @@ fn join_cluster(
     Heartbeats::start(membership, node.clone(), addresses, registered)
         .map(Some)
         .map_err(DaemonError::Heartbeat)
+}
+
+/// The control processes to register with, reached over the node's TLS when it has one.
+fn membership(
+    config: &NodeConfig,
+    node: &Node,
+) -> Result<Option<crate::membership::Membership>, DaemonError> {
+    let Some(mut membership) = config.membership()? else {
+        return Ok(None);
+    };
+    membership.controls = membership.controls.with_tls(node.tls())?;
+    Ok(Some(membership))
 }
 
 /// The NBD server's settings: the listeners, and the limits the config overrides.
@@ -330,7 +355,7 @@ fn start_replication(
                 source: Box::new(source),
             })?;
     }
-    node.start_replication(&config.data_dir, listen, None)
+    node.start_replication(&config.data_dir, listen)
         .map_err(|e| DaemonError::Node(Box::new(e)))
 }
 
@@ -607,9 +632,22 @@ async fn serve(
     };
     let admin = tokio::net::TcpListener::from_std(admin).expect("inside the runtime");
     let metrics = tokio::net::TcpListener::from_std(metrics).expect("inside the runtime");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = node.tls() {
+        match server.tls_config(crate::admin::server_tls(tls)) {
+            Ok(s) => server = s,
+            Err(e) => {
+                tracing::error!(error = %e, "admin API TLS configuration");
+                return;
+            }
+        }
+    }
     let admin_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdminService::new(node.clone()).into_server())
+        server
+            .add_service(crate::admin::Authorised::new(
+                AdminService::new(node.clone()).into_server(),
+                node.tls().is_some(),
+            ))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(admin),
                 stopped(),

@@ -67,6 +67,21 @@ impl Controls {
         })
     }
 
+    /// The same processes reached over mutual TLS with `tls` (`https` URLs), or plain
+    /// (`http` URLs) with none; a URL of the other kind is an error naming it.
+    pub fn with_tls(self, tls: Option<&cairn_tls::Tls>) -> Result<Controls, ClientError> {
+        let config = tls.map(cairn_tls::Tls::client_config);
+        let clients = self
+            .clients
+            .iter()
+            .map(|c| c.clone().with_tls(config.clone()))
+            .collect::<Result<Vec<Client>, ClientError>>()?;
+        Ok(Controls {
+            clients: clients.into(),
+            current: self.current,
+        })
+    }
+
     /// The URL of the control process requests go to first.
     pub fn url(&self) -> &str {
         self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()].url()

@@ -147,6 +147,9 @@ pub struct Node {
     /// The control process this node registered with (`--control`): where nexuses with a
     /// `control_volume` record their in-sync sets.
     control: OnceLock<crate::membership::Membership>,
+    /// The node's mutual TLS (`--tls-*`), set once at start: the admin server's, the control
+    /// client's and the replica transport's configuration.
+    tls: OnceLock<cairn_tls::Tls>,
 }
 
 impl Node {
@@ -168,7 +171,18 @@ impl Node {
             replication: OnceLock::new(),
             fault_injection,
             control: OnceLock::new(),
+            tls: OnceLock::new(),
         }
+    }
+
+    /// Gives the node its TLS configuration (once, at start, before replication starts).
+    pub fn set_tls(&self, tls: cairn_tls::Tls) {
+        drop(self.tls.set(tls));
+    }
+
+    /// The node's TLS configuration; None when it runs without TLS.
+    pub fn tls(&self) -> Option<&cairn_tls::Tls> {
+        self.tls.get()
     }
 
     /// Tells the node its control process (once, when it joins the cluster).

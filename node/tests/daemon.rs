@@ -400,6 +400,25 @@ fn metrics_has_every_family() {
 }
 
 #[test]
+fn a_listener_beyond_loopback_without_tls_is_refused_unless_insecure() {
+    let dir = TempDir::new("insecure");
+    for flag in ["--admin-listen", "--nbd-listen", "--replica-listen"] {
+        let stderr = refused(&dir.0.join("data"), &[flag, "0.0.0.0:0"]);
+        assert!(
+            stderr.contains(&format!(
+                "{flag} 0.0.0.0:0 listens beyond this machine without TLS"
+            )) && stderr.contains("--insecure"),
+            "{flag}: {stderr}"
+        );
+    }
+    let stderr = refused(&dir.0.join("data"), &["--tls-ca", "ca.pem"]);
+    assert!(
+        stderr.contains("--tls-cert and --tls-key missing"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_taken_port_is_refused_by_name() {
     let dir = TempDir::new("ports");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

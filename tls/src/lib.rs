@@ -204,9 +204,17 @@ impl fmt::Debug for Tls {
 /// exchange (X25519MLKEM768, which only its aws-lc-rs provider has). Cluster links use X25519
 /// meanwhile: aws-lc-rs would add a large C and assembly build to every build of the data
 /// plane, and tonic's TLS here uses *ring* as well.
+///
+/// AES-128-GCM is preferred over the provider's first choice, AES-256-GCM: it is TLS 1.3's
+/// mandatory suite, fully secure for these links, and does 40% fewer AES rounds per byte on a
+/// data path that replicates every write.
 #[allow(deprecated)]
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

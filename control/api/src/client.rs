@@ -1,13 +1,16 @@
-//! A blocking HTTP/1.1 client for the control process's REST API, over `std::net::TcpStream`.
+//! A blocking HTTP/1.1 client for the control process's REST API, over `std::net::TcpStream`,
+//! plain (`http://HOST:PORT`) or mutual TLS (`https://HOST:PORT`, rustls, presenting this
+//! process's certificate; docs/security.md).
 //!
 //! One request per connection (`Connection: close`), a JSON body in and out, bounded in time
 //! ([`Client::new`]'s timeout) and in size ([`RESPONSE_BYTES_MAX`]). That is all the node's
-//! heartbeat thread and `cairnctl` need, so neither pulls an async HTTP stack or TLS into the
-//! data-plane daemon for it. Only `http://HOST:PORT` URLs are understood; the control API's TLS
-//! (DESIGN.md, Security) will replace the transport here, in one place.
+//! heartbeat thread and `cairnctl` need, so neither pulls an async HTTP stack into the
+//! data-plane daemon for it. An `https` URL needs a TLS configuration ([`Client::with_tls`])
+//! and an `http` one refuses it, so a configured TLS is never silently skipped.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest response read (bytes); a larger one is an error, so a confused server cannot make
@@ -61,22 +64,31 @@ pub struct Client {
     host: String,
     addr: SocketAddr,
     timeout: Duration,
+    /// The TLS client configuration, for an `https` URL.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
-    /// A client of `url` (`http://HOST:PORT`, a trailing `/` allowed); each request (connect,
-    /// send, receive) must finish within `timeout`.
+    /// A client of `url` (`http://HOST:PORT` or `https://HOST:PORT`, a trailing `/` allowed);
+    /// each request (connect, handshake, send, receive) must finish within `timeout`. An
+    /// `https` URL needs [`Client::with_tls`] before its first request.
     pub fn new(url: &str, timeout: Duration) -> Result<Client, ClientError> {
         let bad = |why| ClientError::BadUrl {
             url: url.to_string(),
             why,
         };
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("only http://HOST:PORT is supported"))?;
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            ("http", rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            ("https", rest)
+        } else {
+            return Err(bad(
+                "only http://HOST:PORT and https://HOST:PORT are supported",
+            ));
+        };
         let host = rest.trim_end_matches('/');
         if host.is_empty() || host.contains('/') {
-            return Err(bad("expected http://HOST:PORT with no path"));
+            return Err(bad("expected http(s)://HOST:PORT with no path"));
         }
         let addr = host
             .to_socket_addrs()
@@ -87,11 +99,32 @@ impl Client {
             .next()
             .ok_or_else(|| bad("the host resolves to no address"))?;
         Ok(Client {
-            base: format!("http://{host}"),
+            base: format!("{scheme}://{host}"),
             host: host.to_string(),
             addr,
             timeout,
+            tls: None,
         })
+    }
+
+    /// Sets the TLS configuration: required for an `https` URL, refused for an `http` one.
+    pub fn with_tls(
+        mut self,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
+        let https = self.base.starts_with("https://");
+        let bad = |why| ClientError::BadUrl {
+            url: self.base.clone(),
+            why,
+        };
+        match (https, tls.is_some()) {
+            (true, false) => Err(bad("https needs --tls-ca, --tls-cert and --tls-key")),
+            (false, true) => Err(bad("TLS is configured: use https://HOST:PORT")),
+            _ => {
+                self.tls = tls;
+                Ok(self)
+            }
+        }
     }
 
     /// The URL this client talks to.
@@ -120,25 +153,61 @@ impl Client {
             url: url.clone(),
             source,
         };
-        let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(io)?;
+        let stream = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(io)?;
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         let body = body.unwrap_or_default();
+        let raw = match (&self.tls, self.base.starts_with("https://")) {
+            (None, false) => self.exchange(stream, method, path, body),
+            (Some(config), true) => {
+                let name = cairn_tls::server_name(&self.host)
+                    .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+                let conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(|e| io(std::io::Error::other(e)))?;
+                self.exchange(rustls::StreamOwned::new(conn, stream), method, path, body)
+            }
+            _ => {
+                return Err(ClientError::BadUrl {
+                    url,
+                    why: "an https URL needs a TLS configuration, an http one takes none",
+                })
+            }
+        }
+        .map_err(io)?;
+        parse_response(&raw).map_err(|why| ClientError::BadResponse { method, url, why })
+    }
+
+    /// Writes the request to `stream` and reads the response until the server closes.
+    fn exchange(
+        &self,
+        mut stream: impl Read + Write,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.host,
             body.len()
         );
-        stream.write_all(head.as_bytes()).map_err(io)?;
-        stream.write_all(body).map_err(io)?;
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        stream.flush()?;
         let mut raw = Vec::new();
-        stream
+        match stream
             .take(RESPONSE_BYTES_MAX as u64 + 1)
             .read_to_end(&mut raw)
-            .map_err(io)?;
-        parse_response(&raw).map_err(|why| ClientError::BadResponse { method, url, why })
+        {
+            // A server that closes without TLS's close_notify: the response is whole or not,
+            // which its parse decides (Content-Length, chunked).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            r => {
+                r?;
+            }
+        }
+        Ok(raw)
     }
 }
 
@@ -230,10 +299,12 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_urls_are_taken() {
+    fn only_http_and_https_urls_are_taken() {
         assert!(Client::new("http://127.0.0.1:10800", Duration::from_secs(1)).is_ok());
         assert!(Client::new("http://127.0.0.1:10800/", Duration::from_secs(1)).is_ok());
-        assert!(Client::new("https://127.0.0.1:10800", Duration::from_secs(1)).is_err());
+        assert!(Client::new("ftp://127.0.0.1:10800", Duration::from_secs(1)).is_err());
+        let https = Client::new("https://127.0.0.1:10800", Duration::from_secs(1)).unwrap();
+        assert!(https.with_tls(None).is_err(), "https without TLS");
         assert!(Client::new("http://127.0.0.1:10800/v1", Duration::from_secs(1)).is_err());
     }
 }

@@ -37,13 +37,16 @@ const WORKER_THREADS: usize = 2;
     version,
     about = "Cairn's control process: cluster state, membership, placement, volumes and (later) failover",
     after_help = "Examples:\n  cairn-control --data-dir ./cairn-control\n  \
-                  cairn-control --data-dir ./cc --listen 0.0.0.0:10800 --etcd http://10.0.0.2:2379"
+                  cairn-control --data-dir ./cc --listen 0.0.0.0:10800 --etcd http://10.0.0.2:2379 \\\n    \
+                  --tls-ca ./ca/control-c1/ca-cert.pem --tls-cert ./ca/control-c1/cert.pem \
+                  --tls-key ./ca/control-c1/key.pem   # cairnctl cert issue ./ca --control c1 --addr 10.0.0.2"
 )]
 struct Cli {
     /// Where the embedded store keeps its file (and its lock: one process per directory).
     #[arg(long, value_name = "DIR")]
     data_dir: PathBuf,
-    /// The REST API's address (port 0 picks a free one; the start-up line names it).
+    /// The REST API's address (port 0 picks a free one; the start-up line names it). Beyond
+    /// loopback it needs TLS (--tls-*) or --insecure.
     #[arg(long, value_name = "ADDR:PORT", default_value = CONTROL_LISTEN_DEFAULT)]
     listen: SocketAddr,
     /// Keep the cluster state in etcd (comma-separated endpoints) instead of the embedded
@@ -67,6 +70,21 @@ struct Cli {
     /// socket; a stale socket file is replaced, and the socket is made mode 0600.
     #[arg(long, value_name = "unix:///PATH")]
     csi_endpoint: Option<String>,
+    /// The cluster CA's certificate (PEM). With --tls-cert and --tls-key (all three or none),
+    /// the REST API is served over mutual TLS (https) and the nodes' admin APIs are reached
+    /// over it: a peer without a certificate from this CA is refused in the handshake.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), naming control:NAME (`cairnctl cert issue`).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This process's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Listen beyond loopback without TLS, accepting unauthenticated clients (refused at
+    /// start otherwise).
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +134,19 @@ async fn open_store(cli: &Cli) -> Result<AnyStore> {
 async fn run(cli: Cli) -> Result<()> {
     // Installed first: from here on SIGTERM and SIGINT stop the process cleanly.
     let signals = Signals::install()?;
+    let tls = cairn_tls::TlsFiles::from_flags(
+        cli.tls_ca.clone(),
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+    )?
+    .map(|files| cairn_tls::Tls::load(&files))
+    .transpose()?;
+    cairn_tls::check_listener(
+        "--listen",
+        &cli.listen.to_string(),
+        tls.is_some(),
+        cli.insecure,
+    )?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("binding --listen {}", cli.listen))?;
@@ -123,12 +154,13 @@ async fn run(cli: Cli) -> Result<()> {
         .local_addr()
         .context("reading the listener's address")?;
     let store = Arc::new(open_store(&cli).await?);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let me = LeaderInfo {
         id: format!("{}@{addr}", cairn_control_api::hostname()),
-        listen: format!("http://{addr}"),
+        listen: format!("{scheme}://{addr}"),
     };
     let election = Arc::new(Election::new(store.clone(), me.clone()));
-    let clients = Arc::new(NodeClients::default());
+    let clients = Arc::new(NodeClients::new(tls.as_ref()));
     let volumes = Volumes::new(store.clone(), election.clone());
     let rereplication = Arc::new(Counters::default());
     let reconciler = Reconciler::new(
@@ -160,7 +192,7 @@ async fn run(cli: Cli) -> Result<()> {
     let reconcile_task = (!cli.no_reconcile).then(|| tokio::spawn(reconciler.run(stop_rx.clone())));
     let monitor_task = tokio::spawn(monitor(app.clone(), stop_rx));
     let line = format!(
-        "cairn-control listening on http://{addr} (store: {}, id {})",
+        "cairn-control listening on {scheme}://{addr} (store: {}, id {})",
         store.describe(),
         me.id
     );
@@ -168,14 +200,22 @@ async fn run(cli: Cli) -> Result<()> {
     println!("{line}");
     use std::io::Write as _;
     drop(std::io::stdout().flush());
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            let signal = signals.recv().await;
-            tracing::info!(signal, "shutting down");
-            stop_tx.send_replace(true);
-        })
-        .await
-        .context("serving the REST API")?;
+    if let Some(tls) = &tls {
+        tracing::info!(identity = %tls.identity(), "mutual TLS on the REST API and the node links");
+    }
+    let listener = cairn_control::https::RestListener::new(listener, tls.as_ref())
+        .context("starting the REST listener")?;
+    axum::serve(
+        listener,
+        router(app).into_make_service_with_connect_info::<cairn_control::https::Peer>(),
+    )
+    .with_graceful_shutdown(async move {
+        let signal = signals.recv().await;
+        tracing::info!(signal, "shutting down");
+        stop_tx.send_replace(true);
+    })
+    .await
+    .context("serving the REST API")?;
     drop(monitor_task.await);
     if let Some(t) = reconcile_task {
         drop(t.await);

@@ -50,12 +50,12 @@ fn parse_spec(s: &str) -> Result<ChildSpec, NodeError> {
 
 impl Node {
     /// Starts the replica server (unless `listen` is `None`) and the nexus manager, both over
-    /// mutual TLS when `tls` is given. Returns the replica server's bound address.
+    /// mutual TLS when the node has a TLS configuration ([`Node::set_tls`], before this).
+    /// Returns the replica server's bound address.
     pub fn start_replication(
         self: &Arc<Self>,
         data_dir: &Path,
         listen: Option<SocketAddr>,
-        tls: Option<Tls>,
     ) -> Result<Option<String>, NodeError> {
         let epochs = EpochStore::open(&data_dir.join(EPOCHS_DIR))
             .map_err(|e| NodeError::Replication(e.to_string()))?;
@@ -64,8 +64,8 @@ impl Node {
             epochs,
             Box::new(move |id| weak.upgrade()?.resolve_replica(id)),
         ));
-        let transport: Arc<dyn Transport> = match tls {
-            Some(tls) => Arc::new(TlsTransport::new(tls)),
+        let transport: Arc<dyn Transport> = match self.tls() {
+            Some(tls) => Arc::new(TlsTransport::new(tls.clone())),
             None => Arc::new(TcpTransport),
         };
         let server = match listen {

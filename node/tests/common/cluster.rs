@@ -123,6 +123,15 @@ impl Config {
         if self.fault_injection {
             a.push("--fault-injection".into());
         }
+        // Namespaced nodes listen on their veth addresses, in plain TCP: the listener rule
+        // wants that said (docs/security.md).
+        let replica_beyond = self
+            .replica_listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|r| !r.ip().is_loopback());
+        if !self.admin_ip.is_loopback() || replica_beyond {
+            a.push("--insecure".into());
+        }
         a.extend(self.extra_args.iter().cloned());
         a
     }

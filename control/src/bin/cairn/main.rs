@@ -8,7 +8,9 @@
 //! `cairn up` on it finds the same nodes and volumes. docs/control.md, "cairn up".
 //!
 //! It only spawns and supervises processes: it never opens the store or a pool itself, and
-//! talks to the control process over its REST API like any client.
+//! talks to the control process over its REST API like any client. Every link is mutual TLS:
+//! the first run creates a cluster CA in `DATA_DIR/tls` and each run issues the certificates
+//! still missing (plan.rs); `cairn up` itself calls the REST API as `admin:cairn`.
 
 mod plan;
 mod supervise;
@@ -32,8 +34,10 @@ use supervise::{Proc, Signals, StopReport, POLL_INTERVAL};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one request to the control process may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
-/// The control URL cairnctl assumes; other URLs are printed with `--control`.
-const CONTROL_URL_DEFAULT: &str = cairn_control_api::CONTROL_URL_DEFAULT;
+/// The control URL cairnctl assumes when it has TLS; other URLs are printed with `--control`.
+const CONTROL_URL_DEFAULT: &str = "https://127.0.0.1:10800";
+/// The admin certificate cairnctl finds by itself (run from the data directory's parent).
+const CTL_TLS_DIR_DEFAULT: &str = "cairn-data/tls/admin-cairn";
 /// The most replicas a volume has.
 const REPLICAS_MAX: usize = 3;
 
@@ -120,6 +124,7 @@ fn up(args: &UpArgs) -> Result<ExitCode> {
         .with_context(|| format!("creating {}", plan.logs_dir.display()))?;
     let _lock = lock(&plan.data_dir)?;
     check_ports(&plan)?;
+    plan.ensure_certificates()?;
     let signals = Signals::install()?;
     let mut children = Children::default();
     let outcome = match start(&plan, &bins, &signals, &mut children) {
@@ -275,7 +280,11 @@ fn start(
         )
         .map_err(failed)?,
     );
+    let admin =
+        cairn_tls::Tls::load(&plan.tls_files(&cairn_tls::Identity::Admin(plan::ADMIN_NAME.into())))
+            .map_err(|e| failed(anyhow::Error::new(e).context("cairn up's admin certificate")))?;
     let client = Client::new(&plan.control_url, HTTP_TIMEOUT)
+        .and_then(|c| c.with_tls(Some(admin.client_config())))
         .map_err(|e| failed(anyhow::Error::new(e).context("the control URL")))?;
     let views = wait_until(
         signals,
@@ -488,17 +497,37 @@ fn print_summary(plan: &Plan, bins: &Binaries, children: &Children, views: &[Nod
         "\n  Each node's data file is {}/node-I/pool0.img (sparse).\n",
         plan.data_dir.display()
     ));
-    out.push_str(&instructions(plan, &display(&bins.ctl)));
+    let admin_dir = plan.admin_tls_dir();
+    let found =
+        std::fs::canonicalize(CTL_TLS_DIR_DEFAULT).ok() == std::fs::canonicalize(&admin_dir).ok();
+    out.push_str(&format!(
+        "  Every link is mutual TLS; the CA and certificates are in {}. cairnctl uses {}{}.\n",
+        display(&plan.tls_dir),
+        display(&admin_dir),
+        if found {
+            " by itself from this directory (elsewhere: --tls-dir or $CAIRN_TLS_DIR)"
+        } else {
+            " with --tls-dir (or $CAIRN_TLS_DIR)"
+        }
+    ));
+    let tls_flag = (!found).then(|| format!(" --tls-dir {}", display(&admin_dir)));
+    out.push_str(&instructions(
+        plan,
+        &display(&bins.ctl),
+        tls_flag.as_deref(),
+    ));
     print!("{out}");
     drop(std::io::stdout().flush());
 }
 
 /// How to create a volume and reach it: the cluster commands, then the node commands.
-fn instructions(plan: &Plan, ctl: &str) -> String {
+/// `tls_flag` is how cairnctl finds its certificate when it would not by itself.
+fn instructions(plan: &Plan, ctl: &str, tls_flag: Option<&str>) -> String {
+    let tls_flag = tls_flag.unwrap_or_default();
     let control = if plan.control_url == CONTROL_URL_DEFAULT {
-        String::new()
+        tls_flag.to_string()
     } else {
-        format!(" --control {}", plan.control_url)
+        format!(" --control {}{tls_flag}", plan.control_url)
     };
     let n1 = &plan.nodes[0];
     let replicas = plan.nodes.len().min(REPLICAS_MAX);
@@ -518,7 +547,7 @@ fn instructions(plan: &Plan, ctl: &str) -> String {
     out.push_str(&format!(
         "\nOr node by node, with the node admin API (`{ctl} node --help`):\n"
     ));
-    let on = |node: &NodePlan| format!("{ctl} node --addr {}", node.admin);
+    let on = |node: &NodePlan| format!("{ctl} node --addr {}{tls_flag}", node.admin);
     if plan.nodes.len() == 1 {
         out.push_str(&format!(
             "  {n} volume create pg 1G\n  {n} export add pg\n",
@@ -558,7 +587,7 @@ mod tests {
             BASE_PORT_DEFAULT,
         )
         .unwrap();
-        let text = instructions(&plan, "cairnctl");
+        let text = instructions(&plan, "cairnctl", None);
         for want in [
             "cairnctl volume create demo --size 1G --replicas 3\n",
             "volume attach demo --node node-1",
@@ -577,13 +606,15 @@ mod tests {
             20000,
         )
         .unwrap();
-        let text = instructions(&plan, "cairnctl");
+        let text = instructions(&plan, "cairnctl", Some(" --tls-dir /d/tls/admin-cairn"));
         assert!(
-            text.contains("--replicas 1 --control http://127.0.0.1:20800"),
+            text.contains(
+                "--replicas 1 --control https://127.0.0.1:20800 --tls-dir /d/tls/admin-cairn"
+            ),
             "{text}"
         );
         assert!(
-            text.contains("--addr 127.0.0.1:20001 export add pg\n"),
+            text.contains("--addr 127.0.0.1:20001 --tls-dir /d/tls/admin-cairn export add pg\n"),
             "{text}"
         );
     }

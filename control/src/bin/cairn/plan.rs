@@ -10,7 +10,10 @@
 //! * `D/control/`: the control process's embedded store (`control.redb`, `control.lock`);
 //! * `D/node-I/`: node I's data directory, holding its `pool0.img` (sparse, `--size`);
 //! * `D/logs/control.log`, `D/logs/node-I.log`: each child's stdout and stderr, this run's;
-//! * `D/cairn-up.lock`: flocked by the running `cairn up`, holding its pid.
+//! * `D/cairn-up.lock`: flocked by the running `cairn up`, holding its pid;
+//! * `D/tls/`: the cluster CA (`ca-key.pem` 0600) and the certificates issued from it:
+//!   `node-node-I/`, `control-cairn/` and `admin-cairn/` (cairnctl's; it finds
+//!   `./cairn-data/tls/admin-cairn` by itself). Every link is mutual TLS (docs/security.md).
 //!
 //! Ports: node I (1-based) takes the block of [`PORT_STRIDE`] ports starting at
 //! `--base-port + PORT_STRIDE * (I - 1)`: NBD at +0, admin at +1, replica at +2, metrics at +3.
@@ -21,6 +24,7 @@
 
 use anyhow::{bail, Result};
 use cairn_control::units::parse_size;
+use cairn_tls::{Identity, TlsFiles};
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -38,6 +42,9 @@ pub const BASE_PORT_DEFAULT: u16 = 10809;
 pub const SIZE_DEFAULT: &str = "10G";
 /// Where every node listens: `cairn up` is one machine.
 pub const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// The name of the control process's and the operator's certificates.
+pub const CONTROL_NAME: &str = "cairn";
+pub const ADMIN_NAME: &str = "cairn";
 /// The lock file of a running `cairn up`, inside `--data-dir`.
 pub const LOCK_FILE: &str = "cairn-up.lock";
 
@@ -80,8 +87,12 @@ pub struct Plan {
     pub control_dir: PathBuf,
     pub control_log: PathBuf,
     pub control_listen: SocketAddr,
-    /// How the nodes and cairnctl reach the control process.
+    /// How the nodes and cairnctl reach the control process (https: every link is mutual
+    /// TLS under the CA in `tls_dir`).
     pub control_url: String,
+    /// The cluster CA `cairn up` creates, and the certificates it issues from it
+    /// (`node-ID`, `control-cairn`, `admin-cairn`).
+    pub tls_dir: PathBuf,
     /// The size of each node's new `pool0.img`.
     pub size_bytes: u64,
     pub nodes: Vec<NodePlan>,
@@ -153,9 +164,10 @@ impl Plan {
             control_dir: data_dir.join("control"),
             control_log: logs_dir.join("control.log"),
             control_url: format!(
-                "http://{}",
+                "https://{}",
                 SocketAddr::new(control_ip, control_listen.port())
             ),
+            tls_dir: data_dir.join("tls"),
             control_listen,
             data_dir: data_dir.to_path_buf(),
             logs_dir,
@@ -164,14 +176,78 @@ impl Plan {
         })
     }
 
+    /// The identities `cairn up` issues certificates for, with the addresses peers dial.
+    pub fn identities(&self) -> Vec<(Identity, Vec<IpAddr>)> {
+        let mut ids = vec![
+            (
+                Identity::Control(CONTROL_NAME.into()),
+                vec![self.control_ip()],
+            ),
+            (Identity::Admin(ADMIN_NAME.into()), Vec::new()),
+        ];
+        ids.extend(
+            self.nodes
+                .iter()
+                .map(|n| (Identity::Node(n.id.clone()), vec![n.admin.ip()])),
+        );
+        ids
+    }
+
+    /// Where an identity's certificate, key and CA certificate are.
+    pub fn tls_files(&self, identity: &Identity) -> TlsFiles {
+        TlsFiles::in_dir(&cairn_tls::issue::identity_dir(&self.tls_dir, identity))
+    }
+
+    /// The admin identity `cairn up` and the printed cairnctl commands use.
+    pub fn admin_tls_dir(&self) -> PathBuf {
+        cairn_tls::issue::identity_dir(&self.tls_dir, &Identity::Admin(ADMIN_NAME.into()))
+    }
+
+    fn control_ip(&self) -> IpAddr {
+        if self.control_listen.ip().is_unspecified() {
+            NODE_IP
+        } else {
+            self.control_listen.ip()
+        }
+    }
+
+    /// Creates the CA on the first run, and a certificate for each identity that has none
+    /// (a run with more nodes than the last issues the new nodes').
+    pub fn ensure_certificates(&self) -> Result<()> {
+        if !self.tls_dir.join(cairn_tls::CA_CERT_FILE).exists() {
+            cairn_tls::issue::init_ca(&self.tls_dir)?;
+        }
+        for (identity, ips) in self.identities() {
+            if !cairn_tls::issue::identity_dir(&self.tls_dir, &identity).exists() {
+                cairn_tls::issue::issue(&self.tls_dir, &identity, &ips, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `--tls-*` flags of `identity`.
+    fn tls_args(&self, identity: &Identity) -> Vec<OsString> {
+        let f = self.tls_files(identity);
+        vec![
+            "--tls-ca".into(),
+            f.ca.into(),
+            "--tls-cert".into(),
+            f.cert.into(),
+            "--tls-key".into(),
+            f.key.into(),
+        ]
+    }
+
     /// cairn-control's arguments.
     pub fn control_args(&self) -> Vec<OsString> {
-        vec![
+        let mut args: Vec<OsString> = vec![
             "--data-dir".into(),
             self.control_dir.clone().into(),
             "--listen".into(),
             self.control_listen.to_string().into(),
-        ]
+        ];
+        args.extend(self.tls_args(&Identity::Control(CONTROL_NAME.into())));
+        args
     }
 
     /// cairn-node's arguments for `node`. Every reactor is on cairn-node's default core; the
@@ -190,6 +266,7 @@ impl Plan {
             args.push(flag.into());
             args.push(value.into());
         }
+        args.extend(self.tls_args(&Identity::Node(node.id.clone())));
         args
     }
 }
@@ -266,7 +343,7 @@ mod tests {
         assert_eq!(p.nodes[6].metrics.port(), 10809 + 60 + 3);
         assert_eq!(n1.dir, Path::new("/d/node-1"));
         assert_eq!(n1.log, Path::new("/d/logs/node-1.log"));
-        assert_eq!(p.control_url, "http://127.0.0.1:10800");
+        assert_eq!(p.control_url, "https://127.0.0.1:10800");
     }
 
     #[test]
@@ -298,7 +375,7 @@ mod tests {
     #[test]
     fn an_unspecified_control_address_is_reached_on_loopback() {
         let p = plan(1, "0.0.0.0:10800", 10809).unwrap();
-        assert_eq!(p.control_url, "http://127.0.0.1:10800");
+        assert_eq!(p.control_url, "https://127.0.0.1:10800");
     }
 
     #[test]
@@ -317,7 +394,7 @@ mod tests {
             "--admin-listen 127.0.0.1:20011",
             "--replica-listen 127.0.0.1:20012",
             "--metrics-listen 127.0.0.1:20013",
-            "--control http://127.0.0.1:10800",
+            "--control https://127.0.0.1:10800",
             "--node-id node-2",
         ] {
             assert!(joined.contains(want), "{want} missing from {joined}");

@@ -6,16 +6,18 @@
 //! Output is an aligned table by default and JSON with `--json`. An error from the node
 //! prints its status code and message (which names the object) and exits 1; so does
 //! `nexus verify` when the replicas differ, after printing what it compared. `cairnctl csi …`
-//! makes one CSI call to a plugin's socket (csi.rs).
+//! makes one CSI call to a plugin's socket (csi.rs). `cairnctl cert …` makes a cluster CA
+//! and certificates, and `--tls-*` make cairnctl's links mutual TLS (tls.rs).
 
 mod csi;
+mod tls;
 
 use anyhow::{Context, Result};
 use cairn_control::proto::{self as pb, node_admin_client::NodeAdminClient};
 use cairn_control::table::Table;
 use cairn_control::units::{human_size, parse_size};
 use cairn_control_api::client::Client as ControlClient;
-use cairn_control_api::{NodeView, RebuildView, ReplicaHealth, VolumeView, CONTROL_URL_DEFAULT};
+use cairn_control_api::{NodeView, RebuildView, ReplicaHealth, VolumeView};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -106,6 +108,8 @@ Examples:
     after_help = AFTER_HELP
 )]
 struct Cli {
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     #[command(subcommand)]
     cmd: Top,
 }
@@ -118,14 +122,16 @@ enum Top {
     Volume(ClusterVolumeArgs),
     /// One CSI call to a plugin's socket, as kubelet and the CSI sidecars make them.
     Csi(csi::CsiArgs),
+    /// A cluster CA and the certificates of its nodes, control processes and operators.
+    Cert(tls::CertArgs),
 }
 
 #[derive(Args)]
 #[command(after_help = VOLUME_HELP)]
 struct ClusterVolumeArgs {
-    /// The control process.
-    #[arg(long, global = true, value_name = "URL", default_value = CONTROL_URL_DEFAULT)]
-    control: String,
+    /// The control process [default: http://127.0.0.1:10800, https:// with TLS].
+    #[arg(long, global = true, value_name = "URL")]
+    control: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -232,9 +238,9 @@ enum NodeCmd {
     /// The cluster's nodes as the control process sees them (over its REST API, not the
     /// node admin API): state, failure domain, addresses, free capacity, heartbeat age.
     Ls {
-        /// The control process.
-        #[arg(long, value_name = "URL", default_value = CONTROL_URL_DEFAULT)]
-        control: String,
+        /// The control process [default: http://127.0.0.1:10800, https:// with TLS].
+        #[arg(long, value_name = "URL")]
+        control: Option<String>,
     },
 }
 
@@ -475,20 +481,28 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let args = match Cli::parse().cmd {
-        Top::Node(args) => args,
-        Top::Volume(args) => {
-            return match cluster_volume(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cairnctl: {e:#}");
-                    ExitCode::from(1)
-                }
-            };
+    let cli = Cli::parse();
+    let plain = |r: Result<()>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairnctl: {e:#}");
+            ExitCode::from(1)
         }
-        Top::Csi(args) => return block_on(csi::run(args)),
     };
-    block_on(node(args))
+    let tls = match &cli.cmd {
+        Top::Csi(_) | Top::Cert(_) => None,
+        Top::Node(_) | Top::Volume(_) => match cli.tls.load() {
+            Ok(t) => t,
+            Err(e) => return plain(Err(e)),
+        },
+    };
+    let args = match cli.cmd {
+        Top::Node(args) => args,
+        Top::Volume(args) => return plain(cluster_volume(&args, tls.as_ref())),
+        Top::Csi(args) => return block_on(csi::run(args)),
+        Top::Cert(args) => return plain(tls::cert(args)),
+    };
+    block_on(node(args, tls))
 }
 
 /// Runs a gRPC command on a one-thread runtime; an error prints the status code and message
@@ -516,9 +530,16 @@ fn block_on(command: impl std::future::Future<Output = Result<()>>) -> ExitCode 
     }
 }
 
-async fn connect(addr: &str) -> Result<NodeAdminClient<Channel>> {
-    let endpoint = Channel::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("'{addr}' is not HOST:PORT"))?
+async fn connect(addr: &str, tls: Option<&cairn_tls::Tls>) -> Result<NodeAdminClient<Channel>> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
+        .with_context(|| format!("'{addr}' is not HOST:PORT"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(cairn_control::reconcile::client_tls(tls))
+            .context("cairnctl's TLS configuration")?;
+    }
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT);
     let channel = endpoint
@@ -528,11 +549,11 @@ async fn connect(addr: &str) -> Result<NodeAdminClient<Channel>> {
     Ok(NodeAdminClient::new(channel))
 }
 
-async fn node(args: NodeArgs) -> Result<()> {
+async fn node(args: NodeArgs, tls: Option<cairn_tls::Tls>) -> Result<()> {
     if let NodeCmd::Ls { control } = &args.cmd {
-        return node_ls(control, args.json);
+        return node_ls(control.as_deref(), tls.as_ref(), args.json);
     }
-    let mut c = connect(&args.addr).await?;
+    let mut c = connect(&args.addr, tls.as_ref()).await?;
     let json = args.json;
     match args.cmd {
         NodeCmd::Pool(PoolCmd::Ls) => {
@@ -568,8 +589,10 @@ async fn node(args: NodeArgs) -> Result<()> {
 }
 
 /// `node ls`: GET /v1/nodes from the control process.
-fn node_ls(control: &str, json: bool) -> Result<()> {
-    let client = ControlClient::new(control, CONTROL_TIMEOUT)?;
+fn node_ls(control: Option<&str>, tls: Option<&cairn_tls::Tls>, json: bool) -> Result<()> {
+    let control = &tls::control_url(control, tls);
+    let client = ControlClient::new(control, CONTROL_TIMEOUT)?
+        .with_tls(tls.map(cairn_tls::Tls::client_config))?;
     let resp = client
         .get("/v1/nodes")
         .with_context(|| format!("cannot reach the control process at {control}"))?;
@@ -592,9 +615,10 @@ struct Control {
 }
 
 impl Control {
-    fn new(url: &str) -> Result<Control> {
+    fn new(url: &str, tls: Option<&cairn_tls::Tls>) -> Result<Control> {
         Ok(Control {
-            client: ControlClient::new(url, CONTROL_TIMEOUT)?,
+            client: ControlClient::new(url, CONTROL_TIMEOUT)?
+                .with_tls(tls.map(cairn_tls::Tls::client_config))?,
             url: url.to_string(),
         })
     }
@@ -663,8 +687,8 @@ impl Control {
 
 /// `cairnctl volume …`: a command over REST, then (create, attach, delete) a wait until the
 /// reconcile loop has carried it out.
-fn cluster_volume(args: &ClusterVolumeArgs) -> Result<()> {
-    let c = Control::new(&args.control)?;
+fn cluster_volume(args: &ClusterVolumeArgs, tls: Option<&cairn_tls::Tls>) -> Result<()> {
+    let c = Control::new(&tls::control_url(args.control.as_deref(), tls), tls)?;
     let json = args.json;
     let path = |name: &str, op: &str| format!("/v1/volumes/{name}{op}");
     match &args.cmd {
