@@ -15,7 +15,10 @@
 # ROUNDS times. Each rebuild prints its rate (a's log line "resync finished": copied_bytes /
 # seconds) and, per second of it, the CPU time each node ran and the time it waited for a CPU
 # (/proc/PID/task/*/schedstat): a node that waits as long as it runs is starved, one that
-# neither runs nor waits is waiting on I/O.
+# neither runs nor waits is waiting on I/O. With BACKING=file, each round first measures fio's
+# sequential read of the source disk (1 MiB, QD 8, O_DIRECT, io_uring: the filled part of
+# node a's pool file, while the nodes are idle) and prints the rebuild's rate against it
+# (issue 13's target: >= 0.8x); the last line gives the medians.
 #
 # Environment: BACKING (file: --replica-volume in a pool file; ram: --replica-malloc),
 # TARGET_BACKING (the rebuilt replica's, default BACKING), SCHED
@@ -106,23 +109,65 @@ node c --cores 1 --data-dir "$WORKDIR/c" --admin-listen "$C_ADMIN" --replica-lis
 fio --name=fill --ioengine=nbd --uri="nbd+unix:///vol?socket=$WORKDIR/a.sock" --rw=write --bs=1M \
     --iodepth=8 --size="$SIZE_BYTES" --output-format=terse >/dev/null
 
-echo "rebuild speed: BACKING=$BACKING TARGET_BACKING=$TARGET_BACKING SCHED=$SCHED IDLE=$IDLE SIZE=$SIZE NODE=$NODE"
+# seq_read: fio's sequential read of the source disk in MiB/s: the longest allocated extent of
+# node a's pool file (the filled volume; holes would read without touching the disk), at most
+# SIZE bytes of it; "-" with the source in RAM.
+seq_read() {
+  [ "$BACKING" = file ] || { echo -; return; }
+  local pool=$WORKDIR/a/pool0.img off len
+  read -r off len < <(python3 - "$pool" "$SIZE_BYTES" <<'PY'
+import os, sys
+fd, limit, best, pos = os.open(sys.argv[1], os.O_RDONLY), int(sys.argv[2]), (0, 0), 0
+end = os.fstat(fd).st_size
+while pos < end:
+    try:
+        start = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError:
+        break
+    stop = os.lseek(fd, start, os.SEEK_HOLE)
+    best = max(best, (stop - start, start))
+    pos = stop
+m = 1 << 20
+print(-(-best[1] // m) * m, min(limit, (best[0] - m) // m * m))
+PY
+  )
+  fio --name=seqread --ioengine=io_uring --direct=1 --filename="$pool" --rw=read --bs=1M \
+      --iodepth=8 --offset="$off" --size="$len" --output-format=json |
+    python3 -c 'import json, sys; print("%.1f" % (json.load(sys.stdin)["jobs"][0]["read"]["bw"] / 1024))' |
+    tee >(xargs printf "  fio: sequential read of %d MiB at %d MiB into pool0.img: %s MiB/s\n" \
+            $((len >> 20)) $((off >> 20)) >&2)
+}
+
+echo "rebuild speed: BACKING=$BACKING TARGET_BACKING=$TARGET_BACKING SCHED=$SCHED IDLE=$IDLE SIZE=$SIZE NODE=$NODE load: $(cut -d' ' -f1-3 /proc/loadavg)"
+: >"$WORKDIR/rates"
 for _ in $(seq "$ROUNDS"); do
+  disk=$(seq_read)
   t0=$(date +%s.%N); a0=$(sched "${PIDS[0]}"); c0=$(sched "${PIDS[1]}")
   "$CTL" node --addr "$A_ADMIN" nexus add vol "$C_REPLICA" >/dev/null
   until in_sync; do sleep 0.1; done
   t1=$(date +%s.%N); a1=$(sched "${PIDS[0]}"); c1=$(sched "${PIDS[1]}")
-  python3 - "$(grep 'resync finished' "$WORKDIR/a.log" | tail -1)" "$t0" "$t1" \
-      $a0 $a1 $c0 $c1 <<'PY'
+  python3 - "$(grep 'resync finished' "$WORKDIR/a.log" | tail -1)" "$disk" "$t0" "$t1" \
+      $a0 $a1 $c0 $c1 <<'PY' | tee -a "$WORKDIR/rates"
 import re, sys
-line = sys.argv[1]
-t0, t1, ar0, aw0, ar1, aw1, cr0, cw0, cr1, cw1 = map(float, sys.argv[2:])
+line, disk = sys.argv[1], sys.argv[2]
+t0, t1, ar0, aw0, ar1, aw1, cr0, cw0, cr1, cw1 = map(float, sys.argv[3:])
 secs = float(re.search(r"seconds=([0-9.e+-]+)", line).group(1))
 mib = float(re.search(r"copied_bytes=(\d+)", line).group(1)) / 2**20
 wall = t1 - t0
-print(f"  rebuild {mib:.0f} MiB in {secs:.2f} s = {mib / secs:.1f} MiB/s; per s: a ran "
+vs = "" if disk == "-" else f" = {mib / secs / float(disk):.3f}x fio's {float(disk):.0f} MiB/s"
+print(f"  rebuild {mib:.0f} MiB in {secs:.2f} s = {mib / secs:.1f} MiB/s{vs}; per s: a ran "
       f"{(ar1 - ar0) / wall:.2f} waited {(aw1 - aw0) / wall:.2f}, c ran {(cr1 - cr0) / wall:.2f} "
       f"waited {(cw1 - cw0) / wall:.2f}")
 PY
   "$CTL" node --addr "$A_ADMIN" nexus remove vol "$C_REPLICA" >/dev/null
 done
+python3 - "$WORKDIR/rates" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+import re, statistics, sys
+rows = open(sys.argv[1]).read().splitlines()
+rate = [float(re.search(r"= ([0-9.]+) MiB/s", r).group(1)) for r in rows]
+ratio = [float(m.group(1)) for r in rows if (m := re.search(r"= ([0-9.]+)x fio", r))]
+line = f"  median rebuild {statistics.median(rate):.1f} MiB/s"
+if ratio:
+    line += f", median {statistics.median(ratio):.3f}x fio's sequential read (range {min(ratio):.3f}-{max(ratio):.3f})"
+print(line + f"; load at the end: {sys.argv[2]}")
+PY

@@ -21,31 +21,72 @@
 //! Progress (bytes done of the total, and the fraction shown) only goes forward within a job
 //! and starts from zero for each one: the total is the bytes dirty when the pass starts.
 //!
-//! Limits: [`RESYNC_RANGES_MAX`] copy ranges held and [`RESYNC_CHUNKS_MAX`] chunk copies in
-//! flight; the rate limit in `NexusOptions::rebuild_bytes_per_s` (it gates taking a new
-//! range, so a held range is copied at full speed and never held longer for the limit).
+//! Limits: a byte budget of chunk copies in flight and a count of copy ranges held, deep on a
+//! quiet volume ([`RESYNC_BYTES_MAX`], [`RESYNC_RANGES_MAX`]: a rebuild streams the source
+//! disk) and shallow for [`RESYNC_BUSY_SPAN`] after a client write waited on a copy
+//! ([`RESYNC_BUSY_BYTES_MAX`], [`RESYNC_BUSY_RANGES_MAX`]: a range's copy is short); a new
+//! range is held only while the copies queued ahead of it are under the budget, so a range's
+//! hold is bounded by the budget plus its own bytes, copied oldest range first. The rate limit
+//! in `NexusOptions::rebuild_bytes_per_s` gates taking a new range, so a held range is copied
+//! at full speed and never held longer for the limit.
 
 use super::bitmap::{AreaBits, AREA_BYTES, BLOCK_BYTES, LEAF_WORDS};
 use super::channel::{Kind, NexusChannel, Path};
 use super::{
-    pack, ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, RANGE_COPYING, RANGE_WAITED,
-    RANGE_WRITES,
+    pack, ChildState, NexusShared, ResyncOrder, CHILDREN_MAX, CHILD_IN_FLIGHT_BYTES_MAX,
+    RANGE_COPYING, RANGE_WAITED, RANGE_WRITES,
 };
 use cairn_engine::bdev::{IoOp, IoRequest};
 use cairn_engine::reactor::IoCtx;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Chunk copies (a read then a write of one DMA buffer, 128 KiB by default) in flight: 2 MiB,
-/// enough to keep a local disk and a loopback connection streaming during a rebuild, and
-/// small enough that a range's copy (its share of them) takes a few milliseconds.
-pub const RESYNC_CHUNKS_MAX: usize = 16;
-/// Copy ranges one job holds at once (each one [`AREA_BYTES`]): two copy while a third
-/// waits for its writes to drain.
-pub const RESYNC_RANGES_MAX: usize = 3;
+/// Bytes of chunk copies (a read then a write of one DMA buffer, 128 KiB by default) in
+/// flight while no client write waits on a copy: 48 chunks, enough to keep streaming while
+/// each hop of a chunk (source read, send, server write, reply) waits for a CPU on a busy
+/// machine (2 MiB reached 0.58-0.65 of the disk's sequential read, docs/replication.md
+/// "Rebuild speed"). Three quarters of a remote child's unanswered bytes
+/// ([`CHILD_IN_FLIGHT_BYTES_MAX`]), so client I/O to the source or the target never queues
+/// behind more than this, and within the replica server's limits (48 of its `SERVER_OPS_MAX`
+/// requests per connection).
+pub const RESYNC_BYTES_MAX: u64 = CHILD_IN_FLIGHT_BYTES_MAX as u64 / 4 * 3;
+/// Chunk copies in flight on a quiet volume, whatever their size: each holds a DMA buffer and
+/// a request slot at the nexus and at each replica server (a resync of scattered 4 KiB blocks
+/// copies many small chunks), and never more than a [`RESYNC_POOL_SHARE`] of the home core's
+/// buffers.
+pub const RESYNC_CHUNKS_MAX: usize = 48;
+/// The job takes at most 1/this of its core's DMA buffers (and so of a replica server's, with
+/// the same engine configuration): client I/O keeps the rest.
+pub const RESYNC_POOL_SHARE: u32 = 4;
+/// Copy ranges one job holds at once on a quiet volume (each one [`AREA_BYTES`]): the budget's
+/// worth copying, and more draining or taken ahead.
+pub const RESYNC_RANGES_MAX: usize = 12;
+/// Bytes of chunk copies in flight while client writes wait on copies (16 chunks): a range's
+/// copy (its share of them) then takes a few milliseconds, far below `COPY_HOLD_MAX`.
+pub const RESYNC_BUSY_BYTES_MAX: u64 = 2 << 20;
+/// Chunk copies in flight while client writes wait on copies.
+pub const RESYNC_BUSY_CHUNKS_MAX: usize = 16;
+/// Copy ranges held while client writes wait on copies: two copy while a third waits for its
+/// writes to drain.
+pub const RESYNC_BUSY_RANGES_MAX: usize = 3;
+/// How long after a client write was seen waiting on a copy (a held range's `RANGE_WAITED`)
+/// the job keeps the busy limits: a paced writer turns back on a held range every second or
+/// so, and each time resets it, so a volume under load is copied shallow throughout.
+pub const RESYNC_BUSY_SPAN: Duration = Duration::from_secs(2);
 /// How soon the job looks again while it waits on other cores (a barrier, or the writes in
 /// flight to a range it holds).
 const RESYNC_RECHECK: Duration = Duration::from_micros(200);
+
+/// What a job keeps in flight and held at once.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Bytes of chunk copies in flight.
+    bytes: u64,
+    /// Chunk copies in flight.
+    chunks: usize,
+    /// Copy ranges held.
+    ranges: usize,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -82,6 +123,10 @@ pub(super) struct ResyncJob {
     cursor: u64,
     held: [Held; RESYNC_RANGES_MAX],
     ops: usize,
+    /// Bytes of the chunk copies in flight.
+    inflight_bytes: u64,
+    /// Until when the busy limits hold: a client write waited on a copy shortly before.
+    busy_until: Option<Instant>,
     issued_bytes: u64,
     done_bytes: u64,
     started: Instant,
@@ -90,6 +135,54 @@ pub(super) struct ResyncJob {
 }
 
 impl ResyncJob {
+    /// The limits in force at `now`.
+    fn limits(&self, now: Instant) -> Limits {
+        if self.busy_until.is_some_and(|t| now < t) {
+            Limits {
+                bytes: RESYNC_BUSY_BYTES_MAX,
+                chunks: RESYNC_BUSY_CHUNKS_MAX,
+                ranges: RESYNC_BUSY_RANGES_MAX,
+            }
+        } else {
+            Limits {
+                bytes: RESYNC_BYTES_MAX,
+                chunks: RESYNC_CHUNKS_MAX,
+                ranges: RESYNC_RANGES_MAX,
+            }
+        }
+    }
+
+    /// Bytes of the held ranges not issued yet (a range whose writes are still draining
+    /// counts whole): what a newly held range would queue behind, with the copies in flight.
+    fn pending_bytes(&self) -> u64 {
+        self.held
+            .iter()
+            .filter(|h| h.live)
+            .map(|h| match &h.bits {
+                None => AREA_BYTES,
+                Some(bits) => {
+                    let mut left = *bits;
+                    clear_below(&mut left, h.next);
+                    area_bytes(&left)
+                }
+            })
+            .sum()
+    }
+
+    /// The live held slots, oldest range first (ranges are held in ascending order).
+    fn held_in_order(&self) -> ([usize; RESYNC_RANGES_MAX], usize) {
+        let mut order = [0; RESYNC_RANGES_MAX];
+        let mut n = 0;
+        for (i, h) in self.held.iter().enumerate() {
+            if h.live {
+                order[n] = i;
+                n += 1;
+            }
+        }
+        order[..n].sort_unstable_by_key(|&i| self.held[i].area);
+        (order, n)
+    }
+
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let waiting = self.phase == Phase::Barrier || self.held.iter().any(|h| h.live);
         let soon = waiting.then(|| Instant::now() + RESYNC_RECHECK);
@@ -189,6 +282,8 @@ impl NexusChannel {
                 chunks: 0,
             }; RESYNC_RANGES_MAX],
             ops: 0,
+            inflight_bytes: 0,
+            busy_until: None,
             issued_bytes: 0,
             done_bytes: 0,
             started: now,
@@ -327,6 +422,9 @@ impl NexusChannel {
                 continue;
             }
             let word = shared.ranges[h.area as usize].load(Ordering::SeqCst);
+            if word & RANGE_WAITED != 0 {
+                job.busy_until = Some(now + RESYNC_BUSY_SPAN);
+            }
             // The hold runs from setting the range's copying bit to its last chunk written;
             // past the bound, once a write has been turned back, the target is faulted (its
             // resync starts again later from what is still dirty). A copy nobody waits on
@@ -394,7 +492,22 @@ impl NexusChannel {
         let dirty = &shared.child(job.target).dirty;
         let mut n = 0;
         job.wake_at = None;
-        while let Some(i) = job.held.iter().position(|h| !h.live) {
+        let limits = job.limits(now);
+        loop {
+            // A range held now waits behind the copies in flight and the held ranges' rest:
+            // held only while those are under the budget plus one range (taken ahead, so its
+            // writes drain while the others copy). Its hold is then at most the budget plus
+            // two ranges' worth of copying.
+            let live = job.held.iter().filter(|h| h.live).count();
+            let ahead = job.inflight_bytes + job.pending_bytes();
+            if live >= limits.ranges || (live > 0 && ahead >= limits.bytes + AREA_BYTES) {
+                break;
+            }
+            let i = job
+                .held
+                .iter()
+                .position(|h| !h.live)
+                .expect("fewer live than slots");
             if let Some(rate) = shared.options.rebuild_bytes_per_s {
                 let allowed = (job.started.elapsed().as_secs_f64() * rate as f64) as u64;
                 if job.issued_bytes > allowed {
@@ -437,10 +550,16 @@ impl NexusChannel {
         let size = shared.info.size_bytes;
         let chunk_max = u64::from(super::NEXUS_IO_MAX_BYTES.min(io.pool().buf_size_bytes()));
         let mut n = 0;
-        'ranges: for i in 0..RESYNC_RANGES_MAX {
+        let limits = self.job().limits(io.now());
+        let chunks_max = limits
+            .chunks
+            .min((io.pool().capacity() / RESYNC_POOL_SHARE).max(1) as usize);
+        let (order, live) = self.job().held_in_order();
+        'ranges: for &i in &order[..live] {
             loop {
                 let job = self.job();
-                if job.ops >= RESYNC_CHUNKS_MAX {
+                let full = job.inflight_bytes > 0 && job.inflight_bytes + chunk_max > limits.bytes;
+                if full || job.ops >= chunks_max {
                     break 'ranges;
                 }
                 let h = &job.held[i];
@@ -476,6 +595,7 @@ impl NexusChannel {
                 self.slots[slot as usize].buf = Some(buf);
                 let job = self.job();
                 job.ops += 1;
+                job.inflight_bytes += len;
                 job.held[i].next = first + blocks;
                 job.held[i].chunks += 1;
                 self.send_sub(io, slot, source);
@@ -542,6 +662,7 @@ impl NexusChannel {
         }
         if let Kind::ResyncRead { range } | Kind::ResyncWrite { range } = kind {
             job.held[range as usize].chunks -= 1;
+            job.inflight_bytes -= len;
         }
         job.ops -= 1;
         let p = &mut self.slots[slot as usize];
@@ -556,6 +677,18 @@ impl NexusChannel {
 /// Bytes of the blocks set in `bits`.
 fn area_bytes(bits: &AreaBits) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * BLOCK_BYTES
+}
+
+/// Clears the bits of `bits` below block `block`.
+fn clear_below(bits: &mut AreaBits, block: u64) {
+    for (w, word) in bits.iter_mut().enumerate() {
+        let first = w as u64 * 64;
+        if block >= first + 64 {
+            *word = 0;
+        } else if block > first {
+            *word &= !0 << (block - first);
+        }
+    }
 }
 
 /// Clears a held range's copying bit: the writes waiting on it may start.
