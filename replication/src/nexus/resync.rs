@@ -25,8 +25,9 @@
 //! quiet volume ([`RESYNC_BYTES_MAX`], [`RESYNC_RANGES_MAX`]: a rebuild streams the source
 //! disk) and shallow for [`RESYNC_BUSY_SPAN`] after a client write waited on a copy
 //! ([`RESYNC_BUSY_BYTES_MAX`], [`RESYNC_BUSY_RANGES_MAX`]: a range's copy is short); a new
-//! range is held only while the copies queued ahead of it are under the budget, so a range's
-//! hold is bounded by the budget plus its own bytes, copied oldest range first. The rate limit
+//! range is held only while the copies queued ahead of it are under the budget plus one
+//! range, and chunks are issued oldest range first, so a range's hold is bounded by the
+//! budget plus two ranges of copying. The rate limit
 //! in `NexusOptions::rebuild_bytes_per_s` gates taking a new range, so a held range is copied
 //! at full speed and never held longer for the limit.
 
@@ -694,4 +695,45 @@ fn clear_below(bits: &mut AreaBits, block: u64) {
 /// Clears a held range's copying bit: the writes waiting on it may start.
 fn release(shared: &NexusShared, area: u64) {
     shared.ranges[area as usize].fetch_and(!(RANGE_COPYING | RANGE_WAITED), Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    //! Guards the block arithmetic the copier's depth rests on: what is left to issue of a
+    //! held range (`clear_below`, `area_bytes`) and the runs it copies (`next_run`).
+    use super::*;
+
+    fn bits_of(blocks: &[u64]) -> AreaBits {
+        let mut bits = [0u64; LEAF_WORDS];
+        for &b in blocks {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        bits
+    }
+
+    #[test]
+    fn clear_below_keeps_only_the_blocks_not_yet_issued() {
+        let all = [!0u64; LEAF_WORDS];
+        for next in [0, 1, 63, 64, 65, 130, LEAF_WORDS as u64 * 64] {
+            let mut left = all;
+            clear_below(&mut left, next);
+            assert_eq!(
+                area_bytes(&left),
+                (LEAF_WORDS as u64 * 64 - next) * BLOCK_BYTES,
+                "from block {next}"
+            );
+        }
+        let mut left = bits_of(&[3, 64, 200]);
+        clear_below(&mut left, 64);
+        assert_eq!(left, bits_of(&[64, 200]));
+    }
+
+    #[test]
+    fn next_run_stops_at_a_gap_and_at_the_chunk_limit() {
+        let bits = bits_of(&[2, 3, 4, 6, 7, 8, 9, 10]);
+        assert_eq!(next_run(&bits, 0, 32), Some((2, 3)));
+        assert_eq!(next_run(&bits, 5, 3), Some((6, 3)));
+        assert_eq!(next_run(&bits, 9, 32), Some((9, 2)));
+        assert_eq!(next_run(&bits, 11, 32), None);
+    }
 }
