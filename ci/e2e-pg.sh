@@ -86,11 +86,15 @@ cleanup() {
   for p in "${PID[@]}" "${CONTROL_PID:-}" "${ETCD_PID:-}"; do
     [ -n "$p" ] && kill -9 "$p" 2>/dev/null
   done
+  # The loop devices are listed before the mounts go: once nbdfuse's mount is lazily
+  # unmounted, a loop device's backing file reads /nbd, no longer a path under $W.
+  local loops
+  loops=$(losetup -n -O NAME,BACK-FILE | awk -v w="$W/" 'index($2, w) == 1 {print $1}')
   pkill -9 -f "nbdfuse $W/" 2>/dev/null
   for m in $(grep -o " $W/[^ ]*" /proc/self/mountinfo | sort -r); do
     umount -l "$m" 2>/dev/null
   done
-  for l in $(losetup -n -O NAME,BACK-FILE | awk -v w="$W/" 'index($2, w) == 1 {print $1}'); do
+  for l in $loops; do
     losetup -d "$l" 2>/dev/null
   done
   for n in "${NODES[@]}"; do
@@ -144,13 +148,17 @@ CONTROL_PID=$!
 disown
 wait_until 60 curl -sf "$CONTROL/v1/leader" || { tail -20 "$W/control.log" >&2; exit 1; }
 
+# Stages go through nbdfuse and a loop device (--csi-nbd fuse) even where the kernel has NBD:
+# a node's death here is the kill -9 of its cairn-node and its nbdfuse, the same on every
+# machine.
 start_node() {
   local n=$1 ip=${IP[$1]}
   mkdir -p "$W/$n"
   nsenter --net="/run/netns/${NS[$n]}" "$BIN/cairn-node" --data-dir "$W/$n/data" --pool0-size 2G \
     --control "$CONTROL" --node-id "$n" --zone "z-$n" \
     --nbd-listen "$ip:10809" --admin-listen "$ip:10810" --replica-listen "$ip:10820" \
-    --metrics-listen "$ip:9810" --csi-endpoint "unix://$W/$n.sock" >>"$W/$n/node.log" 2>&1 &
+    --metrics-listen "$ip:9810" --csi-endpoint "unix://$W/$n.sock" --csi-nbd fuse \
+    >>"$W/$n/node.log" 2>&1 &
   PID[$n]=$!
   disown
 }
@@ -177,25 +185,39 @@ start_pg() {
 }
 
 # The test's own check, not a step of the flow: every replica of volume $1 holds the same
-# bytes (nexus verify on the node $2 that serves it; exit 1 on any difference).
+# bytes (nexus verify on the node $2 that serves it; exit 1 on any difference). Verify reads
+# each region from one replica after another, so it needs a quiet volume: the filesystem is
+# still mounted on $2, and ext4 commits its journal up to 5 s after a change (the atime
+# updates of pg_checksums' reads among them); `sync` makes that commit land first, else the
+# last replica read can show a journal region the others did not have yet (seen: regions in
+# the journal, in the middle of the volume, differing on the last replica only).
 verify() {
+  sync
   ctl node --addr "${IP[$2]}:10810" nexus verify "$1" >"$W/verify.log" || { cat "$W/verify.log" >&2; return 1; }
 }
 
 psql_on() { local n=$1; shift; pg "$PGBIN/psql" -h "$W/$n/sock" -U postgres -X -q -tA "$@"; }
 
+# Both scenarios begin alike, through CSI calls only: volume $1 (3 replicas) is created,
+# published, staged and published on node $2, and PostgreSQL starts on a new cluster
+# (`initdb -k`: data checksums) in the published mount.
+pg_on_new_volume() {
+  local v=$1 n=$2
+  csi_control create-volume "$v" --size 512M --replicas 3 >/dev/null
+  local uri
+  uri=$(csi_control controller-publish "$v" --node "$n")
+  stage_and_publish "$v" "$n" "$uri"
+  mkdir "$W/$n/mnt/pgdata"
+  chown postgres "$W/$n/mnt/pgdata"
+  chmod 700 "$W/$n/mnt/pgdata"
+  pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$n/mnt/pgdata" >"$W/initdb.log"
+  start_pg "$n"
+}
+
 # One kill scenario on volume $1: PostgreSQL on node $2, which dies; it comes back on $3.
 kill_scenario() {
   local v=$1 from=$2 to=$3
-  csi_control create-volume "$v" --size 512M --replicas 3 >/dev/null
-  local uri
-  uri=$(csi_control controller-publish "$v" --node "$from")
-  stage_and_publish "$v" "$from" "$uri"
-  mkdir "$W/$from/mnt/pgdata"
-  chown postgres "$W/$from/mnt/pgdata"
-  chmod 700 "$W/$from/mnt/pgdata"
-  pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$from/mnt/pgdata" >"$W/initdb.log"
-  start_pg "$from"
+  pg_on_new_volume "$v" "$from"
   pg "$PGBIN/pgbench" -h "$W/$from/sock" -U postgres -i -s 2 -q postgres >"$W/pgbench-init.log" 2>&1
   # pgbench's TPC-B-like transaction, with each history row tagged by its client: a client's
   # commits are acknowledged one after another, so a lost acknowledged commit shows as that
@@ -295,15 +317,7 @@ if lost:
 # new epoch, so it can neither finish that write nor, once the link is back, land it.
 partition_scenario() {
   local v=$1 from=$2 to=$3
-  csi_control create-volume "$v" --size 512M --replicas 3 >/dev/null
-  local uri
-  uri=$(csi_control controller-publish "$v" --node "$from")
-  stage_and_publish "$v" "$from" "$uri"
-  mkdir "$W/$from/mnt/pgdata"
-  chown postgres "$W/$from/mnt/pgdata"
-  chmod 700 "$W/$from/mnt/pgdata"
-  pg "$PGBIN/initdb" -k -A trust -U postgres -D "$W/$from/mnt/pgdata" >"$W/initdb.log"
-  start_pg "$from"
+  pg_on_new_volume "$v" "$from"
   psql_on "$from" -c "create table marker(x text); insert into marker values ('before')" postgres
 
   ip link set "$TAG$from" down
@@ -357,9 +371,10 @@ partition_scenario() {
   log "partition: node $from's replica is resynced; three in-sync replicas, and nexus verify finds them equal"
   # The raw bytes, not PostgreSQL's view (its buffers and a checkpoint could hide a landed
   # page): the marker is nowhere on the volume, WAL included. verify showed every replica
-  # equal, so reading through $to's device reads them all.
+  # equal, so reading through $to's device (the staging mount's source) reads them all.
   local dev
-  dev=$(/usr/bin/python3 -c "import json; print(json.load(open('$W/$to/data/csi/$v/stage.json'))['device'])")
+  dev=$(findmnt -n -o SOURCE --target "$W/$to/staging")
+  [ -b "$dev" ] || { echo "e2e-pg: the staging mount on $to has no block device: '$dev'" >&2; return 1; }
   grep -a -q "on-$to" "$dev" || { echo "e2e-pg: $to's own committed row is not in $dev: the scan sees nothing" >&2; return 1; }
   if grep -a -q after-partition "$dev"; then
     echo "e2e-pg: the fenced node's marker is on the volume ($dev)" >&2

@@ -258,7 +258,16 @@ not_run 'PARTS="spin volume" RUNTIME=5 perf/local.sh' "as perf/local.sh"
 not_run 'cargo test --release -p cairn-node --test idle -- --nocapture' "ci/test.sh's cargo test --workspace runs it"
 not_run 'RUNTIME=5 PARTS="engine spin volume" perf/local.sh' "as perf/local.sh"
 not_run 'OLD=<old release dir> perf/ab.sh' "minutes, and needs an older build"
-not_run 'SIZE=1G RUNTIME=5 ROUNDS=3 PARTS=ram perf/replication.sh' "as perf/replication.sh"
+readme 'SIZE=1G RUNTIME=5 ROUNDS=3 PARTS=ram perf/replication.sh'
+readme 'FIO_CPU=0 SIZE=1G RUNTIME=5 ROUNDS=3 PARTS=ram perf/replication.sh'
+if command -v fio >/dev/null && command -v nbdinfo >/dev/null; then
+  for pin in "" 0; do
+    FIO_CPU=$pin SIZE=64M RUNTIME=1 ROUNDS=1 PARTS=ram OUT="$tmp/replication-ram" \
+      WORKDIR="$tmp/replication-ram-work" perf/replication.sh >/dev/null
+  done
+else
+  echo "ci/readme.sh: PARTS=ram perf/replication.sh not run: it needs fio and nbdinfo"
+fi
 readme 'PARTS=resync perf/replication.sh'
 if command -v fio >/dev/null && command -v nbdinfo >/dev/null; then
   SIZE=256M RUNTIME=1 PARTS=resync OUT="$tmp/resync" WORKDIR="$tmp/resync-work" \

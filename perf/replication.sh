@@ -38,8 +38,9 @@
 # list pins fio with taskset), PORT_BASE (21809), IDLE (the nodes'
 # --idle, adaptive), SCHED (other; fifo: both nodes under `chrt -f 5`, root only, sleeping
 # reactors only: separates waiting for a CPU from everything else, docs/replication.md "Stalls").
-# CPU: each fio job also records the CPU-seconds both nodes used during it (NAME.cpu), and the
-# summary gives node CPU per I/O (µs) for 1 and 2 replicas; and the time the nodes' threads
+# CPU: each fio job also records the CPU-seconds both nodes used during it (NAME.cpu) and the
+# attach node alone (NAME.cpua), and the summary gives node CPU per I/O (µs) for 1 and 2
+# replicas, the attach node's, and the client's (fio's own usr + sys CPU); and the time the nodes' threads
 # waited on the run queue, runnable but not running (NAME.sched, /proc/PID/task/*/schedstat),
 # which the summary gives per second of the job: the stalls a busy or shared machine adds.
 set -euo pipefail
@@ -106,11 +107,12 @@ node() {
   echo "replication bench: node $name did not start:" >&2; tail -20 "$WORKDIR/$name.log" >&2; exit 1
 }
 
-# nodes_cpu_s: CPU-seconds (user + system) used so far by every cairn-node of the set-up
-# (/proc/PID/stat fields 14 and 15, in clock ticks).
+# nodes_cpu_s [PID…]: CPU-seconds (user + system) used so far by the given cairn-node
+# processes, default every one of the set-up (/proc/PID/stat fields 14 and 15, in clock ticks).
 nodes_cpu_s() {
   local ticks=0 p
-  for p in "${PIDS[@]}"; do
+  [ $# -gt 0 ] || set -- "${PIDS[@]}"
+  for p in "$@"; do
     ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$p/stat")))
   done
   echo "$ticks $(getconf CLK_TCK)" | awk '{printf "%.3f\n", $1 / $2}'
@@ -124,14 +126,16 @@ nodes_wait_s() {
 }
 
 # fio_job NAME EXPORT QD: one randwrite job through NBD; JSON to OUT, the CPU-seconds the
-# nodes used during it to OUT/NAME.cpu and the seconds they waited for a CPU to OUT/NAME.sched.
+# nodes used during it to OUT/NAME.cpu (the attach node's alone, PIDS[0], to OUT/NAME.cpua) and
+# the seconds they waited for a CPU to OUT/NAME.sched.
 fio_job() {
   local name=$1 export=$2 qd=$3
-  local cpu0 wait0; cpu0=$(nodes_cpu_s); wait0=$(nodes_wait_s)
+  local cpu0 cpua0 wait0; cpu0=$(nodes_cpu_s); cpua0=$(nodes_cpu_s "${PIDS[0]}"); wait0=$(nodes_wait_s)
   "${FIO_PIN[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///$export?socket=$SOCK" \
       --rw=randwrite --bs=4k --iodepth="$qd" --numjobs=1 --time_based --runtime="$RUNTIME" \
       --size="$SIZE_BYTES" --randrepeat=0 --output-format=json >"$OUT/$name.json"
   echo "$cpu0 $(nodes_cpu_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpu"
+  echo "$cpua0 $(nodes_cpu_s "${PIDS[0]}")" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.cpua"
   echo "$wait0 $(nodes_wait_s)" | awk '{printf "%.3f\n", $2 - $1}' >"$OUT/$name.sched"
 }
 
@@ -399,10 +403,16 @@ for part in parts:
         print(f"{part:5} {what:30} {cell(one, fmt):>10} {cell(two, fmt):>10} {d:>9} "
               f"{cell(med(part, 'raw', qd, i), fmt):>9} {cell(med(part, 'disk', qd, i), fmt):>9}")
 # Node CPU per I/O: both cairn-node processes (nexus node + replica node), µs of CPU per I/O.
-def cpu_per_io(name):
+def cpu_per_io(name, kind="cpu"):
     text = open(f"{out}/{name}.json").read()
     ios = json.loads(text[text.index("{"):])["jobs"][0]["write"]["total_ios"]
-    return float(open(f"{out}/{name}.cpu").read()) / max(ios, 1) * 1e6
+    return float(open(f"{out}/{name}.{kind}").read()) / max(ios, 1) * 1e6
+# The client's own CPU per I/O, from fio's usr_cpu and sys_cpu (percent of the job's runtime).
+def client_cpu_per_io(name):
+    text = open(f"{out}/{name}.json").read()
+    j = json.loads(text[text.index("{"):])["jobs"][0]
+    busy_s = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1e3
+    return busy_s / max(j["write"]["total_ios"], 1) * 1e6
 for part in parts:
     for qd in (32, 1):
         if not os.path.exists(f"{out}/{part}-nexus1-qd{qd}-r1.cpu"):
@@ -410,6 +420,13 @@ for part in parts:
         c1, c2 = (statistics.median(cpu_per_io(f"{part}-nexus{n}-qd{qd}-r{r}") for r in range(1, rounds + 1))
                   for n in (1, 2))
         print(f"{part:5} {'node CPU us per I/O, QD' + str(qd):30} {c1:>10.2f} {c2:>10.2f} {c2 / c1:>8.3f}x")
+        if os.path.exists(f"{out}/{part}-nexus1-qd{qd}-r1.cpua"):
+            a1, a2 = (statistics.median(cpu_per_io(f"{part}-nexus{n}-qd{qd}-r{r}", "cpua") for r in range(1, rounds + 1))
+                      for n in (1, 2))
+            print(f"{part:5} {'  attach node alone, QD' + str(qd):30} {a1:>10.2f} {a2:>10.2f} {a2 / a1:>8.3f}x")
+        f1, f2 = (statistics.median(client_cpu_per_io(f"{part}-nexus{n}-qd{qd}-r{r}") for r in range(1, rounds + 1))
+                  for n in (1, 2))
+        print(f"{part:5} {'client (fio) CPU us per I/O, QD' + str(qd):30} {f1:>10.2f} {f2:>10.2f} {f2 / f1:>8.3f}x")
 # Waiting for a CPU: ms per second of the job that the nodes' threads were runnable but not
 # running; and the share of I/Os that took 1 ms or more (in %).
 def fio_job_of(name):

@@ -84,7 +84,7 @@ fn status_of(e: VolumeError) -> Status {
         | VolumeError::NotLeader { .. }
         | VolumeError::Contended(_)
         | VolumeError::Store(_) => Code::Unavailable,
-        VolumeError::Corrupt { .. } => Code::Internal,
+        VolumeError::Corrupt { .. } | VolumeError::EpochExhausted { .. } => Code::Internal,
     };
     Status::new(code, e.to_string())
 }

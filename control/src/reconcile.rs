@@ -620,8 +620,14 @@ fn failover_step(
         tracing::warn!(volume = %next.name, node = %at, in_sync = ?insync.in_sync, "attach node down and no replica the record names in sync is up; the volume waits for one");
         return false;
     };
-    tracing::info!(volume = %next.name, from = %at, to = %to, epoch = next.epoch + 1, "attach node down; failing over");
-    next.epoch += 1;
+    let epoch = match next.raise_epoch() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(volume = %next.name, node = %at, error = %e, "attach node down; no failover");
+            return false;
+        }
+    };
+    tracing::info!(volume = %next.name, from = %at, to = %to, epoch, "attach node down; failing over");
     next.attached = Some(volume::Attachment {
         node: to,
         nbd_uri: None,
@@ -660,8 +666,14 @@ fn rebuild_step(
         tracing::warn!(volume = %next.name, in_sync = ?insync.in_sync, "a replacement needs a rebuild and no replica the record names in sync is up; it waits for one");
         return false;
     };
-    tracing::info!(volume = %next.name, node = %to, epoch = next.epoch + 1, "detached volume with a replacement to rebuild; a rebuild nexus is recorded");
-    next.epoch += 1;
+    let epoch = match next.raise_epoch() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(volume = %next.name, error = %e, "a replacement needs a rebuild; no rebuild nexus");
+            return false;
+        }
+    };
+    tracing::info!(volume = %next.name, node = %to, epoch, "detached volume with a replacement to rebuild; a rebuild nexus is recorded");
     next.rebuild = Some(volume::RebuildNexus {
         node: to,
         opened: false,
@@ -821,7 +833,8 @@ async fn create_replica(
     Ok(())
 }
 
-/// Takes each recorded snapshot on each created replica that lacks it.
+/// Takes each recorded snapshot on each created replica that lacks it, never on a
+/// replacement still being filled (its copy is not the snapshot's point in time).
 async fn snapshots_step(
     next: &mut VolumeRecord,
     views: &mut [NodeView<'_>],
@@ -830,7 +843,7 @@ async fn snapshots_step(
     let created: Vec<String> = next
         .replicas
         .iter()
-        .filter(|r| r.state == ReplicaState::Created)
+        .filter(|r| r.state == ReplicaState::Created && !r.replacement)
         .map(|r| r.node.clone())
         .collect();
     for s in &mut next.snapshots {
@@ -923,7 +936,10 @@ async fn nexus_step(
         // The nexus was up and is gone (its node restarted): opening it again is a new term
         // over the same replicas, so the raised epoch is recorded first, and the nexus is
         // created at it by the next pass.
-        next.epoch += 1;
+        if let Err(e) = next.raise_epoch() {
+            tracing::error!(volume = %name, node = %at, error = %e, "nexus gone; not opened again");
+            return Ok(());
+        }
         if let Some(a) = next.attached.as_mut() {
             a.nbd_uri = None;
         }

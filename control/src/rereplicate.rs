@@ -131,6 +131,18 @@ pub fn replace_lost(
             seed: placement::seed_of(&next.name) ^ next.epoch,
         },
     )?;
+    // A snapshot recorded before `on` existed belongs on every created replica; pin it to the
+    // replicas that hold it now, so the replacement (whose copy is not the snapshot's point in
+    // time) is never given it.
+    let holding: Vec<String> = next
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created && !r.replacement)
+        .map(|r| r.node.clone())
+        .collect();
+    for s in next.snapshots.iter_mut().filter(|s| s.on.is_none()) {
+        s.on = Some(holding.clone());
+    }
     for i in &lost {
         next.replicas[*i].state = ReplicaState::Lost;
     }
@@ -230,8 +242,9 @@ pub fn forget_unreachable(
 }
 
 /// Clears the replacement flag of each created replacement that holds the data: the in-sync
-/// record names it in sync (its rebuild is done), or there is no record and the volume is no
-/// clone, so it never held data and the empty replacement holds what the others do. A
+/// record names it in sync (its rebuild is done), or there is no record, the volume is no
+/// clone and was never attached (epoch 0: every attach raises it and writes the record), so
+/// it never held data and the empty replacement holds what the others do. A
 /// clone's data is on the replicas made from its snapshot, which its in-sync record names
 /// from creation; without one (a record older than that) its replacement waits for a nexus
 /// to rebuild it. True when `next` changed.
@@ -240,7 +253,7 @@ pub fn mark_filled(next: &mut VolumeRecord, insync: Option<&InSyncRecord>) -> bo
     for r in &mut next.replicas {
         let filled = match insync {
             Some(i) => i.in_sync.contains(&r.node),
-            None => next.origin.is_none(),
+            None => next.origin.is_none() && next.epoch == 0,
         };
         if r.replacement && r.state == ReplicaState::Created && filled {
             r.replacement = false;
@@ -483,8 +496,35 @@ mod tests {
         });
         assert!(!mark_filled(&mut clone, None));
         assert!(!retire_lost(&mut clone, None));
+        // A volume attached before (an epoch above 0) with no record is one this version did
+        // not write: it may hold data, so the empty replacement does not stand for it.
+        let mut attached_once = r.clone();
+        attached_once.epoch = 1;
+        assert!(!mark_filled(&mut attached_once, None));
+        assert!(!retire_lost(&mut attached_once, None));
         // A volume never attached never held data: the empty replacement holds the same.
+        r.epoch = 0;
         assert!(mark_filled(&mut r, None));
         assert!(retire_lost(&mut r, None));
+    }
+
+    #[test]
+    fn a_snapshot_recorded_before_on_existed_is_pinned_to_its_holders_when_a_replacement_is_placed()
+    {
+        let mut r = record();
+        r.snapshots.push(crate::volume::SnapshotRecord {
+            name: "s".into(),
+            nodes: vec!["a".into(), "b".into()],
+            created_unix_ms: 0,
+            on: None,
+            deleting: false,
+        });
+        let nodes = [node("a", None), node("b", Some(0)), node("c", None)];
+        assert_eq!(replace_lost(&mut r, &nodes, 1, 10).unwrap(), 1);
+        assert_eq!(
+            r.snapshots[0].on,
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert!(!r.snapshots[0].belongs_on("c"));
     }
 }

@@ -165,7 +165,9 @@ impl IntoResponse for VolumeError {
             VolumeError::NotLeader { .. } | VolumeError::Contended(_) | VolumeError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            VolumeError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            VolumeError::Corrupt { .. } | VolumeError::EpochExhausted { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         error(status, self)
     }

@@ -22,7 +22,7 @@ use crate::store::{AnyStore, Store, StoreError, Txn, KEY_ROOT};
 use crate::units::human_size;
 use cairn_control_api::{
     AttachView, CreateVolumeRequest, LeaderInfo, NodeState, ReplicaHealth, ReplicaView,
-    SnapshotView, VolumeView,
+    SnapshotView, VolumeView, EPOCH_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -189,6 +189,19 @@ pub struct VolumeRecord {
 }
 
 impl VolumeRecord {
+    /// Raises the epoch for a new nexus (an attach, a failover, a rebuild nexus, a nexus
+    /// opened again) and returns it; refused at [`EPOCH_MAX`], leaving the record as it was.
+    pub fn raise_epoch(&mut self) -> Result<u64, VolumeError> {
+        if self.epoch >= EPOCH_MAX {
+            return Err(VolumeError::EpochExhausted {
+                name: self.name.clone(),
+                epoch: self.epoch,
+            });
+        }
+        self.epoch += 1;
+        Ok(self.epoch)
+    }
+
     /// The nodes holding a replica, whatever its state.
     /// The node whose nexus serves the volume (its attach node) or rebuilds it (its rebuild
     /// nexus), if any.
@@ -297,6 +310,11 @@ pub enum VolumeError {
     Contended(String),
     #[error("stored record {key} is unreadable: {why}")]
     Corrupt { key: String, why: String },
+    #[error(
+        "volume '{name}' is at epoch {epoch}, the highest a replica accepts ({EPOCH_MAX}); no \
+         nexus can be opened at a higher one, so its record needs repair"
+    )]
+    EpochExhausted { name: String, epoch: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -807,20 +825,7 @@ impl Volumes {
                     });
                 }
             }
-            if !r.all_created() {
-                return Err(VolumeError::NotReady {
-                    name: name.to_string(),
-                    why: format!("replicas still being created ({})", creating(r)),
-                });
-            }
-            let mut next = r.clone();
-            next.epoch += 1;
-            next.attached = Some(Attachment {
-                node: node.to_string(),
-                nbd_uri: None,
-                failover_to: None,
-            });
-            next.rebuild = None;
+            let mut next = attached_at(name, r, node.to_string(), None)?;
             next.published = Some(node.to_string());
             Ok(Some(next))
         })
@@ -956,23 +961,7 @@ impl Volumes {
                 }
                 None => {}
             }
-            if !r.all_created() {
-                return Err(VolumeError::NotReady {
-                    name: name.to_string(),
-                    why: format!("replicas still being created ({})", creating(r)),
-                });
-            }
-            let mut next = r.clone();
-            next.epoch += 1;
-            next.attached = Some(Attachment {
-                node: target,
-                nbd_uri: None,
-                failover_to,
-            });
-            // The attach's nexus takes over a rebuild nexus's work (it is given the
-            // replacement too); the raised epoch fences the rebuild nexus.
-            next.rebuild = None;
-            Ok(Some(next))
+            attached_at(name, r, target, failover_to).map(Some)
         })
         .await
     }
@@ -1251,6 +1240,32 @@ fn live<'a>(
     }
 }
 
+/// `r` attached to `node` for a new nexus: every replica created, the epoch raised (it fences
+/// whichever nexus held the volume before), no attach address yet. The attach's nexus takes
+/// over a rebuild nexus's work (it is given the replacement too), so that one goes.
+fn attached_at(
+    name: &str,
+    r: &VolumeRecord,
+    node: String,
+    failover_to: Option<String>,
+) -> Result<VolumeRecord, VolumeError> {
+    if !r.all_created() {
+        return Err(VolumeError::NotReady {
+            name: name.to_string(),
+            why: format!("replicas still being created ({})", creating(r)),
+        });
+    }
+    let mut next = r.clone();
+    next.raise_epoch()?;
+    next.attached = Some(Attachment {
+        node,
+        nbd_uri: None,
+        failover_to,
+    });
+    next.rebuild = None;
+    Ok(next)
+}
+
 fn creating(r: &VolumeRecord) -> String {
     r.replicas
         .iter()
@@ -1304,7 +1319,7 @@ fn clone_record(
     let holders: Vec<String> = src
         .replicas
         .iter()
-        .filter(|r| r.state == ReplicaState::Created && snap.belongs_on(&r.node))
+        .filter(|r| r.state == ReplicaState::Created && !r.replacement && snap.belongs_on(&r.node))
         .map(|r| r.node.clone())
         .collect();
     let missing: Vec<&str> = holders
@@ -1417,6 +1432,29 @@ mod tests {
         );
         let err = new_record(&create(16 * MIB, 3), &nodes).unwrap_err();
         assert!(err.to_string().contains("c: down"), "{err}");
+    }
+
+    #[test]
+    fn an_attach_raises_the_epoch_and_is_refused_at_the_maximum_leaving_the_record() {
+        let mut r = new_record(&create(16 * MIB, 1), &[node("a", true)]).unwrap();
+        let err = attached_at("pg", &r, "a".into(), None).unwrap_err();
+        assert!(matches!(err, VolumeError::NotReady { .. }), "{err}");
+        r.replicas[0].state = ReplicaState::Created;
+        let next = attached_at("pg", &r, "a".into(), None).unwrap();
+        assert_eq!((next.epoch, next.attached.unwrap().node.as_str()), (1, "a"));
+        r.epoch = EPOCH_MAX - 1;
+        assert_eq!(
+            attached_at("pg", &r, "a".into(), None).unwrap().epoch,
+            EPOCH_MAX
+        );
+        r.epoch = EPOCH_MAX;
+        let err = attached_at("pg", &r, "a".into(), None).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("at epoch {EPOCH_MAX}")),
+            "{err}"
+        );
+        assert_eq!(r.raise_epoch().unwrap_err().to_string(), err.to_string());
+        assert_eq!((r.epoch, r.attached.is_none()), (EPOCH_MAX, true));
     }
 
     #[test]

@@ -18,6 +18,13 @@
 //!   once with a raised epoch (fencing the old nexus) after the first was killed with
 //!   `kill -9` and its lease expired. This fails if publish waits for anything else, or if
 //!   the record does not fence the old attach.
+//!
+//! And the whole lifecycle as Kubernetes drives it, through the CSI sockets only (the control
+//! process's and a cairn-node's), each call made twice to show it idempotent: CreateVolume →
+//! ControllerPublish → NodeStage → NodePublish (a file written and read back through the
+//! mount) → NodeUnpublish → NodeUnstage → ControllerUnpublish → DeleteVolume, leaving no
+//! mount, loop device or stage record behind. It needs root and the stage's tools (skipped
+//! elsewhere, failed under CI).
 
 mod common;
 
@@ -27,8 +34,10 @@ mod nbd_client;
 mod pattern;
 
 use cairn_csi::v1::identity_client::IdentityClient;
+use cairn_csi::v1::node_client::NodeClient;
 use cairn_csi::v1::{self as csi, controller_client::ControllerClient};
-use common::{test_dir, wait_for, Control, Etcd, NodeProc, STATE_TIMEOUT};
+use cairn_testkit::skip::{require_root, require_tool};
+use common::{test_dir, wait_for, zoned_nodes, Control, Etcd, NodeProc, STATE_TIMEOUT};
 use pattern::{read_back, write_pattern};
 use std::collections::HashMap;
 use std::path::Path;
@@ -331,20 +340,7 @@ async fn conformance(test: &str, etcd: Option<&Etcd>) {
         0,
         &["--csi-endpoint", &endpoint],
     );
-    let mut nodes: Vec<NodeProc> = (1..=3)
-        .map(|i| {
-            NodeProc::start(
-                &dir.join(format!("n{i}")),
-                &control.url,
-                &format!("n{i}"),
-                &["--zone", &format!("z{i}")],
-            )
-        })
-        .collect();
-    for i in 1..=3 {
-        control.wait_state(&format!("n{i}"), "up");
-    }
-    control.wait_leader();
+    let mut nodes = zoned_nodes(&dir, &control, 3);
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let meta = std::fs::metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
@@ -698,6 +694,151 @@ async fn publish_fencing(control: &Control, c: &mut Ctl, nodes: &mut [NodeProc])
     unpublish(c, "pvc-f", "n2").await;
 }
 
+/// The lifecycle of one volume through the CSI sockets only, every call twice.
+async fn lifecycle(test: &str) {
+    let dir = test_dir(test);
+    let control_sock = dir.join("csi-control.sock");
+    let node_sock = dir.join("csi-node.sock");
+    let endpoint = |p: &Path| format!("unix://{}", p.display());
+    let control = Control::start_with(
+        &dir.join("control"),
+        None,
+        0,
+        &["--csi-endpoint", &endpoint(&control_sock)],
+    );
+    let node_endpoint = endpoint(&node_sock);
+    let _nodes: Vec<NodeProc> = (1..=3)
+        .map(|i| {
+            let zone = format!("z{i}");
+            let mut extra = vec!["--zone", zone.as_str()];
+            if i == 1 {
+                extra.extend(["--csi-endpoint", node_endpoint.as_str()]);
+            }
+            NodeProc::start(
+                &dir.join(format!("n{i}")),
+                &control.url,
+                &format!("n{i}"),
+                &extra,
+            )
+        })
+        .collect();
+    for i in 1..=3 {
+        control.wait_state(&format!("n{i}"), "up");
+    }
+    control.wait_leader();
+    let mut c = ControllerClient::new(cairn_csi::connect(&control_sock).await.unwrap());
+    let mut node = NodeClient::new(cairn_csi::connect(&node_sock).await.unwrap());
+    let me = node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .node_id;
+    assert_eq!(me, "n1");
+    let volume = "pvc-life";
+    let staging = dir.join("kubelet/staging");
+    let target = dir.join("kubelet/pods/p/mount");
+
+    let mut created = Vec::new();
+    for _ in 0..2 {
+        created.push(create(&mut c, create_req(volume, 16 * MIB, 3)).await);
+    }
+    assert_eq!(created[0], created[1]);
+    let v = &created[0];
+    let mut contexts = Vec::new();
+    for _ in 0..2 {
+        let r = c
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: me.clone(),
+                volume_capability: Some(mount()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        contexts.push(r.publish_context);
+    }
+    assert_eq!(contexts[0], contexts[1]);
+    let stage = csi::NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        publish_context: contexts[0].clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(mount()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        node.node_stage_volume(stage.clone()).await.unwrap();
+    }
+    let publish = csi::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        publish_context: contexts[0].clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(mount()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        node.node_publish_volume(publish.clone()).await.unwrap();
+    }
+    let data = b"written through the published mount";
+    std::fs::write(target.join("file"), data).unwrap();
+    // Read back past the page cache: the bytes come from the volume.
+    sync_and_drop_caches(&target);
+    assert_eq!(std::fs::read(target.join("file")).unwrap(), data);
+    for _ in 0..2 {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!target.exists());
+    for _ in 0..2 {
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: volume.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*staging.to_string_lossy()), "{mounts}");
+    assert!(!dir.join("n1/csi").join(volume).exists());
+    let loops = std::process::Command::new("losetup")
+        .arg("-a")
+        .output()
+        .unwrap();
+    let loops = String::from_utf8_lossy(&loops.stdout);
+    assert!(!loops.contains(&format!("/{volume}/fuse/nbd")), "{loops}");
+    for _ in 0..2 {
+        unpublish(&mut c, volume, &me).await;
+    }
+    for _ in 0..2 {
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: volume.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    drop(std::fs::remove_file(&node_sock));
+}
+
+/// Writes the file system's dirty pages out and drops the page cache, so what is read next
+/// comes from the device.
+fn sync_and_drop_caches(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+}
+
 fn run(test: &str, etcd: Option<&Etcd>) {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -705,6 +846,26 @@ fn run(test: &str, etcd: Option<&Etcd>) {
         .build()
         .unwrap()
         .block_on(conformance(test, etcd));
+}
+
+#[test]
+fn the_full_lifecycle_through_the_csi_sockets_is_idempotent() {
+    let tools = [
+        ("nbdfuse", "libnbd-bin"),
+        ("fusermount3", "fuse3"),
+        ("losetup", "mount"),
+        ("blkid", "util-linux"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ];
+    if !tools.iter().all(|(t, p)| require_tool(t, p)) || !require_root("losetup and mount") {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(lifecycle("csi-lifecycle"));
 }
 
 #[test]

@@ -205,6 +205,8 @@ pub struct NodeConfig {
     pub rack: Option<String>,
     /// Serve the CSI Identity and Node services on this unix socket (`unix:///PATH`).
     pub csi_endpoint: Option<String>,
+    /// How NodeStage connects to a volume: `auto`, `kernel` or `fuse`.
+    pub csi_nbd: crate::csi::CsiNbd,
 }
 
 impl Default for NodeConfig {
@@ -235,6 +237,7 @@ impl Default for NodeConfig {
             zone: None,
             rack: None,
             csi_endpoint: None,
+            csi_nbd: crate::csi::CsiNbd::Auto,
         }
     }
 }
@@ -293,6 +296,8 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   node_id = \"n1\"                     # zone, rack and node_id default to the host name
   zone = \"eu-1a\"
   rack = \"r7\"
+  csi_endpoint = \"unix:///run/cairn/csi.sock\"
+  csi_nbd = \"auto\"                  # or \"kernel\", \"fuse\": how a CSI stage reaches a volume
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -390,6 +395,11 @@ pub struct Cli {
     /// this unix socket; stages need root, nbdfuse (libnbd-bin), losetup and mkfs.
     #[arg(long, value_name = "unix:///PATH")]
     pub csi_endpoint: Option<String>,
+    /// How a CSI stage connects to a volume: the kernel's NBD device (`kernel`, needs the nbd
+    /// module and nbd-client), nbdfuse plus a loop device (`fuse`), or the kernel's where it
+    /// has one (`auto`) [default: auto].
+    #[arg(long, value_enum)]
+    pub csi_nbd: Option<crate::csi::CsiNbd>,
 }
 
 /// The listeners, parsed.
@@ -449,6 +459,7 @@ impl NodeConfig {
             .extend(cli.replica_mallocs.iter().cloned());
         set(&mut self.idle, &cli.idle);
         set(&mut self.log_format, &cli.log_format);
+        set(&mut self.csi_nbd, &cli.csi_nbd);
         for (to, from) in [
             (&mut self.control, &cli.control),
             (&mut self.node_id, &cli.node_id),
@@ -524,6 +535,7 @@ impl NodeConfig {
                 node_id: self.cluster_name("node id", &self.node_id)?,
                 zone: self.cluster_name("zone", &self.zone)?,
                 state_dir: self.data_dir.join("csi"),
+                nbd: self.csi_nbd,
             },
         )))
     }

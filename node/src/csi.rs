@@ -2,26 +2,33 @@
 //! kubelet calls them to put a published volume on this machine (docs/csi.md, "Node").
 //!
 //! NodeStage connects to the volume's NBD export (the `nbdUri` that ControllerPublish
-//! answered) through `nbdfuse`, which shows the export as one file, attaches a loop device with
-//! 4 KiB sectors to that file (libnbd refuses requests below the export's block size), makes a
-//! filesystem only when the device has none, and mounts it at the staging path; for block
-//! access the loop device itself is the staged device. The kernel's own NBD client is used
-//! nowhere: machines without the `nbd` module (this project's CI among them) still stage.
-//! NodePublish bind-mounts the staging path (or the loop device, for block access) onto the
-//! target path, read-only when asked.
+//! answered) one of two ways, chosen per stage by `--csi-nbd` ([`CsiNbd`]) and a probe:
 //!
-//! What a stage made (the URI, the loop device, nbdfuse's pid, the staging path, the access
-//! type) is written to `DATA_DIR/csi/VOLUME/stage.json` before the call answers, so that
-//! NodeUnstage after a restart of cairn-node still takes everything down. nbdfuse runs in its
-//! own process group: a signal to cairn-node (Ctrl-C, a restart) does not cut the volume from
-//! under a running application; only NodeUnstage does.
+//! * the kernel's NBD device, connected by `nbd-client` (netlink) with 4 KiB blocks, where the
+//!   kernel has the `nbd` module and nbd-client is installed;
+//! * otherwise `nbdfuse`, which shows the export as one file, and a loop device with 4 KiB
+//!   sectors on that file (libnbd refuses requests below the export's block size). Machines
+//!   without the `nbd` module (this project's CI among them) still stage.
+//!
+//! Either way the block device gets a filesystem only when it has none, and is mounted at the
+//! staging path; for block access the device itself is the staged device. NodePublish
+//! bind-mounts the staging path (or the device, for block access) onto the target path,
+//! read-only when asked.
+//!
+//! What a stage made (the URI, the transport and its device and pid, the loop device's disk
+//! sequence number, the boot id, the staging path, the access type) is written to
+//! `DATA_DIR/csi/VOLUME/stage.json` before the call answers, so that NodeUnstage after a
+//! restart of cairn-node, or after nbdfuse died, still takes everything down. A device or pid
+//! recorded in another boot is never touched. nbdfuse runs in its own process group: a signal
+//! to cairn-node (Ctrl-C, a restart) does not cut the volume from under a running
+//! application; only NodeUnstage does.
 //!
 //! Every RPC is idempotent: a second stage of the same volume at the same path with the same
 //! URI answers OK, an unstage or unpublish of something already gone answers OK. Calls for
 //! one volume are serialised; a call that finds another in progress for the same volume gets
-//! ABORTED, as the spec asks, and the CO retries. The tools (nbdfuse, losetup, blkid, mkfs,
-//! mount, umount, fusermount3, resize2fs, xfs_growfs) run on blocking threads, never on the
-//! runtime's.
+//! ABORTED, as the spec asks, and the CO retries. The tools (nbd-client, nbdfuse, losetup,
+//! blkid, mkfs, mount, umount, fusermount3, resize2fs, xfs_growfs) run on blocking threads,
+//! never on the runtime's.
 
 use cairn_csi::v1;
 use cairn_csi::v1::identity_server::{Identity, IdentityServer};
@@ -36,12 +43,25 @@ use tonic::{Code, Request, Response, Status};
 
 /// How long nbdfuse may take to connect and show the export's file.
 pub const NBDFUSE_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long nbd-client may take to connect the kernel's NBD device.
+pub const NBD_CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The filesystem made when neither the capability nor the volume context names one.
 pub const DEFAULT_FS_TYPE: &str = "ext4";
 /// The filesystems NodeStage makes and grows.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
-/// The loop device's logical sector size: the volumes' block size.
-const LOOP_SECTOR_BYTES: &str = "4096";
+/// The block device's logical sector size (loop device or kernel NBD): the volumes' block
+/// size.
+const SECTOR_BYTES: &str = "4096";
+/// Present when the kernel has its NBD driver (built in or loaded).
+const NBD_MODULE_DIR: &str = "/sys/module/nbd";
+/// This boot's id: a pid or a device recorded in another boot names something else now.
+const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+/// The NBD port when a URI names none (IANA's).
+const NBD_DEFAULT_PORT: u16 = 10809;
+/// The tool that connects and disconnects the kernel's NBD devices (Debian: nbd-client).
+const NBD_CLIENT: &str = "nbd-client";
+/// Directories searched for tools besides `PATH` (administration tools live there).
+const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
 /// The name of the export's file inside nbdfuse's mount point.
 const NBD_FILE: &str = "nbd";
 
@@ -89,6 +109,20 @@ impl From<Fail> for Status {
     }
 }
 
+/// How NodeStage connects to a volume (`cairn-node --csi-nbd`, docs/csi.md "Node").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CsiNbd {
+    /// The kernel's NBD device where the kernel has one and nbd-client is installed, else
+    /// nbdfuse and a loop device.
+    #[default]
+    Auto,
+    /// The kernel's NBD device only: a stage fails with FAILED_PRECONDITION without it.
+    Kernel,
+    /// nbdfuse and a loop device only.
+    Fuse,
+}
+
 /// Who this node is to a CO: its id and its zone, as the control process knows it.
 #[derive(Clone, Debug)]
 pub struct CsiNodeConfig {
@@ -96,6 +130,8 @@ pub struct CsiNodeConfig {
     pub zone: String,
     /// Where stage records live (`DATA_DIR/csi`).
     pub state_dir: PathBuf,
+    /// How stages connect to volumes.
+    pub nbd: CsiNbd,
 }
 
 /// What NodeStage made for one volume: everything NodeUnstage takes down.
@@ -103,11 +139,325 @@ pub struct CsiNodeConfig {
 struct Stage {
     uri: String,
     staging_path: PathBuf,
-    /// The loop device over nbdfuse's file.
-    device: String,
-    nbdfuse_pid: u32,
     block: bool,
     fs_type: Option<String>,
+    /// The boot the stage was made in (`BOOT_ID_FILE`): the transport's devices and pids are
+    /// trusted only in that boot.
+    boot_id: String,
+    transport: Transport,
+}
+
+/// How a stage reaches its volume, and what identifies what it made.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Transport {
+    /// The kernel's NBD device, connected by nbd-client; `pid` is what the device's sysfs
+    /// `pid` read just after the connect (the connecting process's), which a later connect of
+    /// the same device by anyone else changes.
+    KernelNbd { device: String, pid: u32 },
+    /// nbdfuse shows the export as a file; `loop_device` is attached to it. `diskseq` is the
+    /// loop device's disk sequence number just after the attach (sysfs `diskseq`, Linux 5.15
+    /// and later; None before): the kernel gives every attach a new one, so in the same boot
+    /// it names this attach and no other. It outlives nbdfuse's death, which the backing file
+    /// does not: once nbdfuse's mount is gone the backing file reads `/nbd`, and the backing
+    /// inode (LOOP_GET_STATUS64) becomes unreadable (ENOTCONN) once FUSE's attribute cache
+    /// expires.
+    Nbdfuse {
+        loop_device: String,
+        pid: u32,
+        diskseq: Option<u64>,
+    },
+}
+
+impl Stage {
+    /// The block device the filesystem lives on (or that block access publishes).
+    fn device(&self) -> &str {
+        match &self.transport {
+            Transport::KernelNbd { device, .. } => device,
+            Transport::Nbdfuse { loop_device, .. } => loop_device,
+        }
+    }
+
+    /// True when the stage was made in this boot.
+    fn this_boot(&self) -> bool {
+        !self.boot_id.is_empty() && boot_id() == self.boot_id
+    }
+}
+
+/// This boot's id, or empty when it cannot be read (then nothing recorded is trusted).
+fn boot_id() -> String {
+    std::fs::read_to_string(BOOT_ID_FILE)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Which way a stage connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    KernelNbd,
+    Nbdfuse,
+}
+
+/// What the machine offers the kernel path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KernelProbe {
+    /// The kernel has its NBD driver (`NBD_MODULE_DIR`).
+    module: bool,
+    /// nbd-client is installed.
+    client: bool,
+}
+
+impl KernelProbe {
+    /// Looks, loading the module first (once per process, quietly) when it is absent and
+    /// modprobe exists.
+    fn run() -> KernelProbe {
+        static MODPROBE: std::sync::Once = std::sync::Once::new();
+        if !Path::new(NBD_MODULE_DIR).exists() && on_path("modprobe") {
+            MODPROBE.call_once(|| {
+                drop(
+                    Command::new("modprobe")
+                        .args(["-q", "nbd"])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status(),
+                );
+            });
+        }
+        KernelProbe {
+            module: Path::new(NBD_MODULE_DIR).exists(),
+            client: on_path(NBD_CLIENT),
+        }
+    }
+}
+
+/// The way `mode` and `probe` allow: `auto` takes the kernel's device only when both the
+/// module and nbd-client are there; `kernel` without them is FAILED_PRECONDITION naming what is
+/// missing.
+fn choose_via(mode: CsiNbd, probe: KernelProbe) -> Result<Via, Fail> {
+    let kernel = probe.module && probe.client;
+    match mode {
+        CsiNbd::Fuse => Ok(Via::Nbdfuse),
+        CsiNbd::Auto if kernel => Ok(Via::KernelNbd),
+        CsiNbd::Auto => Ok(Via::Nbdfuse),
+        CsiNbd::Kernel if kernel => Ok(Via::KernelNbd),
+        CsiNbd::Kernel => {
+            let mut missing = Vec::new();
+            if !probe.module {
+                missing.push(format!(
+                    "the kernel has no nbd module ({NBD_MODULE_DIR} is absent and `modprobe nbd` \
+                     did not load it)"
+                ));
+            }
+            if !probe.client {
+                missing.push(format!(
+                    "{NBD_CLIENT} is not installed (apt-get install nbd-client)"
+                ));
+            }
+            Err(Fail::failed_precondition(format!(
+                "--csi-nbd kernel asks for the kernel's NBD device, but {}",
+                missing.join(", and ")
+            )))
+        }
+    }
+}
+
+/// An NBD URI as a stage accepts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NbdTarget {
+    /// `nbd://HOST[:PORT]/EXPORT`
+    Tcp {
+        host: String,
+        port: u16,
+        export: String,
+    },
+    /// `nbd+unix:///EXPORT?socket=PATH`
+    Unix { socket: PathBuf, export: String },
+}
+
+impl NbdTarget {
+    /// Parses `uri`; anything else (another scheme, TLS, no export, a query other than the
+    /// socket) is INVALID_ARGUMENT naming the URI.
+    fn parse(uri: &str) -> Result<NbdTarget, Fail> {
+        let bad = |why: &str| Fail::invalid_argument(format!("NBD URI '{uri}' {why}"));
+        if let Some(rest) = uri.strip_prefix("nbd://") {
+            let (authority, export) = rest
+                .split_once('/')
+                .ok_or_else(|| bad("names no export (nbd://HOST[:PORT]/EXPORT)"))?;
+            if export.is_empty() || export.contains(['?', '#']) {
+                return Err(bad("must name an export and nothing after it"));
+            }
+            let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+                let (h, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("has an unclosed IPv6 address"))?;
+                (h, after.strip_prefix(':'))
+            } else {
+                match authority.rsplit_once(':') {
+                    Some((h, p)) => (h, Some(p)),
+                    None => (authority, None),
+                }
+            };
+            if host.is_empty() {
+                return Err(bad("names no host"));
+            }
+            let port = match port {
+                Some(p) => p
+                    .parse()
+                    .map_err(|_| bad("has a port that is not a number"))?,
+                None => NBD_DEFAULT_PORT,
+            };
+            return Ok(NbdTarget::Tcp {
+                host: host.to_string(),
+                port,
+                export: export.to_string(),
+            });
+        }
+        if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
+            let (export, query) = rest
+                .split_once('?')
+                .ok_or_else(|| bad("names no socket (nbd+unix:///EXPORT?socket=PATH)"))?;
+            let socket = query
+                .strip_prefix("socket=")
+                .filter(|s| s.starts_with('/') && !s.contains(['&', '#']))
+                .ok_or_else(|| bad("must have one query, socket=ABSOLUTE_PATH"))?;
+            if export.is_empty() {
+                return Err(bad("names no export"));
+            }
+            return Ok(NbdTarget::Unix {
+                socket: PathBuf::from(socket),
+                export: export.to_string(),
+            });
+        }
+        Err(bad(
+            "is not nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
+        ))
+    }
+
+    /// nbd-client's arguments to connect this export with 4 KiB blocks to `device` (or, with
+    /// none, to a device the kernel picks).
+    fn nbd_client_args(&self, device: Option<&str>) -> Vec<String> {
+        let mut args = Vec::new();
+        let export = match self {
+            NbdTarget::Tcp { export, .. } => export,
+            NbdTarget::Unix { export, .. } => {
+                args.push("-unix".to_string());
+                export
+            }
+        };
+        args.extend(["-N".to_string(), export.clone()]);
+        args.extend(["-b".to_string(), SECTOR_BYTES.to_string()]);
+        match self {
+            NbdTarget::Tcp { host, port, .. } => {
+                args.extend([host.clone(), port.to_string()]);
+            }
+            NbdTarget::Unix { socket, .. } => args.push(socket.to_string_lossy().into_owned()),
+        }
+        args.extend(device.map(str::to_string));
+        args
+    }
+}
+
+/// The device nbd-client says it connected (`Connected /dev/nbdN`, netlink's answer).
+fn connected_device(output: &str) -> Option<String> {
+    output.lines().find_map(|l| {
+        let dev = l.trim().strip_prefix("Connected ")?;
+        let n = dev.strip_prefix("/dev/nbd")?;
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| dev.to_string())
+    })
+}
+
+/// The pid that connected kernel NBD device `device`, or None when it is not connected.
+fn nbd_pid(device: &str) -> Option<u32> {
+    let pid = std::fs::read_to_string(block_sysfs(device, "nbd")?.join("pid")).ok()?;
+    pid.trim().parse().ok()
+}
+
+/// The first kernel NBD device that nobody has connected (no sysfs `pid`), if any.
+fn free_nbd_device() -> Option<String> {
+    let mut free: Vec<u32> = std::fs::read_dir("/sys/block")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n: u32 = e.file_name().to_str()?.strip_prefix("nbd")?.parse().ok()?;
+            (!e.path().join("pid").exists()).then_some(n)
+        })
+        .collect();
+    free.sort_unstable();
+    free.into_iter()
+        .map(|n| format!("/dev/nbd{n}"))
+        .find(|d| Path::new(d).exists())
+}
+
+/// Connects the kernel's NBD device to `target` with nbd-client (its output goes to `log`);
+/// answers the device and the pid its sysfs records. A connect that fails or does not finish
+/// within [`NBD_CLIENT_TIMEOUT`] is UNAVAILABLE.
+fn connect_kernel_nbd(target: &NbdTarget, uri: &str, log: &Path) -> Result<(String, u32), Fail> {
+    let asked = free_nbd_device();
+    let args = target.nbd_client_args(asked.as_deref());
+    let log_file = std::fs::File::create(log)
+        .map_err(|e| Fail::internal(format!("creating {}: {e}", log.display())))?;
+    let err_file = log_file
+        .try_clone()
+        .map_err(|e| Fail::internal(format!("{}: {e}", log.display())))?;
+    let mut child = Command::new(NBD_CLIENT)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file)
+        .spawn()
+        .map_err(|e| {
+            Fail::internal(format!(
+                "running {NBD_CLIENT}: {e} (is nbd-client installed?)"
+            ))
+        })?;
+    let deadline = Instant::now() + NBD_CLIENT_TIMEOUT;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            drop(child.kill());
+            drop(child.wait());
+            // It may have connected the device just before it was killed.
+            if let Some(d) = asked.as_deref().filter(|d| nbd_pid(d).is_some()) {
+                drop(run(NBD_CLIENT, &["-d", d]));
+            }
+            return Err(Fail::unavailable(format!(
+                "{NBD_CLIENT} {} did not connect {uri} within {NBD_CLIENT_TIMEOUT:?}",
+                args.join(" ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::fs::read_to_string(log).unwrap_or_default();
+    if !status.success() {
+        return Err(Fail::unavailable(format!(
+            "{NBD_CLIENT} {} could not connect {uri} ({status}): {}",
+            args.join(" "),
+            output.trim()
+        )));
+    }
+    let device = connected_device(&output).or(asked).ok_or_else(|| {
+        Fail::internal(format!(
+            "{NBD_CLIENT} connected {uri} but did not say which device: {}",
+            output.trim()
+        ))
+    })?;
+    let pid = nbd_pid(&device).ok_or_else(|| {
+        Fail::internal(format!(
+            "{NBD_CLIENT} connected {uri} to {device}, which shows no connection in sysfs"
+        ))
+    })?;
+    Ok((device, pid))
+}
+
+/// True when `tool` is on `PATH` or in an sbin directory.
+fn on_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SBIN_DIRS.iter().map(PathBuf::from))
+        .any(|dir| dir.join(tool).is_file())
 }
 
 /// The Identity and Node services of this node.
@@ -197,7 +547,14 @@ impl CsiNode {
     }
 
     /// Stages `volume` (on a blocking thread).
-    fn stage(&self, volume: &str, uri: &str, staging: &Path, access: &Access) -> Result<(), Fail> {
+    fn stage(
+        &self,
+        volume: &str,
+        uri: &str,
+        target: &NbdTarget,
+        staging: &Path,
+        access: &Access,
+    ) -> Result<(), Fail> {
         if let Some(s) = self.read_stage(volume)? {
             if s.staging_path != staging {
                 return Err(Fail::already_exists(format!(
@@ -223,47 +580,88 @@ impl CsiNode {
             self.unstage_all(volume, &s)?;
         }
         path_str(staging)?;
+        let via = match self.config.nbd {
+            CsiNbd::Fuse => Via::Nbdfuse,
+            mode => choose_via(mode, KernelProbe::run())?,
+        };
         let dir = self.volume_dir(volume);
-        let fuse = dir.join("fuse");
-        std::fs::create_dir_all(&fuse)
-            .map_err(|e| Fail::internal(format!("creating {}: {e}", fuse.display())))?;
-        let log = dir.join("nbdfuse.log");
-        let child = start_nbdfuse(&fuse, uri, &log)?;
-        let pid = child.id();
-        self.children
-            .lock()
-            .expect("children")
-            .insert(volume.to_string(), child);
-        let file = fuse.join(NBD_FILE);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Fail::internal(format!("creating {}: {e}", dir.display())))?;
+        let transport = match via {
+            Via::KernelNbd => {
+                let (device, pid) = connect_kernel_nbd(target, uri, &dir.join("nbd-client.log"))
+                    .inspect_err(|_| drop(std::fs::remove_dir_all(&dir)))?;
+                Transport::KernelNbd { device, pid }
+            }
+            Via::Nbdfuse => {
+                let fuse = dir.join("fuse");
+                std::fs::create_dir_all(&fuse)
+                    .map_err(|e| Fail::internal(format!("creating {}: {e}", fuse.display())))?;
+                let child = start_nbdfuse(&fuse, uri, &dir.join("nbdfuse.log"))?;
+                let pid = child.id();
+                self.children
+                    .lock()
+                    .expect("children")
+                    .insert(volume.to_string(), child);
+                Transport::Nbdfuse {
+                    loop_device: String::new(),
+                    pid,
+                    diskseq: None,
+                }
+            }
+        };
         let mut stage = Stage {
             uri: uri.to_string(),
             staging_path: staging.to_path_buf(),
-            device: String::new(),
-            nbdfuse_pid: pid,
             block: access.block(),
             fs_type: None,
+            boot_id: boot_id(),
+            transport,
         };
         // A failure from here on takes down what was made: the CO treats these errors as
-        // final and would never unstage, leaving the loop device and nbdfuse connected.
-        let made = run(
-            "losetup",
-            &["-f", "--show", "-b", LOOP_SECTOR_BYTES, path_str(&file)?],
-        )
-        .and_then(|out| {
-            stage.device = out.trim().to_string();
-            self.finish_stage(volume, &mut stage, staging, access)
-        });
+        // final and would never unstage, leaving the device and its connection behind.
+        let made = self
+            .attach_loop(volume, &mut stage)
+            .and_then(|()| self.finish_stage(volume, &mut stage, staging, access));
         if let Err(e) = made {
             if let Err(cleanup) = self.unstage_all(volume, &stage) {
                 tracing::error!(volume, error = %cleanup.message, "taking down a failed stage");
             }
             return Err(e);
         }
-        tracing::info!(volume, uri, device = %stage.device, staging = %staging.display(), "staged");
+        tracing::info!(volume, uri, device = %stage.device(), staging = %staging.display(), "staged");
         Ok(())
     }
 
-    /// The part of a stage after the loop device exists: the record, then the filesystem
+    /// For nbdfuse, attaches the loop device to its file and records its disk sequence
+    /// number; nothing for the kernel's device.
+    fn attach_loop(&self, volume: &str, stage: &mut Stage) -> Result<(), Fail> {
+        let Transport::Nbdfuse {
+            loop_device,
+            diskseq,
+            ..
+        } = &mut stage.transport
+        else {
+            return Ok(());
+        };
+        let file = self.nbd_file(volume);
+        let out = run(
+            "losetup",
+            &["-f", "--show", "-b", SECTOR_BYTES, path_str(&file)?],
+        )?;
+        *loop_device = out.trim().to_string();
+        let backing = loop_backing_file(loop_device);
+        if backing.as_deref().map(Path::new) != Some(file.as_path()) {
+            return Err(Fail::internal(format!(
+                "loop device {loop_device} was attached to {} but is backed by {backing:?}",
+                file.display()
+            )));
+        }
+        *diskseq = loop_diskseq(loop_device);
+        Ok(())
+    }
+
+    /// The part of a stage after its block device exists: the record, then the filesystem
     /// and its mount.
     fn finish_stage(
         &self,
@@ -275,7 +673,8 @@ impl CsiNode {
         // Recorded before anything is mounted: an unstage after a crash here finds the device.
         self.write_stage(volume, stage)?;
         if let Access::Mount { fs_type, flags } = access {
-            let made = existing_fs(&stage.device)?;
+            let device = stage.device().to_string();
+            let made = existing_fs(&device)?;
             let fs = match made {
                 Some(f) => {
                     if f != *fs_type {
@@ -284,7 +683,7 @@ impl CsiNode {
                     f
                 }
                 None => {
-                    make_fs(fs_type, &stage.device)?;
+                    make_fs(fs_type, &device)?;
                     fs_type.clone()
                 }
             };
@@ -295,7 +694,7 @@ impl CsiNode {
             if !opts.is_empty() {
                 args.extend(["-o", opts.as_str()]);
             }
-            args.extend([stage.device.as_str(), path_str(staging)?]);
+            args.extend([device.as_str(), path_str(staging)?]);
             run("mount", &args)?;
             stage.fs_type = Some(fs);
             self.write_stage(volume, stage)?;
@@ -308,31 +707,56 @@ impl CsiNode {
         self.volume_dir(volume).join("fuse").join(NBD_FILE)
     }
 
-    /// True when everything the stage made is still there and still this volume's: the
-    /// loop device backs this volume's nbdfuse file and the pid is its nbdfuse (a record
-    /// that outlived a reboot names a device and a pid that may now be someone else's).
+    /// True when everything the stage made is still there and still this volume's, in this
+    /// boot: the kernel device is connected by the connect recorded, or the loop device backs
+    /// this volume's nbdfuse file and the pid is its nbdfuse.
     fn stage_alive(&self, volume: &str, s: &Stage) -> bool {
-        let file = self.nbd_file(volume);
-        loop_backs(&s.device, &file)
-            && is_nbdfuse_of(s.nbdfuse_pid, &file)
-            && (s.block || is_mountpoint(&s.staging_path))
+        if !s.this_boot() || !(s.block || is_mountpoint(&s.staging_path)) {
+            return false;
+        }
+        match &s.transport {
+            Transport::KernelNbd { device, pid } => nbd_pid(device) == Some(*pid),
+            Transport::Nbdfuse {
+                loop_device, pid, ..
+            } => {
+                let file = self.nbd_file(volume);
+                loop_backing_file(loop_device).is_some_and(|b| Path::new(&b) == file)
+                    && is_nbdfuse_of(*pid, &file)
+            }
+        }
     }
 
-    /// Takes down everything `stage` made, in reverse, and forgets it.
+    /// Takes down everything `stage` made, in reverse, and forgets it. Devices and pids are
+    /// touched only when they are still this stage's (see [`loop_is_ours`]; a kernel device
+    /// only when its sysfs pid is the one recorded, in this boot).
     fn unstage_all(&self, volume: &str, stage: &Stage) -> Result<(), Fail> {
         if !stage.block && is_mountpoint(&stage.staging_path) {
             umount(&stage.staging_path)?;
         }
-        let file = self.nbd_file(volume);
-        if loop_backs(&stage.device, &file) {
-            run("losetup", &["-d", &stage.device])?;
+        let this_boot = stage.this_boot();
+        match &stage.transport {
+            Transport::KernelNbd { device, pid } => {
+                if this_boot && nbd_pid(device) == Some(*pid) {
+                    run(NBD_CLIENT, &["-d", device])?;
+                }
+            }
+            Transport::Nbdfuse {
+                loop_device,
+                pid,
+                diskseq,
+            } => {
+                let file = self.nbd_file(volume);
+                if loop_is_ours(loop_device, &file, *diskseq, this_boot) {
+                    run("losetup", &["-d", loop_device])?;
+                }
+                let child = self.children.lock().expect("children").remove(volume);
+                stop_nbdfuse(&file, this_boot.then_some(*pid));
+                if let Some(mut c) = child {
+                    drop(c.wait());
+                }
+            }
         }
         let dir = self.volume_dir(volume);
-        let child = self.children.lock().expect("children").remove(volume);
-        stop_nbdfuse(&file, stage.nbdfuse_pid);
-        if let Some(mut c) = child {
-            drop(c.wait());
-        }
         std::fs::remove_dir_all(&dir)
             .or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
@@ -511,16 +935,17 @@ fn start_nbdfuse(fuse: &Path, uri: &str, log: &Path) -> Result<Child, Fail> {
     Ok(child)
 }
 
-/// Unmounts nbdfuse's mount point (nbdfuse then exits) and kills the process `pid` if it is
-/// still the nbdfuse of `file` (never a process that merely reuses the pid).
-fn stop_nbdfuse(file: &Path, pid: u32) {
+/// Unmounts nbdfuse's mount point (nbdfuse then exits) and kills the process `pid` (None: a
+/// pid from another boot) if it is still the nbdfuse of `file` (never a process that merely
+/// reuses the pid).
+fn stop_nbdfuse(file: &Path, pid: Option<u32>) {
     if let Some(fuse) = file.parent().filter(|f| is_mountpoint(f)) {
         let f = fuse.to_string_lossy();
         if run("fusermount3", &["-u", &f]).is_err() {
             drop(run("fusermount3", &["-uz", &f]));
         }
     }
-    if is_nbdfuse_of(pid, file) {
+    if let Some(pid) = pid.filter(|p| is_nbdfuse_of(*p, file)) {
         // SAFETY: kill(2) with a pid checked just above to be the nbdfuse of this volume; no
         // memory is involved.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
@@ -535,18 +960,42 @@ fn is_nbdfuse_of(pid: u32, file: &Path) -> bool {
         && args.next() == Some(file.as_os_str().as_encoded_bytes())
 }
 
-/// True when `device` is a loop device whose backing file is `file`.
-fn loop_backs(device: &str, file: &Path) -> bool {
-    !device.is_empty()
-        && Path::new(device).exists()
-        && run("losetup", &["-n", "-O", "BACK-FILE", device])
-            .is_ok_and(|out| Path::new(out.trim()) == file)
+/// The sysfs directory of block device `device` (`/dev/NAME`) when its name starts with
+/// `kind` (`loop`, `nbd`).
+fn block_sysfs(device: &str, kind: &str) -> Option<PathBuf> {
+    let name = device.strip_prefix("/dev/")?;
+    (name.starts_with(kind) && !name.contains('/')).then(|| Path::new("/sys/block").join(name))
+}
+
+/// The backing file of loop device `device` as the kernel shows it (sysfs
+/// `loop/backing_file`), or None when it is not an attached loop device.
+fn loop_backing_file(device: &str) -> Option<String> {
+    let f = std::fs::read_to_string(block_sysfs(device, "loop")?.join("loop/backing_file")).ok()?;
+    Some(f.trim_end_matches('\n').to_string())
+}
+
+/// The disk sequence number of loop device `device` (sysfs `diskseq`).
+fn loop_diskseq(device: &str) -> Option<u64> {
+    let seq = std::fs::read_to_string(block_sysfs(device, "loop")?.join("diskseq")).ok()?;
+    seq.trim().parse().ok()
+}
+
+/// True when loop device `device` is this stage's: its backing file is this volume's nbdfuse
+/// `file`, or (in the boot that recorded it) its disk sequence number is the one `recorded`
+/// at the attach, whatever its backing file now reads (nbdfuse died). Never true for another
+/// attach, this volume's or another's.
+fn loop_is_ours(device: &str, file: &Path, recorded: Option<u64>, this_boot: bool) -> bool {
+    let Some(backing) = loop_backing_file(device) else {
+        return false;
+    };
+    Path::new(&backing) == file
+        || (this_boot && recorded.is_some() && loop_diskseq(device) == recorded)
 }
 
 /// A mount point other than the staging path whose source is the stage's loop device (a
 /// publish of its filesystem), if any.
 fn published_elsewhere(s: &Stage) -> Option<String> {
-    if s.block || s.device.is_empty() {
+    if s.block || s.device().is_empty() {
         return None;
     }
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -554,7 +1003,7 @@ fn published_elsewhere(s: &Stage) -> Option<String> {
     info.lines().find_map(|l| {
         let point = unescape_mountinfo(l.split(' ').nth(4)?);
         let source = l.split(" - ").nth(1)?.split(' ').nth(1)?;
-        (source == s.device && point != staging).then_some(point)
+        (source == s.device() && point != staging).then_some(point)
     })
 }
 
@@ -704,19 +1153,19 @@ impl Node for CsiNode {
         let uri = r
             .publish_context
             .get(cairn_csi::PUBLISH_CONTEXT_NBD_URI)
-            .filter(|u| u.starts_with("nbd://"))
             .cloned()
             .ok_or_else(|| {
                 Fail::invalid_argument(format!(
-                    "publish_context.{} (the nbd:// URI ControllerPublishVolume answers) is required",
+                    "publish_context.{} (the NBD URI ControllerPublishVolume answers) is required",
                     cairn_csi::PUBLISH_CONTEXT_NBD_URI
                 ))
             })?;
+        let target = NbdTarget::parse(&uri)?;
         let busy = self.claim(&r.volume_id)?;
         let me = self.clone();
         blocking(move || {
             let _busy = busy;
-            me.stage(&r.volume_id, &uri, &staging, &access)
+            me.stage(&r.volume_id, &uri, &target, &staging, &access)
         })
         .await?;
         Ok(Response::new(v1::NodeStageVolumeResponse {}))
@@ -778,7 +1227,7 @@ impl Node for CsiNode {
                 )));
             }
             if is_mountpoint(&target) {
-                if !s.block && mount_source(&target).as_deref() != Some(s.device.as_str()) {
+                if !s.block && mount_source(&target).as_deref() != Some(s.device()) {
                     return Err(Fail::already_exists(format!(
                         "{} is a mount point of something other than volume '{}'",
                         target.display(),
@@ -808,7 +1257,7 @@ impl Node for CsiNode {
                     .write(true)
                     .open(&target)
                     .map_err(|e| Fail::internal(format!("creating {}: {e}", target.display())))?;
-                s.device.clone()
+                s.device().to_string()
             } else {
                 std::fs::create_dir_all(&target).map_err(|e| {
                     Fail::internal(format!("creating {}: {e}", target.display()))
@@ -882,7 +1331,7 @@ impl Node for CsiNode {
                 )));
             }
             if s.block {
-                let total = device_bytes(&s.device)?;
+                let total = device_bytes(s.device())?;
                 return Ok(vec![usage(v1::volume_usage::Unit::Bytes, total, total, 0)]);
             }
             let st = statvfs(&path)?;
@@ -926,15 +1375,19 @@ impl Node for CsiNode {
                     r.volume_id
                 ))
             })?;
-            // The loop device learns a larger file size (nbdfuse shows the export's size as
-            // negotiated, which a stage after an offline grow has).
-            run("losetup", &["-c", &s.device])?;
+            // The device has the size negotiated at stage (an expand is offline, so a stage
+            // after it already has the grown size): the loop device learns its file's size
+            // (nbdfuse shows the export's size as negotiated); the kernel's NBD device took
+            // it at connect and cannot renegotiate while connected.
+            if let Transport::Nbdfuse { loop_device, .. } = &s.transport {
+                run("losetup", &["-c", loop_device])?;
+            }
             match s.fs_type.as_deref() {
-                Some("ext4") => run("resize2fs", &[&s.device]).map(drop)?,
+                Some("ext4") => run("resize2fs", &[s.device()]).map(drop)?,
                 Some("xfs") => run("xfs_growfs", &[path_str(&s.staging_path)?]).map(drop)?,
                 _ => {}
             }
-            device_bytes(&s.device)
+            device_bytes(s.device())
         })
         .await?;
         Ok(Response::new(v1::NodeExpandVolumeResponse {
@@ -1053,6 +1506,121 @@ mod tests {
         assert!(Access::of(None, &ctx).is_err());
         assert!(check_volume_id("../x").is_err());
         assert!(required_path("target_path", "rel/dir").is_err());
+    }
+
+    #[test]
+    fn the_kernel_path_is_taken_only_where_the_probe_allows_it() {
+        let probe = |module, client| KernelProbe { module, client };
+        for (module, client) in [(false, false), (true, false), (false, true), (true, true)] {
+            let p = probe(module, client);
+            assert_eq!(choose_via(CsiNbd::Fuse, p).unwrap(), Via::Nbdfuse);
+            let auto = if module && client {
+                Via::KernelNbd
+            } else {
+                Via::Nbdfuse
+            };
+            assert_eq!(choose_via(CsiNbd::Auto, p).unwrap(), auto, "{p:?}");
+        }
+        assert_eq!(
+            choose_via(CsiNbd::Kernel, probe(true, true)).unwrap(),
+            Via::KernelNbd
+        );
+        let e = choose_via(CsiNbd::Kernel, probe(false, true)).unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition);
+        assert!(e.message.contains("nbd module"), "{e:?}");
+        assert!(!e.message.contains(NBD_CLIENT), "{e:?}");
+        let e = choose_via(CsiNbd::Kernel, probe(true, false)).unwrap_err();
+        assert!(e.message.contains("nbd-client is not installed"), "{e:?}");
+        assert!(!e.message.contains("nbd module"), "{e:?}");
+        let e = choose_via(CsiNbd::Kernel, probe(false, false)).unwrap_err();
+        assert!(
+            e.message.contains("nbd module") && e.message.contains(NBD_CLIENT),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn nbd_client_arguments_come_from_the_uri() {
+        let tcp = NbdTarget::parse("nbd://10.0.0.2:10900/pvc-1").unwrap();
+        assert_eq!(
+            tcp.nbd_client_args(Some("/dev/nbd3")),
+            [
+                "-N",
+                "pvc-1",
+                "-b",
+                "4096",
+                "10.0.0.2",
+                "10900",
+                "/dev/nbd3"
+            ]
+        );
+        assert_eq!(
+            NbdTarget::parse("nbd://node-a/v")
+                .unwrap()
+                .nbd_client_args(None),
+            ["-N", "v", "-b", "4096", "node-a", "10809"]
+        );
+        assert_eq!(
+            NbdTarget::parse("nbd://[::1]:10901/v").unwrap(),
+            NbdTarget::Tcp {
+                host: "::1".into(),
+                port: 10901,
+                export: "v".into()
+            }
+        );
+        let unix = NbdTarget::parse("nbd+unix:///pv1?socket=/run/cairn/nbd.sock").unwrap();
+        assert_eq!(
+            unix.nbd_client_args(Some("/dev/nbd0")),
+            [
+                "-unix",
+                "-N",
+                "pv1",
+                "-b",
+                "4096",
+                "/run/cairn/nbd.sock",
+                "/dev/nbd0"
+            ]
+        );
+        for bad in [
+            "nbds://h/v",
+            "http://h/v",
+            "nbd://h",
+            "nbd://h/",
+            "nbd://:10809/v",
+            "nbd://h:port/v",
+            "nbd://h/v?tls=require",
+            "nbd://[::1/v",
+            "nbd+unix:///v",
+            "nbd+unix:///v?socket=rel/x",
+            "nbd+unix:///v?socket=/x&tls=on",
+            "nbd+unix:///?socket=/x",
+            "nbd+unix://host/v?socket=/x",
+        ] {
+            let e = NbdTarget::parse(bad).unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument, "{bad}");
+            assert!(e.message.contains(&format!("'{bad}'")), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn tool_output_is_parsed() {
+        let netlink =
+            "Negotiation: ..size = 128MB\nbs=4096, sz=134217728 bytes\nConnected /dev/nbd12\n";
+        assert_eq!(connected_device(netlink).as_deref(), Some("/dev/nbd12"));
+        assert_eq!(connected_device("Negotiation: ..size = 128MB\n"), None);
+        assert_eq!(connected_device("Connected /dev/nbd\n"), None);
+        assert_eq!(connected_device("Connected /dev/sda\n"), None);
+        assert_eq!(
+            block_sysfs("/dev/nbd4", "nbd"),
+            Some(PathBuf::from("/sys/block/nbd4"))
+        );
+        assert_eq!(
+            block_sysfs("/dev/loop4", "loop"),
+            Some(PathBuf::from("/sys/block/loop4"))
+        );
+        assert_eq!(block_sysfs("/dev/loop4", "nbd"), None);
+        assert_eq!(block_sysfs("/dev/nbd4/../sda", "nbd"), None);
+        assert_eq!(block_sysfs("nbd4", "nbd"), None);
     }
 
     #[test]

@@ -399,6 +399,14 @@ mod tests {
     }
 
     #[test]
+    fn the_control_process_raises_epochs_only_as_far_as_a_replica_accepts() {
+        assert_eq!(
+            cairn_control_api::EPOCH_MAX,
+            cairn_replication::proto::EPOCH_MAX
+        );
+    }
+
+    #[test]
     fn a_control_process_that_cannot_be_reached_is_passed_over_for_the_next() {
         let gone = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -6,15 +6,21 @@
 //! idempotent, as are unpublish and unstage; a read-only publish refuses writes; a file
 //! written through the published mount is still there after unstage and a second stage,
 //! which therefore did not make a new filesystem; block access publishes the device itself;
-//! a stage of a URI nobody serves is UNAVAILABLE and leaves nothing staged. Needs root,
-//! nbdfuse, fusermount3, losetup, blkid and mkfs.ext4 (skipped elsewhere, failed under CI).
+//! a stage of a URI nobody serves is UNAVAILABLE and leaves nothing staged; an unstage after
+//! nbdfuse was killed and its mount lazily unmounted still detaches its loop device (whose
+//! backing file then reads `/nbd`), and a second unstage is OK. All of that through nbdfuse and a loop
+//! device (`--csi-nbd fuse`), and again through the kernel's NBD device (`--csi-nbd kernel`)
+//! where the kernel has it (/dev/nbd0); where it does not, a kernel stage is
+//! FAILED_PRECONDITION naming the missing module and leaves nothing staged. Needs root,
+//! nbdfuse, nbd-client, fusermount3, losetup, blkid and mkfs.ext4 (skipped elsewhere, failed
+//! under CI); the kernel lifecycle is skipped, even under CI, where the kernel lacks NBD.
 
 mod common;
 
 use cairn_csi::v1;
 use cairn_csi::v1::identity_client::IdentityClient;
 use cairn_csi::v1::node_client::NodeClient;
-use cairn_testkit::skip::{require_root, require_tool};
+use cairn_testkit::skip::{require_kernel_feature, require_root, require_tool};
 use common::{ExportSpec, Server, MIB};
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
@@ -109,22 +115,26 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     r.expect_err("the call must fail").code()
 }
 
-#[test]
-fn the_node_plugin_stages_publishes_and_takes_down_idempotently() {
+/// The tools every stage needs, and root; false (skipped) or a failure under CI without them.
+fn stage_requirements() -> bool {
     let tools = [
         ("nbdfuse", "libnbd-bin"),
+        ("nbd-client", "nbd-client"),
         ("fusermount3", "fuse3"),
         ("losetup", "mount"),
         ("blkid", "util-linux"),
         ("mkfs.ext4", "e2fsprogs"),
     ];
-    if !tools.iter().all(|(t, p)| require_tool(t, p)) || !require_root("losetup and mount") {
-        return;
-    }
-    let sock = std::env::temp_dir().join(format!("cairn-csi-node-{}.sock", std::process::id()));
+    tools.iter().all(|(t, p)| require_tool(t, p)) && require_root("losetup and mount")
+}
+
+/// A cairn-node serving `VOL` with the CSI node plugin on a socket, `--csi-nbd nbd`.
+fn start_node(test: &str, nbd: &str) -> (Server, PathBuf) {
+    let sock =
+        std::env::temp_dir().join(format!("cairn-csi-node-{}-{nbd}.sock", std::process::id()));
     let endpoint = format!("unix://{}", sock.display());
     let s = Server::start_with(
-        "csi_node",
+        test,
         &[ExportSpec::volume(VOL, SIZE_BYTES)],
         &[
             "--csi-endpoint",
@@ -133,16 +143,138 @@ fn the_node_plugin_stages_publishes_and_takes_down_idempotently() {
             "n1",
             "--zone",
             "z1",
+            "--csi-nbd",
+            nbd,
         ],
     );
-    let uri = s.tcp_uri(VOL).expect("cairn-node serves TCP");
-    let root: PathBuf = s.dir.join("kubelet");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    (s, sock)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn the_node_plugin_stages_publishes_and_takes_down_idempotently() {
+    if !stage_requirements() {
+        return;
+    }
+    let (s, sock) = start_node("csi_node", "fuse");
+    let uri = s.tcp_uri(VOL).expect("cairn-node serves TCP");
+    let root: PathBuf = s.dir.join("kubelet");
+    let rt = runtime();
     rt.block_on(lifecycle(&sock, &uri, &root));
+    rt.block_on(nbdfuse_killed(&sock, &uri, &root, &s.dir.join("data/csi")));
     drop(std::fs::remove_file(&sock));
+}
+
+#[test]
+fn the_kernel_nbd_path_stages_where_the_kernel_has_nbd_and_fails_cleanly_elsewhere() {
+    if !stage_requirements() {
+        return;
+    }
+    let (s, sock) = start_node("csi_node_kernel", "kernel");
+    let uri = s.tcp_uri(VOL).expect("cairn-node serves TCP");
+    let root: PathBuf = s.dir.join("kubelet");
+    let rt = runtime();
+    let has_nbd = Path::new("/dev/nbd0").exists();
+    if require_kernel_feature(
+        has_nbd,
+        "NBD device (/dev/nbd0; the nbd module): the kernel-path lifecycle did not run",
+    ) {
+        rt.block_on(lifecycle(&sock, &uri, &root));
+    } else if !Path::new("/sys/module/nbd").exists() {
+        rt.block_on(kernel_stage_refused(
+            &sock,
+            &uri,
+            &root,
+            &s.dir.join("data/csi"),
+        ));
+    }
+    drop(std::fs::remove_file(&sock));
+}
+
+/// Without the kernel's NBD, `--csi-nbd kernel` refuses a stage before making anything.
+async fn kernel_stage_refused(sock: &Path, uri: &str, root: &Path, state: &Path) {
+    let mut node = NodeClient::new(cairn_csi::connect(sock).await.unwrap());
+    let staging = root.join("staging");
+    let e = node
+        .node_stage_volume(stage_req(uri, &staging, mount_cap(false)))
+        .await
+        .expect_err("no kernel NBD: the stage must fail");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("nbd module"), "{e:?}");
+    assert!(!mounted(&staging));
+    assert!(!state.join(VOL).exists(), "a refused stage left a record");
+    node.node_unstage_volume(unstage_req(&staging))
+        .await
+        .unwrap();
+}
+
+/// `losetup -n -O NAME,BACK-FILE`: every loop device and its backing file.
+fn loop_devices() -> String {
+    common::run_ok("losetup", &["-n", "-O", "NAME,BACK-FILE"])
+}
+
+/// nbdfuse dies under a staged volume (kill -9): the loop device then shows `/nbd` as its
+/// backing file, and the unstage must still find it by its recorded backing identity.
+async fn nbdfuse_killed(sock: &Path, uri: &str, root: &Path, state: &Path) {
+    let mut node = NodeClient::new(cairn_csi::connect(sock).await.unwrap());
+    let staging = root.join("staging-killed");
+    node.node_stage_volume(stage_req(uri, &staging, mount_cap(false)))
+        .await
+        .unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join(VOL).join("stage.json")).unwrap())
+            .unwrap();
+    let t = &record["transport"];
+    assert_eq!(t["kind"], "nbdfuse", "{record}");
+    let device = t["loop_device"].as_str().unwrap().to_string();
+    let pid = t["pid"].as_u64().unwrap() as libc::pid_t;
+    assert!(t["diskseq"].is_u64(), "{record}");
+    assert!(loop_devices().contains(&device));
+    // SAFETY: kill(2) of the nbdfuse this test's stage started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // Dead once its command line is gone (a zombie until cairn-node reaps it at unstage).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse {pid} outlived kill -9"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // nbdfuse's dead mount stays while the loop device holds its file; a lazy unmount (what
+    // `fusermount3 -uz` of an unstage that failed does) leaves the loop device backed by a
+    // file that reads `/nbd`, no longer this volume's path.
+    let fuse = state.join(VOL).join("fuse");
+    common::run_ok("umount", &["-l", &fuse.to_string_lossy()]);
+    let before = loop_devices();
+    println!("after kill -9 of nbdfuse and a lazy unmount of its mount: {before}");
+    assert!(
+        before
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [device.as_str(), "/nbd"]),
+        "{before}"
+    );
+    for _ in 0..2 {
+        node.node_unstage_volume(unstage_req(&staging))
+            .await
+            .unwrap();
+    }
+    assert!(!mounted(&staging));
+    assert!(!state.join(VOL).exists());
+    let after = loop_devices();
+    assert!(
+        !after
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(device.as_str())),
+        "{device} is still attached after the unstage: {after}"
+    );
+    assert!(!after.contains(&format!("/{VOL}/fuse/nbd")), "{after}");
 }
 
 async fn lifecycle(sock: &Path, uri: &str, root: &Path) {

@@ -11,7 +11,9 @@
 //!   can never pass by not running.
 //!
 //! [`skip`] is for the other kind of skip, a test that does not apply to how the suite was
-//! configured (another NBD server under test); it skips under CI too.
+//! configured (another NBD server under test); it skips under CI too, and so does
+//! [`require_kernel_feature`], for a kernel feature the machine's kernel lacks (the `nbd`
+//! module on CI's machine): no package installs it.
 
 use std::fmt::Display;
 use std::io::Write;
@@ -62,6 +64,20 @@ pub fn require(available: bool, missing: impl Display) -> bool {
     );
     say(&format!("SKIP {reason}"));
     false
+}
+
+/// True when the kernel has `feature` (`available`). Otherwise the test is skipped with the
+/// reason, under CI too: a kernel feature (a module the machine's kernel does not ship) is not
+/// a missing package that CI could install, so its absence is reported, never a failure.
+#[track_caller]
+pub fn require_kernel_feature(available: bool, feature: impl Display) -> bool {
+    if !available {
+        say(&format!(
+            "SKIP {}: the kernel has no {feature} (a kernel feature, not a package: skipped under CI too)",
+            test_name()
+        ));
+    }
+    available
 }
 
 /// Skips a test that does not apply to this configuration of the suite (not for a missing

@@ -31,6 +31,10 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Most replicas a volume may have, and one in-sync report may name (a nexus has at most 3
 /// children); more are refused with 400.
 pub const REPLICAS_MAX: u32 = 3;
+/// The highest epoch a volume's record may reach: the highest a replica accepts
+/// (`cairn_replication::proto::EPOCH_MAX`; cairn-node's tests check that the two agree). The
+/// control process raises an epoch only below it, so no attach or failover can wrap one.
+pub const EPOCH_MAX: u64 = 1 << 48;
 /// Longest replica address accepted in a report (bytes): `local` or HOST:PORT.
 pub const ADDRESS_LEN_MAX: usize = 255;
 
