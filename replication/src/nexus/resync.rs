@@ -225,6 +225,8 @@ pub(super) struct ResyncJob {
     ops: usize,
     /// Bytes of the chunk copies in flight.
     inflight_bytes: u64,
+    /// The most bytes the job let queue ahead of a range it held: the depth it reached.
+    ahead_max: u64,
     /// The job's depth: its measured copy rate, and the floor after a client write waited.
     depth: Depth,
     issued_bytes: u64,
@@ -366,6 +368,7 @@ impl NexusChannel {
             }; RESYNC_RANGES_MAX],
             ops: 0,
             inflight_bytes: 0,
+            ahead_max: 0,
             depth: Depth::new(now),
             issued_bytes: 0,
             done_bytes: 0,
@@ -432,6 +435,7 @@ impl NexusChannel {
                 child = job.target,
                 full = job.full,
                 copied_bytes = job.done_bytes,
+                depth_ahead_max_kib = job.ahead_max >> 10,
                 seconds = job.started.elapsed().as_secs_f64(),
                 write_wait_max_us = target.write_wait_max_ns.load(Ordering::Relaxed) / 1000,
                 "resync finished; child is in sync"
@@ -604,6 +608,7 @@ impl NexusChannel {
                 break;
             };
             job.cursor = area + 1;
+            job.ahead_max = job.ahead_max.max(ahead);
             // One update sets the copying bit and clears any waiter's mark (a waiter marks
             // only a range being copied, and `release` clears both bits together).
             let prev = shared.ranges[area as usize]
