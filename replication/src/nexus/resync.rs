@@ -33,6 +33,7 @@
 //! when it was held plus its own. The rate limit in `NexusOptions::rebuild_bytes_per_s` gates
 //! taking a new range, so a held range is copied at full speed and never held longer for the
 //! limit.
+
 use super::bitmap::{AreaBits, AREA_BYTES, BLOCK_BYTES, LEAF_WORDS};
 use super::channel::{Kind, NexusChannel, Path};
 use super::{
@@ -186,6 +187,23 @@ impl Depth {
 /// beyond them while the queue is short enough.
 fn may_hold(limits: &Limits, live: usize, ahead: u64) -> bool {
     live < limits.ranges && (live < RESYNC_BUSY_RANGES_MAX || ahead < limits.ahead)
+}
+
+/// The chunk copies a job with `live` ranges held may keep in flight under `limits`: while
+/// more than the floor's ranges are held (taken while the rate allowed), the most, so that the
+/// ranges already queued drain at full speed even once the rate estimate falls or a client
+/// write waited (a smaller pipeline under them would only lengthen their holds where the rate
+/// follows the depth); otherwise `limits`'s own.
+fn in_flight_limits(limits: &Limits, live: usize) -> Limits {
+    if live > RESYNC_BUSY_RANGES_MAX {
+        Limits {
+            bytes: RESYNC_BYTES_MAX,
+            chunks: RESYNC_CHUNKS_MAX,
+            ..*limits
+        }
+    } else {
+        *limits
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -640,11 +658,11 @@ impl NexusChannel {
         let chunk_max = u64::from(super::NEXUS_IO_MAX_BYTES.min(io.pool().buf_size_bytes()));
         let mut n = 0;
         let hold_max = shared.options.copy_hold_max;
-        let limits = self.job().depth.limits(io.now(), hold_max);
+        let (order, live) = self.job().held_in_order();
+        let limits = in_flight_limits(&self.job().depth.limits(io.now(), hold_max), live);
         let chunks_max = limits
             .chunks
             .min((io.pool().capacity() / RESYNC_POOL_SHARE).max(1) as usize);
-        let (order, live) = self.job().held_in_order();
         'ranges: for &i in &order[..live] {
             loop {
                 let job = self.job();
@@ -879,6 +897,7 @@ mod tests {
             }
             run.ranges_max = run.ranges_max.max(held.len());
             // Oldest range first, within the bytes and the chunks in flight.
+            let limits = in_flight_limits(&limits, held.len());
             while let Some(i) = held.iter().position(|r| r.unissued > 0) {
                 let full = inflight > 0 && inflight + CHUNK > limits.bytes;
                 if full || path.len() >= limits.chunks {
