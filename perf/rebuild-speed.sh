@@ -18,7 +18,9 @@
 # neither runs nor waits is waiting on I/O. With BACKING=file, each round first measures fio's
 # sequential read of the source disk (1 MiB, QD 8, O_DIRECT, io_uring: the filled part of
 # node a's pool file, while the nodes are idle) and prints the rebuild's rate against it
-# (issue 13's target: >= 0.8x); the last line gives the medians.
+# (issue 13's target: >= 0.8x), and, where the build logs it, the most bytes the job let queue
+# ahead of a range it held (its copy depth, docs/replication.md "Copy depth"); the last line
+# gives the medians.
 #
 # Environment: BACKING (file: --replica-volume in a pool file; ram: --replica-malloc),
 # TARGET_BACKING (the rebuilt replica's, default BACKING), SCHED
@@ -159,6 +161,9 @@ secs = float(re.search(r"seconds=([0-9.e+-]+)", line).group(1))
 mib = float(re.search(r"copied_bytes=(\d+)", line).group(1)) / 2**20
 wall = t1 - t0
 vs = "" if disk == "-" else f" = {mib / secs / float(disk):.3f}x fio's {float(disk):.0f} MiB/s"
+# The copy depth the job reached (builds with a rate-sized depth log it).
+depth = re.search(r"depth_ahead_max_kib=(\d+)", line)
+vs += f", up to {int(depth.group(1)) / 1024:.1f} MiB queued ahead of a range" if depth else ""
 print(f"  rebuild {mib:.0f} MiB in {secs:.2f} s = {mib / secs:.1f} MiB/s{vs}; per s: a ran "
       f"{(ar1 - ar0) / wall:.2f} waited {(aw1 - aw0) / wall:.2f}, c ran {(cr1 - cr0) / wall:.2f} "
       f"waited {(cw1 - cw0) / wall:.2f}")

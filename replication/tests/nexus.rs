@@ -12,7 +12,8 @@
 //! never overwrites a client write that landed on the syncing replica meanwhile; a short
 //! outage of random 4 KiB writes copies at most twice the bytes written; a resync under
 //! continuous writes is one pass that copies exactly its fixed total; a copy that holds a
-//! waiting write past `COPY_HOLD_MAX` faults its target; a replica added into the slot of
+//! waiting write past `COPY_HOLD_MAX` faults its target; the copy depth follows the rate
+//! the job measures (a slow target keeps it at the floor, a fast one grows it); a replica added into the slot of
 //! one removed mid-rebuild is rebuilt by its own job, never joined by the old one; with a
 //! recorder of the in-sync set (the control process), a write a faulted replica missed is
 //! acknowledged only once the smaller set is recorded, a record of a newer nexus fences this
@@ -77,7 +78,12 @@ struct Site {
 
 impl Site {
     fn new(engine: &Arc<Engine>, tag: &str, faulty: bool) -> Site {
-        let malloc: Arc<dyn Bdev> = Arc::new(MallocBdev::new(tag, SIZE, BLOCK).unwrap());
+        Site::sized(engine, tag, faulty, SIZE)
+    }
+
+    /// A site whose bdev holds `size` bytes.
+    fn sized(engine: &Arc<Engine>, tag: &str, faulty: bool, size: u64) -> Site {
+        let malloc: Arc<dyn Bdev> = Arc::new(MallocBdev::new(tag, size, BLOCK).unwrap());
         let (bdev, fault): (Arc<dyn Bdev>, _) = if faulty {
             let f = FaultBdev::new(&format!("{tag}-fault"), malloc);
             let c = f.control();
@@ -1265,4 +1271,175 @@ fn a_replica_added_where_one_was_removed_mid_rebuild_is_rebuilt_in_full() {
     assert_eq!(differ, 0, "4 KiB blocks of c differ from a");
     drop(q);
     m.shutdown();
+}
+
+/// The "resync finished" log lines seen in this process: (nexus, `depth_ahead_max_kib`).
+#[derive(Default)]
+struct ResyncLog(Mutex<Vec<(String, u64)>>);
+
+/// The fields of one event the log keeps.
+#[derive(Default)]
+struct ResyncFields {
+    nexus: String,
+    depth_kib: Option<u64>,
+}
+
+impl tracing::field::Visit for ResyncFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "nexus" {
+            self.nexus = format!("{value:?}");
+        }
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "depth_ahead_max_kib" {
+            self.depth_kib = Some(value);
+        }
+    }
+}
+
+impl tracing::Subscriber for ResyncLog {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() == tracing::Level::INFO
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = ResyncFields::default();
+        event.record(&mut fields);
+        if let Some(kib) = fields.depth_kib {
+            self.0.lock().unwrap().push((fields.nexus, kib));
+        }
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The process's resync log, installed as the global subscriber on first use.
+fn resync_log() -> &'static ResyncLog {
+    static LOG: std::sync::OnceLock<&'static ResyncLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static ResyncLog = Box::leak(Box::default());
+        tracing::subscriber::set_global_default(LogRef(log)).expect("no other subscriber");
+        log
+    })
+}
+
+/// The global subscriber: a reference to the process's resync log.
+struct LogRef(&'static ResyncLog);
+
+impl tracing::Subscriber for LogRef {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        self.0.new_span(attrs)
+    }
+
+    fn record(&self, span: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        self.0.record(span, values)
+    }
+
+    fn record_follows_from(&self, span: &tracing::span::Id, follows: &tracing::span::Id) {
+        self.0.record_follows_from(span, follows)
+    }
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        self.0.event(event)
+    }
+
+    fn enter(&self, span: &tracing::span::Id) {
+        self.0.enter(span)
+    }
+
+    fn exit(&self, span: &tracing::span::Id) {
+        self.0.exit(span)
+    }
+}
+
+/// Rebuilds `target` from `source` under a nexus `name` with hold bound `hold_max`; returns
+/// the most bytes (KiB) the job let queue ahead of a range it held (its copy depth).
+fn rebuild_depth_kib(
+    engine: &Arc<Engine>,
+    name: &str,
+    source: &Site,
+    target: &Site,
+    hold_max: Duration,
+) -> u64 {
+    let m = manager(engine, name);
+    m.create(CreateRequest {
+        name: name.into(),
+        replicas: vec![source.spec()],
+        options: NexusOptions {
+            io_timeout: Duration::from_secs(5),
+            copy_hold_max: hold_max,
+            ..options()
+        },
+        epoch: None,
+        takeover: false,
+        insync: InSyncOptions::default(),
+    })
+    .expect("nexus created");
+    m.add_child(name, target.spec()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let kib = loop {
+        let seen = resync_log().0.lock().unwrap().clone();
+        if let Some((_, kib)) = seen.iter().find(|(n, _)| n == name) {
+            break *kib;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no resync finished: {:#?}",
+            m.show(name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let v = m.show(name).unwrap();
+    assert!(all_in_sync(&v), "{name}: {v:#?}");
+    m.shutdown();
+    kib
+}
+
+/// The copy depth follows the copy rate the job measures (docs/replication.md, "Copy depth").
+/// A target that answers every request 10 ms late, under a hold bound of 20 ms, keeps the
+/// rebuild at the floor (at most 2 MiB queued ahead of a range): at the floor's 2 MiB in
+/// flight, no 20 ms sample can see more than 6 MiB completed (300 MiB/s), and a quarter of
+/// 20 ms at that rate is 1.5 MiB, under the floor's 2 MiB. A fast target under a 5 s bound
+/// (any rate above 2 MiB/s allows the most) grows past the floor. Whatever the machine's
+/// speed, a slower machine only lowers the slow job's rate, and the fast job's bound allows
+/// the most at any rate it can have.
+#[test]
+fn the_copy_depth_stays_at_the_floor_for_a_slow_target_and_grows_for_a_fast_one() {
+    const BIG: u64 = 256 << 20;
+    let engine = engine();
+    let (a1, b) = (
+        Site::sized(&engine, "ds-a", false, SIZE),
+        Site::sized(&engine, "ds-b", true, SIZE),
+    );
+    b.fault
+        .as_ref()
+        .unwrap()
+        .set_latency(Duration::from_millis(10));
+    let slow = rebuild_depth_kib(&engine, "depth-slow", &a1, &b, Duration::from_millis(20));
+    let (a2, c) = (
+        Site::sized(&engine, "df-a", false, BIG),
+        Site::sized(&engine, "df-c", false, BIG),
+    );
+    let fast = rebuild_depth_kib(&engine, "depth-fast", &a2, &c, COPY_HOLD_SLOW_MACHINE);
+    println!("copy depth: slow target {slow} KiB ahead of a range, fast target {fast} KiB");
+    assert!(
+        slow <= 2048,
+        "a 10 ms target went past the floor: {slow} KiB"
+    );
+    assert!(fast > 2048, "a fast target stayed at the floor: {fast} KiB");
 }
