@@ -145,9 +145,14 @@ impl Depth {
             return;
         }
         let sample = (done_bytes - self.window_done) as f64 / elapsed.as_secs_f64();
-        self.rate = Some(match self.rate {
-            Some(r) if sample > r => r + (sample - r) / RESYNC_RATE_RISE,
-            _ => sample,
+        // A rise counts a quarter of itself, the first sample too (a rise from nothing): a
+        // burst in one interval (completions counted late after a stall, a link briefly
+        // fast) cannot take a new job to the full depth at once. A fall counts whole.
+        let from = self.rate.unwrap_or(0.0);
+        self.rate = Some(if sample > from {
+            from + (sample - from) / RESYNC_RATE_RISE
+        } else {
+            sample
         });
         self.window_start = now;
         self.window_done = done_bytes;
