@@ -219,6 +219,13 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
             tracing::debug!(peer = link.peer(), error = %e, "replica peer sent no first frame");
             return Ok(());
         }
+        // A failed TLS handshake (no certificate, another CA, not TLS at all): a refusal,
+        // logged rate-limited with the admission's others.
+        Err(e @ TransportError::Tls { .. }) => {
+            tracing::debug!(peer = link.peer(), error = %e, "replica peer failed its TLS handshake");
+            shared.admission.refuse(link.peer());
+            return Ok(());
+        }
         Err(e) => return Err(e.to_string()),
     };
     let msg = crate::proto::decode(&header, &payload).map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@
 //! both TLS uses (server and client), since a node is both: it serves replicas and opens
 //! them. The CA's key never leaves `DIR`; keep `DIR` on the machine that issues.
 
-use crate::{Identity, TlsError, CA_CERT_FILE, CERT_FILE, KEY_FILE};
+use crate::{Identity, TlsError, CA_CERT_FILE, CERT_FILE, KEY_FILE, NAME_MAX};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -34,8 +34,6 @@ pub const CERT_VALID_DAYS: i64 = 730;
 const CA_COMMON_NAME: &str = "Cairn cluster CA";
 /// Bytes of the CA's public key (after the point's format byte) shown in its name.
 const CA_NAME_KEY_BYTES: usize = 8;
-/// Longest name an identity may have (it becomes a directory name).
-pub const NAME_MAX: usize = 64;
 
 fn issue_err(what: impl std::fmt::Display) -> TlsError {
     TlsError::Issue(what.to_string())
@@ -137,13 +135,7 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
 
 /// Checks a name that becomes part of a common name and a directory name.
 fn check_name(name: &str) -> Result<(), TlsError> {
-    let ok = !name.is_empty()
-        && name.len() <= NAME_MAX
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if crate::valid_name(name) {
         Ok(())
     } else {
         Err(issue_err(format!(

@@ -118,6 +118,20 @@ impl TlsFiles {
     }
 }
 
+/// Longest name an identity may have.
+pub const NAME_MAX: usize = 64;
+
+/// A name an identity may carry: 1 to [`NAME_MAX`] letters, digits, `-`, `_` or `.`, not
+/// starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_MAX
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// Who a certificate says its holder is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Identity {
@@ -139,10 +153,12 @@ impl Identity {
         }
     }
 
-    /// Parses a common name; `None` when it names no role or an empty name.
+    /// Parses a common name; `None` when it names no role, or a name that is empty, longer
+    /// than [`NAME_MAX`] or not made of letters, digits, `-`, `_` and `.` (a name goes into
+    /// logs and directory names, so nothing that could spoof either is accepted).
     pub fn from_common_name(cn: &str) -> Option<Identity> {
         let (role, name) = cn.split_once(':')?;
-        if name.is_empty() || name.chars().any(|c| c.is_control()) {
+        if !valid_name(name) {
             return None;
         }
         match role {
@@ -217,6 +233,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
+/// TLS 1.3 only: every peer is Cairn's own or a current client (GnuTLS, OpenSSL), and under
+/// TLS 1.2 a client's certificate, which names it, would cross the network in clear.
+const TLS_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         what,
@@ -281,13 +301,13 @@ impl Tls {
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let server = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(TLS_VERSIONS)
             .map_err(config)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config)?;
         let client = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(TLS_VERSIONS)
             .map_err(config)?
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(chain, key)
@@ -414,7 +434,7 @@ const OID_COMMON_NAME: [u8; 3] = [0x55, 0x04, 0x03];
 /// String types a common name may use: UTF8String, PrintableString, IA5String.
 const DER_STRINGS: [u8; 3] = [0x0c, 0x13, 0x16];
 
-/// The subject common name of a DER X.509 certificate (the last one, if several).
+/// The subject common name of a DER X.509 certificate; `None` when it has none or several.
 pub fn subject_common_name(cert: &[u8]) -> Option<String> {
     let (tag, cert, _) = der_next(cert)?;
     if tag != DER_SEQUENCE {
@@ -453,9 +473,10 @@ pub fn subject_common_name(cert: &[u8]) -> Option<String> {
             let (tag, oid, value) = der_next(pair)?;
             if tag == DER_OID && oid == OID_COMMON_NAME {
                 let (tag, text, _) = der_next(value)?;
-                if DER_STRINGS.contains(&tag) {
-                    found = Some(String::from_utf8(text.to_vec()).ok()?);
+                if found.is_some() || !DER_STRINGS.contains(&tag) {
+                    return None;
                 }
+                found = Some(String::from_utf8(text.to_vec()).ok()?);
             }
         }
     }
@@ -486,7 +507,15 @@ mod tests {
         ] {
             assert_eq!(Identity::from_common_name(&id.common_name()), Some(id));
         }
-        for bad in ["node:", "node", "root:x", "", "node:a\nb"] {
+        for bad in [
+            "node:",
+            "node",
+            "root:x",
+            "",
+            "node:a\nb",
+            "node:a\u{202e}b",
+            "node:.x",
+        ] {
             assert_eq!(Identity::from_common_name(bad), None, "{bad:?}");
         }
     }

@@ -44,6 +44,26 @@ fn resolve(endpoint: &str) -> Result<SocketAddr, TransportError> {
         .ok_or_else(|| bad("resolves to no address".into()))
 }
 
+/// A blocking link's I/O error: a TLS failure (rustls reports it as `InvalidData`) as
+/// [`TransportError::Tls`], anything else as [`TransportError::Io`].
+fn link_err(endpoint: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    let endpoint = endpoint.to_string();
+    move |source| {
+        if source.kind() == std::io::ErrorKind::InvalidData {
+            TransportError::Tls {
+                endpoint,
+                why: source.to_string(),
+            }
+        } else {
+            TransportError::Io {
+                endpoint,
+                what,
+                source,
+            }
+        }
+    }
+}
+
 /// Control path only: builds the error's endpoint string up front.
 fn io_err(endpoint: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     let endpoint = endpoint.to_string();
@@ -148,11 +168,15 @@ impl TcpLink {
     pub(super) fn new(
         stream: TcpStream,
         peer: String,
-        session: Option<Box<Connection>>,
+        mut session: Option<Box<Connection>>,
     ) -> Result<TcpLink, TransportError> {
         stream
             .set_nodelay(true)
             .map_err(io_err(&peer, "TCP_NODELAY"))?;
+        if let Some(session) = session.as_mut() {
+            // A whole frame (up to the protocol's largest) goes in at once.
+            session.set_buffer_limit(None);
+        }
         Ok(TcpLink {
             stream,
             peer,
@@ -165,34 +189,20 @@ impl TcpLink {
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
-        while session.is_handshaking() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io_err(&self.peer, "TLS handshake")(
-                    std::io::ErrorKind::TimedOut.into(),
-                ));
-            }
-            self.stream
-                .set_read_timeout(Some(left))
-                .and_then(|()| self.stream.set_write_timeout(Some(left)))
-                .map_err(io_err(&self.peer, "set timeout"))?;
-            session
-                .complete_io(&mut self.stream)
-                .map_err(io_err(&self.peer, "TLS handshake"))?;
-        }
-        Ok(())
+        tls::handshake_through(session, &mut tls::Deadlined::new(&self.stream, deadline))
+            .map_err(link_err(&self.peer, "TLS handshake"))
     }
 }
 
 impl Link for TcpLink {
     fn send_frame(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        self.stream
-            .set_write_timeout(Some(super::HANDSHAKE_TIMEOUT))
-            .and_then(|()| match self.session.as_mut() {
-                Some(session) => tls::write_through(session, &mut self.stream, frame),
-                None => self.stream.write_all(frame),
-            })
-            .map_err(io_err(&self.peer, "send"))
+        let deadline = Instant::now() + super::HANDSHAKE_TIMEOUT;
+        let mut sock = tls::Deadlined::new(&self.stream, deadline);
+        match self.session.as_mut() {
+            Some(session) => tls::write_through(session, &mut sock, frame),
+            None => sock.write_all(frame),
+        }
+        .map_err(link_err(&self.peer, "send"))
     }
 
     fn recv_frame(&mut self, timeout: Duration) -> Result<(Header, Vec<u8>), TransportError> {
@@ -221,8 +231,9 @@ impl Link for TcpLink {
 
     fn identity(&self) -> PeerIdentity {
         match &self.session {
-            Some(session) if !session.is_handshaking() => tls::identity_of(session),
-            Some(_) | None => PeerIdentity::Unauthenticated,
+            Some(session) if session.is_handshaking() => PeerIdentity::Pending,
+            Some(session) => tls::identity_of(session),
+            None => PeerIdentity::Unauthenticated,
         }
     }
 
@@ -258,7 +269,11 @@ impl Link for TcpLink {
             tls: self.session.map(|s| Box::new(TlsPipe::new(*s))),
         };
         // Plaintext the session already decrypted during the handshake's reads.
-        conn.pump_tls(io)?;
+        if let Err(e) = conn.pump_tls(io) {
+            // Closed by the failure, and nothing is armed yet: give the owner back.
+            conn.release(io);
+            return Err(e);
+        }
         Ok(Box::new(conn))
     }
 }
@@ -269,19 +284,11 @@ impl TcpLink {
         mut buf: &mut [u8],
         deadline: Instant,
     ) -> Result<(), TransportError> {
+        let mut sock = tls::Deadlined::new(&self.stream, deadline);
         while !buf.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io_err(&self.peer, "receive")(
-                    std::io::ErrorKind::TimedOut.into(),
-                ));
-            }
-            self.stream
-                .set_read_timeout(Some(left))
-                .map_err(io_err(&self.peer, "set timeout"))?;
             let read = match self.session.as_mut() {
-                Some(session) => tls::read_through(session, &mut self.stream, buf),
-                None => self.stream.read(buf),
+                Some(session) => tls::read_through(session, &mut sock, buf),
+                None => sock.read(buf),
             };
             match read {
                 Ok(0) => {
@@ -291,7 +298,7 @@ impl TcpLink {
                 }
                 Ok(n) => buf = &mut buf[n..],
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(&self.peer, "receive")(e)),
+                Err(e) => return Err(link_err(&self.peer, "receive")(e)),
             }
         }
         Ok(())

@@ -26,6 +26,7 @@ use super::{Acceptor, Link, Transport, TransportError};
 use cairn_tls::{Identity, Tls};
 use rustls::{ClientConnection, Connection};
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// Ciphertext a connection receives at once: a few whole TLS records (16 KiB of plaintext
@@ -41,6 +42,8 @@ pub enum PeerIdentity {
     Certified(Identity),
     /// A TLS link whose certificate from the cluster CA names no Cairn identity.
     Unnamed,
+    /// A TLS link whose handshake has not finished: nobody is vouched for yet.
+    Pending,
 }
 
 impl std::fmt::Display for PeerIdentity {
@@ -49,6 +52,7 @@ impl std::fmt::Display for PeerIdentity {
             PeerIdentity::Unauthenticated => f.write_str("unauthenticated"),
             PeerIdentity::Certified(id) => write!(f, "{id}"),
             PeerIdentity::Unnamed => f.write_str("a certificate naming no Cairn identity"),
+            PeerIdentity::Pending => f.write_str("a TLS peer still in its handshake"),
         }
     }
 }
@@ -106,32 +110,97 @@ impl Transport for TlsTransport {
     }
 }
 
-/// Reads into `buf` through the session, blocking on `sock` (whose timeouts bound each
-/// wait); the handshake, when not finished, runs first. `Ok(0)` is the peer's clean close.
+/// A socket whose every read and write waits at most until one deadline: rustls may read
+/// and write many times for one handshake or record, and a peer trickling bytes must not
+/// stretch a per-call timeout into an unbounded wait (before its certificate is even seen).
+pub struct Deadlined<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl<'a> Deadlined<'a> {
+    pub fn new(stream: &'a TcpStream, deadline: Instant) -> Deadlined<'a> {
+        Deadlined { stream, deadline }
+    }
+
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(std::io::ErrorKind::TimedOut.into())
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A TLS error as an I/O error of kind `InvalidData` (as rustls's own `complete_io` gives).
+fn invalid(e: rustls::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+/// Reads into `buf` through the session, blocking on `sock`; the handshake, when not
+/// finished, runs on the way. `Ok(0)` is the peer's clean close (close_notify); a close
+/// without it is `UnexpectedEof`, and a TLS failure `InvalidData`.
 pub fn read_through(
     conn: &mut Connection,
     sock: &mut (impl Read + Write),
     buf: &mut [u8],
 ) -> std::io::Result<usize> {
-    while conn.is_handshaking() || conn.wants_write() {
-        if conn.complete_io(sock)? == (0, 0) {
+    loop {
+        match conn.reader().read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        while conn.wants_write() {
+            conn.write_tls(sock)?;
+        }
+        if conn.read_tls(sock)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        conn.process_new_packets().map_err(invalid)?;
+    }
+}
+
+/// Runs the handshake to its end, blocking on `sock`.
+pub fn handshake_through(
+    conn: &mut Connection,
+    sock: &mut (impl Read + Write),
+) -> std::io::Result<()> {
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(sock)?;
+        }
+        if !conn.is_handshaking() {
             break;
         }
-    }
-    while conn.wants_read() {
-        let (read, _) = conn.complete_io(sock)?;
-        if read == 0 {
-            let pending = conn
-                .process_new_packets()
-                .map_err(std::io::Error::other)?
-                .plaintext_bytes_to_read();
-            if pending == 0 {
-                return Ok(0);
-            }
-            break;
+        if conn.read_tls(sock)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        conn.process_new_packets().map_err(invalid)?;
     }
-    conn.reader().read(buf)
+    // The last flight (a client's Finished) may still be queued.
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
+    }
+    Ok(())
 }
 
 /// Writes `frame` through the session and sends it (and anything the session had queued),
