@@ -56,6 +56,8 @@ pub enum ConfigError {
     BadCores { cores: String, why: String },
     #[error("{what} '{value}' is not an address like 127.0.0.1:10809")]
     BadAddr { what: &'static str, value: String },
+    #[error("{0}")]
+    Tls(String),
     #[error("'{name}' is named twice (by {first} and {second}); names must be unique")]
     DuplicateName {
         name: String,
@@ -207,6 +209,20 @@ pub struct NodeConfig {
     pub csi_endpoint: Option<String>,
     /// How NodeStage connects to a volume: `auto`, `kernel` or `fuse`.
     pub csi_nbd: crate::csi::CsiNbd,
+    // TLS files (issue 16 item 1); the NBD TLS keys below use them.
+    /// The cluster CA's certificate (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), issued by the cluster CA.
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    // NBD over TLS (issue 16 item 3).
+    /// Offer NBD_OPT_STARTTLS to NBD clients, with this node's certificate.
+    pub nbd_tls: bool,
+    /// Refuse NBD clients that do not start TLS (implies `nbd_tls`).
+    pub nbd_tls_required: bool,
+    /// Require NBD clients to present a certificate from the cluster CA (implies `nbd_tls`).
+    pub nbd_tls_client_certs: bool,
 }
 
 impl Default for NodeConfig {
@@ -238,6 +254,12 @@ impl Default for NodeConfig {
             rack: None,
             csi_endpoint: None,
             csi_nbd: crate::csi::CsiNbd::Auto,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            nbd_tls: false,
+            nbd_tls_required: false,
+            nbd_tls_client_certs: false,
         }
     }
 }
@@ -298,6 +320,12 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   rack = \"r7\"
   csi_endpoint = \"unix:///run/cairn/csi.sock\"
   csi_nbd = \"auto\"                  # or \"kernel\", \"fuse\": how a CSI stage reaches a volume
+  tls_ca = \"/etc/cairn/tls/ca-cert.pem\"  # all three or none (cairnctl cert issue writes them)
+  tls_cert = \"/etc/cairn/tls/cert.pem\"
+  tls_key = \"/etc/cairn/tls/key.pem\"
+  nbd_tls = true                      # offer STARTTLS to NBD clients (needs the tls_* files)
+  nbd_tls_required = false            # refuse NBD clients that do not start TLS
+  nbd_tls_client_certs = false        # NBD clients must show a certificate from the CA
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -400,6 +428,41 @@ pub struct Cli {
     /// has one (`auto`) [default: auto].
     #[arg(long, value_enum)]
     pub csi_nbd: Option<crate::csi::CsiNbd>,
+
+    // TLS files (issue 16 item 1), used here by NBD over TLS.
+    /// The cluster CA's certificate (PEM); with --tls-cert and --tls-key, all three or none.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), issued by the cluster CA (`cairnctl cert issue`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    // NBD over TLS (issue 16 item 3).
+    /// Offer TLS to NBD clients (NBD_OPT_STARTTLS) with the --tls-cert certificate; clients
+    /// connect with nbds:// URIs (nbdinfo, nbdcopy) or qemu's tls-creds.
+    #[arg(long)]
+    pub nbd_tls: bool,
+    /// Refuse NBD clients that do not start TLS: every option before STARTTLS is answered
+    /// NBD_REP_ERR_TLS_REQD (implies --nbd-tls).
+    #[arg(long)]
+    pub nbd_tls_required: bool,
+    /// Require NBD clients to present a certificate issued by the cluster CA (--tls-ca);
+    /// otherwise none is asked for (implies --nbd-tls).
+    #[arg(long)]
+    pub nbd_tls_client_certs: bool,
+}
+
+/// NBD over TLS as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdTlsConfig {
+    pub files: cairn_tls::TlsFiles,
+    /// `--nbd-tls-required`.
+    pub required: bool,
+    /// `--nbd-tls-client-certs`.
+    pub client_certs: bool,
 }
 
 /// The listeners, parsed.
@@ -483,6 +546,18 @@ impl NodeConfig {
         if let Some(bytes) = cli.nbd_reply_budget {
             self.nbd_reply_budget = Some(Size(bytes));
         }
+        for (to, from) in [
+            (&mut self.tls_ca, &cli.tls_ca),
+            (&mut self.tls_cert, &cli.tls_cert),
+            (&mut self.tls_key, &cli.tls_key),
+        ] {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        }
+        self.nbd_tls |= cli.nbd_tls;
+        self.nbd_tls_required |= cli.nbd_tls_required;
+        self.nbd_tls_client_certs |= cli.nbd_tls_client_certs;
         self.pools.extend(cli.pools.iter().cloned());
         self.volumes.extend(cli.volumes.iter().cloned());
         self.mallocs.extend(cli.mallocs.iter().cloned());
@@ -503,7 +578,49 @@ impl NodeConfig {
         self.listeners()?;
         self.membership()?;
         self.csi()?;
+        self.nbd_tls()?;
         self.check_names()
+    }
+
+    /// The TLS files, when all three are given (an error names the missing ones).
+    pub fn tls_files(&self) -> Result<Option<cairn_tls::TlsFiles>, ConfigError> {
+        cairn_tls::TlsFiles::from_flags(
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )
+        .map_err(|e| ConfigError::Tls(e.to_string()))
+    }
+
+    /// How NBD offers TLS: None for not at all, else whether it is required and whether
+    /// client certificates are, with the files that serve it. Every NBD TLS flag needs the
+    /// three TLS files and an NBD listener.
+    pub fn nbd_tls(&self) -> Result<Option<NbdTlsConfig>, ConfigError> {
+        let flag = if self.nbd_tls_required {
+            "--nbd-tls-required"
+        } else if self.nbd_tls_client_certs {
+            "--nbd-tls-client-certs"
+        } else if self.nbd_tls {
+            "--nbd-tls"
+        } else {
+            return Ok(None);
+        };
+        let Some(files) = self.tls_files()? else {
+            return Err(ConfigError::Tls(format!(
+                "{flag} needs --tls-ca, --tls-cert and --tls-key (the certificate NBD clients \
+                 verify; `cairnctl cert issue` writes them)"
+            )));
+        };
+        if self.nbd_listen == "off" && self.nbd_socket.is_none() {
+            return Err(ConfigError::Tls(format!(
+                "{flag} but NBD is off (--nbd-listen off and no --nbd-socket)"
+            )));
+        }
+        Ok(Some(NbdTlsConfig {
+            files,
+            required: self.nbd_tls_required,
+            client_certs: self.nbd_tls_client_certs,
+        }))
     }
 
     /// The node's own name for `what` (`node id`, `zone`, `rack`): the configured one, else
