@@ -778,6 +778,46 @@ mod tests {
     }
 
     #[test]
+    fn nbd_tls_flags_need_the_tls_files_and_nbd() {
+        let load = |args: &[&str]| {
+            let mut argv = vec!["cairn-node"];
+            argv.extend_from_slice(args);
+            NodeConfig::load(&Cli::parse_from(argv))
+        };
+        let files = [
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+        ];
+        for flag in ["--nbd-tls", "--nbd-tls-required", "--nbd-tls-client-certs"] {
+            let e = load(&[flag]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("--tls-cert"), "{e}");
+        }
+        let e = load(&["--nbd-tls", "--tls-ca", "ca.pem"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert and --tls-key missing"), "{e}");
+        let mut off = files.to_vec();
+        off.extend(["--nbd-listen", "off", "--nbd-tls"]);
+        let e = load(&off).unwrap_err().to_string();
+        assert!(e.contains("NBD is off"), "{e}");
+        let mut required = files.to_vec();
+        required.push("--nbd-tls-required");
+        let tls = load(&required).unwrap().nbd_tls().unwrap().unwrap();
+        assert!(tls.required && !tls.client_certs, "required implies TLS");
+        let c = NodeConfig::from_toml(
+            "tls_ca = \"a\"\ntls_cert = \"b\"\ntls_key = \"c\"\nnbd_tls_client_certs = true\n",
+        )
+        .unwrap();
+        let tls = c.nbd_tls().unwrap().unwrap();
+        assert!(tls.client_certs && !tls.required);
+        assert_eq!(load(&files).unwrap().nbd_tls().unwrap(), None);
+    }
+
+    #[test]
     fn toml_then_flags_override_and_extend() {
         let mut c = NodeConfig::from_toml(
             "cores = \"0,1\"\nvolumes = [\"a:1G\"]\nidle = \"poll\"\npool0_size = \"1G\"\n",
