@@ -193,6 +193,51 @@ if ((rc != 0)); then
 fi
 echo "cairn-node stopped cleanly on SIGINT"
 
+# NBD over TLS: DIR made with openssl as cairn-tls issues it (ECDSA P-256, CN node:ID, the
+# address in the SAN, keyEncipherment for qemu), GnuTLS's client names linked.
+tls_dir="$tmp/tls"
+mkdir -p "$tls_dir"
+(
+  cd "$tls_dir"
+  openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem
+  openssl req -x509 -new -key ca-key.pem -subj "/CN=readme CA" -days 2 -out ca-cert.pem
+  openssl ecparam -name prime256v1 -genkey -noout -out key.pem
+  openssl req -new -key key.pem -subj "/CN=node:readme" -out node.csr
+  printf 'subjectAltName=IP:127.0.0.1\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >ext.cnf
+  openssl x509 -req -in node.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+    -extfile ext.cnf -out cert.pem 2>/dev/null
+  ln cert.pem client-cert.pem
+  ln key.pem client-key.pem
+)
+readme 'target/release/cairn-node --volume pg:10G --tls-ca DIR/ca-cert.pem --tls-cert DIR/cert.pem --tls-key DIR/key.pem --nbd-tls-required'
+"$bin/cairn-node" --data-dir "$tmp/cairn-data-tls" --volume pg:10G --tls-ca "$tls_dir/ca-cert.pem" \
+  --tls-cert "$tls_dir/cert.pem" --tls-key "$tls_dir/key.pem" --nbd-tls-required >"$tmp/node-tls.log" 2>&1 &
+node_pid=$!
+readme 'nbdinfo "nbds://127.0.0.1:10809/pg?tls-certificates=DIR"'
+for _ in $(seq 300); do
+  nbdinfo "nbds://127.0.0.1:10809/pg?tls-certificates=$tls_dir" >/dev/null 2>&1 && break
+  kill -0 "$node_pid" 2>/dev/null || { cat "$tmp/node-tls.log"; exit 1; }
+  sleep 0.1
+done
+nbdinfo "nbds://127.0.0.1:10809/pg?tls-certificates=$tls_dir" | grep -E 'export-size'
+if nbdinfo nbd://127.0.0.1:10809/pg >/dev/null 2>&1; then
+  echo "a plain client was served under --nbd-tls-required" >&2
+  exit 1
+fi
+readme 'qemu-img info --object tls-creds-x509,id=tls0,dir=DIR,endpoint=client --image-opts driver=nbd,host=127.0.0.1,port=10809,export=pg,tls-creds=tls0'
+qemu-img info --object "tls-creds-x509,id=tls0,dir=$tls_dir,endpoint=client" \
+  --image-opts driver=nbd,host=127.0.0.1,port=10809,export=pg,tls-creds=tls0 | grep 'virtual size'
+kill -INT "$node_pid"
+rc=0
+wait "$node_pid" || rc=$?
+node_pid=
+if ((rc != 0)); then
+  cat "$tmp/node-tls.log"
+  echo "cairn-node with NBD TLS exited $rc after SIGINT (want 0)" >&2
+  exit 1
+fi
+echo "NBD over TLS served and refused a plain client"
+
 readme 'target/release/cairn-pool pool.img create --size 10G'
 readme 'target/release/cairn-pool pool.img volume-create pg 4G'
 readme 'target/release/cairn-pool pool.img snapshot pg pg-monday'

@@ -15,7 +15,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # crate's build script compiles etcd's protos with protoc (protobuf-compiler). The check of the
 # Kubernetes manifests (ci/deploy_check.py) parses them with python3-yaml. The end-to-end
 # story (ci/e2e-pg.sh) runs PostgreSQL (postgresql) on a CSI-staged volume.
-PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd python3-yaml qemu-utils libnbd-bin nbd-client fio fuse3 e2fsprogs etcd-server protobuf-compiler postgresql)
+PACKAGES=(build-essential valgrind nbdkit python3 python3-libnbd python3-yaml qemu-utils libnbd-bin nbd-client fio fuse3 e2fsprogs etcd-server protobuf-compiler postgresql openssl)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -59,7 +59,7 @@ fn run(input: Vec<u8>) -> (Outcome, Vec<u8>) {
         input: Cursor::new(input),
         output: Vec::new(),
     };
-    let r = negotiate(&mut d, &table());
+    let r = negotiate(&mut d, &table(), None).map(|o| o.map(|o| o.negotiated));
     (r, d.output)
 }
 

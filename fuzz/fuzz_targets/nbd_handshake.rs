@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         input: Cursor::new(data.to_vec()),
         output: Vec::new(),
     };
-    let result = negotiate(&mut d, &exports);
+    let result = negotiate(&mut d, &exports, None).map(|o| o.map(|o| o.negotiated));
     let out = d.output;
     assert_eq!(&out[..16], b"NBDMAGICIHAVEOPT");
     let mut rest = &out[proto::GREETING_BYTES..];

@@ -58,6 +58,8 @@ pub enum ConfigError {
     BadAddr { what: &'static str, value: String },
     #[error(transparent)]
     Tls(#[from] cairn_tls::TlsError),
+    #[error("{0}")]
+    NbdTls(String),
     #[error("'{name}' is named twice (by {first} and {second}); names must be unique")]
     DuplicateName {
         name: String,
@@ -218,6 +220,13 @@ pub struct NodeConfig {
     pub tls_key: Option<PathBuf>,
     /// Accept listeners beyond loopback without TLS (unauthenticated peers).
     pub insecure: bool,
+    // NBD over TLS (issue 16 item 3).
+    /// Offer NBD_OPT_STARTTLS to NBD clients, with this node's certificate.
+    pub nbd_tls: bool,
+    /// Refuse NBD clients that do not start TLS (implies `nbd_tls`).
+    pub nbd_tls_required: bool,
+    /// Require NBD clients to present a certificate from the cluster CA (implies `nbd_tls`).
+    pub nbd_tls_client_certs: bool,
 }
 
 impl Default for NodeConfig {
@@ -253,6 +262,9 @@ impl Default for NodeConfig {
             tls_cert: None,
             tls_key: None,
             insecure: false,
+            nbd_tls: false,
+            nbd_tls_required: false,
+            nbd_tls_client_certs: false,
         }
     }
 }
@@ -323,6 +335,9 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   tls_cert = \"/etc/cairn/tls/cert.pem\"
   tls_key = \"/etc/cairn/tls/key.pem\"
   insecure = false                    # true: listeners beyond loopback without TLS
+  nbd_tls = true                      # offer STARTTLS to NBD clients (needs the tls_* files)
+  nbd_tls_required = false            # refuse NBD clients that do not start TLS
+  nbd_tls_client_certs = false        # NBD clients must show a certificate from the CA
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -444,6 +459,30 @@ pub struct Cli {
     /// otherwise).
     #[arg(long)]
     pub insecure: bool,
+
+    // NBD over TLS (issue 16 item 3).
+    /// Offer TLS to NBD clients (NBD_OPT_STARTTLS) with the --tls-cert certificate; clients
+    /// connect with nbds:// URIs (nbdinfo, nbdcopy) or qemu's tls-creds.
+    #[arg(long)]
+    pub nbd_tls: bool,
+    /// Refuse NBD clients that do not start TLS: every option before STARTTLS is answered
+    /// NBD_REP_ERR_TLS_REQD (implies --nbd-tls).
+    #[arg(long)]
+    pub nbd_tls_required: bool,
+    /// Require NBD clients to present a certificate issued by the cluster CA (--tls-ca);
+    /// otherwise none is asked for (implies --nbd-tls).
+    #[arg(long)]
+    pub nbd_tls_client_certs: bool,
+}
+
+/// NBD over TLS as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdTlsConfig {
+    pub files: cairn_tls::TlsFiles,
+    /// `--nbd-tls-required`.
+    pub required: bool,
+    /// `--nbd-tls-client-certs`.
+    pub client_certs: bool,
 }
 
 /// The listeners, parsed.
@@ -537,6 +576,18 @@ impl NodeConfig {
         if let Some(bytes) = cli.nbd_reply_budget {
             self.nbd_reply_budget = Some(Size(bytes));
         }
+        for (to, from) in [
+            (&mut self.tls_ca, &cli.tls_ca),
+            (&mut self.tls_cert, &cli.tls_cert),
+            (&mut self.tls_key, &cli.tls_key),
+        ] {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        }
+        self.nbd_tls |= cli.nbd_tls;
+        self.nbd_tls_required |= cli.nbd_tls_required;
+        self.nbd_tls_client_certs |= cli.nbd_tls_client_certs;
         self.pools.extend(cli.pools.iter().cloned());
         self.volumes.extend(cli.volumes.iter().cloned());
         self.mallocs.extend(cli.mallocs.iter().cloned());
@@ -558,7 +609,39 @@ impl NodeConfig {
         self.tls_files()?;
         self.membership()?;
         self.csi()?;
+        self.nbd_tls()?;
         self.check_names()
+    }
+
+    /// How NBD offers TLS: None for not at all, else whether it is required and whether
+    /// client certificates are, with the files that serve it. Every NBD TLS flag needs the
+    /// three TLS files and an NBD listener.
+    pub fn nbd_tls(&self) -> Result<Option<NbdTlsConfig>, ConfigError> {
+        let flag = if self.nbd_tls_required {
+            "--nbd-tls-required"
+        } else if self.nbd_tls_client_certs {
+            "--nbd-tls-client-certs"
+        } else if self.nbd_tls {
+            "--nbd-tls"
+        } else {
+            return Ok(None);
+        };
+        let Some(files) = self.tls_files()? else {
+            return Err(ConfigError::NbdTls(format!(
+                "{flag} needs --tls-ca, --tls-cert and --tls-key (the certificate NBD clients \
+                 verify; `cairnctl cert issue` writes them)"
+            )));
+        };
+        if self.nbd_listen == "off" && self.nbd_socket.is_none() {
+            return Err(ConfigError::NbdTls(format!(
+                "{flag} but NBD is off (--nbd-listen off and no --nbd-socket)"
+            )));
+        }
+        Ok(Some(NbdTlsConfig {
+            files,
+            required: self.nbd_tls_required,
+            client_certs: self.nbd_tls_client_certs,
+        }))
     }
 
     /// The node's own name for `what` (`node id`, `zone`, `rack`): the configured one, else
@@ -660,12 +743,15 @@ impl NodeConfig {
     /// exempt: read-only counters for a Prometheus that scrapes plain HTTP.
     pub fn check_listeners(&self, tls: bool) -> Result<(), ConfigError> {
         let l = self.listeners()?;
+        // NBD is TLS only when it offers STARTTLS (--nbd-tls), not merely because the node
+        // has certificates.
+        let nbd_tls = self.nbd_tls()?.is_some();
         let tcp = [
-            ("--admin-listen", Some(l.admin)),
-            ("--replica-listen", l.replica),
-            ("--nbd-listen", l.nbd),
+            ("--admin-listen", Some(l.admin), tls),
+            ("--replica-listen", l.replica, tls),
+            ("--nbd-listen", l.nbd, nbd_tls),
         ];
-        for (flag, addr) in tcp {
+        for (flag, addr, tls) in tcp {
             if let Some(addr) = addr {
                 cairn_tls::check_listener(flag, &addr.to_string(), tls, self.insecure)?;
             }
@@ -740,6 +826,46 @@ mod tests {
         let l = c.listeners().unwrap();
         assert_eq!(l.nbd, Some(NBD_LISTEN_DEFAULT.parse().unwrap()));
         assert_eq!(c.pool0_size_bytes(), POOL0_SIZE_DEFAULT_BYTES);
+    }
+
+    #[test]
+    fn nbd_tls_flags_need_the_tls_files_and_nbd() {
+        let load = |args: &[&str]| {
+            let mut argv = vec!["cairn-node"];
+            argv.extend_from_slice(args);
+            NodeConfig::load(&Cli::parse_from(argv))
+        };
+        let files = [
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+        ];
+        for flag in ["--nbd-tls", "--nbd-tls-required", "--nbd-tls-client-certs"] {
+            let e = load(&[flag]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("--tls-cert"), "{e}");
+        }
+        let e = load(&["--nbd-tls", "--tls-ca", "ca.pem"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert and --tls-key missing"), "{e}");
+        let mut off = files.to_vec();
+        off.extend(["--nbd-listen", "off", "--nbd-tls"]);
+        let e = load(&off).unwrap_err().to_string();
+        assert!(e.contains("NBD is off"), "{e}");
+        let mut required = files.to_vec();
+        required.push("--nbd-tls-required");
+        let tls = load(&required).unwrap().nbd_tls().unwrap().unwrap();
+        assert!(tls.required && !tls.client_certs, "required implies TLS");
+        let c = NodeConfig::from_toml(
+            "tls_ca = \"a\"\ntls_cert = \"b\"\ntls_key = \"c\"\nnbd_tls_client_certs = true\n",
+        )
+        .unwrap();
+        let tls = c.nbd_tls().unwrap().unwrap();
+        assert!(tls.client_certs && !tls.required);
+        assert_eq!(load(&files).unwrap().nbd_tls().unwrap(), None);
     }
 
     #[test]

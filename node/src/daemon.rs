@@ -23,7 +23,7 @@ use cairn_control_api::NodeAddresses;
 use cairn_engine::bdev::fault::FaultControl;
 use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::bdev::BdevError;
-use cairn_engine::frontend::nbd::{NbdConfig, NbdError, NbdServer};
+use cairn_engine::frontend::nbd::{NbdConfig, NbdError, NbdServer, NbdTls};
 use cairn_engine::owner_only;
 use cairn_engine::volume::{Pool, PoolError, CLUSTER_DEFAULT_BYTES};
 use cairn_engine::{CoreId, Engine, EngineConfig, EngineError};
@@ -90,6 +90,8 @@ pub enum DaemonError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Nbd(#[from] NbdError),
+    #[error("NBD TLS: {0}")]
+    NbdTls(String),
     #[error(transparent)]
     Node(Box<NodeError>),
     #[error("starting the control runtime: {0}")]
@@ -149,7 +151,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
         (None, None) => None,
         (tcp, unix) => Some(NbdServer::start(
             engine.clone(),
-            nbd_config(&config, tcp, unix),
+            nbd_config(&config, tcp, unix, nbd_tls(&config)?),
         )?),
     };
     let endpoints = Endpoints {
@@ -271,12 +273,42 @@ fn membership(
     Ok(Some(membership))
 }
 
-/// The NBD server's settings: the listeners, and the limits the config overrides.
-fn nbd_config(config: &NodeConfig, tcp: Option<SocketAddr>, unix: &Option<PathBuf>) -> NbdConfig {
+/// NBD over TLS (issue 16 item 3): the node's certificate, with client certificates from the
+/// cluster CA required or not asked for.
+fn nbd_tls(config: &NodeConfig) -> Result<Option<NbdTls>, DaemonError> {
+    let Some(c) = config.nbd_tls()? else {
+        return Ok(None);
+    };
+    let tls = cairn_tls::Tls::load(&c.files).map_err(|e| DaemonError::NbdTls(e.to_string()))?;
+    let server = if c.client_certs {
+        tls.server_config()
+    } else {
+        tls.server_config_no_client_auth()
+    };
+    tracing::info!(
+        identity = %tls.identity(),
+        required = c.required,
+        client_certs = c.client_certs,
+        "NBD offers TLS"
+    );
+    Ok(Some(NbdTls {
+        config: server,
+        required: c.required,
+    }))
+}
+
+/// The NBD server's settings: the listeners, TLS, and the limits the config overrides.
+fn nbd_config(
+    config: &NodeConfig,
+    tcp: Option<SocketAddr>,
+    unix: &Option<PathBuf>,
+    tls: Option<NbdTls>,
+) -> NbdConfig {
     let defaults = NbdConfig::default();
     NbdConfig {
         tcp,
         unix: unix.clone(),
+        tls,
         start_paused: true,
         connections_max: config
             .nbd_connections_max

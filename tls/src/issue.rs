@@ -184,7 +184,12 @@ pub fn issue(
         params.subject_alt_names.push(SanType::DnsName(name));
     }
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment means nothing to an ECDSA key, but qemu's tls-creds-x509 refuses a
+    // certificate whose (critical) key usage lacks it, so NBD clients through qemu need it.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,

@@ -197,6 +197,7 @@ pub struct Tls {
     identity: Identity,
     roots: Arc<RootCertStore>,
     server: Arc<ServerConfig>,
+    server_no_client_auth: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     pem: Arc<Pem>,
 }
@@ -306,6 +307,12 @@ impl Tls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config)?;
+        let server_no_client_auth = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(config)?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(config)?;
         let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(TLS_VERSIONS)
             .map_err(config)?
@@ -316,6 +323,7 @@ impl Tls {
             identity,
             roots,
             server: Arc::new(server),
+            server_no_client_auth: Arc::new(server_no_client_auth),
             client: Arc::new(client),
             pem: Arc::new(pem),
         })
@@ -329,6 +337,13 @@ impl Tls {
     /// The server side: a client certificate from the cluster CA is required.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
+    }
+
+    /// The server side for clients that are applications rather than cluster members (NBD
+    /// without `--nbd-tls-client-certs`): no client certificate is asked for, so any client
+    /// that trusts the cluster CA gets an encrypted session.
+    pub fn server_config_no_client_auth(&self) -> Arc<ServerConfig> {
+        self.server_no_client_auth.clone()
     }
 
     /// The server side with ALPN protocols (e.g. `h2` for gRPC, `http/1.1` for REST).

@@ -26,7 +26,6 @@ use cairn_replication::server::ReplicaServer;
 use cairn_replication::transport::tcp::TcpTransport;
 use cairn_replication::transport::TlsTransport;
 use cairn_replication::transport::Transport;
-use cairn_tls::Tls;
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::path::Path;

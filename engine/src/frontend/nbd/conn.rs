@@ -20,6 +20,16 @@
 //! reply before the buffer goes back. A client that stops reading replies or sends half a
 //! request therefore holds only its own memory, never buffers another client needs.
 //!
+//! TLS (after `NBD_OPT_STARTTLS` in negotiation): the rustls session travels with the socket.
+//! Receives land in a ciphertext buffer of [`TLS_RX_BYTES`]; rustls decrypts it
+//! (`read_tls`, `process_new_packets`) into the same receive region plain bytes use, only as
+//! far as that region has room, so parsing is unchanged. Replies are encrypted (`writer()`,
+//! `write_tls`) into a send buffer of [`TLS_TX_BYTES`] and their slots freed at once; nothing
+//! more is encrypted while that buffer is full, so a client that does not read still stops the
+//! connection at [`SLOTS_MAX`]. What rustls itself buffers is bounded by its defaults (one
+//! record of received plaintext, 64 KiB to send). A TLS error closes this connection only,
+//! logged through the server's rate-limited TLS failure log.
+//!
 //! Ending: DISC, end of stream, export removal and server or engine stop drain (answer what is
 //! in flight, then close; on removal or stop, requests already received are answered
 //! ESHUTDOWN); protocol violations and socket errors close at once. Either way the
@@ -34,7 +44,9 @@ use crate::bdev::{Extent, IoError, IoOp, IoRequest};
 use crate::dma::{DmaBuf, Region};
 use crate::reactor::ring::Route;
 use crate::reactor::{Core, OwnerId, Poller, PollerState};
+use rustls::ServerConnection;
 use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -74,6 +86,16 @@ pub const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
 /// Reply memory a free slot keeps for reuse. Larger buffers (from large reads) are released
 /// when their reply has been sent, so an idle connection holds little memory.
 pub const SLOT_DATA_KEEP_BYTES: usize = 1 << 20;
+
+/// Received ciphertext not yet taken by rustls: a few TLS records (at most 16 KiB of payload
+/// each plus framing).
+pub const TLS_RX_BYTES: usize = 64 << 10;
+/// Encrypted replies waiting to be sent. Replies are encrypted only while less than this is
+/// waiting; one batch may overshoot it by what rustls holds (its 64 KiB send limit).
+pub const TLS_TX_BYTES: usize = 256 << 10;
+/// Room kept in the send buffer beyond [`TLS_TX_BYTES`] so steady encryption never grows it:
+/// rustls's send limit plus the framing of its records.
+const TLS_TX_SLACK_BYTES: usize = 96 << 10;
 
 const _: () = assert!(REQUEST_RX_BYTES >= REQUEST_BYTES + CHUNK_MAX_BYTES as usize);
 const _: () = assert!(SLOTS_MAX < u16::MAX as usize);
@@ -180,6 +202,28 @@ struct Chunk {
     buf: Option<DmaBuf>,
 }
 
+/// The TLS side of a connection: the rustls session and its ciphertext buffers.
+struct TlsLink {
+    session: ServerConnection,
+    /// For the TLS failure log.
+    peer: String,
+    /// Received ciphertext, `[rx_taken, rx_len)` not yet given to rustls; a receive writes
+    /// after `rx_len` (the buffer is compacted before one is armed).
+    rx: Box<[u8]>,
+    rx_taken: usize,
+    rx_len: usize,
+    /// Ciphertext to send, `[tx_sent, len)` not yet sent. Appended to only while no send is in
+    /// flight (the kernel reads it then).
+    tx: Vec<u8>,
+    tx_sent: usize,
+}
+
+impl TlsLink {
+    fn tx_pending(&self) -> usize {
+        self.tx.len() - self.tx_sent
+    }
+}
+
 /// One NBD client's connection to an export, after negotiation, as the handshake thread hands
 /// it to a reactor (the server side; the NBD client bdev's side is `bdev::nbd`'s `RemoteConn`).
 pub(crate) struct ExportConn {
@@ -223,6 +267,8 @@ pub(crate) struct ExportConn {
     iov: Box<[libc::iovec; IOV_BATCH_MAX]>,
     msg: Box<libc::msghdr>,
     extents: Vec<Extent>,
+    /// The TLS session when the client negotiated `STARTTLS`.
+    tls: Option<Box<TlsLink>>,
 }
 
 // SAFETY: the iovec array and msghdr hold raw pointers into this connection's own slots; they
@@ -237,6 +283,7 @@ impl ExportConn {
         server: Arc<ServerShared>,
         structured: bool,
         base_allocation: Option<u32>,
+        tls: Option<(ServerConnection, String)>,
     ) -> Result<ExportConn, crate::dma::DmaError> {
         let rx = Region::map(REQUEST_RX_BYTES, false, false)?;
         // SAFETY: msghdr is a plain C struct for which all-zero is a valid empty value.
@@ -286,6 +333,17 @@ impl ExportConn {
             iov: Box::new([iov; IOV_BATCH_MAX]),
             msg: Box::new(msg),
             extents: Vec::with_capacity(BLOCK_STATUS_EXTENTS_MAX),
+            tls: tls.map(|(session, peer)| {
+                Box::new(TlsLink {
+                    session,
+                    peer,
+                    rx: vec![0; TLS_RX_BYTES].into_boxed_slice(),
+                    rx_taken: 0,
+                    rx_len: 0,
+                    tx: Vec::with_capacity(TLS_TX_BYTES + TLS_TX_SLACK_BYTES),
+                    tx_sent: 0,
+                })
+            }),
         })
     }
 
@@ -338,8 +396,25 @@ impl ExportConn {
 
     fn on_recv(&mut self, res: i32) {
         self.recv_in_flight = false;
+        if res > 0 {
+            match &mut self.tls {
+                Some(tls) => tls.rx_len += res as usize,
+                None => self.rx_end += res as usize,
+            }
+            return;
+        }
+        if res == 0 {
+            if let Some(tls) = &mut self.tls {
+                // Tell rustls the stream ended, and decrypt what is still buffered before
+                // deciding whether a request was cut short.
+                let _ = tls.session.read_tls(&mut &[][..]);
+                self.tls_pump();
+                if self.state == State::Closing {
+                    return;
+                }
+            }
+        }
         match res {
-            n if n > 0 => self.rx_end += n as usize,
             // A write whose payload will never arrive cannot be answered: close. Otherwise
             // answer what is in flight, in case the client only half-closed.
             0 if matches!(self.parse, Parse::Payload { .. }) => {
@@ -354,6 +429,10 @@ impl ExportConn {
         self.send_in_flight = false;
         if res < 0 {
             self.close(&format!("send failed: {}", errno_text(-res)));
+            return;
+        }
+        if let Some(tls) = &mut self.tls {
+            tls.tx_sent += res as usize;
             return;
         }
         let mut n = res as usize;
@@ -801,10 +880,10 @@ impl ExportConn {
         }
     }
 
-    fn arm_recv(&mut self, core: &mut Core, owner: OwnerId) {
-        if self.state != State::Open || self.recv_in_flight {
-            return;
-        }
+    /// Room after `rx_end` in the receive region, moving the unparsed bytes to its start
+    /// first when less than a request and a chunk would fit. Called only while no plain
+    /// receive is in flight (a TLS connection never receives into the region).
+    fn rx_room(&mut self) -> usize {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
@@ -818,13 +897,83 @@ impl ExportConn {
             self.rx_start = 0;
             self.rx_end = len;
         }
-        let room = REQUEST_RX_BYTES - self.rx_end;
+        REQUEST_RX_BYTES - self.rx_end
+    }
+
+    /// Decrypts received ciphertext into the receive region while it has room. A TLS error
+    /// closes the connection (logged, rate-limited); a close_notify drains it like an end of
+    /// stream.
+    fn tls_pump(&mut self) -> usize {
+        let Some(mut tls) = self.tls.take() else {
+            return 0;
+        };
+        let mut moved = 0;
+        let failure = loop {
+            let room = self.rx_room();
+            if room == 0 {
+                break None;
+            }
+            // SAFETY: [rx_end, rx_end + room) lies in the receive region, which only this
+            // connection writes: a TLS connection never has a receive aimed at it.
+            let into = unsafe { std::slice::from_raw_parts_mut(self.rx_ptr(self.rx_end), room) };
+            match tls.session.reader().read(into) {
+                Ok(0) => {
+                    self.drain("client sent TLS close_notify");
+                    break None;
+                }
+                Ok(n) => {
+                    self.rx_end += n;
+                    moved += n;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // The socket ended without close_notify: on_recv's end-of-stream path decides.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => break None,
+                Err(e) => break Some(e.to_string()),
+            }
+            if tls.rx_taken == tls.rx_len {
+                break None;
+            }
+            match tls.session.read_tls(&mut &tls.rx[tls.rx_taken..tls.rx_len]) {
+                Ok(n) => tls.rx_taken += n,
+                Err(e) => break Some(e.to_string()),
+            }
+            if let Err(e) = tls.session.process_new_packets() {
+                break Some(e.to_string());
+            }
+        };
+        if let Some(error) = failure {
+            self.server.tls_failures.note(&tls.peer, &error);
+            self.close("TLS error");
+        }
+        self.tls = Some(tls);
+        moved
+    }
+
+    fn arm_recv(&mut self, core: &mut Core, owner: OwnerId) {
+        if self.state != State::Open || self.recv_in_flight {
+            return;
+        }
+        let (ptr, room) = match &mut self.tls {
+            Some(tls) => {
+                tls.rx.copy_within(tls.rx_taken..tls.rx_len, 0);
+                tls.rx_len -= tls.rx_taken;
+                tls.rx_taken = 0;
+                let room = TLS_RX_BYTES - tls.rx_len;
+                // SAFETY: rx_len <= TLS_RX_BYTES, the buffer's length.
+                (unsafe { tls.rx.as_mut_ptr().add(tls.rx_len) }, room)
+            }
+            None => {
+                let room = self.rx_room();
+                (self.rx_ptr(self.rx_end), room)
+            }
+        };
         if room == 0 {
             return;
         }
         let entry = io_uring::opcode::Recv::new(
             io_uring::types::Fd(self.sock.as_raw_fd()),
-            self.rx_ptr(self.rx_end),
+            ptr,
             room as u32,
         )
         .build()
@@ -836,14 +985,88 @@ impl ExportConn {
             .encode(),
         );
         // SAFETY: the receive writes only [rx_end, REQUEST_RX_BYTES) of the region this connection
-        // owns, which nothing reads until the completion moves rx_end; the socket stays open
-        // until every submitted operation has completed (see `poll`).
+        // owns, or with TLS [rx_len, TLS_RX_BYTES) of the boxed ciphertext buffer (which never
+        // moves), and nothing reads that range until the completion moves rx_end or rx_len;
+        // the socket stays open until every submitted operation has completed (see `poll`).
         unsafe { core.io().ring().push_io(entry) };
         self.recv_in_flight = true;
     }
 
+    /// Encrypts queued replies into the TLS send buffer while it holds less than
+    /// [`TLS_TX_BYTES`], freeing each slot once all of its reply is encrypted, plus any record
+    /// rustls wants to send on its own (alerts, key updates).
+    fn tls_encrypt(&mut self) {
+        let Some(mut tls) = self.tls.take() else {
+            return;
+        };
+        if tls.tx_sent == tls.tx.len() {
+            tls.tx.clear();
+        } else if tls.tx_sent > 0 {
+            tls.tx.drain(..tls.tx_sent);
+        }
+        tls.tx_sent = 0;
+        let mut failure = None;
+        'replies: while tls.tx.len() < TLS_TX_BYTES {
+            let Some(&s) = self.tx.front() else { break };
+            let slot = &self.slots[s as usize];
+            let mut skip = self.tx_sent;
+            let mut wrote = 0;
+            for part in [&slot.hdr[..slot.hdr_len], &slot.data[..slot.data_len]] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                let part = &part[skip..];
+                skip = 0;
+                // rustls takes at most its send limit; the rest waits for the next round.
+                let n = match tls.session.writer().write(part) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break 'replies;
+                    }
+                };
+                wrote += n;
+                if n < part.len() {
+                    break;
+                }
+            }
+            if let Err(e) = tls.session.write_tls(&mut tls.tx) {
+                failure = Some(e.to_string());
+                break;
+            }
+            if self.tx_sent + wrote == self.slots[s as usize].reply_len() {
+                self.tx_sent = 0;
+                self.tx.pop_front();
+                self.free_slot(s);
+            } else {
+                self.tx_sent += wrote;
+                if wrote == 0 {
+                    break;
+                }
+            }
+        }
+        while failure.is_none() && tls.session.wants_write() {
+            if let Err(e) = tls.session.write_tls(&mut tls.tx) {
+                failure = Some(e.to_string());
+            }
+        }
+        if let Some(error) = failure {
+            self.server.tls_failures.note(&tls.peer, &error);
+            self.close("TLS error");
+        }
+        self.tls = Some(tls);
+    }
+
     fn arm_send(&mut self, core: &mut Core, owner: OwnerId) {
-        if self.state == State::Closing || self.send_in_flight || self.tx.is_empty() {
+        if self.state == State::Closing || self.send_in_flight {
+            return;
+        }
+        if self.tls.is_some() {
+            self.arm_send_tls(core, owner);
+            return;
+        }
+        if self.tx.is_empty() {
             return;
         }
         let mut n = 0;
@@ -890,6 +1113,35 @@ impl ExportConn {
         self.send_in_flight = true;
     }
 
+    /// Sends what [`Self::tls_encrypt`] left in the TLS send buffer.
+    fn arm_send_tls(&mut self, core: &mut Core, owner: OwnerId) {
+        self.tls_encrypt();
+        let Some(tls) = &self.tls else { return };
+        if self.state == State::Closing || tls.tx_pending() == 0 {
+            return;
+        }
+        let pending = &tls.tx[tls.tx_sent..];
+        let entry = io_uring::opcode::Send::new(
+            io_uring::types::Fd(self.sock.as_raw_fd()),
+            pending.as_ptr(),
+            pending.len() as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(
+            Route::Io {
+                owner: owner.get(),
+                tag: TAG_SEND,
+            }
+            .encode(),
+        );
+        // SAFETY: the send reads [tx_sent, len) of the TLS send buffer, which is neither
+        // changed nor reallocated until the send completes (tls_encrypt runs only while no
+        // send is in flight), and the socket outlives it (see `poll`).
+        unsafe { core.io().ring().push_io(entry) };
+        self.send_in_flight = true;
+    }
+
     fn check_stop(&mut self, core: &mut Core) {
         if self.state == State::Open
             && (core.stopping()
@@ -909,7 +1161,9 @@ impl ExportConn {
                     *self.drain_since.insert(core.now())
                 }
             };
-            let idle = self.free_slots.len() == SLOTS_MAX && self.parse == Parse::Header;
+            let idle = self.free_slots.len() == SLOTS_MAX
+                && self.parse == Parse::Header
+                && self.tls.as_ref().is_none_or(|t| t.tx_pending() == 0);
             if idle && !self.send_in_flight {
                 self.close("drained");
             } else if core.now().saturating_duration_since(since) > DRAIN_MAX {
@@ -932,7 +1186,16 @@ impl Poller for ExportConn {
         let mut work = self.reap(core, owner);
         if self.state != State::Closing {
             work += self.issue(core);
-            work += self.parse(core);
+            // With TLS, parsing makes room for more plaintext that rustls may already hold,
+            // and nothing else would wake this connection for it: go on while either moves.
+            loop {
+                let moved = self.tls_pump();
+                let parsed = self.parse(core);
+                work += moved + parsed;
+                if moved == 0 && (parsed == 0 || self.tls.is_none()) {
+                    break;
+                }
+            }
         }
         self.check_stop(core);
         self.arm_recv(core, owner);

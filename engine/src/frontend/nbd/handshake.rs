@@ -1,4 +1,5 @@
-//! Fixed-newstyle NBD negotiation ("option haggling") on a blocking stream.
+//! Fixed-newstyle NBD negotiation ("option haggling") on a blocking stream, with TLS by
+//! `NBD_OPT_STARTTLS`.
 //!
 //! [`negotiate`] runs on a short-lived thread per client, never on a reactor: it blocks on
 //! every read, and the caller bounds it with a socket timeout and a cap on concurrent
@@ -9,13 +10,28 @@
 //! client sends is bounded by a named limit before anything is allocated for it.
 //!
 //! Offered: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
-//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (only `base:allocation`). Refused: `STARTTLS`
-//! (`ERR_POLICY`: this server runs in the spec's NOTLS mode), `EXTENDED_HEADERS` and every
-//! unknown option (`ERR_UNSUP`); negotiation goes on after a refusal. Message layouts live in
-//! [`super::proto`] and `docs/formats.md`.
+//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (only `base:allocation`). Refused:
+//! `EXTENDED_HEADERS` and every unknown option (`ERR_UNSUP`); negotiation goes on after a
+//! refusal.
+//!
+//! TLS ([`NbdTls`]): without it the server runs in the spec's NOTLS mode and `STARTTLS` is
+//! refused with `ERR_POLICY`. With it, `STARTTLS` is answered `ACK` in plain text and the TLS
+//! handshake starts on the very next byte; from then on every option and reply, and the whole
+//! transmission phase, go through the rustls session that [`negotiate`] hands back in
+//! [`Outcome::tls`]. State from options before `STARTTLS` (structured replies, the selected
+//! meta context) is forgotten once TLS is up, so a man in the middle cannot inject it (as the
+//! spec asks, and as nbdkit learnt from CVE-2021-3716). With [`NbdTls::required`] (the
+//! spec's FORCEDTLS mode) every option before TLS other than `STARTTLS` and `ABORT` is answered
+//! `ERR_TLS_REQD`, and `EXPORT_NAME`, which cannot carry an error, closes the connection. A
+//! second `STARTTLS` is `ERR_INVALID`. The TLS handshake runs under the same
+//! whole-negotiation deadline as every option: the caller's canceller shuts the socket down.
+//!
+//! Message layouts live in [`super::proto`] and `docs/formats.md`.
 
 use super::proto::{self, client_flag, handshake_flag, info, opt, rep, tx_flag, ProtoError};
+use rustls::{ServerConfig, ServerConnection};
 use std::io::{ErrorKind, Read, Write};
+use std::sync::Arc;
 
 /// Largest option data the server reads. Longer data (other than `EXPORT_NAME`, which cannot
 /// be answered with an error) is read and discarded up to [`OPTION_DISCARD_MAX_BYTES`] and
@@ -42,6 +58,23 @@ const SERVER_FLAGS: u16 = handshake_flag::FIXED_NEWSTYLE | handshake_flag::NO_ZE
 const CLIENT_FLAGS_KNOWN: u32 = client_flag::FIXED_NEWSTYLE | client_flag::NO_ZEROES;
 /// Chunk used to discard oversize option data.
 const DISCARD_CHUNK_BYTES: usize = 4096;
+
+/// TLS as the NBD server offers it.
+#[derive(Clone)]
+pub struct NbdTls {
+    /// The server's certificate, and whether client certificates are asked for and verified.
+    pub config: Arc<ServerConfig>,
+    /// Refuse everything but `STARTTLS` and `ABORT` before TLS (FORCEDTLS).
+    pub required: bool,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
 
 /// One export as negotiation describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,8 +117,19 @@ pub struct Negotiated {
     pub base_allocation: Option<u32>,
 }
 
+/// A successful negotiation: what was chosen, and the TLS session the transmission phase
+/// continues in (None without `STARTTLS`).
+pub struct Outcome {
+    pub negotiated: Negotiated,
+    pub tls: Option<ServerConnection>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
+    #[error("NBD negotiation: TLS: {0}")]
+    Tls(rustls::Error),
+    #[error("NBD_OPT_EXPORT_NAME before STARTTLS while TLS is required")]
+    TlsRequired,
     #[error("NBD negotiation: {what}: {source}")]
     Io {
         what: &'static str,
@@ -120,10 +164,48 @@ pub enum HandshakeError {
 /// Ok(None): the client aborted or left cleanly during negotiation (LIST then disconnect, ABORT).
 /// "Cleanly" means the stream ended before the client flags or between two options; an end in
 /// the middle of a message is [`HandshakeError::Truncated`]. On `Ok(Some(_))` the stream is
-/// positioned at the first transmission request and every reply has been flushed.
+/// positioned at the first transmission request and every reply has been flushed; with TLS,
+/// bytes of that request may already sit in [`Outcome::tls`]'s buffers.
 pub fn negotiate<S: std::io::Read + std::io::Write>(
     stream: &mut S,
     exports: &dyn Exports,
+    tls: Option<&NbdTls>,
+) -> Result<Option<Outcome>, HandshakeError> {
+    let mut link = Link {
+        sock: stream,
+        tls: None,
+    };
+    match negotiate_on(&mut link, exports, tls) {
+        Ok(Some(negotiated)) => Ok(Some(Outcome {
+            negotiated,
+            tls: link.tls,
+        })),
+        Ok(None) => Ok(None),
+        Err(e) => Err(tls_error(e)),
+    }
+}
+
+/// A rustls error that surfaced through the stream as an I/O error, named as what it is.
+fn tls_error(e: HandshakeError) -> HandshakeError {
+    match e {
+        HandshakeError::Io { what, source } => {
+            let is_tls = source
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>());
+            if !is_tls {
+                return HandshakeError::Io { what, source };
+            }
+            let inner = source.into_inner().expect("checked above");
+            HandshakeError::Tls(*inner.downcast::<rustls::Error>().expect("checked above"))
+        }
+        e => e,
+    }
+}
+
+fn negotiate_on<S: Read + Write>(
+    stream: &mut Link<'_, S>,
+    exports: &dyn Exports,
+    tls: Option<&NbdTls>,
 ) -> Result<Option<Negotiated>, HandshakeError> {
     let mut greeting = [0u8; proto::GREETING_BYTES];
     proto::encode_greeting(SERVER_FLAGS, &mut greeting);
@@ -145,6 +227,7 @@ pub fn negotiate<S: std::io::Read + std::io::Write>(
     let mut session = Session {
         stream,
         exports,
+        tls,
         no_zeroes: flags & client_flag::NO_ZEROES != 0,
         structured_replies: false,
         meta_export: None,
@@ -167,9 +250,10 @@ enum Step {
     Done(Negotiated),
 }
 
-struct Session<'a, S> {
-    stream: &'a mut S,
+struct Session<'a, 's, S> {
+    stream: &'a mut Link<'s, S>,
     exports: &'a dyn Exports,
+    tls: Option<&'a NbdTls>,
     no_zeroes: bool,
     structured_replies: bool,
     /// The export named by the last successful `SET_META_CONTEXT` that selected
@@ -177,7 +261,7 @@ struct Session<'a, S> {
     meta_export: Option<String>,
 }
 
-impl<S: Read + Write> Session<'_, S> {
+impl<S: Read + Write> Session<'_, '_, S> {
     /// Reads one option and answers it.
     fn option(&mut self) -> Result<Step, HandshakeError> {
         let mut header = [0u8; proto::OPTION_HEADER_BYTES];
@@ -197,6 +281,15 @@ impl<S: Read + Write> Session<'_, S> {
     }
 
     fn dispatch(&mut self, option: u32, data: &[u8]) -> Result<Step, HandshakeError> {
+        let tls_missing = self.tls.is_some_and(|t| t.required) && self.stream.tls.is_none();
+        if tls_missing && !matches!(option, opt::STARTTLS | opt::ABORT) {
+            if option == opt::EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            let msg = "TLS is required: send NBD_OPT_STARTTLS first";
+            self.reply_error(option, rep::ERR_TLS_REQD, msg)?;
+            return Ok(Step::Continue);
+        }
         match option {
             opt::EXPORT_NAME => self.export_name(data).map(Step::Done),
             opt::ABORT => {
@@ -215,15 +308,51 @@ impl<S: Read + Write> Session<'_, S> {
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 self.meta_context(option, data).map(|()| Step::Continue)
             }
-            opt::STARTTLS => {
-                self.reply_error(option, rep::ERR_POLICY, "TLS is not offered by this server")?;
-                Ok(Step::Continue)
-            }
+            opt::STARTTLS => self.starttls(data).map(|()| Step::Continue),
             _ => {
                 self.reply_error(option, rep::ERR_UNSUP, "option not supported")?;
                 Ok(Step::Continue)
             }
         }
+    }
+
+    /// `STARTTLS`: `ACK` in plain text, then the TLS handshake on the same socket; the state of
+    /// earlier options is forgotten.
+    fn starttls(&mut self, data: &[u8]) -> Result<(), HandshakeError> {
+        let Some(tls) = self.tls else {
+            let msg = "TLS is not offered by this server";
+            return self.reply_error(opt::STARTTLS, rep::ERR_POLICY, msg);
+        };
+        if self.stream.tls.is_some() {
+            let msg = "TLS is already negotiated";
+            return self.reply_error(opt::STARTTLS, rep::ERR_INVALID, msg);
+        }
+        if !data.is_empty() {
+            let msg = "STARTTLS takes no data";
+            return self.reply_error(opt::STARTTLS, rep::ERR_INVALID, msg);
+        }
+        self.reply(opt::STARTTLS, rep::ACK, &[])?;
+        flush(self.stream)?;
+        let mut session = ServerConnection::new(tls.config.clone()).map_err(HandshakeError::Tls)?;
+        while session.is_handshaking() {
+            // complete_io sends rustls's alert itself when the handshake fails.
+            let (read, _) =
+                session
+                    .complete_io(self.stream.sock)
+                    .map_err(|source| HandshakeError::Io {
+                        what: "TLS handshake",
+                        source,
+                    })?;
+            if read == 0 && session.is_handshaking() {
+                return Err(HandshakeError::Truncated {
+                    what: "the TLS handshake",
+                });
+            }
+        }
+        self.stream.tls = Some(session);
+        self.structured_replies = false;
+        self.meta_export = None;
+        Ok(())
     }
 
     /// Option data over [`OPTION_DATA_MAX_BYTES`]: discard and refuse, or close.
@@ -430,6 +559,74 @@ impl<S: Read + Write> Session<'_, S> {
     }
 }
 
+/// The client's socket, plain until `STARTTLS` and through rustls's buffers after it. Reads
+/// and writes block on the socket as the plain path does; rustls buffers at most one record
+/// of received plaintext and its default send limit of outgoing data.
+struct Link<'s, S> {
+    sock: &'s mut S,
+    tls: Option<ServerConnection>,
+}
+
+impl<S: Read + Write> Link<'_, S> {
+    /// Writes every TLS record rustls has ready to the socket.
+    fn send_tls(&mut self) -> std::io::Result<()> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(());
+        };
+        while tls.wants_write() {
+            tls.write_tls(self.sock)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Read + Write> Read for Link<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.sock.read(buf);
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                // The client closed without close_notify: an end of stream all the same (the
+                // caller decides whether it came between messages).
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(self.sock)? == 0 {
+                // Seen by rustls: the next reader() call reports the end.
+                continue;
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // rustls queued an alert saying why; sending it is a courtesy.
+                let _ = self.send_tls();
+                return Err(std::io::Error::new(ErrorKind::InvalidData, e));
+            }
+        }
+    }
+}
+
+impl<S: Read + Write> Write for Link<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.sock.write(buf);
+        };
+        let n = tls.writer().write(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        // rustls's send buffer is full: move it to the socket, then it takes more.
+        self.send_tls()?;
+        self.tls.as_mut().expect("TLS session").writer().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_tls()?;
+        self.sock.flush()
+    }
+}
+
 /// Checks an export name from the wire: at most [`EXPORT_NAME_MAX_BYTES`], UTF-8, no NUL.
 fn export_name(bytes: &[u8]) -> Result<&str, &'static str> {
     if bytes.len() > EXPORT_NAME_MAX_BYTES {
@@ -546,7 +743,7 @@ mod tests {
                 input: Cursor::new(self.0),
                 output: Vec::new(),
             };
-            let r = negotiate(&mut d, &table());
+            let r = negotiate(&mut d, &table(), None).map(|o| o.map(|o| o.negotiated));
             (r, d.output)
         }
     }
@@ -691,7 +888,7 @@ mod tests {
             input: Cursor::new(input.0),
             output: Vec::new(),
         };
-        assert!(negotiate(&mut d, &exports).unwrap().is_none());
+        assert!(negotiate(&mut d, &exports, None).unwrap().is_none());
         let rs = replies(&d.output);
         let k: Vec<u32> = rs.iter().map(|r| r.1).collect();
         assert_eq!(
@@ -937,5 +1134,112 @@ mod tests {
                 "cut at {cut}: {r:?}"
             );
         }
+    }
+
+    /// A CA in a fresh temporary directory, with a node certificate for 127.0.0.1 and an
+    /// admin certificate for the client.
+    fn tls_pair(test: &str) -> (cairn_tls::Tls, cairn_tls::Tls, std::path::PathBuf) {
+        use cairn_tls::{issue, Identity, Tls, TlsFiles};
+        let dir = std::env::temp_dir().join(format!("cairn-nbd-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        issue::init_ca(&dir).unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        let node = issue::issue(&dir, &Identity::Node("n1".into()), &[ip], &[]).unwrap();
+        let admin = issue::issue(&dir, &Identity::Admin("c".into()), &[], &[]).unwrap();
+        let server = Tls::load(&TlsFiles::in_dir(&node)).unwrap();
+        let client = Tls::load(&TlsFiles::in_dir(&admin)).unwrap();
+        (server, client, dir)
+    }
+
+    #[test]
+    fn tls_required_refuses_options_before_starttls() {
+        let (server, _, dir) = tls_pair("required");
+        let tls = NbdTls {
+            config: server.server_config_no_client_auth(),
+            required: true,
+        };
+        let input = Client::new(FIXED)
+            .opt(opt::LIST, &[])
+            .opt(opt::GO, &proto::encode_info_request(b"pg", &[]))
+            .opt(opt::EXPORT_NAME, b"pg");
+        let mut d = Duplex {
+            input: Cursor::new(input.0),
+            output: Vec::new(),
+        };
+        let r = negotiate(&mut d, &table(), Some(&tls));
+        assert!(
+            matches!(r, Err(HandshakeError::TlsRequired)),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(kinds(&d.output), [rep::ERR_TLS_REQD, rep::ERR_TLS_REQD]);
+        let input = Client::new(FIXED).opt(opt::ABORT, &[]);
+        let mut d = Duplex {
+            input: Cursor::new(input.0),
+            output: Vec::new(),
+        };
+        assert!(negotiate(&mut d, &table(), Some(&tls)).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// STARTTLS on a real socket pair with a rustls client: the options after it go through
+    /// TLS, structured replies negotiated before it are forgotten, and the session comes back
+    /// for the transmission phase.
+    #[test]
+    fn starttls_then_go_through_tls() {
+        use std::os::unix::net::UnixStream;
+        let (server, client, dir) = tls_pair("starttls");
+        let tls = NbdTls {
+            config: server.server_config(),
+            required: false,
+        };
+        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        let client_side = std::thread::spawn(move || {
+            let mut greeting = [0u8; 18];
+            theirs.read_exact(&mut greeting).unwrap();
+            let opts = Client::new(FIXED_NZ)
+                .opt(opt::STRUCTURED_REPLY, &[])
+                .opt(opt::STARTTLS, &[]);
+            theirs.write_all(&opts.0).unwrap();
+            let mut replies = [0u8; 2 * proto::OPTION_REPLY_HEADER_BYTES];
+            theirs.read_exact(&mut replies).unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let conn = rustls::ClientConnection::new(client.client_config(), name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, theirs);
+            let go = Client(Vec::new()).opt(opt::GO, &proto::encode_info_request(b"pg", &[]));
+            tls.write_all(&go.0).unwrap();
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !out.ends_with(&[0, 0, 0, 1, 0, 0, 0, 0]) {
+                let n = tls.read(&mut buf).unwrap();
+                assert!(n > 0, "server ended the TLS stream");
+                out.extend_from_slice(&buf[..n]);
+            }
+            (replies, out)
+        });
+        let outcome = negotiate(&mut ours, &table(), Some(&tls)).unwrap().unwrap();
+        let (plain, through_tls) = client_side.join().unwrap();
+        assert!(outcome.tls.is_some(), "the session goes on to transmission");
+        assert!(
+            !outcome.negotiated.structured_replies,
+            "STRUCTURED_REPLY before STARTTLS is forgotten"
+        );
+        assert_eq!(outcome.negotiated.export.name, "pg");
+        assert_eq!(
+            &plain[12..16],
+            &rep::ACK.to_be_bytes(),
+            "STRUCTURED_REPLY ACK"
+        );
+        assert_eq!(&plain[20 + 8..20 + 12], &opt::STARTTLS.to_be_bytes());
+        assert_eq!(
+            &plain[20 + 12..20 + 16],
+            &rep::ACK.to_be_bytes(),
+            "STARTTLS ACK"
+        );
+        let mut framed = b"NBDMAGICIHAVEOPT\0\x03".to_vec();
+        framed.extend_from_slice(&through_tls);
+        let k: Vec<u32> = replies(&framed).into_iter().map(|r| r.1).collect();
+        assert_eq!(k, [rep::INFO, rep::INFO, rep::ACK]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

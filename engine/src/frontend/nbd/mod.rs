@@ -10,6 +10,11 @@
 //!   order (never serialised per connection).
 //! * [`server`]: listeners, the export table and per-export statistics.
 //!
+//! TLS (`NBD_OPT_STARTTLS`, [`NbdTls`]): the handshake thread runs the TLS handshake on its
+//! blocking socket; the rustls session then moves with the socket to the reactor, where
+//! [`conn`] feeds it the ciphertext io_uring receives and sends what it encrypts, so a TLS
+//! connection is driven exactly like a plain one (no thread of its own).
+//!
 //! It must never block a reactor, allocate per request in steady state, or let one client's
 //! behaviour (not reading replies, half-sent requests) hold resources another client needs:
 //! DMA buffers are held only while a bdev request is in flight.
@@ -19,6 +24,7 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 
+pub use handshake::NbdTls;
 pub use server::{
     ExportOptions, ExportStats, ExportStatus, NbdConfig, NbdError, NbdServer, LATENCY_BUCKETS_US,
 };

@@ -1,15 +1,15 @@
 //! Listeners, the export table and per-export statistics of the NBD server.
 
 use super::conn::{ExportConn, DRAIN_MAX};
-use super::handshake::{self, ExportInfo, Exports, HandshakeError};
+use super::handshake::{self, ExportInfo, Exports, HandshakeError, NbdTls, Outcome};
 use super::proto::{tx_flag, PAYLOAD_MAX_BYTES};
 use crate::bdev::Bdev;
 use crate::core_list::CoreId;
 use crate::engine::{BdevHandle, Engine, EngineError};
-use crate::frontend::admission::{Admission, AdmissionLimits, Cancel, Ticket};
+use crate::frontend::admission::{Admission, AdmissionLimits, Cancel, Ticket, SUMMARY_PERIOD};
 use crate::owner_only;
 use crate::reactor::BdevId;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -81,6 +81,9 @@ pub struct NbdConfig {
     /// (so a taken port fails before any pool is touched), registers its exports, then opens
     /// the door. Clients that connect meanwhile wait in the listen backlog.
     pub start_paused: bool,
+    /// Offer `NBD_OPT_STARTTLS` (and, with [`NbdTls::required`], insist on it); None: the
+    /// spec's NOTLS mode.
+    pub tls: Option<NbdTls>,
 }
 
 impl Default for NbdConfig {
@@ -94,6 +97,7 @@ impl Default for NbdConfig {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             reply_budget_bytes: REPLY_BUDGET_BYTES_DEFAULT,
             start_paused: false,
+            tls: None,
         }
     }
 }
@@ -294,6 +298,53 @@ impl ExportEntry {
     }
 }
 
+/// TLS failures (a handshake refused, a session that broke, a client that skipped a required
+/// `STARTTLS`), logged like admission's refusals: the first in each [`SUMMARY_PERIOD`] with its
+/// peer and error, then one summary line, so a flood of bad handshakes cannot fill the disk.
+pub(crate) struct TlsFailureLog {
+    /// Start of the current period and failures counted in it.
+    state: Mutex<(Instant, u64)>,
+}
+
+impl TlsFailureLog {
+    fn new() -> TlsFailureLog {
+        TlsFailureLog {
+            state: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Counts one failure; the first of a period is logged with `peer` and `error`.
+    pub(crate) fn note(&self, peer: &str, error: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        Self::flush_locked(&mut st, now);
+        if st.1 == 0 {
+            st.0 = now;
+            tracing::warn!(peer, error = %error, "NBD TLS failure, connection closed; further ones are summarised");
+        }
+        st.1 += 1;
+    }
+
+    /// Writes the summary of a period that has ended (the accept loop calls it).
+    fn flush(&self) {
+        Self::flush_locked(&mut self.state.lock(), Instant::now());
+    }
+
+    fn flush_locked(st: &mut (Instant, u64), now: Instant) {
+        if st.1 == 0 || now.saturating_duration_since(st.0) < SUMMARY_PERIOD {
+            return;
+        }
+        if st.1 > 1 {
+            tracing::warn!(
+                "{} NBD TLS failures in the last {} s",
+                st.1,
+                SUMMARY_PERIOD.as_secs()
+            );
+        }
+        st.1 = 0;
+    }
+}
+
 /// What listeners, handshake threads and connections share.
 pub(crate) struct ServerShared {
     engine: Arc<Engine>,
@@ -311,6 +362,7 @@ pub(crate) struct ServerShared {
     handshakes: AtomicUsize,
     /// The negotiations' deadline and limits; a stopping server cuts them all short.
     admission: Arc<Admission>,
+    pub(crate) tls_failures: TlsFailureLog,
     next_core: AtomicUsize,
     cores: Vec<CoreId>,
 }
@@ -367,12 +419,16 @@ impl ServerShared {
     where
         S: Read + Write + AsRawFd + Into<OwnedFd>,
     {
-        let result = handshake::negotiate(&mut stream, &**self);
+        let result = handshake::negotiate(&mut stream, &**self, self.config.tls.as_ref());
         // Before the socket goes to a reactor: no deadline or eviction may reach it there.
         drop(ticket);
-        let negotiated = match result {
-            Ok(Some(n)) => n,
+        let Outcome { negotiated, tls } = match result {
+            Ok(Some(outcome)) => outcome,
             Ok(None) => return,
+            Err(e @ (HandshakeError::Tls(_) | HandshakeError::TlsRequired)) => {
+                self.tls_failures.note(peer, &e);
+                return;
+            }
             // A client that vanishes mid-negotiation (a port probe) is routine; a client that
             // breaks the protocol is worth an operator's attention.
             Err(e @ (HandshakeError::Io { .. } | HandshakeError::Truncated { .. })) => {
@@ -403,6 +459,7 @@ impl ServerShared {
             self.clone(),
             negotiated.structured_replies,
             negotiated.base_allocation,
+            tls.map(|session| (session, peer.to_string())),
         ) {
             Ok(c) => c,
             Err(e) => {
@@ -534,6 +591,7 @@ impl Listener for UnixListener {
 fn accept_loop<L: Listener>(shared: Arc<ServerShared>, listener: L) {
     while !shared.stopping.load(Ordering::Relaxed) {
         shared.admission.sweep();
+        shared.tls_failures.flush();
         if shared.paused.load(Ordering::Acquire) {
             std::thread::sleep(PAUSED_POLL);
             continue;
@@ -636,6 +694,7 @@ impl NbdServer {
             reply_budget_free: AtomicUsize::new(reply_budget),
             handshakes: AtomicUsize::new(0),
             admission,
+            tls_failures: TlsFailureLog::new(),
             next_core: AtomicUsize::new(0),
             cores,
         });
