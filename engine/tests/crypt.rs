@@ -163,7 +163,7 @@ fn the_pool_file_holds_only_ciphertext_and_reads_decrypt() {
         .unwrap();
     let vol = s.pool.open_volume(&s.engine, "v").unwrap();
     let k = key(0x11);
-    let enc = attach(&s.engine, &vol, "v-crypt", "v", &k).unwrap();
+    let enc = attach(&s.engine, &vol, "v-crypt", "v", &k, true).unwrap();
     assert_eq!(
         enc.info().size_bytes,
         VOLUME_BYTES - u64::from(CRYPT_HEADER_BYTES)
@@ -211,12 +211,12 @@ fn a_wrong_key_is_refused_naming_the_volume() {
         .create_volume(&s.engine, "secret", VOLUME_BYTES, vec![])
         .unwrap();
     let vol = s.pool.open_volume(&s.engine, "secret").unwrap();
-    let enc = attach(&s.engine, &vol, "c1", "secret", &key(0x22)).unwrap();
+    let enc = attach(&s.engine, &vol, "c1", "secret", &key(0x22), true).unwrap();
     s.engine.remove_bdev(&enc).unwrap();
-    let err = attach(&s.engine, &vol, "c2", "secret", &key(0x23)).unwrap_err();
+    let err = attach(&s.engine, &vol, "c2", "secret", &key(0x23), true).unwrap_err();
     assert!(matches!(err, CryptError::WrongKey { .. }), "{err}");
     assert!(err.to_string().contains("'secret'"), "{err}");
-    let again = attach(&s.engine, &vol, "c3", "secret", &key(0x22)).unwrap();
+    let again = attach(&s.engine, &vol, "c3", "secret", &key(0x22), true).unwrap();
     s.engine.remove_bdev(&again).unwrap();
     s.pool.close_volume(&s.engine, &vol).unwrap();
 }
@@ -232,7 +232,7 @@ fn a_plain_volume_with_data_is_not_encrypted_over() {
         let mut q = s.engine.queue(&vol, s.engine.cores()[0], 1).unwrap();
         q.write_at(0, &patterned(4096), true).unwrap();
     }
-    let err = attach(&s.engine, &vol, "c", "plain", &key(0x33)).unwrap_err();
+    let err = attach(&s.engine, &vol, "c", "plain", &key(0x33), true).unwrap_err();
     assert!(matches!(err, CryptError::NotEncrypted { .. }), "{err}");
     s.pool.close_volume(&s.engine, &vol).unwrap();
 }
@@ -244,7 +244,7 @@ fn snapshots_and_clones_read_back_with_the_key() {
     s.pool.create_volume(e, "v", VOLUME_BYTES, vec![]).unwrap();
     let vol = s.pool.open_volume(e, "v").unwrap();
     let k = key(0x44);
-    let enc = attach(e, &vol, "v-crypt", "v", &k).unwrap();
+    let enc = attach(e, &vol, "v-crypt", "v", &k, true).unwrap();
     let data = patterned(64 << 10);
     {
         let mut q = e.queue(&enc, e.cores()[0], 4).unwrap();
@@ -257,7 +257,7 @@ fn snapshots_and_clones_read_back_with_the_key() {
     s.pool.clone_snapshot(e, "snap", "copy").unwrap();
 
     let snap = s.pool.open_volume(e, "snap").unwrap();
-    let snap_enc = attach(e, &snap, "snap-crypt", "snap", &k).unwrap();
+    let snap_enc = attach(e, &snap, "snap-crypt", "snap", &k, true).unwrap();
     assert!(snap_enc.info().read_only, "a snapshot stays read-only");
     assert_eq!(
         read(e, &snap_enc, 2 * MIB, data.len()),
@@ -265,17 +265,17 @@ fn snapshots_and_clones_read_back_with_the_key() {
         "snapshot reads"
     );
     e.remove_bdev(&snap_enc).unwrap();
-    let err = attach(e, &snap, "snap-bad", "snap", &key(0x45)).unwrap_err();
+    let err = attach(e, &snap, "snap-bad", "snap", &key(0x45), true).unwrap_err();
     assert!(matches!(err, CryptError::WrongKey { .. }), "{err}");
     s.pool.close_volume(e, &snap).unwrap();
 
     let copy = s.pool.open_volume(e, "copy").unwrap();
-    let err = attach(e, &copy, "copy-bad", "copy", &key(0x45)).unwrap_err();
+    let err = attach(e, &copy, "copy-bad", "copy", &key(0x45), true).unwrap_err();
     assert!(
         matches!(err, CryptError::WrongKey { .. }),
         "a clone needs the same key: {err}"
     );
-    let copy_enc = attach(e, &copy, "copy-crypt", "copy", &k).unwrap();
+    let copy_enc = attach(e, &copy, "copy-crypt", "copy", &k, true).unwrap();
     assert_eq!(read(e, &copy_enc, 2 * MIB, data.len()), data, "clone reads");
     {
         let mut q = e.queue(&copy_enc, e.cores()[0], 4).unwrap();

@@ -161,6 +161,7 @@ impl Node {
             source: Source::Nexus { name: name.into() },
             handle,
             read_only,
+            crypt: None,
         })
     }
 

@@ -64,7 +64,7 @@ pub enum CryptError {
     )]
     NotEncrypted { volume: String, why: String },
     #[error(
-        "volume '{volume}' is read-only and has no encryption header to check the key against"
+        "volume '{volume}' is never-written and opened read-only: no encryption header to check the key against"
     )]
     ReadOnlyBlank { volume: String },
     #[error("volume '{volume}': block size {block_size_bytes} does not divide the {CRYPT_DATA_UNIT_BYTES}-byte data unit, or the volume is smaller than two units")]
@@ -88,15 +88,17 @@ pub enum CryptError {
 }
 
 /// Opens `inner` (a volume, snapshot or nexus already in `engine`) encrypted with `key` and
-/// registers the result as the bdev `name`. A blank device that may be written gets a fresh
-/// header; one with a header must match the key. `volume` names it in errors. The caller
-/// keeps `inner` registered until it has removed the returned bdev.
+/// registers the result as the bdev `name`. A blank device gets a fresh header when `format`
+/// is true (a read-only export passes false, so it never writes); one with a header must
+/// match the key. `volume` names it in errors. The caller keeps `inner` registered until it
+/// has removed the returned bdev.
 pub fn attach(
     engine: &Engine,
     inner: &BdevHandle,
     name: &str,
     volume: &str,
     key: &CryptKey,
+    format: bool,
 ) -> Result<BdevHandle, CryptError> {
     let info = inner.info();
     let bs = info.block_size_bytes;
@@ -134,7 +136,7 @@ pub fn attach(
                 why,
             })
         }
-        Found::Blank if info.read_only => {
+        Found::Blank if info.read_only || !format => {
             return Err(CryptError::ReadOnlyBlank {
                 volume: volume.into(),
             })
