@@ -2,15 +2,17 @@
 //!
 //! Why not `xts-mode`: it encrypts one AES block at a time, so AES-NI's pipeline (8 blocks in
 //! flight) sits idle; a 4 KiB data unit costs about three times as much. This module computes
-//! a run of tweaks, whitens a run of blocks in a stack buffer, encrypts the run with
-//! `encrypt_blocks` (AES-NI, chosen at run time by the `aes` crate's CPU detection) and
-//! whitens again. Data units are always whole blocks here (`CRYPT_DATA_UNIT_BYTES`), so there
+//! a run of tweaks, whitens a run of blocks where they will be stored, enciphers the run in
+//! place with `encrypt_blocks_inout` (AES-NI, chosen at run time by the `aes` crate's CPU
+//! detection) and whitens again. Data units are always whole blocks here (`CRYPT_DATA_UNIT_BYTES`), so there
 //! is no ciphertext stealing. `engine/tests/crypt_xts.rs` checks it against IEEE 1619's
 //! vector 10 and against `xts-mode` in a property test.
 //!
 //! Keys are 64 bytes: the data key (key 1) then the tweak key (key 2). They live in memory
 //! only, and [`CryptKey`] wipes its copy when dropped.
 
+use aes::cipher::consts::U16;
+use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Aes256Enc, Block};
 
@@ -18,7 +20,7 @@ use aes::{Aes256, Aes256Enc, Block};
 pub const CRYPT_KEY_BYTES: usize = 64;
 
 /// Blocks whitened and enciphered per `encrypt_blocks` call: a multiple of AES-NI's 8-block
-/// pipeline, small enough that the tweaks and the scratch stay in registers and L1.
+/// pipeline, small enough that the run and its tweaks stay in L1.
 const RUN_BLOCKS: usize = 32;
 
 /// Why a key was refused.
@@ -110,49 +112,49 @@ impl Xts {
     /// multiple of 16 bytes).
     #[inline]
     pub fn encrypt(&self, unit: u128, src: &[u8], dst: &mut [u8]) {
-        self.crypt(unit, src, dst, true);
+        self.crypt(unit, Some(src), dst, true);
     }
 
     /// Decrypts the data unit numbered `unit` from `src` into `dst`.
     #[inline]
     pub fn decrypt(&self, unit: u128, src: &[u8], dst: &mut [u8]) {
-        self.crypt(unit, src, dst, false);
+        self.crypt(unit, Some(src), dst, false);
     }
 
     /// Decrypts the data unit numbered `unit` where it lies.
     #[inline]
     pub fn decrypt_in_place(&self, unit: u128, buf: &mut [u8]) {
-        let mut run = [Block::default(); RUN_BLOCKS];
-        let mut tweaks = [0u128; RUN_BLOCKS];
-        let mut t = self.first_tweak(unit);
-        for chunk in buf.chunks_mut(RUN_BLOCKS * 16) {
-            let n = whiten_in(&mut t, chunk, &mut run, &mut tweaks);
-            self.data.decrypt_blocks(&mut run[..n]);
-            whiten_out(&run[..n], &tweaks, chunk);
-        }
+        self.crypt(unit, None, buf, false);
     }
 
-    fn crypt(&self, unit: u128, src: &[u8], dst: &mut [u8], encrypt: bool) {
+    /// Runs of `RUN_BLOCKS`: whiten (from `src`, or `dst` itself) into `dst`, encipher or
+    /// decipher `dst` in place with the multi-block path, whiten again. No scratch copy.
+    fn crypt(&self, unit: u128, src: Option<&[u8]>, dst: &mut [u8], encrypt: bool) {
         assert!(
-            src.len() == dst.len() && src.len().is_multiple_of(16),
+            src.is_none_or(|s| s.len() == dst.len()) && dst.len().is_multiple_of(16),
             "XTS data unit of {} bytes into {} bytes: both must be equal whole blocks",
-            src.len(),
+            src.map_or(dst.len(), <[u8]>::len),
             dst.len()
         );
-        let mut run = [Block::default(); RUN_BLOCKS];
         let mut tweaks = [0u128; RUN_BLOCKS];
         let mut t = self.first_tweak(unit);
-        for (s, d) in src
-            .chunks(RUN_BLOCKS * 16)
-            .zip(dst.chunks_mut(RUN_BLOCKS * 16))
-        {
-            let n = whiten_in(&mut t, s, &mut run, &mut tweaks);
-            if encrypt {
-                self.data.encrypt_blocks(&mut run[..n]);
-            } else {
-                self.data.decrypt_blocks(&mut run[..n]);
+        for (r, run) in dst.chunks_mut(RUN_BLOCKS * 16).enumerate() {
+            let from = src.map(|s| &s[r * RUN_BLOCKS * 16..][..run.len()]);
+            for (i, (block, tw)) in run.chunks_exact_mut(16).zip(tweaks.iter_mut()).enumerate() {
+                let plain = load(from.map_or(&*block, |f| &f[i * 16..][..16]));
+                *tw = t;
+                block.copy_from_slice(&(plain ^ t).to_le_bytes());
+                t = mul_alpha(t);
             }
-            whiten_out(&run[..n], &tweaks, d);
+            let (blocks, _) = InOutBuf::from(&mut *run).into_chunks::<U16>();
+            if encrypt {
+                self.data.encrypt_blocks_inout(blocks);
+            } else {
+                self.data.decrypt_blocks_inout(blocks);
+            }
+            for (block, tw) in run.chunks_exact_mut(16).zip(tweaks.iter()) {
+                xor_tweak(block, *tw);
+            }
         }
     }
 
@@ -165,32 +167,22 @@ impl Xts {
     }
 }
 
+/// A 16-byte block as a little-endian number.
+#[inline(always)]
+fn load(block: &[u8]) -> u128 {
+    u128::from_le_bytes(block.try_into().expect("16-byte block"))
+}
+
+/// XORs a 16-byte block with a tweak (little-endian).
+#[inline(always)]
+fn xor_tweak(block: &mut [u8], t: u128) {
+    let b = load(block);
+    block.copy_from_slice(&(b ^ t).to_le_bytes());
+}
+
 /// Multiplies a tweak by α in GF(2^128) (IEEE 1619's little-endian convention).
 #[inline(always)]
 fn mul_alpha(t: u128) -> u128 {
     let carry = ((t >> 127) as u8).wrapping_neg() & 0x87;
     (t << 1) ^ u128::from(carry)
-}
-
-/// Loads `src`'s blocks XOR their tweaks into `run`, keeps the tweaks, advances `t`; returns
-/// the block count.
-#[inline(always)]
-fn whiten_in(t: &mut u128, src: &[u8], run: &mut [Block], tweaks: &mut [u128]) -> usize {
-    let n = src.len() / 16;
-    for (i, block) in src.chunks_exact(16).enumerate() {
-        let p = u128::from_le_bytes(block.try_into().expect("16-byte chunk"));
-        tweaks[i] = *t;
-        run[i] = Block::from((p ^ *t).to_le_bytes());
-        *t = mul_alpha(*t);
-    }
-    n
-}
-
-/// Stores `run`'s blocks XOR their tweaks into `dst`.
-#[inline(always)]
-fn whiten_out(run: &[Block], tweaks: &[u128], dst: &mut [u8]) {
-    for ((block, out), t) in run.iter().zip(dst.chunks_exact_mut(16)).zip(tweaks) {
-        let c = u128::from_le_bytes((*block).into()) ^ t;
-        out.copy_from_slice(&c.to_le_bytes());
-    }
 }
