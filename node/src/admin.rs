@@ -112,8 +112,6 @@ pub fn status_of(e: &NodeError) -> Status {
     Status::new(code_of(e), e.to_string())
 }
 
-// tonic's own API returns `Status` unboxed; this matches it.
-#[allow(clippy::result_large_err)]
 /// Encrypted exports: CryptError's kinds as gRPC codes. A wrong key or data that is not an
 /// encrypted volume is the caller's precondition, not a server fault.
 fn crypt_code(e: &CryptError) -> Code {
@@ -127,6 +125,8 @@ fn crypt_code(e: &CryptError) -> Code {
 }
 
 /// An export's key: none when empty, else 64 raw bytes or 128 hex digits.
+// tonic's own API returns `Status` unboxed; this matches it.
+#[allow(clippy::result_large_err)]
 fn encryption_key(bytes: &[u8]) -> Result<Option<CryptKey>, Status> {
     if bytes.is_empty() {
         return Ok(None);
@@ -136,6 +136,8 @@ fn encryption_key(bytes: &[u8]) -> Result<Option<CryptKey>, Status> {
         .map_err(|e| Status::invalid_argument(format!("encryption_key: {e}")))
 }
 
+// tonic's own API returns `Status` unboxed; this matches it.
+#[allow(clippy::result_large_err)]
 fn required(what: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         return Err(Status::invalid_argument(format!("{what} is required")));
@@ -231,9 +233,12 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportInfo>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         required("name", &r.name)?;
-        let key = encryption_key(&r.encryption_key)?;
+        // The parsed key wipes itself when dropped; wipe the request's copy now.
+        let key = encryption_key(&r.encryption_key);
+        r.encryption_key.fill(0);
+        let key = key?;
         self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only, r.nexus, key))
             .await
     }

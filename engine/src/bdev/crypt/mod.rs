@@ -289,11 +289,12 @@ impl CryptChannel {
         // its completion, and a write's buffer is only read.
         let src = unsafe { buf.as_slice(req.len_bytes) };
         // SAFETY: as in `forward`: slot `b` is ours and nothing is in flight on it yet.
-        let dst = unsafe {
+        let bounce = unsafe {
             self.bounce
                 .io_buf(b as usize * self.slot_bytes, req.len_bytes)
-                .as_mut_slice(req.len_bytes)
         };
+        // SAFETY: the view spans slot `b`, which no request uses until `forward` below.
+        let dst = unsafe { bounce.as_mut_slice(req.len_bytes) };
         let unit = CRYPT_DATA_UNIT_BYTES as usize;
         let first = req.offset_bytes / u64::from(CRYPT_DATA_UNIT_BYTES);
         for (i, (s, d)) in src.chunks(unit).zip(dst.chunks_mut(unit)).enumerate() {
