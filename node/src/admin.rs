@@ -117,6 +117,7 @@ pub fn status_of(e: &NodeError) -> Status {
 fn crypt_code(e: &CryptError) -> Code {
     match e {
         CryptError::WrongKey { .. }
+        | CryptError::KeyNeeded { .. }
         | CryptError::NotEncrypted { .. }
         | CryptError::ReadOnlyBlank { .. } => Code::FailedPrecondition,
         CryptError::Geometry { .. } => Code::InvalidArgument,

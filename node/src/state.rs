@@ -454,7 +454,7 @@ impl Node {
         }
         let slot = match key {
             Some(key) => self.encrypt(&st, slot, &key, export_name)?,
-            None => slot,
+            None => self.refuse_encrypted(&st, slot)?,
         };
         let options = ExportOptions {
             read_only: slot.read_only,
@@ -499,6 +499,20 @@ impl Node {
                 slot.crypt = Some(handle);
                 Ok(slot)
             }
+            Err(e) => {
+                self.release(st, &slot);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Passes a plain export's source unless it is encrypted (then it needs its key).
+    fn refuse_encrypted(&self, st: &State, slot: ExportSlot) -> Result<ExportSlot, NodeError> {
+        let volume = match &slot.source {
+            Source::Object { name, .. } | Source::Malloc { name } | Source::Nexus { name } => name,
+        };
+        match cairn_engine::bdev::crypt::refuse_plain(&self.engine, &slot.handle, volume) {
+            Ok(()) => Ok(slot),
             Err(e) => {
                 self.release(st, &slot);
                 Err(e.into())

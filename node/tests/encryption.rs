@@ -5,8 +5,8 @@
 //!   neither replica's pool file (each read raw, as anyone with access to the file could):
 //!   the crypt layer sits above the nexus, so replicas and the replica link carry only
 //!   ciphertext.
-//! * A wrong key is refused with FAILED_PRECONDITION naming the volume; the right key serves
-//!   the same data again after re-export.
+//! * A wrong key, and an export without a key, are refused with FAILED_PRECONDITION naming
+//!   the volume; the right key serves the same data again after re-export.
 //! * The key's bytes (raw or hex) appear in no file under either node's data dir.
 //!
 //! On main there is no encryption at all: the pattern sits in both pool files in the clear.
@@ -134,6 +134,17 @@ fn replicas_hold_only_ciphertext_and_a_wrong_key_is_refused() {
         "names the volume: {err}"
     );
     assert!(err.message().contains("wrong key"), "{err}");
+    let plain = pb::ExportRequest {
+        name: VOLUME.into(),
+        nexus: true,
+        ..Default::default()
+    };
+    let err = admin.try_export(plain).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(
+        err.message().contains("is encrypted"),
+        "a keyless export is refused: {err}"
+    );
     admin
         .try_export(export_req(&key))
         .expect("the right key again");

@@ -112,6 +112,11 @@ pub fn inspect(xts: &Xts, b: &[u8]) -> Found {
     }
 }
 
+/// Whether a device's first bytes carry the header's magic: a volume encrypted by some key.
+pub fn has_magic(b: &[u8]) -> bool {
+    b.starts_with(&MAGIC)
+}
+
 /// A fresh random salt.
 pub fn salt() -> std::io::Result<[u8; SALT_BYTES]> {
     let mut s = [0u8; SALT_BYTES];

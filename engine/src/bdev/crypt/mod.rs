@@ -63,6 +63,8 @@ pub enum CryptError {
         "volume '{volume}' holds data but is not encrypted ({why}); refusing to encrypt over it"
     )]
     NotEncrypted { volume: String, why: String },
+    #[error("volume '{volume}' is encrypted; export it with its key (--key-file or --key-env)")]
+    KeyNeeded { volume: String },
     #[error(
         "volume '{volume}' is never-written and opened read-only: no encryption header to check the key against"
     )]
@@ -155,6 +157,28 @@ pub fn attach(
     drop(q);
     let bdev = CryptBdev::new(name, engine.bdev(inner)?, inner.id(), xts);
     Ok(engine.add_bdev(Arc::new(bdev))?)
+}
+
+/// Refuses to serve an encrypted device without its key: a plain export would hand out
+/// ciphertext and let a client overwrite the encryption header. Devices smaller than the
+/// header cannot hold one and pass.
+pub fn refuse_plain(engine: &Engine, inner: &BdevHandle, volume: &str) -> Result<(), CryptError> {
+    if inner.info().size_bytes < u64::from(CRYPT_HEADER_BYTES) {
+        return Ok(());
+    }
+    let mut q = engine.queue(inner, engine.cores()[0], 1)?;
+    let mut block = vec![0u8; CRYPT_HEADER_BYTES as usize];
+    q.read_at(0, &mut block).map_err(|source| CryptError::Io {
+        volume: volume.into(),
+        what: "reading the first block",
+        source,
+    })?;
+    if header::has_magic(&block) {
+        return Err(CryptError::KeyNeeded {
+            volume: volume.into(),
+        });
+    }
+    Ok(())
 }
 
 /// A device whose data is encrypted on another bdev of the same engine.
