@@ -182,6 +182,12 @@ ctl=("$bin/cairnctl" node)
 "${ctl[@]}" export add scratch-test --nexus
 "${ctl[@]}" volume ls
 "${ctl[@]}" --json stats >/dev/null
+readme 'target/release/cairnctl node volume create pg2 1G'
+readme 'head -c 64 /dev/urandom > pg2.key && target/release/cairnctl node export add pg2 --key-file pg2.key'
+"${ctl[@]}" volume create pg2 1G
+head -c 64 /dev/urandom >"$tmp/pg2.key"
+"${ctl[@]}" export add pg2 --key-file "$tmp/pg2.key" | grep encrypted
+nbdinfo nbd://127.0.0.1:10809/pg2 | grep -E 'export-size'
 kill -INT "$node_pid"
 rc=0
 wait "$node_pid" || rc=$?
@@ -278,6 +284,9 @@ readme 'cairn-perf compare --file F --size 4G --rounds 3'
 readme 'cairn-perf compare --file F --size 4G --rounds 3 --runtime 5 --json --rw RW --qd QD'
 "${perf[@]}" compare --file "$img" --size 64M --rounds 1 --runtime 1 --json --rw randwrite --qd 1 \
   >/dev/null
+readme 'cairn-perf compare --candidate volume --encrypt'
+"${perf[@]}" compare --candidate volume --encrypt --file "$img" --size 64M --rounds 1 --runtime 1 \
+  --rw randrw --qd 32
 readme 'cairn-perf idle'
 readme 'cairn-perf idle --cores 2 --seconds 10'
 "${perf[@]}" idle --cores 2 --seconds 1

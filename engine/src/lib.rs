@@ -24,7 +24,9 @@
 //! * [`bdev`]: the block-device trait, per-core channels, request validation (once, before any
 //!   channel) and the I/O error type; backends [`bdev::uring`] (file or device, O_DIRECT),
 //!   [`bdev::malloc`], [`bdev::null`], [`bdev::fault`] (deterministic fault injection for
-//!   tests) and [`bdev::nbd`] (a remote NBD export, a simple client on its own thread).
+//!   tests), [`bdev::nbd`] (a remote NBD export, a simple client on its own thread) and
+//!   [`bdev::crypt`] (AES-256-XTS encryption at rest, stacked on a volume or nexus at the
+//!   front end so everything below it holds ciphertext).
 //! * [`engine`]: the public, thread-agnostic API; control operations may allocate, the I/O
 //!   path through a queue does not.
 //!   * `config`: [`EngineConfig`], the default limits and [`EngineError`].

@@ -14,6 +14,7 @@
 use crate::proto as pb;
 use crate::proto::node_admin_server::NodeAdmin;
 use crate::state::{Node, NodeError};
+use cairn_engine::bdev::crypt::{CryptError, CryptKey};
 use cairn_engine::frontend::nbd::NbdError;
 use cairn_engine::volume::PoolError;
 use cairn_replication::nexus::manager::NexusError;
@@ -178,6 +179,7 @@ pub fn code_of(e: &NodeError) -> Code {
         NodeError::NoSuchFault { .. } => Code::NotFound,
         NodeError::Replication(_) => Code::InvalidArgument,
         NodeError::Nexus(e) => nexus_code(e),
+        NodeError::Crypt(e) => crypt_code(e),
     }
 }
 
@@ -224,6 +226,31 @@ fn nbd_code(e: &NbdError) -> Code {
 
 pub fn status_of(e: &NodeError) -> Status {
     Status::new(code_of(e), e.to_string())
+}
+
+/// Encrypted exports: CryptError's kinds as gRPC codes. A wrong key or data that is not an
+/// encrypted volume is the caller's precondition, not a server fault.
+fn crypt_code(e: &CryptError) -> Code {
+    match e {
+        CryptError::WrongKey { .. }
+        | CryptError::KeyNeeded { .. }
+        | CryptError::NotEncrypted { .. }
+        | CryptError::ReadOnlyBlank { .. } => Code::FailedPrecondition,
+        CryptError::Geometry { .. } => Code::InvalidArgument,
+        CryptError::Io { .. } | CryptError::Random { .. } | CryptError::Engine(_) => Code::Internal,
+    }
+}
+
+/// An export's key: none when empty, else 64 raw bytes or 128 hex digits.
+// tonic's own API returns `Status` unboxed; this matches it.
+#[allow(clippy::result_large_err)]
+fn encryption_key(bytes: &[u8]) -> Result<Option<CryptKey>, Status> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    CryptKey::parse(bytes)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("encryption_key: {e}")))
 }
 
 // tonic's own API returns `Status` unboxed; this matches it.
@@ -323,9 +350,13 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportInfo>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         required("name", &r.name)?;
-        self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only, r.nexus))
+        // The parsed key wipes itself when dropped; wipe the request's copy now.
+        let key = encryption_key(&r.encryption_key);
+        r.encryption_key.fill(0);
+        let key = key?;
+        self.run(move |n| n.export(&r.name, &r.pool, &r.export_name, r.read_only, r.nexus, key))
             .await
     }
 

@@ -431,7 +431,7 @@ fn populate(node: &Node, config: &NodeConfig) -> Result<(), DaemonError> {
 }
 
 fn export_if_enabled(node: &Node, name: &str, pool: &str) -> Result<(), NodeError> {
-    match node.export(name, pool, name, false, false) {
+    match node.export(name, pool, name, false, false, None) {
         Err(NodeError::NbdDisabled) => {
             tracing::warn!(name, "NBD is off; not exported");
             Ok(())

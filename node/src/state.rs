@@ -16,6 +16,7 @@
 mod replication;
 
 use crate::proto as pb;
+use cairn_engine::bdev::crypt::{CryptError, CryptKey};
 use cairn_engine::bdev::fault::{FaultBdev, FaultControl};
 use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::{Bdev, BdevError};
@@ -70,6 +71,8 @@ pub enum NodeError {
     #[error(transparent)]
     Nexus(#[from] cairn_replication::nexus::manager::NexusError),
     #[error(transparent)]
+    Crypt(#[from] CryptError),
+    #[error(transparent)]
     Nbd(#[from] NbdError),
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -115,6 +118,9 @@ struct ExportSlot {
     /// For objects: the handle `open_volume` returned, closed on unexport.
     handle: BdevHandle,
     read_only: bool,
+    /// The crypt bdev stacked on `handle` when the export is encrypted: what NBD serves,
+    /// removed on unexport before `handle` is closed.
+    crypt: Option<BdevHandle>,
 }
 
 /// A volume or malloc bdev hosted as a replica.
@@ -420,7 +426,7 @@ impl Node {
 
     /// Exports a volume, snapshot (always read-only), malloc bdev or (with `nexus`) the
     /// nexus named `name` as `export_name` (default: `name`). Pool objects are looked up
-    /// first, then malloc bdevs.
+    /// first, then malloc bdevs. With `key`, the export is encrypted (`encrypt`).
     pub fn export(
         &self,
         name: &str,
@@ -428,6 +434,7 @@ impl Node {
         export_name: &str,
         read_only: bool,
         nexus: bool,
+        key: Option<CryptKey>,
     ) -> Result<pb::ExportInfo, NodeError> {
         let mut st = self.live()?;
         let nbd = self.nbd.read();
@@ -459,17 +466,72 @@ impl Node {
                 export,
             });
         }
+        let slot = match key {
+            Some(key) => self.encrypt(&st, slot, &key, export_name)?,
+            None => self.refuse_encrypted(&st, slot)?,
+        };
         let options = ExportOptions {
             read_only: slot.read_only,
             description: describe(&slot.source),
         };
-        if let Err(e) = nbd.add_export(export_name, &slot.handle, options) {
+        let served = slot.crypt.as_ref().unwrap_or(&slot.handle);
+        if let Err(e) = nbd.add_export(export_name, served, options) {
             self.release(&st, &slot);
             return Err(e.into());
         }
         st.exports.insert(export_name.to_string(), slot);
         let status = nbd.exports().into_iter().find(|s| s.name == export_name);
         Ok(export_view(export_name, &st.exports[export_name], status))
+    }
+
+    /// Stacks the crypt bdev on an export's source (docs/encryption.md): above the nexus for
+    /// a nexus, so replicas and replica links see only ciphertext. A blank source gets its
+    /// encryption header unless the export is read-only; a wrong key is refused naming it.
+    fn encrypt(
+        &self,
+        st: &State,
+        mut slot: ExportSlot,
+        key: &CryptKey,
+        export_name: &str,
+    ) -> Result<ExportSlot, NodeError> {
+        let volume = match &slot.source {
+            Source::Object { name, .. } | Source::Malloc { name } | Source::Nexus { name } => {
+                name.clone()
+            }
+        };
+        let crypt_name = format!("{export_name}-crypt");
+        let writable = !slot.read_only;
+        match cairn_engine::bdev::crypt::attach(
+            &self.engine,
+            &slot.handle,
+            &crypt_name,
+            &volume,
+            key,
+            writable,
+        ) {
+            Ok(handle) => {
+                slot.crypt = Some(handle);
+                Ok(slot)
+            }
+            Err(e) => {
+                self.release(st, &slot);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Passes a plain export's source unless it is encrypted (then it needs its key).
+    fn refuse_encrypted(&self, st: &State, slot: ExportSlot) -> Result<ExportSlot, NodeError> {
+        let volume = match &slot.source {
+            Source::Object { name, .. } | Source::Malloc { name } | Source::Nexus { name } => name,
+        };
+        match cairn_engine::bdev::crypt::refuse_plain(&self.engine, &slot.handle, volume) {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                self.release(st, &slot);
+                Err(e.into())
+            }
+        }
     }
 
     /// Resolves what `name` is and opens it (objects) or borrows its handle (mallocs).
@@ -501,6 +563,7 @@ impl Node {
                         kind: info.kind,
                     },
                     handle,
+                    crypt: None,
                 })
             }
             Err(NodeError::NoSuchObject { .. }) if pool.is_empty() => {
@@ -515,6 +578,7 @@ impl Node {
                     },
                     handle: m.handle.clone(),
                     read_only,
+                    crypt: None,
                 })
             }
             Err(e) => Err(e),
@@ -525,6 +589,11 @@ impl Node {
     /// write a client sent durable even if it never flushed itself (the volume store only
     /// promises durability after a FLUSH), so unexport and shutdown never lose data.
     fn release(&self, st: &State, slot: &ExportSlot) {
+        if let Some(crypt) = &slot.crypt {
+            if let Err(e) = self.engine.remove_bdev(crypt) {
+                tracing::error!(bdev = %crypt.info().name, error = %e, "removing crypt bdev failed");
+            }
+        }
         if let Source::Object { pool, name, .. } = &slot.source {
             if let Err(e) = self.flush(&slot.handle) {
                 tracing::error!(pool = %pool, volume = %name, error = %e, "flushing volume failed");
@@ -747,9 +816,10 @@ fn export_view(name: &str, slot: &ExportSlot, status: Option<ExportStatus>) -> p
         Source::Malloc { name } => ("malloc".to_string(), name.clone(), String::new()),
         Source::Nexus { name } => ("nexus".to_string(), name.clone(), String::new()),
     };
+    let served = slot.crypt.as_ref().unwrap_or(&slot.handle);
     let size_bytes = status
         .as_ref()
-        .map_or(slot.handle.info().size_bytes, |s| s.size_bytes);
+        .map_or(served.info().size_bytes, |s| s.size_bytes);
     pb::ExportInfo {
         name: name.into(),
         kind,
@@ -759,6 +829,7 @@ fn export_view(name: &str, slot: &ExportSlot, status: Option<ExportStatus>) -> p
         read_only: slot.read_only,
         connections: status.as_ref().map_or(0, |s| s.connections),
         stats: Some(stats_view(status.map(|s| s.stats).unwrap_or_default())),
+        encrypted: slot.crypt.is_some(),
     }
 }
 

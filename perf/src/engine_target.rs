@@ -61,6 +61,7 @@ pub fn run_volume(
     cores: &[CoreId],
     opts: EngineOpts,
     fresh: bool,
+    encrypt: bool,
 ) -> Result<RunResult> {
     let path = w.file.as_ref().context("--target volume needs --file")?;
     let engine = start_engine(w, cores, opts, PREFILL_DEPTH)?;
@@ -78,12 +79,19 @@ pub fn run_volume(
     let size = w.size_bytes.min(room) / u64::from(w.bs_bytes) * u64::from(w.bs_bytes);
     pool.create_volume(&engine, "perf", size, Vec::new())?;
     let vol = pool.open_volume(&engine, "perf")?;
+    let (served, size) = if encrypt {
+        let crypt = encrypted(&engine, &vol)?;
+        let size = crypt.info().size_bytes / u64::from(w.bs_bytes) * u64::from(w.bs_bytes);
+        (crypt, size)
+    } else {
+        (vol.clone(), size)
+    };
     if !fresh {
-        prefill(&engine, &vol, cores[0], size)?;
+        prefill(&engine, &served, cores[0], size)?;
     }
     let mut w = w.clone();
     w.size_bytes = size;
-    let r = drive(&engine, vol.id(), &w, cores, "volume");
+    let r = drive(&engine, served.id(), &w, cores, "volume");
     let allocated = pool
         .info(&engine)?
         .objects
@@ -98,6 +106,16 @@ pub fn run_volume(
     }
     engine.stop();
     r
+}
+
+/// The crypt layer on `vol` with a fresh random key, as an encrypted export serves it.
+fn encrypted(engine: &Engine, vol: &cairn_engine::BdevHandle) -> Result<cairn_engine::BdevHandle> {
+    use cairn_engine::bdev::crypt::{attach, CryptKey, CRYPT_KEY_BYTES};
+    let mut raw = [0u8; CRYPT_KEY_BYTES];
+    cairn_engine::sys::random_bytes(&mut raw).context("drawing a key")?;
+    let key = CryptKey::parse(&raw)?;
+    raw.fill(0);
+    Ok(attach(engine, vol, "perf-crypt", "perf", &key, true)?)
 }
 
 /// Writes every byte of the volume once, so every cluster is allocated and holds data.

@@ -43,8 +43,9 @@ enum Cmd {
     },
     /// Interleave baseline and candidate runs and print the median ratios.
     Compare {
-        #[arg(long, value_enum, default_value = "raw")]
-        baseline: Target,
+        /// [default: raw; volume with --encrypt]
+        #[arg(long, value_enum)]
+        baseline: Option<Target>,
         #[arg(long, value_enum, default_value = "engine")]
         candidate: Target,
         /// Baseline/candidate pairs to run.
@@ -151,6 +152,11 @@ struct LoadArgs {
     /// Volume target: skip preallocation, so writes include first-write allocation.
     #[arg(long)]
     fresh: bool,
+    /// Volume target: serve the volume through the crypt layer (AES-256-XTS, a random key),
+    /// as an encrypted export does. With `compare`, the candidate only: the baseline stays
+    /// plain, so the ratio is encryption's cost.
+    #[arg(long)]
+    encrypt: bool,
     /// Print exactly one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -236,11 +242,14 @@ fn run_target(
     load: &LoadArgs,
     w: &Workload,
     cores: &[CoreId],
+    encrypt: bool,
 ) -> Result<RunResult> {
     match target {
         Target::Raw => raw::run(w, cores, load.raw_wait),
         Target::Engine => engine_target::run(w, cores, load.engine_opts()),
-        Target::Volume => engine_target::run_volume(w, cores, load.engine_opts(), load.fresh),
+        Target::Volume => {
+            engine_target::run_volume(w, cores, load.engine_opts(), load.fresh, encrypt)
+        }
     }
 }
 
@@ -257,10 +266,23 @@ struct CompareOut<'a> {
     candidate: Vec<RunResult>,
 }
 
-fn compare(baseline: Target, candidate: Target, rounds: u32, load: &LoadArgs) -> Result<()> {
+fn compare(
+    baseline: Option<Target>,
+    candidate: Target,
+    rounds: u32,
+    load: &LoadArgs,
+) -> Result<()> {
     if rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    if load.encrypt && candidate != Target::Volume {
+        bail!("--encrypt needs --candidate volume");
+    }
+    let baseline = baseline.unwrap_or(if load.encrypt {
+        Target::Volume
+    } else {
+        Target::Raw
+    });
     let w = load.workload()?;
     let cores = pick_cores(w.cores)?;
     if load.needs_file(&[baseline, candidate]) {
@@ -271,9 +293,13 @@ fn compare(baseline: Target, candidate: Target, rounds: u32, load: &LoadArgs) ->
         println!("round {}", report::TABLE_HEADER);
     }
     for round in 1..=rounds {
-        for (target, out) in [(baseline, &mut base), (candidate, &mut cand)] {
-            let mut r = run_target(target, load, &w, &cores)?;
-            r.target = format!("{target:?}").to_lowercase();
+        let sides = [
+            (baseline, false, &mut base),
+            (candidate, load.encrypt, &mut cand),
+        ];
+        for (target, encrypt, out) in sides {
+            let mut r = run_target(target, load, &w, &cores, encrypt)?;
+            r.target = format!("{target:?}").to_lowercase() + if encrypt { "+xts" } else { "" };
             if !load.json {
                 println!("{round:>5} {}", report::table_row(&r));
             }
@@ -316,7 +342,10 @@ fn main() -> Result<()> {
             if load.needs_file(&[target]) {
                 fill::ensure_file(&load.file, w.size_bytes)?;
             }
-            let r = run_target(target, &load, &w, &cores)?;
+            if load.encrypt && target != Target::Volume {
+                bail!("--encrypt needs --target volume");
+            }
+            let r = run_target(target, &load, &w, &cores, load.encrypt)?;
             if load.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

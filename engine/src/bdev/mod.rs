@@ -11,6 +11,7 @@
 //! assume alignment, range and buffer size hold. Bad requests from outside are typed errors,
 //! never panics.
 
+pub mod crypt;
 pub mod fault;
 pub mod malloc;
 pub mod nbd;

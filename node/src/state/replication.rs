@@ -166,6 +166,7 @@ impl Node {
             source: Source::Nexus { name: name.into() },
             handle,
             read_only,
+            crypt: None,
         })
     }
 

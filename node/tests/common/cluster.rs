@@ -457,6 +457,18 @@ impl Admin {
         assert_eq!(e.kind, "nexus", "{e:?}");
     }
 
+    /// Export with `req` as given (an encrypted one, a refused one): the gRPC status when
+    /// refused.
+    pub fn try_export(
+        &mut self,
+        req: pb::ExportRequest,
+    ) -> Result<pb::ExportInfo, Box<tonic::Status>> {
+        self.rt
+            .block_on(self.client.export(req))
+            .map(tonic::Response::into_inner)
+            .map_err(Box::new)
+    }
+
     /// CreateVolume `name` in the node's first pool.
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> pb::Volume {
         let req = pb::CreateVolumeRequest {

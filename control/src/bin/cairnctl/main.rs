@@ -327,9 +327,41 @@ enum ExportCmd {
         /// Export the nexus NAME, not the volume NAME (which would bypass replication).
         #[arg(long, conflicts_with = "pool")]
         nexus: bool,
+        #[command(flatten)]
+        key: KeyArgs,
     },
     /// Stop exporting EXPORT (its clients' in-flight requests are answered first).
     Remove { export_name: String },
+}
+
+/// Encryption at rest (docs/encryption.md): the key is read here and sent to the node, which
+/// keeps it in memory only.
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// Serve the export encrypted (AES-256-XTS) with the key in FILE: 64 raw bytes or 128 hex
+    /// digits. A never-written volume is set up for it; a wrong key is refused.
+    #[arg(long, value_name = "FILE", conflicts_with = "key_env")]
+    key_file: Option<std::path::PathBuf>,
+    /// Like --key-file, with the key (128 hex digits) in environment variable VAR, e.g.
+    /// CAIRN_VOLUME_KEY.
+    #[arg(long, value_name = "VAR")]
+    key_env: Option<String>,
+}
+
+impl KeyArgs {
+    /// The key's bytes as given (the node parses them), or empty for a plain export.
+    fn bytes(&self) -> Result<Vec<u8>> {
+        if let Some(path) = &self.key_file {
+            return std::fs::read(path)
+                .with_context(|| format!("reading key file {}", path.display()));
+        }
+        if let Some(var) = &self.key_env {
+            let v = std::env::var(var)
+                .with_context(|| format!("key variable {var} is not set (or not UTF-8)"))?;
+            return Ok(v.into_bytes());
+        }
+        Ok(Vec::new())
+    }
 }
 
 #[derive(Subcommand)]
@@ -1065,6 +1097,7 @@ async fn export(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ExportCmd) ->
             export_name,
             pool,
             nexus,
+            key,
         } => {
             let req = pb::ExportRequest {
                 name,
@@ -1072,6 +1105,7 @@ async fn export(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ExportCmd) ->
                 export_name: export_name.unwrap_or_default(),
                 read_only,
                 nexus,
+                encryption_key: key.bytes()?,
             };
             let e = c.export(req).await?.into_inner();
             emit(json, &e, || exports_table(std::slice::from_ref(&e)))
@@ -1290,7 +1324,11 @@ fn exports_table(exports: &[pb::ExportInfo]) -> String {
             e.source.clone(),
             dash(&e.pool),
             human_size(e.size_bytes),
-            if e.read_only { "ro" } else { "rw" }.into(),
+            format!(
+                "{}{}",
+                if e.read_only { "ro" } else { "rw" },
+                if e.encrypted { ",encrypted" } else { "" }
+            ),
             e.connections.to_string(),
             s.reads.to_string(),
             s.writes.to_string(),
