@@ -56,9 +56,8 @@ impl RestListener {
     pub fn new(listener: TcpListener, tls: Option<&Tls>) -> std::io::Result<RestListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_MAX);
-        let acceptor = tls.map(|t| {
-            tokio_rustls::TlsAcceptor::from(t.server_config_alpn(&[b"http/1.1"]))
-        });
+        let acceptor =
+            tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server_config_alpn(&[b"http/1.1"])));
         let tls = acceptor.is_some();
         let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
         Ok(RestListener {

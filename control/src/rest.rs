@@ -109,7 +109,9 @@ pub fn node_may(id: &str, method: &Method, path: &str) -> bool {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match (method.as_str(), segments.as_slice()) {
         ("POST", ["", "v1", "nodes", node, "register" | "heartbeat"]) => *node == id,
-        ("GET" | "POST", ["", "v1", "volumes", _, "insync"]) | ("GET", ["", "v1", "leader"]) => true,
+        ("GET" | "POST", ["", "v1", "volumes", _, "insync"]) | ("GET", ["", "v1", "leader"]) => {
+            true
+        }
         _ => false,
     }
 }

@@ -43,9 +43,28 @@ fn cert_init_and_issue_round_trip() {
     let again = cairnctl(&["cert", "init", ca_s]);
     assert!(!again.status.success() && stderr(&again).contains("already holds a CA"));
     let issued = [
-        (vec!["--node", "n1", "--addr", "127.0.0.1", "10.0.0.5"], "node-n1", Identity::Node("n1".into())),
-        (vec!["--control", "c1", "--addr", "127.0.0.1", "--dns", "cairn-control"], "control-c1", Identity::Control("c1".into())),
-        (vec!["--admin", "ops"], "admin-ops", Identity::Admin("ops".into())),
+        (
+            vec!["--node", "n1", "--addr", "127.0.0.1", "10.0.0.5"],
+            "node-n1",
+            Identity::Node("n1".into()),
+        ),
+        (
+            vec![
+                "--control",
+                "c1",
+                "--addr",
+                "127.0.0.1",
+                "--dns",
+                "cairn-control",
+            ],
+            "control-c1",
+            Identity::Control("c1".into()),
+        ),
+        (
+            vec!["--admin", "ops"],
+            "admin-ops",
+            Identity::Admin("ops".into()),
+        ),
     ];
     for (flags, dir, identity) in &issued {
         let mut args = vec!["cert", "issue", ca_s];
@@ -59,7 +78,11 @@ fn cert_init_and_issue_round_trip() {
     let twice = cairnctl(&["cert", "issue", ca_s, "--node", "n1"]);
     assert!(!twice.status.success(), "issued n1 twice");
     let nobody = cairnctl(&["cert", "issue", ca_s]);
-    assert!(!nobody.status.success() && stderr(&nobody).contains("--node"), "{}", stderr(&nobody));
+    assert!(
+        !nobody.status.success() && stderr(&nobody).contains("--node"),
+        "{}",
+        stderr(&nobody)
+    );
 }
 
 /// A client configuration that presents no certificate.
@@ -124,8 +147,14 @@ fn rest_over_mutual_tls_admits_by_identity() {
         .unwrap()
         .with_tls(Some(anonymous(admin.client_config_roots())))
         .unwrap();
-    assert!(bare.get("/v1/nodes").is_err(), "a client without a certificate got in");
-    assert!(client(&stranger).get("/v1/nodes").is_err(), "another CA's certificate got in");
+    assert!(
+        bare.get("/v1/nodes").is_err(),
+        "a client without a certificate got in"
+    );
+    assert!(
+        client(&stranger).get("/v1/nodes").is_err(),
+        "another CA's certificate got in"
+    );
     let plain = Client::new(&format!("http://127.0.0.1:{port}"), HTTP_TIMEOUT).unwrap();
     assert!(plain.get("/v1/nodes").map_or(true, |r| r.status != 200));
 
@@ -138,7 +167,12 @@ fn rest_over_mutual_tls_admits_by_identity() {
     assert_eq!(n1.get("/v1/leader").unwrap().status, 200);
     let r = n1.get("/v1/volumes").unwrap();
     assert_eq!(r.status, 403);
-    assert!(r.error_message().contains("node:n1 may not GET /v1/volumes"), "{}", r.error_message());
+    assert!(
+        r.error_message()
+            .contains("node:n1 may not GET /v1/volumes"),
+        "{}",
+        r.error_message()
+    );
     let r = n1.post_json("/v1/nodes/n2/heartbeat", b"{}").unwrap();
     assert_eq!(r.status, 403, "{}", r.error_message());
     let r = n1.post_json("/v1/nodes/n1/heartbeat", b"{}").unwrap();
@@ -147,8 +181,14 @@ fn rest_over_mutual_tls_admits_by_identity() {
     drop(child.kill());
     drop(child.wait());
     let log = std::fs::read_to_string(&log).unwrap();
-    assert!(log.contains("peer=admin:ops") && log.contains("/v1/volumes"), "{log}");
-    assert!(log.contains("peer=node:n1") && log.contains("REST request refused"), "{log}");
+    assert!(
+        log.contains("peer=admin:ops") && log.contains("/v1/volumes"),
+        "{log}"
+    );
+    assert!(
+        log.contains("peer=node:n1") && log.contains("REST request refused"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -173,5 +213,9 @@ fn a_rest_listener_beyond_loopback_needs_tls_or_insecure() {
         .args(["--listen", "127.0.0.1:0", "--tls-ca", "x.pem"])
         .output()
         .unwrap();
-    assert!(stderr(&out).contains("--tls-cert and --tls-key missing"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--tls-cert and --tls-key missing"),
+        "{}",
+        stderr(&out)
+    );
 }

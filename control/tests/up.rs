@@ -155,7 +155,8 @@ fn assert_all_up(control: &cairn_control_api::client::Client, base_port: u16) {
 /// with no `cairn-data`).
 fn cairnctl(tls: Option<&Path>, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairnctl"));
-    cmd.current_dir(std::env::temp_dir()).env_remove("CAIRN_TLS_DIR");
+    cmd.current_dir(std::env::temp_dir())
+        .env_remove("CAIRN_TLS_DIR");
     if let Some(dir) = tls {
         cmd.arg("--tls-dir").arg(dir);
     }
@@ -186,10 +187,8 @@ fn up_stop_restart_and_a_dead_child() {
     // First run: three nodes up, as the control process reports them.
     let mut up = Up::start(&dir, "first", control_port, base_port);
     let pids = up.wait_ready();
-    let admin_tls = cairn_tls::Tls::load(&cairn_tls::TlsFiles::in_dir(
-        &dir.join("tls/admin-cairn"),
-    ))
-    .unwrap();
+    let admin_tls =
+        cairn_tls::Tls::load(&cairn_tls::TlsFiles::in_dir(&dir.join("tls/admin-cairn"))).unwrap();
     let control = cairn_control_api::client::Client::new(&control_url, Duration::from_secs(10))
         .unwrap()
         .with_tls(Some(admin_tls.client_config()))
@@ -199,31 +198,47 @@ fn up_stop_restart_and_a_dead_child() {
     // TLS: no certificate is refused in the handshake, a node's certificate is refused the
     // admin API, and each caller's identity is logged.
     let out = cairnctl(None, &["node", "--addr", &node1_admin, "pool", "ls"]);
-    assert!(!out.status.success(), "plain cairnctl reached a TLS admin API");
+    assert!(
+        !out.status.success(),
+        "plain cairnctl reached a TLS admin API"
+    );
     let out = cairnctl(
         Some(&dir.join("tls/node-node-2")),
         &["node", "--addr", &node1_admin, "pool", "ls"],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("PermissionDenied") && stderr.contains("node:node-2"),
+        !out.status.success()
+            && stderr.contains("PermissionDenied")
+            && stderr.contains("node:node-2"),
         "{stderr}"
     );
     let other = top.join("other-ca");
     cairn_tls::issue::init_ca(&other).unwrap();
-    let stranger =
-        cairn_tls::issue::issue(&other, &cairn_tls::Identity::Admin("cairn".into()), &[], &[])
-            .unwrap();
+    let stranger = cairn_tls::issue::issue(
+        &other,
+        &cairn_tls::Identity::Admin("cairn".into()),
+        &[],
+        &[],
+    )
+    .unwrap();
     let out = cairnctl(
         Some(&stranger),
         &["node", "--addr", &node1_admin, "pool", "ls"],
     );
-    assert!(!out.status.success(), "another CA's certificate reached the admin API");
+    assert!(
+        !out.status.success(),
+        "another CA's certificate reached the admin API"
+    );
     let out = cairnctl(
         Some(&dir.join("tls/admin-cairn")),
         &["node", "ls", "--control", &control_url],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plain = cairn_control_api::client::Client::new(
         &format!("http://127.0.0.1:{control_port}"),
         Duration::from_secs(10),

@@ -804,20 +804,27 @@ mod tests {
     fn tls_flags_come_all_or_none_and_listeners_beyond_loopback_need_tls() {
         let cli = Cli::parse_from(["cairn-node", "--tls-ca", "ca.pem"]);
         let e = NodeConfig::load(&cli).unwrap_err();
-        assert!(e.to_string().contains("--tls-cert and --tls-key missing"), "{e}");
-        let c = NodeConfig::from_toml("tls_ca = \"a\"\ntls_cert = \"b\"\ntls_key = \"c\"\n")
-            .unwrap();
+        assert!(
+            e.to_string().contains("--tls-cert and --tls-key missing"),
+            "{e}"
+        );
+        let c =
+            NodeConfig::from_toml("tls_ca = \"a\"\ntls_cert = \"b\"\ntls_key = \"c\"\n").unwrap();
         assert!(c.tls_files().unwrap().is_some());
         let cli = Cli::parse_from(["cairn-node", "--admin-listen", "0.0.0.0:10810"]);
         let c = NodeConfig::load(&cli).unwrap();
         let e = c.check_listeners(false).unwrap_err();
         assert!(
-            e.to_string().contains("--admin-listen 0.0.0.0:10810 listens beyond this machine without TLS"),
+            e.to_string()
+                .contains("--admin-listen 0.0.0.0:10810 listens beyond this machine without TLS"),
             "{e}"
         );
         assert!(c.check_listeners(true).is_ok());
         let cli = Cli::parse_from(["cairn-node", "--admin-listen", "0.0.0.0:1", "--insecure"]);
-        assert!(NodeConfig::load(&cli).unwrap().check_listeners(false).is_ok());
+        assert!(NodeConfig::load(&cli)
+            .unwrap()
+            .check_listeners(false)
+            .is_ok());
         let c = NodeConfig::load(&Cli::parse_from(["cairn-node"])).unwrap();
         assert!(c.check_listeners(false).is_ok(), "loopback defaults");
     }

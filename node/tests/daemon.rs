@@ -412,7 +412,10 @@ fn a_listener_beyond_loopback_without_tls_is_refused_unless_insecure() {
         );
     }
     let stderr = refused(&dir.0.join("data"), &["--tls-ca", "ca.pem"]);
-    assert!(stderr.contains("--tls-cert and --tls-key missing"), "{stderr}");
+    assert!(
+        stderr.contains("--tls-cert and --tls-key missing"),
+        "{stderr}"
+    );
 }
 
 #[test]

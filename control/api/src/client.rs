@@ -82,7 +82,9 @@ impl Client {
         } else if let Some(rest) = url.strip_prefix("https://") {
             ("https", rest)
         } else {
-            return Err(bad("only http://HOST:PORT and https://HOST:PORT are supported"));
+            return Err(bad(
+                "only http://HOST:PORT and https://HOST:PORT are supported",
+            ));
         };
         let host = rest.trim_end_matches('/');
         if host.is_empty() || host.contains('/') {
@@ -159,9 +161,8 @@ impl Client {
         let raw = match (&self.tls, self.base.starts_with("https://")) {
             (None, false) => self.exchange(stream, method, path, body),
             (Some(config), true) => {
-                let name = cairn_tls::server_name(&self.host).map_err(|e| {
-                    io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-                })?;
+                let name = cairn_tls::server_name(&self.host)
+                    .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
                 let conn = rustls::ClientConnection::new(config.clone(), name)
                     .map_err(|e| io(std::io::Error::other(e)))?;
                 self.exchange(rustls::StreamOwned::new(conn, stream), method, path, body)

@@ -209,13 +209,13 @@ async fn run(cli: Cli) -> Result<()> {
         listener,
         router(app).into_make_service_with_connect_info::<cairn_control::https::Peer>(),
     )
-        .with_graceful_shutdown(async move {
-            let signal = signals.recv().await;
-            tracing::info!(signal, "shutting down");
-            stop_tx.send_replace(true);
-        })
-        .await
-        .context("serving the REST API")?;
+    .with_graceful_shutdown(async move {
+        let signal = signals.recv().await;
+        tracing::info!(signal, "shutting down");
+        stop_tx.send_replace(true);
+    })
+    .await
+    .context("serving the REST API")?;
     drop(monitor_task.await);
     if let Some(t) = reconcile_task {
         drop(t.await);

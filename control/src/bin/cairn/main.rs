@@ -280,10 +280,9 @@ fn start(
         )
         .map_err(failed)?,
     );
-    let admin = cairn_tls::Tls::load(&plan.tls_files(&cairn_tls::Identity::Admin(
-        plan::ADMIN_NAME.into(),
-    )))
-    .map_err(|e| failed(anyhow::Error::new(e).context("cairn up's admin certificate")))?;
+    let admin =
+        cairn_tls::Tls::load(&plan.tls_files(&cairn_tls::Identity::Admin(plan::ADMIN_NAME.into())))
+            .map_err(|e| failed(anyhow::Error::new(e).context("cairn up's admin certificate")))?;
     let client = Client::new(&plan.control_url, HTTP_TIMEOUT)
         .and_then(|c| c.with_tls(Some(admin.client_config())))
         .map_err(|e| failed(anyhow::Error::new(e).context("the control URL")))?;
@@ -499,8 +498,8 @@ fn print_summary(plan: &Plan, bins: &Binaries, children: &Children, views: &[Nod
         plan.data_dir.display()
     ));
     let admin_dir = plan.admin_tls_dir();
-    let found = std::fs::canonicalize(CTL_TLS_DIR_DEFAULT).ok()
-        == std::fs::canonicalize(&admin_dir).ok();
+    let found =
+        std::fs::canonicalize(CTL_TLS_DIR_DEFAULT).ok() == std::fs::canonicalize(&admin_dir).ok();
     out.push_str(&format!(
         "  Every link is mutual TLS; the CA and certificates are in {}. cairnctl uses {}{}.\n",
         display(&plan.tls_dir),
@@ -512,7 +511,11 @@ fn print_summary(plan: &Plan, bins: &Binaries, children: &Children, views: &[Nod
         }
     ));
     let tls_flag = (!found).then(|| format!(" --tls-dir {}", display(&admin_dir)));
-    out.push_str(&instructions(plan, &display(&bins.ctl), tls_flag.as_deref()));
+    out.push_str(&instructions(
+        plan,
+        &display(&bins.ctl),
+        tls_flag.as_deref(),
+    ));
     print!("{out}");
     drop(std::io::stdout().flush());
 }
@@ -605,7 +608,9 @@ mod tests {
         .unwrap();
         let text = instructions(&plan, "cairnctl", Some(" --tls-dir /d/tls/admin-cairn"));
         assert!(
-            text.contains("--replicas 1 --control https://127.0.0.1:20800 --tls-dir /d/tls/admin-cairn"),
+            text.contains(
+                "--replicas 1 --control https://127.0.0.1:20800 --tls-dir /d/tls/admin-cairn"
+            ),
             "{text}"
         );
         assert!(

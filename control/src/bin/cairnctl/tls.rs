@@ -66,7 +66,9 @@ impl TlsArgs {
 pub fn control_url(given: Option<&str>, tls: Option<&Tls>) -> String {
     match (given, tls) {
         (Some(url), _) => url.to_string(),
-        (None, Some(_)) => cairn_control_api::CONTROL_URL_DEFAULT.replacen("http://", "https://", 1),
+        (None, Some(_)) => {
+            cairn_control_api::CONTROL_URL_DEFAULT.replacen("http://", "https://", 1)
+        }
         (None, None) => cairn_control_api::CONTROL_URL_DEFAULT.to_string(),
     }
 }
