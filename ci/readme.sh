@@ -129,13 +129,16 @@ grep -E '^  \S*cairnctl node --addr .* (volume create|export add) pg' "$tmp/up.o
     "$ctl" $rest
   done
 nbdinfo nbd://127.0.0.1:10809/pg | grep -E 'export-size'
-"$bin/cairnctl" node ls
+# cairn up runs every link with TLS; cairnctl finds its certificate by itself only under
+# ./cairn-data, so this temp data dir's is named (docs/security.md).
+CAIRN_TLS_DIR="$tmp/up/tls/admin-cairn" "$bin/cairnctl" node ls
 up_stop "$tmp/up.out"
 
 # Three nodes, a 3-replica volume placed by the control process, attached on node-1, reached
 # over NBD (a temp data dir and a small volume; the commands as the README shows them).
 readme 'target/release/cairn up --nodes 3 &'
 up_start "$tmp/up3.out" --nodes 3 --size 1G --data-dir "$tmp/up3"
+export CAIRN_TLS_DIR="$tmp/up3/tls/admin-cairn"
 readme 'target/release/cairnctl volume create demo --size 1G --replicas 3'
 "$bin/cairnctl" volume create demo --size 64M --replicas 3
 readme 'target/release/cairnctl volume attach demo --node node-1'
@@ -153,6 +156,7 @@ print("inspect: 3 replicas on 3 nodes,", states, "attached on node-1")'
 readme 'nbdinfo nbd://127.0.0.1:10809/demo'
 nbdinfo nbd://127.0.0.1:10809/demo | grep -E 'export-size'
 up_stop "$tmp/up3.out"
+unset CAIRN_TLS_DIR
 
 readme 'cargo build --release -p cairn-node'
 cargo build --release -q -p cairn-node
