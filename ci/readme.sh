@@ -326,6 +326,13 @@ if command -v fio >/dev/null && command -v nbdinfo >/dev/null; then
 else
   echo "ci/readme.sh: PARTS=ram perf/replication.sh not run: it needs fio and nbdinfo"
 fi
+readme 'FIO_CPU=0 SIZE=1G RUNTIME=5 ROUNDS=3 PARTS=tls perf/replication.sh'
+if command -v fio >/dev/null && command -v nbdinfo >/dev/null; then
+  SIZE=64M RUNTIME=1 ROUNDS=1 PARTS=tls OUT="$tmp/replication-tls" \
+    WORKDIR="$tmp/replication-tls-work" perf/replication.sh >/dev/null
+else
+  echo "ci/readme.sh: PARTS=tls perf/replication.sh not run: it needs fio and nbdinfo"
+fi
 readme 'PARTS=resync perf/replication.sh'
 if command -v fio >/dev/null && command -v nbdinfo >/dev/null; then
   SIZE=256M RUNTIME=1 PARTS=resync OUT="$tmp/resync" WORKDIR="$tmp/resync-work" \

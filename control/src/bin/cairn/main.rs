@@ -505,16 +505,18 @@ fn print_summary(plan: &Plan, bins: &Binaries, children: &Children, views: &[Nod
         display(&plan.tls_dir),
         display(&admin_dir),
         if found {
-            " by itself from this directory (elsewhere: --tls-dir or $CAIRN_TLS_DIR)"
+            " by itself from this directory for cluster commands (node commands, and elsewhere: --tls-dir or $CAIRN_TLS_DIR)"
         } else {
             " with --tls-dir (or $CAIRN_TLS_DIR)"
         }
     ));
-    let tls_flag = (!found).then(|| format!(" --tls-dir {}", display(&admin_dir)));
+    let node_flag = format!(" --tls-dir {}", display(&admin_dir));
+    let tls_flag = (!found).then_some(node_flag.as_str());
     out.push_str(&instructions(
         plan,
         &display(&bins.ctl),
-        tls_flag.as_deref(),
+        tls_flag,
+        &node_flag,
     ));
     print!("{out}");
     drop(std::io::stdout().flush());
@@ -522,7 +524,9 @@ fn print_summary(plan: &Plan, bins: &Binaries, children: &Children, views: &[Nod
 
 /// How to create a volume and reach it: the cluster commands, then the node commands.
 /// `tls_flag` is how cairnctl finds its certificate when it would not by itself.
-fn instructions(plan: &Plan, ctl: &str, tls_flag: Option<&str>) -> String {
+/// `tls_flag` goes on cluster commands (absent where cairnctl finds the certificate by
+/// itself), `node_tls_flag` on node commands, for which it never looks.
+fn instructions(plan: &Plan, ctl: &str, tls_flag: Option<&str>, node_tls_flag: &str) -> String {
     let tls_flag = tls_flag.unwrap_or_default();
     let control = if plan.control_url == CONTROL_URL_DEFAULT {
         tls_flag.to_string()
@@ -547,7 +551,7 @@ fn instructions(plan: &Plan, ctl: &str, tls_flag: Option<&str>) -> String {
     out.push_str(&format!(
         "\nOr node by node, with the node admin API (`{ctl} node --help`):\n"
     ));
-    let on = |node: &NodePlan| format!("{ctl} node --addr {}{tls_flag}", node.admin);
+    let on = |node: &NodePlan| format!("{ctl} node --addr {}{node_tls_flag}", node.admin);
     if plan.nodes.len() == 1 {
         out.push_str(&format!(
             "  {n} volume create pg 1G\n  {n} export add pg\n",
@@ -587,7 +591,7 @@ mod tests {
             BASE_PORT_DEFAULT,
         )
         .unwrap();
-        let text = instructions(&plan, "cairnctl", None);
+        let text = instructions(&plan, "cairnctl", None, "");
         for want in [
             "cairnctl volume create demo --size 1G --replicas 3\n",
             "volume attach demo --node node-1",
@@ -606,7 +610,12 @@ mod tests {
             20000,
         )
         .unwrap();
-        let text = instructions(&plan, "cairnctl", Some(" --tls-dir /d/tls/admin-cairn"));
+        let text = instructions(
+            &plan,
+            "cairnctl",
+            Some(" --tls-dir /d/tls/admin-cairn"),
+            " --tls-dir /d/tls/admin-cairn",
+        );
         assert!(
             text.contains(
                 "--replicas 1 --control https://127.0.0.1:20800 --tls-dir /d/tls/admin-cairn"

@@ -523,7 +523,11 @@ fn main() -> ExitCode {
     };
     let tls = match &cli.cmd {
         Top::Csi(_) | Top::Cert(_) => None,
-        Top::Node(_) | Top::Volume(_) => match cli.tls.load() {
+        Top::Node(n) => match cli.tls.load(matches!(n.cmd, NodeCmd::Ls { .. })) {
+            Ok(t) => t,
+            Err(e) => return plain(Err(e)),
+        },
+        Top::Volume(_) => match cli.tls.load(true) {
             Ok(t) => t,
             Err(e) => return plain(Err(e)),
         },

@@ -3,8 +3,11 @@
 //! where it looks when none is given, and `cairnctl cert init|issue`, which create a cluster
 //! CA and the certificates of its nodes, control processes and operators (docs/security.md).
 //!
-//! With no flag, cairnctl takes `$CAIRN_TLS_DIR`, else the admin identity `cairn up` issues
-//! in `./cairn-data` ([`CAIRN_UP_ADMIN_DIR`]) when that exists, else runs without TLS.
+//! With no flag, cairnctl takes `$CAIRN_TLS_DIR`; a command for the control process
+//! (`volume …`, `node ls`) then also looks for the admin identity `cairn up` issues in
+//! `./cairn-data` ([`CAIRN_UP_ADMIN_DIR`]); else it runs without TLS. A command for one node's
+//! admin API does not look there: a lone plain node started in the same directory (the
+//! README's `cairn-node --data-dir ./cairn-data`) must not be dialled with TLS.
 
 use anyhow::{Context, Result};
 use cairn_tls::{issue, Identity, Tls, TlsFiles};
@@ -30,14 +33,15 @@ pub struct TlsArgs {
     #[arg(long, global = true, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// A directory `cairnctl cert issue` wrote: DIR/ca-cert.pem, DIR/cert.pem, DIR/key.pem
-    /// [default: $CAIRN_TLS_DIR, else ./cairn-data/tls/admin-cairn when it exists].
+    /// [default: $CAIRN_TLS_DIR, else, for `volume` and `node ls`, ./cairn-data/tls/admin-cairn when it exists].
     #[arg(long, global = true, value_name = "DIR", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
     tls_dir: Option<PathBuf>,
 }
 
 impl TlsArgs {
     /// The TLS configuration these flags (or the defaults) name; None for plain TCP.
-    pub fn load(&self) -> Result<Option<Tls>> {
+    /// `cairn_up_default`: whether `cairn up`'s admin identity in `./cairn-data` counts.
+    pub fn load(&self, cairn_up_default: bool) -> Result<Option<Tls>> {
         let files = match &self.tls_dir {
             Some(dir) => Some(TlsFiles::in_dir(dir)),
             None => TlsFiles::from_flags(
@@ -50,7 +54,7 @@ impl TlsArgs {
                     .map(PathBuf::from)
                     .or_else(|| {
                         let up = PathBuf::from(CAIRN_UP_ADMIN_DIR);
-                        up.join(cairn_tls::CERT_FILE).exists().then_some(up)
+                        (cairn_up_default && up.join(cairn_tls::CERT_FILE).exists()).then_some(up)
                     })?;
                 Some(TlsFiles::in_dir(&dir))
             }),
