@@ -337,7 +337,7 @@ Config file (TOML; every key optional, flags override, repeatable flags add):
   insecure = false                    # true: listeners beyond loopback without TLS
   nbd_tls = true                      # offer STARTTLS to NBD clients (needs the tls_* files)
   nbd_tls_required = false            # refuse NBD clients that do not start TLS
-  nbd_tls_client_certs = false        # NBD clients must show a certificate from the CA
+  nbd_tls_client_certs = false        # NBD clients must show a certificate from the CA (implies required)
 
 Once listening, it prints one line to stdout:
   cairn-node ready nbd=ADDR nbd_socket=PATH admin=ADDR metrics=ADDR replica=ADDR exports=A,B
@@ -470,7 +470,8 @@ pub struct Cli {
     #[arg(long)]
     pub nbd_tls_required: bool,
     /// Require NBD clients to present a certificate issued by the cluster CA (--tls-ca);
-    /// otherwise none is asked for (implies --nbd-tls).
+    /// otherwise none is asked for (implies --nbd-tls-required: a client that does not start
+    /// TLS would skip the check).
     #[arg(long)]
     pub nbd_tls_client_certs: bool,
 }
@@ -639,7 +640,8 @@ impl NodeConfig {
         }
         Ok(Some(NbdTlsConfig {
             files,
-            required: self.nbd_tls_required,
+            // A certificate check a client could skip by not starting TLS is no check.
+            required: self.nbd_tls_required || self.nbd_tls_client_certs,
             client_certs: self.nbd_tls_client_certs,
         }))
     }
@@ -743,9 +745,10 @@ impl NodeConfig {
     /// exempt: read-only counters for a Prometheus that scrapes plain HTTP.
     pub fn check_listeners(&self, tls: bool) -> Result<(), ConfigError> {
         let l = self.listeners()?;
-        // NBD is TLS only when it offers STARTTLS (--nbd-tls), not merely because the node
-        // has certificates.
-        let nbd_tls = self.nbd_tls()?.is_some();
+        // NBD counts as TLS only when it requires STARTTLS (--nbd-tls-required, or
+        // --nbd-tls-client-certs): merely offering it still serves plain clients, and having
+        // certificates does not make NBD TLS at all.
+        let nbd_tls = self.nbd_tls()?.is_some_and(|t| t.required);
         let tcp = [
             ("--admin-listen", Some(l.admin), tls),
             ("--replica-listen", l.replica, tls),
@@ -864,7 +867,10 @@ mod tests {
         )
         .unwrap();
         let tls = c.nbd_tls().unwrap().unwrap();
-        assert!(tls.client_certs && !tls.required);
+        assert!(
+            tls.client_certs && tls.required,
+            "client certificates imply required"
+        );
         assert_eq!(load(&files).unwrap().nbd_tls().unwrap(), None);
     }
 

@@ -589,6 +589,17 @@ async fn node(args: NodeArgs, tls: Option<cairn_tls::Tls>) -> Result<()> {
     if let NodeCmd::Ls { control } = &args.cmd {
         return node_ls(control.as_deref(), tls.as_ref(), args.json);
     }
+    if let NodeCmd::Export(ExportCmd::Add { key, .. }) = &args.cmd {
+        let has_key = key.key_file.is_some() || key.key_env.is_some();
+        // A volume key must not cross a network in clear: beyond loopback it needs TLS.
+        if has_key && tls.is_none() && !cairn_tls::is_loopback(&args.addr).unwrap_or(false) {
+            anyhow::bail!(
+                "refusing to send an encryption key to {} over a plain connection: give \
+                 --tls-dir (or --tls-ca/--tls-cert/--tls-key), or run cairnctl on that node",
+                args.addr
+            );
+        }
+    }
     let mut c = connect(&args.addr, tls.as_ref()).await?;
     let json = args.json;
     match args.cmd {

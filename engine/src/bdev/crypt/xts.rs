@@ -9,7 +9,8 @@
 //! vector 10 and against `xts-mode` in a property test.
 //!
 //! Keys are 64 bytes: the data key (key 1) then the tweak key (key 2). They live in memory
-//! only, and [`CryptKey`] wipes its copy when dropped.
+//! only, and [`CryptKey`] wipes its copy when dropped; the expanded key schedules are wiped
+//! too (the `aes` crate's `zeroize` feature).
 
 use aes::cipher::consts::U16;
 use aes::cipher::inout::InOutBuf;
