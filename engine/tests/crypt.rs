@@ -11,7 +11,7 @@ mod common;
 
 use aes::cipher::KeyInit;
 use cairn_engine::bdev::crypt::header::{self, CRYPT_HEADER_BYTES, CRYPT_HEADER_VERSION};
-use cairn_engine::bdev::crypt::{attach, CryptError, CryptKey, KeyError, Xts};
+use cairn_engine::bdev::crypt::{attach, CryptError, CryptKey, KeyError, Xts, XtsBackend};
 use cairn_engine::bdev::uring::{UringBdev, UringOptions};
 use cairn_engine::volume::Pool;
 use cairn_engine::{Bdev, BdevHandle, Engine};
@@ -35,14 +35,39 @@ fn hex(s: &str) -> Vec<u8> {
 const V10_KEY: &str = "27182818284590452353602874713526624977572470936999595749669676273141592653589793238462643383279502884197169399375105820974944592";
 const V10_CT: &str = "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b5d31e276f8fe4a8d66b317f9ac683f44680a86ac35adfc3345befecb4bb188fd5776926c49a3095eb108fd1098baec70aaa66999a72a82f27d848b21d4a741b0c5cd4d5fff9dac89aeba122961d03a757123e9870f8acf1000020887891429ca2a3e7a7d7df7b10355165c8b9a6d0a7de8b062c4500dc4cd120c0f7418dae3d0b5781c34803fa75421c790dfe1de1834f280d7667b327f6c8cd7557e12ac3a0f93ec05c52e0493ef31a12d3d9260f79a289d6a379bc70c50841473d1a8cc81ec583e9645e07b8d9670655ba5bbcfecc6dc3966380ad8fecb17b6ba02469a020a84e18e8f84252070c13e9f1f289be54fbc481457778f616015e1327a02b140f1505eb309326d68378f8374595c849d84f4c333ec4423885143cb47bd71c5edae9be69a2ffeceb1bec9de244fbe15992b11b77c040f12bd8f6a975a44a0f90c29a9abc3d4d893927284c58754cce294529f8614dcd2aba991925fedc4ae74ffac6e333b93eb4aff0479da9a410e4450e0dd7ae4c6e2910900575da401fc07059f645e8b7e9bfdef33943054ff84011493c27b3429eaedb4ed5376441a77ed43851ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151";
 
+/// Both ways to build a key: the fastest code this CPU runs, and the portable path.
+fn both(key: &CryptKey) -> [Xts; 2] {
+    [Xts::new(key), Xts::portable(key)]
+}
+
 #[test]
 fn xts_matches_ieee_1619_vector_10() {
     let key = CryptKey::parse(V10_KEY.as_bytes()).expect("128 hex digits");
-    let xts = Xts::new(&key);
+    let [fast, portable] = both(&key);
+    assert_eq!(portable.backend(), XtsBackend::Portable);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("vpclmulqdq")
+        && std::arch::is_x86_feature_detected!("aes")
+    {
+        assert_eq!(fast.backend(), XtsBackend::Vaes512, "this CPU runs VAES");
+    }
+    vector_10(&fast);
+    vector_10(&portable);
+}
+
+fn vector_10(xts: &Xts) {
     let plain: Vec<u8> = (0..512).map(|i| i as u8).collect();
     let mut ct = vec![0u8; 512];
     xts.encrypt(0xff, &plain, &mut ct);
-    assert_eq!(ct, hex(V10_CT), "ciphertext of IEEE 1619 vector 10");
+    assert_eq!(
+        ct,
+        hex(V10_CT),
+        "ciphertext of IEEE 1619 vector 10 ({:?})",
+        xts.backend()
+    );
     let mut back = vec![0u8; 512];
     xts.decrypt(0xff, &ct, &mut back);
     assert_eq!(back, plain, "decrypt inverts encrypt");
@@ -51,8 +76,8 @@ fn xts_matches_ieee_1619_vector_10() {
 }
 
 proptest! {
-    /// Our multi-block XTS equals `xts-mode`'s block-at-a-time XTS for any key, unit number
-    /// and whole-block length.
+    /// Our XTS, on both paths, equals `xts-mode`'s block-at-a-time XTS for any key, unit
+    /// number and whole-block length (below and above the vector path's 16-block stride).
     #[test]
     fn xts_matches_xts_mode(
         key in prop::collection::vec(any::<u8>(), 64),
@@ -61,19 +86,24 @@ proptest! {
         seed in any::<u8>(),
     ) {
         prop_assume!(key[..32] != key[32..]);
-        let ours = Xts::new(&CryptKey::parse(&key).expect("64 raw bytes"));
+        let ours = both(&CryptKey::parse(&key).expect("64 raw bytes"));
         let theirs = xts_mode::Xts128::new(
             aes::Aes256::new_from_slice(&key[..32]).expect("key 1"),
             aes::Aes256::new_from_slice(&key[32..]).expect("key 2"),
         );
         let plain: Vec<u8> = (0..blocks * 16).map(|i| (i as u8).wrapping_mul(seed | 1)).collect();
-        let mut a = vec![0u8; plain.len()];
-        ours.encrypt(unit, &plain, &mut a);
         let mut b = plain.clone();
         theirs.encrypt_sector(&mut b, unit.to_le_bytes());
-        prop_assert_eq!(&a, &b);
-        ours.decrypt_in_place(unit, &mut a);
-        prop_assert_eq!(a, plain);
+        for xts in &ours {
+            let mut a = vec![0u8; plain.len()];
+            xts.encrypt(unit, &plain, &mut a);
+            prop_assert_eq!(&a, &b, "{:?}", xts.backend());
+            let mut back = vec![0u8; plain.len()];
+            xts.decrypt(unit, &a, &mut back);
+            prop_assert_eq!(&back, &plain);
+            xts.decrypt_in_place(unit, &mut a);
+            prop_assert_eq!(&a, &plain);
+        }
     }
 }
 
@@ -300,18 +330,22 @@ fn snapshots_and_clones_read_back_with_the_key() {
 #[test]
 fn xts_cost_per_unit_is_printed() {
     const UNITS: u32 = 20_000;
-    let xts = Xts::new(&key(0x66));
-    let src = patterned(4096);
-    let mut dst = vec![0u8; 4096];
-    let started = std::time::Instant::now();
-    for i in 0..UNITS {
-        xts.encrypt(u128::from(i), &src, &mut dst);
+    for xts in both(&key(0x66)) {
+        let src = patterned(4096);
+        let mut dst = vec![0u8; 4096];
+        let started = std::time::Instant::now();
+        for i in 0..UNITS {
+            xts.encrypt(u128::from(i), &src, &mut dst);
+        }
+        let enc = started.elapsed() / UNITS;
+        let started = std::time::Instant::now();
+        for i in 0..UNITS {
+            xts.decrypt_in_place(u128::from(i), &mut dst);
+        }
+        let dec = started.elapsed() / UNITS;
+        println!(
+            "XTS-AES-256 per 4 KiB unit ({:?}): encrypt {enc:?}, decrypt in place {dec:?}",
+            xts.backend()
+        );
     }
-    let enc = started.elapsed() / UNITS;
-    let started = std::time::Instant::now();
-    for i in 0..UNITS {
-        xts.decrypt_in_place(u128::from(i), &mut dst);
-    }
-    let dec = started.elapsed() / UNITS;
-    println!("XTS-AES-256 per 4 KiB unit: encrypt {enc:?}, decrypt in place {dec:?}");
 }
