@@ -267,6 +267,61 @@ fn a_plain_volume_with_data_is_not_encrypted_over() {
     s.pool.close_volume(&s.engine, &vol).unwrap();
 }
 
+/// A plain volume whose first 4 KiB were never written but which holds data further on is
+/// not blank: formatting it would hide that data behind the cipher.
+#[test]
+fn a_plain_volume_with_data_past_its_first_block_is_not_encrypted_over() {
+    let s = setup("crypt-plain-later");
+    s.pool
+        .create_volume(&s.engine, "plain", VOLUME_BYTES, vec![])
+        .unwrap();
+    let vol = s.pool.open_volume(&s.engine, "plain").unwrap();
+    {
+        let mut q = s.engine.queue(&vol, s.engine.cores()[0], 1).unwrap();
+        q.write_at(3 * MIB, &patterned(4096), true).unwrap();
+    }
+    let err = attach(&s.engine, &vol, "c", "plain", &key(0x34), true).unwrap_err();
+    assert!(
+        matches!(err, CryptError::NotEncrypted { ref why, .. } if why.contains("after them")),
+        "{err}"
+    );
+    let mut first = vec![0xffu8; 4096];
+    {
+        let mut q = s.engine.queue(&vol, s.engine.cores()[0], 1).unwrap();
+        q.read_at(0, &mut first).unwrap();
+    }
+    assert!(first.iter().all(|&b| b == 0), "no header was written");
+    s.pool.close_volume(&s.engine, &vol).unwrap();
+}
+
+/// An encrypted volume grown online shows its new size through the crypt layer, in whole
+/// data units, and the new space reads and writes through the cipher.
+#[test]
+fn an_encrypted_volume_grows_online() {
+    let s = setup("crypt-grow");
+    let e = &s.engine;
+    s.pool.create_volume(e, "g", VOLUME_BYTES, vec![]).unwrap();
+    let vol = s.pool.open_volume(e, "g").unwrap();
+    let enc = attach(e, &vol, "g-crypt", "g", &key(0x35), true).unwrap();
+    let before = enc.info().size_bytes;
+    assert_eq!(before, VOLUME_BYTES - u64::from(CRYPT_HEADER_BYTES));
+    s.pool.grow(e, "g", 2 * VOLUME_BYTES).unwrap();
+    let after = e.bdev(&enc).unwrap().size_bytes();
+    assert_eq!(after, 2 * VOLUME_BYTES - u64::from(CRYPT_HEADER_BYTES));
+    let data = patterned(8192);
+    {
+        let mut q = e.queue(&enc, e.cores()[0], 2).unwrap();
+        q.write_at(after - 8192, &data, true).unwrap();
+    }
+    assert_eq!(
+        read(e, &enc, after - 8192, data.len()),
+        data,
+        "the grown space"
+    );
+    e.remove_bdev(&enc).unwrap();
+    s.pool.close_volume(e, &vol).unwrap();
+}
+
 #[test]
 fn snapshots_and_clones_read_back_with_the_key() {
     let s = setup("crypt-clone");

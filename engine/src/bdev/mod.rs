@@ -107,6 +107,13 @@ pub trait Bdev: Send + Sync + 'static {
             zero: false,
         });
     }
+
+    /// Whether [`Bdev::allocation`] knows what was never written (a thin device's map), so a
+    /// zero extent there is proof that no data lies in it. The default's "everything holds
+    /// data" is not proof of anything.
+    fn reports_allocation(&self) -> bool {
+        false
+    }
 }
 
 /// One run of blocks with the same backing, as [`Bdev::allocation`] reports it.

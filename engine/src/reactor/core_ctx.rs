@@ -332,9 +332,15 @@ impl Core {
         Some(r)
     }
 
-    /// Re-reads the bdev's size after it grew (see `Engine::refresh_bdev`).
+    /// Re-reads the sizes after `bdev` grew (see `Engine::refresh_bdev`): its own, and every
+    /// other bdev's, since one stacked on it (an encrypted export's crypt layer) grows with it
+    /// and the engine does not know the stacking. A grow is rare and each read is one call.
     pub(crate) fn refresh_bdev(&mut self, bdev: BdevId) {
-        if let Some(Some(slot)) = self.devs.get_mut(bdev.0 as usize) {
+        debug_assert!(
+            self.devs.get(bdev.0 as usize).is_some(),
+            "refresh of an unknown bdev"
+        );
+        for slot in self.devs.iter_mut().flatten() {
             slot.info.size_bytes = slot.bdev.size_bytes();
         }
     }

@@ -96,6 +96,10 @@ impl Bdev for VolumeBdev {
             out,
         );
     }
+
+    fn reports_allocation(&self) -> bool {
+        true
+    }
 }
 
 /// The extents of `range` in `map`, at cluster granularity: adjacent clusters with the same

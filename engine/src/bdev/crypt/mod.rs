@@ -151,6 +151,12 @@ pub fn attach(
                 volume: volume.into(),
             })
         }
+        Found::Blank if data_beyond_header(engine.bdev(inner)?.as_ref()) => {
+            return Err(CryptError::NotEncrypted {
+                volume: volume.into(),
+                why: "its first 4 KiB are zeros, but blocks after them hold data".into(),
+            })
+        }
         Found::Blank => {
             let salt = header::salt().map_err(|source| CryptError::Random {
                 volume: volume.into(),
@@ -167,6 +173,36 @@ pub fn attach(
     let bdev = CryptBdev::new(name, engine.bdev(inner)?, inner.id(), xts);
     Ok(engine.add_bdev(Arc::new(bdev))?)
 }
+
+/// Whether a device whose first block is zeros holds data after it, as far as its
+/// allocation map can tell: a plain volume written everywhere but its first 4 KiB must not be
+/// formatted (its data would then read as deciphered garbage). Devices without a map (a
+/// nexus, RAM) cannot tell, and pass on their first block alone (docs/encryption.md).
+fn data_beyond_header(inner: &dyn Bdev) -> bool {
+    if !inner.reports_allocation() {
+        return false;
+    }
+    let end = inner.size_bytes();
+    let mut at = u64::from(CRYPT_HEADER_BYTES);
+    let mut extents = Vec::with_capacity(ALLOCATION_EXTENTS);
+    while at < end {
+        extents.clear();
+        inner.allocation(at, end - at, ALLOCATION_EXTENTS, &mut extents);
+        if extents.is_empty() {
+            return false;
+        }
+        for e in &extents {
+            if !e.zero {
+                return true;
+            }
+            at += e.len_bytes;
+        }
+    }
+    false
+}
+
+/// Extents asked for per call while looking for data past the header.
+const ALLOCATION_EXTENTS: usize = 64;
 
 /// Refuses to serve an encrypted device without its key: a plain export would hand out
 /// ciphertext and let a client overwrite the encryption header. Devices smaller than the
@@ -190,6 +226,13 @@ pub fn refuse_plain(engine: &Engine, inner: &BdevHandle, volume: &str) -> Result
     Ok(())
 }
 
+/// The client's bytes on an inner device of `inner_bytes`: what follows the header, in whole
+/// data units (a partial last unit could not be enciphered).
+fn client_bytes(inner_bytes: u64) -> u64 {
+    inner_bytes.saturating_sub(u64::from(CRYPT_HEADER_BYTES)) / u64::from(CRYPT_DATA_UNIT_BYTES)
+        * u64::from(CRYPT_DATA_UNIT_BYTES)
+}
+
 /// A device whose data is encrypted on another bdev of the same engine.
 pub struct CryptBdev {
     info: BdevInfo,
@@ -206,7 +249,7 @@ impl CryptBdev {
         let info = BdevInfo {
             name: name.into(),
             block_size_bytes: CRYPT_DATA_UNIT_BYTES,
-            size_bytes: i.size_bytes - u64::from(CRYPT_HEADER_BYTES),
+            size_bytes: client_bytes(i.size_bytes),
             max_io_bytes: i.max_io_bytes.min(CRYPT_IO_MAX_BYTES) / CRYPT_DATA_UNIT_BYTES
                 * CRYPT_DATA_UNIT_BYTES,
             buf_align_bytes: i.buf_align_bytes,
@@ -229,7 +272,11 @@ impl Bdev for CryptBdev {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes() - u64::from(CRYPT_HEADER_BYTES)
+        client_bytes(self.inner.size_bytes())
+    }
+
+    fn reports_allocation(&self) -> bool {
+        self.inner.reports_allocation()
     }
 
     fn open_channel(&self, io: &mut IoCtx) -> Result<Box<dyn BdevChannel>, BdevError> {
