@@ -19,6 +19,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -44,15 +46,99 @@ fn io_err<'a>(what: &str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TlsE
     move |e| issue_err(format!("{what} '{}': {e}", path.display()))
 }
 
+/// Today as a day count from 1970-01-01 (UTC).
+fn unix_days_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+        / 86_400
+}
+
 /// The date `days` from today, as a certificate validity bound.
 macro_rules! day {
     ($days:expr) => {{
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let (y, m, d) = civil_from_days(now / 86_400 + $days);
+        let (y, m, d) = civil_from_days(unix_days_now() + $days);
         rcgen::date_time_ymd(y as i32, m as u8, d as u8)
     }};
+}
+
+/// Day count from 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`), the inverse of [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// What `issue` checks in the stored CA certificate.
+struct CaFacts {
+    /// The day its validity ends (its notAfter's date).
+    not_after_days: i64,
+    /// Its subject public key (the EC point).
+    public_key: Vec<u8>,
+}
+
+/// DER tags of the two X.509 time forms.
+const DER_UTC_TIME: u8 = 0x17;
+const DER_GENERALIZED_TIME: u8 = 0x18;
+const DER_BIT_STRING: u8 = 0x03;
+
+/// The notAfter date and subject public key of a DER X.509 certificate; `None` for anything
+/// malformed.
+fn ca_facts(cert: &[u8]) -> Option<CaFacts> {
+    use crate::{der_next, DER_SEQUENCE, DER_VERSION};
+    let (tag, cert, _) = der_next(cert)?;
+    let (tbs_tag, tbs, _) = der_next(cert)?;
+    if tag != DER_SEQUENCE || tbs_tag != DER_SEQUENCE {
+        return None;
+    }
+    let mut rest = tbs;
+    if der_next(rest)?.0 == DER_VERSION {
+        rest = der_next(rest)?.2;
+    }
+    // serialNumber, signature, issuer; then validity, subject, subjectPublicKeyInfo.
+    for _ in 0..3 {
+        rest = der_next(rest)?.2;
+    }
+    let (tag, validity, rest) = der_next(rest)?;
+    if tag != DER_SEQUENCE {
+        return None;
+    }
+    let (_, _, validity) = der_next(validity)?;
+    let (time_tag, time, _) = der_next(validity)?;
+    let digits = std::str::from_utf8(time).ok()?;
+    let (year, date) = match time_tag {
+        DER_UTC_TIME => {
+            let yy: i64 = digits.get(..2)?.parse().ok()?;
+            (
+                if yy >= 50 { 1900 + yy } else { 2000 + yy },
+                digits.get(2..)?,
+            )
+        }
+        DER_GENERALIZED_TIME => (digits.get(..4)?.parse().ok()?, digits.get(4..)?),
+        _ => return None,
+    };
+    let month: u32 = date.get(..2)?.parse().ok()?;
+    let day: u32 = date.get(2..4)?.parse().ok()?;
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let (_, _, rest) = der_next(rest)?;
+    let (tag, spki, _) = der_next(rest)?;
+    if tag != DER_SEQUENCE {
+        return None;
+    }
+    let (_, _, spki) = der_next(spki)?;
+    let (tag, bits, _) = der_next(spki)?;
+    let (&unused, key) = bits.split_first()?;
+    (tag == DER_BIT_STRING && unused == 0).then(|| CaFacts {
+        not_after_days: days_from_civil(year, month, day),
+        public_key: key.to_vec(),
+    })
 }
 
 /// Proleptic Gregorian year, month and day of a day count from 1970-01-01 (Howard Hinnant's
@@ -165,10 +251,34 @@ pub fn issue(
         .map_err(io_err("reading the CA key", &ca_key_path))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem)
         .map_err(|e| issue_err(format!("CA key '{}': {e}", ca_key_path.display())))?;
-    let ca_pem = std::fs::read(dir.join(CA_CERT_FILE)).map_err(io_err(
-        "reading the CA certificate",
-        &dir.join(CA_CERT_FILE),
-    ))?;
+    let ca_path = dir.join(CA_CERT_FILE);
+    let ca_pem = std::fs::read(&ca_path).map_err(io_err("reading the CA certificate", &ca_path))?;
+    let stored = CertificateDer::from_pem_slice(&ca_pem)
+        .ok()
+        .and_then(|der| ca_facts(&der));
+    let Some(stored) = stored else {
+        return Err(issue_err(format!(
+            "CA certificate '{}': not a PEM X.509 certificate this tool can read",
+            ca_path.display()
+        )));
+    };
+    if stored.public_key != ca_key.public_key_raw() {
+        return Err(issue_err(format!(
+            "CA certificate '{}' is not the certificate of the CA key '{}'; a certificate signed \
+             with this key would not verify against it",
+            ca_path.display(),
+            ca_key_path.display()
+        )));
+    }
+    let today = unix_days_now();
+    if stored.not_after_days <= today {
+        let (y, m, d) = civil_from_days(stored.not_after_days);
+        return Err(issue_err(format!(
+            "the CA '{}' expired on {y:04}-{m:02}-{d:02}; create a new CA (cairnctl cert init) \
+             and reissue every identity",
+            ca_path.display()
+        )));
+    }
     let ca = ca_params(&ca_key)?
         .self_signed(&ca_key)
         .map_err(issue_err)?;
@@ -196,7 +306,8 @@ pub fn issue(
     ];
     params.use_authority_key_identifier_extension = true;
     params.not_before = day!(-1);
-    params.not_after = day!(CERT_VALID_DAYS);
+    // Never past the CA's own expiry: a chain is only as valid as its CA.
+    params.not_after = day!((stored.not_after_days - today).min(CERT_VALID_DAYS));
     let key = KeyPair::generate().map_err(issue_err)?;
     let cert = params.signed_by(&key, &ca, &ca_key).map_err(issue_err)?;
 
@@ -238,6 +349,73 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
         assert_eq!(civil_from_days(20_793), (2026, 12, 6));
+        for z in [-800_000, -1, 0, 11_016, 20_793, 2_932_896] {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z, "{y}-{m}-{d}");
+        }
+    }
+
+    /// An identity is never valid past its CA, a CA certificate that does not belong to the
+    /// CA key is refused (what it signs would not verify), and so is an expired CA.
+    #[test]
+    fn issuing_checks_the_stored_ca_certificate() {
+        let dir = tempdir("ca-checks");
+        init_ca(&dir).unwrap();
+        let ca_path = dir.join(CA_CERT_FILE);
+        let facts = |pem: &[u8]| ca_facts(&CertificateDer::from_pem_slice(pem).unwrap()).unwrap();
+        let ca = facts(&std::fs::read(&ca_path).unwrap());
+        assert_eq!(ca.not_after_days, unix_days_now() + CA_VALID_DAYS);
+        let out = issue(&dir, &Identity::Node("n".into()), &[], &[]).unwrap();
+        let cert = facts(&std::fs::read(out.join(CERT_FILE)).unwrap());
+        assert_eq!(cert.not_after_days, unix_days_now() + CERT_VALID_DAYS);
+
+        // A CA certificate that expires in 10 days caps what it issues at 10 days.
+        let key =
+            KeyPair::from_pem(&std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap()).unwrap();
+        let mut short = ca_params(&key).unwrap();
+        short.not_after = day!(10);
+        std::fs::remove_file(&ca_path).unwrap();
+        write_new(
+            &ca_path,
+            short.self_signed(&key).unwrap().pem().as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        let out = issue(&dir, &Identity::Node("m".into()), &[], &[]).unwrap();
+        let cert = facts(&std::fs::read(out.join(CERT_FILE)).unwrap());
+        assert_eq!(
+            cert.not_after_days,
+            unix_days_now() + 10,
+            "capped at the CA's expiry"
+        );
+
+        // Expired.
+        let mut old = ca_params(&key).unwrap();
+        old.not_before = day!(-30);
+        old.not_after = day!(-1);
+        std::fs::remove_file(&ca_path).unwrap();
+        write_new(
+            &ca_path,
+            old.self_signed(&key).unwrap().pem().as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        let err = issue(&dir, &Identity::Node("o".into()), &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+
+        // Another CA's certificate beside this key.
+        let other = tempdir("ca-checks-other");
+        init_ca(&other).unwrap();
+        std::fs::remove_file(&ca_path).unwrap();
+        std::fs::copy(other.join(CA_CERT_FILE), &ca_path).unwrap();
+        let err = issue(&dir, &Identity::Node("p".into()), &[], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is not the certificate of the CA key"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
     }
 
     #[test]

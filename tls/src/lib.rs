@@ -424,7 +424,7 @@ pub fn check_listener(flag: &str, addr: &str, tls: bool, insecure: bool) -> Resu
 
 /// One DER element: tag, contents, and what follows it. `None` for anything malformed
 /// (indefinite or over-long lengths included).
-fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {
@@ -440,10 +440,10 @@ fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
-const DER_SEQUENCE: u8 = 0x30;
+pub(crate) const DER_SEQUENCE: u8 = 0x30;
 const DER_SET: u8 = 0x31;
 const DER_OID: u8 = 0x06;
-const DER_VERSION: u8 = 0xa0;
+pub(crate) const DER_VERSION: u8 = 0xa0;
 /// id-at-commonName, 2.5.4.3.
 const OID_COMMON_NAME: [u8; 3] = [0x55, 0x04, 0x03];
 /// String types a common name may use: UTF8String, PrintableString, IA5String.
