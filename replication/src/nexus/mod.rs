@@ -53,7 +53,7 @@ pub const NEXUS_IO_MAX_BYTES: u32 = 128 << 10;
 pub const PARENTS_MAX: usize = 256;
 /// Bytes one core may have sent to one remote child and not had answered. At the limit
 /// further sub-requests to that child wait in the channel's backlog (back-pressure).
-pub const CHILD_IN_FLIGHT_BYTES_MAX: usize = 8 << 20;
+pub const CHILD_IN_FLIGHT_BYTES_MAX: usize = 16 << 20;
 /// Default for how long a remote child may take to answer before it is faulted.
 pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// Default region size of the unflushed maps and of `verify` (what a replica missed is

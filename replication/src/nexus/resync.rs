@@ -46,25 +46,31 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The most bytes of chunk copies (a read then a write of one DMA buffer, 128 KiB by
-/// default) in flight, at a measured rate that allows it: 48 chunks, enough to keep streaming
-/// while each hop of a chunk (source read, send, server write, reply) waits for a CPU on a
-/// busy machine (2 MiB reached 0.58-0.65 of the disk's sequential read, docs/replication.md
-/// "Rebuild speed"). Three quarters of a remote child's unanswered bytes
-/// ([`CHILD_IN_FLIGHT_BYTES_MAX`]), so client I/O to the source or the target never queues
-/// behind more than this, and within the replica server's limits (48 of its `SERVER_OPS_MAX`
-/// requests per connection).
+/// default) in flight, at a measured rate that allows it (12 MiB needs about 1 GB/s, "Copy
+/// depth" in docs/replication.md): 96 chunks, enough to stream the source disk at 2-3 GB/s
+/// while each hop of a chunk (source read, send, server write, reply) waits its turn; with 48
+/// (6 MiB) a quiet rebuild held at about 2.1 GB/s with neither node's CPU busy. Three quarters
+/// of a remote child's unanswered bytes ([`CHILD_IN_FLIGHT_BYTES_MAX`]), so client I/O to the
+/// source or the target never queues behind more than this, and within the replica server's
+/// limits (96 of its `SERVER_OPS_MAX` requests per connection).
 pub const RESYNC_BYTES_MAX: u64 = CHILD_IN_FLIGHT_BYTES_MAX as u64 / 4 * 3;
 /// The most chunk copies in flight, whatever their size: each holds a DMA buffer and a
 /// request slot at the nexus and at each replica server (a resync of scattered 4 KiB blocks
 /// copies many small chunks), and never more than a [`RESYNC_POOL_SHARE`] of the home core's
 /// buffers. Scaled with the byte budget: one per 128 KiB of it.
-pub const RESYNC_CHUNKS_MAX: usize = 48;
+pub const RESYNC_CHUNKS_MAX: usize = 96;
+const _: () = assert!(
+    RESYNC_CHUNKS_MAX <= crate::server::SERVER_OPS_MAX / 4 * 3
+        && RESYNC_BYTES_MAX / RESYNC_CHUNKS_MAX as u64 == super::NEXUS_IO_MAX_BYTES as u64,
+    "the copy ceiling leaves a quarter of a server connection's slots to client I/O, one chunk per 128 KiB"
+);
 /// The job takes at most 1/this of its core's DMA buffers (and so of a replica server's, with
-/// the same engine configuration): client I/O keeps the rest.
-pub const RESYNC_POOL_SHARE: u32 = 4;
+/// the same engine configuration): client I/O keeps the rest. Beyond the floor's 16 chunks the
+/// job is that deep only while no client write waits on its copies.
+pub const RESYNC_POOL_SHARE: u32 = 2;
 /// The most copy ranges one job holds at once (each one [`AREA_BYTES`]): the byte budget's
 /// worth copying, and more draining or taken ahead.
-pub const RESYNC_RANGES_MAX: usize = 12;
+pub const RESYNC_RANGES_MAX: usize = 20;
 /// The floor's bytes of chunk copies in flight (16 chunks): a job's start, and its depth
 /// while client writes wait on copies or its measured rate allows no more.
 pub const RESYNC_BUSY_BYTES_MAX: u64 = 2 << 20;
