@@ -75,6 +75,6 @@ async fn a_deposed_leader_cannot_decide_on_etcd() {
     let Some(etcd) = common::Etcd::start(&dir) else {
         return;
     };
-    let store = EtcdStore::connect(&etcd.url).await.unwrap();
+    let store = EtcdStore::connect(&etcd.url, None, false).await.unwrap();
     a_deposed_leader_cannot_decide(AnyStore::Etcd(Box::new(store))).await;
 }

@@ -195,7 +195,59 @@ async fn the_suite_passes_on_etcd() {
     let Some(etcd) = common::Etcd::start(&dir) else {
         return;
     };
-    suite(&EtcdStore::connect(&etcd.url).await.unwrap()).await;
+    suite(&EtcdStore::connect(&etcd.url, None, false).await.unwrap()).await;
+}
+
+/// With the cluster's TLS files the control process reaches etcd over mutual TLS, and the
+/// suite passes there; a client whose certificate comes from another CA, or that has no TLS
+/// files for an https endpoint, is refused; and a plain endpoint beyond loopback is refused
+/// while TLS is configured (unless insecure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suite_passes_on_etcd_over_mutual_tls() {
+    use cairn_tls::{issue, Identity, Tls, TlsFiles};
+    let dir = common::test_dir("store-etcd-tls");
+    let ca = dir.join("ca");
+    let other_ca = dir.join("other-ca");
+    issue::init_ca(&ca).unwrap();
+    issue::init_ca(&other_ca).unwrap();
+    let ip = ["127.0.0.1".parse().unwrap()];
+    let server = issue::issue(&ca, &Identity::Control("etcd".into()), &ip, &[]).unwrap();
+    let load = |ca: &std::path::Path, name: &str| {
+        let d = issue::issue(ca, &Identity::Control(name.into()), &[], &[]).unwrap();
+        Tls::load(&TlsFiles::in_dir(&d)).unwrap()
+    };
+    let me = load(&ca, "c1");
+    let stranger = load(&other_ca, "c1");
+    let Some(etcd) = common::Etcd::start_tls(&dir, &server) else {
+        return;
+    };
+    assert!(etcd.url.starts_with("https://"));
+    let started = Instant::now();
+    let store = loop {
+        match EtcdStore::connect(&etcd.url, Some(&me), false).await {
+            Ok(s) => break s,
+            Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                panic!("etcd over TLS never answered: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    suite(&store).await;
+
+    let refused = EtcdStore::connect(&etcd.url, Some(&stranger), false).await;
+    assert!(refused.is_err(), "a certificate from another CA is refused");
+    let err = EtcdStore::connect(&etcd.url, None, false)
+        .await
+        .err()
+        .expect("https without TLS files")
+        .to_string();
+    assert!(err.contains("need the cluster's TLS files"), "{err}");
+    let err = EtcdStore::connect("http://192.0.2.1:2379", Some(&me), false)
+        .await
+        .err()
+        .expect("plain beyond loopback")
+        .to_string();
+    assert!(err.contains("plain http beyond loopback"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,10 @@ struct Cli {
     #[arg(long, value_name = "ADDR:PORT", default_value = CONTROL_LISTEN_DEFAULT)]
     listen: SocketAddr,
     /// Keep the cluster state in etcd (comma-separated endpoints) instead of the embedded
-    /// store; several cairn-control processes may then run, and one is leader.
+    /// store; several cairn-control processes may then run, and one is leader. `https://`
+    /// endpoints are reached over mutual TLS with the --tls-* files (etcd run with
+    /// --client-cert-auth and the cluster CA); with TLS configured, plain `http://` beyond
+    /// loopback needs --insecure.
     #[arg(long, value_name = "URL")]
     etcd: Option<String>,
     /// For tests: record decisions but never act on them (no reconcile loop), so a test can
@@ -120,10 +123,10 @@ fn init_logging() {
         .init();
 }
 
-async fn open_store(cli: &Cli) -> Result<AnyStore> {
+async fn open_store(cli: &Cli, tls: Option<&cairn_tls::Tls>) -> Result<AnyStore> {
     Ok(match &cli.etcd {
         Some(url) => AnyStore::Etcd(Box::new(
-            EtcdStore::connect(url)
+            EtcdStore::connect(url, tls, cli.insecure)
                 .await
                 .with_context(|| format!("connecting to etcd at {url}"))?,
         )),
@@ -153,7 +156,7 @@ async fn run(cli: Cli) -> Result<()> {
     let addr = listener
         .local_addr()
         .context("reading the listener's address")?;
-    let store = Arc::new(open_store(&cli).await?);
+    let store = Arc::new(open_store(&cli, tls.as_ref()).await?);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let me = LeaderInfo {
         id: format!("{}@{addr}", cairn_control_api::hostname()),

@@ -1,6 +1,11 @@
 //! [`Store`] on etcd (v3 API, through the `etcd-client` crate): the store for clusters, where
 //! several control processes share the state and etcd's Raft keeps it on a quorum.
 //!
+//! With the cluster's TLS files, the client speaks mutual TLS to `https://` endpoints: it
+//! checks etcd's certificate against the cluster CA and shows its own (etcd is then run with
+//! `--client-cert-auth --trusted-ca-file` of the same CA, docs/security.md). Plain `http://`
+//! endpoints beyond loopback are refused when TLS is configured, unless `insecure` says so.
+//!
 //! Each call maps to one etcd request; revisions are etcd's own (`mod_revision`, the header
 //! revision of a write), leases are etcd leases, so expiry, and the deletion of a lease's keys,
 //! happen inside etcd even while no control process runs. Every request is bounded by
@@ -8,7 +13,8 @@
 
 use super::{Entry, LeaseId, Op, Store, StoreError, Txn};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn as EtcdTxn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn as EtcdTxn, TxnOp,
 };
 use std::time::Duration;
 
@@ -24,13 +30,66 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
 }
 
+/// Why a set of endpoints cannot be used with the TLS configuration given.
+fn endpoint_error(detail: String) -> StoreError {
+    StoreError::Backend {
+        store: "etcd",
+        op: "connect",
+        detail,
+    }
+}
+
 impl EtcdStore {
-    /// Connects to the etcd cluster at `endpoints` (`http://HOST:PORT`, comma separated).
-    pub async fn connect(endpoints: &str) -> Result<EtcdStore, StoreError> {
+    /// Connects to the etcd cluster at `endpoints` (`http://HOST:PORT` or `https://HOST:PORT`,
+    /// comma separated, all of one scheme). `tls` (the cluster CA and this process's identity)
+    /// is required for `https`; with it, `http` endpoints beyond loopback are refused unless
+    /// `insecure`.
+    pub async fn connect(
+        endpoints: &str,
+        tls: Option<&cairn_tls::Tls>,
+        insecure: bool,
+    ) -> Result<EtcdStore, StoreError> {
         let endpoints: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).collect();
-        let options = ConnectOptions::new()
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != endpoints.len() {
+            return Err(endpoint_error(format!(
+                "endpoints {endpoints:?} mix https and http; use one scheme"
+            )));
+        }
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT);
+        match (https > 0, tls) {
+            (true, None) => {
+                return Err(endpoint_error(format!(
+                    "https endpoints {endpoints:?} need the cluster's TLS files (--tls-ca, --tls-cert, --tls-key)"
+                )))
+            }
+            (true, Some(tls)) => {
+                let pem = tls.pem();
+                options = options.with_tls(
+                    TlsOptions::new()
+                        .ca_certificate(Certificate::from_pem(&pem.ca))
+                        .identity(Identity::from_pem(&pem.cert, &pem.key)),
+                );
+            }
+            (false, Some(_)) if !insecure => {
+                for e in &endpoints {
+                    let host = e.strip_prefix("http://").unwrap_or(e);
+                    let host = host.split('/').next().unwrap_or(host);
+                    if !cairn_tls::is_loopback(host).unwrap_or(false) {
+                        return Err(endpoint_error(format!(
+                            "etcd endpoint {e} is plain http beyond loopback while TLS is configured; \
+                             use https (etcd with --client-cert-auth and the cluster CA) or pass --insecure"
+                        )));
+                    }
+                }
+            }
+            (false, _) => {}
+        }
         let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(err("connect"))?;

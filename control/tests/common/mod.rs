@@ -178,6 +178,37 @@ impl Etcd {
 }
 
 impl Etcd {
+    /// Starts etcd serving clients over mutual TLS with the certificate in `identity` (a
+    /// `cairnctl cert issue` directory): `https://` on a free loopback port, clients
+    /// authenticated against the same CA (`--client-cert-auth`). Returns at once; the caller
+    /// retries its first connection until etcd is up. None when the tool is missing.
+    pub fn start_tls(dir: &Path, identity: &Path) -> Option<Etcd> {
+        if !cairn_testkit::require_tool("etcd", "etcd-server") {
+            return None;
+        }
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let file = |f: &str| identity.join(f).display().to_string();
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg(format!("--cert-file={}", file("cert.pem")))
+            .arg(format!("--key-file={}", file("key.pem")))
+            .arg(format!("--trusted-ca-file={}", file("ca-cert.pem")))
+            .arg("--client-cert-auth")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("starting etcd");
+        Some(Etcd { child, url })
+    }
+
     /// How many keys under `prefix` etcd holds (its JSON gateway, `/v3/kv/range`).
     pub fn count(&self, prefix: &str) -> u64 {
         let mut end = prefix.as_bytes().to_vec();
