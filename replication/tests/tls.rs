@@ -260,11 +260,11 @@ fn only_the_assigned_node_opens_a_replica() {
 
     // B first, before anyone holds the replica: refused, and no fence is stored.
     let m_b = manager(&engine, Arc::new(TlsTransport::new(node_b)), "assign-b");
-    let err = m_b
-        .create(request(server.endpoint(), false))
-        .err()
-        .expect("node b opened a replica assigned to node a");
+    let Err(err) = m_b.create(request(server.endpoint(), false)) else {
+        panic!("node b opened a replica assigned to node a");
+    };
     println!("node b refused: {err}");
+    assert!(err.to_string().contains("Permission denied"), "{err}");
     assert_eq!(replicas.status(&id, "r").unwrap().fence, None);
 
     // A opens it and writes.
