@@ -7,7 +7,9 @@
 //!   are assigned to node-c before its nexus opens them;
 //! * node-a, restarted, re-runs the nexus create over node-b's and node-c's replicas (with
 //!   takeover, as the attack did): both refuse it with EACCES, no fence moves, and the nexus on
-//!   node-c still writes and reads.
+//!   node-c still writes and reads;
+//! * node-a's own replica kept its assignment across the restart, and `replica assign` refuses
+//!   an opener that is not a node id.
 //!
 //! On main there is no assignment: node-a's create takes the replicas over and fences node-c.
 
@@ -221,5 +223,25 @@ fn after_a_failover_only_the_new_attach_node_opens_the_replicas() {
     assert!(
         write_and_read(&uri, 2, 0xc2),
         "node-c's nexus still serves after node-a's attempt"
+    );
+
+    // node-a's own replica kept its assignment across the restart (nobody assigned it since),
+    // `replica ls` lists it, and an opener that is not a node id is refused.
+    assert_eq!(opener(&admin, &a_admin), "node-a");
+    let ls = ok(
+        &cairnctl(&admin, &["node", "--addr", &a_admin, "replica", "ls"]),
+        "replica ls",
+    );
+    assert!(ls.contains("node:node-a"), "{ls}");
+    let out = cairnctl(
+        &admin,
+        &[
+            "node", "--addr", &a_admin, "replica", "assign", "v", "--opener", "no/such",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a node id"),
+        "{err}"
     );
 }
