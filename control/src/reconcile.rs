@@ -29,9 +29,10 @@
 //!   `up` node the in-sync record names in sync (never any other), with a raised epoch, before
 //!   any node is touched (docs/control.md, "Failover");
 //! * nexus: destroy a nexus on any node but the attach node (detach, or a nexus of an older
-//!   epoch), then create the nexus on the attach node (the recorded epoch, `takeover`, "local"
-//!   for its own replica and the other nodes' replica addresses), export it over NBD and record
-//!   the NBD URI.
+//!   epoch), assign every created replica to the attach node (`AssignReplica`: only its nexus
+//!   may open them from then on), then create the nexus on the attach node (the recorded
+//!   epoch, `takeover`, "local" for its own replica and the other nodes' replica addresses),
+//!   export it over NBD and record the NBD URI.
 //!
 //! A node that is down or unreachable is skipped; its part is finished when it is back.
 //!
@@ -244,6 +245,28 @@ impl NodeView<'_> {
         self.gone("DeleteVolume", name, r)?;
         self.has.objects.remove(name);
         Ok(())
+    }
+
+    /// Assigns this node's replica of volume `name` to the node `opener`, so that only the
+    /// nexus there may open it. A node without the call (older than assignments) cannot
+    /// check one, and is left as it is.
+    pub(crate) async fn assign_opener(
+        &mut self,
+        name: &str,
+        opener: &str,
+    ) -> Result<(), NodeCallError> {
+        let req = pb::AssignReplicaRequest {
+            name: name.into(),
+            opener: opener.into(),
+        };
+        match self.client.assign_replica(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::Unimplemented => {
+                tracing::warn!(volume = %name, node = %self.record.id, "the node cannot assign its replica an opener (no AssignReplica); any node may open it");
+                Ok(())
+            }
+            Err(s) => Err(self.err("AssignReplica", name, s)),
+        }
     }
 
     /// Unexports and destroys the nexus `name`, if this node has it.
@@ -546,7 +569,10 @@ impl Reconciler {
     }
 }
 
-fn view_of<'v, 'a>(views: &'v mut [NodeView<'a>], node: &str) -> Option<&'v mut NodeView<'a>> {
+pub(crate) fn view_of<'v, 'a>(
+    views: &'v mut [NodeView<'a>],
+    node: &str,
+) -> Option<&'v mut NodeView<'a>> {
     views.iter_mut().find(|v| v.record.id == node)
 }
 
@@ -581,10 +607,11 @@ async fn live_steps(
     };
     let lost = next.replicas.iter().any(|r| r.state == ReplicaState::Lost);
     if lost || next.replicas.iter().any(missing) {
-        let at = next.nexus_node().map(str::to_string);
-        if let Some(v) = at.and_then(|at| view_of(views, &at)) {
-            if v.has.nexuses.get(&next.name) == Some(&next.epoch) {
-                rereplicate::nexus_members(next, insync, nodes, v).await?;
+        if let Some(at) = next.nexus_node().map(str::to_string) {
+            let current = view_of(views, &at)
+                .is_some_and(|v| v.has.nexuses.get(&next.name) == Some(&next.epoch));
+            if current {
+                rereplicate::nexus_members(next, insync, nodes, views, &at).await?;
             }
         }
     }
@@ -949,10 +976,9 @@ async fn nexus_step(
         return Ok(());
     }
     let replicas = nexus_replicas(next, nodes, &at);
-    let Some(v) = view_of(views, &at) else {
+    let Some(missing) = view_of(views, &at).map(|v| !v.has.nexuses.contains_key(&name)) else {
         return Ok(());
     };
-    let missing = !v.has.nexuses.contains_key(&name);
     let was_open = match (&next.attached, &next.rebuild) {
         (Some(a), _) => a.nbd_uri.is_some(),
         (None, Some(r)) => r.opened,
@@ -989,6 +1015,11 @@ async fn nexus_step(
             tracing::warn!(volume = %name, node = %at, in_sync = ?insync.map(|i| &i.in_sync), "no replica the record names in sync is up; the nexus waits for one");
             return Ok(());
         }
+        // Every replica it is given is assigned to it first, so that its Opens pass the
+        // replicas' opener checks and an older attach node's (a nexus created again there,
+        // after a failover) are refused (docs/control.md, "Failover").
+        assign_openers(next, &at, views).await?;
+        let v = view_of(views, &at).expect("listed above");
         let req = pb::CreateNexusRequest {
             name: name.clone(),
             replicas,
@@ -1004,6 +1035,7 @@ async fn nexus_step(
         v.has.nexuses.insert(name.clone(), next.epoch);
         tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus created");
     }
+    let v = view_of(views, &at).expect("listed above");
     if next.attached.is_none() {
         // A rebuild nexus is not exported: it only copies to the replacement.
         if let Some(r) = next.rebuild.as_mut() {
@@ -1026,6 +1058,25 @@ async fn nexus_step(
         let uri = format!("nbd://{nbd}/{name}");
         if a.nbd_uri.as_deref() != Some(uri.as_str()) {
             a.nbd_uri = Some(uri);
+        }
+    }
+    Ok(())
+}
+
+/// Assigns each created replica of `record` on a node listed this pass to the attach node
+/// `at` (its own replica included, so no other node may open that one remotely either).
+async fn assign_openers(
+    record: &VolumeRecord,
+    at: &str,
+    views: &mut [NodeView<'_>],
+) -> Result<(), NodeCallError> {
+    for r in record
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Created)
+    {
+        if let Some(v) = view_of(views, &r.node) {
+            v.assign_opener(&record.name, at).await?;
         }
     }
     Ok(())

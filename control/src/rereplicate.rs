@@ -7,9 +7,9 @@
 //!    (placement, excluding every node in the record), in one fenced, revision-checked write,
 //!    before any node call;
 //! 2. the reconcile loop's replicas step creates the new replica's volume;
-//! 3. [`nexus_members`]: if the volume is attached, the nexus is given the new replica
-//!    (`AddReplica`: the nexus rebuilds it online, in full) and loses the lost one
-//!    (`RemoveReplica`);
+//! 3. [`nexus_members`]: if the volume is attached, the new replica is assigned to the attach
+//!    node (`AssignReplica`), then the nexus is given it (`AddReplica`: the nexus rebuilds it
+//!    online, in full) and loses the lost one (`RemoveReplica`);
 //! 4. [`retire_lost`]: once the in-sync record names every created replica in sync (the new
 //!    one rebuilt), each `lost` replica becomes `deleting`: the replicas step deletes its
 //!    volume when its node is back, then drops the entry.
@@ -153,15 +153,22 @@ pub fn replace_lost(
 
 /// Gives the attach node's nexus each created replica it never had (in neither set of the
 /// in-sync record: a replacement) and takes the lost ones out of it, while the record has a
-/// lost replica. `at` is the attach node's view, its nexus at the record's epoch. A replica
-/// the nexus already knows is left to it, even if its node came back at another address.
+/// lost replica. `at_id` is the attach node, its nexus at the record's epoch, listed in
+/// `views`. A replica the nexus already knows is left to it, even if its node came back at
+/// another address. A replacement is assigned to the attach node (`AssignReplica` on its
+/// own node) before the nexus is given it, so the nexus's `Open` passes the replica's opener
+/// check; a replacement whose node is not listed this pass waits for the next.
 pub(crate) async fn nexus_members(
     next: &VolumeRecord,
     insync: Option<&InSyncRecord>,
     nodes: &[NodeRecord],
-    at: &mut crate::reconcile::NodeView<'_>,
+    views: &mut [crate::reconcile::NodeView<'_>],
+    at_id: &str,
 ) -> Result<(), NodeCallError> {
     let name = next.name.clone();
+    let Some(at) = crate::reconcile::view_of(views, at_id) else {
+        return Ok(());
+    };
     let r = at
         .client
         .show_nexus(pb::ShowNexusRequest { name: name.clone() })
@@ -177,7 +184,6 @@ pub(crate) async fn nexus_members(
             .find(|n| n.id == node)
             .and_then(|n| n.addresses.replica.clone())
     };
-    let at_id = at.record.id.clone();
     for r in &next.replicas {
         if r.node == at_id {
             continue;
@@ -191,6 +197,11 @@ pub(crate) async fn nexus_members(
         let known =
             insync.is_some_and(|i| i.in_sync.contains(&r.node) || i.out_of_sync.contains(&r.node));
         if r.state == ReplicaState::Created && up && !known && !has(&addr) {
+            let Some(holder) = crate::reconcile::view_of(views, &r.node) else {
+                continue;
+            };
+            holder.assign_opener(&name, at_id).await?;
+            let at = crate::reconcile::view_of(views, at_id).expect("listed above");
             let req = pb::AddReplicaRequest {
                 nexus: name.clone(),
                 replica: addr.clone(),
@@ -199,6 +210,7 @@ pub(crate) async fn nexus_members(
             at.made("AddReplica", &name, res)?;
             tracing::info!(volume = %name, node = %r.node, replica = %addr, "replacement replica added to the nexus; it rebuilds online");
         } else if r.state == ReplicaState::Lost && has(&addr) {
+            let at = crate::reconcile::view_of(views, at_id).expect("listed above");
             let req = pb::RemoveReplicaRequest {
                 nexus: name.clone(),
                 replica: addr.clone(),

@@ -18,6 +18,7 @@ use cairn_engine::bdev::crypt::{CryptError, CryptKey};
 use cairn_engine::frontend::nbd::NbdError;
 use cairn_engine::volume::PoolError;
 use cairn_replication::nexus::manager::NexusError;
+use cairn_replication::replica::ReplicaError;
 use cairn_tls::Identity;
 use std::sync::Arc;
 use tonic::codegen::{http, BoxFuture, Service};
@@ -179,7 +180,19 @@ pub fn code_of(e: &NodeError) -> Code {
         NodeError::NoSuchFault { .. } => Code::NotFound,
         NodeError::Replication(_) => Code::InvalidArgument,
         NodeError::Nexus(e) => nexus_code(e),
+        NodeError::Replica(e) => replica_code(e),
         NodeError::Crypt(e) => crypt_code(e),
+    }
+}
+
+fn replica_code(e: &ReplicaError) -> Code {
+    match e {
+        ReplicaError::NotFound { .. } => Code::NotFound,
+        ReplicaError::BadOpener { .. }
+        | ReplicaError::NotOwner { .. }
+        | ReplicaError::GenerationDown { .. } => Code::InvalidArgument,
+        ReplicaError::Busy { .. } => Code::Unavailable,
+        ReplicaError::Epoch { .. } | ReplicaError::Flush { .. } => Code::Internal,
     }
 }
 
@@ -486,6 +499,36 @@ impl NodeAdmin for AdminService {
         let r = req.into_inner();
         required("name", &r.name)?;
         self.run(move |n| n.verify_nexus(&r.name, r.repair)).await
+    }
+
+    async fn list_replicas(
+        &self,
+        _: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.run(|n| {
+            n.list_replicas()
+                .map(|replicas| pb::ListReplicasResponse { replicas })
+        })
+        .await
+    }
+
+    async fn show_replica(
+        &self,
+        req: Request<pb::ShowReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.show_replica(&r.name)).await
+    }
+
+    async fn assign_replica(
+        &self,
+        req: Request<pb::AssignReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        self.run(move |n| n.assign_replica(&r.name, &r.opener))
+            .await
     }
 
     async fn set_fault(

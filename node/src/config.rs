@@ -386,7 +386,8 @@ pub struct Cli {
     #[arg(long = "replica-malloc", value_name = "NAME:SIZE")]
     pub replica_mallocs: Vec<NamedSize>,
     /// Replica server listener, or `off` [default: 127.0.0.1:10820]. Beyond loopback it
-    /// needs TLS (--tls-*) or --insecure.
+    /// needs TLS (--tls-*) or --insecure. Over TLS only a node's certificate may open a
+    /// replica, and only the assigned node's when it has one.
     #[arg(long, value_name = "ADDR:PORT")]
     pub replica_listen: Option<String>,
     /// Wrap pool devices and malloc bdevs in fault bdevs controlled over the admin API
@@ -456,7 +457,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Listen beyond loopback without TLS, accepting unauthenticated peers (refused at start
-    /// otherwise).
+    /// otherwise). Without TLS a replica cannot tell which node opens it: its assigned
+    /// opener (`cairnctl node replica assign`) is stored but not enforced.
     #[arg(long)]
     pub insecure: bool,
 

@@ -71,6 +71,8 @@ pub enum NodeError {
     #[error(transparent)]
     Nexus(#[from] cairn_replication::nexus::manager::NexusError),
     #[error(transparent)]
+    Replica(#[from] cairn_replication::replica::ReplicaError),
+    #[error(transparent)]
     Crypt(#[from] CryptError),
     #[error(transparent)]
     Nbd(#[from] NbdError),

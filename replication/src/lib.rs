@@ -5,8 +5,8 @@
 //!   guards (`docs/formats.md`, "Replica protocol").
 //! * [`transport`]: the transport trait (blocking connect/accept/handshake, then a reactor
 //!   driven connection) and TCP over the reactors' io_uring. No TCP type crosses the trait.
-//! * [`epoch`], [`generation`] and [`replica`]: the replicas a node hosts, their durable
-//!   epoch fences and their data generation records.
+//! * [`epoch`], [`generation`], [`opener`] and [`replica`]: the replicas a node hosts, their
+//!   durable epoch fences, their data generation records and the node assigned to open each.
 //! * [`server`]: the replica server cairn-node runs.
 //! * [`nexus`]: the volume's front on its attach node: fan-out writes, local-first reads,
 //!   faulting, dirty-region maps, resync and rebuild, and the manager behind the admin API.
@@ -17,6 +17,7 @@
 pub mod epoch;
 pub mod generation;
 pub mod nexus;
+pub mod opener;
 pub mod proto;
 pub mod replica;
 pub mod server;

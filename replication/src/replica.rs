@@ -17,6 +17,11 @@
 //! its fence and changed only by [`ReplicaSet::set_generation`], from the nexus that holds
 //! the fence, never downwards.
 //!
+//! Each replica may also have an assigned opener ([`crate::opener`]): the one node whose nexus
+//! may open it, set by [`ReplicaSet::assign`] (the control process, through the node admin
+//! API) and loaded with its fence. The replica server checks it on every `Open` and
+//! `SetGeneration`.
+//!
 //! Raising a fence also drains: every path into the replica (a server connection, a local
 //! nexus channel) announces each request in its [`PathGauge`] *before* it checks the fence
 //! (both SeqCst), and `accept` waits, after storing a higher fence, until no path opened
@@ -26,6 +31,7 @@
 use crate::epoch::{EpochError, EpochStore};
 use crate::generation::GenRecord;
 use crate::proto::{Epoch, VolumeId};
+use crate::transport::PeerIdentity;
 use cairn_engine::reactor::BdevId;
 use cairn_engine::{BdevHandle, BdevInfo};
 use parking_lot::Mutex;
@@ -90,6 +96,8 @@ pub struct HostedReplica {
     paths: Mutex<Vec<Weak<PathGauge>>>,
     /// The durable generation record, as stored (changed under `accept_lock`).
     record: Mutex<GenRecord>,
+    /// The node assigned to open it, as stored; None: any node.
+    opener: Mutex<Option<String>>,
 }
 
 impl HostedReplica {
@@ -104,6 +112,11 @@ impl HostedReplica {
     /// The stored generation record.
     pub fn record(&self) -> GenRecord {
         *self.record.lock()
+    }
+
+    /// The node assigned to open it; None: any node.
+    pub fn opener(&self) -> Option<String> {
+        self.opener.lock().clone()
     }
 
     /// The fence now.
@@ -160,6 +173,18 @@ pub enum RecordUpdate {
     Stale { current: Epoch },
 }
 
+/// A replica's durable state, hosted or not ([`ReplicaSet::status`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The stored fence; None when no nexus has opened it.
+    pub fence: Option<Epoch>,
+    pub record: GenRecord,
+    /// The node assigned to open it; None: any node.
+    pub opener: Option<String>,
+    /// Whether this node has it open as a replica (a nexus has opened it since the start).
+    pub hosted: bool,
+}
+
 /// What [`ReplicaSet::accept`] decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Acceptance {
@@ -191,6 +216,11 @@ pub enum ReplicaError {
     },
     #[error("replica '{name}': flushing before the clean mark failed: {why}")]
     Flush { name: String, why: String },
+    #[error(
+        "replica '{name}': '{opener}' is not a node id (1 to {} letters, digits, '-', '_' or '.')",
+        cairn_tls::NAME_MAX
+    )]
+    BadOpener { name: String, opener: String },
 }
 
 impl ReplicaError {
@@ -199,7 +229,9 @@ impl ReplicaError {
             ReplicaError::NotFound { .. } => libc::ENOENT,
             ReplicaError::Epoch { .. } => libc::EIO,
             ReplicaError::Busy { .. } => libc::EBUSY,
-            ReplicaError::NotOwner { .. } | ReplicaError::GenerationDown { .. } => libc::EINVAL,
+            ReplicaError::NotOwner { .. }
+            | ReplicaError::GenerationDown { .. }
+            | ReplicaError::BadOpener { .. } => libc::EINVAL,
             ReplicaError::Flush { .. } => libc::EIO,
         }
     }
@@ -250,6 +282,13 @@ impl ReplicaSet {
                 name: name.clone(),
                 source,
             })?;
+        let opener = self
+            .epochs
+            .load_opener(id)
+            .map_err(|source| ReplicaError::Epoch {
+                name: name.clone(),
+                source,
+            })?;
         let r = Arc::new(HostedReplica {
             name,
             volume_id: *id,
@@ -258,9 +297,94 @@ impl ReplicaSet {
             accept_lock: Mutex::new(()),
             paths: Mutex::new(Vec::new()),
             record: Mutex::new(record),
+            opener: Mutex::new(opener),
         });
         hosted.insert(*id, r.clone());
         Ok(r)
+    }
+
+    /// The durable state of the replica `name` (wire id `id`): from memory when it is hosted,
+    /// else from its files, without opening it.
+    pub fn status(&self, id: &VolumeId, name: &str) -> Result<ReplicaStatus, ReplicaError> {
+        if let Some(r) = self.hosted.lock().get(id).cloned() {
+            return Ok(ReplicaStatus {
+                fence: Epoch::new(r.fence()).ok(),
+                record: r.record(),
+                opener: r.opener(),
+                hosted: true,
+            });
+        }
+        let epoch = |source| ReplicaError::Epoch {
+            name: name.to_string(),
+            source,
+        };
+        Ok(ReplicaStatus {
+            fence: self.epochs.load(id).map_err(epoch)?,
+            record: self.epochs.load_generation(id).map_err(epoch)?,
+            opener: self.epochs.load_opener(id).map_err(epoch)?,
+            hosted: false,
+        })
+    }
+
+    /// Assigns the replica `name` (wire id `id`) to the node `opener` (None: any node may
+    /// open it again), durably before this returns; the next `Open` is checked against it.
+    /// A connection already open is not cut: the epoch fence, raised by the assigned node's
+    /// takeover, is what stops an older nexus.
+    pub fn assign(
+        &self,
+        id: &VolumeId,
+        name: &str,
+        opener: Option<&str>,
+    ) -> Result<(), ReplicaError> {
+        if let Some(o) = opener.filter(|o| !cairn_tls::valid_name(o)) {
+            return Err(ReplicaError::BadOpener {
+                name: name.to_string(),
+                opener: o.to_string(),
+            });
+        }
+        // The set's lock keeps `get` from loading the file while it changes; the replica's
+        // lock orders the change with its Opens.
+        let hosted = self.hosted.lock();
+        let r = hosted.get(id);
+        let _serial = r.map(|r| r.accept_lock.lock());
+        let current = match r {
+            Some(r) => r.opener(),
+            None => self
+                .epochs
+                .load_opener(id)
+                .map_err(|source| ReplicaError::Epoch {
+                    name: name.to_string(),
+                    source,
+                })?,
+        };
+        if current.as_deref() == opener {
+            return Ok(());
+        }
+        self.epochs
+            .store_opener(id, opener)
+            .map_err(|source| ReplicaError::Epoch {
+                name: name.to_string(),
+                source,
+            })?;
+        if let Some(r) = r {
+            *r.opener.lock() = opener.map(str::to_string);
+        }
+        tracing::info!(replica = %name, opener = opener.unwrap_or("any node"), previous = current.as_deref().unwrap_or("any node"), "replica opener assigned");
+        Ok(())
+    }
+
+    /// Whether `peer` may open `r` now (its assigned opener, [`crate::opener::may_open`]);
+    /// the error names the peer and the assigned node.
+    pub fn may_open(&self, r: &HostedReplica, peer: &PeerIdentity) -> Result<(), String> {
+        let opener = r.opener.lock();
+        if crate::opener::may_open(opener.as_deref(), peer) {
+            return Ok(());
+        }
+        Err(format!(
+            "replica '{}' is assigned to node:{}, not to {peer}",
+            r.name,
+            opener.as_deref().unwrap_or_default()
+        ))
     }
 
     /// Applies the epoch rules to an `Open` under `epoch`; a raised fence is durable before

@@ -15,6 +15,11 @@
 //! * Reads and writes larger than one DMA buffer ([`Engine`]'s `buf_size_bytes`, 128 KiB by
 //!   default) are answered `Error{EINVAL}`; the nexus never sends them.
 //!
+//! Who may open: over TLS only a node's certificate, and when the replica has an assigned
+//! opener ([`crate::opener`]) only that node's; any other is answered `Error{EACCES}` before
+//! the epoch rules run, and a refused assigned-opener check goes to a rate-limited log with
+//! the peer's and the assigned node's names. Connections already open are not cut.
+//!
 //! A connection whose first frame is `SetGeneration` instead of `Open` only updates the
 //! replica's generation record (on the handshake thread, which may fsync) and is closed after
 //! its `OpenOk`.
@@ -24,6 +29,7 @@
 //! every other connection keeps being served. Requests under an epoch below the replica's
 //! fence are answered `StaleEpoch` and not run.
 
+use crate::opener::RefusalLog;
 use crate::proto::{Envelope, Epoch, Message, Opcode, RequestId};
 use crate::replica::{Acceptance, HostedReplica, PathGauge, RecordUpdate, ReplicaSet};
 use crate::transport::{Conn, Link, PeerIdentity, Transport, TransportError, HANDSHAKE_TIMEOUT};
@@ -80,6 +86,8 @@ struct Shared {
     /// holds the engine (and may hand a connection to a reactor) until it ends.
     handshake_threads: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     next_core: AtomicUsize,
+    /// Opens refused because the replica is assigned to another node.
+    refusals: RefusalLog,
 }
 
 impl ReplicaServer {
@@ -107,6 +115,7 @@ impl ReplicaServer {
             ),
             handshake_threads: parking_lot::Mutex::new(Vec::new()),
             next_core: AtomicUsize::new(0),
+            refusals: RefusalLog::default(),
         });
         let accepting = shared.clone();
         let thread = std::thread::Builder::new()
@@ -262,6 +271,9 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
             return Err(format!("{e} (peer {identity})"));
         }
     };
+    if !assigned(shared, &mut link, &env, &replica) {
+        return Ok(());
+    }
     match shared.replicas.accept(&replica, env.epoch, takeover) {
         Ok(Acceptance::Accepted(epoch)) => {
             reply(&mut link, open_ok(&replica, epoch))?;
@@ -302,6 +314,27 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
         .map_err(|e| e.to_string())
 }
 
+/// Whether the link's peer is the node `replica` is assigned to (or it has none); if not,
+/// answers `Error{EACCES}` and notes the refusal in the rate-limited log with both names.
+fn assigned(
+    shared: &Shared,
+    link: &mut Box<dyn Link>,
+    env: &Envelope,
+    replica: &HostedReplica,
+) -> bool {
+    let identity = link.identity();
+    let Err(why) = shared.replicas.may_open(replica, &identity) else {
+        return true;
+    };
+    let mut out = Vec::new();
+    crate::proto::encode_into(env, &error_msg(libc::EACCES), &mut out);
+    drop(link.send_frame(&out));
+    shared
+        .refusals
+        .refused(link.peer(), &identity, &replica.name, &why);
+    false
+}
+
 /// The `OpenOk` of `replica` under `epoch`: its geometry and generation record.
 fn open_ok(replica: &HostedReplica, epoch: Epoch) -> Message<'static> {
     let info = replica.info();
@@ -324,17 +357,22 @@ fn set_generation(
     generation: u64,
     clean: bool,
 ) -> Result<(), String> {
+    let replica = match shared.replicas.get(&env.volume_id) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut out = Vec::new();
+            crate::proto::encode_into(env, &error_msg(e.errno()), &mut out);
+            link.send_frame(&out).map_err(|e| e.to_string())?;
+            return Err(e.to_string());
+        }
+    };
+    if !assigned(shared, &mut link, env, &replica) {
+        return Ok(());
+    }
     let mut reply = |msg: Message<'_>| {
         let mut out = Vec::new();
         crate::proto::encode_into(env, &msg, &mut out);
         link.send_frame(&out).map_err(|e| e.to_string())
-    };
-    let replica = match shared.replicas.get(&env.volume_id) {
-        Ok(r) => r,
-        Err(e) => {
-            reply(error_msg(e.errno()))?;
-            return Err(e.to_string());
-        }
     };
     let flush = || flush_replica(&shared.engine, &replica);
     match shared

@@ -8,7 +8,10 @@
 //! * a certificate from another CA is refused in the handshake;
 //! * a certificate from the cluster CA that names an operator (`admin:`), not a node, may not
 //!   open a replica, and a nexus refuses a server whose certificate names no node;
-//! * after every refused attempt the legitimate nexus still reads back what it wrote.
+//! * after every refused attempt the legitimate nexus still reads back what it wrote;
+//! * a replica assigned to node A refuses node B's nexus (EACCES), with or without takeover,
+//!   while A's opens and keeps serving; the assignment survives a restart of the replica set,
+//!   and a reassignment to B (a failover) lets B take over.
 
 use cairn_engine::bdev::malloc::MallocBdev;
 use cairn_engine::bdev::Bdev;
@@ -222,6 +225,91 @@ fn only_a_node_certified_by_the_cluster_ca_reaches_a_replica_and_the_wire_is_cip
         "plaintext crossed the replica link"
     );
     for d in [ca, other_ca] {
+        drop(std::fs::remove_dir_all(d));
+    }
+}
+
+#[test]
+fn only_the_assigned_node_opens_a_replica() {
+    let ca = temp_dir("assign-ca");
+    issue::init_ca(&ca).unwrap();
+    let replica_node = identity(&ca, &ca, Identity::Node("replica".into()));
+    let node_a = identity(&ca, &ca, Identity::Node("a".into()));
+    let node_b = identity(&ca, &ca, Identity::Node("b".into()));
+
+    let engine = engine();
+    let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("r", SIZE, BLOCK).unwrap());
+    let handle = engine.add_bdev(bdev).unwrap();
+    let epochs_dir = temp_dir("assign-replica");
+    let resolver = move |h: cairn_engine::BdevHandle| -> Box<cairn_replication::replica::Resolver> {
+        Box::new(move |_| Some(("r".to_string(), h.clone())))
+    };
+    let replicas = Arc::new(ReplicaSet::new(
+        EpochStore::open(&epochs_dir).unwrap(),
+        resolver(handle.clone()),
+    ));
+    let id = volume_id_for("vol");
+    replicas.assign(&id, "r", Some("a")).unwrap();
+    let server = ReplicaServer::start(
+        engine.clone(),
+        Arc::new(TlsTransport::new(replica_node)),
+        "127.0.0.1:0",
+        replicas.clone(),
+    )
+    .expect("replica server starts");
+
+    // B first, before anyone holds the replica: refused, and no fence is stored.
+    let m_b = manager(&engine, Arc::new(TlsTransport::new(node_b)), "assign-b");
+    let Err(err) = m_b.create(request(server.endpoint(), false)) else {
+        panic!("node b opened a replica assigned to node a");
+    };
+    println!("node b refused: {err}");
+    assert!(err.to_string().contains("Permission denied"), "{err}");
+    assert_eq!(replicas.status(&id, "r").unwrap().fence, None);
+
+    // A opens it and writes.
+    let m_a = manager(&engine, Arc::new(TlsTransport::new(node_a)), "assign-a");
+    m_a.create(request(server.endpoint(), false))
+        .expect("node a opens the replica assigned to it");
+    let nexus = m_a.handle("vol").unwrap();
+    let data: Vec<u8> = PLAINTEXT.iter().copied().cycle().take(64 << 10).collect();
+    let mut q = engine.queue(&nexus, engine.cores()[0], 4).unwrap();
+    q.write_at(0, &data, true).unwrap();
+
+    // B's takeover is refused too, and A is not fenced: it still writes and reads.
+    let fence = replicas.status(&id, "r").unwrap().fence;
+    assert!(m_b.create(request(server.endpoint(), true)).is_err());
+    assert_eq!(replicas.status(&id, "r").unwrap().fence, fence);
+    q.write_at(4096, &data[..4096], true).unwrap();
+    let mut back = vec![0u8; data.len()];
+    q.read_at(0, &mut back).unwrap();
+    assert_eq!(back, data);
+    drop(q);
+    m_a.destroy("vol").unwrap();
+
+    // The assignment is durable: a replica set opened afresh on the same files has it.
+    let reopened = ReplicaSet::new(
+        EpochStore::open(&epochs_dir).unwrap(),
+        resolver(handle.clone()),
+    );
+    let status = reopened.status(&id, "r").unwrap();
+    assert_eq!(status.opener.as_deref(), Some("a"));
+    assert!(!status.hosted);
+
+    // A failover to B: the control process assigns B, then B's nexus takes over.
+    replicas.assign(&id, "r", Some("b")).unwrap();
+    m_b.create(request(server.endpoint(), true))
+        .expect("node b opens the replica once it is assigned");
+    let nexus = m_b.handle("vol").unwrap();
+    let mut q = engine.queue(&nexus, engine.cores()[0], 4).unwrap();
+    q.read_at(0, &mut back).unwrap();
+    assert_eq!(back, data);
+    drop(q);
+    m_b.destroy("vol").unwrap();
+    m_a.shutdown();
+    m_b.shutdown();
+    server.shutdown();
+    for d in [ca, epochs_dir] {
         drop(std::fs::remove_dir_all(d));
     }
 }

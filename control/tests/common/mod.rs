@@ -99,7 +99,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 
 /// Starts `cmd` with stdout piped and stderr to `log`, and waits for a stdout line starting
 /// with `ready`; returns the child and that line.
-fn start_until(mut cmd: Command, ready: &'static str, log: &Path) -> (Child, String) {
+pub fn start_until(mut cmd: Command, ready: &'static str, log: &Path) -> (Child, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap())

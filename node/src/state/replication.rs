@@ -151,6 +151,70 @@ impl Node {
         Some((name, handle))
     }
 
+    /// The names this node can host as replicas: its pools' volumes (not snapshots) and its
+    /// malloc bdevs, sorted.
+    fn replica_names(&self) -> Result<Vec<String>, NodeError> {
+        let st = self.live()?;
+        let mut names: Vec<String> = st.mallocs.iter().map(|m| m.name.clone()).collect();
+        for p in &st.pools {
+            let info = p.pool.info(&self.engine).map_err(pool_err(&p.name))?;
+            names.extend(
+                info.objects
+                    .into_iter()
+                    .filter(|o| o.kind == ObjectKind::Volume)
+                    .map(|o| o.name),
+            );
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// `name` when this node can host it as a replica, else NOT_FOUND naming it.
+    fn replica_name(&self, name: &str) -> Result<(), NodeError> {
+        if self.replica_names()?.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        Err(NodeError::NoSuchObject { name: name.into() })
+    }
+
+    fn replica_info(&self, name: &str) -> Result<pb::ReplicaInfo, NodeError> {
+        let id = volume_id_for(name);
+        let s = self.repl()?.replicas.status(&id, name)?;
+        Ok(pb::ReplicaInfo {
+            name: name.into(),
+            volume_id: id.to_string(),
+            epoch: s.fence.map_or(0, |e| e.get()),
+            generation: s.record.generation,
+            clean: s.record.clean,
+            opener: s.opener.unwrap_or_default(),
+            hosted: s.hosted,
+        })
+    }
+
+    /// Every volume and malloc bdev of this node as a replica: fence, generation, opener.
+    pub fn list_replicas(&self) -> Result<Vec<pb::ReplicaInfo>, NodeError> {
+        self.replica_names()?
+            .iter()
+            .map(|n| self.replica_info(n))
+            .collect()
+    }
+
+    pub fn show_replica(&self, name: &str) -> Result<pb::ReplicaInfo, NodeError> {
+        self.replica_name(name)?;
+        self.replica_info(name)
+    }
+
+    /// Assigns the replica `name` to the node `opener` (empty: any node), durably.
+    pub fn assign_replica(&self, name: &str, opener: &str) -> Result<pb::ReplicaInfo, NodeError> {
+        self.replica_name(name)?;
+        let opener = (!opener.is_empty()).then_some(opener);
+        self.repl()?
+            .replicas
+            .assign(&volume_id_for(name), name, opener)?;
+        self.replica_info(name)
+    }
+
     /// The export slot of a nexus.
     pub(super) fn nexus_source(
         &self,

@@ -230,6 +230,9 @@ enum NodeCmd {
     /// Nexuses: replicated volumes over replicas on this node and on replica servers.
     #[command(subcommand)]
     Nexus(NexusCmd),
+    /// This node's volumes as replicas: epoch fence, data generation, assigned opener.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
     /// Test instrument: latency or errors on a pool's device or a RAM bdev.
     #[command(subcommand)]
     Fault(FaultCmd),
@@ -363,6 +366,32 @@ impl KeyArgs {
         Ok(Vec::new())
     }
 }
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    /// List every volume of this node as a replica: its fence, generation and opener.
+    Ls,
+    /// Show the replica NAME (the volume NAME on this node).
+    Show { name: String },
+    /// Assign the replica NAME to the node whose nexus alone may open it.
+    #[command(after_help = REPLICA_ASSIGN_HELP)]
+    Assign {
+        name: String,
+        /// The node id (its certificate's node:ID).
+        #[arg(long, value_name = "NODE_ID", required_unless_present = "any")]
+        opener: Option<String>,
+        /// Clear the assignment: any node of the cluster may open it again.
+        #[arg(long, conflicts_with = "opener")]
+        any: bool,
+    },
+}
+
+const REPLICA_ASSIGN_HELP: &str = "\
+The control process assigns every replica of a volume to its attach node before it creates
+the nexus there, so an operator needs this only for nexuses made by hand. The replica server
+checks it only over TLS: on a plain link (--insecure) it has no certificate to read the node
+from, and any peer may open the replica. Stored durably on this node; a connection already
+open is not cut.";
 
 #[derive(Subcommand)]
 enum NexusCmd {
@@ -611,6 +640,7 @@ async fn node(args: NodeArgs, tls: Option<cairn_tls::Tls>) -> Result<()> {
         NodeCmd::Snapshot(cmd) => snapshot(&mut c, json, cmd).await,
         NodeCmd::Export(cmd) => export(&mut c, json, cmd).await,
         NodeCmd::Nexus(cmd) => nexus(&mut c, json, cmd).await,
+        NodeCmd::Replica(cmd) => replica(&mut c, json, cmd).await,
         NodeCmd::Fault(FaultCmd::Set {
             name,
             latency_ms,
@@ -1133,6 +1163,46 @@ async fn export(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ExportCmd) ->
             done(json, &format!("unexported '{export_name}'"))
         }
     }
+}
+
+async fn replica(c: &mut NodeAdminClient<Channel>, json: bool, cmd: ReplicaCmd) -> Result<()> {
+    let r = match cmd {
+        ReplicaCmd::Ls => {
+            let r = c
+                .list_replicas(pb::ListReplicasRequest {})
+                .await?
+                .into_inner();
+            return emit(json, &r.replicas, || replicas_table(&r.replicas));
+        }
+        ReplicaCmd::Show { name } => c.show_replica(pb::ShowReplicaRequest { name }).await?,
+        ReplicaCmd::Assign { name, opener, .. } => {
+            let req = pb::AssignReplicaRequest {
+                name,
+                opener: opener.unwrap_or_default(),
+            };
+            c.assign_replica(req).await?
+        }
+    }
+    .into_inner();
+    emit(json, &r, || replicas_table(std::slice::from_ref(&r)))
+}
+
+fn replicas_table(replicas: &[pb::ReplicaInfo]) -> String {
+    let mut t = Table::new(&["NAME", ">EPOCH", ">GENERATION", "OPENER", "HOSTED"]);
+    for r in replicas {
+        t.row(vec![
+            r.name.clone(),
+            r.epoch.to_string(),
+            format!("{}{}", r.generation, if r.clean { " clean" } else { "" }),
+            if r.opener.is_empty() {
+                "any node".to_string()
+            } else {
+                format!("node:{}", r.opener)
+            },
+            if r.hosted { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    t.render()
 }
 
 async fn nexus(c: &mut NodeAdminClient<Channel>, json: bool, cmd: NexusCmd) -> Result<()> {
