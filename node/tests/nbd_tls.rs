@@ -4,13 +4,15 @@
 //! plain client with the TLS-required error; `--nbd-tls-client-certs` must refuse a client
 //! without a certificate from the cluster CA and serve one with it; and clients that stall
 //! inside the TLS handshake must neither lock others out nor outlive the negotiation
-//! deadline. The certificates come from `cairn_tls::issue`, the same code `cairnctl cert`
-//! uses. A missing tool skips a test with a printed reason, and fails it under CI.
+//! deadline; requests a client sends together with its close_notify and end of stream must
+//! all be answered, and the server must end the session with close_notify. The certificates
+//! come from `cairn_tls::issue`, the same code `cairnctl cert` uses. A missing tool skips a
+//! test with a printed reason, and fails it under CI.
 
 mod common;
 
 use cairn_testkit::require_tool;
-use cairn_tls::{issue, Identity};
+use cairn_tls::{issue, Identity, Tls, TlsFiles};
 use common::{assert_same_file, random_bytes, ExportSpec, Server, WorkDir, MIB};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -298,5 +300,136 @@ fn stalled_tls_handshakes_lock_nobody_out() {
             "a client stalled in the TLS handshake was not cut off within {CUT_OFF_WAIT:?}"
         ),
     }
+    s.stop_clean();
+}
+
+/// Negotiates export `VOL` over TLS with the client certificate by hand (STARTTLS, then
+/// NBD_OPT_GO without structured replies): the session, ready for transmission requests.
+fn tls_session(
+    port: u16,
+    certs: &Certs,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+    msg.extend_from_slice(b"IHAVEOPT");
+    msg.extend_from_slice(&5u32.to_be_bytes()); // NBD_OPT_STARTTLS
+    msg.extend_from_slice(&0u32.to_be_bytes());
+    c.write_all(&msg).expect("STARTTLS");
+    let mut reply = [0u8; 20];
+    c.read_exact(&mut reply).expect("STARTTLS reply");
+    assert_eq!(&reply[12..16], &1u32.to_be_bytes(), "STARTTLS answered ACK");
+    let tls = Tls::load(&TlsFiles {
+        ca: certs.client.join("ca-cert.pem"),
+        cert: certs.client.join("cert.pem"),
+        key: certs.client.join("key.pem"),
+    })
+    .expect("client TLS files");
+    let name = cairn_tls::server_name(&format!("127.0.0.1:{port}")).expect("server name");
+    let conn = rustls::ClientConnection::new(tls.client_config(), name).expect("TLS client");
+    let mut s = rustls::StreamOwned::new(conn, c);
+    let mut go = Vec::new();
+    go.extend_from_slice(b"IHAVEOPT");
+    go.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    go.extend_from_slice(&(4 + VOL.len() as u32 + 2).to_be_bytes());
+    go.extend_from_slice(&(VOL.len() as u32).to_be_bytes());
+    go.extend_from_slice(VOL.as_bytes());
+    go.extend_from_slice(&0u16.to_be_bytes()); // no information requests
+    s.write_all(&go).expect("NBD_OPT_GO");
+    loop {
+        let mut header = [0u8; 20];
+        s.read_exact(&mut header).expect("NBD_OPT_GO reply");
+        let kind = u32::from_be_bytes(header[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).expect("NBD_OPT_GO reply data");
+        match kind {
+            1 => return s, // NBD_REP_ACK
+            3 => continue, // NBD_REP_INFO
+            other => panic!("NBD_OPT_GO refused: reply type {other:#x}"),
+        }
+    }
+}
+
+/// Requests that arrive together with the client's close_notify and end of stream are all
+/// answered: writes whose ciphertext is still queued behind a full receive region when the
+/// stream ends, and a flush that arrives in the same records as the close_notify. Then the
+/// server ends the session with close_notify rather than a bare end of stream.
+#[test]
+fn requests_sent_with_close_notify_are_answered() {
+    let certs = Certs::new("tls_close_notify");
+    let s = start("tls_close_notify", &certs, &["--nbd-tls"]);
+    let mut session = tls_session(port(&s), &certs);
+    /// More write payload than the server's receive region (512 KiB) holds at once.
+    const WRITES: u64 = 8;
+    let payload = random_bytes(MIB, 7);
+    let mut batch = Vec::new();
+    let request = |batch: &mut Vec<u8>, kind: u16, handle: u64, offset: u64, len: u32| {
+        batch.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        batch.extend_from_slice(&0u16.to_be_bytes());
+        batch.extend_from_slice(&kind.to_be_bytes());
+        batch.extend_from_slice(&handle.to_be_bytes());
+        batch.extend_from_slice(&offset.to_be_bytes());
+        batch.extend_from_slice(&len.to_be_bytes());
+    };
+    for i in 0..WRITES {
+        request(&mut batch, 1, i, i * MIB, MIB as u32); // NBD_CMD_WRITE
+        batch.extend_from_slice(&payload);
+    }
+    request(&mut batch, 3, WRITES, 0, 0); // NBD_CMD_FLUSH
+                                          // Everything, the close_notify and the end of stream go out back to back.
+    session.conn.set_buffer_limit(None);
+    session
+        .conn
+        .writer()
+        .write_all(&batch)
+        .expect("queue requests");
+    session.conn.send_close_notify();
+    while session.conn.wants_write() {
+        session
+            .conn
+            .write_tls(&mut session.sock)
+            .expect("send requests");
+    }
+    session
+        .sock
+        .shutdown(std::net::Shutdown::Write)
+        .expect("end of stream");
+    session
+        .sock
+        .set_read_timeout(Some(CUT_OFF_WAIT))
+        .expect("read timeout");
+    let mut replies = Vec::new();
+    let end = session.read_to_end(&mut replies);
+    assert_eq!(
+        replies.len() % 16,
+        0,
+        "whole simple replies: {} bytes",
+        replies.len()
+    );
+    let mut answered: Vec<u64> = replies
+        .chunks(16)
+        .map(|r| {
+            assert_eq!(&r[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+            assert_eq!(&r[4..8], &0u32.to_be_bytes(), "reply error");
+            u64::from_be_bytes(r[8..16].try_into().unwrap())
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        (0..=WRITES).collect::<Vec<_>>(),
+        "every request sent before close_notify is answered\n{}",
+        s.log_tail()
+    );
+    // read_to_end ends cleanly only on the server's close_notify (rustls reports a bare end
+    // of stream as UnexpectedEof).
+    assert!(
+        end.is_ok(),
+        "the server ended the session without close_notify: {end:?}"
+    );
     s.stop_clean();
 }

@@ -33,7 +33,13 @@
 //! Ending: DISC, end of stream, export removal and server or engine stop drain (answer what is
 //! in flight, then close; on removal or stop, requests already received are answered
 //! ESHUTDOWN); protocol violations and socket errors close at once. Either way the
-//! poller finishes only when nothing it submitted is still in flight.
+//! poller finishes only when nothing it submitted is still in flight. The client's end of
+//! stream (a receive of 0 bytes, or TLS close_notify) only stops receiving: every complete
+//! request that arrived before it is still parsed and answered (with TLS, the ciphertext
+//! received before the end is decrypted first, and rustls learns of the end only once it has
+//! taken all of it), and the connection drains once the parser needs bytes that will never
+//! come; a write whose payload was cut short closes instead. A TLS connection ends its side
+//! with close_notify once every reply is encrypted.
 
 use super::proto::{
     self, cmd, cmd_flag, err, reply_type, Request, CHUNK_HEADER_BYTES, PAYLOAD_MAX_BYTES,
@@ -216,6 +222,12 @@ struct TlsLink {
     /// flight (the kernel reads it then).
     tx: Vec<u8>,
     tx_sent: usize,
+    /// The socket reached end of stream; rustls is told once it has taken all of `rx`.
+    eof: bool,
+    /// rustls has been told of the end of stream.
+    eof_told: bool,
+    /// close_notify has been queued (once every reply is encrypted, while draining).
+    close_sent: bool,
 }
 
 impl TlsLink {
@@ -242,6 +254,9 @@ pub(crate) struct ExportConn {
     /// rather than dropped.
     refusing: bool,
     shut_down: bool,
+    /// The client's stream ended (end of stream or TLS close_notify): no more receives, but
+    /// complete requests already received are still parsed.
+    rx_ended: bool,
     rx: Region,
     rx_start: usize,
     rx_end: usize,
@@ -306,6 +321,7 @@ impl ExportConn {
             state: State::Open,
             drain_since: None,
             refusing: false,
+            rx_ended: false,
             shut_down: false,
             rx,
             rx_start: 0,
@@ -342,6 +358,9 @@ impl ExportConn {
                     rx_len: 0,
                     tx: Vec::with_capacity(TLS_TX_BYTES + TLS_TX_SLACK_BYTES),
                     tx_sent: 0,
+                    eof: false,
+                    eof_told: false,
+                    close_sent: false,
                 })
             }),
         })
@@ -404,24 +423,46 @@ impl ExportConn {
             return;
         }
         if res == 0 {
-            if let Some(tls) = &mut self.tls {
-                // Tell rustls the stream ended, and decrypt what is still buffered before
-                // deciding whether a request was cut short.
-                let _ = tls.session.read_tls(&mut &[][..]);
-                self.tls_pump();
-                if self.state == State::Closing {
-                    return;
+            // What arrived before the end is still parsed (with TLS, decrypted first):
+            // `check_ended` decides once the parser has taken all of it.
+            match &mut self.tls {
+                Some(tls) => tls.eof = true,
+                None => self.rx_ended = true,
+            }
+            return;
+        }
+        self.close(&format!("receive failed: {}", errno_text(-res)));
+    }
+
+    /// Once the client's stream has ended and the parser waits for bytes that will never
+    /// come: drains (answering everything in flight, in case the client only half-closed),
+    /// or closes when a write's payload was cut short (it cannot be answered).
+    fn check_ended(&mut self) {
+        if !self.rx_ended || self.state != State::Open || !self.starved() {
+            return;
+        }
+        if matches!(self.parse, Parse::Payload { .. }) {
+            self.close("client closed the connection in the middle of a write");
+        } else {
+            self.drain("client closed the connection");
+        }
+    }
+
+    /// Whether the parser's next step needs more bytes than the receive region holds (rather
+    /// than a free slot, chunk or reply budget).
+    fn starved(&self) -> bool {
+        let avail = self.rx_end - self.rx_start;
+        match self.parse {
+            Parse::Header => avail < REQUEST_BYTES,
+            Parse::Payload { slot, consumed } => {
+                let slot = &self.slots[slot as usize];
+                let left = (slot.req.len_bytes - consumed) as usize;
+                if slot.error != 0 || slot.chunks_total == 0 {
+                    avail == 0
+                } else {
+                    avail < left.min(self.chunk_bytes as usize)
                 }
             }
-        }
-        match res {
-            // A write whose payload will never arrive cannot be answered: close. Otherwise
-            // answer what is in flight, in case the client only half-closed.
-            0 if matches!(self.parse, Parse::Payload { .. }) => {
-                self.close("client closed the connection in the middle of a write")
-            }
-            0 => self.drain("client closed the connection"),
-            e => self.close(&format!("receive failed: {}", errno_text(-e))),
         }
     }
 
@@ -901,8 +942,9 @@ impl ExportConn {
     }
 
     /// Decrypts received ciphertext into the receive region while it has room. A TLS error
-    /// closes the connection (logged, rate-limited); a close_notify drains it like an end of
-    /// stream.
+    /// closes the connection (logged, rate-limited). The socket's end of stream reaches rustls
+    /// only after all ciphertext received before it; rustls's end of plaintext (close_notify,
+    /// or the end of stream without it) ends the client's stream like a plain end of stream.
     fn tls_pump(&mut self) -> usize {
         let Some(mut tls) = self.tls.take() else {
             return 0;
@@ -918,7 +960,7 @@ impl ExportConn {
             let into = unsafe { std::slice::from_raw_parts_mut(self.rx_ptr(self.rx_end), room) };
             match tls.session.reader().read(into) {
                 Ok(0) => {
-                    self.drain("client sent TLS close_notify");
+                    self.rx_ended = true;
                     break None;
                 }
                 Ok(n) => {
@@ -927,16 +969,27 @@ impl ExportConn {
                     continue;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                // The socket ended without close_notify: on_recv's end-of-stream path decides.
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => break None,
+                // The socket ended without close_notify, after all it carried was decrypted.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                    self.rx_ended = true;
+                    break None;
+                }
                 Err(e) => break Some(e.to_string()),
             }
             if tls.rx_taken == tls.rx_len {
-                break None;
-            }
-            match tls.session.read_tls(&mut &tls.rx[tls.rx_taken..tls.rx_len]) {
-                Ok(n) => tls.rx_taken += n,
-                Err(e) => break Some(e.to_string()),
+                if !tls.eof || tls.eof_told {
+                    break None;
+                }
+                // Every byte before the end of stream has been taken: now rustls may know.
+                tls.eof_told = true;
+                if let Err(e) = tls.session.read_tls(&mut &[][..]) {
+                    break Some(e.to_string());
+                }
+            } else {
+                match tls.session.read_tls(&mut &tls.rx[tls.rx_taken..tls.rx_len]) {
+                    Ok(n) => tls.rx_taken += n,
+                    Err(e) => break Some(e.to_string()),
+                }
             }
             if let Err(e) = tls.session.process_new_packets() {
                 break Some(e.to_string());
@@ -951,10 +1004,11 @@ impl ExportConn {
     }
 
     fn arm_recv(&mut self, core: &mut Core, owner: OwnerId) {
-        if self.state != State::Open || self.recv_in_flight {
+        if self.state != State::Open || self.recv_in_flight || self.rx_ended {
             return;
         }
         let (ptr, room) = match &mut self.tls {
+            Some(tls) if tls.eof => return,
             Some(tls) => {
                 tls.rx.copy_within(tls.rx_taken..tls.rx_len, 0);
                 tls.rx_len -= tls.rx_taken;
@@ -1165,7 +1219,15 @@ impl ExportConn {
                 && self.parse == Parse::Header
                 && self.tls.as_ref().is_none_or(|t| t.tx_pending() == 0);
             if idle && !self.send_in_flight {
-                self.close("drained");
+                match self.tls.as_mut() {
+                    // Every reply is encrypted and sent: end our side of the session too
+                    // (arm_send sends it; the next poll, once it is sent, closes).
+                    Some(tls) if !tls.close_sent => {
+                        tls.session.send_close_notify();
+                        tls.close_sent = true;
+                    }
+                    _ => self.close("drained"),
+                }
             } else if core.now().saturating_duration_since(since) > DRAIN_MAX {
                 self.close("drain took too long (client not reading replies?)");
             }
@@ -1196,6 +1258,7 @@ impl Poller for ExportConn {
                     break;
                 }
             }
+            self.check_ended();
         }
         self.check_stop(core);
         self.arm_recv(core, owner);
