@@ -198,16 +198,16 @@ async fn the_suite_passes_on_etcd() {
     suite(&EtcdStore::connect(&etcd.url, None, false).await.unwrap()).await;
 }
 
-/// With the cluster's TLS files the control process reaches etcd over mutual TLS, and the
-/// suite passes there; a client whose certificate comes from another CA, or that has no TLS
-/// files for an https endpoint, is refused; and a plain endpoint beyond loopback is refused
-/// while TLS is configured (unless insecure).
+/// With TLS files from etcd's own CA the control process reaches etcd over mutual TLS, and
+/// the suite passes there; a client whose certificate comes from another CA (the cluster CA
+/// that certifies the nodes), or that has no TLS files for an https endpoint, is refused; and
+/// a plain endpoint beyond loopback is refused while the cluster runs TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_suite_passes_on_etcd_over_mutual_tls() {
     use cairn_tls::{issue, Identity, Tls, TlsFiles};
     let dir = common::test_dir("store-etcd-tls");
-    let ca = dir.join("ca");
-    let other_ca = dir.join("other-ca");
+    let ca = dir.join("etcd-ca");
+    let other_ca = dir.join("cluster-ca");
     issue::init_ca(&ca).unwrap();
     issue::init_ca(&other_ca).unwrap();
     let ip = ["127.0.0.1".parse().unwrap()];
@@ -217,7 +217,10 @@ async fn the_suite_passes_on_etcd_over_mutual_tls() {
         Tls::load(&TlsFiles::in_dir(&d)).unwrap()
     };
     let me = load(&ca, "c1");
-    let stranger = load(&other_ca, "c1");
+    let node = {
+        let d = issue::issue(&other_ca, &Identity::Node("n1".into()), &ip, &[]).unwrap();
+        Tls::load(&TlsFiles::in_dir(&d)).unwrap()
+    };
     let Some(etcd) = common::Etcd::start_tls(&dir, &server) else {
         return;
     };
@@ -234,15 +237,18 @@ async fn the_suite_passes_on_etcd_over_mutual_tls() {
     };
     suite(&store).await;
 
-    let refused = EtcdStore::connect(&etcd.url, Some(&stranger), false).await;
-    assert!(refused.is_err(), "a certificate from another CA is refused");
+    let refused = EtcdStore::connect(&etcd.url, Some(&node), false).await;
+    assert!(
+        refused.is_err(),
+        "a node's certificate from the cluster CA is refused"
+    );
     let err = EtcdStore::connect(&etcd.url, None, false)
         .await
         .err()
         .expect("https without TLS files")
         .to_string();
-    assert!(err.contains("need the cluster's TLS files"), "{err}");
-    let err = EtcdStore::connect("http://192.0.2.1:2379", Some(&me), false)
+    assert!(err.contains("need etcd's TLS files"), "{err}");
+    let err = EtcdStore::connect("http://192.0.2.1:2379", None, true)
         .await
         .err()
         .expect("plain beyond loopback")

@@ -54,12 +54,19 @@ fn unix_days_now() -> i64 {
         / 86_400
 }
 
-/// The date `days` from today, as a certificate validity bound.
-macro_rules! day {
-    ($days:expr) => {{
-        let (y, m, d) = civil_from_days(unix_days_now() + $days);
+/// Midnight UTC of the day `z` days from 1970-01-01, as a certificate validity bound.
+macro_rules! on_day {
+    ($z:expr) => {{
+        let (y, m, d) = civil_from_days($z);
         rcgen::date_time_ymd(y as i32, m as u8, d as u8)
     }};
+}
+
+/// The date `days` from today, as a certificate validity bound.
+macro_rules! day {
+    ($days:expr) => {
+        on_day!(unix_days_now() + $days)
+    };
 }
 
 /// Day count from 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
@@ -253,19 +260,27 @@ pub fn issue(
         .map_err(|e| issue_err(format!("CA key '{}': {e}", ca_key_path.display())))?;
     let ca_path = dir.join(CA_CERT_FILE);
     let ca_pem = std::fs::read(&ca_path).map_err(io_err("reading the CA certificate", &ca_path))?;
-    let stored = CertificateDer::from_pem_slice(&ca_pem)
-        .ok()
-        .and_then(|der| ca_facts(&der));
+    let der = CertificateDer::from_pem_slice(&ca_pem).ok();
+    let stored = der.as_ref().and_then(|der| ca_facts(der));
     let Some(stored) = stored else {
         return Err(issue_err(format!(
             "CA certificate '{}': not a PEM X.509 certificate this tool can read",
             ca_path.display()
         )));
     };
-    if stored.public_key != ca_key.public_key_raw() {
+    let ca_params = ca_params(&ca_key)?;
+    let subject = der.as_deref().and_then(crate::subject_common_name);
+    let expected = ca_params
+        .distinguished_name
+        .get(&DnType::CommonName)
+        .and_then(|v| match v {
+            rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+            _ => None,
+        });
+    if stored.public_key != ca_key.public_key_raw() || subject.is_none() || subject != expected {
         return Err(issue_err(format!(
-            "CA certificate '{}' is not the certificate of the CA key '{}'; a certificate signed \
-             with this key would not verify against it",
+            "CA certificate '{}' is not the certificate of the CA key '{}' (its key or its name \
+             differs); a certificate signed with this key would not verify against it",
             ca_path.display(),
             ca_key_path.display()
         )));
@@ -279,9 +294,7 @@ pub fn issue(
             ca_path.display()
         )));
     }
-    let ca = ca_params(&ca_key)?
-        .self_signed(&ca_key)
-        .map_err(issue_err)?;
+    let ca = ca_params.self_signed(&ca_key).map_err(issue_err)?;
 
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(issue_err)?;
     let mut dn = DistinguishedName::new();
@@ -305,9 +318,17 @@ pub fn issue(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    params.not_before = day!(-1);
-    // Never past the CA's own expiry: a chain is only as valid as its CA.
-    params.not_after = day!((stored.not_after_days - today).min(CERT_VALID_DAYS));
+    params.not_before = on_day!(today - 1);
+    // Never past the CA's own expiry: a chain is only as valid as its CA. `today` is read
+    // once, so a run across midnight cannot push the end a day past the CA's.
+    let until = stored.not_after_days.min(today + CERT_VALID_DAYS);
+    if until < today + CERT_VALID_DAYS {
+        let (y, m, d) = civil_from_days(until);
+        eprintln!(
+            "note: {identity}'s certificate ends with the CA's, on {y:04}-{m:02}-{d:02}, before {CERT_VALID_DAYS} days"
+        );
+    }
+    params.not_after = on_day!(until);
     let key = KeyPair::generate().map_err(issue_err)?;
     let cert = params.signed_by(&key, &ca, &ca_key).map_err(issue_err)?;
 
@@ -402,6 +423,25 @@ mod tests {
         .unwrap();
         let err = issue(&dir, &Identity::Node("o".into()), &[], &[]).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
+
+        // This key, but under another name: what it signs names an issuer no one trusts.
+        let mut renamed = ca_params(&key).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Some other CA");
+        renamed.distinguished_name = dn;
+        std::fs::remove_file(&ca_path).unwrap();
+        write_new(
+            &ca_path,
+            renamed.self_signed(&key).unwrap().pem().as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        let err = issue(&dir, &Identity::Node("q".into()), &[], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is not the certificate of the CA key"),
+            "{err}"
+        );
 
         // Another CA's certificate beside this key.
         let other = tempdir("ca-checks-other");

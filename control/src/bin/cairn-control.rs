@@ -51,9 +51,8 @@ struct Cli {
     listen: SocketAddr,
     /// Keep the cluster state in etcd (comma-separated endpoints) instead of the embedded
     /// store; several cairn-control processes may then run, and one is leader. `https://`
-    /// endpoints are reached over mutual TLS with the --tls-* files (etcd run with
-    /// --client-cert-auth and the cluster CA); with TLS configured, plain `http://` beyond
-    /// loopback needs --insecure.
+    /// endpoints are reached over mutual TLS with the --etcd-* files; with TLS configured
+    /// (--tls-*), plain `http://` beyond loopback needs --insecure.
     #[arg(long, value_name = "URL")]
     etcd: Option<String>,
     /// For tests: record decisions but never act on them (no reconcile loop), so a test can
@@ -84,6 +83,19 @@ struct Cli {
     /// This process's private key (PEM).
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// The CA that etcd's certificate and cairn-control's etcd client certificate come from
+    /// (PEM). With --etcd-cert and --etcd-key (all three or none), `https://` etcd endpoints
+    /// are reached over mutual TLS. Use a CA of etcd's own (`cairnctl cert init ./etcd-ca`):
+    /// etcd grants every certificate it trusts full access, so the cluster CA, which also
+    /// certifies every node, would let a node write the cluster state (docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// cairn-control's client certificate for etcd (PEM), from the --etcd-ca CA.
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
     /// Listen beyond loopback without TLS, accepting unauthenticated clients (refused at
     /// start otherwise).
     #[arg(long)]
@@ -123,10 +135,19 @@ fn init_logging() {
         .init();
 }
 
-async fn open_store(cli: &Cli, tls: Option<&cairn_tls::Tls>) -> Result<AnyStore> {
+async fn open_store(cli: &Cli, cluster_tls: bool) -> Result<AnyStore> {
+    let etcd_tls = cairn_tls::TlsFiles::from_flags(
+        cli.etcd_ca.clone(),
+        cli.etcd_cert.clone(),
+        cli.etcd_key.clone(),
+    )
+    .context("--etcd-ca, --etcd-cert, --etcd-key")?
+    .map(|files| cairn_tls::Tls::load(&files))
+    .transpose()
+    .context("loading the etcd TLS files")?;
     Ok(match &cli.etcd {
         Some(url) => AnyStore::Etcd(Box::new(
-            EtcdStore::connect(url, tls, cli.insecure)
+            EtcdStore::connect(url, etcd_tls.as_ref(), cluster_tls && !cli.insecure)
                 .await
                 .with_context(|| format!("connecting to etcd at {url}"))?,
         )),
@@ -156,7 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
     let addr = listener
         .local_addr()
         .context("reading the listener's address")?;
-    let store = Arc::new(open_store(&cli, tls.as_ref()).await?);
+    let store = Arc::new(open_store(&cli, tls.is_some()).await?);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let me = LeaderInfo {
         id: format!("{}@{addr}", cairn_control_api::hostname()),

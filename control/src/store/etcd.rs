@@ -1,10 +1,12 @@
 //! [`Store`] on etcd (v3 API, through the `etcd-client` crate): the store for clusters, where
 //! several control processes share the state and etcd's Raft keeps it on a quorum.
 //!
-//! With the cluster's TLS files, the client speaks mutual TLS to `https://` endpoints: it
-//! checks etcd's certificate against the cluster CA and shows its own (etcd is then run with
-//! `--client-cert-auth --trusted-ca-file` of the same CA, docs/security.md). Plain `http://`
-//! endpoints beyond loopback are refused when TLS is configured, unless `insecure` says so.
+//! With TLS files of etcd's own CA, the client speaks mutual TLS to `https://` endpoints: it
+//! checks etcd's certificate against that CA and shows its own (etcd is then run with
+//! `--client-cert-auth --trusted-ca-file` of the same CA, docs/security.md). It is not the
+//! cluster CA: etcd gives every certificate it trusts full access, and the cluster CA also
+//! certifies every node. Plain `http://` endpoints beyond loopback can be refused (when the
+//! cluster runs TLS).
 //!
 //! Each call maps to one etcd request; revisions are etcd's own (`mod_revision`, the header
 //! revision of a write), leases are etcd leases, so expiry, and the deletion of a lease's keys,
@@ -41,13 +43,13 @@ fn endpoint_error(detail: String) -> StoreError {
 
 impl EtcdStore {
     /// Connects to the etcd cluster at `endpoints` (`http://HOST:PORT` or `https://HOST:PORT`,
-    /// comma separated, all of one scheme). `tls` (the cluster CA and this process's identity)
-    /// is required for `https`; with it, `http` endpoints beyond loopback are refused unless
-    /// `insecure`.
+    /// comma separated, all of one scheme). `tls` (etcd's CA and this process's client
+    /// identity from it) is required for `https`; `loopback_only_plain` refuses `http`
+    /// endpoints beyond loopback.
     pub async fn connect(
         endpoints: &str,
         tls: Option<&cairn_tls::Tls>,
-        insecure: bool,
+        loopback_only_plain: bool,
     ) -> Result<EtcdStore, StoreError> {
         let endpoints: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).collect();
         let https = endpoints
@@ -65,7 +67,7 @@ impl EtcdStore {
         match (https > 0, tls) {
             (true, None) => {
                 return Err(endpoint_error(format!(
-                    "https endpoints {endpoints:?} need the cluster's TLS files (--tls-ca, --tls-cert, --tls-key)"
+                    "https endpoints {endpoints:?} need etcd's TLS files (--etcd-ca, --etcd-cert, --etcd-key)"
                 )))
             }
             (true, Some(tls)) => {
@@ -76,14 +78,14 @@ impl EtcdStore {
                         .identity(Identity::from_pem(&pem.cert, &pem.key)),
                 );
             }
-            (false, Some(_)) if !insecure => {
+            (false, _) if loopback_only_plain => {
                 for e in &endpoints {
                     let host = e.strip_prefix("http://").unwrap_or(e);
                     let host = host.split('/').next().unwrap_or(host);
                     if !cairn_tls::is_loopback(host).unwrap_or(false) {
                         return Err(endpoint_error(format!(
                             "etcd endpoint {e} is plain http beyond loopback while TLS is configured; \
-                             use https (etcd with --client-cert-auth and the cluster CA) or pass --insecure"
+                             use https (etcd with --client-cert-auth, --etcd-* files) or pass --insecure"
                         )));
                     }
                 }

@@ -64,9 +64,10 @@ const _: () = assert!(
         && RESYNC_BYTES_MAX / RESYNC_CHUNKS_MAX as u64 == super::NEXUS_IO_MAX_BYTES as u64,
     "the copy ceiling leaves a quarter of a server connection's slots to client I/O, one chunk per 128 KiB"
 );
-/// The job takes at most 1/this of its core's DMA buffers (and so of a replica server's, with
-/// the same engine configuration): client I/O keeps the rest. Beyond the floor's 16 chunks the
-/// job is that deep only while no client write waits on its copies.
+/// A job takes at most 1/this of its core's DMA buffers (and so of a replica server's, with
+/// the same engine configuration), and beyond the floor's 16 chunks it takes a buffer only
+/// while 1/this of the core's buffers stay free: however many jobs share the core (several
+/// rebuilds after a node loss), their deep copies never leave clients less than that.
 pub const RESYNC_POOL_SHARE: u32 = 2;
 /// The most copy ranges one job holds at once (each one [`AREA_BYTES`]): the byte budget's
 /// worth copying, and more draining or taken ahead.
@@ -693,7 +694,14 @@ impl NexusChannel {
                     self.job().failed = Some("no in-sync child to copy from".into());
                     break 'ranges;
                 };
-                if io.pool().available() == 0 || self.free.is_empty() {
+                // Beyond the floor, only while the core keeps its reserve free: all the core's
+                // jobs together (several rebuilds after a node loss) never take it from clients.
+                let reserve = if self.job().ops >= FLOOR.chunks {
+                    (io.pool().capacity() / RESYNC_POOL_SHARE) as usize
+                } else {
+                    0
+                };
+                if io.pool().available() <= reserve || self.free.is_empty() {
                     break 'ranges;
                 }
                 let off = area * AREA_BYTES + first * BLOCK_BYTES;

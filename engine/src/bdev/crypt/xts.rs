@@ -177,10 +177,12 @@ impl Xts {
         );
         #[cfg(target_arch = "x86_64")]
         if let Some(fast) = &self.fast {
-            let from = src.map_or(dst.as_ptr(), <[u8]>::as_ptr);
-            // SAFETY: both slices are `dst.len()` bytes (asserted); `from` is `dst` itself or
-            // a shared slice, which cannot overlap the exclusive `dst`.
-            unsafe { fast.crypt(unit, from, dst.as_mut_ptr(), dst.len(), encrypt) };
+            let len = dst.len();
+            let to = dst.as_mut_ptr();
+            let from = src.map_or(to.cast_const(), <[u8]>::as_ptr);
+            // SAFETY: both slices are `len` bytes (asserted); `from` is derived from `to`
+            // itself (in place) or is a shared slice, which cannot overlap the exclusive `dst`.
+            unsafe { fast.crypt(unit, from, to, len, encrypt) };
             return;
         }
         let mut tweaks = [0u128; RUN_BLOCKS];
