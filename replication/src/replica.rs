@@ -342,22 +342,29 @@ impl ReplicaSet {
                 opener: o.to_string(),
             });
         }
-        // The set's lock keeps `get` from loading the file while it changes; the replica's
-        // lock orders the change with its Opens.
-        let hosted = self.hosted.lock();
-        let r = hosted.get(id);
-        let _serial = r.map(|r| r.accept_lock.lock());
-        let current = match r {
-            Some(r) => r.opener(),
-            None => self
-                .epochs
-                .load_opener(id)
-                .map_err(|source| ReplicaError::Epoch {
-                    name: name.to_string(),
-                    source,
-                })?,
+        // A hosted replica: its own lock orders the change with its Opens, taken without the
+        // set's lock, which every other replica's handshake needs while an Open may hold this
+        // one for a fence drain. A replica not hosted: the set's lock keeps `get` from
+        // loading the file while it changes (a file write, short).
+        let mut hosted = Some(self.hosted.lock());
+        let r = hosted.as_ref().and_then(|h| h.get(id).cloned());
+        if r.is_some() {
+            hosted = None;
+        }
+        let _serial = r.as_ref().map(|r| r.accept_lock.lock());
+        // `None`: the file is damaged; the new assignment is authoritative and replaces it
+        // (opening stays refused while it is damaged, so this is the way out).
+        let current = match &r {
+            Some(r) => Some(r.opener()),
+            None => match self.epochs.load_opener(id) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(replica = %name, error = %e, "replacing a damaged opener file");
+                    None
+                }
+            },
         };
-        if current.as_deref() == opener {
+        if current.as_ref().is_some_and(|c| c.as_deref() == opener) {
             return Ok(());
         }
         self.epochs
@@ -366,9 +373,11 @@ impl ReplicaSet {
                 name: name.to_string(),
                 source,
             })?;
-        if let Some(r) = r {
+        if let Some(r) = &r {
             *r.opener.lock() = opener.map(str::to_string);
         }
+        drop(hosted);
+        let current = current.flatten();
         tracing::info!(replica = %name, opener = opener.unwrap_or("any node"), previous = current.as_deref().unwrap_or("any node"), "replica opener assigned");
         Ok(())
     }
