@@ -1006,8 +1006,18 @@ async fn nexus_step(
         // the record's generation or above, and records its own changes there: a copy that
         // missed an acknowledged write is never read (docs/control.md, "The durable in-sync
         // set"). With no record yet (a volume never attached), every replica is new and equal.
+        // Every replica it is given is assigned to it first, so that its Opens pass the
+        // replicas' opener checks and an older attach node's (a nexus created again there,
+        // after a failover) are refused (docs/control.md, "Failover"). A replica whose
+        // assignment failed (its volume missing, its disk full) is left out of this nexus
+        // rather than holding the whole volume down; it is faulted as if absent.
+        let unassigned = assign_openers(next, &at, views).await;
+        let usable = |node: &str| node == at || !unassigned.iter().any(|u| u == node);
+        let replicas = nexus_replicas_of(next, nodes, &at, usable);
         let trusted = insync.map_or_else(Vec::new, |i| {
-            nexus_replicas_of(next, nodes, &at, |node| i.in_sync.iter().any(|n| n == node))
+            nexus_replicas_of(next, nodes, &at, |node| {
+                usable(node) && i.in_sync.iter().any(|n| n == node)
+            })
         });
         if insync.is_some() && trusted.is_empty() {
             // An empty list would let the node trust the highest generation it is given:
@@ -1015,10 +1025,6 @@ async fn nexus_step(
             tracing::warn!(volume = %name, node = %at, in_sync = ?insync.map(|i| &i.in_sync), "no replica the record names in sync is up; the nexus waits for one");
             return Ok(());
         }
-        // Every replica it is given is assigned to it first, so that its Opens pass the
-        // replicas' opener checks and an older attach node's (a nexus created again there,
-        // after a failover) are refused (docs/control.md, "Failover").
-        assign_openers(next, &at, views).await?;
         let v = view_of(views, &at).expect("listed above");
         let req = pb::CreateNexusRequest {
             name: name.clone(),
@@ -1064,22 +1070,27 @@ async fn nexus_step(
 }
 
 /// Assigns each created replica of `record` on a node listed this pass to the attach node
-/// `at` (its own replica included, so no other node may open that one remotely either).
+/// `at` (its own replica included, so no other node may open that one remotely either);
+/// returns the nodes where that failed.
 async fn assign_openers(
     record: &VolumeRecord,
     at: &str,
     views: &mut [NodeView<'_>],
-) -> Result<(), NodeCallError> {
+) -> Vec<String> {
+    let mut failed = Vec::new();
     for r in record
         .replicas
         .iter()
         .filter(|r| r.state == ReplicaState::Created)
     {
         if let Some(v) = view_of(views, &r.node) {
-            v.assign_opener(&record.name, at).await?;
+            if let Err(e) = v.assign_opener(&record.name, at).await {
+                tracing::warn!(volume = %record.name, node = %r.node, attach = at, error = %e, "assigning the replica's opener failed; the nexus opens without it");
+                failed.push(r.node.clone());
+            }
         }
     }
-    Ok(())
+    failed
 }
 
 /// The nexus's replica list on node `at`: "local" for its own replica, the replica address of

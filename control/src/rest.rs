@@ -23,7 +23,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use cairn_control_api::{self as api, ApiError, ErrorBody, LeaderView, NodeState};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,7 +118,7 @@ pub fn node_may(id: &str, method: &Method, path: &str) -> bool {
 
 /// Logs each request with its caller and, under TLS, refuses what the caller's identity may
 /// not do.
-async fn authorise(req: Request, next: axum::middleware::Next) -> Response {
+async fn authorise(mut req: Request, next: axum::middleware::Next) -> Response {
     let peer = req
         .extensions()
         .get::<ConnectInfo<crate::https::Peer>>()
@@ -142,6 +142,9 @@ async fn authorise(req: Request, next: axum::middleware::Next) -> Response {
             Some(cairn_tls::Identity::Node(id)) => node_may(id, &method, &path),
             None => false,
         };
+        if let Some(cairn_tls::Identity::Node(id)) = &p.identity {
+            req.extensions_mut().insert(CallerNode(id.clone()));
+        }
         if !allowed {
             tracing::warn!(peer = %who, addr, %method, path, "REST request refused");
             return error(
@@ -318,7 +321,16 @@ async fn get_insync(State(app): AppState, Path(name): Path<String>) -> Response 
     }
 }
 
-async fn report_insync(State(app): AppState, Path(name): Path<String>, body: Bytes) -> Response {
+/// The node a request came from, when its TLS certificate names one (set by `authorise`).
+#[derive(Clone)]
+struct CallerNode(String);
+
+async fn report_insync(
+    State(app): AppState,
+    Path(name): Path<String>,
+    caller: Option<Extension<CallerNode>>,
+    body: Bytes,
+) -> Response {
     if let Some(r) = bad_volume_name(&name) {
         return r;
     }
@@ -326,6 +338,25 @@ async fn report_insync(State(app): AppState, Path(name): Path<String>, body: Byt
         Ok(r) => r,
         Err(e) => return bad_request(&e),
     };
+    // A node reports only for itself, and only for a volume attached to it: the in-sync
+    // record steers failover and replica assignment, so no other node may write it.
+    if let Some(Extension(CallerNode(node))) = caller {
+        let attached = match crate::volume::read(&app.store, &name).await {
+            Ok(v) => v.and_then(|(rec, _)| rec.attached).map(|a| a.node),
+            Err(e) => return e.into_response(),
+        };
+        if req.node != node || attached.as_deref() != Some(node.as_str()) {
+            tracing::warn!(volume = %name, caller = %node, reported_for = %req.node, attached = attached.as_deref().unwrap_or("-"), "in-sync report refused: not the volume's attach node");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "node:{node} may not report in-sync replicas of volume '{name}' for node '{}': only its attach node ({}) may",
+                    req.node,
+                    attached.as_deref().unwrap_or("none")
+                ),
+            );
+        }
+    }
     match insync::record(&*app.store, &name, &req).await {
         Ok((rec, rev)) => {
             app.insync_reports.fetch_add(1, Ordering::Relaxed);

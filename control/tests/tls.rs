@@ -177,6 +177,23 @@ fn rest_over_mutual_tls_admits_by_identity() {
     assert_eq!(r.status, 403, "{}", r.error_message());
     let r = n1.post_json("/v1/nodes/n1/heartbeat", b"{}").unwrap();
     assert_ne!(r.status, 403, "{}", r.error_message());
+    // In-sync reports only from a volume's attach node, for itself: n1 is attached nowhere.
+    let report = |node: &str| {
+        serde_json::json!({"node": node, "epoch": 7, "generation": 3,
+                           "replicas": [{"address": "local", "state": "in_sync"}]})
+        .to_string()
+    };
+    for who in ["n1", "n2"] {
+        let r = n1
+            .post_json("/v1/volumes/v/insync", report(who).as_bytes())
+            .unwrap();
+        assert_eq!(r.status, 403, "{}", r.error_message());
+        assert!(
+            r.error_message().contains("only its attach node"),
+            "{}",
+            r.error_message()
+        );
+    }
 
     drop(child.kill());
     drop(child.wait());
