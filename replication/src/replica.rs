@@ -221,6 +221,8 @@ pub enum ReplicaError {
         cairn_tls::NAME_MAX
     )]
     BadOpener { name: String, opener: String },
+    #[error("{why}")]
+    NotAssigned { why: String },
 }
 
 impl ReplicaError {
@@ -232,6 +234,7 @@ impl ReplicaError {
             ReplicaError::NotOwner { .. }
             | ReplicaError::GenerationDown { .. }
             | ReplicaError::BadOpener { .. } => libc::EINVAL,
+            ReplicaError::NotAssigned { .. } => libc::EACCES,
             ReplicaError::Flush { .. } => libc::EIO,
         }
     }
@@ -398,13 +401,21 @@ impl ReplicaSet {
 
     /// Applies the epoch rules to an `Open` under `epoch`; a raised fence is durable before
     /// this returns.
+    /// A remote `peer`'s assignment is checked again here, under the replica's lock that
+    /// [`ReplicaSet::assign`] takes, so an Open checked just before an assignment changed
+    /// cannot move the fence after the assignment returned; a local nexus passes `None`.
     pub fn accept(
         &self,
         r: &HostedReplica,
         epoch: Epoch,
         takeover: bool,
+        peer: Option<&PeerIdentity>,
     ) -> Result<Acceptance, ReplicaError> {
         let _serial = r.accept_lock.lock();
+        if let Some(p) = peer {
+            self.may_open(r, p)
+                .map_err(|why| ReplicaError::NotAssigned { why })?;
+        }
         let current = r.fence();
         if epoch.get() < current || (takeover && epoch.get() == current) {
             return Ok(Acceptance::Stale {
@@ -447,8 +458,13 @@ impl ReplicaSet {
         generation: u64,
         clean: bool,
         flush: impl FnOnce() -> Result<(), String>,
+        peer: Option<&PeerIdentity>,
     ) -> Result<RecordUpdate, ReplicaError> {
         let _serial = r.accept_lock.lock();
+        if let Some(p) = peer {
+            self.may_open(r, p)
+                .map_err(|why| ReplicaError::NotAssigned { why })?;
+        }
         let fence = r.fence();
         if epoch.get() < fence {
             return Ok(RecordUpdate::Stale {

@@ -274,7 +274,10 @@ fn handshake(shared: &Shared, mut link: Box<dyn Link>, ticket: Ticket) -> Result
     if !assigned(shared, &mut link, &env, &replica) {
         return Ok(());
     }
-    match shared.replicas.accept(&replica, env.epoch, takeover) {
+    match shared
+        .replicas
+        .accept(&replica, env.epoch, takeover, Some(&identity))
+    {
         Ok(Acceptance::Accepted(epoch)) => {
             reply(&mut link, open_ok(&replica, epoch))?;
             tracing::info!(
@@ -369,16 +372,21 @@ fn set_generation(
     if !assigned(shared, &mut link, env, &replica) {
         return Ok(());
     }
+    let identity = link.identity();
     let mut reply = |msg: Message<'_>| {
         let mut out = Vec::new();
         crate::proto::encode_into(env, &msg, &mut out);
         link.send_frame(&out).map_err(|e| e.to_string())
     };
     let flush = || flush_replica(&shared.engine, &replica);
-    match shared
-        .replicas
-        .set_generation(&replica, env.epoch, generation, clean, flush)
-    {
+    match shared.replicas.set_generation(
+        &replica,
+        env.epoch,
+        generation,
+        clean,
+        flush,
+        Some(&identity),
+    ) {
         Ok(RecordUpdate::Stored(_)) => reply(open_ok(&replica, env.epoch)),
         Ok(RecordUpdate::Stale { current }) => {
             reply(Message::StaleEpoch { current })?;

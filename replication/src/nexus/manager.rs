@@ -495,7 +495,7 @@ impl NexusManager {
                         .replicas
                         .get(&volume_id)
                         .map_err(|e| child_err(e.to_string()))?;
-                    match self.replicas.accept(&r, first, true) {
+                    match self.replicas.accept(&r, first, true, None) {
                         Ok(Acceptance::Stale { current }) => Some(current.get()),
                         Ok(Acceptance::Accepted(_)) => None,
                         Err(e) => return Err(child_err(e.to_string())),
@@ -725,7 +725,7 @@ impl NexusManager {
                 let flush = || flush_replica(&self.engine, &r);
                 match self
                     .replicas
-                    .set_generation(&r, epoch, generation, clean, flush)
+                    .set_generation(&r, epoch, generation, clean, flush, None)
                     .map_err(|e| e.to_string())?
                 {
                     RecordUpdate::Stored(_) => Ok(()),
@@ -808,7 +808,7 @@ impl NexusManager {
                 let r = self.replicas.get(&volume_id).map_err(|e| e.to_string())?;
                 match self
                     .replicas
-                    .accept(&r, e, takeover)
+                    .accept(&r, e, takeover, None)
                     .map_err(|e| e.to_string())?
                 {
                     Acceptance::Stale { current } => Ok(Opened::Stale {
