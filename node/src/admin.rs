@@ -192,6 +192,7 @@ fn replica_code(e: &ReplicaError) -> Code {
         | ReplicaError::NotOwner { .. }
         | ReplicaError::GenerationDown { .. } => Code::InvalidArgument,
         ReplicaError::Busy { .. } => Code::Unavailable,
+        ReplicaError::NotAssigned { .. } => Code::PermissionDenied,
         ReplicaError::Epoch { .. } | ReplicaError::Flush { .. } => Code::Internal,
     }
 }
