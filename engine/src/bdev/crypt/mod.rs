@@ -13,17 +13,25 @@
 //! and its number depend only on the client's offset, a snapshot, a clone, a replica read on
 //! another node or a volume moved to another pool decrypts the same.
 //!
-//! Buffers: a write is encrypted into this channel's own bounce memory (the caller's buffer
-//! may still be read by the caller, and a nexus fans the same buffer out to every replica, so
-//! it must be ciphertext before it leaves here and the plaintext is never touched). A read
+//! Buffers: a write is encrypted into memory of its own (the caller's buffer may still be read
+//! by the caller, and a nexus fans the same buffer out to every replica, so it must be
+//! ciphertext before it leaves here and the plaintext is never touched): a buffer of the
+//! core's DMA pool, registered with io_uring so the write goes down as `WRITE_FIXED` like a
+//! plain one, while more than a reserve of the pool stays free; else a slot of this channel's
+//! own bounce memory (an O_DIRECT `WRITE`, whose pages the kernel pins per request). The
+//! reserve and the fallback keep the crypt layer from ever waiting on the pool: an NBD
+//! connection holds pool buffers for received payloads until their writes complete, so a
+//! layer below that waited for one could wait forever. A read
 //! lands in the caller's buffer, which is the read's destination and so ours until we post
 //! it, and is decrypted there in place after it completes. A data unit that reads back as all
 //! zeros (never written, trimmed or write-zeroed below) is returned as zeros rather than
 //! deciphered, so thin volumes, BLOCK_STATUS's zero extents and WRITE_ZEROES keep their
 //! meaning; a real ciphertext unit is all zeros with probability 2^-32768.
 //!
-//! Limits: `CRYPT_BOUNCE_SLOTS` writes per channel hold bounce memory at once; more wait in
-//! the channel (back-pressure, no error) until one completes. Nothing is allocated per I/O.
+//! Limits: pool buffers only while more than `1/CRYPT_POOL_RESERVE_SHARE` of the pool stays
+//! free; beyond that `CRYPT_BOUNCE_SLOTS` writes per channel hold bounce memory at once, and
+//! more wait in the channel (back-pressure, no error) until one completes. Nothing is
+//! allocated per I/O.
 
 pub mod header;
 #[cfg(target_arch = "x86_64")]
@@ -31,7 +39,7 @@ mod vaes;
 pub mod xts;
 
 use super::{Bdev, BdevChannel, BdevError, BdevInfo, Extent, IoOp, IoRequest};
-use crate::dma::Region;
+use crate::dma::{DmaBuf, IoBuf, Region};
 use crate::reactor::{BdevId, IoCtx, OwnerId};
 use crate::{BdevHandle, Engine, EngineError, IoError};
 use header::{Found, CRYPT_HEADER_BYTES};
@@ -56,6 +64,10 @@ pub const CRYPT_BOUNCE_SLOTS: usize = 128;
 /// deciphered before the first of them reaches its owner, and the device sits idle for the
 /// whole burst's cipher time; in slices, the owners resubmit while later ones are deciphered.
 const CRYPT_POLL_UNITS: u32 = 8;
+
+/// A write takes a buffer of the core's DMA pool only while more than 1/this of the pool
+/// stays free for everyone else; otherwise it takes a bounce slot.
+const CRYPT_POOL_RESERVE_SHARE: u32 = 4;
 
 /// Request slots and waiting writes a channel holds without allocating; more grow the tables.
 const CRYPT_SLOTS_PREALLOC: usize = 256;
@@ -307,11 +319,18 @@ impl Bdev for CryptBdev {
     }
 }
 
-/// A request in flight below: the client's request and, for a write, its bounce slot.
-#[derive(Clone, Copy)]
+/// Where a write's ciphertext lies while it is in flight below.
+enum Bounce {
+    /// A buffer of the core's DMA pool (registered with io_uring).
+    Pool(DmaBuf),
+    /// A slot of the channel's own bounce memory.
+    Slot(u32),
+}
+
+/// A request in flight below: the client's request and, for a write, its ciphertext's memory.
 struct Pending {
     req: IoRequest,
-    bounce: Option<u32>,
+    bounce: Option<Bounce>,
 }
 
 struct CryptChannel {
@@ -341,46 +360,62 @@ impl CryptChannel {
         }
     }
 
-    /// Sends `req` below with its offset past the header and our owner and slot on it.
-    fn forward(&mut self, io: &mut IoCtx, req: IoRequest, bounce: Option<u32>) {
+    /// Sends `req` below with its offset past the header and our owner and slot on it; a
+    /// write goes from `ciphertext` (`bounce`'s memory).
+    fn forward(
+        &mut self,
+        io: &mut IoCtx,
+        req: IoRequest,
+        bounce: Option<Bounce>,
+        ciphertext: Option<IoBuf>,
+    ) {
         let mut below = req;
         below.offset_bytes += u64::from(CRYPT_HEADER_BYTES);
         below.owner = self.owner;
         below.tag = self.park(Pending { req, bounce });
-        if let Some(b) = bounce {
-            // SAFETY: slot `b` of the bounce region is ours alone until this write completes
-            // (it left `bounce_free`), and the region lives as long as the channel, which
-            // closes only with nothing in flight.
-            below.buf = Some(unsafe {
-                self.bounce
-                    .io_buf(b as usize * self.slot_bytes, req.len_bytes)
-            });
+        if ciphertext.is_some() {
+            below.buf = ciphertext;
         }
         io.submit_to(self.inner, below);
     }
 
-    /// Encrypts a write into a free bounce slot and sends it on; false when none is free.
+    /// Memory for one write's ciphertext: a pool buffer while the pool keeps its reserve,
+    /// else a free bounce slot; `None` when neither is free.
+    fn take_bounce(&mut self, io: &mut IoCtx, len_bytes: u32) -> Option<(Bounce, IoBuf)> {
+        let pool = io.pool();
+        let reserve = (pool.capacity() / CRYPT_POOL_RESERVE_SHARE) as usize;
+        if len_bytes <= pool.buf_size_bytes() && pool.available() > reserve {
+            if let Some(mut b) = pool.get() {
+                let view = b.io_buf();
+                return Some((Bounce::Pool(b), view));
+            }
+        }
+        let s = self.bounce_free.pop()?;
+        // SAFETY: slot `s` of the bounce region is ours alone until this write completes (it
+        // left `bounce_free`), and the region lives as long as the channel, which closes only
+        // with nothing in flight.
+        let view = unsafe { self.bounce.io_buf(s as usize * self.slot_bytes, len_bytes) };
+        Some((Bounce::Slot(s), view))
+    }
+
+    /// Encrypts a write into memory of its own and sends it on; false when none is free.
     fn try_write(&mut self, io: &mut IoCtx, req: IoRequest) -> bool {
-        let Some(b) = self.bounce_free.pop() else {
+        let Some((bounce, view)) = self.take_bounce(io, req.len_bytes) else {
             return false;
         };
         let buf = req.buf.expect("validated write has a buffer");
         // SAFETY: the submitter lent `len_bytes` bytes of `buf` to this request until we post
         // its completion, and a write's buffer is only read.
         let src = unsafe { buf.as_slice(req.len_bytes) };
-        // SAFETY: as in `forward`: slot `b` is ours and nothing is in flight on it yet.
-        let bounce = unsafe {
-            self.bounce
-                .io_buf(b as usize * self.slot_bytes, req.len_bytes)
-        };
-        // SAFETY: the view spans slot `b`, which no request uses until `forward` below.
-        let dst = unsafe { bounce.as_mut_slice(req.len_bytes) };
+        // SAFETY: `view` spans memory that `take_bounce` gave this write alone, which no
+        // request uses until `forward` below.
+        let dst = unsafe { view.as_mut_slice(req.len_bytes) };
         let unit = CRYPT_DATA_UNIT_BYTES as usize;
         let first = req.offset_bytes / u64::from(CRYPT_DATA_UNIT_BYTES);
         for (i, (s, d)) in src.chunks(unit).zip(dst.chunks_mut(unit)).enumerate() {
             self.xts.encrypt(u128::from(first + i as u64), s, d);
         }
-        self.forward(io, req, Some(b));
+        self.forward(io, req, Some(bounce), Some(view));
         true
     }
 
@@ -406,8 +441,10 @@ impl CryptChannel {
         let p = self.slots[tag as usize]
             .take()
             .expect("completion for a free crypt slot");
-        if let Some(b) = p.bounce {
-            self.bounce_free.push(b);
+        match p.bounce {
+            Some(Bounce::Pool(b)) => io.pool().put(b),
+            Some(Bounce::Slot(s)) => self.bounce_free.push(s),
+            None => {}
         }
         let mut units = 0;
         if p.req.op == IoOp::Read && res >= 0 {
@@ -435,7 +472,7 @@ impl BdevChannel for CryptChannel {
                 }
             }
             IoOp::Read | IoOp::Flush | IoOp::Trim | IoOp::WriteZeroes => {
-                self.forward(io, req, None)
+                self.forward(io, req, None, None)
             }
         }
     }
