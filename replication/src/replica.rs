@@ -345,44 +345,56 @@ impl ReplicaSet {
                 opener: o.to_string(),
             });
         }
-        // A hosted replica: its own lock orders the change with its Opens, taken without the
-        // set's lock, which every other replica's handshake needs while an Open may hold this
-        // one for a fence drain. A replica not hosted: the set's lock keeps `get` from
-        // loading the file while it changes (a file write, short).
-        let mut hosted = Some(self.hosted.lock());
-        let r = hosted.as_ref().and_then(|h| h.get(id).cloned());
-        if r.is_some() {
-            hosted = None;
-        }
-        let _serial = r.as_ref().map(|r| r.accept_lock.lock());
-        // `None`: the file is damaged; the new assignment is authoritative and replaces it
-        // (opening stays refused while it is damaged, so this is the way out).
-        let current = match &r {
-            Some(r) => Some(r.opener()),
-            None => match self.epochs.load_opener(id) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(replica = %name, error = %e, "replacing a damaged opener file");
-                    None
-                }
-            },
-        };
-        if current.as_ref().is_some_and(|c| c.as_deref() == opener) {
+        // The file is written under the set's lock, so `get` cannot load the old assignment
+        // into a new hosted replica while it changes (a `forget` and `get` in between would
+        // otherwise leave the old opener in memory until a restart). A hosted replica's own
+        // lock is taken first, without the set's lock (every other replica's handshake needs
+        // the set's lock while an Open may hold this one for a fence drain); it orders the
+        // change with that replica's Opens. Nothing takes a replica's lock while holding the
+        // set's, so the order (replica, then set) cannot deadlock. Should the replica be
+        // forgotten or replaced while its lock is awaited, the change starts again.
+        loop {
+            let r = self.hosted.lock().get(id).cloned();
+            let _serial = r.as_ref().map(|r| r.accept_lock.lock());
+            let hosted = self.hosted.lock();
+            let now = hosted.get(id);
+            let same = match (&r, now) {
+                (Some(r), Some(now)) => Arc::ptr_eq(r, now),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            // `None`: the file is damaged; the new assignment is authoritative and replaces
+            // it (opening stays refused while it is damaged, so this is the way out).
+            let current = match &r {
+                Some(r) => Some(r.opener()),
+                None => match self.epochs.load_opener(id) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(replica = %name, error = %e, "replacing a damaged opener file");
+                        None
+                    }
+                },
+            };
+            if current.as_ref().is_some_and(|c| c.as_deref() == opener) {
+                return Ok(());
+            }
+            self.epochs
+                .store_opener(id, opener)
+                .map_err(|source| ReplicaError::Epoch {
+                    name: name.to_string(),
+                    source,
+                })?;
+            if let Some(r) = &r {
+                *r.opener.lock() = opener.map(str::to_string);
+            }
+            drop(hosted);
+            let current = current.flatten();
+            tracing::info!(replica = %name, opener = opener.unwrap_or("any node"), previous = current.as_deref().unwrap_or("any node"), "replica opener assigned");
             return Ok(());
         }
-        self.epochs
-            .store_opener(id, opener)
-            .map_err(|source| ReplicaError::Epoch {
-                name: name.to_string(),
-                source,
-            })?;
-        if let Some(r) = &r {
-            *r.opener.lock() = opener.map(str::to_string);
-        }
-        drop(hosted);
-        let current = current.flatten();
-        tracing::info!(replica = %name, opener = opener.unwrap_or("any node"), previous = current.as_deref().unwrap_or("any node"), "replica opener assigned");
-        Ok(())
     }
 
     /// Whether `peer` may open `r` now (its assigned opener, [`crate::opener::may_open`]);
@@ -527,5 +539,51 @@ mod tests {
         assert_eq!(volume_id_for("pg"), volume_id_for("pg"));
         assert_ne!(volume_id_for("pg"), volume_id_for("pg2"));
         assert_ne!(volume_id_for(""), volume_id_for("a"));
+    }
+
+    /// An assignment waiting on a replica's lock while that replica is forgotten and loaded
+    /// again (from the file still holding the old opener) reaches the new one: it starts
+    /// again rather than updating the replica that is gone.
+    #[test]
+    fn an_assignment_racing_a_forget_and_reload_reaches_the_reloaded_replica() {
+        use cairn_engine::bdev::malloc::MallocBdev;
+        use cairn_engine::{CoreList, Engine, EngineConfig};
+        let cpus = cairn_engine::sys::allowed_cpus();
+        let mut config = EngineConfig::new(CoreList::parse(&cpus[0].to_string()).unwrap());
+        config.buf_count = 16;
+        let engine = Engine::start(config).unwrap();
+        let handle = engine
+            .add_bdev(Arc::new(MallocBdev::new("r", 1 << 20, 4096).unwrap()))
+            .unwrap();
+        let id = volume_id_for("vol");
+        let dir = std::env::temp_dir().join(format!("cairn-assign-race-{}", std::process::id()));
+        drop(std::fs::remove_dir_all(&dir));
+        let set = Arc::new(ReplicaSet::new(
+            EpochStore::open(&dir).unwrap(),
+            Box::new(move |asked| (*asked == id).then(|| ("vol".to_string(), handle.clone()))),
+        ));
+        set.assign(&id, "vol", Some("a")).unwrap();
+        let first = set.get(&id).unwrap();
+        let held = first.accept_lock.lock();
+        let assigning = {
+            let set = set.clone();
+            std::thread::spawn(move || set.assign(&id, "vol", Some("c")))
+        };
+        // Let the assignment reach the replica's lock, then swap the replica under it.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        set.forget(&id);
+        let reloaded = set.get(&id).unwrap();
+        assert_eq!(
+            reloaded.opener().as_deref(),
+            Some("a"),
+            "loaded before the change"
+        );
+        drop(held);
+        assigning.join().unwrap().unwrap();
+        assert_eq!(reloaded.opener().as_deref(), Some("c"));
+        assert_eq!(set.get(&id).unwrap().opener().as_deref(), Some("c"));
+        assert_eq!(set.epochs.load_opener(&id).unwrap().as_deref(), Some("c"));
+        engine.stop();
+        drop(std::fs::remove_dir_all(&dir));
     }
 }
