@@ -159,6 +159,9 @@ struct Observed {
     /// Nexuses by name, with the bytes their full rebuilds have copied (a counter per nexus).
     rebuilt_bytes: HashMap<String, u64>,
     exports: HashSet<String>,
+    /// Replicas by name, with the node each is assigned to ("" for any node); `None` from a
+    /// node older than assignments.
+    openers: Option<HashMap<String, String>>,
 }
 
 pub struct Reconciler {
@@ -419,6 +422,17 @@ impl Reconciler {
             .map_err(|s| err("ListExports", s))?
             .into_inner()
             .exports;
+        let openers = match client.list_replicas(pb::ListReplicasRequest {}).await {
+            Ok(r) => Some(
+                r.into_inner()
+                    .replicas
+                    .into_iter()
+                    .map(|r| (r.name, r.opener))
+                    .collect(),
+            ),
+            Err(s) if s.code() == Code::Unimplemented => None,
+            Err(s) => return Err(err("ListReplicas", s)),
+        };
         Ok(NodeView {
             record: n,
             client,
@@ -433,6 +447,7 @@ impl Reconciler {
                     .map(|x| (x.name, x.rebuilt_bytes))
                     .collect(),
                 exports: exports.into_iter().map(|e| e.name).collect(),
+                openers,
             },
         })
     }
@@ -1011,7 +1026,7 @@ async fn nexus_step(
         // after a failover) are refused (docs/control.md, "Failover"). A replica whose
         // assignment failed (its volume missing, its disk full) is left out of this nexus
         // rather than holding the whole volume down; it is faulted as if absent.
-        let unassigned = assign_openers(next, &at, views).await;
+        let unassigned = assign_openers(next, &at, views, Assign::All).await;
         let usable = |node: &str| node == at || !unassigned.iter().any(|u| u == node);
         let replicas = nexus_replicas_of(next, nodes, &at, usable);
         let trusted = insync.map_or_else(Vec::new, |i| {
@@ -1041,6 +1056,13 @@ async fn nexus_step(
         v.has.nexuses.insert(name.clone(), next.epoch);
         tracing::info!(volume = %name, node = %at, epoch = next.epoch, "nexus created");
     }
+    if !missing {
+        // A replica whose node was away when this nexus was created (or whose assignment
+        // failed then) may still name an older attach node, which could then open it while
+        // this nexus could not: every pass assigns such a replica to the attach node, and
+        // the nexus reconnects to it.
+        assign_openers(next, &at, views, Assign::Stale).await;
+    }
     let v = view_of(views, &at).expect("listed above");
     if next.attached.is_none() {
         // A rebuild nexus is not exported: it only copies to the replacement.
@@ -1069,13 +1091,23 @@ async fn nexus_step(
     Ok(())
 }
 
-/// Assigns each created replica of `record` on a node listed this pass to the attach node
-/// `at` (its own replica included, so no other node may open that one remotely either);
-/// returns the nodes where that failed.
+/// Which replicas [`assign_openers`] assigns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Assign {
+    /// Every one (before a nexus is created).
+    All,
+    /// Those listed this pass with another opener than the attach node.
+    Stale,
+}
+
+/// Assigns created replicas of `record` on nodes listed this pass to the attach node `at`
+/// (its own replica included, so no other node may open that one remotely either); returns
+/// the nodes where that failed.
 async fn assign_openers(
     record: &VolumeRecord,
     at: &str,
     views: &mut [NodeView<'_>],
+    which: Assign,
 ) -> Vec<String> {
     let mut failed = Vec::new();
     for r in record
@@ -1084,9 +1116,25 @@ async fn assign_openers(
         .filter(|r| r.state == ReplicaState::Created)
     {
         if let Some(v) = view_of(views, &r.node) {
-            if let Err(e) = v.assign_opener(&record.name, at).await {
-                tracing::warn!(volume = %record.name, node = %r.node, attach = at, error = %e, "assigning the replica's opener failed; the nexus opens without it");
-                failed.push(r.node.clone());
+            let listed = v
+                .has
+                .openers
+                .as_ref()
+                .and_then(|o| o.get(&record.name))
+                .cloned();
+            if which == Assign::Stale && listed.as_deref().is_none_or(|o| o == at) {
+                continue;
+            }
+            match v.assign_opener(&record.name, at).await {
+                Ok(()) if which == Assign::Stale => {
+                    let from = listed.filter(|o| !o.is_empty());
+                    tracing::info!(volume = %record.name, node = %r.node, from = from.as_deref().unwrap_or("any node"), to = at, "replica assigned to the attach node");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %record.name, node = %r.node, attach = at, error = %e, "assigning the replica to the attach node failed");
+                    failed.push(r.node.clone());
+                }
             }
         }
     }

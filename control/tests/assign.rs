@@ -5,6 +5,8 @@
 //! * every replica is assigned to node-a (`replica show` on each node says so);
 //! * node-a is killed (`kill -9`); the volume fails over to node-c, and the surviving replicas
 //!   are assigned to node-c before its nexus opens them;
+//! * node-b's replica, assigned back to node-a by hand, is assigned to node-c again by the
+//!   control process's next passes;
 //! * node-a, restarted, re-runs the nexus create over node-b's and node-c's replicas (with
 //!   takeover, as the attack did): both refuse it with EACCES, no fence moves, and the nexus on
 //!   node-c still writes and reads;
@@ -189,6 +191,25 @@ fn after_a_failover_only_the_new_attach_node_opens_the_replicas() {
     for n in &nodes[1..] {
         assert_eq!(opener(&admin, &n.admin), "node-c", "replica on {}", n.admin);
     }
+
+    // A replica assigned elsewhere after the nexus opened (its node away when the nexus was
+    // made, or an operator's `replica assign`) is assigned back to the attach node by the
+    // control process's next passes, so the old attach node cannot open it.
+    let b_admin = nodes[1].admin.clone();
+    ok(
+        &cairnctl(
+            &admin,
+            &[
+                "node", "--addr", &b_admin, "replica", "assign", "v", "--opener", "node-a",
+            ],
+        ),
+        "replica assign",
+    );
+    wait_for(
+        "node-b's replica assigned back to node-c",
+        STATE_TIMEOUT,
+        || (opener(&admin, &b_admin) == "node-c").then_some(()),
+    );
     let fences: Vec<u64> = nodes[1..].iter().map(|n| epoch(&admin, &n.admin)).collect();
 
     // node-a comes back and re-runs its nexus create, taking over: refused by both replicas.
