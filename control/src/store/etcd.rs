@@ -41,6 +41,51 @@ fn endpoint_error(detail: String) -> StoreError {
     }
 }
 
+/// Checks the endpoints' form (`http://HOST:PORT` or `https://HOST:PORT`, a bare
+/// `HOST:PORT` being http, all of one scheme) and, with `loopback_only_plain`, that plain ones
+/// are on loopback; true when they are https.
+fn check_endpoints(endpoints: &[String], loopback_only_plain: bool) -> Result<bool, StoreError> {
+    let https = endpoints
+        .iter()
+        .filter(|e| e.starts_with("https://"))
+        .count();
+    if https != 0 && https != endpoints.len() {
+        return Err(endpoint_error(format!(
+            "endpoints {endpoints:?} mix https and http; use one scheme"
+        )));
+    }
+    for e in endpoints {
+        let rest = e
+            .strip_prefix("https://")
+            .or_else(|| e.strip_prefix("http://"))
+            .unwrap_or(e);
+        if rest.contains("://") {
+            return Err(endpoint_error(format!(
+                "etcd endpoint {e:?} has a scheme other than http or https"
+            )));
+        }
+        let host = rest.split('/').next().unwrap_or(rest);
+        let port = host.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+        if !matches!(port, Some((h, Ok(_))) if !h.is_empty() && !h.ends_with(':')) {
+            return Err(endpoint_error(format!(
+                "etcd endpoint {e:?} names no HOST:PORT (expected http://HOST:PORT or https://HOST:PORT, e.g. http://127.0.0.1:2379)"
+            )));
+        }
+        if https == 0 && loopback_only_plain {
+            let local = cairn_tls::is_loopback(host).map_err(|why| {
+                endpoint_error(format!("etcd endpoint {e:?}: cannot resolve {host}: {why}"))
+            })?;
+            if !local {
+                return Err(endpoint_error(format!(
+                    "etcd endpoint {e} is plain http beyond loopback while TLS is configured; \
+                     use https (etcd with --client-cert-auth, --etcd-* files) or pass --insecure"
+                )));
+            }
+        }
+    }
+    Ok(https > 0)
+}
+
 impl EtcdStore {
     /// Connects to the etcd cluster at `endpoints` (`http://HOST:PORT` or `https://HOST:PORT`,
     /// comma separated, all of one scheme). `tls` (etcd's CA and this process's client
@@ -52,19 +97,11 @@ impl EtcdStore {
         loopback_only_plain: bool,
     ) -> Result<EtcdStore, StoreError> {
         let endpoints: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).collect();
-        let https = endpoints
-            .iter()
-            .filter(|e| e.starts_with("https://"))
-            .count();
-        if https != 0 && https != endpoints.len() {
-            return Err(endpoint_error(format!(
-                "endpoints {endpoints:?} mix https and http; use one scheme"
-            )));
-        }
+        let https = check_endpoints(&endpoints, loopback_only_plain)?;
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT);
-        match (https > 0, tls) {
+        match (https, tls) {
             (true, None) => {
                 return Err(endpoint_error(format!(
                     "https endpoints {endpoints:?} need etcd's TLS files (--etcd-ca, --etcd-cert, --etcd-key)"
@@ -77,18 +114,6 @@ impl EtcdStore {
                         .ca_certificate(Certificate::from_pem(&pem.ca))
                         .identity(Identity::from_pem(&pem.cert, &pem.key)),
                 );
-            }
-            (false, _) if loopback_only_plain => {
-                for e in &endpoints {
-                    let host = e.strip_prefix("http://").unwrap_or(e);
-                    let host = host.split('/').next().unwrap_or(host);
-                    if !cairn_tls::is_loopback(host).unwrap_or(false) {
-                        return Err(endpoint_error(format!(
-                            "etcd endpoint {e} is plain http beyond loopback while TLS is configured; \
-                             use https (etcd with --client-cert-auth, --etcd-* files) or pass --insecure"
-                        )));
-                    }
-                }
             }
             (false, _) => {}
         }
@@ -266,5 +291,37 @@ fn lease_or(e: etcd_client::Error, lease: Option<LeaseId>, op: &'static str) -> 
     match lease {
         Some(l) if lease_missing(&e) => StoreError::LeaseNotFound(l),
         _ => err(op)(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(e: &str, loopback_only_plain: bool) -> Result<bool, String> {
+        let endpoints: Vec<String> = e.split(',').map(str::to_string).collect();
+        check_endpoints(&endpoints, loopback_only_plain).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn endpoints_name_their_problem() {
+        assert_eq!(check("http://127.0.0.1:2379", true), Ok(false));
+        assert_eq!(check("127.0.0.1:2379", true), Ok(false));
+        assert_eq!(
+            check("https://10.0.0.1:2379,https://10.0.0.2:2379", true),
+            Ok(true)
+        );
+        assert_eq!(check("http://[::1]:2379", true), Ok(false));
+        let no_port = check("http://localhost", true).unwrap_err();
+        assert!(no_port.contains("names no HOST:PORT"), "{no_port}");
+        let bad_port = check("http://localhost:http", false).unwrap_err();
+        assert!(bad_port.contains("names no HOST:PORT"), "{bad_port}");
+        let scheme = check("unix://etcd.sock:1", false).unwrap_err();
+        assert!(scheme.contains("scheme other than"), "{scheme}");
+        let mixed = check("https://a:1,http://b:2", false).unwrap_err();
+        assert!(mixed.contains("mix https and http"), "{mixed}");
+        let remote = check("http://10.0.0.1:2379", true).unwrap_err();
+        assert!(remote.contains("beyond loopback"), "{remote}");
+        assert_eq!(check("http://10.0.0.1:2379", false), Ok(false));
     }
 }
