@@ -481,7 +481,6 @@ pub struct Cli {
 /// NBD over TLS as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdTlsConfig {
-    pub files: cairn_tls::TlsFiles,
     /// `--nbd-tls-required`.
     pub required: bool,
     /// `--nbd-tls-client-certs`.
@@ -629,19 +628,18 @@ impl NodeConfig {
         } else {
             return Ok(None);
         };
-        let Some(files) = self.tls_files()? else {
+        if self.tls_files()?.is_none() {
             return Err(ConfigError::NbdTls(format!(
                 "{flag} needs --tls-ca, --tls-cert and --tls-key (the certificate NBD clients \
                  verify; `cairnctl cert issue` writes them)"
             )));
-        };
+        }
         if self.nbd_listen == "off" && self.nbd_socket.is_none() {
             return Err(ConfigError::NbdTls(format!(
                 "{flag} but NBD is off (--nbd-listen off and no --nbd-socket)"
             )));
         }
         Ok(Some(NbdTlsConfig {
-            files,
             // A certificate check a client could skip by not starting TLS is no check.
             required: self.nbd_tls_required || self.nbd_tls_client_certs,
             client_certs: self.nbd_tls_client_certs,

@@ -151,7 +151,7 @@ pub fn run(config: NodeConfig) -> Result<(), DaemonError> {
         (None, None) => None,
         (tcp, unix) => Some(NbdServer::start(
             engine.clone(),
-            nbd_config(&config, tcp, unix, nbd_tls(&config)?),
+            nbd_config(&config, tcp, unix, nbd_tls(&config, tls.as_ref())?),
         )?),
     };
     let endpoints = Endpoints {
@@ -275,11 +275,17 @@ fn membership(
 
 /// NBD over TLS (issue 16 item 3): the node's certificate, with client certificates from the
 /// cluster CA required or not asked for.
-fn nbd_tls(config: &NodeConfig) -> Result<Option<NbdTls>, DaemonError> {
+/// `tls` is the node's identity, loaded once at start.
+fn nbd_tls(
+    config: &NodeConfig,
+    tls: Option<&cairn_tls::Tls>,
+) -> Result<Option<NbdTls>, DaemonError> {
     let Some(c) = config.nbd_tls()? else {
         return Ok(None);
     };
-    let tls = cairn_tls::Tls::load(&c.files).map_err(|e| DaemonError::NbdTls(e.to_string()))?;
+    let tls = tls.ok_or_else(|| {
+        DaemonError::NbdTls("NBD TLS is configured but the node has no certificate".into())
+    })?;
     let server = if c.client_certs {
         tls.server_config()
     } else {
