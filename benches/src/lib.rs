@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the engine hot paths live in `benches/`: the message ring
 //! (`msg_ring`), the DMA buffer pool (`buf_pool`) and a submit-to-completion round trip on the
-//! null bdev through the public `IoQueue` (`null_submit`).
+//! null bdev through the public `IoQueue` (`null_submit`), and what TLS costs a replica write
+//! frame against the cipher alone (`tls_record`).
 //!
 //! This library holds what they share: the short measurement settings that keep the whole
 //! suite under a minute (`cargo bench -p cairn-benches`; add `-- --quick` for a smoke run). CPU
