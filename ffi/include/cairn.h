@@ -360,7 +360,8 @@ int cairn_queue_close(struct cairn_queue *queue);
 int cairn_queue_free(struct cairn_queue *queue);
 
 // Opens the volume `name` of a pool for I/O and stores its handle in `*out` (NULL on
-// failure). `CAIRN_E_NOT_FOUND` if the pool has no such volume.
+// failure). `CAIRN_E_NOT_FOUND` if the pool has no such volume; `CAIRN_E_UNSUPPORTED` if it
+// is encrypted (its key is only served by cairn-node's encrypted exports).
 //
 // # Safety
 // `pool` is a live pool handle (or NULL); `name` is NULL or a NUL-terminated string; `out` is

@@ -8,10 +8,12 @@
 
 use crate::engine::{out_arg, str_arg, EngineCore};
 use crate::error::{
-    guard, FfiError, FfiResult, CAIRN_E_BUSY, CAIRN_E_INVALID, CAIRN_E_NBD, CAIRN_E_NULL,
+    guard, FfiError, FfiResult, CAIRN_E_BUSY, CAIRN_E_INVALID, CAIRN_E_IO, CAIRN_E_NBD,
+    CAIRN_E_NULL, CAIRN_E_UNSUPPORTED,
 };
 use crate::handle::{self, Handle, Shell};
 use crate::pool::{pool_of, PoolCore};
+use cairn_engine::bdev::crypt::CryptError;
 use cairn_engine::bdev::nbd::NbdBdev;
 use cairn_engine::dma::IoBuf;
 use cairn_engine::{BdevHandle, IoError, IoOp, IoQueue, QueueCompletion};
@@ -247,7 +249,8 @@ impl VolumeCore {
 }
 
 /// Opens the volume `name` of a pool for I/O and stores its handle in `*out` (NULL on
-/// failure). `CAIRN_E_NOT_FOUND` if the pool has no such volume.
+/// failure). `CAIRN_E_NOT_FOUND` if the pool has no such volume; `CAIRN_E_UNSUPPORTED` if it
+/// is encrypted (its key is only served by cairn-node's encrypted exports).
 ///
 /// # Safety
 /// `pool` is a live pool handle (or NULL); `name` is NULL or a NUL-terminated string; `out` is
@@ -266,6 +269,19 @@ pub unsafe extern "C" fn cairn_volume_open(
         // SAFETY: forwarded from this function's contract.
         let p = unsafe { pool_of(pool) }?;
         let handle = p.pool.open_volume(&p.engine.engine, name)?;
+        // An encrypted volume opened raw would hand out ciphertext and let a write overwrite
+        // its encryption header; libcairn has no key to serve it with.
+        if let Err(e) = cairn_engine::bdev::crypt::refuse_plain(&p.engine.engine, &handle, name) {
+            drop(p.pool.close_volume(&p.engine.engine, &handle));
+            let code = match e {
+                CryptError::KeyNeeded { .. } => CAIRN_E_UNSUPPORTED,
+                _ => CAIRN_E_IO,
+            };
+            return Err(FfiError::new(
+                code,
+                format!("{e}; libcairn opens plain volumes only"),
+            ));
+        }
         let engine = p.engine.clone();
         let core = match VolumeCore::new(engine, Source::Pool(p.clone()), handle.clone()) {
             Ok(core) => core,

@@ -274,3 +274,25 @@ fn every_code_has_its_own_description() {
     let unknown = unsafe { CStr::from_ptr(cairn_strerror(-1000)) };
     assert_eq!(unknown, c"unknown error code");
 }
+
+#[test]
+fn an_encrypted_volume_is_refused_rather_than_opened_raw() {
+    let mut s = setup("encrypted");
+    let block = Aligned::new(4096);
+    // SAFETY: the block is 4096 bytes of aligned memory this test owns.
+    unsafe { std::ptr::copy_nonoverlapping(b"CAIRNXTS".as_ptr(), block.ptr, 8) };
+    // SAFETY: live handles from `setup`; the buffer is aligned and 4096 bytes long.
+    unsafe {
+        assert_eq!(cairn_volume_write(s.vol, 0, 4096, block.at(0)), CAIRN_OK);
+        assert_eq!(cairn_volume_flush(s.vol), CAIRN_OK);
+        assert_eq!(cairn_volume_free(s.vol), CAIRN_OK);
+        s.vol = null_mut();
+        assert_eq!(
+            cairn_volume_open(s.pool, c"v".as_ptr(), &mut s.vol),
+            CAIRN_E_UNSUPPORTED
+        );
+    }
+    assert!(s.vol.is_null());
+    let e = last_error();
+    assert!(e.contains("'v' is encrypted"), "{e}");
+}
