@@ -1,7 +1,6 @@
 //! `BufPool` cost on the I/O path: one get and put (what each request pays), and 32 gets then
 //! 32 puts (a queue depth's worth, which walks the free stack instead of reusing its top).
 
-use cairn_benches::{MEASUREMENT_TIME, SAMPLE_SIZE, WARM_UP_TIME};
 use cairn_engine::dma::{BufPool, DmaBuf};
 use cairn_engine::engine::{BUF_COUNT_DEFAULT, BUF_SIZE_DEFAULT_BYTES};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
@@ -41,10 +40,7 @@ fn get_put(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(WARM_UP_TIME)
-        .measurement_time(MEASUREMENT_TIME)
-        .sample_size(SAMPLE_SIZE);
+    config = cairn_benches::config();
     targets = get_put
 }
 criterion_main!(benches);

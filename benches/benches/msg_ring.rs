@@ -3,7 +3,6 @@
 //! to one core to a consumer pinned to another (what a reactor's inbox costs when other cores
 //! feed it). The cross-core case needs two CPUs and is skipped, with a note, on one.
 
-use cairn_benches::{MEASUREMENT_TIME, SAMPLE_SIZE, WARM_UP_TIME};
 use cairn_engine::msg::{Full, MsgRing, INBOX_CAPACITY_DEFAULT};
 use cairn_engine::sys::{affinity, allowed_cpus, pin_current_thread, set_affinity};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
@@ -109,10 +108,7 @@ fn cross_core(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(WARM_UP_TIME)
-        .measurement_time(MEASUREMENT_TIME)
-        .sample_size(SAMPLE_SIZE);
+    config = cairn_benches::config();
     targets = same_thread, cross_core
 }
 criterion_main!(benches);

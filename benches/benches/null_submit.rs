@@ -6,7 +6,6 @@
 //! When two CPUs are allowed, the client is pinned to the one the reactor does not use, so the
 //! numbers do not depend on where the scheduler happens to put it.
 
-use cairn_benches::{MEASUREMENT_TIME, SAMPLE_SIZE, WARM_UP_TIME};
 use cairn_engine::bdev::null::NullBdev;
 use cairn_engine::sys::{affinity, allowed_cpus, pin_current_thread, set_affinity};
 use cairn_engine::{CoreList, Engine, EngineConfig, IoOp, IoQueue, QueueCompletion, Request};
@@ -116,10 +115,7 @@ fn null_submit(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(WARM_UP_TIME)
-        .measurement_time(MEASUREMENT_TIME)
-        .sample_size(SAMPLE_SIZE);
+    config = cairn_benches::config();
     targets = null_submit
 }
 criterion_main!(benches);

@@ -6,7 +6,6 @@
 //! our own could save; the AEAD is the floor (docs/replication.md, "What TLS costs on the
 //! replica links").
 
-use cairn_benches::{MEASUREMENT_TIME, SAMPLE_SIZE, WARM_UP_TIME};
 use cairn_tls::{Identity, Tls, TlsFiles};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, NONCE_LEN};
@@ -120,10 +119,7 @@ fn aead_frame(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(WARM_UP_TIME)
-        .measurement_time(MEASUREMENT_TIME)
-        .sample_size(SAMPLE_SIZE);
+    config = cairn_benches::config();
     targets = rustls_frame, aead_frame
 }
 criterion_main!(benches);

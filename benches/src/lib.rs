@@ -16,3 +16,11 @@ pub const WARM_UP_TIME: Duration = Duration::from_millis(500);
 pub const MEASUREMENT_TIME: Duration = Duration::from_secs(2);
 /// Samples per benchmark (criterion's minimum is 10).
 pub const SAMPLE_SIZE: usize = 20;
+
+/// Criterion with the settings above, for every bench's `criterion_group!`.
+pub fn config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(WARM_UP_TIME)
+        .measurement_time(MEASUREMENT_TIME)
+        .sample_size(SAMPLE_SIZE)
+}
