@@ -130,9 +130,35 @@ impl OpGen {
     }
 }
 
+/// Fills a write buffer with data that is neither zeros nor compressible (a xorshift stream
+/// from `seed`), as an application's writes are: a device or host that treats zero writes
+/// specially would otherwise flatter a plain target against an encrypted one, whose
+/// ciphertext never is zeros. Reads overwrite it.
+pub fn fill_payload(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for w in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_are_never_zero_and_differ_by_seed() {
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        fill_payload(&mut a, 0);
+        fill_payload(&mut b, 1);
+        assert!(a.chunks(8).all(|w| w != [0u8; 8]));
+        assert!(a != b, "seeds 0 and 1 gave the same payload");
+        let mut odd = vec![0u8; 13];
+        fill_payload(&mut odd, 7);
+        assert!(odd.iter().any(|&x| x != 0));
+    }
 
     fn w(rw: Rw, cores: u32) -> Workload {
         Workload {
