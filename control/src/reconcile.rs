@@ -431,7 +431,12 @@ impl Reconciler {
                     .collect(),
             ),
             Err(s) if s.code() == Code::Unimplemented => None,
-            Err(s) => return Err(err("ListReplicas", s)),
+            // One damaged replica file fails the whole list; the node's other objects are
+            // still reconciled, and only the opener comparison waits for the list.
+            Err(s) => {
+                tracing::warn!(node = %n.id, error = %s.message(), "listing the node's replica openers failed; they are not compared this pass");
+                None
+            }
         };
         Ok(NodeView {
             record: n,

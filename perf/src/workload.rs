@@ -133,7 +133,8 @@ impl OpGen {
 /// Fills a write buffer with data that is neither zeros nor compressible (a xorshift stream
 /// from `seed`), as an application's writes are: a device or host that treats zero writes
 /// specially would otherwise flatter a plain target against an encrypted one, whose
-/// ciphertext never is zeros. Reads overwrite it.
+/// ciphertext never is zeros. A mixed workload's reads land in the same buffers, so its
+/// writes then carry what was read.
 pub fn fill_payload(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     for w in buf.chunks_mut(8) {

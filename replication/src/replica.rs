@@ -202,6 +202,8 @@ pub enum ReplicaError {
         "replica '{name}': requests under older epochs did not finish within {FENCE_DRAIN_MAX:?}"
     )]
     Busy { name: String },
+    #[error("replica '{name}' was released (its volume is going away) while this request waited")]
+    Released { name: String },
     #[error("replica '{name}': generation update under epoch {epoch} from a nexus that has not opened it (fence {fence})")]
     NotOwner {
         name: String,
@@ -231,6 +233,7 @@ impl ReplicaError {
             ReplicaError::NotFound { .. } => libc::ENOENT,
             ReplicaError::Epoch { .. } => libc::EIO,
             ReplicaError::Busy { .. } => libc::EBUSY,
+            ReplicaError::Released { .. } => libc::EAGAIN,
             ReplicaError::NotOwner { .. }
             | ReplicaError::GenerationDown { .. }
             | ReplicaError::BadOpener { .. } => libc::EINVAL,
@@ -411,6 +414,20 @@ impl ReplicaSet {
         ))
     }
 
+    /// Refuses a change to `r` once the set no longer holds it: a handshake that looked it up
+    /// before `release_replica` forgot it (its volume going away), or before an assignment
+    /// raced a forget and a reload, must not write its fence or record after that. Called
+    /// under `r`'s lock; the set's lock is taken after it, the order [`ReplicaSet::assign`]
+    /// uses.
+    fn still_hosted(&self, r: &HostedReplica) -> Result<(), ReplicaError> {
+        match self.hosted.lock().get(&r.volume_id) {
+            Some(h) if std::ptr::eq(Arc::as_ptr(h), r) => Ok(()),
+            _ => Err(ReplicaError::Released {
+                name: r.name.clone(),
+            }),
+        }
+    }
+
     /// Applies the epoch rules to an `Open` under `epoch`; a raised fence is durable before
     /// this returns.
     /// A remote `peer`'s assignment is checked again here, under the replica's lock that
@@ -424,6 +441,7 @@ impl ReplicaSet {
         peer: Option<&PeerIdentity>,
     ) -> Result<Acceptance, ReplicaError> {
         let _serial = r.accept_lock.lock();
+        self.still_hosted(r)?;
         if let Some(p) = peer {
             self.may_open(r, p)
                 .map_err(|why| ReplicaError::NotAssigned { why })?;
@@ -473,6 +491,7 @@ impl ReplicaSet {
         peer: Option<&PeerIdentity>,
     ) -> Result<RecordUpdate, ReplicaError> {
         let _serial = r.accept_lock.lock();
+        self.still_hosted(r)?;
         if let Some(p) = peer {
             self.may_open(r, p)
                 .map_err(|why| ReplicaError::NotAssigned { why })?;
@@ -573,16 +592,20 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         set.forget(&id);
         let reloaded = set.get(&id).unwrap();
-        assert_eq!(
-            reloaded.opener().as_deref(),
-            Some("a"),
-            "loaded before the change"
-        );
         drop(held);
         assigning.join().unwrap().unwrap();
         assert_eq!(reloaded.opener().as_deref(), Some("c"));
         assert_eq!(set.get(&id).unwrap().opener().as_deref(), Some("c"));
         assert_eq!(set.epochs.load_opener(&id).unwrap().as_deref(), Some("c"));
+        // The replica looked up before the swap can no longer move its fence.
+        let stale = set.accept(&first, Epoch::new(5).unwrap(), true, None);
+        assert!(
+            matches!(stale, Err(ReplicaError::Released { .. })),
+            "{stale:?}"
+        );
+        assert!(set
+            .accept(&reloaded, Epoch::new(5).unwrap(), true, None)
+            .is_ok());
         engine.stop();
         drop(std::fs::remove_dir_all(&dir));
     }
