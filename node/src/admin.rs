@@ -191,7 +191,7 @@ fn replica_code(e: &ReplicaError) -> Code {
         ReplicaError::BadOpener { .. }
         | ReplicaError::NotOwner { .. }
         | ReplicaError::GenerationDown { .. } => Code::InvalidArgument,
-        ReplicaError::Busy { .. } => Code::Unavailable,
+        ReplicaError::Busy { .. } | ReplicaError::Released { .. } => Code::Unavailable,
         ReplicaError::NotAssigned { .. } => Code::PermissionDenied,
         ReplicaError::Epoch { .. } | ReplicaError::Flush { .. } => Code::Internal,
     }
