@@ -302,6 +302,8 @@ readme 'cairn-perf run --target engine --bdev null --qd 128 --runtime 5'
 "${perf[@]}" run --target volume --fresh --file "$img" --size 64M --rw randwrite --qd 32 --runtime 1
 readme 'cargo bench -p cairn-benches --bench null_submit'
 cargo bench -q -p cairn-benches --bench null_submit -- --quick --noplot >/dev/null
+readme 'perf/encrypt.sh'
+RUNTIME=1 ROUNDS=1 OUT="$(mktemp -d)" perf/encrypt.sh >/dev/null
 readme 'cargo bench -p cairn-benches --bench tls_record'
 cargo bench -q -p cairn-benches --bench tls_record -- --quick --noplot >/dev/null
 

@@ -267,9 +267,7 @@ impl Job {
     fn start(&mut self, core: &mut Core) -> Result<Running> {
         let io = core.io();
         let mut bufs: Vec<_> = (0..self.qd).map_while(|_| io.pool().get()).collect();
-        for (i, b) in bufs.iter_mut().enumerate() {
-            crate::workload::fill_payload(b.as_mut_slice(), i as u64);
-        }
+        crate::workload::fill_payloads(&mut bufs);
         if bufs.len() != self.qd as usize {
             bufs.into_iter().for_each(|b| io.pool().put(b));
             bail!(

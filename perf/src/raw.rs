@@ -78,9 +78,7 @@ fn run_job(
     let mut bufs: Vec<_> = (0..w.qd)
         .map(|_| pool.get().expect("pool sized to qd"))
         .collect();
-    for (i, b) in bufs.iter_mut().enumerate() {
-        crate::workload::fill_payload(b.as_mut_slice(), i as u64);
-    }
+    crate::workload::fill_payloads(&mut bufs);
     let mut gen = w.generator(job);
     let mut rec = Recorder::default();
     let mut sent = vec![Instant::now(); w.qd as usize];

@@ -145,6 +145,13 @@ pub fn fill_payload(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// Fills each of a job's buffers with [`fill_payload`], seeded by its slot.
+pub fn fill_payloads(bufs: &mut [cairn_engine::dma::DmaBuf]) {
+    for (i, b) in bufs.iter_mut().enumerate() {
+        fill_payload(b.as_mut_slice(), i as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
